@@ -1,0 +1,263 @@
+'use strict'
+// The public API. Decisions (the buffer rule, single flight, what to cache,
+// eviction) live in the Rust core behind `binding.js`; this file only
+// sequences promises around it, because promise plumbing on the JS thread is
+// far cheaper than crossing into tokio (DEVELOPERS.md has the numbers):
+// - the hot path is one native call on a number (`isFresh`), then a
+//   resolved promise;
+// - a refresh calls the refresh function right here and reports its result
+//   to the core, which says who gets what.
+
+const { NativeManager, parseIsoTime } = require('./binding.js')
+
+/** Error for a refresh that did not produce a token; `code` is stable. */
+class TokenRefreshError extends Error {
+  constructor(code, userId, message, options) {
+    super(message, options)
+    this.name = 'TokenRefreshError'
+    this.code = code
+    this.userId = userId
+    if (options && options.status !== undefined) this.status = options.status
+    if (options && options.error !== undefined) this.error = options.error
+  }
+}
+
+function argError(name, problem, Kind = TypeError) {
+  const e = new Kind(`${name} ${problem}`)
+  e.code = 'INVALID_ARGUMENT'
+  return e
+}
+
+// Native errors carry `code`; argument errors become TypeErrors like ours.
+function fromNative(e, Kind = TypeError) {
+  if (e && e.code === 'INVALID_ARGUMENT') {
+    const t = new Kind(e.message)
+    t.code = 'INVALID_ARGUMENT'
+    return t
+  }
+  return e
+}
+
+const MAX_DATE_MS = 8.64e15
+
+/** `Date | number | string` to epoch ms, or a TypeError naming `name`. */
+function toEpochMs(value, name) {
+  if (typeof value === 'number') {
+    if (value === value && value <= MAX_DATE_MS && value >= -MAX_DATE_MS) return value
+  } else if (value instanceof Date || (value !== null && typeof value === 'object' && typeof value.getTime === 'function')) {
+    const ms = value.getTime()
+    if (typeof ms === 'number' && ms === ms) return ms
+  } else if (typeof value === 'string') {
+    try {
+      return parseIsoTime(value)
+    } catch {
+      throw argError(name, 'is not an ISO 8601 date-time with a time zone (e.g. 2026-01-25T21:14:28Z)')
+    }
+  }
+  throw argError(name, 'must be a valid Date, epoch milliseconds or an ISO 8601 string')
+}
+
+const ABORT = Symbol('abort')
+
+/** What a refresh function receives. `signal` is created on first use. */
+class RefreshContext {
+  #controller = null
+  #abortedWith = undefined
+  constructor(userId, refreshToken) {
+    this.userId = userId
+    this.refreshToken = refreshToken
+  }
+  get signal() {
+    if (this.#controller === null) {
+      this.#controller = new AbortController()
+      if (this.#abortedWith !== undefined) this.#controller.abort(this.#abortedWith)
+    }
+    return this.#controller.signal
+  }
+  [ABORT](reason) {
+    this.#abortedWith = reason
+    if (this.#controller !== null) this.#controller.abort(reason)
+  }
+}
+
+function invoke(refreshFn, ctx) {
+  try {
+    return Promise.resolve(refreshFn(ctx))
+  } catch (e) {
+    return Promise.reject(e)
+  }
+}
+
+/** Refresh results, type-checked here; the core checks what they mean. */
+function refreshedFields(result) {
+  if (result === null || typeof result !== 'object') return null
+  const { accessToken, refreshToken, expiresAt, expiresIn } = result
+  if (typeof accessToken !== 'string') return null
+  if (refreshToken != null && typeof refreshToken !== 'string') return null
+  if (expiresIn != null && typeof expiresIn !== 'number') return null
+  let expiresAtMs = null
+  if (expiresAt != null) {
+    try {
+      expiresAtMs = toEpochMs(expiresAt, 'expiresAt')
+    } catch {
+      return null
+    }
+  }
+  return { accessToken, refreshToken: refreshToken ?? null, expiresAtMs, expiresIn: expiresIn ?? null }
+}
+
+const OPTION_NAMES = ['bufferTimeMs', 'doubleCheckWindowMs', 'refreshTimeoutMs', 'idleTtlMs']
+
+class TokenManager {
+  #native
+  #timeoutMs
+  /** flightId -> promise of the core's issued token, for callers that join. */
+  #flights = new Map()
+
+  constructor(options) {
+    if (options != null && typeof options !== 'object') throw argError('options', 'must be an object')
+    const o = options ?? {}
+    for (const name of OPTION_NAMES) {
+      if (o[name] !== undefined && typeof o[name] !== 'number') throw argError(`options.${name}`, 'must be a number')
+    }
+    try {
+      this.#native = new NativeManager({
+        bufferTimeMs: o.bufferTimeMs,
+        doubleCheckWindowMs: o.doubleCheckWindowMs,
+        refreshTimeoutMs: o.refreshTimeoutMs,
+        idleTtlMs: o.idleTtlMs,
+      })
+    } catch (e) {
+      throw fromNative(e, RangeError)
+    }
+    this.#timeoutMs = this.#native.refreshTimeoutMs
+  }
+
+  /**
+   * Resolves with a token valid beyond the buffer, refreshing at most once
+   * per user however many calls arrive together. Never throws: bad
+   * arguments and failures reject.
+   */
+  getValidToken(userId, token, refreshFn) {
+    try {
+      if (typeof userId !== 'string' || userId.length === 0) throw argError('userId', 'must be a non-empty string')
+      if (token === null || typeof token !== 'object') throw argError('token', 'must be an object { accessToken, expiresAt }')
+      const accessToken = token.accessToken
+      if (typeof accessToken !== 'string') throw argError('token.accessToken', 'must be a string')
+      const expiresAt = token.expiresAt
+      const exp = toEpochMs(expiresAt, 'token.expiresAt')
+      if (typeof refreshFn !== 'function') throw argError('refreshFn', 'must be a function')
+      // Hot path: one native call on a number; an empty token is never served.
+      if (accessToken.length !== 0 && this.#native.isFresh(exp)) {
+        return Promise.resolve({ accessToken, shouldUpdate: false, expiresAt: expiresAt instanceof Date ? expiresAt : new Date(exp) })
+      }
+      const refreshToken = token.refreshToken
+      if (refreshToken != null && typeof refreshToken !== 'string') throw argError('token.refreshToken', 'must be a string or null')
+      return this.#slow(userId, accessToken, refreshToken ?? null, exp, expiresAt, refreshFn)
+    } catch (e) {
+      return Promise.reject(fromNative(e))
+    }
+  }
+
+  /** The API answered 401 with `accessToken` (or any token of the user's). */
+  invalidate(userId, accessToken) {
+    if (typeof userId !== 'string' || userId.length === 0) throw argError('userId', 'must be a non-empty string')
+    if (accessToken !== undefined && accessToken !== null && typeof accessToken !== 'string') {
+      throw argError('accessToken', 'must be a string or undefined')
+    }
+    try {
+      this.#native.invalidate(userId, accessToken ?? null)
+    } catch (e) {
+      throw fromNative(e)
+    }
+  }
+
+  stats() {
+    return this.#native.stats()
+  }
+
+  #slow(userId, accessToken, refreshToken, exp, expiresAt, refreshFn) {
+    const plan = this.#native.begin(userId, accessToken, refreshToken, exp)
+    if (plan === null) {
+      return Promise.resolve({ accessToken, shouldUpdate: false, expiresAt: expiresAt instanceof Date ? expiresAt : new Date(exp) })
+    }
+    if (plan.kind === 'held') return Promise.resolve(validToken(plan, plan.shouldUpdate))
+    const leader = plan.kind === 'lead'
+    const flight = leader ? this.#lead(userId, plan.flightId, plan.refreshToken ?? null, refreshFn) : this.#flights.get(plan.flightId)
+    if (flight === undefined) throw new Error('internal: joined a refresh this manager does not know')
+    return flight.then(
+      (issued) => validToken(issued, leader),
+      (err) => {
+        // A failed refresh need not fail a caller whose own token still works.
+        if (err.code !== 'INVALID_REFRESH_RESULT' && this.#native.serveStale(userId, accessToken, exp)) {
+          return { accessToken, shouldUpdate: false, expiresAt: new Date(exp) }
+        }
+        throw err
+      },
+    )
+  }
+
+  /** Runs the refresh for `flightId`; settles with the core's issued token. */
+  #lead(userId, flightId, refreshToken, refreshFn) {
+    const native = this.#native
+    const ctx = new RefreshContext(userId, refreshToken)
+    const flight = new Promise((resolve, reject) => {
+      let settled = false
+      const finish = () => {
+        settled = true
+        clearTimeout(timer)
+        this.#flights.delete(flightId)
+      }
+      const timer = setTimeout(() => {
+        finish()
+        native.fail(userId, flightId, true)
+        const err = new TokenRefreshError('REFRESH_TIMEOUT', userId, `refresh did not settle within ${this.#timeoutMs} ms`)
+        ctx[ABORT](err)
+        reject(err)
+      }, this.#timeoutMs)
+      invoke(refreshFn, ctx).then(
+        (result) => {
+          const late = settled
+          if (!late) finish()
+          const fields = refreshedFields(result)
+          try {
+            if (fields === null) {
+              if (!late) native.fail(userId, flightId, false)
+              throw new TokenRefreshError('INVALID_REFRESH_RESULT', userId, 'refresh result is not an object with a string accessToken and a valid expiresAt or expiresIn')
+            }
+            // A late result is still handed to the core: with rotating
+            // refresh tokens it may hold the only live one.
+            const issued = native.complete(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fields.expiresIn)
+            if (!late) resolve(issued)
+          } catch (e) {
+            if (!late) reject(e instanceof TokenRefreshError ? e : new TokenRefreshError('INVALID_REFRESH_RESULT', userId, e.message))
+          }
+        },
+        (cause) => {
+          if (settled) return
+          finish()
+          native.fail(userId, flightId, false)
+          reject(new TokenRefreshError('REFRESH_FAILED', userId, 'refresh function failed', { cause, status: cause?.status, error: cause?.error }))
+        },
+      )
+    })
+    this.#flights.set(flightId, flight)
+    return flight
+  }
+}
+
+function validToken(t, shouldUpdate) {
+  const v = { accessToken: t.accessToken, shouldUpdate, expiresAt: new Date(t.expiresAtMs) }
+  if (shouldUpdate && t.refreshToken != null) v.refreshToken = t.refreshToken
+  return v
+}
+
+/** The process-wide manager (one per JS realm: main thread or worker). */
+const tokenManager = new TokenManager()
+
+/** `tokenManager.getValidToken`, for call sites written against the seed. */
+function getValidToken(userId, token, refreshFn) {
+  return tokenManager.getValidToken(userId, token, refreshFn)
+}
+
+module.exports = { TokenManager, TokenRefreshError, tokenManager, getValidToken }

@@ -1,0 +1,225 @@
+//! `NativeManager`: the native half of `TokenManager` (see index.js).
+//!
+//! JS shapes, as index.js uses them:
+//! - `begin(...)` returns `null` (use the presented token) or a [`Plan`]
+//!   object `{ kind: 'held' | 'join' | 'lead', flightId, ... }`.
+//! - times cross as epoch milliseconds (`number`); index.js turns
+//!   `Date | number | string` into them and back into `Date`.
+
+use std::sync::Arc;
+
+use napi_derive::napi;
+
+use super::error::{to_js, Code, Result};
+use crate::engine::{self, time, Engine, Failure, Issued, Plan as CorePlan, Policy, PolicyOptions, Presented, Refreshed, SecretString};
+
+/// Options for a token manager. All in milliseconds.
+#[napi(object)]
+#[derive(Default)]
+pub struct ManagerOptions {
+    /// Refresh when fewer than this many ms remain. Default 300000.
+    pub buffer_time_ms: Option<f64>,
+    /// No second refresh for a user within this window. Default 10000.
+    pub double_check_window_ms: Option<f64>,
+    /// A refresh not settled by then fails with REFRESH_TIMEOUT. Default 30000.
+    pub refresh_timeout_ms: Option<f64>,
+    /// Per-user state unused for this long is dropped. Default 600000.
+    pub idle_ttl_ms: Option<f64>,
+}
+
+/// What a slow-path call should do (`null` from `begin` means: use the
+/// presented token as it is).
+#[napi(object)]
+pub struct Plan {
+    /// `'held'`: use the token below; `'join'`: wait on flight `flightId`;
+    /// `'lead'`: run the refresh for flight `flightId` with `refreshToken`.
+    pub kind: String,
+    pub flight_id: Option<u32>,
+    pub access_token: Option<String>,
+    pub refresh_token: Option<String>,
+    pub expires_at_ms: Option<f64>,
+    pub should_update: Option<bool>,
+}
+
+/// A token as the core issued it.
+#[napi(object)]
+pub struct IssuedToken {
+    pub access_token: String,
+    pub refresh_token: Option<String>,
+    pub expires_at_ms: f64,
+    pub should_update: bool,
+}
+
+/// Counters and sizes, as `TokenManager.stats()` reports them.
+#[napi(object)]
+pub struct ManagerStats {
+    pub users: u32,
+    pub in_flight: u32,
+    pub hits: f64,
+    pub refreshes: f64,
+    pub coalesced: f64,
+    pub failures: f64,
+    pub timeouts: f64,
+    pub stale_served: f64,
+}
+
+#[napi]
+pub struct NativeManager {
+    engine: Arc<Engine>,
+}
+
+#[napi]
+impl NativeManager {
+    #[napi(constructor)]
+    pub fn new(options: Option<ManagerOptions>) -> Result<Self, Code> {
+        let o = options.unwrap_or_default();
+        let policy = Policy::from_options(&PolicyOptions {
+            buffer_time_ms: o.buffer_time_ms,
+            double_check_window_ms: o.double_check_window_ms,
+            refresh_timeout_ms: o.refresh_timeout_ms,
+            idle_ttl_ms: o.idle_ttl_ms,
+        })
+        .map_err(to_js)?;
+        Ok(Self { engine: Arc::new(Engine::new(policy)) })
+    }
+
+    /// The effective refresh timeout, for index.js's timer.
+    #[napi(getter)]
+    pub fn refresh_timeout_ms(&self) -> f64 {
+        self.engine.policy().refresh_timeout_ms as f64
+    }
+
+    /// Hot path: true when a token expiring at `expiresAtMs` can be handed
+    /// back without a refresh or a user lookup.
+    #[napi]
+    pub fn is_fresh(&self, expires_at_ms: f64) -> bool {
+        // NaN or out-of-range never reaches here (index.js checks), but a
+        // bad value must still answer "not fresh" rather than panic.
+        expires_at_ms.is_finite() && self.engine.is_fresh(expires_at_ms as i64, time::now_ms())
+    }
+
+    #[napi]
+    pub fn begin(
+        &self,
+        user_id: String,
+        access_token: String,
+        refresh_token: Option<String>,
+        expires_at_ms: f64,
+    ) -> Result<Option<Plan>, Code> {
+        let presented = presented(access_token, refresh_token, expires_at_ms)?;
+        let plan = self.engine.begin(&user_id, &presented, time::now_ms()).map_err(to_js)?;
+        Ok(match plan {
+            CorePlan::UsePresented => None,
+            CorePlan::UseHeld(t) => Some(Plan {
+                kind: "held".into(),
+                flight_id: None,
+                access_token: Some(t.access.expose().to_owned()),
+                refresh_token: t.refresh.as_ref().map(|s| s.expose().to_owned()),
+                expires_at_ms: Some(t.expires_at as f64),
+                should_update: Some(t.should_update),
+            }),
+            CorePlan::Join(id) => Some(Plan {
+                kind: "join".into(),
+                flight_id: Some(id),
+                access_token: None,
+                refresh_token: None,
+                expires_at_ms: None,
+                should_update: None,
+            }),
+            CorePlan::Lead { id, refresh_token } => Some(Plan {
+                kind: "lead".into(),
+                flight_id: Some(id),
+                access_token: None,
+                refresh_token: refresh_token.as_ref().map(|s| s.expose().to_owned()),
+                expires_at_ms: None,
+                should_update: None,
+            }),
+        })
+    }
+
+    /// The refresh for `flightId` returned; index.js has already checked the
+    /// JS types of the fields. Throws `INVALID_REFRESH_RESULT` when unusable.
+    #[napi]
+    pub fn complete(
+        &self,
+        user_id: String,
+        flight_id: u32,
+        access_token: Option<String>,
+        refresh_token: Option<String>,
+        expires_at_ms: Option<f64>,
+        expires_in: Option<f64>,
+    ) -> Result<IssuedToken, Code> {
+        let refreshed = Refreshed {
+            access: access_token.map(SecretString::new),
+            refresh: refresh_token.map(SecretString::new),
+            expires_at: expires_at_ms.filter(|v| v.is_finite()).map(|v| v as i64),
+            expires_in,
+        };
+        let issued = self.engine.complete(&user_id, flight_id, refreshed, time::now_ms()).map_err(to_js)?;
+        Ok(issued_to_js(issued))
+    }
+
+    /// The refresh for `flightId` failed (`timedOut`: it did not settle).
+    #[napi]
+    pub fn fail(&self, user_id: String, flight_id: u32, timed_out: bool) {
+        let failure = if timed_out { Failure::TimedOut } else { Failure::Rejected };
+        self.engine.fail(&user_id, flight_id, failure, time::now_ms());
+    }
+
+    /// After a failed refresh: may this caller keep its own token?
+    #[napi]
+    pub fn serve_stale(&self, user_id: String, access_token: String, expires_at_ms: f64) -> bool {
+        match presented(access_token, None, expires_at_ms) {
+            Ok(p) => self.engine.serve_stale(&user_id, &p, time::now_ms()),
+            Err(_) => false,
+        }
+    }
+
+    #[napi]
+    pub fn invalidate(&self, user_id: String, access_token: Option<String>) -> Result<(), Code> {
+        let token = access_token.map(SecretString::new);
+        self.engine.invalidate(&user_id, token.as_ref(), time::now_ms()).map_err(to_js)
+    }
+
+    #[napi]
+    pub fn stats(&self) -> ManagerStats {
+        let s = self.engine.stats(time::now_ms());
+        ManagerStats {
+            users: s.users as u32,
+            in_flight: s.in_flight as u32,
+            hits: s.hits as f64,
+            refreshes: s.refreshes as f64,
+            coalesced: s.coalesced as f64,
+            failures: s.failures as f64,
+            timeouts: s.timeouts as f64,
+            stale_served: s.stale_served as f64,
+        }
+    }
+}
+
+/// Parses an ISO 8601 date-time (with zone) into epoch milliseconds.
+#[napi]
+pub fn parse_iso_time(value: String) -> Result<f64, Code> {
+    time::parse_iso8601("expiresAt", &value).map(|v| v as f64).map_err(to_js)
+}
+
+/// The longest user id accepted, in UTF-8 bytes.
+#[napi]
+pub const MAX_USER_ID_BYTES: u32 = engine::MAX_USER_ID_BYTES as u32;
+
+fn presented(access_token: String, refresh_token: Option<String>, expires_at_ms: f64) -> Result<Presented, Code> {
+    Ok(Presented {
+        access: SecretString::new(access_token),
+        refresh: refresh_token.map(SecretString::new),
+        expires_at: time::from_js_ms("token.expiresAt", expires_at_ms).map_err(to_js)?,
+    })
+}
+
+fn issued_to_js(t: Issued) -> IssuedToken {
+    IssuedToken {
+        access_token: t.access.expose().to_owned(),
+        refresh_token: t.refresh.as_ref().map(|s| s.expose().to_owned()),
+        expires_at_ms: t.expires_at as f64,
+        should_update: t.should_update,
+    }
+}

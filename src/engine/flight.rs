@@ -1,0 +1,215 @@
+//! Single flight: per user, one refresh at a time, and everyone who asked
+//! while it ran gets its result. Also the rules for handing out a token a
+//! refresh already produced (lost writes heal) and for failures.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::error::EngineError;
+use super::policy::EpochMs;
+use super::secret::SecretString;
+use super::table::{Flight, Held};
+use super::{time, validate_user, Engine};
+
+/// The token a caller has (read from its database).
+#[derive(Debug, Clone)]
+pub struct Presented {
+    pub access: SecretString,
+    pub refresh: Option<SecretString>,
+    pub expires_at: EpochMs,
+}
+
+/// What a refresh returned, before validation.
+#[derive(Debug, Clone, Default)]
+pub struct Refreshed {
+    pub access: Option<SecretString>,
+    pub refresh: Option<SecretString>,
+    /// Epoch ms, already parsed from the caller's `expiresAt`.
+    pub expires_at: Option<EpochMs>,
+    /// Seconds from now.
+    pub expires_in: Option<f64>,
+}
+
+/// A token handed to a caller.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub access: SecretString,
+    /// Present when the caller should store a (new) refresh token.
+    pub refresh: Option<SecretString>,
+    pub expires_at: EpochMs,
+    /// The caller must persist this token: its copy is stale.
+    pub should_update: bool,
+}
+
+/// What the caller of [`Engine::begin`] should do.
+#[derive(Debug)]
+pub enum Plan {
+    /// The presented token is good: hand it back, `shouldUpdate: false`.
+    UsePresented,
+    /// A token a refresh already produced is better than the presented one.
+    UseHeld(Issued),
+    /// Another call is refreshing: wait for flight `id`, `shouldUpdate: false`.
+    Join(u32),
+    /// Run the refresh (with this refresh token) and report back with
+    /// [`Engine::complete`] or [`Engine::fail`] for flight `id`.
+    Lead { id: u32, refresh_token: Option<SecretString> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The refresh rejected or threw.
+    Rejected,
+    /// The refresh did not settle within the refresh timeout.
+    TimedOut,
+}
+
+impl Held {
+    fn issue(&self, should_update: bool) -> Issued {
+        Issued {
+            access: self.access.clone(),
+            refresh: if should_update || self.refresh_is_new { self.refresh.clone() } else { None },
+            expires_at: self.expires_at,
+            should_update,
+        }
+    }
+}
+
+impl Engine {
+    /// Decides what a call presenting `presented` for `user` should do.
+    pub fn begin(&self, user: &str, presented: &Presented, now: EpochMs) -> Result<Plan, EngineError> {
+        validate_user(user)?;
+        let policy = self.policy;
+        let fp = presented.access.fingerprint();
+        let mut t = self.table.lock();
+        t.maybe_sweep(&policy, now);
+        let plan = t.with_entry(user, now, |e, in_flight| {
+            let presented_revoked = e.is_revoked(fp, now);
+            if !presented.access.is_empty() && !presented_revoked && policy.is_fresh(presented.expires_at, now) {
+                return Plan::UsePresented;
+            }
+            // The presented token is due, expired or revoked. A token a
+            // refresh already produced may do: it is fresh, or the refresh
+            // was so recent that another would be redundant.
+            if let Some(h) = &e.held {
+                let recent = e.last_refresh.is_some_and(|at| policy.within_double_check(at, now));
+                let usable = !e.is_revoked(h.fingerprint, now)
+                    && (policy.is_fresh(h.expires_at, now) || (recent && policy.is_unexpired(h.expires_at, now)));
+                if usable {
+                    return Plan::UseHeld(h.issue(h.fingerprint != fp));
+                }
+            }
+            if let Some(f) = &e.flight {
+                return Plan::Join(f.id);
+            }
+            // Refresh with the newest refresh token known: a rotated one we
+            // hold beats the caller's unless the caller's token is newer.
+            let refresh_token = match &e.held {
+                Some(h) if h.refresh.is_some() && h.expires_at >= presented.expires_at => h.refresh.clone(),
+                _ => presented.refresh.clone(),
+            };
+            let id = self.next_flight.fetch_add(1, Relaxed);
+            e.flight = Some(Flight { id, refresh_token: refresh_token.clone() });
+            *in_flight += 1;
+            Plan::Lead { id, refresh_token }
+        });
+        self.revoking.store(t.revoking, Relaxed);
+        drop(t);
+        match &plan {
+            Plan::UsePresented | Plan::UseHeld(_) => self.counters.hits.fetch_add(1, Relaxed),
+            Plan::Join(_) => self.counters.coalesced.fetch_add(1, Relaxed),
+            Plan::Lead { .. } => 0,
+        };
+        Ok(plan)
+    }
+
+    /// The refresh for flight `id` produced `refreshed`. Validates it, keeps
+    /// it for the user and returns the leader's token (`should_update`).
+    /// A late result (its flight timed out) is still kept if it is the
+    /// newest: with rotating refresh tokens it may hold the only live one.
+    pub fn complete(&self, user: &str, id: u32, refreshed: Refreshed, now: EpochMs) -> Result<Issued, EngineError> {
+        validate_user(user)?;
+        let checked = validate_refreshed(refreshed, now);
+        let mut t = self.table.lock();
+        let result = t.with_entry(user, now, |e, in_flight| {
+            let ours = e.flight.as_ref().is_some_and(|f| f.id == id);
+            let used = if ours {
+                *in_flight -= 1;
+                e.flight.take().and_then(|f| f.refresh_token)
+            } else {
+                None
+            };
+            let (access, refresh, expires_at) = checked?;
+            let refresh_is_new = refresh.is_some();
+            let held = Held {
+                fingerprint: access.fingerprint(),
+                access,
+                refresh: refresh.or(used),
+                expires_at,
+                refresh_is_new,
+            };
+            let issued = held.issue(true);
+            let newer = e.held.as_ref().is_none_or(|h| h.expires_at <= held.expires_at);
+            if ours || newer {
+                e.held = Some(held);
+                e.last_refresh = Some(now);
+                e.clear_revoke_all();
+            }
+            Ok(issued)
+        });
+        self.revoking.store(t.revoking, Relaxed);
+        drop(t);
+        match &result {
+            Ok(_) => self.counters.refreshes.fetch_add(1, Relaxed),
+            Err(_) => self.counters.failures.fetch_add(1, Relaxed),
+        };
+        result
+    }
+
+    /// The refresh for flight `id` failed. Nothing is cached; the next call
+    /// tries again.
+    pub fn fail(&self, user: &str, id: u32, failure: Failure, now: EpochMs) {
+        let mut t = self.table.lock();
+        t.with_existing(user, now, |e, in_flight| {
+            if e.flight.as_ref().is_some_and(|f| f.id == id) {
+                e.flight = None;
+                *in_flight -= 1;
+            }
+        });
+        drop(t);
+        match failure {
+            Failure::Rejected => self.counters.failures.fetch_add(1, Relaxed),
+            Failure::TimedOut => self.counters.timeouts.fetch_add(1, Relaxed),
+        };
+    }
+
+    /// After a failed refresh: may this caller keep using its own token? Yes
+    /// while it has not expired and was not revoked. Counts `staleServed`.
+    pub fn serve_stale(&self, user: &str, presented: &Presented, now: EpochMs) -> bool {
+        if presented.access.is_empty() || !self.policy.is_unexpired(presented.expires_at, now) {
+            return false;
+        }
+        let fp = presented.access.fingerprint();
+        let revoked = self.table.lock().with_existing(user, now, |e, _| e.is_revoked(fp, now)).unwrap_or(false);
+        if !revoked {
+            self.counters.stale_served.fetch_add(1, Relaxed);
+        }
+        !revoked
+    }
+}
+
+fn validate_refreshed(r: Refreshed, now: EpochMs) -> Result<(SecretString, Option<SecretString>, EpochMs), EngineError> {
+    let access = match r.access {
+        Some(a) if !a.is_empty() => a,
+        _ => return Err(EngineError::InvalidRefreshResult("has no non-empty string accessToken")),
+    };
+    let expires_at = match (r.expires_at, r.expires_in) {
+        (Some(at), _) => at,
+        (None, Some(secs)) => time::from_expires_in("expiresIn", secs, now)
+            .map_err(|_| EngineError::InvalidRefreshResult("has an expiresIn that is not a positive number of seconds"))?,
+        (None, None) => return Err(EngineError::InvalidRefreshResult("has neither expiresAt nor expiresIn")),
+    };
+    if expires_at <= now {
+        return Err(EngineError::InvalidRefreshResult("expires in the past"));
+    }
+    let refresh = r.refresh.filter(|s| !s.is_empty());
+    Ok((access, refresh, expires_at))
+}

@@ -1,0 +1,153 @@
+//! The pure Rust core: per-user token state, the refresh policy and single
+//! flight. No napi types live here; `cargo test` covers it without Node.
+//!
+//! The engine decides, the caller acts: [`Engine::begin`] says whether to
+//! use the presented token, a held one, join a refresh or lead one; the
+//! leader reports back with [`Engine::complete`] or [`Engine::fail`]. Who
+//! runs the refresh (a JS function, a native HTTP refresher) and how waiters
+//! are woken is the binding's business.
+
+pub mod error;
+pub mod flight;
+pub mod policy;
+pub mod secret;
+pub mod table;
+pub mod time;
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+
+use parking_lot::Mutex;
+
+pub use error::{EngineError, ErrorCode};
+pub use flight::{Failure, Issued, Plan, Presented, Refreshed};
+pub use policy::{EpochMs, Policy, PolicyOptions};
+pub use secret::SecretString;
+
+use table::Table;
+
+/// Longest user id accepted, in UTF-8 bytes. Ids are map keys: an unbounded
+/// one would let one bad caller pin arbitrary memory.
+pub const MAX_USER_ID_BYTES: usize = 512;
+
+#[derive(Debug, Default)]
+struct Counters {
+    hits: AtomicU64,
+    refreshes: AtomicU64,
+    coalesced: AtomicU64,
+    failures: AtomicU64,
+    timeouts: AtomicU64,
+    stale_served: AtomicU64,
+}
+
+/// What `stats()` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Live per-user entries.
+    pub users: usize,
+    /// Refreshes running now.
+    pub in_flight: usize,
+    /// Calls answered without a refresh.
+    pub hits: u64,
+    /// Refreshes that produced a token.
+    pub refreshes: u64,
+    /// Calls that waited on another call's refresh.
+    pub coalesced: u64,
+    /// Refreshes that failed (rejected, threw, or gave an invalid result).
+    pub failures: u64,
+    /// Refreshes that did not settle in time.
+    pub timeouts: u64,
+    /// Still-valid tokens served after a failed refresh.
+    pub stale_served: u64,
+}
+
+/// One token manager's state. Thread-safe; every method is short and
+/// non-blocking apart from one uncontended lock.
+#[derive(Debug)]
+pub struct Engine {
+    policy: Policy,
+    table: Mutex<Table>,
+    /// Mirrors `Table::revoking` so the hot path need not lock.
+    revoking: AtomicUsize,
+    next_flight: AtomicU32,
+    counters: Counters,
+}
+
+impl Engine {
+    pub fn new(policy: Policy) -> Self {
+        Self {
+            policy,
+            table: Mutex::new(Table::default()),
+            revoking: AtomicUsize::new(0),
+            next_flight: AtomicU32::new(1),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The hot path: can a token expiring at `expires_at` be handed back
+    /// as it is, without looking the user up? True when it outlives the
+    /// buffer and no token anywhere is revoked (a revoked token must be
+    /// caught by [`Engine::begin`], which knows the user). Counts a hit.
+    #[inline]
+    pub fn is_fresh(&self, expires_at: EpochMs, now: EpochMs) -> bool {
+        let fresh = self.revoking.load(Relaxed) == 0 && self.policy.is_fresh(expires_at, now);
+        if fresh {
+            self.counters.hits.fetch_add(1, Relaxed);
+        }
+        fresh
+    }
+
+    /// The API answered 401 with `access_token` (or, without one, with
+    /// whatever the user holds): the next call presenting it refreshes even
+    /// though it has not expired. The mark lasts one idle TTL.
+    pub fn invalidate(&self, user: &str, access_token: Option<&SecretString>, now: EpochMs) -> Result<(), EngineError> {
+        validate_user(user)?;
+        let until = now.saturating_add(self.policy.idle_ttl_ms as i64);
+        let fp = access_token.map(SecretString::fingerprint);
+        let mut t = self.table.lock();
+        t.with_entry(user, now, |e, _| {
+            e.revoke(fp, until);
+            if fp.is_none() {
+                if let Some(h) = &e.held {
+                    let held_fp = h.fingerprint;
+                    e.revoke(Some(held_fp), until);
+                }
+            }
+        });
+        self.revoking.store(t.revoking, Relaxed);
+        Ok(())
+    }
+
+    pub fn stats(&self, now: EpochMs) -> Stats {
+        let mut t = self.table.lock();
+        t.sweep(&self.policy, now);
+        self.revoking.store(t.revoking, Relaxed);
+        let c = &self.counters;
+        Stats {
+            users: t.len(),
+            in_flight: t.in_flight,
+            hits: c.hits.load(Relaxed),
+            refreshes: c.refreshes.load(Relaxed),
+            coalesced: c.coalesced.load(Relaxed),
+            failures: c.failures.load(Relaxed),
+            timeouts: c.timeouts.load(Relaxed),
+            stale_served: c.stale_served.load(Relaxed),
+        }
+    }
+}
+
+pub fn validate_user(user: &str) -> Result<(), EngineError> {
+    if user.is_empty() {
+        return Err(EngineError::invalid_argument("userId", "must be a non-empty string"));
+    }
+    if user.len() > MAX_USER_ID_BYTES {
+        return Err(EngineError::invalid_argument(
+            "userId",
+            format!("must be at most {MAX_USER_ID_BYTES} bytes long"),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! When a token is good enough to hand out, and the knobs that decide it.
+//! This is the one place the buffer rule lives: the JavaScript hot path asks
+//! [`Policy::is_fresh`] through the binding instead of repeating it.
+
+use super::error::EngineError;
+
+/// Epoch milliseconds, as JavaScript's `Date.getTime()` gives them.
+pub type EpochMs = i64;
+
+pub const DEFAULT_BUFFER_MS: u64 = 300_000;
+pub const DEFAULT_DOUBLE_CHECK_WINDOW_MS: u64 = 10_000;
+pub const DEFAULT_REFRESH_TIMEOUT_MS: u64 = 30_000;
+/// Twice the default buffer: long enough that a caller still presenting the
+/// token a refresh replaced (its write was lost) is handed the new one, short
+/// enough that 200k idle users do not pin memory for an hour.
+pub const DEFAULT_IDLE_TTL_MS: u64 = 600_000;
+
+/// Largest duration option accepted: one year. Bigger values are mistakes
+/// (seconds passed as milliseconds twice over), not policies.
+const MAX_OPTION_MS: u64 = 365 * 24 * 3_600_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Refresh when fewer than this many ms remain.
+    pub buffer_ms: u64,
+    /// No second refresh for a user within this many ms of the last one.
+    pub double_check_window_ms: u64,
+    /// A refresh not settled after this many ms fails with `REFRESH_TIMEOUT`.
+    pub refresh_timeout_ms: u64,
+    /// Per-user state with nothing in flight is dropped after this long unused.
+    pub idle_ttl_ms: u64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            buffer_ms: DEFAULT_BUFFER_MS,
+            double_check_window_ms: DEFAULT_DOUBLE_CHECK_WINDOW_MS,
+            refresh_timeout_ms: DEFAULT_REFRESH_TIMEOUT_MS,
+            idle_ttl_ms: DEFAULT_IDLE_TTL_MS,
+        }
+    }
+}
+
+/// Options as they arrive from JavaScript: numbers that may be anything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PolicyOptions {
+    pub buffer_time_ms: Option<f64>,
+    pub double_check_window_ms: Option<f64>,
+    pub refresh_timeout_ms: Option<f64>,
+    pub idle_ttl_ms: Option<f64>,
+}
+
+impl Policy {
+    pub fn from_options(o: &PolicyOptions) -> Result<Self, EngineError> {
+        let d = Policy::default();
+        Ok(Self {
+            buffer_ms: duration("bufferTimeMs", o.buffer_time_ms, d.buffer_ms, 0)?,
+            double_check_window_ms: duration(
+                "doubleCheckWindowMs",
+                o.double_check_window_ms,
+                d.double_check_window_ms,
+                0,
+            )?,
+            refresh_timeout_ms: duration("refreshTimeoutMs", o.refresh_timeout_ms, d.refresh_timeout_ms, 1)?,
+            idle_ttl_ms: duration("idleTtlMs", o.idle_ttl_ms, d.idle_ttl_ms, 1)?,
+        })
+    }
+
+    /// The token may be handed out without a refresh: it outlives the buffer.
+    #[inline]
+    pub fn is_fresh(&self, expires_at: EpochMs, now: EpochMs) -> bool {
+        expires_at.saturating_sub(now) > self.buffer_ms as i64
+    }
+
+    /// The token still works, even if a refresh is due. Used to serve a
+    /// caller's own token when a refresh fails.
+    #[inline]
+    pub fn is_unexpired(&self, expires_at: EpochMs, now: EpochMs) -> bool {
+        expires_at > now
+    }
+
+    /// A refresh ran recently enough that another one would be redundant.
+    #[inline]
+    pub fn within_double_check(&self, last_refresh: EpochMs, now: EpochMs) -> bool {
+        now.saturating_sub(last_refresh) < self.double_check_window_ms as i64
+    }
+}
+
+fn duration(name: &'static str, value: Option<f64>, default: u64, min: u64) -> Result<u64, EngineError> {
+    let Some(v) = value else { return Ok(default) };
+    if !v.is_finite() || v.fract() != 0.0 || v < min as f64 || v > MAX_OPTION_MS as f64 {
+        return Err(EngineError::invalid_argument(
+            name,
+            format!("must be a whole number of milliseconds from {min} to {MAX_OPTION_MS}"),
+        ));
+    }
+    Ok(v as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_means_beyond_the_buffer() {
+        let p = Policy { buffer_ms: 300_000, ..Policy::default() };
+        let now = 1_000_000_000;
+        assert!(p.is_fresh(now + 300_001, now));
+        assert!(!p.is_fresh(now + 300_000, now), "exactly at the buffer edge is due");
+        assert!(!p.is_fresh(now - 1, now));
+        assert!(p.is_unexpired(now + 1, now));
+        assert!(!p.is_unexpired(now, now));
+    }
+
+    #[test]
+    fn extreme_expiries_do_not_overflow() {
+        let p = Policy::default();
+        assert!(!p.is_fresh(i64::MIN, i64::MAX));
+        assert!(p.is_fresh(i64::MAX, i64::MIN));
+    }
+
+    #[test]
+    fn options_default_and_validate() {
+        assert_eq!(Policy::from_options(&PolicyOptions::default()).unwrap(), Policy::default());
+        let p = Policy::from_options(&PolicyOptions { buffer_time_ms: Some(0.0), ..Default::default() }).unwrap();
+        assert_eq!(p.buffer_ms, 0);
+        for bad in [f64::NAN, -1.0, 1.5, f64::INFINITY, 1e300] {
+            let e = Policy::from_options(&PolicyOptions { buffer_time_ms: Some(bad), ..Default::default() })
+                .unwrap_err();
+            assert!(e.to_string().starts_with("bufferTimeMs"), "{e}");
+        }
+        assert!(Policy::from_options(&PolicyOptions { refresh_timeout_ms: Some(0.0), ..Default::default() }).is_err());
+    }
+}
