@@ -1,0 +1,227 @@
+// `npm run bench` (`-- --quick` for the CI smoke run). Compares seed / addon
+// / floor side by side in one process, rounds interleaved; prints a Markdown
+// table of medians and addon/seed ratios to stdout, progress to stderr.
+//
+// Options: --quick, --rounds N, --only 1,3,5, --token-bytes N (access token
+// length, default 1000: a JWT).
+//
+// Rows from other modules: each file in HOOKS, if present, exports
+// `rows(ctx)` returning Row[] (see harness.mjs); absent files are skipped.
+import { execFileSync } from 'node:child_process'
+import { existsSync } from 'node:fs'
+import os from 'node:os'
+import { fileURLToPath } from 'node:url'
+import { parseArgs } from 'node:util'
+
+import { awaitedNsPerCall, concurrentCallsPerSec, runRows, spreadTable, table } from './harness.mjs'
+import { addon, fakeToken, floorHot, floorRefresh, FloorShared, seed } from './competitors.mjs'
+
+const HOOKS = ['./native-refresher.mjs', './redis.mjs']
+
+const { values: args } = parseArgs({
+  options: {
+    quick: { type: 'boolean', default: false },
+    rounds: { type: 'string' },
+    only: { type: 'string' },
+    'token-bytes': { type: 'string', default: '1000' },
+  },
+})
+const quick = args.quick
+const tokenBytes = Number(args['token-bytes'])
+const ctx = {
+  quick,
+  rounds: Number(args.rounds ?? (quick ? 2 : 5)),
+  tokenBytes,
+  // tinybench budget per competitor per round
+  bench: quick ? { timeMs: 60, warmupMs: 20 } : { timeMs: 1000, warmupMs: 250 },
+}
+const n = {
+  awaited: 1000,
+  inFlight: 1000,
+  stormCallers: quick ? 2000 : 10_000,
+  stormDelayMs: 50,
+  memoryUsers: quick ? 20_000 : 200_000,
+  failureCallers: quick ? 50 : 1000,
+  failureDelayMs: 20,
+}
+
+const HOUR = 3_600_000
+const fmt = {
+  int: (v) => (Number.isFinite(v) ? Math.round(v).toLocaleString('en-US') : '—'),
+  ms: (v) => (Number.isFinite(v) ? v.toFixed(1) : '—'),
+}
+
+// Hot path: a token valid for an hour, presented as a Date (as the seed's
+// callers do).
+const hotToken = { accessToken: fakeToken('hot', tokenBytes), refreshToken: fakeToken('rt', 64), expiresAt: new Date(Date.now() + HOUR) }
+const noRefresh = () => Promise.reject(new Error('hot path must not refresh'))
+
+function hotRow(id, title, measure, metric) {
+  const instance = { seed: seed(), addon: addon() }
+  const call = {
+    seed: () => instance.seed.getValidToken('user-1', hotToken, noRefresh),
+    addon: () => instance.addon.getValidToken('user-1', hotToken, noRefresh),
+    floor: () => floorHot('user-1', hotToken, noRefresh),
+  }
+  const run = {}
+  for (const name of Object.keys(call)) run[name] = async (c) => ({ v: await measure(call[name], c) })
+  return { id, title, run, metrics: [metric] }
+}
+
+// Refresh path: every call is a new user presenting an expired token;
+// refreshFn resolves at once. A fresh instance per round.
+function refreshRow() {
+  const presented = { accessToken: fakeToken('old', tokenBytes), refreshToken: fakeToken('rt-old', 64), expiresAt: new Date(Date.now() - 1000) }
+  const refreshed = { accessToken: fakeToken('new', tokenBytes), refreshToken: fakeToken('rt-new', 64), expiresAt: new Date(Date.now() + HOUR) }
+  let next = 0
+  const measure = async (make, c) => {
+    const m = make()
+    let runs = 0
+    const refreshFn = () => {
+      runs++
+      return Promise.resolve({ ...refreshed })
+    }
+    let calls = 0
+    const rate = await concurrentCallsPerSec(
+      () => {
+        calls++
+        return m.getValidToken(`user-${next++}`, presented, refreshFn)
+      },
+      n.inFlight,
+      c.bench,
+    )
+    if (runs !== calls) throw new Error(`refresh row: ${runs} refreshes for ${calls} calls`)
+    return { v: rate }
+  }
+  return {
+    id: '3',
+    title: 'refresh path, distinct users, 1,000 in flight',
+    run: {
+      seed: (c) => measure(seed, c),
+      addon: (c) => measure(addon, c),
+      floor: (c) => measure(() => ({ getValidToken: floorRefresh }), c),
+    },
+    metrics: [{ key: 'v', label: 'calls/s', format: fmt.int, target: '≥ 1.5×', met: ({ ratio }) => ratio >= 1.5 }],
+  }
+}
+
+// Storms: `callers` concurrent calls for one user whose token is due.
+async function storm(make, { callers, delayMs, fail, expired }) {
+  const m = make()
+  let runs = 0
+  const stale = fakeToken('stale', tokenBytes)
+  const token = { accessToken: stale, refreshToken: 'rt', expiresAt: new Date(Date.now() + (expired ? -1000 : 60_000)) }
+  const fresh = { accessToken: fakeToken('fresh', tokenBytes), refreshToken: 'rt2', expiresAt: new Date(Date.now() + HOUR) }
+  const refreshFn = () => {
+    runs++
+    return new Promise((resolve, reject) => setTimeout(() => (fail ? reject(new Error('provider down')) : resolve(fresh)), delayMs))
+  }
+  const ps = new Array(callers)
+  const t0 = performance.now()
+  for (let i = 0; i < callers; i++) ps[i] = m.getValidToken('storm-user', token, refreshFn)
+  const settled = await Promise.allSettled(ps)
+  const wallMs = performance.now() - t0
+  let staleCount = 0
+  let rejected = 0
+  for (const s of settled) {
+    if (s.status === 'rejected') rejected++
+    else if (s.value.accessToken === stale) staleCount++
+  }
+  return { runs, stale: staleCount, rejected, wallMs }
+}
+
+function stormRow() {
+  const o = { callers: n.stormCallers, delayMs: n.stormDelayMs, fail: false, expired: false }
+  return {
+    id: '4',
+    title: `storm: ${n.stormCallers.toLocaleString('en-US')} callers, one user, refreshFn 50 ms`,
+    run: { seed: () => storm(seed, o), addon: () => storm(addon, o), floor: () => storm(() => new FloorShared(), o) },
+    metrics: [
+      { key: 'runs', label: 'refreshFn runs', format: fmt.int, target: 'addon = 1', met: ({ values }) => values.addon === 1 },
+      { key: 'stale', label: 'stale tokens handed back', format: fmt.int, target: 'addon = 0', met: ({ values }) => values.addon === 0 },
+      { key: 'wallMs', label: 'wall ms, all settled', format: fmt.ms, target: 'addon ≤ 100 ms', met: ({ values }) => values.addon <= 100 },
+    ],
+  }
+}
+
+function failureRow() {
+  const o = { callers: n.failureCallers, delayMs: n.failureDelayMs, fail: true, expired: true }
+  return {
+    id: '6',
+    title: `failure storm: ${n.failureCallers.toLocaleString('en-US')} callers, refreshFn rejects after 20 ms`,
+    run: { seed: () => storm(seed, o), addon: () => storm(addon, o), floor: () => storm(() => new FloorShared(), o) },
+    metrics: [
+      { key: 'runs', label: 'refreshFn runs', format: fmt.int, target: 'addon = 1', met: ({ values }) => values.addon === 1 },
+      { key: 'rejected', label: 'callers rejected', format: fmt.int },
+      { key: 'wallMs', label: 'wall ms, all settled', format: fmt.ms },
+    ],
+  }
+}
+
+// Memory: each competitor in its own child process, measured after GC.
+function memoryRow(id, bytes) {
+  const child = fileURLToPath(new URL('./memory-child.mjs', import.meta.url))
+  const measure = (name) => async () => {
+    const out = execFileSync(process.execPath, ['--expose-gc', '--import', 'tsx', child, name, String(n.memoryUsers), String(bytes)], {
+      encoding: 'utf8',
+    })
+    return JSON.parse(out.trim().split('\n').pop())
+  }
+  return {
+    id,
+    title: `memory: ${n.memoryUsers.toLocaleString('en-US')} users refreshed once, ${bytes} B access tokens`,
+    run: { seed: measure('seed'), addon: measure('addon'), floor: measure('floor') },
+    metrics: [
+      { key: 'rssPerUser', label: 'resident bytes per user', format: fmt.int, target: '≤ 0.5×', met: ({ ratio }) => ratio <= 0.5 },
+      { key: 'heapPerUser', label: 'JS heap bytes per user', format: fmt.int },
+    ],
+  }
+}
+
+const rows = [
+  hotRow('1', 'hot path, awaited one by one', (call, c) => awaitedNsPerCall(call, n.awaited, c.bench), {
+    key: 'v',
+    label: 'ns per call',
+    format: fmt.int,
+    target: '≤ 1.0×',
+    met: ({ ratio }) => ratio <= 1.0,
+  }),
+  hotRow('2', 'hot path, 1,000 in flight', (call, c) => concurrentCallsPerSec(call, n.inFlight, c.bench), {
+    key: 'v',
+    label: 'calls/s',
+    format: fmt.int,
+    target: '≥ 1.0×',
+    met: ({ ratio }) => ratio >= 1.0,
+  }),
+  refreshRow(),
+  stormRow(),
+  memoryRow('5', tokenBytes),
+  memoryRow('5b', 40),
+  failureRow(),
+]
+
+for (const hook of HOOKS) {
+  const url = new URL(hook, import.meta.url)
+  if (!existsSync(fileURLToPath(url))) continue
+  const mod = await import(url.href)
+  rows.push(...(await mod.rows(ctx)))
+}
+
+const only = args.only ? new Set(args.only.split(',')) : null
+const selected = only ? rows.filter((r) => only.has(r.id)) : rows
+
+const load0 = os.loadavg()[0]
+const started = Date.now()
+const results = await runRows(selected, ctx)
+const load1 = os.loadavg()[0]
+
+const cpu = os.cpus()
+console.log(`# tarabut-token-manager benchmarks${quick ? ' (quick: smoke run, numbers not meaningful)' : ''}\n`)
+console.log(
+  `${cpu.length} × ${cpu[0]?.model ?? 'unknown CPU'}, Node ${process.version}, ${new Date(started).toISOString().slice(0, 10)}; ` +
+    `${ctx.rounds} interleaved rounds (medians), access tokens ${tokenBytes} B; ` +
+    `load average ${load0.toFixed(2)} → ${load1.toFixed(2)}; ${((Date.now() - started) / 1000).toFixed(0)} s\n`,
+)
+console.log(table(results))
+console.log('\nSpread over rounds:\n')
+console.log(spreadTable(results))
