@@ -11,7 +11,10 @@ use std::sync::Arc;
 use napi_derive::napi;
 
 use super::error::{to_js, Code, Result};
-use crate::engine::{self, time, Engine, Failure, Issued, Plan as CorePlan, Policy, PolicyOptions, Presented, Refreshed, SecretString};
+use crate::engine::{
+    self, time, Engine, Failure, Issued, Plan as CorePlan, Policy, PolicyOptions, Presented,
+    Refreshed, SecretString,
+};
 
 /// Options for a token manager. All in milliseconds.
 #[napi(object)]
@@ -80,7 +83,9 @@ impl NativeManager {
             idle_ttl_ms: o.idle_ttl_ms,
         })
         .map_err(to_js)?;
-        Ok(Self { engine: Arc::new(Engine::new(policy)) })
+        Ok(Self {
+            engine: Arc::new(Engine::new(policy)),
+        })
     }
 
     /// The effective refresh timeout, for index.js's timer.
@@ -107,7 +112,10 @@ impl NativeManager {
         expires_at_ms: f64,
     ) -> Result<Option<Plan>, Code> {
         let presented = presented(access_token, refresh_token, expires_at_ms)?;
-        let plan = self.engine.begin(&user_id, &presented, time::now_ms()).map_err(to_js)?;
+        let plan = self
+            .engine
+            .begin(&user_id, &presented, time::now_ms())
+            .map_err(to_js)?;
         Ok(match plan {
             CorePlan::UsePresented => None,
             CorePlan::UseHeld(t) => Some(Plan {
@@ -155,15 +163,23 @@ impl NativeManager {
             expires_at: expires_at_ms.filter(|v| v.is_finite()).map(|v| v as i64),
             expires_in,
         };
-        let issued = self.engine.complete(&user_id, flight_id, refreshed, time::now_ms()).map_err(to_js)?;
+        let issued = self
+            .engine
+            .complete(&user_id, flight_id, refreshed, time::now_ms())
+            .map_err(to_js)?;
         Ok(issued_to_js(issued))
     }
 
     /// The refresh for `flightId` failed (`timedOut`: it did not settle).
     #[napi]
     pub fn fail(&self, user_id: String, flight_id: u32, timed_out: bool) {
-        let failure = if timed_out { Failure::TimedOut } else { Failure::Rejected };
-        self.engine.fail(&user_id, flight_id, failure, time::now_ms());
+        let failure = if timed_out {
+            Failure::TimedOut
+        } else {
+            Failure::Rejected
+        };
+        self.engine
+            .fail(&user_id, flight_id, failure, time::now_ms());
     }
 
     /// After a failed refresh: may this caller keep its own token?
@@ -178,7 +194,9 @@ impl NativeManager {
     #[napi]
     pub fn invalidate(&self, user_id: String, access_token: Option<String>) -> Result<(), Code> {
         let token = access_token.map(SecretString::new);
-        self.engine.invalidate(&user_id, token.as_ref(), time::now_ms()).map_err(to_js)
+        self.engine
+            .invalidate(&user_id, token.as_ref(), time::now_ms())
+            .map_err(to_js)
     }
 
     #[napi]
@@ -200,14 +218,20 @@ impl NativeManager {
 /// Parses an ISO 8601 date-time (with zone) into epoch milliseconds.
 #[napi]
 pub fn parse_iso_time(value: String) -> Result<f64, Code> {
-    time::parse_iso8601("expiresAt", &value).map(|v| v as f64).map_err(to_js)
+    time::parse_iso8601("expiresAt", &value)
+        .map(|v| v as f64)
+        .map_err(to_js)
 }
 
 /// The longest user id accepted, in UTF-8 bytes.
 #[napi]
 pub const MAX_USER_ID_BYTES: u32 = engine::MAX_USER_ID_BYTES as u32;
 
-fn presented(access_token: String, refresh_token: Option<String>, expires_at_ms: f64) -> Result<Presented, Code> {
+fn presented(
+    access_token: String,
+    refresh_token: Option<String>,
+    expires_at_ms: f64,
+) -> Result<Presented, Code> {
     Ok(Presented {
         access: SecretString::new(access_token),
         refresh: refresh_token.map(SecretString::new),

@@ -55,6 +55,9 @@ impl EngineError {
     }
 
     pub fn invalid_argument(name: &'static str, problem: impl Into<String>) -> Self {
-        EngineError::InvalidArgument { name, problem: problem.into() }
+        EngineError::InvalidArgument {
+            name,
+            problem: problem.into(),
+        }
     }
 }
