@@ -32,6 +32,12 @@ export declare class NativeManager {
   stats(): ManagerStats
 }
 
+/**
+ * Test hook: panics inside the guard every export runs in, so the tests
+ * can show a Rust panic reaches JavaScript as an `INTERNAL` error.
+ */
+export declare function __panicForTest(): void
+
 /** A token as the core issued it. */
 export interface IssuedToken {
   accessToken: string

@@ -69,7 +69,8 @@ impl Held {
     fn issue(&self, should_update: bool) -> Issued {
         Issued {
             access: self.access.clone(),
-            refresh: if should_update || self.refresh_is_new {
+            // Only a rotated refresh token is news to the caller.
+            refresh: if should_update && self.refresh_is_new {
                 self.refresh.clone()
             } else {
                 None

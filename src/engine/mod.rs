@@ -14,6 +14,9 @@ pub mod secret;
 pub mod table;
 pub mod time;
 
+#[cfg(test)]
+mod tests;
+
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use parking_lot::Mutex;

@@ -15,9 +15,9 @@ pub const DEFAULT_REFRESH_TIMEOUT_MS: u64 = 30_000;
 /// enough that 200k idle users do not pin memory for an hour.
 pub const DEFAULT_IDLE_TTL_MS: u64 = 600_000;
 
-/// Largest duration option accepted: one year. Bigger values are mistakes
-/// (seconds passed as milliseconds twice over), not policies.
-const MAX_OPTION_MS: u64 = 365 * 24 * 3_600_000;
+/// Largest duration option accepted: 2^31-1 ms (24.8 days), the longest
+/// timer Node can set; a longer `setTimeout` would fire at once.
+const MAX_OPTION_MS: u64 = 2_147_483_647;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {

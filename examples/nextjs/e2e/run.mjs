@@ -1,0 +1,215 @@
+// `npm run test:e2e`: the addon inside a real Next.js server, as users run it.
+//
+// Builds the addon, installs it into the example (a copy, as npm would),
+// runs `next build`, then for each pass starts a Tarabut-compatible API
+// (token endpoint + an accounts endpoint that answers 401 to any expired or
+// superseded token), seeds 50 users whose tokens fall due during the run,
+// fires 2,000 requests with 100 in flight, and checks: every response is 200,
+// the provider saw exactly one token request per user (one expiry each), and
+// the database holds each user's newest token.
+// Pass 1: one `next start`. Pass 2: two `next start` sharing a real Redis.
+import { execFileSync, spawn } from 'node:child_process'
+import { randomBytes } from 'node:crypto'
+import { mkdtempSync, rmSync, existsSync } from 'node:fs'
+import { createRequire } from 'node:module'
+import net from 'node:net'
+import { tmpdir } from 'node:os'
+import path from 'node:path'
+import { fileURLToPath } from 'node:url'
+
+import { startTarabutServer } from '../../../__test__/support/tarabut-server.mjs'
+
+const app = fileURLToPath(new URL('..', import.meta.url))
+const root = path.resolve(app, '../..')
+const USERS = 50
+const REQUESTS = 2_000
+const IN_FLIGHT = 100
+const BUFFER_S = 300 // the addon's default bufferTimeMs
+const DUE_AFTER_MS = 1_500 // seeded tokens fall due this long into the run
+const RUN_MS = 4_000 // requests are spread over at least this long
+
+const results = []
+const sh = (cmd, args, cwd) => execFileSync(cmd, args, { cwd, stdio: 'inherit', env: { ...process.env, NEXT_TELEMETRY_DISABLED: '1' } })
+
+function check(name, ok, detail = '') {
+  results.push(ok)
+  console.log(`${ok ? 'ok  ' : 'FAIL'} ${name}${detail ? ` (${detail})` : ''}`)
+}
+
+async function freePort() {
+  const srv = net.createServer()
+  await new Promise((r) => srv.listen(0, '127.0.0.1', r))
+  const { port } = srv.address()
+  await new Promise((r) => srv.close(r))
+  return port
+}
+
+async function waitFor(url, child, what) {
+  const deadline = Date.now() + 60_000
+  while (Date.now() < deadline) {
+    if (child.exitCode !== null) throw new Error(`${what} exited with ${child.exitCode}`)
+    try {
+      const res = await fetch(url)
+      if (res.status < 500) return
+    } catch {}
+    await new Promise((r) => setTimeout(r, 100))
+  }
+  throw new Error(`${what} did not start within 60 s`)
+}
+
+function start(cmd, args, { cwd, env, name }) {
+  const child = spawn(cmd, args, { cwd, env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] })
+  let log = ''
+  child.stdout.on('data', (d) => (log += d))
+  child.stderr.on('data', (d) => (log += d))
+  child.log = () => log
+  child.name = name
+  return child
+}
+
+async function stop(child) {
+  if (child.exitCode !== null) return
+  child.kill('SIGTERM')
+  await new Promise((r) => {
+    const t = setTimeout(() => {
+      child.kill('SIGKILL')
+      r()
+    }, 5_000)
+    child.once('exit', () => {
+      clearTimeout(t)
+      r()
+    })
+  })
+}
+
+async function startNext(env) {
+  const port = await freePort()
+  const child = start(process.execPath, [path.join(app, 'node_modules/next/dist/bin/next'), 'start', '-p', String(port), '-H', '127.0.0.1'], {
+    cwd: app,
+    env: { NEXT_TELEMETRY_DISABLED: '1', ...env },
+    name: `next:${port}`,
+  })
+  await waitFor(`http://127.0.0.1:${port}/`, child, child.name)
+  return { child, base: `http://127.0.0.1:${port}` }
+}
+
+async function startRedis() {
+  const port = await freePort()
+  const child = start('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { cwd: tmpdir(), name: 'redis' })
+  const deadline = Date.now() + 10_000
+  for (;;) {
+    const ok = await new Promise((r) => {
+      const s = net.connect(port, '127.0.0.1', () => {
+        s.end()
+        r(true)
+      })
+      s.on('error', () => r(false))
+    })
+    if (ok) break
+    if (Date.now() > deadline || child.exitCode !== null) throw new Error(`redis-server did not start: ${child.log()}`)
+    await new Promise((r) => setTimeout(r, 50))
+  }
+  return { child, url: `redis://127.0.0.1:${port}` }
+}
+
+async function pass(label, { instances, redis }) {
+  console.log(`\n# ${label}`)
+  const api = await startTarabutServer()
+  api.route('GET', '/accounts', (req, res) => {
+    const user = api.authorize(req)
+    const body = user === null ? { error: 'invalid_token' } : { accounts: [{ id: `acc-${user}`, currency: 'BHD' }] }
+    res.writeHead(user === null ? 401 : 200, { 'content-type': 'application/json' })
+    res.end(JSON.stringify(body))
+  })
+  const dir = mkdtempSync(path.join(tmpdir(), 'ttm-e2e-'))
+  const dbPath = path.join(dir, 'tokens.db')
+  const require = createRequire(path.join(app, 'package.json'))
+  const Database = require('better-sqlite3')
+  const db = new Database(dbPath)
+  db.pragma('journal_mode = WAL')
+  db.exec('CREATE TABLE tarabut_tokens (user_id TEXT PRIMARY KEY, access_token TEXT NOT NULL, refresh_token TEXT, expires_at INTEGER NOT NULL)')
+  const users = Array.from({ length: USERS }, (_, i) => `user-${i}`)
+  const insert = db.prepare('INSERT INTO tarabut_tokens VALUES (?, ?, NULL, ?)')
+  for (const u of users) {
+    // Issued earlier by the provider; falls due (enters the buffer) mid-run.
+    const t = api.issue(u, BUFFER_S + DUE_AFTER_MS / 1000)
+    insert.run(u, t.accessToken, t.expiresAt)
+  }
+  api.expiresIn = 3600
+
+  const env = {
+    DATABASE_PATH: dbPath,
+    TARABUT_API_URL: api.url,
+    TARABUT_TOKEN_URL: api.tokenUrl,
+    TARABUT_CLIENT_ID: api.clientId,
+    TARABUT_CLIENT_SECRET: api.clientSecret,
+  }
+  const servers = []
+  let redisServer
+  try {
+    if (redis) {
+      redisServer = await startRedis()
+      env.REDIS_URL = redisServer.url
+      env.TOKEN_CACHE_KEY = randomBytes(32).toString('base64')
+    }
+    for (let i = 0; i < instances; i++) servers.push(await startNext(env))
+
+    const statuses = new Map()
+    const t0 = Date.now()
+    let next = 0
+    const worker = async () => {
+      while (next < REQUESTS) {
+        const i = next++
+        const wait = t0 + (i * RUN_MS) / REQUESTS - Date.now()
+        if (wait > 0) await new Promise((r) => setTimeout(r, wait))
+        const server = servers[i % servers.length]
+        const res = await fetch(`${server.base}/api/accounts?userId=${users[i % USERS]}`).catch((e) => ({ status: `error ${e.message}` }))
+        statuses.set(res.status, (statuses.get(res.status) ?? 0) + 1)
+        if (res.text) await res.text()
+      }
+    }
+    await Promise.all(Array.from({ length: IN_FLIGHT }, worker))
+    const took = Date.now() - t0
+
+    const ok = statuses.get(200) ?? 0
+    check(`${REQUESTS} requests, every response 200`, ok === REQUESTS, `${JSON.stringify(Object.fromEntries(statuses))} in ${took} ms`)
+    const perUser = users.map((u) => api.requestsFor(u))
+    check(
+      'one token request per user per expiry',
+      perUser.every((n) => n === 1),
+      `${api.tokenRequests} token requests for ${USERS} users; per user min ${Math.min(...perUser)} max ${Math.max(...perUser)}`,
+    )
+    const stale = users.filter((u) => {
+      const row = db.prepare('SELECT access_token FROM tarabut_tokens WHERE user_id = ?').get(u)
+      return row?.access_token !== api.currentToken(u)?.accessToken
+    })
+    check('the database holds the newest token for every user', stale.length === 0, `${stale.length} stale rows`)
+    check('the provider saw only well-formed token requests', api.rejected === 0, `${api.rejected} refused`)
+  } catch (e) {
+    check(`${label} ran`, false, e.message)
+    for (const s of servers) console.error(s.child.log().slice(-4000))
+  } finally {
+    for (const s of servers) await stop(s.child)
+    if (redisServer) await stop(redisServer.child)
+    db.close()
+    await api.close()
+    rmSync(dir, { recursive: true, force: true })
+  }
+}
+
+const skipBuild = process.argv.includes('--no-build')
+if (!skipBuild) sh('npm', ['run', 'build', '--silent'], root)
+// Install the example; then always replace the addon with a fresh copy of
+// this build (npm copies `file:` packages: .npmrc has install-links=true).
+if (!existsSync(path.join(app, 'node_modules/next'))) sh('npm', ['ci', '--no-audit', '--no-fund'], app)
+rmSync(path.join(app, 'node_modules/tarabut-token-manager'), { recursive: true, force: true })
+sh('npm', ['install', '--no-audit', '--no-fund', '--no-save'], app)
+sh('npx', ['next', 'build'], app)
+sh('npx', ['tsc', '--noEmit'], app) // after next build, which writes next-env.d.ts
+
+await pass('one next start', { instances: 1, redis: false })
+await pass('two next start instances sharing Redis', { instances: 2, redis: true })
+
+const failed = results.filter((r) => !r).length
+console.log(`\ne2e: ${results.length - failed} passed, ${failed} failed`)
+process.exit(failed === 0 ? 0 : 1)
