@@ -102,10 +102,7 @@ impl NativeManager {
     pub fn is_fresh(&self, expires_at_ms: f64) -> Result<bool, Code> {
         // NaN or out-of-range never reaches here (index.js checks), but a
         // bad value must still answer "not fresh".
-        guard(|| {
-            Ok(expires_at_ms.is_finite()
-                && self.engine.is_fresh(expires_at_ms as i64, time::now_ms()))
-        })
+        guard(|| Ok(expires_at_ms.is_finite() && self.engine.is_fresh_now(expires_at_ms as i64)))
     }
 
     #[napi]

@@ -103,6 +103,18 @@ impl Engine {
         fresh
     }
 
+    /// [`Engine::is_fresh`] at the current time, read as cheaply as the
+    /// answer allows (see [`time::at_now`]): the hot path's one call.
+    #[inline]
+    pub fn is_fresh_now(&self, expires_at: EpochMs) -> bool {
+        let fresh = self.revoking.load(Relaxed) == 0
+            && time::at_now(|now| self.policy.is_fresh(expires_at, now));
+        if fresh {
+            self.counters.hits.fetch_add(1, Relaxed);
+        }
+        fresh
+    }
+
     /// The API answered 401 with `access_token` (or, without one, with
     /// whatever the user holds): the next call presenting it refreshes even
     /// though it has not expired. The mark lasts one idle TTL.
