@@ -110,6 +110,8 @@ const OPTION_NAMES = ['bufferTimeMs', 'doubleCheckWindowMs', 'refreshTimeoutMs',
 
 class TokenManager {
   #native
+  /** `#native.isFresh` as a bound native function: the hot path's one call. */
+  #isFresh
   #timeoutMs
   /** flightId -> promise of the core's issued token, for callers that join. */
   #flights = new Map()
@@ -130,6 +132,7 @@ class TokenManager {
     } catch (e) {
       throw fromNative(e, RangeError)
     }
+    this.#isFresh = this.#native.freshCheck()
     this.#timeoutMs = this.#native.refreshTimeoutMs
   }
 
@@ -148,7 +151,7 @@ class TokenManager {
       const exp = toEpochMs(expiresAt, 'token.expiresAt')
       if (typeof refreshFn !== 'function') throw argError('refreshFn', 'must be a function')
       // Hot path: one native call on a number; an empty token is never served.
-      if (accessToken.length !== 0 && this.#native.isFresh(exp)) {
+      if (accessToken.length !== 0 && this.#isFresh(exp)) {
         return Promise.resolve({ accessToken, shouldUpdate: false, expiresAt: expiresAt instanceof Date ? expiresAt : new Date(exp) })
       }
       const refreshToken = token.refreshToken

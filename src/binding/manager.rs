@@ -8,9 +8,11 @@
 
 use std::sync::Arc;
 
+use napi::Env;
 use napi_derive::napi;
 
 use super::error::{guard, to_js, Code, Result};
+use super::fresh_check::FreshCheck;
 use crate::engine::{
     self, time, Engine, Failure, Issued, Plan as CorePlan, Policy, PolicyOptions, Presented,
     Refreshed, SecretString,
@@ -103,6 +105,14 @@ impl NativeManager {
         // NaN or out-of-range never reaches here (index.js checks), but a
         // bad value must still answer "not fresh".
         guard(|| Ok(expires_at_ms.is_finite() && self.engine.is_fresh_now(expires_at_ms as i64)))
+    }
+
+    /// `isFresh` as a plain function bound to this manager, for the hot
+    /// path: the same answer for a fraction of the call cost (a napi-rs
+    /// method call is ~400 ns here, this ~60 ns; see fresh_check.rs).
+    #[napi(ts_return_type = "(expiresAtMs: number) => boolean")]
+    pub fn fresh_check(&self, env: Env) -> Result<FreshCheck, Code> {
+        guard(|| FreshCheck::new(&env, self.engine.clone()))
     }
 
     #[napi]

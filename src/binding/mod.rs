@@ -6,4 +6,5 @@
 //! threads on the no-refresh path.
 
 mod error;
+mod fresh_check;
 mod manager;
