@@ -10,6 +10,23 @@
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
 export declare class NativeManager {
+  /**
+   * `begin`, answering the common plans with a number:
+   * - `null`: use the presented token;
+   * - `n >= 0`: lead flight `n`, refreshing with the refresh token the
+   *   caller presented;
+   * - `n < 0`: join flight `-n - 1`;
+   * - a `Plan` otherwise (a held token, or a lead with a refresh token
+   *   the core holds).
+   */
+  beginCompact(userId: string, accessToken: string, refreshToken: string | undefined | null, expiresAtMs: number): number | Plan | null
+  /**
+   * `complete`, answering with the issued token's expiry (epoch ms): the
+   * caller already has the access token. Positive when the caller is to
+   * be handed the refresh token in the result (it rotated), negative
+   * when it is handed none.
+   */
+  completeCompact(userId: string, flightId: number, accessToken?: string | undefined | null, refreshToken?: string | undefined | null, expiresAtMs?: number | undefined | null, expiresIn?: number | undefined | null): number
   constructor(options?: ManagerOptions | undefined | null)
   /** The effective refresh timeout, for index.js's timer. */
   get refreshTimeoutMs(): number

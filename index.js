@@ -180,13 +180,23 @@ class TokenManager {
   }
 
   #slow(userId, accessToken, refreshToken, exp, expiresAt, refreshFn) {
-    const plan = this.#native.begin(userId, accessToken, refreshToken, exp)
+    // Mostly a number: lead (>= 0) or join (< 0) that flight; see beginCompact.
+    const plan = this.#native.beginCompact(userId, accessToken, refreshToken, exp)
     if (plan === null) {
       return Promise.resolve({ accessToken, shouldUpdate: false, expiresAt: expiresAt instanceof Date ? expiresAt : new Date(exp) })
     }
-    if (plan.kind === 'held') return Promise.resolve(validToken(plan, plan.shouldUpdate))
-    const leader = plan.kind === 'lead'
-    const flight = leader ? this.#lead(userId, plan.flightId, plan.refreshToken ?? null, refreshFn) : this.#flights.get(plan.flightId)
+    let leader, flightId, leadWith
+    if (typeof plan === 'number') {
+      leader = plan >= 0
+      flightId = leader ? plan : -plan - 1
+      leadWith = refreshToken
+    } else {
+      if (plan.kind === 'held') return Promise.resolve(validToken(plan, plan.shouldUpdate))
+      leader = plan.kind === 'lead'
+      flightId = plan.flightId
+      leadWith = plan.refreshToken ?? null
+    }
+    const flight = leader ? this.#lead(userId, flightId, leadWith, refreshFn) : this.#flights.get(flightId)
     if (flight === undefined) throw new Error('internal: joined a refresh this manager does not know')
     return flight.then(
       (issued) => validToken(issued, leader),
@@ -258,8 +268,10 @@ class TokenManager {
     }
     try {
       // A late result is still handed over: with rotating refresh tokens it
-      // may hold the only live one.
-      return this.#native.complete(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fields.expiresIn)
+      // may hold the only live one. The answer is the issued token's expiry,
+      // negative when the caller is handed no refresh token (none rotated).
+      const expiry = this.#native.completeCompact(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fields.expiresIn)
+      return { accessToken: fields.accessToken, refreshToken: expiry > 0 ? fields.refreshToken : null, expiresAtMs: Math.abs(expiry) }
     } catch (e) {
       throw e?.code === 'INVALID_REFRESH_RESULT' ? new TokenRefreshError(e.code, userId, e.message) : e
     }

@@ -70,7 +70,7 @@ pub struct ManagerStats {
 
 #[napi]
 pub struct NativeManager {
-    engine: Arc<Engine>,
+    pub(super) engine: Arc<Engine>,
 }
 
 #[napi]
@@ -270,7 +270,7 @@ pub fn panic_for_test() -> Result<(), Code> {
 #[napi]
 pub const MAX_USER_ID_BYTES: u32 = engine::MAX_USER_ID_BYTES as u32;
 
-fn presented(
+pub(super) fn presented(
     access_token: String,
     refresh_token: Option<String>,
     expires_at_ms: f64,

@@ -5,6 +5,7 @@
 //! threadsafe function from tokio (see DEVELOPERS.md), so nothing here hops
 //! threads on the no-refresh path.
 
+mod compact;
 mod error;
 mod fresh_check;
 mod manager;
