@@ -10,23 +10,6 @@
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
 export declare class NativeManager {
-  /**
-   * `begin`, answering the common plans with a number:
-   * - `null`: use the presented token;
-   * - `n >= 0`: lead flight `n`, refreshing with the refresh token the
-   *   caller presented;
-   * - `n < 0`: join flight `-n - 1`;
-   * - a `Plan` otherwise (a held token, or a lead with a refresh token
-   *   the core holds).
-   */
-  beginCompact(userId: string, accessToken: string, refreshToken: string | undefined | null, expiresAtMs: number): number | Plan | null
-  /**
-   * `complete`, answering with the issued token's expiry (epoch ms): the
-   * caller already has the access token. Positive when the caller is to
-   * be handed the refresh token in the result (it rotated), negative
-   * when it is handed none.
-   */
-  completeCompact(userId: string, flightId: number, accessToken?: string | undefined | null, refreshToken?: string | undefined | null, expiresAtMs?: number | undefined | null, expiresIn?: number | undefined | null): number
   constructor(options?: ManagerOptions | undefined | null)
   /** The effective refresh timeout, for index.js's timer. */
   get refreshTimeoutMs(): number
@@ -36,11 +19,12 @@ export declare class NativeManager {
    */
   isFresh(expiresAtMs: number): boolean
   /**
-   * `isFresh` as a plain function bound to this manager, for the hot
-   * path: the same answer for a fraction of the call cost (a napi-rs
-   * method call is ~400 ns here, this ~60 ns; see fresh_check.rs).
+   * `isFresh`, `begin` and `complete` as plain functions bound to this
+   * manager, for the calls every `getValidToken` makes: the same engine
+   * decisions at a fraction of a method call's cost, answering with
+   * numbers where they can (see direct.rs for the shapes).
    */
-  freshCheck(): (expiresAtMs: number) => boolean
+  directFunctions(): { isFresh(expiresAtMs: number): boolean; begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number): number | Plan | null; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null): number }
   begin(userId: string, accessToken: string, refreshToken: string | undefined | null, expiresAtMs: number): Plan | null
   /**
    * The refresh for `flightId` returned; index.js has already checked the

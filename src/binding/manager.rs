@@ -11,8 +11,8 @@ use std::sync::Arc;
 use napi::Env;
 use napi_derive::napi;
 
+use super::direct::{self, JsRaw};
 use super::error::{guard, to_js, Code, Result};
-use super::fresh_check::FreshCheck;
 use crate::engine::{
     self, time, Engine, Failure, Issued, Plan as CorePlan, Policy, PolicyOptions, Presented,
     Refreshed, SecretString,
@@ -70,7 +70,7 @@ pub struct ManagerStats {
 
 #[napi]
 pub struct NativeManager {
-    pub(super) engine: Arc<Engine>,
+    engine: Arc<Engine>,
 }
 
 #[napi]
@@ -107,12 +107,15 @@ impl NativeManager {
         guard(|| Ok(expires_at_ms.is_finite() && self.engine.is_fresh_now(expires_at_ms as i64)))
     }
 
-    /// `isFresh` as a plain function bound to this manager, for the hot
-    /// path: the same answer for a fraction of the call cost (a napi-rs
-    /// method call is ~400 ns here, this ~60 ns; see fresh_check.rs).
-    #[napi(ts_return_type = "(expiresAtMs: number) => boolean")]
-    pub fn fresh_check(&self, env: Env) -> Result<FreshCheck, Code> {
-        guard(|| FreshCheck::new(&env, self.engine.clone()))
+    /// `isFresh`, `begin` and `complete` as plain functions bound to this
+    /// manager, for the calls every `getValidToken` makes: the same engine
+    /// decisions at a fraction of a method call's cost, answering with
+    /// numbers where they can (see direct.rs for the shapes).
+    #[napi(
+        ts_return_type = "{ isFresh(expiresAtMs: number): boolean; begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number): number | Plan | null; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null): number }"
+    )]
+    pub fn direct_functions(&self, env: Env) -> Result<JsRaw, Code> {
+        guard(|| direct::functions(env.raw(), &self.engine))
     }
 
     #[napi]
@@ -270,7 +273,7 @@ pub fn panic_for_test() -> Result<(), Code> {
 #[napi]
 pub const MAX_USER_ID_BYTES: u32 = engine::MAX_USER_ID_BYTES as u32;
 
-pub(super) fn presented(
+fn presented(
     access_token: String,
     refresh_token: Option<String>,
     expires_at_ms: f64,

@@ -5,7 +5,6 @@
 //! threadsafe function from tokio (see DEVELOPERS.md), so nothing here hops
 //! threads on the no-refresh path.
 
-mod compact;
+mod direct;
 mod error;
-mod fresh_check;
 mod manager;

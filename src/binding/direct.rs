@@ -1,0 +1,414 @@
+//! The calls `getValidToken` makes (`isFresh` on every call, `begin` and
+//! `complete` on every refresh) as plain Node-API functions bound to one
+//! engine, below napi-rs's generated glue.
+//!
+//! Why: a napi-rs 3 class method costs ~700 ns a call here before doing any
+//! work (receiver unwrap, type-tag check, a process-wide borrow registry),
+//! and a `#[napi(object)]` answer ~250 ns a property. A Node-API function
+//! whose callback data is the engine costs the call itself (~50 ns), and
+//! answering with a number lets index.js build the caller's object (~10 ns).
+//! The decisions are the engine's, exactly as in `NativeManager.begin` /
+//! `complete`; only the crossing is cheaper.
+//!
+//! Each function holds an `Arc<Engine>`, released by a finalizer when the
+//! function is collected or its environment torn down. Errors are thrown
+//! with the stable `code`, as napi-rs throws them; a panic becomes
+//! `INTERNAL` and never unwinds into Node.
+
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr;
+use std::sync::Arc;
+
+use napi::bindgen_prelude::{ToNapiValue, TypeName};
+use napi::sys::{self, napi_callback_info, napi_env, napi_value};
+use napi::ValueType;
+use zeroize::Zeroize;
+
+use super::error::Code;
+use crate::engine::{
+    time, Engine, EngineError, ErrorCode, Plan, Presented, Refreshed, SecretString,
+};
+
+/// `{ isFresh, begin, complete }`, each bound to `engine`.
+pub fn functions(env: napi_env, engine: &Arc<Engine>) -> Result<JsRaw, napi::Error<Code>> {
+    type Callback = unsafe extern "C" fn(napi_env, napi_callback_info) -> napi_value;
+    let fns: [(&CStr, Callback); 3] = [
+        (c"isFresh", is_fresh),
+        (c"begin", begin),
+        (c"complete", complete),
+    ];
+    // SAFETY: `env` is the live environment of the calling napi export.
+    unsafe {
+        let mut obj = ptr::null_mut();
+        ok(sys::napi_create_object(env, &mut obj))?;
+        for (name, cb) in fns {
+            let data = Arc::into_raw(engine.clone()) as *mut c_void;
+            let mut f = ptr::null_mut();
+            let created = ok(sys::napi_create_function(
+                env,
+                name.as_ptr(),
+                name.count_bytes() as isize,
+                Some(cb),
+                data,
+                &mut f,
+            ))
+            .and_then(|_| {
+                ok(sys::napi_add_finalizer(
+                    env,
+                    f,
+                    data,
+                    Some(release),
+                    ptr::null_mut(),
+                    ptr::null_mut(),
+                ))
+            });
+            if created.is_err() {
+                // `f` (if made) is unreachable and never called. Functions
+                // already on `obj` are released when it is collected.
+                drop(Arc::from_raw(data as *const Engine));
+                return Err(internal("could not create the native functions"));
+            }
+            ok(sys::napi_set_named_property(env, obj, name.as_ptr(), f))?;
+        }
+        Ok(JsRaw(obj))
+    }
+}
+
+/// `isFresh(expiresAtMs)`: [`Engine::is_fresh_now`]. Anything but a finite
+/// number answers `false` (index.js has validated it already).
+unsafe extern "C" fn is_fresh(env: napi_env, info: napi_callback_info) -> napi_value {
+    // SAFETY (all callbacks): Node calls them with a valid env and callback
+    // info; their data is the `Arc<Engine>` pointer given at creation, alive
+    // until `release`, which runs after the last call.
+    unsafe {
+        let mut argc = 1usize;
+        let mut argv = [ptr::null_mut(); 1];
+        let mut data = ptr::null_mut();
+        let mut fresh = false;
+        if sys::napi_get_cb_info(
+            env,
+            info,
+            &mut argc,
+            argv.as_mut_ptr(),
+            ptr::null_mut(),
+            &mut data,
+        ) == sys::Status::napi_ok
+            && !data.is_null()
+        {
+            let mut ms = f64::NAN;
+            if sys::napi_get_value_double(env, argv[0], &mut ms) == sys::Status::napi_ok
+                && ms.is_finite()
+            {
+                let engine = &*(data as *const Engine);
+                fresh = catch_unwind(AssertUnwindSafe(|| engine.is_fresh_now(ms as i64)))
+                    .unwrap_or(false);
+            }
+        }
+        let mut out = ptr::null_mut();
+        sys::napi_get_boolean(env, fresh, &mut out);
+        out
+    }
+}
+
+/// `begin(userId, accessToken, refreshToken, expiresAtMs)`: the engine's
+/// plan, as a number where one will do:
+/// - `null`: use the presented token;
+/// - `n >= 0`: lead flight `n`, refreshing with the presented refresh token;
+/// - `n < 0`: join flight `-n - 1`;
+/// - an object like `NativeManager.begin`'s `Plan` otherwise (a held token,
+///   or a lead with a refresh token the engine holds).
+unsafe extern "C" fn begin(env: napi_env, info: napi_callback_info) -> napi_value {
+    unsafe {
+        call::<4>(env, info, |engine, a| {
+            let user = string(env, a[0], "userId")?;
+            let presented = Presented {
+                access: SecretString::new(string(env, a[1], "token.accessToken")?),
+                refresh: opt_string(env, a[2], "token.refreshToken")?.map(SecretString::new),
+                expires_at: time::from_js_ms(
+                    "token.expiresAt",
+                    number(env, a[3], "token.expiresAt")?,
+                )?,
+            };
+            let plan = engine.begin(&user, &presented, time::now_ms())?;
+            Ok(match plan {
+                Plan::UsePresented => null(env),
+                Plan::Join(id) => double(env, -(id as f64) - 1.0),
+                Plan::Lead { id, refresh_token } if refresh_token == presented.refresh => {
+                    double(env, id as f64)
+                }
+                Plan::Lead { id, refresh_token } => {
+                    let o = Object::new(env)?;
+                    o.set(c"kind", string_value(env, "lead")?)?;
+                    o.set(c"flightId", double(env, id as f64))?;
+                    if let Some(r) = &refresh_token {
+                        o.set(c"refreshToken", string_value(env, r.expose())?)?;
+                    }
+                    o.0
+                }
+                Plan::UseHeld(t) => {
+                    let o = Object::new(env)?;
+                    o.set(c"kind", string_value(env, "held")?)?;
+                    o.set(c"accessToken", string_value(env, t.access.expose())?)?;
+                    if let Some(r) = &t.refresh {
+                        o.set(c"refreshToken", string_value(env, r.expose())?)?;
+                    }
+                    o.set(c"expiresAtMs", double(env, t.expires_at as f64))?;
+                    o.set(c"shouldUpdate", boolean(env, t.should_update))?;
+                    o.0
+                }
+            })
+        })
+    }
+}
+
+/// `complete(userId, flightId, accessToken, refreshToken, expiresAtMs,
+/// expiresIn)`: hands the refresh result to the engine and answers with the
+/// issued token's expiry (epoch ms), the caller already having the access
+/// token: positive when the caller is handed the refresh token the result
+/// brought (it rotated), negative when it is handed none. Throws
+/// `INVALID_REFRESH_RESULT` when the result is unusable.
+unsafe extern "C" fn complete(env: napi_env, info: napi_callback_info) -> napi_value {
+    unsafe {
+        call::<6>(env, info, |engine, a| {
+            let user = string(env, a[0], "userId")?;
+            let mut flight_id = 0u32;
+            if sys::napi_get_value_uint32(env, a[1], &mut flight_id) != sys::Status::napi_ok {
+                return Err(EngineError::invalid_argument("flightId", "must be a number").into());
+            }
+            let refreshed = Refreshed {
+                access: opt_string(env, a[2], "accessToken")?.map(SecretString::new),
+                refresh: opt_string(env, a[3], "refreshToken")?.map(SecretString::new),
+                expires_at: opt_number(env, a[4], "expiresAtMs")?
+                    .filter(|v| v.is_finite())
+                    .map(|v| v as i64),
+                expires_in: opt_number(env, a[5], "expiresIn")?,
+            };
+            let issued = engine.complete(&user, flight_id, refreshed, time::now_ms())?;
+            let expires = issued.expires_at as f64;
+            Ok(double(
+                env,
+                if issued.refresh.is_some() {
+                    expires
+                } else {
+                    -expires
+                },
+            ))
+        })
+    }
+}
+
+unsafe extern "C" fn release(_env: napi_env, data: *mut c_void, _hint: *mut c_void) {
+    // SAFETY: `data` came from `Arc::into_raw` in `functions`; Node runs
+    // each function's finalizer once.
+    unsafe { drop(Arc::from_raw(data as *const Engine)) }
+}
+
+/// What a call throws: an engine error (with its code) or an internal one.
+struct Thrown(ErrorCode, String);
+
+impl From<EngineError> for Thrown {
+    fn from(e: EngineError) -> Self {
+        Thrown(e.code(), e.to_string())
+    }
+}
+
+/// Reads `N` arguments (missing ones are `undefined`) and the engine, runs
+/// `f`, and throws what it returns as an error; a panic throws `INTERNAL`.
+unsafe fn call<const N: usize>(
+    env: napi_env,
+    info: napi_callback_info,
+    f: impl FnOnce(&Engine, &[napi_value; N]) -> Result<napi_value, Thrown>,
+) -> napi_value {
+    unsafe {
+        let mut argc = N;
+        let mut argv = [ptr::null_mut(); N];
+        let mut data = ptr::null_mut();
+        let status = sys::napi_get_cb_info(
+            env,
+            info,
+            &mut argc,
+            argv.as_mut_ptr(),
+            ptr::null_mut(),
+            &mut data,
+        );
+        let result = if status != sys::Status::napi_ok || data.is_null() {
+            Err(Thrown(
+                ErrorCode::Internal,
+                "native call without its engine".into(),
+            ))
+        } else {
+            let engine = &*(data as *const Engine);
+            catch_unwind(AssertUnwindSafe(|| f(engine, &argv))).unwrap_or_else(|_| {
+                Err(Thrown(
+                    ErrorCode::Internal,
+                    "internal error in tarabut-token-manager (a bug: please report it)".into(),
+                ))
+            })
+        };
+        match result {
+            Ok(v) => v,
+            Err(Thrown(code, message)) => {
+                let message = CString::new(message).unwrap_or_else(|_| c"error".to_owned());
+                let code = CString::new(code.as_str()).unwrap_or_else(|_| c"INTERNAL".to_owned());
+                sys::napi_throw_error(env, code.as_ptr(), message.as_ptr());
+                ptr::null_mut()
+            }
+        }
+    }
+}
+
+fn internal(message: &str) -> napi::Error<Code> {
+    napi::Error::new(Code(ErrorCode::Internal), message)
+}
+
+fn ok(status: sys::napi_status) -> Result<(), napi::Error<Code>> {
+    if status == sys::Status::napi_ok {
+        Ok(())
+    } else {
+        Err(internal("a Node-API call failed"))
+    }
+}
+
+fn napi_ok(status: sys::napi_status) -> Result<(), Thrown> {
+    if status == sys::Status::napi_ok {
+        Ok(())
+    } else {
+        Err(Thrown(ErrorCode::Internal, "a Node-API call failed".into()))
+    }
+}
+
+unsafe fn type_of(env: napi_env, v: napi_value) -> sys::napi_valuetype {
+    let mut t = sys::ValueType::napi_undefined;
+    unsafe { sys::napi_typeof(env, v, &mut t) };
+    t
+}
+
+unsafe fn string(env: napi_env, v: napi_value, name: &'static str) -> Result<String, Thrown> {
+    unsafe {
+        opt_string(env, v, name)?
+            .ok_or_else(|| EngineError::invalid_argument(name, "must be a string").into())
+    }
+}
+
+/// A string, or `None` for `null` / `undefined`.
+unsafe fn opt_string(
+    env: napi_env,
+    v: napi_value,
+    name: &'static str,
+) -> Result<Option<String>, Thrown> {
+    unsafe {
+        match type_of(env, v) {
+            sys::ValueType::napi_null | sys::ValueType::napi_undefined => return Ok(None),
+            sys::ValueType::napi_string => {}
+            _ => return Err(EngineError::invalid_argument(name, "must be a string").into()),
+        }
+        let mut len = 0usize;
+        napi_ok(sys::napi_get_value_string_utf8(
+            env,
+            v,
+            ptr::null_mut(),
+            0,
+            &mut len,
+        ))?;
+        let mut buf = Vec::<u8>::with_capacity(len + 1);
+        let mut written = 0usize;
+        napi_ok(sys::napi_get_value_string_utf8(
+            env,
+            v,
+            buf.as_mut_ptr() as *mut c_char,
+            len + 1,
+            &mut written,
+        ))?;
+        buf.set_len(written.min(len));
+        // Node writes valid UTF-8 (lone surrogates become U+FFFD).
+        match String::from_utf8(buf) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) => {
+                e.into_bytes().zeroize();
+                Err(EngineError::invalid_argument(name, "must be valid UTF-16").into())
+            }
+        }
+    }
+}
+
+unsafe fn number(env: napi_env, v: napi_value, name: &'static str) -> Result<f64, Thrown> {
+    let mut n = 0f64;
+    if unsafe { sys::napi_get_value_double(env, v, &mut n) } != sys::Status::napi_ok {
+        return Err(EngineError::invalid_argument(name, "must be a number").into());
+    }
+    Ok(n)
+}
+
+/// A number, or `None` for `null` / `undefined`.
+unsafe fn opt_number(
+    env: napi_env,
+    v: napi_value,
+    name: &'static str,
+) -> Result<Option<f64>, Thrown> {
+    unsafe {
+        match type_of(env, v) {
+            sys::ValueType::napi_null | sys::ValueType::napi_undefined => Ok(None),
+            _ => number(env, v, name).map(Some),
+        }
+    }
+}
+
+unsafe fn null(env: napi_env) -> napi_value {
+    let mut v = ptr::null_mut();
+    unsafe { sys::napi_get_null(env, &mut v) };
+    v
+}
+
+unsafe fn double(env: napi_env, n: f64) -> napi_value {
+    let mut v = ptr::null_mut();
+    unsafe { sys::napi_create_double(env, n, &mut v) };
+    v
+}
+
+unsafe fn boolean(env: napi_env, b: bool) -> napi_value {
+    let mut v = ptr::null_mut();
+    unsafe { sys::napi_get_boolean(env, b, &mut v) };
+    v
+}
+
+unsafe fn string_value(env: napi_env, s: &str) -> Result<napi_value, Thrown> {
+    let mut v = ptr::null_mut();
+    napi_ok(unsafe {
+        sys::napi_create_string_utf8(env, s.as_ptr() as *const c_char, s.len() as isize, &mut v)
+    })?;
+    Ok(v)
+}
+
+struct Object(napi_value, napi_env);
+
+impl Object {
+    unsafe fn new(env: napi_env) -> Result<Self, Thrown> {
+        let mut o = ptr::null_mut();
+        napi_ok(unsafe { sys::napi_create_object(env, &mut o) })?;
+        Ok(Object(o, env))
+    }
+
+    unsafe fn set(&self, key: &CStr, value: napi_value) -> Result<(), Thrown> {
+        napi_ok(unsafe { sys::napi_set_named_property(self.1, self.0, key.as_ptr(), value) })
+    }
+}
+
+/// A JS value made here, handed to napi-rs as it is.
+pub struct JsRaw(napi_value);
+
+impl ToNapiValue for JsRaw {
+    unsafe fn to_napi_value(_env: napi_env, val: Self) -> napi::Result<napi_value> {
+        Ok(val.0)
+    }
+}
+
+impl TypeName for JsRaw {
+    fn type_name() -> &'static str {
+        "Object"
+    }
+
+    fn value_type() -> ValueType {
+        ValueType::Object
+    }
+}
