@@ -147,7 +147,7 @@ class TokenManager {
    * per user however many calls arrive together. Never throws: bad
    * arguments and failures reject.
    */
-  getValidToken(userId, token, refreshFn) {
+  async getValidToken(userId, token, refreshFn) {
     try {
       if (typeof userId !== 'string' || userId.length === 0) throw argError('userId', 'must be a non-empty string')
       if (token === null || typeof token !== 'object') throw argError('token', 'must be an object { accessToken, expiresAt }')
@@ -158,13 +158,13 @@ class TokenManager {
       if (typeof refreshFn !== 'function') throw argError('refreshFn', 'must be a function')
       // Hot path: one native call on a number; an empty token is never served.
       if (accessToken.length !== 0 && this.#isFresh(exp)) {
-        return Promise.resolve({ accessToken, shouldUpdate: false, expiresAt: expiresAt instanceof Date ? expiresAt : new Date(exp) })
+        return { accessToken, shouldUpdate: false, expiresAt: expiresAt instanceof Date ? expiresAt : new Date(exp) }
       }
       const refreshToken = token.refreshToken
       if (refreshToken != null && typeof refreshToken !== 'string') throw argError('token.refreshToken', 'must be a string or null')
       return this.#slow(userId, accessToken, refreshToken ?? null, exp, expiresAt, refreshFn)
     } catch (e) {
-      return Promise.reject(fromNative(e))
+      throw fromNative(e)
     }
   }
 
