@@ -50,21 +50,23 @@ export async function msPerIteration(fn, { timeMs, warmupMs }) {
   return r.latency.p50
 }
 
+// The measuring loops are compiled afresh for every use (new Function), so
+// V8 keeps separate type feedback per competitor: a loop shared by all of
+// them goes polymorphic and times whoever ran first differently.
+const AWAITED = 'return async () => { for (let i = 0; i < n; i++) await call() }'
+const CONCURRENT = 'return async () => { for (let i = 0; i < n; i++) ps[i] = call(i); await Promise.all(ps) }'
+
 /** `n` calls of `call()`, each awaited before the next: ns per call. */
 export async function awaitedNsPerCall(call, n, opts) {
-  const ms = await msPerIteration(async () => {
-    for (let i = 0; i < n; i++) await call()
-  }, opts)
+  const loop = new Function('call', 'n', AWAITED)(call, n)
+  const ms = await msPerIteration(loop, opts)
   return (ms * 1e6) / n
 }
 
 /** Batches of `n` concurrent calls (`call(i)`), all awaited: calls per second. */
 export async function concurrentCallsPerSec(call, n, opts) {
-  const ps = new Array(n)
-  const ms = await msPerIteration(async () => {
-    for (let i = 0; i < n; i++) ps[i] = call(i)
-    await Promise.all(ps)
-  }, opts)
+  const loop = new Function('call', 'n', 'ps', CONCURRENT)(call, n, new Array(n))
+  const ms = await msPerIteration(loop, opts)
   return (n * 1000) / ms
 }
 

@@ -31,9 +31,12 @@ const tokenBytes = Number(args['token-bytes'])
 const ctx = {
   quick,
   rounds: Number(args.rounds ?? (quick ? 2 : 5)),
+  // Rows 1-3 are short: many brief rounds, so that bursts of load from other
+  // processes land on all competitors alike.
+  microRounds: Number(args.rounds ?? (quick ? 2 : 15)),
   tokenBytes,
   // tinybench budget per competitor per round
-  bench: quick ? { timeMs: 60, warmupMs: 20 } : { timeMs: 1000, warmupMs: 250 },
+  bench: quick ? { timeMs: 60, warmupMs: 20 } : { timeMs: 300, warmupMs: 60 },
 }
 const n = {
   awaited: 1000,
@@ -65,7 +68,7 @@ function hotRow(id, title, measure, metric) {
   }
   const run = {}
   for (const name of Object.keys(call)) run[name] = async (c) => ({ v: await measure(call[name], c) })
-  return { id, title, run, metrics: [metric] }
+  return { id, title, run, metrics: [metric], rounds: ctx.microRounds }
 }
 
 // Refresh path: every call is a new user presenting an expired token;
@@ -96,6 +99,7 @@ function refreshRow() {
   return {
     id: '3',
     title: 'refresh path, distinct users, 1,000 in flight',
+    rounds: ctx.microRounds,
     run: {
       seed: (c) => measure(seed, c),
       addon: (c) => measure(addon, c),
@@ -219,7 +223,7 @@ const cpu = os.cpus()
 console.log(`# tarabut-token-manager benchmarks${quick ? ' (quick: smoke run, numbers not meaningful)' : ''}\n`)
 console.log(
   `${cpu.length} × ${cpu[0]?.model ?? 'unknown CPU'}, Node ${process.version}, ${new Date(started).toISOString().slice(0, 10)}; ` +
-    `${ctx.rounds} interleaved rounds (medians), access tokens ${tokenBytes} B; ` +
+    `medians of interleaved rounds (${ctx.microRounds} for rows 1-3, ${ctx.rounds} for the rest), access tokens ${tokenBytes} B; ` +
     `load average ${load0.toFixed(2)} → ${load1.toFixed(2)}; ${((Date.now() - started) / 1000).toFixed(0)} s\n`,
 )
 console.log(table(results))
