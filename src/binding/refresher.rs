@@ -23,7 +23,8 @@ use tokio::sync::oneshot;
 use super::error::{Code, Result};
 use crate::engine::{ErrorCode, SecretString};
 use crate::refresh::{
-    http, AuthMethod, OAuth2Config, OAuth2Refresher, RefreshError, Refresher, TarabutConfig, TarabutRefresher, Token,
+    http, AuthMethod, OAuth2Config, OAuth2Refresher, RefreshError, Refresher, TarabutConfig,
+    TarabutRefresher, Token,
 };
 
 /// Options for `NativeRefresher.tarabut`.
@@ -93,7 +94,9 @@ impl NativeRefresher {
             max_retries: options.max_retries,
         };
         let client = http::shared_client().map_err(to_js)?;
-        Ok(Self::wrap(Refresher::Tarabut(TarabutRefresher::new(config, client).map_err(to_js)?)))
+        Ok(Self::wrap(Refresher::Tarabut(
+            TarabutRefresher::new(config, client).map_err(to_js)?,
+        )))
     }
 
     /// The RFC 6749 section 6 refresh_token grant.
@@ -108,11 +111,16 @@ impl NativeRefresher {
             timeout_ms: options.timeout_ms,
         };
         let client = http::shared_client().map_err(to_js)?;
-        Ok(Self::wrap(Refresher::OAuth2(OAuth2Refresher::new(config, client).map_err(to_js)?)))
+        Ok(Self::wrap(Refresher::OAuth2(
+            OAuth2Refresher::new(config, client).map_err(to_js)?,
+        )))
     }
 
     fn wrap(refresher: Refresher) -> Self {
-        Self { inner: Arc::new(refresher), aborts: Arc::new(Mutex::new(HashMap::new())) }
+        Self {
+            inner: Arc::new(refresher),
+            aborts: Arc::new(Mutex::new(HashMap::new())),
+        }
     }
 
     /// One refresh for `userId` (OAuth2: with `refreshToken`), within
@@ -133,7 +141,10 @@ impl NativeRefresher {
         let timeout = match timeout_ms {
             None => Ok(None),
             Some(ms) if ms.is_finite() && ms >= 1.0 => Ok(Some(Duration::from_millis(ms as u64))),
-            Some(_) => Err(RefreshError::invalid_argument("timeoutMs", "must be a positive number of milliseconds")),
+            Some(_) => Err(RefreshError::invalid_argument(
+                "timeoutMs",
+                "must be a positive number of milliseconds",
+            )),
         };
         // Registered before the future starts, so an abort that comes
         // before tokio polls it is not lost.
