@@ -168,11 +168,18 @@ export async function startTarabutServer(options = {}) {
     }
 
     if (fault?.malformed) return send(res, 200, '{"accessToken": "tg_broken", "tokenType": "Bearer", "expiresIn": ')
-    const accessToken = `tg_${randomBytes(24).toString('base64url')}`
-    const previous = users.get(userId)
-    users.set(userId, { accessToken, expiresAt: Date.now() + expiresIn * 1000, issued: (previous?.issued ?? 0) + 1, scope: body.scope })
+    const { accessToken } = issue(userId, expiresIn, body.scope)
     counters.issued++
     send(res, 200, { accessToken, tokenType: 'Bearer', expiresIn })
+  }
+
+  /** Makes a new current token for `userId`, superseding the previous one. */
+  function issue(userId, lifetimeSeconds, scope) {
+    const accessToken = `tg_${randomBytes(24).toString('base64url')}`
+    const previous = users.get(userId)
+    const record = { accessToken, expiresAt: Date.now() + lifetimeSeconds * 1000, issued: (previous?.issued ?? 0) + 1, scope }
+    users.set(userId, record)
+    return { accessToken, expiresAt: record.expiresAt }
   }
 
   routes.set(`POST ${config.path}`, tokenEndpoint)
@@ -233,6 +240,13 @@ export async function startTarabutServer(options = {}) {
       return u === undefined ? undefined : { ...u }
     },
     isCurrent,
+    /**
+     * Issues a token out of band (as if the user had connected earlier):
+     * `{ accessToken, expiresAt }` in epoch ms. Not counted as a request.
+     */
+    issue(userId, lifetimeSeconds = expiresIn) {
+      return issue(userId, lifetimeSeconds)
+    },
     /**
      * The user an API request is for, if its `Authorization: Bearer` token
      * is that user's current one; else null (the API answers 401).
