@@ -168,7 +168,9 @@ function progressPrinter() {
       `  (${fmt(m.requests / Math.max(t, 0.001)).padStart(6)}/s)  token calls ${fmt(calls).padStart(5)}` +
       `  coalesced ${fmt(Math.max(0, m.due - calls)).padStart(7)}  stale ${server ? fmt(m.stale) : 'n/a'}  failed ${fmt(m.failed)}`
     if (tty) {
-      process.stdout.write(`\r\x1b[2K${line}${done ? '\n' : ''}`)
+      // One terminal row, or the in-place update would scroll.
+      const cols = process.stdout.columns || 120
+      process.stdout.write(`\r\x1b[2K${line.slice(0, cols - 1)}${done ? '\n' : ''}`)
     } else if (done || t - (lastPlain.get(label) ?? 0) >= 2) {
       lastPlain.set(label, t)
       console.log(line)

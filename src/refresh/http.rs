@@ -35,7 +35,10 @@ pub fn new_client() -> Result<Client, RefreshError> {
         // would resend the client secret (and a refresh token) elsewhere.
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("tarabut-token-manager/", env!("CARGO_PKG_VERSION")))
-        .pool_idle_timeout(Duration::from_secs(60))
+        // Below common server keep-alive timeouts (Node's is 5 s): reusing
+        // a connection the server is closing fails a request that may have
+        // been sent, which an OAuth2 refresh must not resend.
+        .pool_idle_timeout(Duration::from_secs(4))
         .build()
         .map_err(|_| RefreshError::new(ErrorCode::RefreshFailed, "could not build the HTTP client"))
 }

@@ -119,14 +119,16 @@ impl OAuth2Refresher {
         let auth = match config.auth_method {
             // RFC 6749 section 2.3.1: each part form-urlencoded, then Base64.
             AuthMethod::ClientSecretBasic => {
-                let pair = format!(
+                // Intermediate copies are SecretStrings too: wiped on drop.
+                let pair = SecretString::new(format!(
                     "{}:{}",
                     form(&config.client_id),
                     form(config.client_secret.expose())
+                ));
+                let encoded = SecretString::new(
+                    base64::engine::general_purpose::STANDARD.encode(pair.expose()),
                 );
-                let encoded = base64::engine::general_purpose::STANDARD.encode(pair.as_bytes());
-                drop(SecretString::new(pair));
-                Auth::Basic(SecretString::new(format!("Basic {encoded}")))
+                Auth::Basic(SecretString::new(format!("Basic {}", encoded.expose())))
             }
             AuthMethod::ClientSecretPost => Auth::Post {
                 client_id: config.client_id,
