@@ -51,6 +51,12 @@ export declare class NativeRefresher {
   abort(abortId: number): void
 }
 
+/**
+ * Test hook: panics inside the guard every export runs in, so the tests
+ * can show a Rust panic reaches JavaScript as an `INTERNAL` error.
+ */
+export declare function __panicForTest(): void
+
 /** A token as the core issued it. */
 export interface IssuedToken {
   accessToken: string

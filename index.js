@@ -204,57 +204,82 @@ class TokenManager {
     // budget (the timeout drops its HTTP request): no context or signal.
     const refresher = refreshFn[NATIVE_REFRESHER]
     const ctx = refresher === undefined ? new RefreshContext(userId, refreshToken) : null
+    let resolveFlight
+    let rejectFlight
     const flight = new Promise((resolve, reject) => {
-      let settled = false
-      const finish = () => {
-        settled = true
-        clearTimeout(timer)
-        this.#flights.delete(flightId)
-      }
-      const timer = setTimeout(() => {
-        finish()
-        native.fail(userId, flightId, true)
-        const err = new TokenRefreshError('REFRESH_TIMEOUT', userId, `refresh did not settle within ${this.#timeoutMs} ms`)
-        ctx?.[ABORT](err)
-        reject(err)
-      }, this.#timeoutMs)
-      const call = refresher === undefined ? invoke(refreshFn, ctx) : nativeRefresh(refresher, userId, refreshToken, this.#timeoutMs)
-      call.then(
-        (result) => {
-          const late = settled
-          if (!late) finish()
-          const fields = refreshedFields(result)
-          try {
-            if (fields === null) {
-              if (!late) native.fail(userId, flightId, false)
-              throw new TokenRefreshError('INVALID_REFRESH_RESULT', userId, 'refresh result is not an object with a string accessToken and a valid expiresAt or expiresIn')
-            }
-            // A late result is still handed to the core: with rotating
-            // refresh tokens it may hold the only live one.
-            const issued = native.complete(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fields.expiresIn)
-            if (!late) resolve(issued)
-          } catch (e) {
-            if (!late) reject(e instanceof TokenRefreshError ? e : new TokenRefreshError('INVALID_REFRESH_RESULT', userId, e.message))
-          }
-        },
-        (cause) => {
-          if (settled) return
-          finish()
-          if (refresher !== undefined) {
-            // Already a TokenRefreshError with its stable code, `status` and
-            // provider `error` (or a TypeError for a userId Tarabut refuses).
-            native.fail(userId, flightId, cause.code === 'REFRESH_TIMEOUT')
-            reject(cause)
-            return
-          }
-          native.fail(userId, flightId, false)
-          reject(new TokenRefreshError('REFRESH_FAILED', userId, 'refresh function failed', { cause, status: cause?.status, error: cause?.error }))
-        },
-      )
+      resolveFlight = resolve
+      rejectFlight = reject
     })
+    let settled = false
+    // Ends the flight once. What comes later (a result after the timeout)
+    // only feeds the core. Nothing here may throw: it runs in a timer or a
+    // promise callback nobody awaits, where a throw would crash the process.
+    const settle = (error, issued) => {
+      settled = true
+      clearTimeout(timer)
+      this.#flights.delete(flightId)
+      if (error !== undefined) rejectFlight(error)
+      else resolveFlight(issued)
+    }
+    const timer = setTimeout(() => {
+      const err = new TokenRefreshError('REFRESH_TIMEOUT', userId, `refresh did not settle within ${this.#timeoutMs} ms`)
+      quietly(() => native.fail(userId, flightId, true))
+      ctx?.[ABORT](err)
+      settle(err)
+    }, this.#timeoutMs)
+    const call = refresher === undefined ? invoke(refreshFn, ctx) : nativeRefresh(refresher, userId, refreshToken, this.#timeoutMs)
+    call.then(
+      (result) => {
+        const late = settled
+        let issued
+        let error
+        try {
+          issued = this.#report(userId, flightId, result, late)
+        } catch (e) {
+          error = e
+        }
+        if (!late) settle(error, issued)
+      },
+      (cause) => {
+        if (settled) return
+        if (refresher !== undefined) {
+          // Already a TokenRefreshError with its stable code, `status` and
+          // provider `error` (or a TypeError for a userId Tarabut refuses).
+          quietly(() => native.fail(userId, flightId, cause?.code === 'REFRESH_TIMEOUT'))
+          settle(cause)
+          return
+        }
+        quietly(() => native.fail(userId, flightId, false))
+        settle(new TokenRefreshError('REFRESH_FAILED', userId, 'refresh function failed', { cause, status: cause?.status, error: cause?.error }))
+      },
+    )
     this.#flights.set(flightId, flight)
     return flight
   }
+
+  /** Hands a refresh result to the core; returns its issued token or throws. */
+  #report(userId, flightId, result, late) {
+    const fields = refreshedFields(result)
+    if (fields === null) {
+      if (!late) this.#native.fail(userId, flightId, false)
+      throw new TokenRefreshError('INVALID_REFRESH_RESULT', userId, 'refresh result is not an object with a string accessToken and a valid expiresAt or expiresIn')
+    }
+    try {
+      // A late result is still handed over: with rotating refresh tokens it
+      // may hold the only live one.
+      return this.#native.complete(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fields.expiresIn)
+    } catch (e) {
+      throw e?.code === 'INVALID_REFRESH_RESULT' ? new TokenRefreshError(e.code, userId, e.message) : e
+    }
+  }
+}
+
+// For bookkeeping calls that cannot fail in practice (they only throw on a
+// caught Rust panic) made where an exception would be uncaught.
+function quietly(fn) {
+  try {
+    fn()
+  } catch {}
 }
 
 function validToken(t, shouldUpdate) {
@@ -293,7 +318,13 @@ function refreshedToken(outcome) {
 
 /** The manager's call: its refresh timeout is the whole budget. */
 function nativeRefresh(refresher, userId, refreshToken, timeoutMs) {
-  return refresher.refresh(userId, refreshToken, timeoutMs, null).then((outcome) => {
+  let pending
+  try {
+    pending = refresher.refresh(userId, refreshToken, timeoutMs, null)
+  } catch (e) {
+    return Promise.reject(e) // only a caught Rust panic (code INTERNAL)
+  }
+  return pending.then((outcome) => {
     if (outcome.code != null) throw refresherError(userId, outcome)
     return refreshedToken(outcome)
   })
@@ -317,7 +348,7 @@ function makeRefresher(refresher, name) {
       const abortId = nextAbortId()
       return new Promise((resolve, reject) => {
         const onAbort = () => {
-          refresher.abort(abortId)
+          quietly(() => refresher.abort(abortId))
           reject(signal.reason)
         }
         signal.addEventListener('abort', onAbort, { once: true })

@@ -10,8 +10,11 @@ use std::sync::Arc;
 
 use napi_derive::napi;
 
-use super::error::{to_js, Code, Result};
-use crate::engine::{self, time, Engine, Failure, Issued, Plan as CorePlan, Policy, PolicyOptions, Presented, Refreshed, SecretString};
+use super::error::{guard, to_js, Code, Result};
+use crate::engine::{
+    self, time, Engine, Failure, Issued, Plan as CorePlan, Policy, PolicyOptions, Presented,
+    Refreshed, SecretString,
+};
 
 /// Options for a token manager. All in milliseconds.
 #[napi(object)]
@@ -72,15 +75,19 @@ pub struct NativeManager {
 impl NativeManager {
     #[napi(constructor)]
     pub fn new(options: Option<ManagerOptions>) -> Result<Self, Code> {
-        let o = options.unwrap_or_default();
-        let policy = Policy::from_options(&PolicyOptions {
-            buffer_time_ms: o.buffer_time_ms,
-            double_check_window_ms: o.double_check_window_ms,
-            refresh_timeout_ms: o.refresh_timeout_ms,
-            idle_ttl_ms: o.idle_ttl_ms,
+        guard(|| {
+            let o = options.unwrap_or_default();
+            let policy = Policy::from_options(&PolicyOptions {
+                buffer_time_ms: o.buffer_time_ms,
+                double_check_window_ms: o.double_check_window_ms,
+                refresh_timeout_ms: o.refresh_timeout_ms,
+                idle_ttl_ms: o.idle_ttl_ms,
+            })
+            .map_err(to_js)?;
+            Ok(Self {
+                engine: Arc::new(Engine::new(policy)),
+            })
         })
-        .map_err(to_js)?;
-        Ok(Self { engine: Arc::new(Engine::new(policy)) })
     }
 
     /// The effective refresh timeout, for index.js's timer.
@@ -92,10 +99,13 @@ impl NativeManager {
     /// Hot path: true when a token expiring at `expiresAtMs` can be handed
     /// back without a refresh or a user lookup.
     #[napi]
-    pub fn is_fresh(&self, expires_at_ms: f64) -> bool {
+    pub fn is_fresh(&self, expires_at_ms: f64) -> Result<bool, Code> {
         // NaN or out-of-range never reaches here (index.js checks), but a
-        // bad value must still answer "not fresh" rather than panic.
-        expires_at_ms.is_finite() && self.engine.is_fresh(expires_at_ms as i64, time::now_ms())
+        // bad value must still answer "not fresh".
+        guard(|| {
+            Ok(expires_at_ms.is_finite()
+                && self.engine.is_fresh(expires_at_ms as i64, time::now_ms()))
+        })
     }
 
     #[napi]
@@ -106,8 +116,21 @@ impl NativeManager {
         refresh_token: Option<String>,
         expires_at_ms: f64,
     ) -> Result<Option<Plan>, Code> {
+        guard(|| self.begin_inner(user_id, access_token, refresh_token, expires_at_ms))
+    }
+
+    fn begin_inner(
+        &self,
+        user_id: String,
+        access_token: String,
+        refresh_token: Option<String>,
+        expires_at_ms: f64,
+    ) -> Result<Option<Plan>, Code> {
         let presented = presented(access_token, refresh_token, expires_at_ms)?;
-        let plan = self.engine.begin(&user_id, &presented, time::now_ms()).map_err(to_js)?;
+        let plan = self
+            .engine
+            .begin(&user_id, &presented, time::now_ms())
+            .map_err(to_js)?;
         Ok(match plan {
             CorePlan::UsePresented => None,
             CorePlan::UseHeld(t) => Some(Plan {
@@ -155,34 +178,56 @@ impl NativeManager {
             expires_at: expires_at_ms.filter(|v| v.is_finite()).map(|v| v as i64),
             expires_in,
         };
-        let issued = self.engine.complete(&user_id, flight_id, refreshed, time::now_ms()).map_err(to_js)?;
+        let issued = self
+            .engine
+            .complete(&user_id, flight_id, refreshed, time::now_ms())
+            .map_err(to_js)?;
         Ok(issued_to_js(issued))
     }
 
     /// The refresh for `flightId` failed (`timedOut`: it did not settle).
     #[napi]
-    pub fn fail(&self, user_id: String, flight_id: u32, timed_out: bool) {
-        let failure = if timed_out { Failure::TimedOut } else { Failure::Rejected };
-        self.engine.fail(&user_id, flight_id, failure, time::now_ms());
+    pub fn fail(&self, user_id: String, flight_id: u32, timed_out: bool) -> Result<(), Code> {
+        let failure = if timed_out {
+            Failure::TimedOut
+        } else {
+            Failure::Rejected
+        };
+        guard(|| {
+            self.engine
+                .fail(&user_id, flight_id, failure, time::now_ms());
+            Ok(())
+        })
     }
 
     /// After a failed refresh: may this caller keep its own token?
     #[napi]
-    pub fn serve_stale(&self, user_id: String, access_token: String, expires_at_ms: f64) -> bool {
-        match presented(access_token, None, expires_at_ms) {
-            Ok(p) => self.engine.serve_stale(&user_id, &p, time::now_ms()),
-            Err(_) => false,
-        }
+    pub fn serve_stale(
+        &self,
+        user_id: String,
+        access_token: String,
+        expires_at_ms: f64,
+    ) -> Result<bool, Code> {
+        guard(|| {
+            let p = presented(access_token, None, expires_at_ms)?;
+            Ok(self.engine.serve_stale(&user_id, &p, time::now_ms()))
+        })
     }
 
     #[napi]
     pub fn invalidate(&self, user_id: String, access_token: Option<String>) -> Result<(), Code> {
         let token = access_token.map(SecretString::new);
-        self.engine.invalidate(&user_id, token.as_ref(), time::now_ms()).map_err(to_js)
+        self.engine
+            .invalidate(&user_id, token.as_ref(), time::now_ms())
+            .map_err(to_js)
     }
 
     #[napi]
-    pub fn stats(&self) -> ManagerStats {
+    pub fn stats(&self) -> Result<ManagerStats, Code> {
+        guard(|| Ok(self.stats_inner()))
+    }
+
+    fn stats_inner(&self) -> ManagerStats {
         let s = self.engine.stats(time::now_ms());
         ManagerStats {
             users: s.users as u32,
@@ -200,14 +245,29 @@ impl NativeManager {
 /// Parses an ISO 8601 date-time (with zone) into epoch milliseconds.
 #[napi]
 pub fn parse_iso_time(value: String) -> Result<f64, Code> {
-    time::parse_iso8601("expiresAt", &value).map(|v| v as f64).map_err(to_js)
+    guard(|| {
+        time::parse_iso8601("expiresAt", &value)
+            .map(|v| v as f64)
+            .map_err(to_js)
+    })
+}
+
+/// Test hook: panics inside the guard every export runs in, so the tests
+/// can show a Rust panic reaches JavaScript as an `INTERNAL` error.
+#[napi(js_name = "__panicForTest")]
+pub fn panic_for_test() -> Result<(), Code> {
+    guard(|| panic!("deliberate panic for the panic-guard test"))
 }
 
 /// The longest user id accepted, in UTF-8 bytes.
 #[napi]
 pub const MAX_USER_ID_BYTES: u32 = engine::MAX_USER_ID_BYTES as u32;
 
-fn presented(access_token: String, refresh_token: Option<String>, expires_at_ms: f64) -> Result<Presented, Code> {
+fn presented(
+    access_token: String,
+    refresh_token: Option<String>,
+    expires_at_ms: f64,
+) -> Result<Presented, Code> {
     Ok(Presented {
         access: SecretString::new(access_token),
         refresh: refresh_token.map(SecretString::new),

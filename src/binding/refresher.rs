@@ -20,7 +20,7 @@ use napi_derive::napi;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use super::error::{Code, Result};
+use super::error::{guard, Code, Result};
 use crate::engine::{ErrorCode, SecretString};
 use crate::refresh::{
     http, AuthMethod, OAuth2Config, OAuth2Refresher, RefreshError, Refresher, TarabutConfig,
@@ -85,6 +85,10 @@ impl NativeRefresher {
     /// Tarabut Gateway's client-credentials token call.
     #[napi(factory)]
     pub fn tarabut(options: TarabutRefresherOptions) -> Result<Self, Code> {
+        guard(|| Self::tarabut_inner(options))
+    }
+
+    fn tarabut_inner(options: TarabutRefresherOptions) -> Result<Self, Code> {
         let config = TarabutConfig {
             client_id: options.client_id,
             client_secret: SecretString::new(options.client_secret),
@@ -102,6 +106,10 @@ impl NativeRefresher {
     /// The RFC 6749 section 6 refresh_token grant.
     #[napi(factory)]
     pub fn oauth2(options: OAuth2RefresherOptions) -> Result<Self, Code> {
+        guard(|| Self::oauth2_inner(options))
+    }
+
+    fn oauth2_inner(options: OAuth2RefresherOptions) -> Result<Self, Code> {
         let config = OAuth2Config {
             token_url: options.token_url,
             client_id: options.client_id,
@@ -135,7 +143,18 @@ impl NativeRefresher {
         refresh_token: Option<String>,
         timeout_ms: Option<f64>,
         abort_id: Option<u32>,
-    ) -> Result<PromiseRaw<'env, RefreshOutcome>> {
+    ) -> Result<PromiseRaw<'env, RefreshOutcome>, Code> {
+        guard(|| self.start(env, user_id, refresh_token, timeout_ms, abort_id))
+    }
+
+    fn start<'env>(
+        &self,
+        env: &'env Env,
+        user_id: String,
+        refresh_token: Option<String>,
+        timeout_ms: Option<f64>,
+        abort_id: Option<u32>,
+    ) -> Result<PromiseRaw<'env, RefreshOutcome>, Code> {
         let inner = self.inner.clone();
         let refresh_token = refresh_token.map(SecretString::new);
         let timeout = match timeout_ms {
@@ -174,18 +193,25 @@ impl NativeRefresher {
             Ok(match result {
                 Ok(Ok(token)) => success(token),
                 Ok(Err(e)) => failure(e),
-                Err(_) => failure(RefreshError::new(ErrorCode::RefreshFailed, "internal error in the native refresher")),
+                Err(_) => failure(RefreshError::new(
+                    ErrorCode::Internal,
+                    "internal error in the native refresher (a bug: please report it)",
+                )),
             })
         })
+        .map_err(|_| napi::Error::new(Code(ErrorCode::Internal), "could not start the refresh"))
     }
 
     /// Aborts the call started with `abortId` (drops its HTTP request). A
     /// call already settled is left alone.
     #[napi]
-    pub fn abort(&self, abort_id: u32) {
-        if let Some(tx) = self.aborts.lock().remove(&abort_id) {
-            let _ = tx.send(());
-        }
+    pub fn abort(&self, abort_id: u32) -> Result<(), Code> {
+        guard(|| {
+            if let Some(tx) = self.aborts.lock().remove(&abort_id) {
+                let _ = tx.send(());
+            }
+            Ok(())
+        })
     }
 }
 

@@ -20,6 +20,8 @@ pub enum ErrorCode {
     InvalidClient,
     /// Redis coordination was required (`onError: 'fail'`) but unavailable.
     CoordinatorUnavailable,
+    /// A bug in this package (a caught Rust panic). Never expected.
+    Internal,
 }
 
 impl ErrorCode {
@@ -32,6 +34,7 @@ impl ErrorCode {
             ErrorCode::ReauthRequired => "REAUTH_REQUIRED",
             ErrorCode::InvalidClient => "INVALID_CLIENT",
             ErrorCode::CoordinatorUnavailable => "COORDINATOR_UNAVAILABLE",
+            ErrorCode::Internal => "INTERNAL",
         }
     }
 }
@@ -55,6 +58,9 @@ impl EngineError {
     }
 
     pub fn invalid_argument(name: &'static str, problem: impl Into<String>) -> Self {
-        EngineError::InvalidArgument { name, problem: problem.into() }
+        EngineError::InvalidArgument {
+            name,
+            problem: problem.into(),
+        }
     }
 }

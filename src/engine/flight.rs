@@ -51,7 +51,10 @@ pub enum Plan {
     Join(u32),
     /// Run the refresh (with this refresh token) and report back with
     /// [`Engine::complete`] or [`Engine::fail`] for flight `id`.
-    Lead { id: u32, refresh_token: Option<SecretString> },
+    Lead {
+        id: u32,
+        refresh_token: Option<SecretString>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +69,12 @@ impl Held {
     fn issue(&self, should_update: bool) -> Issued {
         Issued {
             access: self.access.clone(),
-            refresh: if should_update || self.refresh_is_new { self.refresh.clone() } else { None },
+            // Only a rotated refresh token is news to the caller.
+            refresh: if should_update && self.refresh_is_new {
+                self.refresh.clone()
+            } else {
+                None
+            },
             expires_at: self.expires_at,
             should_update,
         }
@@ -75,7 +83,12 @@ impl Held {
 
 impl Engine {
     /// Decides what a call presenting `presented` for `user` should do.
-    pub fn begin(&self, user: &str, presented: &Presented, now: EpochMs) -> Result<Plan, EngineError> {
+    pub fn begin(
+        &self,
+        user: &str,
+        presented: &Presented,
+        now: EpochMs,
+    ) -> Result<Plan, EngineError> {
         validate_user(user)?;
         let policy = self.policy;
         let fp = presented.access.fingerprint();
@@ -83,16 +96,22 @@ impl Engine {
         t.maybe_sweep(&policy, now);
         let plan = t.with_entry(user, now, |e, in_flight| {
             let presented_revoked = e.is_revoked(fp, now);
-            if !presented.access.is_empty() && !presented_revoked && policy.is_fresh(presented.expires_at, now) {
+            if !presented.access.is_empty()
+                && !presented_revoked
+                && policy.is_fresh(presented.expires_at, now)
+            {
                 return Plan::UsePresented;
             }
             // The presented token is due, expired or revoked. A token a
             // refresh already produced may do: it is fresh, or the refresh
             // was so recent that another would be redundant.
             if let Some(h) = &e.held {
-                let recent = e.last_refresh.is_some_and(|at| policy.within_double_check(at, now));
+                let recent = e
+                    .last_refresh
+                    .is_some_and(|at| policy.within_double_check(at, now));
                 let usable = !e.is_revoked(h.fingerprint, now)
-                    && (policy.is_fresh(h.expires_at, now) || (recent && policy.is_unexpired(h.expires_at, now)));
+                    && (policy.is_fresh(h.expires_at, now)
+                        || (recent && policy.is_unexpired(h.expires_at, now)));
                 if usable {
                     return Plan::UseHeld(h.issue(h.fingerprint != fp));
                 }
@@ -103,11 +122,16 @@ impl Engine {
             // Refresh with the newest refresh token known: a rotated one we
             // hold beats the caller's unless the caller's token is newer.
             let refresh_token = match &e.held {
-                Some(h) if h.refresh.is_some() && h.expires_at >= presented.expires_at => h.refresh.clone(),
+                Some(h) if h.refresh.is_some() && h.expires_at >= presented.expires_at => {
+                    h.refresh.clone()
+                }
                 _ => presented.refresh.clone(),
             };
             let id = self.next_flight.fetch_add(1, Relaxed);
-            e.flight = Some(Flight { id, refresh_token: refresh_token.clone() });
+            e.flight = Some(Flight {
+                id,
+                refresh_token: refresh_token.clone(),
+            });
             *in_flight += 1;
             Plan::Lead { id, refresh_token }
         });
@@ -125,7 +149,13 @@ impl Engine {
     /// it for the user and returns the leader's token (`should_update`).
     /// A late result (its flight timed out) is still kept if it is the
     /// newest: with rotating refresh tokens it may hold the only live one.
-    pub fn complete(&self, user: &str, id: u32, refreshed: Refreshed, now: EpochMs) -> Result<Issued, EngineError> {
+    pub fn complete(
+        &self,
+        user: &str,
+        id: u32,
+        refreshed: Refreshed,
+        now: EpochMs,
+    ) -> Result<Issued, EngineError> {
         validate_user(user)?;
         let checked = validate_refreshed(refreshed, now);
         let mut t = self.table.lock();
@@ -147,7 +177,10 @@ impl Engine {
                 refresh_is_new,
             };
             let issued = held.issue(true);
-            let newer = e.held.as_ref().is_none_or(|h| h.expires_at <= held.expires_at);
+            let newer = e
+                .held
+                .as_ref()
+                .is_none_or(|h| h.expires_at <= held.expires_at);
             if ours || newer {
                 e.held = Some(held);
                 e.last_refresh = Some(now);
@@ -188,7 +221,11 @@ impl Engine {
             return false;
         }
         let fp = presented.access.fingerprint();
-        let revoked = self.table.lock().with_existing(user, now, |e, _| e.is_revoked(fp, now)).unwrap_or(false);
+        let revoked = self
+            .table
+            .lock()
+            .with_existing(user, now, |e, _| e.is_revoked(fp, now))
+            .unwrap_or(false);
         if !revoked {
             self.counters.stale_served.fetch_add(1, Relaxed);
         }
@@ -196,16 +233,30 @@ impl Engine {
     }
 }
 
-fn validate_refreshed(r: Refreshed, now: EpochMs) -> Result<(SecretString, Option<SecretString>, EpochMs), EngineError> {
+fn validate_refreshed(
+    r: Refreshed,
+    now: EpochMs,
+) -> Result<(SecretString, Option<SecretString>, EpochMs), EngineError> {
     let access = match r.access {
         Some(a) if !a.is_empty() => a,
-        _ => return Err(EngineError::InvalidRefreshResult("has no non-empty string accessToken")),
+        _ => {
+            return Err(EngineError::InvalidRefreshResult(
+                "has no non-empty string accessToken",
+            ))
+        }
     };
     let expires_at = match (r.expires_at, r.expires_in) {
         (Some(at), _) => at,
-        (None, Some(secs)) => time::from_expires_in("expiresIn", secs, now)
-            .map_err(|_| EngineError::InvalidRefreshResult("has an expiresIn that is not a positive number of seconds"))?,
-        (None, None) => return Err(EngineError::InvalidRefreshResult("has neither expiresAt nor expiresIn")),
+        (None, Some(secs)) => time::from_expires_in("expiresIn", secs, now).map_err(|_| {
+            EngineError::InvalidRefreshResult(
+                "has an expiresIn that is not a positive number of seconds",
+            )
+        })?,
+        (None, None) => {
+            return Err(EngineError::InvalidRefreshResult(
+                "has neither expiresAt nor expiresIn",
+            ))
+        }
     };
     if expires_at <= now {
         return Err(EngineError::InvalidRefreshResult("expires in the past"));

@@ -14,6 +14,9 @@ pub mod secret;
 pub mod table;
 pub mod time;
 
+#[cfg(test)]
+mod tests;
+
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use parking_lot::Mutex;
@@ -103,7 +106,12 @@ impl Engine {
     /// The API answered 401 with `access_token` (or, without one, with
     /// whatever the user holds): the next call presenting it refreshes even
     /// though it has not expired. The mark lasts one idle TTL.
-    pub fn invalidate(&self, user: &str, access_token: Option<&SecretString>, now: EpochMs) -> Result<(), EngineError> {
+    pub fn invalidate(
+        &self,
+        user: &str,
+        access_token: Option<&SecretString>,
+        now: EpochMs,
+    ) -> Result<(), EngineError> {
         validate_user(user)?;
         let until = now.saturating_add(self.policy.idle_ttl_ms as i64);
         let fp = access_token.map(SecretString::fingerprint);
@@ -141,7 +149,10 @@ impl Engine {
 
 pub fn validate_user(user: &str) -> Result<(), EngineError> {
     if user.is_empty() {
-        return Err(EngineError::invalid_argument("userId", "must be a non-empty string"));
+        return Err(EngineError::invalid_argument(
+            "userId",
+            "must be a non-empty string",
+        ));
     }
     if user.len() > MAX_USER_ID_BYTES {
         return Err(EngineError::invalid_argument(

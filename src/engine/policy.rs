@@ -15,9 +15,9 @@ pub const DEFAULT_REFRESH_TIMEOUT_MS: u64 = 30_000;
 /// enough that 200k idle users do not pin memory for an hour.
 pub const DEFAULT_IDLE_TTL_MS: u64 = 600_000;
 
-/// Largest duration option accepted: one year. Bigger values are mistakes
-/// (seconds passed as milliseconds twice over), not policies.
-const MAX_OPTION_MS: u64 = 365 * 24 * 3_600_000;
+/// Largest duration option accepted: 2^31-1 ms (24.8 days), the longest
+/// timer Node can set; a longer `setTimeout` would fire at once.
+const MAX_OPTION_MS: u64 = 2_147_483_647;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
@@ -62,7 +62,12 @@ impl Policy {
                 d.double_check_window_ms,
                 0,
             )?,
-            refresh_timeout_ms: duration("refreshTimeoutMs", o.refresh_timeout_ms, d.refresh_timeout_ms, 1)?,
+            refresh_timeout_ms: duration(
+                "refreshTimeoutMs",
+                o.refresh_timeout_ms,
+                d.refresh_timeout_ms,
+                1,
+            )?,
             idle_ttl_ms: duration("idleTtlMs", o.idle_ttl_ms, d.idle_ttl_ms, 1)?,
         })
     }
@@ -87,7 +92,12 @@ impl Policy {
     }
 }
 
-fn duration(name: &'static str, value: Option<f64>, default: u64, min: u64) -> Result<u64, EngineError> {
+fn duration(
+    name: &'static str,
+    value: Option<f64>,
+    default: u64,
+    min: u64,
+) -> Result<u64, EngineError> {
     let Some(v) = value else { return Ok(default) };
     if !v.is_finite() || v.fract() != 0.0 || v < min as f64 || v > MAX_OPTION_MS as f64 {
         return Err(EngineError::invalid_argument(
@@ -104,10 +114,16 @@ mod tests {
 
     #[test]
     fn fresh_means_beyond_the_buffer() {
-        let p = Policy { buffer_ms: 300_000, ..Policy::default() };
+        let p = Policy {
+            buffer_ms: 300_000,
+            ..Policy::default()
+        };
         let now = 1_000_000_000;
         assert!(p.is_fresh(now + 300_001, now));
-        assert!(!p.is_fresh(now + 300_000, now), "exactly at the buffer edge is due");
+        assert!(
+            !p.is_fresh(now + 300_000, now),
+            "exactly at the buffer edge is due"
+        );
         assert!(!p.is_fresh(now - 1, now));
         assert!(p.is_unexpired(now + 1, now));
         assert!(!p.is_unexpired(now, now));
@@ -122,14 +138,28 @@ mod tests {
 
     #[test]
     fn options_default_and_validate() {
-        assert_eq!(Policy::from_options(&PolicyOptions::default()).unwrap(), Policy::default());
-        let p = Policy::from_options(&PolicyOptions { buffer_time_ms: Some(0.0), ..Default::default() }).unwrap();
+        assert_eq!(
+            Policy::from_options(&PolicyOptions::default()).unwrap(),
+            Policy::default()
+        );
+        let p = Policy::from_options(&PolicyOptions {
+            buffer_time_ms: Some(0.0),
+            ..Default::default()
+        })
+        .unwrap();
         assert_eq!(p.buffer_ms, 0);
         for bad in [f64::NAN, -1.0, 1.5, f64::INFINITY, 1e300] {
-            let e = Policy::from_options(&PolicyOptions { buffer_time_ms: Some(bad), ..Default::default() })
-                .unwrap_err();
+            let e = Policy::from_options(&PolicyOptions {
+                buffer_time_ms: Some(bad),
+                ..Default::default()
+            })
+            .unwrap_err();
             assert!(e.to_string().starts_with("bufferTimeMs"), "{e}");
         }
-        assert!(Policy::from_options(&PolicyOptions { refresh_timeout_ms: Some(0.0), ..Default::default() }).is_err());
+        assert!(Policy::from_options(&PolicyOptions {
+            refresh_timeout_ms: Some(0.0),
+            ..Default::default()
+        })
+        .is_err());
     }
 }

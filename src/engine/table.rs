@@ -47,11 +47,22 @@ pub(crate) struct Entry {
 
 impl Entry {
     fn new(now: EpochMs) -> Self {
-        Self { held: None, flight: None, last_refresh: None, revoked: Vec::new(), revoke_all_until: None, last_used: now }
+        Self {
+            held: None,
+            flight: None,
+            last_refresh: None,
+            revoked: Vec::new(),
+            revoke_all_until: None,
+            last_used: now,
+        }
     }
 
     pub fn is_revoked(&self, fp: Fingerprint, now: EpochMs) -> bool {
-        self.revoke_all_until.is_some_and(|u| u > now) || self.revoked.iter().any(|r| r.fingerprint == fp && r.until > now)
+        self.revoke_all_until.is_some_and(|u| u > now)
+            || self
+                .revoked
+                .iter()
+                .any(|r| r.fingerprint == fp && r.until > now)
     }
 
     /// Whether this entry makes the hot path look users up.
@@ -85,10 +96,18 @@ impl Table {
 
     /// Runs `f` on the user's entry, creating it if needed, and keeps the
     /// revocation count true whatever `f` changes.
-    pub fn with_entry<R>(&mut self, user: &str, now: EpochMs, f: impl FnOnce(&mut Entry, &mut usize) -> R) -> R {
+    pub fn with_entry<R>(
+        &mut self,
+        user: &str,
+        now: EpochMs,
+        f: impl FnOnce(&mut Entry, &mut usize) -> R,
+    ) -> R {
         let entry = match self.entries.get_mut(user) {
             Some(e) => e,
-            None => self.entries.entry(user.into()).or_insert_with(|| Entry::new(now)),
+            None => self
+                .entries
+                .entry(user.into())
+                .or_insert_with(|| Entry::new(now)),
         };
         entry.last_used = now;
         let was = entry.is_revoking();
@@ -100,7 +119,12 @@ impl Table {
     }
 
     /// Runs `f` on the user's entry only if there is one.
-    pub fn with_existing<R>(&mut self, user: &str, now: EpochMs, f: impl FnOnce(&mut Entry, &mut usize) -> R) -> Option<R> {
+    pub fn with_existing<R>(
+        &mut self,
+        user: &str,
+        now: EpochMs,
+        f: impl FnOnce(&mut Entry, &mut usize) -> R,
+    ) -> Option<R> {
         if self.entries.contains_key(user) {
             Some(self.with_entry(user, now, f))
         } else {
@@ -143,7 +167,10 @@ impl Entry {
                 if let Some(r) = self.revoked.iter_mut().find(|r| r.fingerprint == fp) {
                     r.until = r.until.max(until);
                 } else {
-                    self.revoked.push(Revocation { fingerprint: fp, until });
+                    self.revoked.push(Revocation {
+                        fingerprint: fp,
+                        until,
+                    });
                 }
             }
             None => self.revoke_all_until = Some(until),

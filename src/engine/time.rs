@@ -19,7 +19,10 @@ pub fn now_ms() -> EpochMs {
 /// A number of epoch milliseconds from JavaScript (a number or `Date.getTime()`).
 pub fn from_js_ms(name: &'static str, ms: f64) -> Result<EpochMs, EngineError> {
     if !ms.is_finite() || ms.abs() > MAX_DATE_MS {
-        return Err(EngineError::invalid_argument(name, "must be a valid date, epoch milliseconds or ISO 8601 string"));
+        return Err(EngineError::invalid_argument(
+            name,
+            "must be a valid date, epoch milliseconds or ISO 8601 string",
+        ));
     }
     Ok(ms.floor() as i64)
 }
@@ -28,15 +31,25 @@ pub fn from_js_ms(name: &'static str, ms: f64) -> Result<EpochMs, EngineError> {
 /// writes). Looser formats are refused: `Date.parse` guesses, we do not.
 pub fn parse_iso8601(name: &'static str, s: &str) -> Result<EpochMs, EngineError> {
     let t = OffsetDateTime::parse(s.trim(), &Rfc3339).map_err(|_| {
-        EngineError::invalid_argument(name, "is not an ISO 8601 date-time with a time zone (e.g. 2026-01-25T21:14:28Z)")
+        EngineError::invalid_argument(
+            name,
+            "is not an ISO 8601 date-time with a time zone (e.g. 2026-01-25T21:14:28Z)",
+        )
     })?;
     Ok((t.unix_timestamp_nanos() / 1_000_000) as i64)
 }
 
 /// `expiresIn` seconds from now, as the provider said.
-pub fn from_expires_in(name: &'static str, seconds: f64, now: EpochMs) -> Result<EpochMs, EngineError> {
+pub fn from_expires_in(
+    name: &'static str,
+    seconds: f64,
+    now: EpochMs,
+) -> Result<EpochMs, EngineError> {
     if !seconds.is_finite() || seconds <= 0.0 || seconds > 1e10 {
-        return Err(EngineError::invalid_argument(name, "must be a positive number of seconds"));
+        return Err(EngineError::invalid_argument(
+            name,
+            "must be a positive number of seconds",
+        ));
     }
     Ok(now + (seconds * 1000.0) as i64)
 }
@@ -47,9 +60,21 @@ mod tests {
 
     #[test]
     fn parses_iso_strings_like_to_iso_string() {
-        assert_eq!(parse_iso8601("x", "1970-01-01T00:00:01.500Z").unwrap(), 1500);
-        assert_eq!(parse_iso8601("x", "2026-01-25T21:14:28+01:00").unwrap(), 1_769_372_068_000);
-        for bad in ["", "tomorrow", "2026-01-25", "1700000000000", "2026-13-01T00:00:00Z"] {
+        assert_eq!(
+            parse_iso8601("x", "1970-01-01T00:00:01.500Z").unwrap(),
+            1500
+        );
+        assert_eq!(
+            parse_iso8601("x", "2026-01-25T21:14:28+01:00").unwrap(),
+            1_769_372_068_000
+        );
+        for bad in [
+            "",
+            "tomorrow",
+            "2026-01-25",
+            "1700000000000",
+            "2026-13-01T00:00:00Z",
+        ] {
             let e = parse_iso8601("token.expiresAt", bad).unwrap_err();
             assert!(e.to_string().starts_with("token.expiresAt"), "{e}");
         }

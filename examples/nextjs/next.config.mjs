@@ -1,0 +1,6 @@
+/** @type {import('next').NextConfig} */
+export default {
+  // A native addon: Node must require it at run time. Without this,
+  // Turbopack refuses the .node file ("not placeable in ESM chunks").
+  serverExternalPackages: ['tarabut-token-manager'],
+}

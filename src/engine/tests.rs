@@ -1,0 +1,444 @@
+//! The core without Node: policy, single flight, eviction, error mapping.
+//! (Unit tests, not tests/: an integration test binary would have to link
+//! the napi symbols that only Node provides.)
+
+use std::sync::{Arc, Barrier};
+
+use crate::engine::{
+    Engine, EngineError, ErrorCode, Failure, Plan, Policy, PolicyOptions, Presented, Refreshed,
+    SecretString,
+};
+
+const NOW: i64 = 1_800_000_000_000;
+const MIN: i64 = 60_000;
+
+fn engine() -> Engine {
+    Engine::new(Policy::default())
+}
+
+fn token(access: &str, expires_at: i64) -> Presented {
+    Presented {
+        access: SecretString::from(access),
+        refresh: None,
+        expires_at,
+    }
+}
+
+fn with_refresh(access: &str, refresh: &str, expires_at: i64) -> Presented {
+    Presented {
+        access: access.into(),
+        refresh: Some(refresh.into()),
+        expires_at,
+    }
+}
+
+fn refreshed(access: &str, expires_at: i64) -> Refreshed {
+    Refreshed {
+        access: Some(access.into()),
+        expires_at: Some(expires_at),
+        ..Default::default()
+    }
+}
+
+fn lead(e: &Engine, user: &str, p: &Presented, now: i64) -> (u32, Option<SecretString>) {
+    match e.begin(user, p, now).unwrap() {
+        Plan::Lead { id, refresh_token } => (id, refresh_token),
+        other => panic!("expected to lead, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_token_beyond_the_buffer_is_used_as_it_is() {
+    let e = engine();
+    assert!(e.is_fresh(NOW + 6 * MIN, NOW));
+    assert!(!e.is_fresh(NOW + 4 * MIN, NOW));
+    assert!(matches!(
+        e.begin("u", &token("a", NOW + 6 * MIN), NOW).unwrap(),
+        Plan::UsePresented
+    ));
+    let s = e.stats(NOW);
+    assert_eq!((s.hits, s.refreshes, s.in_flight), (2, 0, 0));
+}
+
+#[test]
+fn concurrent_callers_share_one_refresh_and_only_the_leader_updates() {
+    let e = engine();
+    let stale = with_refresh("old", "rt1", NOW + MIN);
+    let (id, rt) = lead(&e, "u", &stale, NOW);
+    assert_eq!(rt.unwrap().expose(), "rt1");
+    for _ in 0..3 {
+        assert!(matches!(e.begin("u", &stale, NOW).unwrap(), Plan::Join(j) if j == id));
+    }
+    // Another user is not held up.
+    assert!(matches!(
+        e.begin("v", &stale, NOW).unwrap(),
+        Plan::Lead { .. }
+    ));
+    let issued = e
+        .complete(
+            "u",
+            id,
+            Refreshed {
+                refresh: Some("rt2".into()),
+                ..refreshed("new", NOW + 60 * MIN)
+            },
+            NOW,
+        )
+        .unwrap();
+    assert_eq!(issued.access.expose(), "new");
+    assert!(issued.should_update);
+    assert_eq!(issued.refresh.unwrap().expose(), "rt2");
+    let s = e.stats(NOW);
+    assert_eq!((s.refreshes, s.coalesced, s.in_flight), (1, 3, 1));
+}
+
+#[test]
+fn a_caller_with_an_older_token_gets_the_held_one_and_must_persist_it() {
+    let e = engine();
+    let stale = with_refresh("old", "rt1", NOW + MIN);
+    let (id, _) = lead(&e, "u", &stale, NOW);
+    e.complete(
+        "u",
+        id,
+        Refreshed {
+            refresh: Some("rt2".into()),
+            ..refreshed("new", NOW + 60 * MIN)
+        },
+        NOW,
+    )
+    .unwrap();
+    // Well past the double-check window (but within the idle TTL): an
+    // identity check, not a timer.
+    let later = NOW + 9 * MIN;
+    match e
+        .begin("u", &with_refresh("old", "rt1", NOW + MIN), later)
+        .unwrap()
+    {
+        Plan::UseHeld(t) => {
+            assert_eq!(t.access.expose(), "new");
+            assert!(t.should_update, "its copy is stale: the lost write heals");
+            assert_eq!(t.refresh.unwrap().expose(), "rt2");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_next_refresh_uses_the_rotated_refresh_token() {
+    let e = Engine::new(Policy {
+        double_check_window_ms: 0,
+        ..Policy::default()
+    });
+    let (id, _) = lead(&e, "u", &with_refresh("a1", "rt1", NOW), NOW);
+    e.complete(
+        "u",
+        id,
+        Refreshed {
+            refresh: Some("rt2".into()),
+            ..refreshed("a2", NOW + 10 * MIN)
+        },
+        NOW,
+    )
+    .unwrap();
+    // a2 is now inside the buffer; a caller still presenting a1/rt1 must not replay rt1.
+    let later = NOW + 6 * MIN;
+    let (_, rt) = lead(&e, "u", &with_refresh("a1", "rt1", NOW), later);
+    assert_eq!(rt.unwrap().expose(), "rt2");
+}
+
+#[test]
+fn a_refresh_that_keeps_the_refresh_token_keeps_it_for_the_next_one() {
+    let e = Engine::new(Policy {
+        double_check_window_ms: 0,
+        ..Policy::default()
+    });
+    let (id, _) = lead(&e, "u", &with_refresh("a1", "rt1", NOW), NOW);
+    let issued = e
+        .complete("u", id, refreshed("a2", NOW + 10 * MIN), NOW)
+        .unwrap();
+    assert!(issued.refresh.is_none(), "nothing new to persist");
+    let (_, rt) = lead(&e, "u", &token("a2", NOW + 10 * MIN), NOW + 6 * MIN);
+    assert_eq!(rt.unwrap().expose(), "rt1");
+}
+
+#[test]
+fn the_double_check_window_stops_a_second_refresh() {
+    let e = engine(); // 10 s window, 5 min buffer
+    let (id, _) = lead(&e, "u", &token("old", NOW), NOW);
+    // The provider hands out a token already inside the buffer.
+    e.complete("u", id, refreshed("short", NOW + 2 * MIN), NOW)
+        .unwrap();
+    match e
+        .begin("u", &token("short", NOW + 2 * MIN), NOW + 5_000)
+        .unwrap()
+    {
+        Plan::UseHeld(t) => {
+            assert_eq!(t.access.expose(), "short");
+            assert!(!t.should_update, "the caller already has it");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        e.begin("u", &token("short", NOW + 2 * MIN), NOW + 11_000)
+            .unwrap(),
+        Plan::Lead { .. }
+    ));
+    assert_eq!(e.stats(NOW + 11_000).refreshes, 1);
+}
+
+#[test]
+fn a_failed_refresh_caches_nothing_and_the_next_call_retries() {
+    let e = engine();
+    let stale = token("old", NOW + MIN);
+    let (id, _) = lead(&e, "u", &stale, NOW);
+    assert!(matches!(e.begin("u", &stale, NOW).unwrap(), Plan::Join(_)));
+    e.fail("u", id, Failure::Rejected, NOW);
+    // Still valid for a minute: the caller may keep it.
+    assert!(e.serve_stale("u", &stale, NOW));
+    assert!(
+        !e.serve_stale("u", &token("old", NOW - 1), NOW),
+        "an expired token is never served"
+    );
+    assert!(matches!(
+        e.begin("u", &stale, NOW + 1).unwrap(),
+        Plan::Lead { .. }
+    ));
+    let s = e.stats(NOW + 1);
+    assert_eq!((s.failures, s.stale_served, s.refreshes), (1, 1, 0));
+}
+
+#[test]
+fn a_timeout_is_counted_and_a_late_result_is_kept() {
+    let e = engine();
+    let stale = with_refresh("old", "rt1", NOW);
+    let (id, _) = lead(&e, "u", &stale, NOW);
+    e.fail("u", id, Failure::TimedOut, NOW + 30_000);
+    assert_eq!(e.stats(NOW + 30_000).in_flight, 0);
+    // The refresh answers after all: with rotation it holds the only live
+    // refresh token, so it is kept for the next caller.
+    e.complete(
+        "u",
+        id,
+        Refreshed {
+            refresh: Some("rt2".into()),
+            ..refreshed("late", NOW + 60 * MIN)
+        },
+        NOW + 31_000,
+    )
+    .unwrap();
+    match e.begin("u", &stale, NOW + 32_000).unwrap() {
+        Plan::UseHeld(t) => assert_eq!((t.access.expose(), t.should_update), ("late", true)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(e.stats(NOW + 32_000).timeouts, 1);
+}
+
+#[test]
+fn invalid_refresh_results_are_rejected_and_not_cached() {
+    let e = engine();
+    let cases: Vec<(Refreshed, &str)> = vec![
+        (Refreshed::default(), "accessToken"),
+        (refreshed("", NOW + MIN), "accessToken"),
+        (
+            Refreshed {
+                access: Some("a".into()),
+                ..Default::default()
+            },
+            "expiresAt nor expiresIn",
+        ),
+        (refreshed("a", NOW - 1), "past"),
+        (
+            Refreshed {
+                access: Some("a".into()),
+                expires_in: Some(0.0),
+                ..Default::default()
+            },
+            "expiresIn",
+        ),
+        (
+            Refreshed {
+                access: Some("a".into()),
+                expires_in: Some(f64::NAN),
+                ..Default::default()
+            },
+            "expiresIn",
+        ),
+    ];
+    for (r, says) in cases {
+        let (id, _) = lead(&e, "u", &token("old", NOW), NOW);
+        let err = e.complete("u", id, r, NOW).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidRefreshResult);
+        assert_eq!(err.code().as_str(), "INVALID_REFRESH_RESULT");
+        assert!(err.to_string().contains(says), "{err}");
+    }
+    let s = e.stats(NOW);
+    assert_eq!((s.failures, s.refreshes, s.in_flight), (6, 0, 0));
+}
+
+#[test]
+fn expires_in_counts_from_now() {
+    let e = engine();
+    let (id, _) = lead(&e, "u", &token("old", NOW), NOW);
+    let t = e
+        .complete(
+            "u",
+            id,
+            Refreshed {
+                access: Some("a".into()),
+                expires_in: Some(3600.0),
+                ..Default::default()
+            },
+            NOW,
+        )
+        .unwrap();
+    assert_eq!(t.expires_at, NOW + 3_600_000);
+}
+
+#[test]
+fn an_invalidated_token_is_refreshed_before_it_expires() {
+    let e = engine();
+    let good = token("t1", NOW + 50 * MIN);
+    assert!(e.is_fresh(good.expires_at, NOW));
+    e.invalidate("u", Some(&"t1".into()), NOW).unwrap();
+    // The hot path can no longer decide on the expiry alone.
+    assert!(!e.is_fresh(good.expires_at, NOW));
+    let (id, _) = lead(&e, "u", &good, NOW);
+    e.complete("u", id, refreshed("t2", NOW + 60 * MIN), NOW)
+        .unwrap();
+    // Other users' valid tokens are still fine, just looked up.
+    assert!(matches!(
+        e.begin("v", &token("x", NOW + 50 * MIN), NOW).unwrap(),
+        Plan::UsePresented
+    ));
+    // A caller still holding t1 is handed t2 without another refresh.
+    match e.begin("u", &good, NOW + 20_000).unwrap() {
+        Plan::UseHeld(t) => assert_eq!((t.access.expose(), t.should_update), ("t2", true)),
+        other => panic!("{other:?}"),
+    }
+    // The mark fades after one idle TTL: the hot path is unconditional again.
+    let after = NOW + Policy::default().idle_ttl_ms as i64 + 1;
+    e.stats(after);
+    assert!(e.is_fresh(after + 50 * MIN, after));
+}
+
+#[test]
+fn invalidate_without_a_token_refreshes_whatever_comes_next() {
+    let e = engine();
+    e.invalidate("u", None, NOW).unwrap();
+    assert!(matches!(
+        e.begin("u", &token("any", NOW + 50 * MIN), NOW).unwrap(),
+        Plan::Lead { .. }
+    ));
+}
+
+#[test]
+fn idle_users_are_dropped_but_not_while_refreshing() {
+    let e = Engine::new(Policy {
+        idle_ttl_ms: 1_000,
+        ..Policy::default()
+    });
+    for i in 0..100 {
+        e.begin(&format!("u{i}"), &token("a", NOW + 60 * MIN), NOW)
+            .unwrap();
+    }
+    let (_id, _) = lead(&e, "busy", &token("old", NOW), NOW);
+    assert_eq!(e.stats(NOW).users, 101);
+    assert_eq!(e.stats(NOW + 999).users, 101);
+    let s = e.stats(NOW + 1_000);
+    assert_eq!(
+        (s.users, s.in_flight),
+        (1, 1),
+        "only the user with a refresh in flight stays"
+    );
+}
+
+#[test]
+fn state_is_bounded_by_eviction_during_normal_calls() {
+    let e = Engine::new(Policy {
+        idle_ttl_ms: 1_000,
+        ..Policy::default()
+    });
+    // 10 waves of 1,000 new users, 1 s apart: no stats() call needed.
+    for wave in 0..10i64 {
+        for i in 0..1_000 {
+            e.begin(
+                &format!("w{wave}-{i}"),
+                &token("a", NOW + 60 * MIN),
+                NOW + wave * 1_000,
+            )
+            .unwrap();
+        }
+    }
+    // Sweeps run every half TTL: at most the last 2 waves are alive.
+    let users = e.stats(NOW + 9_000).users;
+    assert!(users <= 2_000, "{users} users kept");
+}
+
+#[test]
+fn bad_arguments_are_typed_errors_and_leave_no_state() {
+    let e = engine();
+    let err = e.begin("", &token("a", NOW), NOW).unwrap_err();
+    assert_eq!(
+        err,
+        EngineError::invalid_argument("userId", "must be a non-empty string")
+    );
+    assert_eq!(err.code().as_str(), "INVALID_ARGUMENT");
+    let long = "x".repeat(513);
+    assert!(e.begin(&long, &token("a", NOW), NOW).is_err());
+    assert!(e.invalidate("", None, NOW).is_err());
+    assert_eq!(e.stats(NOW).users, 0);
+    assert!(Policy::from_options(&PolicyOptions {
+        idle_ttl_ms: Some(-5.0),
+        ..Default::default()
+    })
+    .is_err());
+}
+
+#[test]
+fn errors_and_debug_output_never_show_tokens() {
+    let e = engine();
+    let (id, _) = lead(
+        &e,
+        "u",
+        &with_refresh("secret-access", "secret-refresh", NOW),
+        NOW,
+    );
+    let err = e
+        .complete("u", id, refreshed("secret-new", NOW - 1), NOW)
+        .unwrap_err();
+    let plan = e
+        .begin(
+            "u",
+            &with_refresh("secret-access", "secret-refresh", NOW),
+            NOW,
+        )
+        .unwrap();
+    let dumped = format!("{err} {err:?} {plan:?} {e:?}");
+    assert!(!dumped.contains("secret"), "{dumped}");
+}
+
+#[test]
+fn one_leader_across_threads() {
+    let e = Arc::new(engine());
+    let threads = 8;
+    let barrier = Arc::new(Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (e, b) = (e.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                b.wait();
+                (0..1_000)
+                    .filter(|_| {
+                        matches!(
+                            e.begin("u", &token("old", NOW), NOW).unwrap(),
+                            Plan::Lead { .. }
+                        )
+                    })
+                    .count()
+            })
+        })
+        .collect();
+    let leaders: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    assert_eq!(leaders, 1);
+    assert_eq!(e.stats(NOW).coalesced, 7_999);
+}
