@@ -32,6 +32,25 @@ export declare class NativeManager {
   stats(): ManagerStats
 }
 
+export declare class NativeRefresher {
+  /** Tarabut Gateway's client-credentials token call. */
+  static tarabut(options: TarabutRefresherOptions): NativeRefresher
+  /** The RFC 6749 section 6 refresh_token grant. */
+  static oauth2(options: OAuth2RefresherOptions): NativeRefresher
+  /**
+   * One refresh for `userId` (OAuth2: with `refreshToken`), within
+   * `min(timeoutMs, the refresher's own timeoutMs)`. Never rejects for a
+   * failed refresh: the outcome carries `code`. With `abortId`, the call
+   * can be cut short by `abort(abortId)`.
+   */
+  refresh(userId: string, refreshToken?: string | undefined | null, timeoutMs?: number | undefined | null, abortId?: number | undefined | null): Promise<RefreshOutcome>
+  /**
+   * Aborts the call started with `abortId` (drops its HTTP request). A
+   * call already settled is left alone.
+   */
+  abort(abortId: number): void
+}
+
 /**
  * Test hook: panics inside the guard every export runs in, so the tests
  * can show a Rust panic reaches JavaScript as an `INTERNAL` error.
@@ -73,6 +92,18 @@ export interface ManagerStats {
 /** The longest user id accepted, in UTF-8 bytes. */
 export declare const MAX_USER_ID_BYTES: number
 
+/** Options for `NativeRefresher.oauth2`. */
+export interface OAuth2RefresherOptions {
+  tokenUrl: string
+  clientId: string
+  clientSecret: string
+  /** `'client_secret_basic'` (default) or `'client_secret_post'`. */
+  authMethod?: string
+  scope?: string
+  /** Budget of one refresh. Default 30000. */
+  timeoutMs?: number
+}
+
 /** Parses an ISO 8601 date-time (with zone) into epoch milliseconds. */
 export declare function parseIsoTime(value: string): number
 
@@ -91,4 +122,37 @@ export interface Plan {
   refreshToken?: string
   expiresAtMs?: number
   shouldUpdate?: boolean
+}
+
+/** What `refresh` resolves to: the token, or (with `code` set) why not. */
+export interface RefreshOutcome {
+  accessToken?: string
+  /** A rotated refresh token: the caller must persist it. */
+  refreshToken?: string
+  /** Seconds. */
+  expiresIn?: number
+  /**
+   * Set on failure: a stable code (`REAUTH_REQUIRED`, `INVALID_CLIENT`,
+   * `REFRESH_FAILED`, `REFRESH_TIMEOUT`, `INVALID_ARGUMENT`).
+   */
+  code?: string
+  /** On failure: a message safe to log (no token, secret or body). */
+  message?: string
+  /** On failure: the token endpoint's HTTP status, when it answered. */
+  status?: number
+  /** On failure: the provider's `error` field, when it sent one. */
+  error?: string
+}
+
+/** Options for `NativeRefresher.tarabut`. */
+export interface TarabutRefresherOptions {
+  clientId: string
+  clientSecret: string
+  /** Default: Tarabut's sandbox token endpoint. */
+  tokenUrl?: string
+  scope?: string
+  /** Budget of one refresh, all attempts. Default 30000. */
+  timeoutMs?: number
+  /** Retries of connection failures, 429 and 5xx. Default 3. */
+  maxRetries?: number
 }

@@ -86,14 +86,100 @@ export type TokenRefreshErrorCode =
   | 'REFRESH_FAILED'
   | 'REFRESH_TIMEOUT'
   | 'INVALID_REFRESH_RESULT'
+  /** The provider answered `400 invalid_grant`: the user must reconnect (not retried). */
+  | 'REAUTH_REQUIRED'
+  /** The provider answered `401` or `invalid_client`: the client id or secret is wrong. */
+  | 'INVALID_CLIENT'
   | (string & {})
 
 export declare class TokenRefreshError extends Error {
   readonly name: 'TokenRefreshError'
   code: TokenRefreshErrorCode
   userId: string
+  /** The token endpoint's HTTP status, when it answered (native refreshers). */
+  status?: number
+  /** The provider's `error` field (e.g. `'invalid_grant'`), when it sent one. */
+  error?: string
   cause?: unknown
 }
+
+/** What a native refresher needs from its caller; a `RefreshContext` fits. */
+export interface RefresherContext {
+  userId: string
+  /** Required by `oauth2Refresher`; ignored by `tarabutRefresher`. */
+  refreshToken?: string | null
+  /** Aborting it drops the HTTP request; the call rejects with `signal.reason`. */
+  signal?: AbortSignal
+}
+
+/** The token a native refresher obtained. */
+export interface RefresherToken {
+  accessToken: string
+  /** A rotated refresh token (OAuth2): persist it, the old one may be spent. */
+  refreshToken?: string
+  /** Seconds, as the provider said. */
+  expiresIn: number
+}
+
+/**
+ * A refresh function whose HTTP call runs in Rust. Pass it to
+ * `getValidToken` in place of a `RefreshFn` (the manager then calls the
+ * native half directly, with its `refreshTimeoutMs` as the budget), or call
+ * it yourself. Failures reject with a `TokenRefreshError` whose `code` is
+ * `REAUTH_REQUIRED`, `INVALID_CLIENT`, `REFRESH_FAILED` or `REFRESH_TIMEOUT`
+ * (with `status` and `error` when the provider answered); no message holds a
+ * token, a secret or a response body. A user id the provider cannot take
+ * rejects with a `TypeError` (`code: 'INVALID_ARGUMENT'`) before any request.
+ */
+export interface NativeRefreshFn {
+  (ctx: RefresherContext): Promise<RefresherToken>
+}
+
+export interface TarabutRefresherOptions {
+  clientId: string
+  clientSecret: string
+  /** Default: Tarabut's sandbox token endpoint. Set the production one here. https only (http for loopback hosts). */
+  tokenUrl?: string
+  /** Space-separated scopes, to narrow what the token may do. */
+  scope?: string
+  /** Budget of one refresh, all attempts, in ms; the manager's `refreshTimeoutMs` caps it. Default 30000. */
+  timeoutMs?: number
+  /** Retries of connection failures, 429 (after `Retry-After`) and 5xx, with jittered exponential backoff. 0 to 10, default 3. */
+  maxRetries?: number
+}
+
+/**
+ * Tarabut Gateway's token call: `POST tokenUrl` with JSON
+ * `{ clientId, clientSecret, grantType: 'client_credentials', scope? }` and
+ * the header `X-TG-CustomerUserId: <userId>` (at most 40 characters,
+ * printable ASCII). Throws a `TypeError` (`code: 'INVALID_ARGUMENT'`) for bad
+ * or unknown options.
+ */
+export declare function tarabutRefresher(options: TarabutRefresherOptions): NativeRefreshFn
+
+export interface OAuth2RefresherOptions {
+  /** The token endpoint. https only (http for loopback hosts). */
+  tokenUrl: string
+  clientId: string
+  clientSecret: string
+  /** How the client authenticates. Default `'client_secret_basic'` (which RFC 6749 requires servers to support). */
+  authMethod?: 'client_secret_basic' | 'client_secret_post'
+  /** Sent as `scope` with each refresh, to narrow it. */
+  scope?: string
+  /** Budget of one refresh in ms; the manager's `refreshTimeoutMs` caps it. Default 30000. */
+  timeoutMs?: number
+}
+
+/**
+ * The RFC 6749 section 6 refresh: `grant_type=refresh_token` with
+ * `ctx.refreshToken`. A rotated `refresh_token` comes back as
+ * `refreshToken` (through `getValidToken`: with `shouldUpdate: true`), and
+ * must be persisted. A request that may have reached the server is never
+ * resent (with rotation that would revoke the grant). No refresh token, or
+ * `400 invalid_grant`, rejects with `REAUTH_REQUIRED`. Without `expires_in`
+ * in the answer the token is taken to live 3600 s.
+ */
+export declare function oauth2Refresher(options: OAuth2RefresherOptions): NativeRefreshFn
 
 /** The process-wide manager (one per JS realm: the main thread or a worker). */
 export declare const tokenManager: TokenManager

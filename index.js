@@ -8,7 +8,7 @@
 // - a refresh calls the refresh function right here and reports its result
 //   to the core, which says who gets what.
 
-const { NativeManager, parseIsoTime } = require('./binding.js')
+const { NativeManager, NativeRefresher, parseIsoTime } = require('./binding.js')
 
 /** Error for a refresh that did not produce a token; `code` is stable. */
 class TokenRefreshError extends Error {
@@ -200,7 +200,10 @@ class TokenManager {
   /** Runs the refresh for `flightId`; settles with the core's issued token. */
   #lead(userId, flightId, refreshToken, refreshFn) {
     const native = this.#native
-    const ctx = new RefreshContext(userId, refreshToken)
+    // A native refresher runs in Rust with the manager's timeout as its
+    // budget (the timeout drops its HTTP request): no context or signal.
+    const refresher = refreshFn[NATIVE_REFRESHER]
+    const ctx = refresher === undefined ? new RefreshContext(userId, refreshToken) : null
     let resolveFlight
     let rejectFlight
     const flight = new Promise((resolve, reject) => {
@@ -221,10 +224,11 @@ class TokenManager {
     const timer = setTimeout(() => {
       const err = new TokenRefreshError('REFRESH_TIMEOUT', userId, `refresh did not settle within ${this.#timeoutMs} ms`)
       quietly(() => native.fail(userId, flightId, true))
-      ctx[ABORT](err)
+      ctx?.[ABORT](err)
       settle(err)
     }, this.#timeoutMs)
-    invoke(refreshFn, ctx).then(
+    const call = refresher === undefined ? invoke(refreshFn, ctx) : nativeRefresh(refresher, userId, refreshToken, this.#timeoutMs)
+    call.then(
       (result) => {
         const late = settled
         let issued
@@ -238,6 +242,13 @@ class TokenManager {
       },
       (cause) => {
         if (settled) return
+        if (refresher !== undefined) {
+          // Already a TokenRefreshError with its stable code, `status` and
+          // provider `error` (or a TypeError for a userId Tarabut refuses).
+          quietly(() => native.fail(userId, flightId, cause?.code === 'REFRESH_TIMEOUT'))
+          settle(cause)
+          return
+        }
         quietly(() => native.fail(userId, flightId, false))
         settle(new TokenRefreshError('REFRESH_FAILED', userId, 'refresh function failed', { cause, status: cause?.status, error: cause?.error }))
       },
@@ -277,6 +288,158 @@ function validToken(t, shouldUpdate) {
   return v
 }
 
+// Native refreshers: token calls made in Rust (reqwest on tokio). Each is a
+// plain RefreshFn for anyone who wraps it; the manager spots the native half
+// under NATIVE_REFRESHER and calls it directly: the HTTP call runs in Rust.
+
+const NATIVE_REFRESHER = Symbol('tarabut-token-manager.nativeRefresher')
+
+let lastAbortId = 0
+function nextAbortId() {
+  lastAbortId = lastAbortId >= 0xffffffff ? 1 : lastAbortId + 1
+  return lastAbortId
+}
+
+/** A failed native outcome as the error a caller switches on. */
+function refresherError(userId, outcome) {
+  if (outcome.code === 'INVALID_ARGUMENT') {
+    const e = new TypeError(outcome.message)
+    e.code = 'INVALID_ARGUMENT'
+    return e
+  }
+  return new TokenRefreshError(outcome.code, userId, outcome.message, { status: outcome.status, error: outcome.error })
+}
+
+function refreshedToken(outcome) {
+  const t = { accessToken: outcome.accessToken, expiresIn: outcome.expiresIn }
+  if (outcome.refreshToken != null) t.refreshToken = outcome.refreshToken
+  return t
+}
+
+/** The manager's call: its refresh timeout is the whole budget. */
+function nativeRefresh(refresher, userId, refreshToken, timeoutMs) {
+  let pending
+  try {
+    pending = refresher.refresh(userId, refreshToken, timeoutMs, null)
+  } catch (e) {
+    return Promise.reject(e) // only a caught Rust panic (code INTERNAL)
+  }
+  return pending.then((outcome) => {
+    if (outcome.code != null) throw refresherError(userId, outcome)
+    return refreshedToken(outcome)
+  })
+}
+
+function makeRefresher(refresher, name) {
+  // A RefreshFn: (ctx) => Promise<{ accessToken, refreshToken?, expiresIn }>.
+  // It honours ctx.signal: an abort drops the HTTP request and rejects
+  // with the signal's reason.
+  const refresh = (ctx) => {
+    try {
+      if (ctx === null || typeof ctx !== 'object') throw argError('ctx', 'must be an object { userId, refreshToken?, signal? }')
+      const userId = ctx.userId
+      if (typeof userId !== 'string' || userId.length === 0) throw argError('ctx.userId', 'must be a non-empty string')
+      const refreshToken = ctx.refreshToken ?? null
+      if (refreshToken !== null && typeof refreshToken !== 'string') throw argError('ctx.refreshToken', 'must be a string or null')
+      const signal = ctx.signal
+      if (signal == null) return nativeRefresh(refresher, userId, refreshToken, null)
+      if (typeof signal.addEventListener !== 'function') throw argError('ctx.signal', 'must be an AbortSignal')
+      if (signal.aborted) return Promise.reject(signal.reason)
+      const abortId = nextAbortId()
+      return new Promise((resolve, reject) => {
+        const onAbort = () => {
+          quietly(() => refresher.abort(abortId))
+          reject(signal.reason)
+        }
+        signal.addEventListener('abort', onAbort, { once: true })
+        refresher.refresh(userId, refreshToken, null, abortId).then(
+          (outcome) => {
+            signal.removeEventListener('abort', onAbort)
+            if (outcome.code != null) reject(refresherError(userId, outcome))
+            else resolve(refreshedToken(outcome))
+          },
+          (e) => {
+            signal.removeEventListener('abort', onAbort)
+            reject(e)
+          },
+        )
+      })
+    } catch (e) {
+      return Promise.reject(e)
+    }
+  }
+  Object.defineProperty(refresh, 'name', { value: name })
+  Object.defineProperty(refresh, NATIVE_REFRESHER, { value: refresher })
+  return refresh
+}
+
+/** Copies the known options, refusing unknown ones (a typo must not fall back to a default URL). */
+function pickOptions(fn, options, types) {
+  if (options === null || typeof options !== 'object') throw argError('options', `must be an object (${fn})`)
+  for (const key of Object.keys(options)) {
+    if (!Object.hasOwn(types, key)) throw argError(`options.${key}`, `is not a ${fn} option (${Object.keys(types).join(', ')})`)
+  }
+  const picked = {}
+  for (const [key, spec] of Object.entries(types)) {
+    const value = options[key]
+    if (value === undefined || value === null) {
+      if (spec.required) throw argError(`options.${key}`, `is required (${spec.type})`)
+      continue
+    }
+    if (typeof value !== spec.type) throw argError(`options.${key}`, `must be a ${spec.type}`)
+    picked[key] = value
+  }
+  return picked
+}
+
+function buildRefresher(factory, options, name) {
+  let refresher
+  try {
+    refresher = factory(options)
+  } catch (e) {
+    throw fromNative(e)
+  }
+  return makeRefresher(refresher, name)
+}
+
+const TARABUT_OPTIONS = {
+  clientId: { type: 'string', required: true },
+  clientSecret: { type: 'string', required: true },
+  tokenUrl: { type: 'string' },
+  scope: { type: 'string' },
+  timeoutMs: { type: 'number' },
+  maxRetries: { type: 'number' },
+}
+
+/**
+ * Tarabut Gateway's token call, made natively: a client-credentials POST
+ * per user (header X-TG-CustomerUserId), retried on connection failures,
+ * 429 (after Retry-After) and 5xx. Pass it to getValidToken in place of a
+ * refreshFn, or call it as one.
+ */
+function tarabutRefresher(options) {
+  return buildRefresher((o) => NativeRefresher.tarabut(o), pickOptions('tarabutRefresher', options, TARABUT_OPTIONS), 'tarabutRefresher')
+}
+
+const OAUTH2_OPTIONS = {
+  tokenUrl: { type: 'string', required: true },
+  clientId: { type: 'string', required: true },
+  clientSecret: { type: 'string', required: true },
+  authMethod: { type: 'string' },
+  scope: { type: 'string' },
+  timeoutMs: { type: 'number' },
+}
+
+/**
+ * The RFC 6749 section 6 refresh_token grant, made natively with
+ * `ctx.refreshToken`. A rotated refresh token comes back to the caller that
+ * must persist it; a request that may have reached the server is never
+ * resent.
+ */
+function oauth2Refresher(options) {
+  return buildRefresher((o) => NativeRefresher.oauth2(o), pickOptions('oauth2Refresher', options, OAUTH2_OPTIONS), 'oauth2Refresher')
+}
+
 /** The process-wide manager (one per JS realm: main thread or worker). */
 const tokenManager = new TokenManager()
 
@@ -285,4 +448,4 @@ function getValidToken(userId, token, refreshFn) {
   return tokenManager.getValidToken(userId, token, refreshFn)
 }
 
-module.exports = { TokenManager, TokenRefreshError, tokenManager, getValidToken }
+module.exports = { TokenManager, TokenRefreshError, tokenManager, getValidToken, tarabutRefresher, oauth2Refresher }
