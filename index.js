@@ -106,6 +106,9 @@ function refreshedFields(result) {
   return { accessToken, refreshToken: refreshToken ?? null, expiresAtMs, expiresIn: expiresIn ?? null }
 }
 
+/** Failures after which a caller's own unexpired token is served instead. */
+const RIDE_OUT = new Set(['REFRESH_FAILED', 'REFRESH_TIMEOUT'])
+
 const OPTION_NAMES = ['bufferTimeMs', 'doubleCheckWindowMs', 'refreshTimeoutMs', 'idleTtlMs']
 
 class TokenManager {
@@ -188,8 +191,10 @@ class TokenManager {
     return flight.then(
       (issued) => validToken(issued, leader),
       (err) => {
-        // A failed refresh need not fail a caller whose own token still works.
-        if (err.code !== 'INVALID_REFRESH_RESULT' && this.#native.serveStale(userId, accessToken, exp)) {
+        // An outage need not fail a caller whose own token still works. A
+        // verdict (reconnect, bad credentials, a buggy result) is not ridden
+        // out: hiding it would only delay the fix.
+        if (RIDE_OUT.has(err?.code) && this.#native.serveStale(userId, accessToken, exp)) {
           return { accessToken, shouldUpdate: false, expiresAt: new Date(exp) }
         }
         throw err
@@ -242,9 +247,10 @@ class TokenManager {
       },
       (cause) => {
         if (settled) return
-        if (refresher !== undefined) {
+        if (refresher !== undefined || cause instanceof TokenRefreshError) {
           // Already a TokenRefreshError with its stable code, `status` and
-          // provider `error` (or a TypeError for a userId Tarabut refuses).
+          // provider `error` (or a TypeError for a userId Tarabut refuses);
+          // also when a refresh function wraps a native refresher.
           quietly(() => native.fail(userId, flightId, cause?.code === 'REFRESH_TIMEOUT'))
           settle(cause)
           return
