@@ -9,6 +9,7 @@
 //   to the core, which says who gets what.
 
 const { NativeManager, parseIsoTime } = require('./binding.js')
+const shared = require('./redis.js')
 
 /** Error for a refresh that did not produce a token; `code` is stable. */
 class TokenRefreshError extends Error {
@@ -111,6 +112,8 @@ const OPTION_NAMES = ['bufferTimeMs', 'doubleCheckWindowMs', 'refreshTimeoutMs',
 class TokenManager {
   #native
   #timeoutMs
+  /** Cross-instance coordination (`options.redis`), or null: in-process only. */
+  #shared = null
   /** flightId -> promise of the core's issued token, for callers that join. */
   #flights = new Map()
 
@@ -131,6 +134,14 @@ class TokenManager {
       throw fromNative(e, RangeError)
     }
     this.#timeoutMs = this.#native.refreshTimeoutMs
+    if (o.redis !== undefined && o.redis !== null) {
+      shared.checkOptions(o.redis, argError)
+      try {
+        this.#shared = new shared.SharedRefresh(this.#native, o.redis, { newError: coordinatorError, fieldsOf: refreshedFields })
+      } catch (e) {
+        throw fromNative(e, RangeError)
+      }
+    }
   }
 
   /**
@@ -173,7 +184,19 @@ class TokenManager {
   }
 
   stats() {
-    return this.#native.stats()
+    const s = this.#native.stats()
+    s.redisFallbacks = this.#shared === null ? 0 : this.#shared.fallbacks
+    return s
+  }
+
+  /**
+   * Lets a script exit cleanly: waits for pending Redis writes, then closes
+   * the Redis connection. Later refreshes reject with
+   * COORDINATOR_UNAVAILABLE; tokens still valid are served as before.
+   * Without `redis` there is nothing to close.
+   */
+  close() {
+    return this.#shared === null ? Promise.resolve() : this.#shared.close()
   }
 
   #slow(userId, accessToken, refreshToken, exp, expiresAt, refreshFn) {
@@ -183,10 +206,12 @@ class TokenManager {
     }
     if (plan.kind === 'held') return Promise.resolve(validToken(plan, plan.shouldUpdate))
     const leader = plan.kind === 'lead'
-    const flight = leader ? this.#lead(userId, plan.flightId, plan.refreshToken ?? null, refreshFn) : this.#flights.get(plan.flightId)
+    const flight = leader ? this.#lead(userId, plan.flightId, plan.refreshToken ?? null, refreshFn, accessToken, exp) : this.#flights.get(plan.flightId)
     if (flight === undefined) throw new Error('internal: joined a refresh this manager does not know')
     return flight.then(
-      (issued) => validToken(issued, leader),
+      // A leader handed a token another instance refreshed may still be told
+      // not to persist it (issued.shouldUpdate: see redis.js).
+      (issued) => validToken(issued, leader && issued.shouldUpdate),
       (err) => {
         // A failed refresh need not fail a caller whose own token still works.
         if (err.code !== 'INVALID_REFRESH_RESULT' && this.#native.serveStale(userId, accessToken, exp)) {
@@ -198,7 +223,7 @@ class TokenManager {
   }
 
   /** Runs the refresh for `flightId`; settles with the core's issued token. */
-  #lead(userId, flightId, refreshToken, refreshFn) {
+  #lead(userId, flightId, refreshToken, refreshFn, accessToken, exp) {
     const native = this.#native
     const ctx = new RefreshContext(userId, refreshToken)
     let resolveFlight
@@ -224,7 +249,11 @@ class TokenManager {
       ctx[ABORT](err)
       settle(err)
     }, this.#timeoutMs)
-    invoke(refreshFn, ctx).then(
+    // With Redis, the refresh runs only under the user's cross-instance lock,
+    // or a token another instance refreshed answers instead (redis.js).
+    const refresh = () => invoke(refreshFn, ctx)
+    const obtained = this.#shared === null ? refresh() : this.#shared.obtain(ctx, accessToken, exp, refresh, this.#timeoutMs)
+    obtained.then(
       (result) => {
         const late = settled
         let issued
@@ -238,8 +267,11 @@ class TokenManager {
       },
       (cause) => {
         if (settled) return
-        quietly(() => native.fail(userId, flightId, false))
-        settle(new TokenRefreshError('REFRESH_FAILED', userId, 'refresh function failed', { cause, status: cause?.status, error: cause?.error }))
+        // The coordinator's own errors (COORDINATOR_UNAVAILABLE, a wait on
+        // another instance that hit the timeout) keep their code.
+        const own = shared.coordinatorError(cause)
+        quietly(() => native.fail(userId, flightId, own !== null && own.code === 'REFRESH_TIMEOUT'))
+        settle(own ?? new TokenRefreshError('REFRESH_FAILED', userId, 'refresh function failed', { cause, status: cause?.status, error: cause?.error }))
       },
     )
     this.#flights.set(flightId, flight)
@@ -256,6 +288,10 @@ class TokenManager {
     try {
       // A late result is still handed over: with rotating refresh tokens it
       // may hold the only live one.
+      const fromShared = shared.sharedToken(result)
+      if (fromShared !== undefined) {
+        return this.#native.adopt(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fromShared.shouldUpdate)
+      }
       return this.#native.complete(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fields.expiresIn)
     } catch (e) {
       throw e?.code === 'INVALID_REFRESH_RESULT' ? new TokenRefreshError(e.code, userId, e.message) : e
@@ -269,6 +305,10 @@ function quietly(fn) {
   try {
     fn()
   } catch {}
+}
+
+function coordinatorError(code, userId, message) {
+  return new TokenRefreshError(code, userId, message)
 }
 
 function validToken(t, shouldUpdate) {
