@@ -11,7 +11,7 @@ export interface StoredToken {
 /** What a refresh function receives. */
 export interface RefreshContext {
   userId: string
-  /** The newest refresh token known: one a previous refresh rotated in, else the caller's. */
+  /** The newest refresh token known: one a previous refresh rotated in (with `redis`: in any instance), else the caller's. */
   refreshToken: string | null
   /** Aborted when the refresh times out (`refreshTimeoutMs`). */
   signal: AbortSignal
