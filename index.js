@@ -137,7 +137,7 @@ class TokenManager {
     if (o.redis !== undefined && o.redis !== null) {
       shared.checkOptions(o.redis, argError)
       try {
-        this.#shared = new shared.SharedRefresh(this.#native, o.redis, { newError: coordinatorError, fieldsOf: refreshedFields })
+        this.#shared = new shared.SharedRefresh(this.#native, o.redis, { newError: coordinatorError })
       } catch (e) {
         throw fromNative(e, RangeError)
       }
@@ -263,6 +263,8 @@ class TokenManager {
         } catch (e) {
           error = e
         }
+        // With Redis: share the token the core kept (or free the lock).
+        if (this.#shared !== null) this.#shared.reported(ctx, issued)
         if (!late) settle(error, issued)
       },
       (cause) => {

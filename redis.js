@@ -42,18 +42,19 @@ class SharedRefresh {
   #native
   #onError
   #newError
-  #fieldsOf
   #closed = false
   #fallbacks = 0
   #warnedDown = false
   #warnedUndecryptable = false
   /** Commits and releases still running: `close()` waits for them. */
   #pending = new Set()
+  /** RefreshContext -> the lease its refresh ran under, until `reported`. */
+  #leases = new WeakMap()
 
   /**
    * @param nativeManager the manager's NativeManager (its engine checks revocations)
    * @param options `options.redis`, already type-checked
-   * @param helpers `{ newError(code, userId, message), fieldsOf(result) }` from index.js
+   * @param helpers `{ newError(code, userId, message) }` from index.js
    */
   constructor(nativeManager, options, helpers) {
     this.#native = new RedisCoordinator(nativeManager, {
@@ -64,7 +65,6 @@ class SharedRefresh {
     })
     this.#onError = options.onError ?? 'local'
     this.#newError = helpers.newError
-    this.#fieldsOf = helpers.fieldsOf
   }
 
   /** Refreshes coordinated in-process only because Redis was unavailable. */
@@ -130,13 +130,8 @@ class SharedRefresh {
     if (a.refreshToken != null) ctx.refreshToken = a.refreshToken
     return refresh().then(
       (result) => {
-        const f = this.#fieldsOf(result)
-        if (f === null) {
-          this.#track(this.#native.release(userId, lease, true))
-        } else {
-          const refreshToken = f.refreshToken ?? ctx.refreshToken ?? null
-          this.#track(this.#native.commit(userId, lease, f.accessToken, refreshToken, f.expiresAtMs, f.expiresIn))
-        }
+        // index.js validates the result; `reported` writes what the core kept.
+        this.#leases.set(ctx, lease)
         return result
       },
       (err) => {
@@ -144,6 +139,27 @@ class SharedRefresh {
         throw err
       },
     )
+  }
+
+  /**
+   * index.js handed the refresh result of `ctx` to the core: `issued` is the
+   * token it kept (undefined: the result was unusable). Stores exactly that
+   * token for the other instances (fenced), announces it, unlocks. A no-op
+   * for flights that held no lease. Never throws.
+   */
+  reported(ctx, issued) {
+    try {
+      const lease = this.#leases.get(ctx)
+      if (lease === undefined) return
+      this.#leases.delete(ctx)
+      if (issued === undefined) {
+        this.#track(this.#native.release(ctx.userId, lease, true))
+      } else {
+        // Not rotated: the refresh token it ran with stays the one to use.
+        const refreshToken = issued.refreshToken ?? ctx.refreshToken ?? null
+        this.#track(this.#native.commit(ctx.userId, lease, issued.accessToken, refreshToken, issued.expiresAtMs, null))
+      }
+    } catch {}
   }
 
   #unavailable(userId, reason, refresh) {
