@@ -3,9 +3,10 @@
 // calls `obtain` where it would call the refresh function; the native
 // coordinator (src/redis, via binding.js) answers with a token another
 // instance produced, or with the user's lock, in which case the refresh runs
-// here on the JS thread and its result is written back (fenced), announced
-// and unlocked in the background. Only the slow path (a refresh is due)
-// comes here: the hot path never touches Redis.
+// here on the JS thread; once index.js has handed the result to the core, the
+// token the core kept is written back (fenced), announced and unlocked in the
+// background (`reported`). Only the slow path (a refresh is due) comes here:
+// the hot path never touches Redis.
 //
 // shouldUpdate across instances (the rule index.js applies to a shared token):
 // - the caller whose call ran the refresh gets true;
