@@ -11,7 +11,7 @@ export interface StoredToken {
 /** What a refresh function receives. */
 export interface RefreshContext {
   userId: string
-  /** The newest refresh token known: one a previous refresh rotated in, else the caller's. */
+  /** The newest refresh token known: one a previous refresh rotated in (with `redis`: in any instance), else the caller's. */
   refreshToken: string | null
   /** Aborted when the refresh times out (`refreshTimeoutMs`). */
   signal: AbortSignal
@@ -38,6 +38,52 @@ export interface ValidToken {
   refreshToken?: string | null
 }
 
+/**
+ * Cross-instance coordination on Redis: one refresh per user across every
+ * process or pod sharing the Redis. Only a due refresh talks to Redis (one
+ * round trip before it, one after, the second off the caller's path); a
+ * token valid beyond the buffer never does. Needs Redis 6 or later (RESP3).
+ *
+ * At rest and on pub/sub, keys hold a SHA-256 of the user id and values are
+ * AES-256-GCM sealed with `encryptionKey`; no token or user id appears in
+ * clear. A cached token expires with the token, plus `idleTtlMs` so a
+ * caller presenting an older token is still handed the newest one.
+ *
+ * `shouldUpdate` across instances: true for the caller whose call ran the
+ * refresh, false for callers (in any instance) that waited on it, and true
+ * for a later caller presenting an older token than the shared one (its copy
+ * is stale: a lost write heals).
+ */
+export interface RedisOptions {
+  /** `redis://[user:password@]host[:port][/db]` or `redis+unix:///path`. TLS (`rediss://`) is not supported by this build. */
+  url: string
+  /** Prefix of every key and of the pub/sub channel. Default `'ttm:'`. */
+  keyPrefix?: string
+  /**
+   * The per-user lock's TTL in ms. Default 15000. The holder extends it while
+   * its refresh runs (up to `refreshTimeoutMs`), so this bounds how long a
+   * holder that died (killed mid-refresh) delays the other instances.
+   */
+  lockTtlMs?: number
+  /**
+   * Required: 32 random bytes, base64 (`openssl rand -base64 32`). Missing or
+   * malformed: the constructor throws (`code: 'INVALID_ARGUMENT'`). A cached
+   * value that does not decrypt (rotated key) is a cache miss, with one
+   * `TTM_REDIS_UNDECRYPTABLE` process warning.
+   */
+  encryptionKey: string
+  /**
+   * Redis unreachable (or failing): `'local'` (default) coordinates refreshes
+   * in-process only, emits one `TTM_REDIS_UNAVAILABLE` process warning per
+   * outage and counts `stats().redisFallbacks`; `'fail'` rejects refreshes
+   * with `code: 'COORDINATOR_UNAVAILABLE'` (a caller whose own token has not
+   * expired yet still gets it back, as after any failed refresh). Either way
+   * it reconnects in the background, and no call waits on Redis past
+   * `refreshTimeoutMs`.
+   */
+  onError?: 'local' | 'fail'
+}
+
 export interface TokenManagerOptions {
   /** Refresh when fewer than this many ms remain. Default 300000 (5 min). */
   bufferTimeMs?: number
@@ -47,6 +93,8 @@ export interface TokenManagerOptions {
   refreshTimeoutMs?: number
   /** Per-user state with nothing in flight is dropped after this long unused. Default 600000 (10 min). */
   idleTtlMs?: number
+  /** Coordinate refreshes across instances through Redis. Without it, coordination is in-process. */
+  redis?: RedisOptions | null
 }
 
 export interface TokenManagerStats {
@@ -66,6 +114,12 @@ export interface TokenManagerStats {
   timeouts: number
   /** Still-valid tokens served after a failed refresh. */
   staleServed: number
+  /**
+   * Refreshes coordinated in-process only because Redis was unavailable
+   * (`redis.onError: 'local'`), including refreshed tokens that could not be
+   * shared with the other instances. Always 0 without `redis`.
+   */
+  redisFallbacks: number
 }
 
 export declare class TokenManager {
@@ -80,6 +134,14 @@ export declare class TokenManager {
   /** The API answered 401 with this token (or, without one, with the user's token): the next call presenting it refreshes. */
   invalidate(userId: string, accessToken?: string): void
   stats(): TokenManagerStats
+  /**
+   * With `redis`: waits for pending Redis writes, then closes the connection
+   * so nothing lingers (an idle manager does not keep Node's event loop
+   * alive either way). Later refreshes reject with
+   * `COORDINATOR_UNAVAILABLE`; tokens valid beyond the buffer are still
+   * served. Without `redis`: resolves at once.
+   */
+  close(): Promise<void>
 }
 
 export type TokenRefreshErrorCode =
@@ -90,6 +152,8 @@ export type TokenRefreshErrorCode =
   | 'REAUTH_REQUIRED'
   /** The provider answered `401` or `invalid_client`: the client id or secret is wrong. */
   | 'INVALID_CLIENT'
+  /** With `redis.onError: 'fail'`: Redis could not be used, so no refresh ran (also after `close()`). */
+  | 'COORDINATOR_UNAVAILABLE'
   | (string & {})
 
 export declare class TokenRefreshError extends Error {

@@ -9,6 +9,7 @@
 //   to the core, which says who gets what.
 
 const { NativeManager, NativeRefresher, parseIsoTime } = require('./binding.js')
+const shared = require('./redis.js')
 
 /** Error for a refresh that did not produce a token; `code` is stable. */
 class TokenRefreshError extends Error {
@@ -106,14 +107,20 @@ function refreshedFields(result) {
   return { accessToken, refreshToken: refreshToken ?? null, expiresAtMs, expiresIn: expiresIn ?? null }
 }
 
-/** Failures after which a caller's own unexpired token is served instead. */
-const RIDE_OUT = new Set(['REFRESH_FAILED', 'REFRESH_TIMEOUT'])
+/**
+ * Outages, after which a caller's own unexpired token is served instead.
+ * (COORDINATOR_UNAVAILABLE too: serving a token runs no refresh, which is
+ * all `onError: 'fail'` forbids.)
+ */
+const RIDE_OUT = new Set(['REFRESH_FAILED', 'REFRESH_TIMEOUT', 'COORDINATOR_UNAVAILABLE'])
 
 const OPTION_NAMES = ['bufferTimeMs', 'doubleCheckWindowMs', 'refreshTimeoutMs', 'idleTtlMs']
 
 class TokenManager {
   #native
   #timeoutMs
+  /** Cross-instance coordination (`options.redis`), or null: in-process only. */
+  #shared = null
   /** flightId -> promise of the core's issued token, for callers that join. */
   #flights = new Map()
 
@@ -134,6 +141,14 @@ class TokenManager {
       throw fromNative(e, RangeError)
     }
     this.#timeoutMs = this.#native.refreshTimeoutMs
+    if (o.redis !== undefined && o.redis !== null) {
+      shared.checkOptions(o.redis, argError)
+      try {
+        this.#shared = new shared.SharedRefresh(this.#native, o.redis, { newError: coordinatorError })
+      } catch (e) {
+        throw fromNative(e, RangeError)
+      }
+    }
   }
 
   /**
@@ -176,7 +191,19 @@ class TokenManager {
   }
 
   stats() {
-    return this.#native.stats()
+    const s = this.#native.stats()
+    s.redisFallbacks = this.#shared === null ? 0 : this.#shared.fallbacks
+    return s
+  }
+
+  /**
+   * Lets a script exit cleanly: waits for pending Redis writes, then closes
+   * the Redis connection. Later refreshes reject with
+   * COORDINATOR_UNAVAILABLE; tokens still valid are served as before.
+   * Without `redis` there is nothing to close.
+   */
+  close() {
+    return this.#shared === null ? Promise.resolve() : this.#shared.close()
   }
 
   #slow(userId, accessToken, refreshToken, exp, expiresAt, refreshFn) {
@@ -186,10 +213,12 @@ class TokenManager {
     }
     if (plan.kind === 'held') return Promise.resolve(validToken(plan, plan.shouldUpdate))
     const leader = plan.kind === 'lead'
-    const flight = leader ? this.#lead(userId, plan.flightId, plan.refreshToken ?? null, refreshFn) : this.#flights.get(plan.flightId)
+    const flight = leader ? this.#lead(userId, plan.flightId, plan.refreshToken ?? null, refreshFn, accessToken, exp) : this.#flights.get(plan.flightId)
     if (flight === undefined) throw new Error('internal: joined a refresh this manager does not know')
     return flight.then(
-      (issued) => validToken(issued, leader),
+      // A leader handed a token another instance refreshed may still be told
+      // not to persist it (issued.shouldUpdate: see redis.js).
+      (issued) => validToken(issued, leader && issued.shouldUpdate),
       (err) => {
         // An outage need not fail a caller whose own token still works. A
         // verdict (reconnect, bad credentials, a buggy result) is not ridden
@@ -203,12 +232,13 @@ class TokenManager {
   }
 
   /** Runs the refresh for `flightId`; settles with the core's issued token. */
-  #lead(userId, flightId, refreshToken, refreshFn) {
+  #lead(userId, flightId, refreshToken, refreshFn, accessToken, exp) {
     const native = this.#native
     // A native refresher runs in Rust with the manager's timeout as its
-    // budget (the timeout drops its HTTP request): no context or signal.
+    // budget (the timeout drops its HTTP request). The context still carries
+    // the refresh token, which Redis coordination may replace with a newer one.
     const refresher = refreshFn[NATIVE_REFRESHER]
-    const ctx = refresher === undefined ? new RefreshContext(userId, refreshToken) : null
+    const ctx = new RefreshContext(userId, refreshToken)
     let resolveFlight
     let rejectFlight
     const flight = new Promise((resolve, reject) => {
@@ -232,8 +262,11 @@ class TokenManager {
       ctx?.[ABORT](err)
       settle(err)
     }, this.#timeoutMs)
-    const call = refresher === undefined ? invoke(refreshFn, ctx) : nativeRefresh(refresher, userId, refreshToken, this.#timeoutMs)
-    call.then(
+    // With Redis, the refresh runs only under the user's cross-instance lock,
+    // or a token another instance refreshed answers instead (redis.js).
+    const refresh = () => (refresher === undefined ? invoke(refreshFn, ctx) : nativeRefresh(refresher, userId, ctx.refreshToken, this.#timeoutMs))
+    const obtained = this.#shared === null ? refresh() : this.#shared.obtain(ctx, accessToken, exp, refresh, this.#timeoutMs)
+    obtained.then(
       (result) => {
         const late = settled
         let issued
@@ -243,20 +276,20 @@ class TokenManager {
         } catch (e) {
           error = e
         }
+        // With Redis: share the token the core kept (or free the lock).
+        if (this.#shared !== null) this.#shared.reported(ctx, issued)
         if (!late) settle(error, issued)
       },
       (cause) => {
         if (settled) return
-        if (refresher !== undefined || cause instanceof TokenRefreshError) {
-          // Already a TokenRefreshError with its stable code, `status` and
-          // provider `error` (or a TypeError for a userId Tarabut refuses);
-          // also when a refresh function wraps a native refresher.
-          quietly(() => native.fail(userId, flightId, cause?.code === 'REFRESH_TIMEOUT'))
-          settle(cause)
-          return
-        }
-        quietly(() => native.fail(userId, flightId, false))
-        settle(new TokenRefreshError('REFRESH_FAILED', userId, 'refresh function failed', { cause, status: cause?.status, error: cause?.error }))
+        // Errors that already carry a stable code keep it: a native
+        // refresher's (with `status` and the provider's `error`, or a
+        // TypeError for a userId Tarabut refuses), a TokenRefreshError thrown
+        // by a refresh function that wraps one, and the coordinator's own
+        // (COORDINATOR_UNAVAILABLE, a wait on another instance that timed out).
+        const own = refresher !== undefined || cause instanceof TokenRefreshError ? cause : shared.coordinatorError(cause)
+        quietly(() => native.fail(userId, flightId, own?.code === 'REFRESH_TIMEOUT'))
+        settle(own ?? new TokenRefreshError('REFRESH_FAILED', userId, 'refresh function failed', { cause, status: cause?.status, error: cause?.error }))
       },
     )
     this.#flights.set(flightId, flight)
@@ -273,6 +306,10 @@ class TokenManager {
     try {
       // A late result is still handed over: with rotating refresh tokens it
       // may hold the only live one.
+      const fromShared = shared.sharedToken(result)
+      if (fromShared !== undefined) {
+        return this.#native.adopt(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fromShared.shouldUpdate)
+      }
       return this.#native.complete(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fields.expiresIn)
     } catch (e) {
       throw e?.code === 'INVALID_REFRESH_RESULT' ? new TokenRefreshError(e.code, userId, e.message) : e
@@ -286,6 +323,10 @@ function quietly(fn) {
   try {
     fn()
   } catch {}
+}
+
+function coordinatorError(code, userId, message) {
+  return new TokenRefreshError(code, userId, message)
 }
 
 function validToken(t, shouldUpdate) {

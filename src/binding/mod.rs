@@ -7,4 +7,5 @@
 
 mod error;
 mod manager;
+mod redis;
 mod refresher;
