@@ -31,6 +31,12 @@ export declare class NativeManager {
    * JS types of the fields. Throws `INVALID_REFRESH_RESULT` when unusable.
    */
   complete(userId: string, flightId: number, accessToken?: string | undefined | null, refreshToken?: string | undefined | null, expiresAtMs?: number | undefined | null, expiresIn?: number | undefined | null): IssuedToken
+  /**
+   * Flight `flightId` was answered by a token another instance's refresh
+   * produced (the shared Redis cache): kept like a refresh result, but
+   * counted as a hit or coalesced call, and issued with `shouldUpdate`.
+   */
+  adopt(userId: string, flightId: number, accessToken: string, refreshToken: string | undefined | null, expiresAtMs: number, shouldUpdate: boolean): IssuedToken
   /** The refresh for `flightId` failed (`timedOut`: it did not settle). */
   fail(userId: string, flightId: number, timedOut: boolean): void
   /** After a failed refresh: may this caller keep its own token? */
@@ -39,11 +45,85 @@ export declare class NativeManager {
   stats(): ManagerStats
 }
 
+export declare class NativeRefresher {
+  /** Tarabut Gateway's client-credentials token call. */
+  static tarabut(options: TarabutRefresherOptions): NativeRefresher
+  /** The RFC 6749 section 6 refresh_token grant. */
+  static oauth2(options: OAuth2RefresherOptions): NativeRefresher
+  /**
+   * One refresh for `userId` (OAuth2: with `refreshToken`), within
+   * `min(timeoutMs, the refresher's own timeoutMs)`. Never rejects for a
+   * failed refresh: the outcome carries `code`. With `abortId`, the call
+   * can be cut short by `abort(abortId)`.
+   */
+  refresh(userId: string, refreshToken?: string | undefined | null, timeoutMs?: number | undefined | null, abortId?: number | undefined | null): Promise<RefreshOutcome>
+  /**
+   * Aborts the call started with `abortId` (drops its HTTP request). A
+   * call already settled is left alone.
+   */
+  abort(abortId: number): void
+}
+
+export declare class RedisCoordinator {
+  /** Validates the options (`INVALID_ARGUMENT`); connects on first use. */
+  constructor(manager: NativeManager, options: RedisOptions)
+  /** Whether Redis calls fail fast until the background probe reconnects. */
+  get isDown(): boolean
+  /**
+   * For the leader of a due refresh: a shared token, or the lock, waiting
+   * on other instances for at most `waitMs`.
+   */
+  acquire(userId: string, accessToken: string, expiresAtMs: number, waitMs: number): Promise<Acquired>
+  /**
+   * The lock holder's refresh returned this (JS types already checked):
+   * store it fenced, announce it, unlock. An unusable result releases
+   * the lock as failed instead.
+   */
+  commit(userId: string, lease: Lease, accessToken?: string | undefined | null, refreshToken?: string | undefined | null, expiresAtMs?: number | undefined | null, expiresIn?: number | undefined | null): Promise<Settled>
+  /**
+   * The lock holder gives up: `failed` (its refresh failed: waiters fail
+   * too) or not (it will not refresh: waiters retry at once).
+   */
+  release(userId: string, lease: Lease, failed: boolean): Promise<Settled>
+  /**
+   * Drops the connection and stops lock watchdogs. Later calls answer
+   * `'unavailable'`.
+   */
+  close(): void
+}
+
 /**
  * Test hook: panics inside the guard every export runs in, so the tests
  * can show a Rust panic reaches JavaScript as an `INTERNAL` error.
  */
 export declare function __panicForTest(): void
+
+/** What `acquire` found. */
+export interface Acquired {
+  /**
+   * `'shared'`: use the token below; `'lead'`: refresh, then commit or
+   * release `lease`; `'failed'`: the refresh waited on failed elsewhere;
+   * `'timeout'`: still held elsewhere at the deadline; `'unavailable'`:
+   * Redis could not be used (`reason`).
+   */
+  kind: string
+  accessToken?: string
+  /**
+   * `'shared'`: the token's refresh token; `'lead'`: a newer refresh
+   * token than the caller's, to refresh with.
+   */
+  refreshToken?: string
+  expiresAtMs?: number
+  /**
+   * `'shared'`: written while this call waited (another instance's caller
+   * persists it) rather than found already there.
+   */
+  waited: boolean
+  lease?: Lease
+  reason?: string
+  /** A cached value did not open with this key (rotated?): it was a miss. */
+  undecryptable: boolean
+}
 
 /** A token as the core issued it. */
 export interface IssuedToken {
@@ -51,6 +131,12 @@ export interface IssuedToken {
   refreshToken?: string
   expiresAtMs: number
   shouldUpdate: boolean
+}
+
+/** A held lock, handed back to `commit` or `release`. */
+export interface Lease {
+  owner: string
+  fence: number
 }
 
 /** Options for a token manager. All in milliseconds. */
@@ -80,6 +166,18 @@ export interface ManagerStats {
 /** The longest user id accepted, in UTF-8 bytes. */
 export declare const MAX_USER_ID_BYTES: number
 
+/** Options for `NativeRefresher.oauth2`. */
+export interface OAuth2RefresherOptions {
+  tokenUrl: string
+  clientId: string
+  clientSecret: string
+  /** `'client_secret_basic'` (default) or `'client_secret_post'`. */
+  authMethod?: string
+  scope?: string
+  /** Budget of one refresh. Default 30000. */
+  timeoutMs?: number
+}
+
 /** Parses an ISO 8601 date-time (with zone) into epoch milliseconds. */
 export declare function parseIsoTime(value: string): number
 
@@ -98,4 +196,56 @@ export interface Plan {
   refreshToken?: string
   expiresAtMs?: number
   shouldUpdate?: boolean
+}
+
+/** `TokenManager`'s `redis` option, types already checked by index.js. */
+export interface RedisOptions {
+  url?: string
+  keyPrefix?: string
+  lockTtlMs?: number
+  encryptionKey?: string
+}
+
+/** What `refresh` resolves to: the token, or (with `code` set) why not. */
+export interface RefreshOutcome {
+  accessToken?: string
+  /** A rotated refresh token: the caller must persist it. */
+  refreshToken?: string
+  /** Seconds. */
+  expiresIn?: number
+  /**
+   * Set on failure: a stable code (`REAUTH_REQUIRED`, `INVALID_CLIENT`,
+   * `REFRESH_FAILED`, `REFRESH_TIMEOUT`, `INVALID_ARGUMENT`).
+   */
+  code?: string
+  /** On failure: a message safe to log (no token, secret or body). */
+  message?: string
+  /** On failure: the token endpoint's HTTP status, when it answered. */
+  status?: number
+  /** On failure: the provider's `error` field, when it sent one. */
+  error?: string
+}
+
+/** What `commit` and `release` did. */
+export interface Settled {
+  /**
+   * `commit`: the token was stored (false: a later holder's is newer, or
+   * the result was unusable). `release`: the lock was still ours.
+   */
+  done: boolean
+  /** Set when Redis could not be used. */
+  unavailable?: string
+}
+
+/** Options for `NativeRefresher.tarabut`. */
+export interface TarabutRefresherOptions {
+  clientId: string
+  clientSecret: string
+  /** Default: Tarabut's sandbox token endpoint. */
+  tokenUrl?: string
+  scope?: string
+  /** Budget of one refresh, all attempts. Default 30000. */
+  timeoutMs?: number
+  /** Retries of connection failures, 429 and 5xx. Default 3. */
+  maxRetries?: number
 }

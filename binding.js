@@ -779,6 +779,8 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.NativeManager = nativeBinding.NativeManager
+module.exports.NativeRefresher = nativeBinding.NativeRefresher
+module.exports.RedisCoordinator = nativeBinding.RedisCoordinator
 module.exports.__panicForTest = nativeBinding.__panicForTest
 module.exports.MAX_USER_ID_BYTES = nativeBinding.MAX_USER_ID_BYTES
 module.exports.parseIsoTime = nativeBinding.parseIsoTime

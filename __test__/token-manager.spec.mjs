@@ -369,3 +369,23 @@ describe('11. secrets', () => {
     expect(text).not.toMatch(/SECRET/)
   })
 })
+
+describe('4b. which failures a still-valid token rides out', () => {
+  it('a verdict from the refresh (its own TokenRefreshError code) is not hidden behind the stale token', async () => {
+    const m = new TokenManager()
+    const verdict = new TokenRefreshError('REAUTH_REQUIRED', 'u', 'the user must reconnect')
+    const err = await m
+      .getValidToken(uid(), { accessToken: 'still-valid', expiresAt: inMinutes(2) }, async () => {
+        throw verdict
+      })
+      .catch((e) => e)
+    expect(err).toBe(verdict)
+    expect(m.stats()).toMatchObject({ staleServed: 0, failures: 1 })
+  })
+
+  it('an invalid result is not hidden either', async () => {
+    const m = new TokenManager()
+    const err = await m.getValidToken(uid(), { accessToken: 'still-valid', expiresAt: inMinutes(2) }, async () => ({})).catch((e) => e)
+    expect(err.code).toBe('INVALID_REFRESH_RESULT')
+  })
+})

@@ -51,3 +51,18 @@ custom.getValidToken('u', row, async () => 42)
 custom.getValidToken('u', { accessToken: 'a' }, refresh)
 // @ts-expect-error options are numbers
 new TokenManager({ bufferTimeMs: '5m' })
+
+// Cross-instance coordination on Redis.
+const shared = new TokenManager({
+  redis: { url: 'redis://127.0.0.1:6379', encryptionKey: 'base64-32-bytes', keyPrefix: 'app:', lockTtlMs: 15_000, onError: 'fail' },
+})
+const fallbacks: number = shared.stats().redisFallbacks
+void fallbacks
+const closing: Promise<void> = shared.close()
+void closing
+const unavailable: TokenRefreshError['code'] = 'COORDINATOR_UNAVAILABLE'
+void unavailable
+// @ts-expect-error encryptionKey is required with redis
+new TokenManager({ redis: { url: 'redis://127.0.0.1:6379' } })
+// @ts-expect-error onError is 'local' or 'fail'
+new TokenManager({ redis: { url: 'redis://h', encryptionKey: 'k', onError: 'retry' } })

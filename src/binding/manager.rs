@@ -70,7 +70,7 @@ pub struct ManagerStats {
 
 #[napi]
 pub struct NativeManager {
-    engine: Arc<Engine>,
+    pub(super) engine: Arc<Engine>,
 }
 
 #[napi]
@@ -193,6 +193,34 @@ impl NativeManager {
             .complete(&user_id, flight_id, refreshed, time::now_ms())
             .map_err(to_js)?;
         Ok(issued_to_js(issued))
+    }
+
+    /// Flight `flightId` was answered by a token another instance's refresh
+    /// produced (the shared Redis cache): kept like a refresh result, but
+    /// counted as a hit or coalesced call, and issued with `shouldUpdate`.
+    #[napi]
+    pub fn adopt(
+        &self,
+        user_id: String,
+        flight_id: u32,
+        access_token: String,
+        refresh_token: Option<String>,
+        expires_at_ms: f64,
+        should_update: bool,
+    ) -> Result<IssuedToken, Code> {
+        guard(|| {
+            let shared = Refreshed {
+                access: Some(SecretString::new(access_token)),
+                refresh: refresh_token.map(SecretString::new),
+                expires_at: Some(time::from_js_ms("expiresAtMs", expires_at_ms).map_err(to_js)?),
+                expires_in: None,
+            };
+            let issued = self
+                .engine
+                .adopt(&user_id, flight_id, shared, should_update, time::now_ms())
+                .map_err(to_js)?;
+            Ok(issued_to_js(issued))
+        })
     }
 
     /// The refresh for `flightId` failed (`timedOut`: it did not settle).

@@ -8,3 +8,5 @@
 mod direct;
 mod error;
 mod manager;
+mod redis;
+mod refresher;

@@ -57,6 +57,15 @@ pub enum Plan {
     },
 }
 
+/// Where a token handed to `Engine::settle` came from.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    /// A refresh this process ran.
+    Refresh,
+    /// Another instance's refresh, through the shared cache.
+    Shared { should_update: bool },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
     /// The refresh rejected or threw.
@@ -156,6 +165,33 @@ impl Engine {
         refreshed: Refreshed,
         now: EpochMs,
     ) -> Result<Issued, EngineError> {
+        self.settle(user, id, refreshed, Source::Refresh, now)
+    }
+
+    /// Flight `id` was answered by a token another instance's refresh
+    /// produced (the shared cache): kept like [`Engine::complete`] keeps a
+    /// refresh result, but counted as a hit (`should_update`: it was there
+    /// before this call asked) or as coalesced (this call waited on that
+    /// refresh), never as a refresh of ours.
+    pub fn adopt(
+        &self,
+        user: &str,
+        id: u32,
+        shared: Refreshed,
+        should_update: bool,
+        now: EpochMs,
+    ) -> Result<Issued, EngineError> {
+        self.settle(user, id, shared, Source::Shared { should_update }, now)
+    }
+
+    fn settle(
+        &self,
+        user: &str,
+        id: u32,
+        refreshed: Refreshed,
+        source: Source,
+        now: EpochMs,
+    ) -> Result<Issued, EngineError> {
         validate_user(user)?;
         let checked = validate_refreshed(refreshed, now);
         let mut t = self.table.lock();
@@ -176,7 +212,10 @@ impl Engine {
                 expires_at,
                 refresh_is_new,
             };
-            let issued = held.issue(true);
+            let issued = held.issue(match source {
+                Source::Refresh => true,
+                Source::Shared { should_update } => should_update,
+            });
             let newer = e
                 .held
                 .as_ref()
@@ -190,11 +229,34 @@ impl Engine {
         });
         self.revoking.store(t.revoking, Relaxed);
         drop(t);
-        match &result {
-            Ok(_) => self.counters.refreshes.fetch_add(1, Relaxed),
-            Err(_) => self.counters.failures.fetch_add(1, Relaxed),
+        let c = &self.counters;
+        match (&result, source) {
+            (Ok(_), Source::Refresh) => c.refreshes.fetch_add(1, Relaxed),
+            (
+                Ok(_),
+                Source::Shared {
+                    should_update: true,
+                },
+            ) => c.hits.fetch_add(1, Relaxed),
+            (
+                Ok(_),
+                Source::Shared {
+                    should_update: false,
+                },
+            ) => c.coalesced.fetch_add(1, Relaxed),
+            (Err(_), _) => c.failures.fetch_add(1, Relaxed),
         };
         result
+    }
+
+    /// Whether `token` was marked bad for `user` by [`Engine::invalidate`].
+    /// Looks only; never creates an entry.
+    pub fn is_revoked(&self, user: &str, token: &SecretString, now: EpochMs) -> bool {
+        let fp = token.fingerprint();
+        self.table
+            .lock()
+            .with_existing(user, now, |e, _| e.is_revoked(fp, now))
+            .unwrap_or(false)
     }
 
     /// The refresh for flight `id` failed. Nothing is cached; the next call
@@ -233,7 +295,7 @@ impl Engine {
     }
 }
 
-fn validate_refreshed(
+pub(crate) fn validate_refreshed(
     r: Refreshed,
     now: EpochMs,
 ) -> Result<(SecretString, Option<SecretString>, EpochMs), EngineError> {
@@ -263,4 +325,73 @@ fn validate_refreshed(
     }
     let refresh = r.refresh.filter(|s| !s.is_empty());
     Ok((access, refresh, expires_at))
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Policy;
+
+    fn presented(access: &str, expires_at: EpochMs) -> Presented {
+        Presented {
+            access: access.into(),
+            refresh: Some("r0".into()),
+            expires_at,
+        }
+    }
+
+    fn token(access: &str, expires_at: EpochMs) -> Refreshed {
+        Refreshed {
+            access: Some(access.into()),
+            refresh: Some("r1".into()),
+            expires_at: Some(expires_at),
+            expires_in: None,
+        }
+    }
+
+    #[test]
+    fn adopted_tokens_are_held_and_counted_as_hits_or_coalesced() {
+        let engine = Engine::new(Policy {
+            buffer_ms: 1_000,
+            ..Policy::default()
+        });
+        let now = 1_000_000;
+        let Plan::Lead { id, .. } = engine.begin("u", &presented("t0", now), now).unwrap() else {
+            panic!("lead")
+        };
+        let issued = engine
+            .adopt("u", id, token("t1", now + 60_000), false, now)
+            .unwrap();
+        assert!(!issued.should_update);
+        assert_eq!(issued.access.expose(), "t1");
+        // A later caller still presenting the old token is told to update.
+        let Plan::UseHeld(held) = engine.begin("u", &presented("t0", now), now + 1).unwrap() else {
+            panic!("held")
+        };
+        assert!(held.should_update);
+        assert_eq!(held.refresh.as_ref().map(SecretString::expose), Some("r1"));
+
+        let Plan::Lead { id, .. } = engine.begin("v", &presented("t0", now), now).unwrap() else {
+            panic!("lead")
+        };
+        assert!(
+            engine
+                .adopt("v", id, token("t1", now + 60_000), true, now)
+                .unwrap()
+                .should_update
+        );
+        let s = engine.stats(now);
+        assert_eq!((s.refreshes, s.coalesced, s.in_flight), (0, 1, 0));
+        assert_eq!(s.hits, 2, "the held hand-out and the adopted cached token");
+    }
+
+    #[test]
+    fn revocation_is_looked_up_without_creating_entries() {
+        let engine = Engine::new(Policy::default());
+        let now = 1_000_000;
+        assert!(!engine.is_revoked("u", &"t".into(), now));
+        assert_eq!(engine.stats(now).users, 0);
+        engine.invalidate("u", Some(&"t".into()), now).unwrap();
+        assert!(engine.is_revoked("u", &"t".into(), now));
+        assert!(!engine.is_revoked("u", &"other".into(), now));
+    }
 }

@@ -1,0 +1,225 @@
+'use strict'
+// Cross-instance coordination for TokenManager's `redis` option. index.js
+// calls `obtain` where it would call the refresh function; the native
+// coordinator (src/redis, via binding.js) answers with a token another
+// instance produced, or with the user's lock, in which case the refresh runs
+// here on the JS thread; once index.js has handed the result to the core, the
+// token the core kept is written back (fenced), announced and unlocked in the
+// background (`reported`). Only the slow path (a refresh is due) comes here:
+// the hot path never touches Redis.
+//
+// shouldUpdate across instances (the rule index.js applies to a shared token):
+// - the caller whose call ran the refresh gets true;
+// - a call that found the lock held and took the token that holder then
+//   published (or wrote) gets false: that holder's caller persists it;
+// - a call that found a newer token already cached when it asked gets true:
+//   its copy is stale (a lost write heals), as with the in-process engine's
+//   held tokens.
+
+const { RedisCoordinator } = require('./binding.js')
+
+const SHARED = Symbol('sharedToken')
+const FROM_COORDINATOR = Symbol('fromCoordinator')
+/** The native wait outlasts index.js's timer, so the timer decides timeouts. */
+const WAIT_SLACK_MS = 25
+const ON_ERROR = ['local', 'fail']
+
+/** `options.redis` type checks; the native side checks values (RangeError). */
+function checkOptions(o, argError) {
+  if (o === null || typeof o !== 'object') throw argError('options.redis', 'must be an object { url, encryptionKey, ... }')
+  if (typeof o.url !== 'string' || o.url.length === 0) throw argError('options.redis.url', 'must be a non-empty string (e.g. redis://127.0.0.1:6379)')
+  if (o.encryptionKey === undefined || o.encryptionKey === null) {
+    throw argError('options.redis.encryptionKey', 'is required with redis: 32 random bytes, base64 (e.g. `openssl rand -base64 32`)')
+  }
+  if (typeof o.encryptionKey !== 'string') throw argError('options.redis.encryptionKey', 'must be a base64 string')
+  if (o.keyPrefix !== undefined && typeof o.keyPrefix !== 'string') throw argError('options.redis.keyPrefix', 'must be a string')
+  if (o.lockTtlMs !== undefined && typeof o.lockTtlMs !== 'number') throw argError('options.redis.lockTtlMs', 'must be a number')
+  if (o.onError !== undefined && !ON_ERROR.includes(o.onError)) {
+    throw argError('options.redis.onError', "must be 'local' or 'fail'", typeof o.onError === 'string' ? RangeError : TypeError)
+  }
+}
+
+class SharedRefresh {
+  #native
+  #onError
+  #newError
+  #closed = false
+  #fallbacks = 0
+  #warnedDown = false
+  #warnedUndecryptable = false
+  /** Commits and releases still running: `close()` waits for them. */
+  #pending = new Set()
+  /** RefreshContext -> the lease its refresh ran under, until `reported`. */
+  #leases = new WeakMap()
+
+  /**
+   * @param nativeManager the manager's NativeManager (its engine checks revocations)
+   * @param options `options.redis`, already type-checked
+   * @param helpers `{ newError(code, userId, message) }` from index.js
+   */
+  constructor(nativeManager, options, helpers) {
+    this.#native = new RedisCoordinator(nativeManager, {
+      url: options.url,
+      keyPrefix: options.keyPrefix,
+      lockTtlMs: options.lockTtlMs,
+      encryptionKey: options.encryptionKey,
+    })
+    this.#onError = options.onError ?? 'local'
+    this.#newError = helpers.newError
+  }
+
+  /** Refreshes coordinated in-process only because Redis was unavailable. */
+  get fallbacks() {
+    return this.#fallbacks
+  }
+
+  /**
+   * Resolves like the refresh function would (a refresh result), either by
+   * running `refresh` while holding the user's lock, or with a token another
+   * instance produced (marked; see `sharedToken`). Rejects with a coordinator
+   * error (`coordinatorError`) or with the refresh function's own rejection.
+   */
+  obtain(ctx, accessToken, expiresAtMs, refresh, waitMs) {
+    const userId = ctx.userId
+    if (this.#closed) return Promise.reject(this.#error('COORDINATOR_UNAVAILABLE', userId, 'the token manager is closed'))
+    let acquiring
+    try {
+      acquiring = this.#native.acquire(userId, accessToken, expiresAtMs, waitMs + WAIT_SLACK_MS)
+    } catch (e) {
+      // Never throw synchronously: index.js has a timer running.
+      return Promise.reject(e)
+    }
+    return acquiring.then((a) => {
+      if (a.undecryptable) this.#warnUndecryptable()
+      if (a.kind !== 'unavailable') this.#warnedDown = false
+      switch (a.kind) {
+        case 'shared': {
+          const token = { accessToken: a.accessToken, refreshToken: a.refreshToken ?? null, expiresAt: a.expiresAtMs }
+          token[SHARED] = { shouldUpdate: !a.waited }
+          return token
+        }
+        case 'lead':
+          return this.#refreshHolding(ctx, a, refresh)
+        case 'failed':
+          // Like an in-process joiner: the refresh it waited on failed.
+          throw new Error('the refresh this call waited on failed in another instance')
+        case 'timeout':
+          throw this.#error('REFRESH_TIMEOUT', userId, 'another instance was still refreshing at the refresh timeout')
+        default:
+          return this.#unavailable(userId, a.reason, refresh)
+      }
+    })
+  }
+
+  /** Waits for pending writes, then drops the connection. Idempotent. */
+  close() {
+    if (this.#closed) return Promise.resolve()
+    this.#closed = true
+    return Promise.allSettled([...this.#pending]).then(() => this.#native.close())
+  }
+
+  #refreshHolding(ctx, a, refresh) {
+    const userId = ctx.userId
+    const lease = a.lease
+    if (ctx.signal.aborted) {
+      // index.js gave up (timeout) before the lock came: let others go now.
+      this.#track(this.#native.release(userId, lease, false))
+      throw ctx.signal.reason
+    }
+    // The cache had a newer refresh token than the caller's (rotated by a
+    // refresh elsewhere whose caller's write was lost): refresh with it.
+    if (a.refreshToken != null) ctx.refreshToken = a.refreshToken
+    return refresh().then(
+      (result) => {
+        // index.js validates the result; `reported` writes what the core kept.
+        this.#leases.set(ctx, lease)
+        return result
+      },
+      (err) => {
+        this.#track(this.#native.release(userId, lease, true))
+        throw err
+      },
+    )
+  }
+
+  /**
+   * index.js handed the refresh result of `ctx` to the core: `issued` is the
+   * token it kept (undefined: the result was unusable). Stores exactly that
+   * token for the other instances (fenced), announces it, unlocks. A no-op
+   * for flights that held no lease. Never throws.
+   */
+  reported(ctx, issued) {
+    try {
+      const lease = this.#leases.get(ctx)
+      if (lease === undefined) return
+      this.#leases.delete(ctx)
+      if (issued === undefined) {
+        this.#track(this.#native.release(ctx.userId, lease, true))
+      } else {
+        // Not rotated: the refresh token it ran with stays the one to use.
+        const refreshToken = issued.refreshToken ?? ctx.refreshToken ?? null
+        this.#track(this.#native.commit(ctx.userId, lease, issued.accessToken, refreshToken, issued.expiresAtMs, null))
+      }
+    } catch {}
+  }
+
+  #unavailable(userId, reason, refresh) {
+    if (this.#closed) throw this.#error('COORDINATOR_UNAVAILABLE', userId, 'the token manager is closed')
+    this.#warnDown(reason)
+    if (this.#onError === 'fail') {
+      throw this.#error('COORDINATOR_UNAVAILABLE', userId, `cannot coordinate the refresh: ${reason}`)
+    }
+    this.#fallbacks++
+    return refresh()
+  }
+
+  /** Background Redis work nobody awaits: it must never reject. */
+  #track(settling) {
+    const p = settling
+      .then((s) => {
+        // The refresh already ran: its token is the caller's, but the other
+        // instances did not get it and may refresh again.
+        if (s.unavailable != null && !this.#closed) {
+          this.#fallbacks++
+          this.#warnDown(s.unavailable)
+        }
+      })
+      .catch(() => {})
+      .finally(() => this.#pending.delete(p))
+    this.#pending.add(p)
+  }
+
+  #error(code, userId, message) {
+    const e = this.#newError(code, userId, message)
+    e[FROM_COORDINATOR] = true
+    return e
+  }
+
+  #warnDown(reason) {
+    if (this.#warnedDown) return
+    this.#warnedDown = true
+    const then = this.#onError === 'fail' ? 'refreshes fail with COORDINATOR_UNAVAILABLE' : 'refreshes are coordinated in-process only'
+    process.emitWarning(`tarabut-token-manager: ${reason}; ${then} until it is back`, { code: 'TTM_REDIS_UNAVAILABLE' })
+  }
+
+  #warnUndecryptable() {
+    if (this.#warnedUndecryptable) return
+    this.#warnedUndecryptable = true
+    process.emitWarning(
+      'tarabut-token-manager: a token cached in Redis did not decrypt with options.redis.encryptionKey (rotated key, or another app on the same keyPrefix?); treated as a cache miss',
+      { code: 'TTM_REDIS_UNDECRYPTABLE' },
+    )
+  }
+}
+
+/** The `{ shouldUpdate }` of a token `obtain` took from the shared cache, else undefined. */
+function sharedToken(result) {
+  return result[SHARED]
+}
+
+/** `e` if the coordinator made it (a TokenRefreshError with its own code), else null. */
+function coordinatorError(e) {
+  return e !== null && typeof e === 'object' && e[FROM_COORDINATOR] === true ? e : null
+}
+
+module.exports = { SharedRefresh, checkOptions, sharedToken, coordinatorError }

@@ -1,0 +1,274 @@
+//! `RedisCoordinator`: the native half of the `redis` option (see redis.js).
+//!
+//! Methods that talk to Redis are async on napi's tokio runtime: ~50 µs of
+//! promise plumbing each, paid only when a refresh is due. They never
+//! reject: outcomes, including "Redis is unavailable", come back as values
+//! and redis.js applies the `onError` policy. The refresh function itself
+//! still runs on the JS thread: `acquire` answers "use this token" or "you
+//! hold the lock", and JS reports back with `commit` or `release`.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use napi_derive::napi;
+use tokio::time::Instant;
+
+use super::error::{guard, to_js, Code, Result};
+use super::manager::NativeManager;
+use crate::engine::flight::validate_refreshed;
+use crate::engine::{time, Engine, Refreshed, SecretString};
+use crate::redis::{self as shared, Coordinator, Outcome, Presented, SharedToken, Unavailable};
+
+const INTERNAL: &str = "internal error in tarabut-token-manager (a bug: please report it)";
+
+/// `TokenManager`'s `redis` option, types already checked by index.js.
+#[napi(object)]
+pub struct RedisOptions {
+    pub url: Option<String>,
+    pub key_prefix: Option<String>,
+    pub lock_ttl_ms: Option<f64>,
+    pub encryption_key: Option<String>,
+}
+
+/// A held lock, handed back to `commit` or `release`.
+#[napi(object)]
+pub struct Lease {
+    pub owner: String,
+    pub fence: f64,
+}
+
+/// What `acquire` found.
+#[napi(object)]
+#[derive(Default)]
+pub struct Acquired {
+    /// `'shared'`: use the token below; `'lead'`: refresh, then commit or
+    /// release `lease`; `'failed'`: the refresh waited on failed elsewhere;
+    /// `'timeout'`: still held elsewhere at the deadline; `'unavailable'`:
+    /// Redis could not be used (`reason`).
+    pub kind: String,
+    pub access_token: Option<String>,
+    /// `'shared'`: the token's refresh token; `'lead'`: a newer refresh
+    /// token than the caller's, to refresh with.
+    pub refresh_token: Option<String>,
+    pub expires_at_ms: Option<f64>,
+    /// `'shared'`: written while this call waited (another instance's caller
+    /// persists it) rather than found already there.
+    pub waited: bool,
+    pub lease: Option<Lease>,
+    pub reason: Option<String>,
+    /// A cached value did not open with this key (rotated?): it was a miss.
+    pub undecryptable: bool,
+}
+
+/// What `commit` and `release` did.
+#[napi(object)]
+pub struct Settled {
+    /// `commit`: the token was stored (false: a later holder's is newer, or
+    /// the result was unusable). `release`: the lock was still ours.
+    pub done: bool,
+    /// Set when Redis could not be used.
+    pub unavailable: Option<String>,
+}
+
+#[napi]
+pub struct RedisCoordinator {
+    inner: Arc<Coordinator>,
+    engine: Arc<Engine>,
+}
+
+#[napi]
+impl RedisCoordinator {
+    /// Validates the options (`INVALID_ARGUMENT`); connects on first use.
+    #[napi(constructor)]
+    pub fn new(manager: &NativeManager, options: RedisOptions) -> Result<Self, Code> {
+        guard(|| {
+            let engine = manager.engine.clone();
+            let inner = shared::coordinator(
+                shared::RedisOptions {
+                    url: options.url.map(SecretString::new),
+                    key_prefix: options.key_prefix,
+                    lock_ttl_ms: options.lock_ttl_ms,
+                    encryption_key: options.encryption_key.map(SecretString::new),
+                },
+                engine.policy(),
+            )
+            .map_err(to_js)?;
+            Ok(Self {
+                inner: Arc::new(inner),
+                engine,
+            })
+        })
+    }
+
+    /// Whether Redis calls fail fast until the background probe reconnects.
+    #[napi(getter)]
+    pub fn is_down(&self) -> Result<bool, Code> {
+        guard(|| Ok(self.inner.is_down()))
+    }
+
+    /// For the leader of a due refresh: a shared token, or the lock, waiting
+    /// on other instances for at most `waitMs`.
+    #[napi]
+    pub async fn acquire(
+        &self,
+        user_id: String,
+        access_token: String,
+        expires_at_ms: f64,
+        wait_ms: f64,
+    ) -> Acquired {
+        let work = async {
+            let deadline =
+                Instant::now() + Duration::from_millis(wait_ms.clamp(0.0, 86_400_000.0) as u64);
+            let access = SecretString::new(access_token);
+            let presented = Presented {
+                access: &access,
+                expires_at: expires_at_ms as i64,
+            };
+            let engine = &self.engine;
+            let usable = |t: &SharedToken| !engine.is_revoked(&user_id, &t.access, time::now_ms());
+            let got = self
+                .inner
+                .acquire(&user_id, presented, usable, deadline)
+                .await;
+            let mut a = Acquired {
+                undecryptable: got.undecryptable,
+                ..Acquired::default()
+            };
+            a.kind = match got.outcome {
+                Outcome::Shared { token, waited } => {
+                    a.access_token = Some(token.access.expose().to_owned());
+                    a.refresh_token = token.refresh.as_ref().map(|r| r.expose().to_owned());
+                    a.expires_at_ms = Some(token.expires_at as f64);
+                    a.waited = waited;
+                    "shared"
+                }
+                Outcome::Lead { lease, refresh } => {
+                    a.refresh_token = refresh.as_ref().map(|r| r.expose().to_owned());
+                    a.lease = Some(Lease {
+                        owner: lease.owner,
+                        fence: lease.fence as f64,
+                    });
+                    "lead"
+                }
+                Outcome::Failed => "failed",
+                Outcome::TimedOut => "timeout",
+                Outcome::Unavailable(e) => {
+                    a.reason = Some(e.to_string());
+                    "unavailable"
+                }
+            }
+            .into();
+            a
+        };
+        unwinding(work, || Acquired {
+            kind: "unavailable".into(),
+            reason: Some(INTERNAL.into()),
+            ..Acquired::default()
+        })
+        .await
+    }
+
+    /// The lock holder's refresh returned this (JS types already checked):
+    /// store it fenced, announce it, unlock. An unusable result releases
+    /// the lock as failed instead.
+    #[napi]
+    pub async fn commit(
+        &self,
+        user_id: String,
+        lease: Lease,
+        access_token: Option<String>,
+        refresh_token: Option<String>,
+        expires_at_ms: Option<f64>,
+        expires_in: Option<f64>,
+    ) -> Settled {
+        let work = async {
+            let lease = core_lease(lease);
+            let refreshed = Refreshed {
+                access: access_token.map(SecretString::new),
+                refresh: refresh_token.map(SecretString::new),
+                expires_at: expires_at_ms.filter(|v| v.is_finite()).map(|v| v as i64),
+                expires_in,
+            };
+            let result = match validate_refreshed(refreshed, time::now_ms()) {
+                Ok((access, refresh, expires_at)) => {
+                    let token = SharedToken {
+                        access,
+                        refresh,
+                        expires_at,
+                    };
+                    self.inner.commit(&user_id, &lease, &token).await
+                }
+                Err(_) => self
+                    .inner
+                    .release(&user_id, &lease, true)
+                    .await
+                    .map(|_| false),
+            };
+            settled(result)
+        };
+        unwinding(work, internal).await
+    }
+
+    /// The lock holder gives up: `failed` (its refresh failed: waiters fail
+    /// too) or not (it will not refresh: waiters retry at once).
+    #[napi]
+    pub async fn release(&self, user_id: String, lease: Lease, failed: bool) -> Settled {
+        let work = async {
+            settled(
+                self.inner
+                    .release(&user_id, &core_lease(lease), failed)
+                    .await,
+            )
+        };
+        unwinding(work, internal).await
+    }
+
+    /// Drops the connection and stops lock watchdogs. Later calls answer
+    /// `'unavailable'`.
+    #[napi]
+    pub fn close(&self) -> Result<(), Code> {
+        guard(|| {
+            self.inner.close();
+            Ok(())
+        })
+    }
+}
+
+/// The async twin of `guard`: a panic in `work` becomes the `fallback`
+/// value instead of unwinding through the runtime.
+async fn unwinding<T>(work: impl Future<Output = T>, fallback: impl FnOnce() -> T) -> T {
+    AssertUnwindSafe(work)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| fallback())
+}
+
+fn core_lease(l: Lease) -> shared::lock::Lease {
+    shared::lock::Lease {
+        owner: l.owner,
+        fence: l.fence.max(0.0) as u64,
+    }
+}
+
+fn settled(r: std::result::Result<bool, Unavailable>) -> Settled {
+    match r {
+        Ok(done) => Settled {
+            done,
+            unavailable: None,
+        },
+        Err(e) => Settled {
+            done: false,
+            unavailable: Some(e.to_string()),
+        },
+    }
+}
+
+fn internal() -> Settled {
+    Settled {
+        done: false,
+        unavailable: Some(INTERNAL.into()),
+    }
+}

@@ -1,0 +1,244 @@
+//! `NativeRefresher`: a Tarabut or OAuth2 refresher (see [`crate::refresh`])
+//! for index.js, which wraps it as `tarabutRefresher()` / `oauth2Refresher()`.
+//!
+//! `refresh()` runs on napi's tokio runtime and always resolves: with the
+//! token, or with `{ code, message, status?, error? }` (a tagged result, so
+//! the HTTP status and the provider's `error` field reach JS without parsing
+//! a message). Its budget is the caller's `timeoutMs` (the manager passes its
+//! refresh timeout); when it runs out, or `abort(abortId)` is called, the
+//! HTTP request is dropped, which aborts it.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use napi::bindgen_prelude::PromiseRaw;
+use napi::Env;
+use napi_derive::napi;
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use super::error::{guard, Code, Result};
+use crate::engine::{ErrorCode, SecretString};
+use crate::refresh::{
+    http, AuthMethod, OAuth2Config, OAuth2Refresher, RefreshError, Refresher, TarabutConfig,
+    TarabutRefresher, Token,
+};
+
+/// Options for `NativeRefresher.tarabut`.
+#[napi(object)]
+pub struct TarabutRefresherOptions {
+    pub client_id: String,
+    pub client_secret: String,
+    /// Default: Tarabut's sandbox token endpoint.
+    pub token_url: Option<String>,
+    pub scope: Option<String>,
+    /// Budget of one refresh, all attempts. Default 30000.
+    pub timeout_ms: Option<f64>,
+    /// Retries of connection failures, 429 and 5xx. Default 3.
+    pub max_retries: Option<f64>,
+}
+
+/// Options for `NativeRefresher.oauth2`.
+#[napi(object)]
+pub struct OAuth2RefresherOptions {
+    pub token_url: String,
+    pub client_id: String,
+    pub client_secret: String,
+    /// `'client_secret_basic'` (default) or `'client_secret_post'`.
+    pub auth_method: Option<String>,
+    pub scope: Option<String>,
+    /// Budget of one refresh. Default 30000.
+    pub timeout_ms: Option<f64>,
+}
+
+/// What `refresh` resolves to: the token, or (with `code` set) why not.
+#[napi(object)]
+pub struct RefreshOutcome {
+    pub access_token: Option<String>,
+    /// A rotated refresh token: the caller must persist it.
+    pub refresh_token: Option<String>,
+    /// Seconds.
+    pub expires_in: Option<f64>,
+    /// Set on failure: a stable code (`REAUTH_REQUIRED`, `INVALID_CLIENT`,
+    /// `REFRESH_FAILED`, `REFRESH_TIMEOUT`, `INVALID_ARGUMENT`).
+    pub code: Option<String>,
+    /// On failure: a message safe to log (no token, secret or body).
+    pub message: Option<String>,
+    /// On failure: the token endpoint's HTTP status, when it answered.
+    pub status: Option<u32>,
+    /// On failure: the provider's `error` field, when it sent one.
+    pub error: Option<String>,
+}
+
+#[napi]
+pub struct NativeRefresher {
+    inner: Arc<Refresher>,
+    /// Calls that can be aborted, by the id the caller chose.
+    aborts: Arc<Mutex<HashMap<u32, oneshot::Sender<()>>>>,
+}
+
+#[napi]
+impl NativeRefresher {
+    /// Tarabut Gateway's client-credentials token call.
+    #[napi(factory)]
+    pub fn tarabut(options: TarabutRefresherOptions) -> Result<Self, Code> {
+        guard(|| Self::tarabut_inner(options))
+    }
+
+    fn tarabut_inner(options: TarabutRefresherOptions) -> Result<Self, Code> {
+        let config = TarabutConfig {
+            client_id: options.client_id,
+            client_secret: SecretString::new(options.client_secret),
+            token_url: options.token_url,
+            scope: options.scope,
+            timeout_ms: options.timeout_ms,
+            max_retries: options.max_retries,
+        };
+        let client = http::shared_client().map_err(to_js)?;
+        Ok(Self::wrap(Refresher::Tarabut(
+            TarabutRefresher::new(config, client).map_err(to_js)?,
+        )))
+    }
+
+    /// The RFC 6749 section 6 refresh_token grant.
+    #[napi(factory)]
+    pub fn oauth2(options: OAuth2RefresherOptions) -> Result<Self, Code> {
+        guard(|| Self::oauth2_inner(options))
+    }
+
+    fn oauth2_inner(options: OAuth2RefresherOptions) -> Result<Self, Code> {
+        let config = OAuth2Config {
+            token_url: options.token_url,
+            client_id: options.client_id,
+            client_secret: SecretString::new(options.client_secret),
+            auth_method: AuthMethod::parse(options.auth_method.as_deref()).map_err(to_js)?,
+            scope: options.scope,
+            timeout_ms: options.timeout_ms,
+        };
+        let client = http::shared_client().map_err(to_js)?;
+        Ok(Self::wrap(Refresher::OAuth2(
+            OAuth2Refresher::new(config, client).map_err(to_js)?,
+        )))
+    }
+
+    fn wrap(refresher: Refresher) -> Self {
+        Self {
+            inner: Arc::new(refresher),
+            aborts: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// One refresh for `userId` (OAuth2: with `refreshToken`), within
+    /// `min(timeoutMs, the refresher's own timeoutMs)`. Never rejects for a
+    /// failed refresh: the outcome carries `code`. With `abortId`, the call
+    /// can be cut short by `abort(abortId)`.
+    #[napi(ts_return_type = "Promise<RefreshOutcome>")]
+    pub fn refresh<'env>(
+        &self,
+        env: &'env Env,
+        user_id: String,
+        refresh_token: Option<String>,
+        timeout_ms: Option<f64>,
+        abort_id: Option<u32>,
+    ) -> Result<PromiseRaw<'env, RefreshOutcome>, Code> {
+        guard(|| self.start(env, user_id, refresh_token, timeout_ms, abort_id))
+    }
+
+    fn start<'env>(
+        &self,
+        env: &'env Env,
+        user_id: String,
+        refresh_token: Option<String>,
+        timeout_ms: Option<f64>,
+        abort_id: Option<u32>,
+    ) -> Result<PromiseRaw<'env, RefreshOutcome>, Code> {
+        let inner = self.inner.clone();
+        let refresh_token = refresh_token.map(SecretString::new);
+        let timeout = match timeout_ms {
+            None => Ok(None),
+            Some(ms) if ms.is_finite() && ms >= 1.0 => Ok(Some(Duration::from_millis(ms as u64))),
+            Some(_) => Err(RefreshError::invalid_argument(
+                "timeoutMs",
+                "must be a positive number of milliseconds",
+            )),
+        };
+        // Registered before the future starts, so an abort that comes
+        // before tokio polls it is not lost.
+        let abort = abort_id.map(|id| {
+            let (tx, rx) = oneshot::channel();
+            self.aborts.lock().insert(id, tx);
+            (id, rx, self.aborts.clone())
+        });
+        env.spawn_future(async move {
+            let run = async {
+                let timeout = timeout?;
+                inner.refresh(&user_id, refresh_token.as_ref(), timeout).await
+            };
+            // No panic may cross into Node, nor leave the promise pending.
+            let run = AssertUnwindSafe(run).catch_unwind();
+            let result = match abort {
+                None => run.await,
+                Some((id, rx, aborts)) => {
+                    let result = tokio::select! {
+                        r = run => r,
+                        _ = rx => Ok(Err(RefreshError::new(ErrorCode::RefreshFailed, "refresh aborted"))),
+                    };
+                    aborts.lock().remove(&id);
+                    result
+                }
+            };
+            Ok(match result {
+                Ok(Ok(token)) => success(token),
+                Ok(Err(e)) => failure(e),
+                Err(_) => failure(RefreshError::new(
+                    ErrorCode::Internal,
+                    "internal error in the native refresher (a bug: please report it)",
+                )),
+            })
+        })
+        .map_err(|_| napi::Error::new(Code(ErrorCode::Internal), "could not start the refresh"))
+    }
+
+    /// Aborts the call started with `abortId` (drops its HTTP request). A
+    /// call already settled is left alone.
+    #[napi]
+    pub fn abort(&self, abort_id: u32) -> Result<(), Code> {
+        guard(|| {
+            if let Some(tx) = self.aborts.lock().remove(&abort_id) {
+                let _ = tx.send(());
+            }
+            Ok(())
+        })
+    }
+}
+
+fn success(t: Token) -> RefreshOutcome {
+    RefreshOutcome {
+        access_token: Some(t.access.expose().to_owned()),
+        refresh_token: t.refresh.as_ref().map(|r| r.expose().to_owned()),
+        expires_in: Some(t.expires_in),
+        code: None,
+        message: None,
+        status: None,
+        error: None,
+    }
+}
+
+fn failure(e: RefreshError) -> RefreshOutcome {
+    RefreshOutcome {
+        access_token: None,
+        refresh_token: None,
+        expires_in: None,
+        code: Some(e.code.as_str().to_owned()),
+        message: Some(e.to_string()),
+        status: e.status.map(u32::from),
+        error: e.provider_error,
+    }
+}
+
+fn to_js(e: RefreshError) -> napi::Error<Code> {
+    napi::Error::new(Code(e.code), e.to_string())
+}

@@ -1,0 +1,76 @@
+//! The shared token record, one Redis hash per user:
+//!
+//! | field | holds |
+//! |---|---|
+//! | `t` | the token, sealed (`seal.rs`): access, refresh, expiry |
+//! | `e` | its expiry, epoch ms, in clear so a script can judge freshness |
+//! | `w` | when it was written, epoch ms (writer's clock) |
+//! | `f` | the fence of the lease that wrote it |
+//! | `n` | the fence counter: the last fence a lock grant drew |
+//!
+//! A write is fenced: it lands only if its fence is above the record's, so
+//! a holder whose lock expired mid-refresh cannot overwrite the token of the
+//! holder after it. The write, the announcement and the unlock are one script.
+
+use once_cell::sync::Lazy;
+use redis::aio::ConnectionLike;
+use redis::{RedisResult, Script};
+
+use super::keys::UserKeys;
+use super::lock::Lease;
+use super::pubsub::{self, Notice};
+use crate::engine::EpochMs;
+
+/// A record as read from Redis or from an announcement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub fence: u64,
+    pub written_at: EpochMs,
+    pub sealed: Vec<u8>,
+}
+
+static COMMIT: Lazy<Script> = Lazy::new(|| {
+    Script::new(
+        r"
+local cur = tonumber(redis.call('HGET', KEYS[1], 'f'))
+local written = 0
+if not cur or tonumber(ARGV[2]) > cur then
+  redis.call('HSET', KEYS[1], 'f', ARGV[2], 'e', ARGV[3], 'w', ARGV[4], 't', ARGV[5])
+  if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[6]) then redis.call('PEXPIRE', KEYS[1], ARGV[6]) end
+  redis.call('PUBLISH', ARGV[7], ARGV[8])
+  written = 1
+end
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return written
+",
+    )
+});
+
+/// Writes `record` (a token expiring at `expires_at`) if `lease`'s fence is
+/// the newest, announces it, and releases the lock if `lease` still holds
+/// it. The record lives `ttl_ms` (at least). Returns whether it was written.
+pub async fn commit(
+    con: &mut impl ConnectionLike,
+    keys: &UserKeys,
+    channel: &str,
+    lease: &Lease,
+    expires_at: EpochMs,
+    record: &Record,
+    ttl_ms: u64,
+) -> RedisResult<bool> {
+    debug_assert_eq!(record.fence, lease.fence);
+    let n: i64 = COMMIT
+        .key(&keys.record)
+        .key(&keys.lock)
+        .arg(&lease.owner)
+        .arg(lease.fence)
+        .arg(expires_at)
+        .arg(record.written_at)
+        .arg(&record.sealed)
+        .arg(ttl_ms.max(1))
+        .arg(channel)
+        .arg(pubsub::encode(&keys.id, &Notice::Committed(record.clone())))
+        .invoke_async(con)
+        .await?;
+    Ok(n == 1)
+}

@@ -1,0 +1,355 @@
+//! The cross-instance refresh flow. An instance's in-process leader (the
+//! engine's single flight picked it) calls [`Coordinator::acquire`]:
+//!
+//! 1. one script reads the shared cache and, when it holds no usable token,
+//!    takes the user's lock (`lock.rs`): one round trip;
+//! 2. a usable cached token comes back as [`Outcome::Shared`], no refresh;
+//! 3. the lock comes back as [`Outcome::Lead`]: the caller refreshes, then
+//!    [`Coordinator::commit`]s (fenced write + announce + unlock: one round
+//!    trip) or [`Coordinator::release`]s; a watchdog extends the lock while
+//!    the refresh runs, up to the caller's deadline;
+//! 4. a lock held elsewhere means waiting for its announcement on pub/sub,
+//!    or for the lock's remaining TTL if none comes (a holder that died),
+//!    then asking again. Nothing waits past the caller's deadline.
+//!
+//! Redis failing at any step yields [`Outcome::Unavailable`]; what to do
+//! then (refresh locally or fail) is the caller's policy.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use super::cache::{self, Record};
+use super::connection::{Connection, Unavailable, OP_TIMEOUT};
+use super::keys::{Keys, UserKeys};
+use super::lock::{self, Acquire, Lease, Want};
+use super::pubsub::Notice;
+use super::seal::{SealKey, SharedToken};
+use crate::engine::{time, EpochMs, SecretString};
+
+/// Timing the coordinator shares with the engine's policy.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// The per-user lock's TTL (extended while its holder refreshes).
+    pub lock_ttl_ms: u64,
+    /// A cached token is fresh when more than this remains (the buffer).
+    pub buffer_ms: u64,
+    /// A token written this recently is used while unexpired, fresh or not.
+    pub double_check_window_ms: u64,
+    /// A record outlives its token by this much, so a caller presenting an
+    /// older token is still handed the newest (and its refresh token).
+    pub retention_ms: u64,
+    /// Longest a refresh may run: the fence counter outlives it.
+    pub refresh_timeout_ms: u64,
+}
+
+/// The token the caller presented.
+#[derive(Debug, Clone, Copy)]
+pub struct Presented<'a> {
+    pub access: &'a SecretString,
+    pub expires_at: EpochMs,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    /// Use this token without refreshing. `waited`: it was written while this
+    /// call waited on another instance's refresh (so that refresh's caller
+    /// persists it); otherwise it was already there when this call asked.
+    Shared {
+        token: SharedToken,
+        waited: bool,
+    },
+    /// The lock is ours: refresh, then commit or release `lease`. `refresh`
+    /// is a newer refresh token than the caller's, from the cache.
+    Lead {
+        lease: Lease,
+        refresh: Option<SecretString>,
+    },
+    /// The refresh this call waited on failed in another instance.
+    Failed,
+    /// The deadline passed while another instance held the lock.
+    TimedOut,
+    Unavailable(Unavailable),
+}
+
+#[derive(Debug)]
+pub struct Acquired {
+    pub outcome: Outcome,
+    /// A cached value did not open with our key (rotated?): treated as a miss.
+    pub undecryptable: bool,
+}
+
+#[derive(Debug)]
+pub struct Coordinator {
+    conn: Arc<Connection>,
+    keys: Keys,
+    seal: SealKey,
+    timing: Timing,
+    watchdogs: Arc<Mutex<HashMap<String, AbortHandle>>>,
+}
+
+impl Coordinator {
+    pub fn new(conn: Connection, keys: Keys, seal: SealKey, timing: Timing) -> Self {
+        Self {
+            conn: Arc::new(conn),
+            keys,
+            seal,
+            timing,
+            watchdogs: Arc::default(),
+        }
+    }
+
+    pub fn timing(&self) -> &Timing {
+        &self.timing
+    }
+
+    /// Whether Redis calls are failing fast until a background probe reconnects.
+    pub fn is_down(&self) -> bool {
+        self.conn.is_down()
+    }
+
+    /// Finds a usable shared token or the lock for `user_id`, waiting on other
+    /// instances' refreshes until `deadline`. `usable` adds the caller's own
+    /// veto (a token it knows was revoked).
+    pub async fn acquire(
+        &self,
+        user_id: &str,
+        presented: Presented<'_>,
+        usable: impl Fn(&SharedToken) -> bool,
+        deadline: Instant,
+    ) -> Acquired {
+        let keys = self.keys.user(user_id);
+        let t = self.timing;
+        let mut undecryptable = false;
+        let mut waited = false;
+        let mut skip_fence = 0;
+        let outcome = loop {
+            let started = Instant::now();
+            if started >= deadline {
+                break Outcome::TimedOut;
+            }
+            // Registered before asking, so an announcement racing the answer is kept.
+            let mut waiting = self.conn.waiters().register(&keys.id);
+            let now = time::now_ms();
+            let want = Want {
+                min_expires_at: presented.expires_at,
+                fresh_after: now.saturating_add(t.buffer_ms as i64),
+                recent_after: now.saturating_sub(t.double_check_window_ms as i64),
+                now,
+                skip_fence,
+            };
+            let owner = lock::new_owner();
+            let counter_ttl = 2 * (t.refresh_timeout_ms + t.lock_ttl_ms);
+            let (k, o) = (&keys, &owner);
+            let found = self
+                .conn
+                .run(deadline - started, |mut m| async move {
+                    lock::acquire(&mut m, k, o, t.lock_ttl_ms, counter_ttl, want).await
+                })
+                .await;
+            match found {
+                Err(e) => break Outcome::Unavailable(e),
+                Ok(Acquire::Cached(record)) => {
+                    match self.accept(&keys, &record, presented, &usable, &mut undecryptable) {
+                        Some(token) => break Outcome::Shared { token, waited },
+                        None => skip_fence = record.fence,
+                    }
+                }
+                Ok(Acquire::Locked { lease, stale }) => {
+                    drop(waiting);
+                    self.watch(keys.clone(), lease.clone(), deadline);
+                    let refresh = stale
+                        .and_then(|r| self.open(&keys, &r, &mut undecryptable))
+                        .filter(|s| s.expires_at > presented.expires_at)
+                        .and_then(|s| s.refresh);
+                    break Outcome::Lead { lease, refresh };
+                }
+                Ok(Acquire::Busy { lock_ttl_ms }) => {
+                    waited = true;
+                    // A dead holder announces nothing: its lock's TTL bounds the wait.
+                    let wait = Duration::from_millis(lock_ttl_ms + 5)
+                        .min(deadline - Instant::now().min(deadline));
+                    match tokio::time::timeout(wait, &mut waiting.rx).await {
+                        Ok(Ok(Notice::Committed(record))) => {
+                            match self.accept(
+                                &keys,
+                                &record,
+                                presented,
+                                &usable,
+                                &mut undecryptable,
+                            ) {
+                                Some(token) => break Outcome::Shared { token, waited },
+                                None => skip_fence = record.fence,
+                            }
+                        }
+                        Ok(Ok(Notice::Failed)) => break Outcome::Failed,
+                        // Released, or the lock's TTL ran out: ask again.
+                        Ok(Ok(Notice::Released)) | Ok(Err(_)) | Err(_) => {}
+                    }
+                }
+            }
+        };
+        Acquired {
+            outcome,
+            undecryptable,
+        }
+    }
+
+    /// Stores the token `lease`'s refresh produced, if no later holder wrote
+    /// one, announces it and releases the lock. Returns whether it was written.
+    pub async fn commit(
+        &self,
+        user_id: &str,
+        lease: &Lease,
+        token: &SharedToken,
+    ) -> Result<bool, Unavailable> {
+        self.unwatch(&lease.owner);
+        let keys = self.keys.user(user_id);
+        let now = time::now_ms();
+        let record = Record {
+            fence: lease.fence,
+            written_at: now,
+            sealed: self.seal.seal(keys.id.as_bytes(), token),
+        };
+        let ttl = (token.expires_at.saturating_sub(now)).max(0) as u64 + self.timing.retention_ms;
+        let channel = self.conn.channel();
+        self.conn
+            .run(OP_TIMEOUT, |mut m| async move {
+                cache::commit(
+                    &mut m,
+                    &keys,
+                    channel,
+                    lease,
+                    token.expires_at,
+                    &record,
+                    ttl,
+                )
+                .await
+            })
+            .await
+    }
+
+    /// Gives the lock up without a token: `failed` tells waiters the refresh
+    /// failed (they fail too); otherwise they try again at once.
+    pub async fn release(
+        &self,
+        user_id: &str,
+        lease: &Lease,
+        failed: bool,
+    ) -> Result<bool, Unavailable> {
+        self.unwatch(&lease.owner);
+        let keys = self.keys.user(user_id);
+        let notice = if failed {
+            Notice::Failed
+        } else {
+            Notice::Released
+        };
+        let channel = self.conn.channel();
+        self.conn
+            .run(OP_TIMEOUT, |mut m| async move {
+                lock::release(&mut m, &keys, channel, lease, &notice).await
+            })
+            .await
+    }
+
+    /// Stops watchdogs and drops the connection; later calls are `Closed`.
+    pub fn close(&self) {
+        for (_, dog) in self.watchdogs.lock().drain() {
+            dog.abort();
+        }
+        self.conn.close();
+    }
+
+    fn open(
+        &self,
+        keys: &UserKeys,
+        record: &Record,
+        undecryptable: &mut bool,
+    ) -> Option<SharedToken> {
+        match self.seal.open(keys.id.as_bytes(), &record.sealed) {
+            Ok(t) => Some(t),
+            Err(_) => {
+                *undecryptable = true;
+                None
+            }
+        }
+    }
+
+    /// The rule for handing out a shared token instead of refreshing: it
+    /// opens, is newer than (and not) the caller's, is fresh or was written
+    /// within the double-check window and is unexpired, and `usable` agrees.
+    fn accept(
+        &self,
+        keys: &UserKeys,
+        record: &Record,
+        presented: Presented<'_>,
+        usable: &impl Fn(&SharedToken) -> bool,
+        undecryptable: &mut bool,
+    ) -> Option<SharedToken> {
+        let token = self.open(keys, record, undecryptable)?;
+        let now = time::now_ms();
+        let t = self.timing;
+        let fresh = token.expires_at.saturating_sub(now) > t.buffer_ms as i64;
+        let recent = now.saturating_sub(record.written_at) < t.double_check_window_ms as i64
+            && token.expires_at > now;
+        let ok = !token.access.is_empty()
+            && token.expires_at > presented.expires_at
+            && token.access != *presented.access
+            && (fresh || recent)
+            && usable(&token);
+        ok.then_some(token)
+    }
+
+    /// Extends the lock every third of its TTL while the refresh may still
+    /// run (until `deadline`). A holder that dies stops extending, so the
+    /// others wait at most one TTL.
+    fn watch(&self, keys: UserKeys, lease: Lease, deadline: Instant) {
+        let conn = self.conn.clone();
+        let ttl = self.timing.lock_ttl_ms;
+        let dogs = self.watchdogs.clone();
+        let mut map = self.watchdogs.lock();
+        let owner = lease.owner.clone();
+        let task = tokio::spawn(async move {
+            let period = Duration::from_millis((ttl / 3).max(1));
+            let (k, l) = (&keys, &lease);
+            loop {
+                tokio::time::sleep(period).await;
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let extended = conn
+                    .run(period, |mut m| async move {
+                        lock::extend(&mut m, k, l, ttl).await
+                    })
+                    .await;
+                if extended != Ok(true) {
+                    break;
+                }
+            }
+            dogs.lock().remove(&lease.owner);
+        });
+        map.insert(owner, task.abort_handle());
+    }
+
+    fn unwatch(&self, owner: &str) {
+        if let Some(dog) = self.watchdogs.lock().remove(owner) {
+            dog.abort();
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn watchdogs(&self) -> usize {
+        self.watchdogs.lock().len()
+    }
+}
+
+#[cfg(test)]
+impl Coordinator {
+    pub(crate) fn conn_waiters(&self) -> usize {
+        self.conn.waiters().waiting()
+    }
+}

@@ -1,0 +1,98 @@
+//! Cross-instance coordination on Redis: one refresh per user across every
+//! process sharing a Redis (`TokenManager({ redis })`). Pure Rust, no napi
+//! types; `src/binding/redis.rs` exposes it to JavaScript.
+//!
+//! - [`keys`]: key names (a SHA-256 of the user id, never the id);
+//! - [`seal`]: AES-256-GCM for every value at rest or on the wire;
+//! - [`lock`]: the per-user lock (`SET NX PX`, compare-and-delete);
+//! - [`cache`]: the shared token record and its fenced write;
+//! - [`pubsub`]: announcements and the local waiters they wake;
+//! - [`connection`]: one RESP3 connection with a breaker and reconnect probe;
+//! - [`coordinator`]: the flow tying them together.
+//!
+//! The hot path never gets here: only a refresh that is due does.
+
+pub mod cache;
+pub mod connection;
+pub mod coordinator;
+pub mod keys;
+pub mod lock;
+pub mod pubsub;
+pub mod seal;
+
+pub use connection::{Connection, Unavailable};
+pub use coordinator::{Acquired, Coordinator, Outcome, Presented, Timing};
+pub use seal::{SealKey, SharedToken};
+
+use crate::engine::{EngineError, Policy, SecretString};
+
+pub const DEFAULT_LOCK_TTL_MS: u64 = 15_000;
+const MIN_LOCK_TTL_MS: u64 = 100;
+const MAX_LOCK_TTL_MS: u64 = 3_600_000;
+
+/// `redis` options as they arrive from JavaScript (types already checked).
+#[derive(Debug, Default)]
+pub struct RedisOptions {
+    pub url: Option<SecretString>,
+    pub key_prefix: Option<String>,
+    pub lock_ttl_ms: Option<f64>,
+    pub encryption_key: Option<SecretString>,
+}
+
+/// Validates the options and builds a coordinator. Connects lazily: a
+/// Redis that is down at start-up is an outage, not a construction error.
+pub fn coordinator(o: RedisOptions, policy: &Policy) -> Result<Coordinator, EngineError> {
+    let url = o.url.filter(|u| !u.is_empty()).ok_or_else(|| {
+        EngineError::invalid_argument(
+            "options.redis.url",
+            "is required (e.g. redis://127.0.0.1:6379)",
+        )
+    })?;
+    let prefix = o
+        .key_prefix
+        .unwrap_or_else(|| keys::DEFAULT_PREFIX.to_owned());
+    if prefix.len() > keys::MAX_PREFIX_BYTES {
+        return Err(EngineError::invalid_argument(
+            "options.redis.keyPrefix",
+            format!("must be at most {} bytes long", keys::MAX_PREFIX_BYTES),
+        ));
+    }
+    let lock_ttl_ms = match o.lock_ttl_ms {
+        None => DEFAULT_LOCK_TTL_MS,
+        Some(v) if v.is_finite() && v.fract() == 0.0 && (MIN_LOCK_TTL_MS as f64..=MAX_LOCK_TTL_MS as f64).contains(&v) => {
+            v as u64
+        }
+        Some(_) => {
+            return Err(EngineError::invalid_argument(
+                "options.redis.lockTtlMs",
+                format!("must be a whole number of milliseconds from {MIN_LOCK_TTL_MS} to {MAX_LOCK_TTL_MS}"),
+            ))
+        }
+    };
+    let key = o.encryption_key.ok_or_else(|| {
+        EngineError::invalid_argument(
+            "options.redis.encryptionKey",
+            "is required with redis: 32 random bytes, base64 (e.g. `openssl rand -base64 32`)",
+        )
+    })?;
+    let seal = SealKey::from_base64(key.expose()).map_err(|e| {
+        EngineError::invalid_argument(
+            "options.redis.encryptionKey",
+            format!("{e} (32 random bytes, base64)"),
+        )
+    })?;
+    let k = keys::Keys::new(prefix);
+    let conn = Connection::open(&url, k.channel())
+        .map_err(|e| EngineError::invalid_argument("options.redis.url", e.to_string()))?;
+    let timing = Timing {
+        lock_ttl_ms,
+        buffer_ms: policy.buffer_ms,
+        double_check_window_ms: policy.double_check_window_ms,
+        retention_ms: policy.idle_ttl_ms,
+        refresh_timeout_ms: policy.refresh_timeout_ms,
+    };
+    Ok(Coordinator::new(conn, k, seal, timing))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,180 @@
+//! What a lock holder announces on the channel, and the local registry that
+//! hands announcements to the refreshes waiting for them.
+//!
+//! One channel per prefix carries every user's announcements: an instance
+//! subscribes once (the connection manager resubscribes after a reconnect)
+//! instead of paying a SUBSCRIBE round trip per wait, and a waiter registers
+//! here *before* it asks Redis whether the lock is held, so an announcement
+//! racing that answer is not missed. A message names the user by the hashed
+//! id only and carries the token sealed, exactly as the cache holds it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::oneshot;
+
+use super::cache::Record;
+
+/// An announcement about one user's refresh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// The holder wrote this record: take it.
+    Committed(Record),
+    /// The holder's refresh failed: waiters fail too, as in-process joiners
+    /// do, rather than each retrying a refresh that just failed.
+    Failed,
+    /// The holder gave the lock up without refreshing: try again now.
+    Released,
+}
+
+const SEP: u8 = b'|';
+
+/// `id|C|fence|written_at|sealed`, `id|F` or `id|R`.
+pub fn encode(id: &str, notice: &Notice) -> Vec<u8> {
+    let mut m = Vec::with_capacity(id.len() + 3);
+    m.extend_from_slice(id.as_bytes());
+    m.push(SEP);
+    match notice {
+        Notice::Committed(r) => {
+            m.extend_from_slice(format!("C|{}|{}|", r.fence, r.written_at).as_bytes());
+            m.extend_from_slice(&r.sealed);
+        }
+        Notice::Failed => m.push(b'F'),
+        Notice::Released => m.push(b'R'),
+    }
+    m
+}
+
+pub fn decode(m: &[u8]) -> Option<(&str, Notice)> {
+    let mut parts = m.splitn(5, |b| *b == SEP);
+    let id = std::str::from_utf8(parts.next()?).ok()?;
+    let notice = match parts.next()? {
+        b"C" => {
+            let fence = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+            let written_at = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+            Notice::Committed(Record {
+                fence,
+                written_at,
+                sealed: parts.next()?.to_vec(),
+            })
+        }
+        b"F" => Notice::Failed,
+        b"R" => Notice::Released,
+        _ => return None,
+    };
+    Some((id, notice))
+}
+
+type Slot = (u64, oneshot::Sender<Notice>);
+
+/// Refreshes waiting for an announcement, by hashed user id.
+#[derive(Debug, Default)]
+pub struct Waiters {
+    map: Mutex<HashMap<String, Vec<Slot>>>,
+    next: AtomicU64,
+}
+
+/// One registration; dropping it unregisters.
+pub struct Waiting {
+    pub rx: oneshot::Receiver<Notice>,
+    waiters: Arc<Waiters>,
+    id: String,
+    slot: u64,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let mut map = self.waiters.map.lock();
+        if let Some(v) = map.get_mut(&self.id) {
+            v.retain(|(slot, _)| *slot != self.slot);
+            if v.is_empty() {
+                map.remove(&self.id);
+            }
+        }
+    }
+}
+
+impl Waiters {
+    pub fn register(self: &Arc<Self>, id: &str) -> Waiting {
+        let (tx, rx) = oneshot::channel();
+        let slot = self.next.fetch_add(1, Relaxed);
+        self.map
+            .lock()
+            .entry(id.to_owned())
+            .or_default()
+            .push((slot, tx));
+        Waiting {
+            rx,
+            waiters: self.clone(),
+            id: id.to_owned(),
+            slot,
+        }
+    }
+
+    pub fn dispatch(&self, id: &str, notice: Notice) {
+        let Some(slots) = self.map.lock().remove(id) else {
+            return;
+        };
+        for (_, tx) in slots {
+            let _ = tx.send(notice.clone());
+        }
+    }
+
+    /// Registered waits, all users together.
+    pub fn waiting(&self) -> usize {
+        self.map.lock().values().map(Vec::len).sum()
+    }
+
+    /// The connection's push handler: a channel message becomes a dispatch.
+    /// Anything else (subscribe confirmations, disconnects) is ignored.
+    pub fn on_push(&self, info: PushInfo) {
+        if info.kind != PushKind::Message {
+            return;
+        }
+        if let Some(Value::BulkString(m)) = info.data.get(1) {
+            if let Some((id, notice)) = decode(m) {
+                self.dispatch(id, notice);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices_round_trip() {
+        let id = "ab".repeat(32);
+        let committed = Notice::Committed(Record {
+            fence: 7,
+            written_at: 1_700_000_000_000,
+            sealed: b"\x01|bin|\xff".to_vec(),
+        });
+        for n in [committed, Notice::Failed, Notice::Released] {
+            let m = encode(&id, &n);
+            assert_eq!(decode(&m), Some((id.as_str(), n)));
+        }
+        assert_eq!(decode(b"id|X"), None);
+        assert_eq!(decode(b"id|C|x|1|"), None);
+    }
+
+    #[tokio::test]
+    async fn dispatch_reaches_registered_waiters_once() {
+        let w = Arc::new(Waiters::default());
+        let mut a = w.register("u");
+        let b = w.register("u");
+        let other = w.register("v");
+        drop(b);
+        assert_eq!(w.waiting(), 2);
+        w.dispatch("u", Notice::Released);
+        assert_eq!((&mut a.rx).await.unwrap(), Notice::Released);
+        drop(a);
+        assert_eq!(w.waiting(), 1);
+        drop(other);
+        assert_eq!(w.waiting(), 0);
+    }
+}

@@ -1,0 +1,212 @@
+//! Tokens at rest in Redis: AES-256-GCM with a random 96-bit nonce per value,
+//! bound to the user (the record's hashed id is the associated data, so a
+//! value copied under another user's key does not open).
+//!
+//! Sealed layout: `version (1) | nonce (12) | ciphertext + tag`. The plaintext
+//! is a small binary encoding of the token, wiped once sealed or parsed.
+
+use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::Engine as _;
+use zeroize::Zeroizing;
+
+use crate::engine::{EpochMs, SecretString};
+
+const VERSION: u8 = 1;
+const NONCE_LEN: usize = 12;
+/// Longest token accepted into the cache, in bytes. JWTs are a few KB; more
+/// is a bug, and a bound keeps a corrupt length from allocating gigabytes.
+pub const MAX_TOKEN_BYTES: usize = 64 * 1024;
+
+/// The encryption key. Never printed.
+pub struct SealKey(Aes256Gcm);
+
+impl std::fmt::Debug for SealKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SealKey(<redacted>)")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("is not base64")]
+    NotBase64,
+    #[error("must decode to exactly 32 bytes")]
+    WrongLength,
+}
+
+/// A value did not open: wrong key (rotated), tampered, truncated, or
+/// written by an incompatible version. Callers treat it as a cache miss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("sealed value does not open with this key")]
+pub struct OpenError;
+
+/// A token as the shared cache holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedToken {
+    pub access: SecretString,
+    /// The refresh token to refresh with next (rotated or kept).
+    pub refresh: Option<SecretString>,
+    pub expires_at: EpochMs,
+}
+
+impl SealKey {
+    /// 32 bytes, standard base64 (`openssl rand -base64 32`). Surrounding
+    /// whitespace (a newline from an env file) is ignored.
+    pub fn from_base64(encoded: &str) -> Result<Self, KeyError> {
+        let bytes = Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(encoded.trim())
+                .map_err(|_| KeyError::NotBase64)?,
+        );
+        let cipher = Aes256Gcm::new_from_slice(&bytes).map_err(|_| KeyError::WrongLength)?;
+        Ok(Self(cipher))
+    }
+
+    pub fn seal(&self, aad: &[u8], token: &SharedToken) -> Vec<u8> {
+        let plain = encode(token);
+        let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
+        let sealed = self
+            .0
+            .encrypt(&nonce, Payload { msg: &plain, aad })
+            .expect("AES-GCM encryption only fails past 64 GiB per message");
+        let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
+        out.push(VERSION);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<SharedToken, OpenError> {
+        if sealed.len() < 1 + NONCE_LEN || sealed[0] != VERSION {
+            return Err(OpenError);
+        }
+        let (nonce, body) = sealed[1..].split_at(NONCE_LEN);
+        let plain = Zeroizing::new(
+            self.0
+                .decrypt(Nonce::from_slice(nonce), Payload { msg: body, aad })
+                .map_err(|_| OpenError)?,
+        );
+        decode(&plain).ok_or(OpenError)
+    }
+}
+
+// `expires_at i64 BE | access len u32 BE | access | has refresh u8 | [len u32 BE | refresh]`
+fn encode(t: &SharedToken) -> Zeroizing<Vec<u8>> {
+    let access = t.access.expose().as_bytes();
+    let refresh = t.refresh.as_ref().map(|r| r.expose().as_bytes());
+    let mut v = Zeroizing::new(Vec::with_capacity(
+        17 + access.len() + refresh.map_or(0, <[u8]>::len),
+    ));
+    v.extend_from_slice(&t.expires_at.to_be_bytes());
+    v.extend_from_slice(&(access.len() as u32).to_be_bytes());
+    v.extend_from_slice(access);
+    match refresh {
+        Some(r) => {
+            v.push(1);
+            v.extend_from_slice(&(r.len() as u32).to_be_bytes());
+            v.extend_from_slice(r);
+        }
+        None => v.push(0),
+    }
+    v
+}
+
+fn decode(mut b: &[u8]) -> Option<SharedToken> {
+    let expires_at = i64::from_be_bytes(take(&mut b, 8)?.try_into().ok()?);
+    let access = string(&mut b)?;
+    let refresh = match take(&mut b, 1)?[0] {
+        0 => None,
+        1 => Some(string(&mut b)?),
+        _ => return None,
+    };
+    b.is_empty().then_some(SharedToken {
+        access,
+        refresh,
+        expires_at,
+    })
+}
+
+fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if b.len() < n {
+        return None;
+    }
+    let (head, rest) = b.split_at(n);
+    *b = rest;
+    Some(head)
+}
+
+fn string(b: &mut &[u8]) -> Option<SecretString> {
+    let len = u32::from_be_bytes(take(b, 4)?.try_into().ok()?) as usize;
+    if len > MAX_TOKEN_BYTES {
+        return None;
+    }
+    let bytes = take(b, len)?;
+    Some(SecretString::new(
+        std::str::from_utf8(bytes).ok()?.to_owned(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    const KEY_B: &str = "HxwdHhsaGRgXFhUUExIREA8ODQwLCgkIBwYFBAMCAQA=";
+
+    fn token(refresh: Option<&str>) -> SharedToken {
+        SharedToken {
+            access: "access-token-plain".into(),
+            refresh: refresh.map(Into::into),
+            expires_at: 1_769_372_068_000,
+        }
+    }
+
+    #[test]
+    fn seals_and_opens() {
+        let k = SealKey::from_base64(KEY_A).unwrap();
+        for t in [token(Some("refresh-token-plain")), token(None)] {
+            let sealed = k.seal(b"user", &t);
+            assert_eq!(k.open(b"user", &sealed).unwrap(), t);
+            let text = String::from_utf8_lossy(&sealed);
+            assert!(!text.contains("access-token-plain") && !text.contains("refresh-token-plain"));
+        }
+    }
+
+    #[test]
+    fn a_fresh_nonce_each_time() {
+        let k = SealKey::from_base64(KEY_A).unwrap();
+        assert_ne!(k.seal(b"u", &token(None)), k.seal(b"u", &token(None)));
+    }
+
+    #[test]
+    fn wrong_key_user_or_bytes_do_not_open() {
+        let a = SealKey::from_base64(KEY_A).unwrap();
+        let b = SealKey::from_base64(KEY_B).unwrap();
+        let sealed = a.seal(b"user", &token(Some("r")));
+        assert_eq!(b.open(b"user", &sealed), Err(OpenError));
+        assert_eq!(a.open(b"other-user", &sealed), Err(OpenError));
+        let mut flipped = sealed.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert_eq!(a.open(b"user", &flipped), Err(OpenError));
+        for n in 0..sealed.len() {
+            assert_eq!(a.open(b"user", &sealed[..n]), Err(OpenError));
+        }
+        assert_eq!(a.open(b"user", b""), Err(OpenError));
+    }
+
+    #[test]
+    fn keys_must_be_32_base64_bytes() {
+        assert!(SealKey::from_base64(&format!(" {KEY_A}\n")).is_ok());
+        assert_eq!(
+            SealKey::from_base64("not base64!").unwrap_err(),
+            KeyError::NotBase64
+        );
+        assert_eq!(
+            SealKey::from_base64("AAAA").unwrap_err(),
+            KeyError::WrongLength
+        );
+        assert_eq!(SealKey::from_base64("").unwrap_err(), KeyError::WrongLength);
+        assert!(!format!("{:?}", SealKey::from_base64(KEY_A).unwrap()).contains(KEY_A));
+    }
+}

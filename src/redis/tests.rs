@@ -1,0 +1,571 @@
+//! Against a real `redis-server`, started on a random loopback port per test
+//! and killed when the test ends. (CI installs the Debian package.)
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use tokio::time::Instant;
+
+use super::lock::{self, Acquire, Want};
+use super::*;
+use crate::engine::{time, Policy};
+
+const KEY_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const KEY_B: &str = "HxwdHhsaGRgXFhUUExIREA8ODQwLCgkIBwYFBAMCAQA=";
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (apt-get install redis-server)");
+        let s = Self { child, port };
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < until,
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn con(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn policy() -> Policy {
+    Policy {
+        buffer_ms: 1_000,
+        double_check_window_ms: 0,
+        ..Policy::default()
+    }
+}
+
+fn coordinator_with(url: &str, key: &str, lock_ttl_ms: f64) -> Coordinator {
+    coordinator(
+        RedisOptions {
+            url: Some(url.into()),
+            key_prefix: Some("t:".into()),
+            lock_ttl_ms: Some(lock_ttl_ms),
+            encryption_key: Some(key.into()),
+        },
+        &policy(),
+    )
+    .unwrap()
+}
+
+fn token(access: &str, refresh: &str, ttl_ms: i64) -> SharedToken {
+    SharedToken {
+        access: access.into(),
+        refresh: Some(refresh.into()),
+        expires_at: time::now_ms() + ttl_ms,
+    }
+}
+
+fn old() -> SecretString {
+    "old-access".into()
+}
+
+fn presented(access: &SecretString) -> Presented<'_> {
+    Presented {
+        access,
+        expires_at: time::now_ms() - 1,
+    }
+}
+
+fn soon(ms: u64) -> Instant {
+    Instant::now() + Duration::from_millis(ms)
+}
+
+async fn acquire(c: &Coordinator, user: &str, deadline: Instant) -> Acquired {
+    let access = old();
+    c.acquire(user, presented(&access), |_| true, deadline)
+        .await
+}
+
+#[tokio::test]
+async fn lock_is_exclusive_and_released_only_by_its_owner() {
+    let s = Server::start();
+    let mut con = s.con().await;
+    let keys = keys::Keys::new("t:").user("alice");
+    let want = Want {
+        min_expires_at: 0,
+        fresh_after: 0,
+        recent_after: 0,
+        now: 0,
+        skip_fence: 0,
+    };
+    let Acquire::Locked { lease, stale: None } =
+        lock::acquire(&mut con, &keys, "a", 5_000, 60_000, want)
+            .await
+            .unwrap()
+    else {
+        panic!("first caller locks")
+    };
+    assert_eq!(lease.fence, 1);
+    let Acquire::Busy { lock_ttl_ms } = lock::acquire(&mut con, &keys, "b", 5_000, 60_000, want)
+        .await
+        .unwrap()
+    else {
+        panic!("second caller waits")
+    };
+    assert!(lock_ttl_ms > 0 && lock_ttl_ms <= 5_000);
+    let intruder = lock::Lease {
+        owner: "b".into(),
+        fence: 9,
+    };
+    assert!(
+        !lock::release(&mut con, &keys, "ch", &intruder, &pubsub::Notice::Released)
+            .await
+            .unwrap()
+    );
+    assert!(lock::extend(&mut con, &keys, &lease, 5_000).await.unwrap());
+    assert!(!lock::extend(&mut con, &keys, &intruder, 5_000)
+        .await
+        .unwrap());
+    assert!(
+        lock::release(&mut con, &keys, "ch", &lease, &pubsub::Notice::Released)
+            .await
+            .unwrap()
+    );
+    let Acquire::Locked { lease, .. } = lock::acquire(&mut con, &keys, "b", 5_000, 60_000, want)
+        .await
+        .unwrap()
+    else {
+        panic!("free again")
+    };
+    assert_eq!(lease.fence, 2, "every grant draws a new fence");
+}
+
+#[tokio::test]
+async fn a_holder_whose_lock_expired_cannot_overwrite_a_newer_token() {
+    let s = Server::start();
+    let c = coordinator_with(&s.url(), KEY_A, 100.0);
+    let Outcome::Lead { lease: slow, .. } = acquire(&c, "u", soon(60)).await.outcome else {
+        panic!("lead")
+    };
+    // The watchdog stops at the (short) deadline, so the lock lapses.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let Outcome::Lead { lease: fast, .. } = acquire(&c, "u", soon(5_000)).await.outcome else {
+        panic!("lapsed lock retaken")
+    };
+    assert!(fast.fence > slow.fence);
+    assert!(c
+        .commit("u", &fast, &token("new", "r-new", 60_000))
+        .await
+        .unwrap());
+    assert!(
+        !c.commit("u", &slow, &token("stale", "r-stale", 90_000))
+            .await
+            .unwrap(),
+        "fenced out"
+    );
+    let Outcome::Shared { token: t, waited } = acquire(&c, "u", soon(1_000)).await.outcome else {
+        panic!("cached")
+    };
+    assert_eq!((t.access.expose(), waited), ("new", false));
+}
+
+#[tokio::test]
+async fn a_late_result_with_nobody_after_it_is_still_kept() {
+    // With rotating refresh tokens it may hold the only live one.
+    let s = Server::start();
+    let c = coordinator_with(&s.url(), KEY_A, 100.0);
+    let Outcome::Lead { lease, .. } = acquire(&c, "u", soon(50)).await.outcome else {
+        panic!("lead")
+    };
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(c
+        .commit("u", &lease, &token("late", "r-late", 60_000))
+        .await
+        .unwrap());
+}
+
+#[tokio::test]
+async fn waiters_in_other_instances_take_the_published_token() {
+    let s = Server::start();
+    let a = coordinator_with(&s.url(), KEY_A, 5_000.0);
+    let b = std::sync::Arc::new(coordinator_with(&s.url(), KEY_A, 5_000.0));
+    let Outcome::Lead {
+        lease,
+        refresh: None,
+    } = acquire(&a, "u", soon(10_000)).await.outcome
+    else {
+        panic!("lead")
+    };
+    let waiter = {
+        let b = b.clone();
+        tokio::spawn(async move { acquire(&b, "u", soon(10_000)).await })
+    };
+    // Let the waiter find the lock held before the holder commits.
+    let until = Instant::now() + Duration::from_secs(5);
+    while b.conn_waiters() == 0 {
+        assert!(Instant::now() < until);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(a.watchdogs(), 1);
+    let committed = Instant::now();
+    assert!(a
+        .commit("u", &lease, &token("fresh", "r1", 60_000))
+        .await
+        .unwrap());
+    assert_eq!(a.watchdogs(), 0);
+    let Outcome::Shared {
+        token: t,
+        waited: true,
+    } = waiter.await.unwrap().outcome
+    else {
+        panic!("published token")
+    };
+    // Woken by the announcement, not by the lock's 5 s TTL running out.
+    assert!(committed.elapsed() < Duration::from_secs(4));
+    assert_eq!(t.access.expose(), "fresh");
+    assert_eq!(t.refresh.as_ref().map(SecretString::expose), Some("r1"));
+    // A later call elsewhere finds it cached: written before it asked.
+    let Outcome::Shared { waited: false, .. } = acquire(&b, "u", soon(1_000)).await.outcome else {
+        panic!("cached")
+    };
+}
+
+#[tokio::test]
+async fn a_dead_holder_delays_the_others_by_at_most_the_lock_ttl() {
+    let s = Server::start();
+    let holder = coordinator_with(&s.url(), KEY_A, 300.0);
+    let other = coordinator_with(&s.url(), KEY_A, 300.0);
+    let Outcome::Lead { .. } = acquire(&holder, "u", soon(10_000)).await.outcome else {
+        panic!("lead")
+    };
+    holder.close(); // dies: no release, no more extensions
+    let Outcome::Lead { .. } = acquire(&other, "u", soon(10_000)).await.outcome else {
+        panic!("taken over")
+    };
+}
+
+#[tokio::test]
+async fn a_failed_refresh_fails_its_waiters_and_a_released_lock_is_retaken() {
+    let s = Server::start();
+    let a = coordinator_with(&s.url(), KEY_A, 10_000.0);
+    let b = std::sync::Arc::new(coordinator_with(&s.url(), KEY_A, 10_000.0));
+    for failed in [true, false] {
+        let Outcome::Lead { lease, .. } = acquire(&a, "u", soon(10_000)).await.outcome else {
+            panic!("lead")
+        };
+        let waiter = {
+            let b = b.clone();
+            tokio::spawn(async move { acquire(&b, "u", soon(10_000)).await })
+        };
+        while b.conn_waiters() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(a.release("u", &lease, failed).await.unwrap());
+        match (failed, waiter.await.unwrap().outcome) {
+            (true, Outcome::Failed) => {}
+            (false, Outcome::Lead { lease, .. }) => {
+                assert!(b.release("u", &lease, false).await.unwrap())
+            }
+            (_, o) => panic!("unexpected {o:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn nothing_waits_past_the_deadline() {
+    let s = Server::start();
+    let a = coordinator_with(&s.url(), KEY_A, 10_000.0);
+    let Outcome::Lead { .. } = acquire(&a, "u", soon(10_000)).await.outcome else {
+        panic!("lead")
+    };
+    let started = Instant::now();
+    let Outcome::TimedOut = acquire(&a, "u", soon(200)).await.outcome else {
+        panic!("timed out")
+    };
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn a_value_sealed_with_another_key_is_a_miss() {
+    let s = Server::start();
+    let a = coordinator_with(&s.url(), KEY_A, 5_000.0);
+    let b = coordinator_with(&s.url(), KEY_B, 5_000.0);
+    let Outcome::Lead { lease, .. } = acquire(&a, "u", soon(5_000)).await.outcome else {
+        panic!("lead")
+    };
+    assert!(a
+        .commit("u", &lease, &token("sealed-with-a", "r", 60_000))
+        .await
+        .unwrap());
+    let got = acquire(&b, "u", soon(5_000)).await;
+    assert!(got.undecryptable);
+    let Outcome::Lead {
+        lease,
+        refresh: None,
+    } = got.outcome
+    else {
+        panic!("miss, then lock")
+    };
+    assert!(b
+        .commit("u", &lease, &token("sealed-with-b", "r", 60_000))
+        .await
+        .unwrap());
+    let Outcome::Shared { token: t, .. } = acquire(&b, "u", soon(5_000)).await.outcome else {
+        panic!("b reads its own")
+    };
+    assert_eq!(t.access.expose(), "sealed-with-b");
+}
+
+#[tokio::test]
+async fn unusable_cached_tokens_are_refreshed_and_newer_refresh_tokens_handed_over() {
+    let s = Server::start();
+    let c = coordinator_with(&s.url(), KEY_A, 5_000.0);
+    let Outcome::Lead { lease, .. } = acquire(&c, "u", soon(5_000)).await.outcome else {
+        panic!("lead")
+    };
+    assert!(c
+        .commit("u", &lease, &token("revoked", "r-rotated", 60_000))
+        .await
+        .unwrap());
+    // The caller's veto (e.g. it got a 401 with this token) forces a refresh,
+    // which gets the newest refresh token from the cache.
+    let access = old();
+    let got = c
+        .acquire(
+            "u",
+            presented(&access),
+            |t| t.access.expose() != "revoked",
+            soon(5_000),
+        )
+        .await;
+    let Outcome::Lead {
+        lease,
+        refresh: Some(r),
+    } = got.outcome
+    else {
+        panic!("lead")
+    };
+    assert_eq!(r.expose(), "r-rotated");
+    // Due (inside the buffer): not handed out either.
+    assert!(c
+        .commit("u", &lease, &token("due", "r2", 500))
+        .await
+        .unwrap());
+    let Outcome::Lead { .. } = acquire(&c, "v-other", soon(5_000)).await.outcome else {
+        panic!("other user")
+    };
+    let Outcome::Lead { .. } = acquire(&c, "u", soon(5_000)).await.outcome else {
+        panic!("due token refreshed")
+    };
+}
+
+#[tokio::test]
+async fn no_plaintext_token_or_user_id_at_rest_or_on_the_wire() {
+    let s = Server::start();
+    let mut sub = redis::Client::open(s.url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    sub.subscribe("t:refreshed").await.unwrap();
+    let c = coordinator_with(&s.url(), KEY_A, 5_000.0);
+    let user = "customer-8842@example.com";
+    let Outcome::Lead { lease, .. } = acquire(&c, user, soon(5_000)).await.outcome else {
+        panic!("lead")
+    };
+    assert!(c
+        .commit(
+            user,
+            &lease,
+            &token("eyJ-secret-access", "secret-refresh", 60_000)
+        )
+        .await
+        .unwrap());
+    let Outcome::Lead { lease, .. } = acquire(&c, "second-user", soon(5_000)).await.outcome else {
+        panic!("lead")
+    };
+    assert!(c.release("second-user", &lease, true).await.unwrap());
+
+    let mut con = s.con().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    let mut everything = keys.join("\n").into_bytes();
+    for k in &keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(k)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        match kind.as_str() {
+            "hash" => {
+                let h: Vec<Vec<u8>> = con.hgetall(k).await.unwrap();
+                h.into_iter().for_each(|v| everything.extend(v));
+            }
+            "string" => everything.extend(con.get::<_, Vec<u8>>(k).await.unwrap()),
+            other => panic!("unexpected key type {other}"),
+        }
+    }
+    use futures::StreamExt;
+    let mut messages = sub.on_message();
+    for _ in 0..2 {
+        let m = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .unwrap()
+            .unwrap();
+        everything.extend(m.get_payload_bytes());
+    }
+    let text = String::from_utf8_lossy(&everything);
+    for secret in [
+        "eyJ-secret-access",
+        "secret-refresh",
+        user,
+        "customer-8842",
+        "second-user",
+    ] {
+        assert!(!text.contains(secret), "{secret} found in Redis");
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_fails_fast_and_recovers() {
+    let s = Server::start();
+    let port = s.port;
+    let c = coordinator_with(&s.url(), KEY_A, 5_000.0);
+    let Outcome::Lead { lease, .. } = acquire(&c, "u", soon(5_000)).await.outcome else {
+        panic!("lead")
+    };
+    assert!(c.release("u", &lease, false).await.unwrap());
+    drop(s);
+    let started = Instant::now();
+    let Outcome::Unavailable(_) = acquire(&c, "u", soon(20_000)).await.outcome else {
+        panic!("unavailable")
+    };
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(c.is_down());
+    let Outcome::Unavailable(Unavailable::Down) = acquire(&c, "u", soon(20_000)).await.outcome
+    else {
+        panic!("breaker open: no round trip")
+    };
+    // Back on the same port: the probe closes the breaker by itself.
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _s = Server { child, port };
+    let until = Instant::now() + Duration::from_secs(15);
+    while c.is_down() {
+        assert!(Instant::now() < until, "did not reconnect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let Outcome::Lead { .. } = acquire(&c, "u", soon(5_000)).await.outcome else {
+        panic!("coordinating again")
+    };
+}
+
+#[test]
+fn options_are_validated_without_echoing_secrets() {
+    let p = Policy::default();
+    let ok = || RedisOptions {
+        url: Some("redis://:hunter2@127.0.0.1:6379/0".into()),
+        key_prefix: None,
+        lock_ttl_ms: None,
+        encryption_key: Some(KEY_A.into()),
+    };
+    let c = coordinator(ok(), &p).unwrap();
+    assert_eq!(c.timing().lock_ttl_ms, DEFAULT_LOCK_TTL_MS);
+    assert!(!format!("{c:?}").contains("hunter2") && !format!("{c:?}").contains(KEY_A));
+    let err = |o: RedisOptions| coordinator(o, &p).unwrap_err().to_string();
+    assert!(err(RedisOptions {
+        encryption_key: None,
+        ..ok()
+    })
+    .starts_with("options.redis.encryptionKey is required"));
+    assert!(err(RedisOptions {
+        encryption_key: Some("c2hvcnQ=".into()),
+        ..ok()
+    })
+    .contains("32 bytes"));
+    assert!(err(RedisOptions {
+        encryption_key: Some("%%%".into()),
+        ..ok()
+    })
+    .contains("base64"));
+    assert!(err(RedisOptions { url: None, ..ok() }).starts_with("options.redis.url"));
+    let bad_url = err(RedisOptions {
+        url: Some("http://:hunter2@x".into()),
+        ..ok()
+    });
+    assert!(
+        bad_url.starts_with("options.redis.url") && !bad_url.contains("hunter2"),
+        "{bad_url}"
+    );
+    assert!(err(RedisOptions {
+        url: Some("rediss://h:6380".into()),
+        ..ok()
+    })
+    .contains("TLS"));
+    for bad in [0.0, 99.0, 1.5, f64::NAN, 1e12] {
+        assert!(err(RedisOptions {
+            lock_ttl_ms: Some(bad),
+            ..ok()
+        })
+        .starts_with("options.redis.lockTtlMs"));
+    }
+    assert!(err(RedisOptions {
+        key_prefix: Some("x".repeat(200)),
+        ..ok()
+    })
+    .starts_with("options.redis.keyPrefix"));
+}

@@ -1,0 +1,379 @@
+//! HTTP for the refreshers: one shared client (rustls, no redirects),
+//! bounded response reads, and retry with jittered exponential backoff that
+//! honours `Retry-After` and never sleeps past the deadline.
+
+use std::future::Future;
+use std::time::{Duration, SystemTime};
+
+use once_cell::sync::OnceCell;
+use rand::Rng;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::{Client, RequestBuilder, Url};
+use tokio::time::Instant;
+
+use super::RefreshError;
+use crate::engine::ErrorCode;
+
+/// Token answers are a few hundred bytes; anything past this is not one.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+static SHARED: OnceCell<Client> = OnceCell::new();
+
+/// The process-wide client: one connection pool (and TLS session cache) for
+/// every refresher. Built on first use; a failure (no TLS backend) is an
+/// error for the caller, not a panic.
+pub fn shared_client() -> Result<Client, RefreshError> {
+    SHARED.get_or_try_init(new_client).cloned()
+}
+
+/// A client configured as the shared one. Tests build their own: pooled
+/// connections belong to the tokio runtime that opened them.
+pub fn new_client() -> Result<Client, RefreshError> {
+    Client::builder()
+        .use_rustls_tls()
+        // A token endpoint that redirects is misconfigured; following it
+        // would resend the client secret (and a refresh token) elsewhere.
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("tarabut-token-manager/", env!("CARGO_PKG_VERSION")))
+        // Below common server keep-alive timeouts (Node's is 5 s): reusing
+        // a connection the server is closing fails a request that may have
+        // been sent, which an OAuth2 refresh must not resend.
+        .pool_idle_timeout(Duration::from_secs(4))
+        .build()
+        .map_err(|_| RefreshError::new(ErrorCode::RefreshFailed, "could not build the HTTP client"))
+}
+
+/// A token endpoint URL: absolute, https (plain http only to a loopback
+/// host, for tests and local mocks), no credentials or fragment in it.
+pub fn token_url(name: &str, value: &str) -> Result<Url, RefreshError> {
+    let url = Url::parse(value)
+        .map_err(|_| RefreshError::invalid_argument(name, "must be an absolute URL"))?;
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    match url.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        _ => {
+            return Err(RefreshError::invalid_argument(
+                name,
+                "must be an https URL (http only for a loopback host)",
+            ))
+        }
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(RefreshError::invalid_argument(
+            name,
+            "must not carry credentials",
+        ));
+    }
+    if url.fragment().is_some() {
+        return Err(RefreshError::invalid_argument(
+            name,
+            "must not have a fragment",
+        ));
+    }
+    Ok(url)
+}
+
+/// One HTTP exchange with the token endpoint.
+#[derive(Debug)]
+pub enum Attempt {
+    /// The server answered and the whole body was read.
+    Answered {
+        status: u16,
+        retry_after: Option<Duration>,
+        body: Vec<u8>,
+    },
+    /// The server answered, but the body was too large or broke off.
+    BrokenBody { status: u16 },
+    /// No answer. `sent`: the request may have reached the server (anything
+    /// but a failure to connect).
+    Failed { sent: bool, error: RefreshError },
+}
+
+/// Sends `request` and reads at most [`MAX_BODY_BYTES`] of the answer.
+/// Dropping the future aborts the request.
+pub async fn send(request: RequestBuilder) -> Attempt {
+    let mut response = match request.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            return Attempt::Failed {
+                sent: !e.is_connect(),
+                error: transport_error(&e),
+            }
+        }
+    };
+    let status = response.status().as_u16();
+    let retry_after = retry_after(response.headers(), SystemTime::now());
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_BODY_BYTES {
+                    return Attempt::BrokenBody { status };
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => {
+                return Attempt::Answered {
+                    status,
+                    retry_after,
+                    body,
+                }
+            }
+            Err(_) => return Attempt::BrokenBody { status },
+        }
+    }
+}
+
+/// A transport failure, described without the URL (reqwest's own message
+/// includes it) or anything the server sent.
+fn transport_error(e: &reqwest::Error) -> RefreshError {
+    let kind = io_kind(e).map(|k| format!(" ({k:?})")).unwrap_or_default();
+    let what = if e.is_connect() {
+        "could not connect to the token endpoint"
+    } else if e.is_timeout() {
+        "the token request timed out"
+    } else {
+        "the token request failed before an answer arrived"
+    };
+    RefreshError::new(ErrorCode::RefreshFailed, format!("{what}{kind}"))
+}
+
+fn io_kind(e: &reqwest::Error) -> Option<std::io::ErrorKind> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        source = s.source();
+    }
+    None
+}
+
+/// `Retry-After` as delay-seconds or an HTTP-date (RFC 9110 section 10.2.3).
+pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// What one attempt concluded.
+pub enum Verdict<T> {
+    Done(Result<T, RefreshError>),
+    /// Worth another try after at least `after` (the server's Retry-After).
+    Retry {
+        error: RefreshError,
+        after: Option<Duration>,
+    },
+}
+
+/// Backoff between attempts: "equal jitter" (half the exponential step
+/// fixed, half random), so retries from many users spread out but never
+/// come back at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait before retry number `retry` (0 = first retry): the jittered
+    /// step, or the server's Retry-After if that is longer.
+    pub fn delay(&self, retry: u32, retry_after: Option<Duration>) -> Duration {
+        let step = self
+            .base
+            .saturating_mul(1u32 << retry.min(16))
+            .min(self.cap);
+        let half = step / 2;
+        let jitter = Duration::from_nanos(rand::rng().random_range(0..=half.as_nanos() as u64));
+        let wait = half + jitter;
+        retry_after.map_or(wait, |ra| ra.max(wait))
+    }
+}
+
+/// Runs `attempt` until it is done, `max_retries` retries are used up, or the
+/// next wait would end past `deadline`; then the last error stands (more
+/// useful than a timeout when the server said 503 or Retry-After: 3600).
+pub async fn with_retries<T, F, Fut>(
+    deadline: Instant,
+    max_retries: u32,
+    backoff: Backoff,
+    mut attempt: F,
+) -> Result<T, RefreshError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Verdict<T>>,
+{
+    let mut retries = 0;
+    loop {
+        match attempt().await {
+            Verdict::Done(result) => return result,
+            Verdict::Retry { error, after } => {
+                if retries >= max_retries {
+                    return Err(error);
+                }
+                let wait = backoff.delay(retries, after);
+                if Instant::now() + wait >= deadline {
+                    return Err(error);
+                }
+                tokio::time::sleep(wait).await;
+                retries += 1;
+            }
+        }
+    }
+}
+
+/// The provider's `error` field from an error answer, kept only when it
+/// looks like an OAuth error code (short, printable ASCII): it goes into
+/// messages and onto the JS error, so it must not be able to carry a body.
+pub fn provider_error(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct ErrorBody {
+        error: Option<serde_json::Value>,
+    }
+    let parsed: ErrorBody = serde_json::from_slice(body).ok()?;
+    let serde_json::Value::String(e) = parsed.error? else {
+        return None;
+    };
+    let printable = e
+        .bytes()
+        .all(|b| (0x20..=0x7e).contains(&b) && b != b'"' && b != b'\\');
+    (!e.is_empty() && e.len() <= 64 && printable).then_some(e)
+}
+
+/// `expires_in` as a positive number of seconds; some servers send it as a
+/// numeric string.
+pub fn expires_in(value: Option<&serde_json::Value>) -> Option<f64> {
+    let v = match value? {
+        serde_json::Value::Number(n) => n.as_f64()?,
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok()?,
+        _ => return None,
+    };
+    (v.is_finite() && v > 0.0 && v <= 1e10).then_some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    fn headers(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_str(v).unwrap());
+        h
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let now = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        assert_eq!(
+            retry_after(&headers("3"), now),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(retry_after(&headers(" 0 "), now), Some(Duration::ZERO));
+        assert_eq!(
+            retry_after(&headers("Sun, 06 Nov 1994 08:49:40 GMT"), now),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            retry_after(&headers("Sun, 06 Nov 1994 08:49:30 GMT"), now),
+            Some(Duration::ZERO),
+            "a past date means now"
+        );
+        assert_eq!(retry_after(&headers("soon"), now), None);
+        assert_eq!(retry_after(&headers("-1"), now), None);
+        assert_eq!(retry_after(&HeaderMap::new(), now), None);
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_honours_retry_after() {
+        let b = Backoff {
+            base: Duration::from_millis(100),
+            cap: Duration::from_millis(1000),
+        };
+        for _ in 0..200 {
+            let d0 = b.delay(0, None);
+            assert!(
+                d0 >= Duration::from_millis(50) && d0 <= Duration::from_millis(100),
+                "{d0:?}"
+            );
+            let d2 = b.delay(2, None);
+            assert!(
+                d2 >= Duration::from_millis(200) && d2 <= Duration::from_millis(400),
+                "{d2:?}"
+            );
+            let d9 = b.delay(40, None);
+            assert!(
+                d9 >= Duration::from_millis(500) && d9 <= Duration::from_millis(1000),
+                "{d9:?}"
+            );
+            assert!(b.delay(0, Some(Duration::from_secs(2))) == Duration::from_secs(2));
+        }
+    }
+
+    #[test]
+    fn token_urls_must_be_https_except_loopback() {
+        assert!(token_url("tokenUrl", "https://oauth.example.com/token").is_ok());
+        assert!(token_url("tokenUrl", "http://127.0.0.1:8080/token").is_ok());
+        assert!(token_url("tokenUrl", "http://localhost/token").is_ok());
+        assert!(token_url("tokenUrl", "http://[::1]:9/token").is_ok());
+        for bad in [
+            "http://oauth.example.com/token",
+            "ftp://127.0.0.1/x",
+            "/token",
+            "",
+            "https://user:pass@oauth.example.com/token",
+            "https://oauth.example.com/token#x",
+        ] {
+            let e = token_url("tokenUrl", bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidArgument, "{bad}");
+            assert!(!e.to_string().contains("pass"), "{e}");
+        }
+    }
+
+    #[test]
+    fn provider_error_is_kept_only_when_it_looks_like_a_code() {
+        assert_eq!(
+            provider_error(br#"{"error":"invalid_grant","error_description":"x"}"#).as_deref(),
+            Some("invalid_grant")
+        );
+        assert_eq!(provider_error(br#"{"error":42}"#), None);
+        assert_eq!(provider_error(br#"{"message":"nope"}"#), None);
+        assert_eq!(provider_error(b"<html>"), None);
+        let long = format!(r#"{{"error":"{}"}}"#, "a".repeat(65));
+        assert_eq!(provider_error(long.as_bytes()), None);
+        assert_eq!(
+            provider_error("{\"error\":\"bad\\nline\"}".as_bytes()),
+            None
+        );
+    }
+
+    #[test]
+    fn expires_in_accepts_numbers_and_numeric_strings() {
+        use serde_json::json;
+        assert_eq!(expires_in(Some(&json!(3600))), Some(3600.0));
+        assert_eq!(expires_in(Some(&json!("120"))), Some(120.0));
+        assert_eq!(expires_in(Some(&json!(0))), None);
+        assert_eq!(expires_in(Some(&json!(-5))), None);
+        assert_eq!(expires_in(Some(&json!("soon"))), None);
+        assert_eq!(expires_in(Some(&json!(null))), None);
+        assert_eq!(expires_in(None), None);
+    }
+}

@@ -1,0 +1,525 @@
+//! The RFC 6749 section 6 refresh: `grant_type=refresh_token`, form-urlencoded,
+//! client authentication by `client_secret_basic` (the default, which every
+//! server must support) or `client_secret_post`.
+//!
+//! With refresh-token rotation a refresh token works once, and a server that
+//! sees it twice revokes the whole grant. So a request is repeated only when
+//! it certainly never left (the connection could not be made): once it may
+//! have reached the server, a lost answer is an error, not a retry.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::{Client, Url};
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use super::http::{self, Attempt, Backoff, Verdict};
+use super::{required, RefreshError, Token};
+use crate::engine::{ErrorCode, SecretString};
+
+/// Used when the server leaves `expires_in` out (RFC 6749 makes it
+/// optional): the common lifetime. If the real one is shorter, the API's 401
+/// and `invalidate()` recover; failing instead would lose a rotated refresh
+/// token the server has already issued.
+pub const FALLBACK_EXPIRES_IN: f64 = 3600.0;
+/// Retries of a connection that could not be made (the request never left).
+const CONNECT_RETRIES: u32 = 2;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AuthMethod {
+    #[default]
+    ClientSecretBasic,
+    ClientSecretPost,
+}
+
+impl AuthMethod {
+    pub fn parse(value: Option<&str>) -> Result<Self, RefreshError> {
+        match value {
+            None | Some("client_secret_basic") => Ok(AuthMethod::ClientSecretBasic),
+            Some("client_secret_post") => Ok(AuthMethod::ClientSecretPost),
+            Some(_) => Err(RefreshError::invalid_argument(
+                "authMethod",
+                "must be 'client_secret_basic' or 'client_secret_post'",
+            )),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct OAuth2Config {
+    pub token_url: String,
+    pub client_id: String,
+    pub client_secret: SecretString,
+    pub auth_method: AuthMethod,
+    pub scope: Option<String>,
+    pub timeout_ms: Option<f64>,
+}
+
+impl Default for OAuth2Config {
+    fn default() -> Self {
+        Self {
+            token_url: String::new(),
+            client_id: String::new(),
+            client_secret: SecretString::new(String::new()),
+            auth_method: AuthMethod::default(),
+            scope: None,
+            timeout_ms: None,
+        }
+    }
+}
+
+pub struct OAuth2Refresher {
+    client: Client,
+    url: Url,
+    auth: Auth,
+    scope: Option<String>,
+    timeout: Duration,
+}
+
+enum Auth {
+    /// The whole `Authorization: Basic ...` header value.
+    Basic(SecretString),
+    Post {
+        client_id: String,
+        client_secret: SecretString,
+    },
+}
+
+impl std::fmt::Debug for OAuth2Refresher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let method = match self.auth {
+            Auth::Basic(_) => "client_secret_basic",
+            Auth::Post { .. } => "client_secret_post",
+        };
+        f.debug_struct("OAuth2Refresher")
+            .field("auth_method", &method)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    access_token: Option<serde_json::Value>,
+    expires_in: Option<serde_json::Value>,
+    refresh_token: Option<serde_json::Value>,
+}
+
+impl OAuth2Refresher {
+    pub fn new(config: OAuth2Config, client: Client) -> Result<Self, RefreshError> {
+        if config.token_url.is_empty() {
+            return Err(RefreshError::invalid_argument("tokenUrl", "is required"));
+        }
+        let url = http::token_url("tokenUrl", &config.token_url)?;
+        required("clientId", &config.client_id)?;
+        required("clientSecret", config.client_secret.expose())?;
+        let timeout = super::timeout_option("timeoutMs", config.timeout_ms)?;
+        let auth = match config.auth_method {
+            // RFC 6749 section 2.3.1: each part form-urlencoded, then Base64.
+            AuthMethod::ClientSecretBasic => {
+                // Intermediate copies are SecretStrings too: wiped on drop.
+                let pair = SecretString::new(format!(
+                    "{}:{}",
+                    form(&config.client_id),
+                    form(config.client_secret.expose())
+                ));
+                let encoded = SecretString::new(
+                    base64::engine::general_purpose::STANDARD.encode(pair.expose()),
+                );
+                Auth::Basic(SecretString::new(format!("Basic {}", encoded.expose())))
+            }
+            AuthMethod::ClientSecretPost => Auth::Post {
+                client_id: config.client_id,
+                client_secret: config.client_secret,
+            },
+        };
+        Ok(Self {
+            client,
+            url,
+            auth,
+            scope: config.scope.filter(|s| !s.is_empty()),
+            timeout,
+        })
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Exchanges `refresh_token` for a new access token (and, with
+    /// rotation, a new refresh token the caller must persist).
+    pub async fn refresh(
+        &self,
+        refresh_token: Option<&SecretString>,
+        deadline: Instant,
+    ) -> Result<Token, RefreshError> {
+        let refresh_token = refresh_token.filter(|t| !t.is_empty()).ok_or_else(|| {
+            RefreshError::new(
+                ErrorCode::ReauthRequired,
+                "no refresh token to refresh with: the user must reconnect",
+            )
+        })?;
+        let mut form: Vec<(&str, &str)> = vec![
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token.expose()),
+        ];
+        if let Some(scope) = &self.scope {
+            form.push(("scope", scope));
+        }
+        if let Auth::Post {
+            client_id,
+            client_secret,
+        } = &self.auth
+        {
+            form.push(("client_id", client_id));
+            form.push(("client_secret", client_secret.expose()));
+        }
+        let body = SecretString::new(serde_urlencoded::to_string(&form).map_err(|_| {
+            RefreshError::new(
+                ErrorCode::RefreshFailed,
+                "could not encode the refresh request",
+            )
+        })?);
+        drop(form);
+        let backoff = Backoff::default();
+        http::with_retries(deadline, CONNECT_RETRIES, backoff, || {
+            let mut request = self
+                .client
+                .post(self.url.clone())
+                .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .header(ACCEPT, "application/json")
+                .body(body.expose().to_owned());
+            if let Auth::Basic(value) = &self.auth {
+                if let Ok(mut v) = HeaderValue::from_str(value.expose()) {
+                    v.set_sensitive(true);
+                    request = request.header(AUTHORIZATION, v);
+                }
+            }
+            async move { judge(http::send(request).await) }
+        })
+        .await
+    }
+}
+
+fn form(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+fn judge(attempt: Attempt) -> Verdict<Token> {
+    match attempt {
+        // The connection was never made: the refresh token never left.
+        Attempt::Failed { sent: false, error } => Verdict::Retry { error, after: None },
+        // It may have been used: resending could revoke the grant.
+        Attempt::Failed { sent: true, error } => Verdict::Done(Err(error)),
+        Attempt::BrokenBody { status } if (200..300).contains(&status) => Verdict::Done(Err(
+            RefreshError::malformed(status, "a body that broke off or is too large"),
+        )),
+        Attempt::BrokenBody { status } => {
+            Verdict::Done(Err(RefreshError::from_status(status, None)))
+        }
+        Attempt::Answered { status, body, .. } if (200..300).contains(&status) => {
+            Verdict::Done(parse(status, &body))
+        }
+        Attempt::Answered { status, body, .. } => Verdict::Done(Err(RefreshError::from_status(
+            status,
+            http::provider_error(&body),
+        ))),
+    }
+}
+
+fn parse(status: u16, body: &[u8]) -> Result<Token, RefreshError> {
+    let answer: Answer = serde_json::from_slice(body)
+        .map_err(|_| RefreshError::malformed(status, "a body that is not a JSON object"))?;
+    let access = match answer.access_token {
+        Some(serde_json::Value::String(s)) if !s.is_empty() => SecretString::new(s),
+        _ => return Err(RefreshError::malformed(status, "no access_token string")),
+    };
+    let expires_in = match answer.expires_in {
+        None | Some(serde_json::Value::Null) => FALLBACK_EXPIRES_IN,
+        Some(v) => http::expires_in(Some(&v))
+            .ok_or_else(|| RefreshError::malformed(status, "an invalid expires_in"))?,
+    };
+    let refresh = match answer.refresh_token {
+        Some(serde_json::Value::String(s)) if !s.is_empty() => Some(SecretString::new(s)),
+        _ => None,
+    };
+    Ok(Token {
+        access,
+        refresh,
+        expires_in,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::refresh::Refresher;
+    use serde_json::json;
+    use wiremock::matchers::{body_string, header, header_exists, method, path};
+    use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+
+    const SECRET: &str = "s3cr3t:with&odd=chars";
+    const RT: &str = "rt-original-0001";
+    const BUDGET: Option<Duration> = Some(Duration::from_secs(10));
+
+    fn refresher(url: String, auth_method: AuthMethod) -> Refresher {
+        let config = OAuth2Config {
+            token_url: url,
+            client_id: "my app".into(),
+            client_secret: SECRET.into(),
+            auth_method,
+            ..Default::default()
+        };
+        Refresher::OAuth2(OAuth2Refresher::new(config, http::new_client().unwrap()).unwrap())
+    }
+
+    fn rt() -> SecretString {
+        SecretString::from(RT)
+    }
+
+    async fn requests(server: &MockServer) -> Vec<Request> {
+        server.received_requests().await.unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn basic_auth_sends_the_rfc_request_and_returns_the_rotated_token() {
+        let server = MockServer::start().await;
+        // RFC 6749 2.3.1: form-encode id and secret, then Base64 "id:secret".
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("my+app:s3cr3t%3Awith%26odd%3Dchars")
+        );
+        Mock::given(method("POST"))
+            .and(path("/token"))
+            .and(header("content-type", "application/x-www-form-urlencoded"))
+            .and(header("authorization", expected.as_str()))
+            .and(body_string(format!("grant_type=refresh_token&refresh_token={RT}")))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+                "access_token": "at-2", "token_type": "Bearer", "expires_in": 300, "refresh_token": "rt-2"
+            })))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let t = refresher(
+            format!("{}/token", server.uri()),
+            AuthMethod::ClientSecretBasic,
+        )
+        .refresh("any-user", Some(&rt()), BUDGET)
+        .await
+        .unwrap();
+        assert_eq!(t.access.expose(), "at-2");
+        assert_eq!(t.refresh.as_ref().map(|s| s.expose()), Some("rt-2"));
+        assert_eq!(t.expires_in, 300.0);
+    }
+
+    #[tokio::test]
+    async fn post_auth_puts_the_client_in_the_body_and_scope_is_sent() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(body_string(format!(
+                "grant_type=refresh_token&refresh_token={RT}&scope=accounts+offline_access&client_id=my+app&client_secret=s3cr3t%3Awith%26odd%3Dchars"
+            )))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({ "access_token": "at-3", "token_type": "Bearer" })))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let config = OAuth2Config {
+            token_url: server.uri(),
+            client_id: "my app".into(),
+            client_secret: SECRET.into(),
+            auth_method: AuthMethod::ClientSecretPost,
+            scope: Some("accounts offline_access".into()),
+            ..Default::default()
+        };
+        let r =
+            Refresher::OAuth2(OAuth2Refresher::new(config, http::new_client().unwrap()).unwrap());
+        let t = r.refresh("u", Some(&rt()), BUDGET).await.unwrap();
+        assert_eq!(t.access.expose(), "at-3");
+        assert!(t.refresh.is_none(), "no rotation: nothing new to persist");
+        assert_eq!(t.expires_in, FALLBACK_EXPIRES_IN);
+        let sent = requests(&server).await;
+        assert!(!sent[0].headers.contains_key("authorization"));
+    }
+
+    #[tokio::test]
+    async fn invalid_grant_means_reauth_and_is_never_resent() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(400).set_body_json(json!({
+                "error": "invalid_grant", "error_description": "grant request is invalid rt-original-0001"
+            })))
+            .mount(&server)
+            .await;
+        let e = refresher(server.uri(), AuthMethod::ClientSecretBasic)
+            .refresh("u", Some(&rt()), BUDGET)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.code, e.status, e.provider_error.as_deref()),
+            (ErrorCode::ReauthRequired, Some(400), Some("invalid_grant"))
+        );
+        assert!(
+            !e.to_string().contains(RT) && !e.to_string().contains("description"),
+            "{e}"
+        );
+        assert_eq!(requests(&server).await.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn server_errors_and_429_are_not_retried() {
+        for status in [500, 502, 503, 429] {
+            let server = MockServer::start().await;
+            Mock::given(method("POST"))
+                .respond_with(ResponseTemplate::new(status).insert_header("retry-after", "0"))
+                .mount(&server)
+                .await;
+            let e = refresher(server.uri(), AuthMethod::ClientSecretBasic)
+                .refresh("u", Some(&rt()), BUDGET)
+                .await
+                .unwrap_err();
+            assert_eq!((e.code, e.status), (ErrorCode::RefreshFailed, Some(status)));
+            assert_eq!(requests(&server).await.len(), 1, "HTTP {status} was resent");
+        }
+    }
+
+    #[tokio::test]
+    async fn client_rejections_are_invalid_client() {
+        for (status, error) in [
+            (401, Some("invalid_client")),
+            (401, None),
+            (400, Some("invalid_client")),
+        ] {
+            let server = MockServer::start().await;
+            let body = error.map_or(json!({}), |e| json!({ "error": e }));
+            Mock::given(method("POST"))
+                .respond_with(ResponseTemplate::new(status).set_body_json(body))
+                .mount(&server)
+                .await;
+            let e = refresher(server.uri(), AuthMethod::ClientSecretBasic)
+                .refresh("u", Some(&rt()), BUDGET)
+                .await
+                .unwrap_err();
+            assert_eq!(
+                (e.code, e.status, e.provider_error.as_deref()),
+                (ErrorCode::InvalidClient, Some(status), error)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lost_answer_is_an_error_not_a_resend() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(json!({ "access_token": "at", "expires_in": 60 }))
+                    .set_delay(Duration::from_secs(5)),
+            )
+            .mount(&server)
+            .await;
+        let e = refresher(server.uri(), AuthMethod::ClientSecretBasic)
+            .refresh("u", Some(&rt()), Some(Duration::from_millis(300)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::RefreshTimeout);
+        assert_eq!(requests(&server).await.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn no_refresh_token_means_reauth_without_a_request() {
+        let server = MockServer::start().await;
+        Mock::given(header_exists("content-type"))
+            .respond_with(ResponseTemplate::new(500))
+            .mount(&server)
+            .await;
+        let r = refresher(server.uri(), AuthMethod::ClientSecretBasic);
+        for token in [None, Some(SecretString::from(""))] {
+            let e = r.refresh("u", token.as_ref(), BUDGET).await.unwrap_err();
+            assert_eq!(e.code, ErrorCode::ReauthRequired);
+        }
+        assert!(requests(&server).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn malformed_success_is_refresh_failed() {
+        for body in [
+            "[]",
+            "{\"token_type\":\"Bearer\"}",
+            "{\"access_token\":\"at\",\"expires_in\":\"never\"}",
+            "nope",
+        ] {
+            let server = MockServer::start().await;
+            Mock::given(method("POST"))
+                .respond_with(ResponseTemplate::new(200).set_body_string(body))
+                .mount(&server)
+                .await;
+            let e = refresher(server.uri(), AuthMethod::ClientSecretBasic)
+                .refresh("u", Some(&rt()), BUDGET)
+                .await
+                .unwrap_err();
+            assert_eq!(
+                (e.code, e.status),
+                (ErrorCode::RefreshFailed, Some(200)),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn options_are_validated_and_secrets_redacted() {
+        let client = http::new_client().unwrap();
+        let base = || OAuth2Config {
+            token_url: "https://idp.example/token".into(),
+            client_id: "c".into(),
+            client_secret: SECRET.into(),
+            ..Default::default()
+        };
+        let r = OAuth2Refresher::new(base(), client.clone()).unwrap();
+        assert!(!format!("{r:?}").contains("s3cr3t"));
+        assert!(!format!("{r:?}").contains("Basic"));
+        assert_eq!(
+            AuthMethod::parse(Some("client_secret_post")).unwrap(),
+            AuthMethod::ClientSecretPost
+        );
+        assert_eq!(
+            AuthMethod::parse(Some("private_key_jwt")).unwrap_err().code,
+            ErrorCode::InvalidArgument
+        );
+        for (config, prefix) in [
+            (
+                OAuth2Config {
+                    token_url: String::new(),
+                    ..base()
+                },
+                "tokenUrl ",
+            ),
+            (
+                OAuth2Config {
+                    token_url: "http://idp.example/token".into(),
+                    ..base()
+                },
+                "tokenUrl ",
+            ),
+            (
+                OAuth2Config {
+                    client_id: String::new(),
+                    ..base()
+                },
+                "clientId ",
+            ),
+            (
+                OAuth2Config {
+                    client_secret: "".into(),
+                    ..base()
+                },
+                "clientSecret ",
+            ),
+        ] {
+            let e = OAuth2Refresher::new(config, client.clone()).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidArgument);
+            assert!(e.to_string().starts_with(prefix), "{e}");
+        }
+    }
+}
