@@ -5,8 +5,8 @@
 // Options: --quick, --rounds N, --only 1,3,5, --token-bytes N (access token
 // length, default 1000: a JWT).
 //
-// Rows from other modules: each file in HOOKS, if present, exports
-// `rows(ctx)` returning Row[] (see harness.mjs); absent files are skipped.
+// Rows from other modules: each entry in HOOKS names a file and how to get
+// its rows; absent files are skipped silently. See HOOKS below.
 import { execFileSync } from 'node:child_process'
 import { existsSync } from 'node:fs'
 import os from 'node:os'
@@ -16,7 +16,14 @@ import { parseArgs } from 'node:util'
 import { awaitedNsPerCall, concurrentCallsPerSec, runRows, spreadTable, table } from './harness.mjs'
 import { addon, fakeToken, floorHot, floorRefresh, FloorShared, seed } from './competitors.mjs'
 
-const HOOKS = ['./native-refresher.mjs', './redis.mjs']
+// Modules with rows of their own, printed in a second table when present.
+// One line each: [id for --only, file, (module, ctx) => rows], rows being
+// { name, value, unit, target?, note?, met? }[] (redis.mjs's shape) or, for
+// competitor rows measured here, Row[] from harness.mjs under `rows`.
+const HOOKS = [
+  ['native', './native-refresher.mjs', async (m, c) => ratioRow(await m.benchNativeRefresher(c.quick ? { rounds: 2, refreshes: 200, concurrency: 16, log: c.log } : { log: c.log }))],
+  ['redis', './redis.mjs', (m, c) => m.redisRows(c.quick ? { users: 200, processes: 2, fleetUsers: 100, log: c.log } : { log: c.log })],
+]
 
 const { values: args } = parseArgs({
   options: {
@@ -182,6 +189,29 @@ function memoryRow(id, bytes) {
   }
 }
 
+/** native-refresher.mjs's `{ name, unit, native, fetch, ratio, target, rounds }` as a row. */
+function ratioRow(r) {
+  return [
+    {
+      name: r.name,
+      value: `${fmt.int(r.native)} vs ${fmt.int(r.fetch)}`,
+      unit: `${r.unit} (native vs fetch)`,
+      target: `≥ ${r.target}×`,
+      met: r.ratio >= r.target,
+      note: `ratio ${r.ratio.toFixed(2)}×, median of ${r.rounds.length} interleaved rounds`,
+    },
+  ]
+}
+
+function extraTable(list) {
+  const lines = ['| measure | value | unit | target | met | note |', '| --- | --- | --- | --- | --- | --- |']
+  for (const r of list) {
+    const met = r.met === undefined ? '' : r.met ? 'yes' : '**no**'
+    lines.push(`| ${r.name} | ${r.value} | ${r.unit ?? ''} | ${r.target ?? ''} | ${met} | ${r.note ?? ''} |`)
+  }
+  return lines.join('\n')
+}
+
 const rows = [
   hotRow('1', 'hot path, awaited one by one', (call, c) => awaitedNsPerCall(call, n.awaited, c.bench), {
     key: 'v',
@@ -204,19 +234,26 @@ const rows = [
   failureRow(),
 ]
 
-for (const hook of HOOKS) {
-  const url = new URL(hook, import.meta.url)
-  if (!existsSync(fileURLToPath(url))) continue
-  const mod = await import(url.href)
-  rows.push(...(await mod.rows(ctx)))
-}
-
 const only = args.only ? new Set(args.only.split(',')) : null
 const selected = only ? rows.filter((r) => only.has(r.id)) : rows
 
 const load0 = os.loadavg()[0]
 const started = Date.now()
 const results = await runRows(selected, ctx)
+
+const extra = []
+for (const [id, file, get] of HOOKS) {
+  const url = new URL(file, import.meta.url)
+  if ((only && !only.has(id)) || !existsSync(fileURLToPath(url))) continue
+  process.stderr.write(`${file}:\n`)
+  try {
+    extra.push(...(await get(await import(url.href), { ...ctx, log: (line) => process.stderr.write(`  ${line}\n`) })))
+  } catch (e) {
+    // Reported, not fatal: the other rows still print. The exit code says it.
+    process.exitCode = 1
+    extra.push({ name: `${file} failed`, value: '—', unit: '', note: String(e?.message ?? e).split('\n')[0] })
+  }
+}
 const load1 = os.loadavg()[0]
 
 const cpu = os.cpus()
@@ -227,5 +264,9 @@ console.log(
     `load average ${load0.toFixed(2)} → ${load1.toFixed(2)}; ${((Date.now() - started) / 1000).toFixed(0)} s\n`,
 )
 console.log(table(results))
+if (extra.length > 0) {
+  console.log('\nRows from other modules (their own rounds and ratios):\n')
+  console.log(extraTable(extra))
+}
 console.log('\nSpread over rounds:\n')
 console.log(spreadTable(results))
