@@ -137,10 +137,10 @@ impl Engine {
                 _ => presented.refresh.clone(),
             };
             let id = self.next_flight.fetch_add(1, Relaxed);
-            e.flight = Some(Flight {
+            e.flight = Some(Box::new(Flight {
                 id,
                 refresh_token: refresh_token.clone(),
-            });
+            }));
             *in_flight += 1;
             Plan::Lead { id, refresh_token }
         });

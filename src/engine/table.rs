@@ -33,15 +33,25 @@ struct Revocation {
     until: EpochMs,
 }
 
+/// An entry's revocations; rare, so kept out of line.
+#[derive(Debug, Default)]
+struct Revocations {
+    tokens: Vec<Revocation>,
+    /// `invalidate(userId)` without a token: the next call refreshes whatever
+    /// it presents, until a refresh completes.
+    all_until: Option<EpochMs>,
+}
+
+/// One user's state. Rarely used parts (a refresh in flight, revocations)
+/// are boxed: every user has an entry, and the table moves all of them
+/// when it grows.
 #[derive(Debug)]
 pub(crate) struct Entry {
     pub held: Option<Held>,
-    pub flight: Option<Flight>,
+    pub flight: Option<Box<Flight>>,
     pub last_refresh: Option<EpochMs>,
-    revoked: Vec<Revocation>,
-    /// `invalidate(userId)` without a token: the next call refreshes whatever
-    /// it presents, until a refresh completes.
-    revoke_all_until: Option<EpochMs>,
+    /// `None` when nothing is revoked (never an empty box).
+    revocations: Option<Box<Revocations>>,
     last_used: EpochMs,
 }
 
@@ -51,29 +61,42 @@ impl Entry {
             held: None,
             flight: None,
             last_refresh: None,
-            revoked: Vec::new(),
-            revoke_all_until: None,
+            revocations: None,
             last_used: now,
         }
     }
 
     pub fn is_revoked(&self, fp: Fingerprint, now: EpochMs) -> bool {
-        self.revoke_all_until.is_some_and(|u| u > now)
-            || self
-                .revoked
-                .iter()
-                .any(|r| r.fingerprint == fp && r.until > now)
+        self.revocations.as_ref().is_some_and(|r| {
+            r.all_until.is_some_and(|u| u > now)
+                || r.tokens
+                    .iter()
+                    .any(|t| t.fingerprint == fp && t.until > now)
+        })
     }
 
     /// Whether this entry makes the hot path look users up.
     fn is_revoking(&self) -> bool {
-        self.revoke_all_until.is_some() || !self.revoked.is_empty()
+        self.revocations.is_some()
     }
 
     fn prune(&mut self, now: EpochMs) {
-        self.revoked.retain(|r| r.until > now);
-        if self.revoke_all_until.is_some_and(|u| u <= now) {
-            self.revoke_all_until = None;
+        if let Some(r) = &mut self.revocations {
+            r.tokens.retain(|t| t.until > now);
+            if r.all_until.is_some_and(|u| u <= now) {
+                r.all_until = None;
+            }
+            self.drop_empty_revocations();
+        }
+    }
+
+    fn drop_empty_revocations(&mut self) {
+        if self
+            .revocations
+            .as_ref()
+            .is_some_and(|r| r.tokens.is_empty() && r.all_until.is_none())
+        {
+            self.revocations = None;
         }
     }
 }
@@ -162,23 +185,60 @@ impl Table {
 impl Entry {
     /// Marks a token bad until `until`, or every token when `fp` is `None`.
     pub fn revoke(&mut self, fp: Option<Fingerprint>, until: EpochMs) {
+        let r = self.revocations.get_or_insert_with(Box::default);
         match fp {
             Some(fp) => {
-                if let Some(r) = self.revoked.iter_mut().find(|r| r.fingerprint == fp) {
-                    r.until = r.until.max(until);
+                if let Some(t) = r.tokens.iter_mut().find(|t| t.fingerprint == fp) {
+                    t.until = t.until.max(until);
                 } else {
-                    self.revoked.push(Revocation {
+                    r.tokens.push(Revocation {
                         fingerprint: fp,
                         until,
                     });
                 }
             }
-            None => self.revoke_all_until = Some(until),
+            None => r.all_until = Some(until),
         }
     }
 
     /// A refresh completed: a blanket revocation has done its job.
     pub fn clear_revoke_all(&mut self) {
-        self.revoke_all_until = None;
+        if let Some(r) = &mut self.revocations {
+            r.all_until = None;
+            self.drop_empty_revocations();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_stay_small() {
+        // Every user has one and the table moves them all when it grows.
+        let size = std::mem::size_of::<Entry>();
+        assert!(size <= 112, "Entry is {size} bytes");
+    }
+
+    #[test]
+    fn revocations_live_out_of_line_only_while_they_last() {
+        let (a, b) = (Fingerprint::of("a"), Fingerprint::of("b"));
+        let mut e = Entry::new(0);
+        assert!(!e.is_revoking() && !e.is_revoked(a, 0));
+        e.revoke(Some(a), 100);
+        assert!(e.is_revoked(a, 50) && !e.is_revoked(b, 50) && e.is_revoking());
+        e.revoke(None, 80);
+        assert!(e.is_revoked(b, 50));
+        e.clear_revoke_all();
+        assert!(!e.is_revoked(b, 50) && e.is_revoked(a, 50));
+        e.prune(100);
+        assert!(
+            !e.is_revoked(a, 100) && !e.is_revoking(),
+            "expired marks are dropped"
+        );
+        e.revoke(None, 10);
+        e.clear_revoke_all();
+        assert!(!e.is_revoking());
     }
 }
