@@ -7,6 +7,8 @@
 //! and a `#[napi(object)]` answer ~250 ns a property. A Node-API function
 //! whose callback data is the engine costs the call itself (~50 ns), and
 //! answering with a number lets index.js build the caller's object (~10 ns).
+//! `begin` reads the presented access token only if the engine asks for it
+//! (`Engine::begin_lazy`): on most refreshes it is never copied or hashed.
 //! The decisions are the engine's, exactly as in `NativeManager.begin` /
 //! `complete`; only the crossing is cheaper.
 //!
@@ -26,9 +28,7 @@ use napi::ValueType;
 use zeroize::Zeroize;
 
 use super::error::Code;
-use crate::engine::{
-    time, Engine, EngineError, ErrorCode, Plan, Presented, Refreshed, SecretString,
-};
+use crate::engine::{time, Engine, EngineError, ErrorCode, Plan, Refreshed, SecretString};
 
 /// `{ isFresh, begin, complete }`, each bound to `engine`.
 pub fn functions(env: napi_env, engine: &Arc<Engine>) -> Result<JsRaw, napi::Error<Code>> {
@@ -122,19 +122,34 @@ unsafe extern "C" fn begin(env: napi_env, info: napi_callback_info) -> napi_valu
     unsafe {
         call::<4>(env, info, |engine, a| {
             let user = string(env, a[0], "userId")?;
-            let presented = Presented {
-                access: SecretString::new(string(env, a[1], "token.accessToken")?),
-                refresh: opt_string(env, a[2], "token.refreshToken")?.map(SecretString::new),
-                expires_at: time::from_js_ms(
-                    "token.expiresAt",
-                    number(env, a[3], "token.expiresAt")?,
-                )?,
+            let (access, access_len) = string_len(env, a[1], "token.accessToken")?;
+            let refresh = opt_string(env, a[2], "token.refreshToken")?.map(SecretString::new);
+            let expires_at =
+                time::from_js_ms("token.expiresAt", number(env, a[3], "token.expiresAt")?)?;
+            // The access token crosses only if the engine needs to compare
+            // it (a held token, revocations): rarely on a refresh.
+            let fingerprint = || {
+                let token = opt_string(env, access, "token.accessToken")
+                    .ok()
+                    .flatten()
+                    .map(SecretString::new)
+                    .ok_or_else(|| {
+                        EngineError::invalid_argument("token.accessToken", "could not be read")
+                    })?;
+                Ok(token.fingerprint())
             };
-            let plan = engine.begin(&user, &presented, time::now_ms())?;
+            let plan = engine.begin_lazy(
+                &user,
+                access_len == 0,
+                refresh.as_ref(),
+                expires_at,
+                fingerprint,
+                time::now_ms(),
+            )?;
             Ok(match plan {
                 Plan::UsePresented => null(env),
                 Plan::Join(id) => double(env, -(id as f64) - 1.0),
-                Plan::Lead { id, refresh_token } if refresh_token == presented.refresh => {
+                Plan::Lead { id, refresh_token } if refresh_token == refresh => {
                     double(env, id as f64)
                 }
                 Plan::Lead { id, refresh_token } => {
@@ -282,6 +297,28 @@ unsafe fn type_of(env: napi_env, v: napi_value) -> sys::napi_valuetype {
     let mut t = sys::ValueType::napi_undefined;
     unsafe { sys::napi_typeof(env, v, &mut t) };
     t
+}
+
+/// A string value, unread, and its length in UTF-16 units (O(1)).
+unsafe fn string_len(
+    env: napi_env,
+    v: napi_value,
+    name: &'static str,
+) -> Result<(napi_value, usize), Thrown> {
+    unsafe {
+        if type_of(env, v) != sys::ValueType::napi_string {
+            return Err(EngineError::invalid_argument(name, "must be a string").into());
+        }
+        let mut units = 0usize;
+        napi_ok(sys::napi_get_value_string_utf16(
+            env,
+            v,
+            ptr::null_mut(),
+            0,
+            &mut units,
+        ))?;
+        Ok((v, units))
+    }
 }
 
 unsafe fn string(env: napi_env, v: napi_value, name: &'static str) -> Result<String, Thrown> {

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use super::error::EngineError;
 use super::policy::EpochMs;
-use super::secret::SecretString;
+use super::secret::{Fingerprint, SecretString};
 use super::table::{Flight, Held};
 use super::{time, validate_user, Engine};
 
@@ -98,18 +98,41 @@ impl Engine {
         presented: &Presented,
         now: EpochMs,
     ) -> Result<Plan, EngineError> {
+        let access = &presented.access;
+        self.begin_lazy(
+            user,
+            access.is_empty(),
+            presented.refresh.as_ref(),
+            presented.expires_at,
+            || Ok(access.fingerprint()),
+            now,
+        )
+    }
+
+    /// [`Engine::begin`] for a caller whose access token is read only if the
+    /// user's state needs it: `fingerprint` (of the presented access token)
+    /// runs at most once, under the table lock, and only when the user holds
+    /// a token to compare it with or has revocations. A user with neither
+    /// (a new one, or one evicted since its last refresh) is decided on the
+    /// expiry alone, so the binding need not copy and hash a 1 KB JWT.
+    pub fn begin_lazy(
+        &self,
+        user: &str,
+        access_is_empty: bool,
+        refresh: Option<&SecretString>,
+        expires_at: EpochMs,
+        fingerprint: impl FnOnce() -> Result<Fingerprint, EngineError>,
+        now: EpochMs,
+    ) -> Result<Plan, EngineError> {
         validate_user(user)?;
         let policy = self.policy;
-        let fp = presented.access.fingerprint();
+        let mut fp = Lazy::Pending(fingerprint);
         let mut t = self.table.lock();
         t.maybe_sweep(&policy, now);
         let plan = t.with_entry(user, now, |e, in_flight| {
-            let presented_revoked = e.is_revoked(fp, now);
-            if !presented.access.is_empty()
-                && !presented_revoked
-                && policy.is_fresh(presented.expires_at, now)
-            {
-                return Plan::UsePresented;
+            let presented_revoked = e.is_revoking() && e.is_revoked(fp.get()?, now);
+            if !access_is_empty && !presented_revoked && policy.is_fresh(expires_at, now) {
+                return Ok(Plan::UsePresented);
             }
             // The presented token is due, expired or revoked. A token a
             // refresh already produced may do: it is fresh, or the refresh
@@ -122,19 +145,17 @@ impl Engine {
                     && (policy.is_fresh(h.expires_at, now)
                         || (recent && policy.is_unexpired(h.expires_at, now)));
                 if usable {
-                    return Plan::UseHeld(h.issue(h.fingerprint != fp));
+                    return Ok(Plan::UseHeld(h.issue(h.fingerprint != fp.get()?)));
                 }
             }
             if let Some(f) = &e.flight {
-                return Plan::Join(f.id);
+                return Ok(Plan::Join(f.id));
             }
             // Refresh with the newest refresh token known: a rotated one we
             // hold beats the caller's unless the caller's token is newer.
             let refresh_token = match &e.held {
-                Some(h) if h.refresh.is_some() && h.expires_at >= presented.expires_at => {
-                    h.refresh.clone()
-                }
-                _ => presented.refresh.clone(),
+                Some(h) if h.refresh.is_some() && h.expires_at >= expires_at => h.refresh.clone(),
+                _ => refresh.cloned(),
             };
             let id = self.next_flight.fetch_add(1, Relaxed);
             e.flight = Some(Box::new(Flight {
@@ -142,10 +163,11 @@ impl Engine {
                 refresh_token: refresh_token.clone(),
             }));
             *in_flight += 1;
-            Plan::Lead { id, refresh_token }
+            Ok(Plan::Lead { id, refresh_token })
         });
         self.revoking.store(t.revoking, Relaxed);
         drop(t);
+        let plan = plan?;
         match &plan {
             Plan::UsePresented | Plan::UseHeld(_) => self.counters.hits.fetch_add(1, Relaxed),
             Plan::Join(_) => self.counters.coalesced.fetch_add(1, Relaxed),
@@ -292,6 +314,27 @@ impl Engine {
             self.counters.stale_served.fetch_add(1, Relaxed);
         }
         !revoked
+    }
+}
+
+/// A value computed on first use, at most once.
+enum Lazy<F> {
+    Pending(F),
+    Ready(Fingerprint),
+    Spent,
+}
+
+impl<F: FnOnce() -> Result<Fingerprint, EngineError>> Lazy<F> {
+    fn get(&mut self) -> Result<Fingerprint, EngineError> {
+        if let Lazy::Ready(fp) = self {
+            return Ok(*fp);
+        }
+        let Lazy::Pending(f) = std::mem::replace(self, Lazy::Spent) else {
+            unreachable!("a failed fingerprint is not asked for again");
+        };
+        let fp = f()?;
+        *self = Lazy::Ready(fp);
+        Ok(fp)
     }
 }
 

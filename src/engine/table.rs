@@ -76,7 +76,7 @@ impl Entry {
     }
 
     /// Whether this entry makes the hot path look users up.
-    fn is_revoking(&self) -> bool {
+    pub fn is_revoking(&self) -> bool {
         self.revocations.is_some()
     }
 
