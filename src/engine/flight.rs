@@ -392,6 +392,55 @@ mod tests {
     }
 
     #[test]
+    fn begin_lazy_reads_the_access_token_only_when_needed() {
+        use std::cell::Cell;
+        let engine = Engine::new(Policy::default());
+        let now = 1_000_000;
+        let reads = Cell::new(0);
+        let read = |t: &'static str| {
+            let reads = &reads;
+            move || {
+                reads.set(reads.get() + 1);
+                Ok(Fingerprint::of(t))
+            }
+        };
+        let r0 = SecretString::from("r0");
+        // A new user: the expiry decides.
+        let Plan::Lead { id, refresh_token } = engine
+            .begin_lazy("u", false, Some(&r0), now, read("t0"), now)
+            .unwrap()
+        else {
+            panic!("lead")
+        };
+        assert_eq!((reads.get(), refresh_token), (0, Some(r0.clone())));
+        engine
+            .complete("u", id, token("t1", now + 3_600_000), now)
+            .unwrap();
+        // A held token: the presented one is compared with it.
+        let plan = engine
+            .begin_lazy("u", false, Some(&r0), now, read("t0"), now)
+            .unwrap();
+        assert!(matches!(plan, Plan::UseHeld(ref t) if t.should_update));
+        let plan = engine
+            .begin_lazy("u", false, Some(&r0), now, read("t1"), now)
+            .unwrap();
+        assert!(matches!(plan, Plan::UseHeld(ref t) if !t.should_update));
+        assert_eq!(reads.get(), 2);
+        // A token that cannot be read fails the call and starts nothing.
+        engine.invalidate("u", Some(&"t1".into()), now).unwrap();
+        let unreadable = || {
+            Err(EngineError::invalid_argument(
+                "token.accessToken",
+                "could not be read",
+            ))
+        };
+        assert!(engine
+            .begin_lazy("u", false, Some(&r0), now, unreadable, now)
+            .is_err());
+        assert_eq!(engine.stats(now).in_flight, 0);
+    }
+
+    #[test]
     fn adopted_tokens_are_held_and_counted_as_hits_or_coalesced() {
         let engine = Engine::new(Policy {
             buffer_ms: 1_000,
