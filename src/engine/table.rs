@@ -104,7 +104,10 @@ impl Entry {
 /// All users' entries. Callers hold the engine's lock while using it.
 #[derive(Debug, Default)]
 pub(crate) struct Table {
-    entries: HashMap<Box<str>, Entry>,
+    /// Boxed: the map's slots stay small (24 bytes), so growing it moves
+    /// little, and a new user's entry is written where the allocator puts
+    /// it rather than into a random slot of a large table.
+    entries: HashMap<Box<str>, Box<Entry>>,
     last_sweep: EpochMs,
     pub in_flight: usize,
     /// Entries holding a revocation. While non-zero the hot path cannot
@@ -130,7 +133,7 @@ impl Table {
             None => self
                 .entries
                 .entry(user.into())
-                .or_insert_with(|| Entry::new(now)),
+                .or_insert_with(|| Box::new(Entry::new(now))),
         };
         entry.last_used = now;
         let was = entry.is_revoking();
