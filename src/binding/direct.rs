@@ -199,11 +199,11 @@ unsafe extern "C" fn complete(env: napi_env, info: napi_callback_info) -> napi_v
                     .map(|v| v as i64),
                 expires_in: opt_number(env, a[5], "expiresIn")?,
             };
-            let issued = engine.complete(&user, flight_id, refreshed, time::now_ms())?;
+            let issued = engine.complete_brief(&user, flight_id, refreshed, time::now_ms())?;
             let expires = issued.expires_at as f64;
             Ok(double(
                 env,
-                if issued.refresh.is_some() {
+                if issued.hands_refresh {
                     expires
                 } else {
                     -expires

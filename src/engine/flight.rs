@@ -40,6 +40,14 @@ pub struct Issued {
     pub should_update: bool,
 }
 
+/// What [`Engine::complete_brief`] tells a caller that has the tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IssuedBrief {
+    pub expires_at: EpochMs,
+    /// The caller is handed the refresh token it passed (it rotated).
+    pub hands_refresh: bool,
+}
+
 /// What the caller of [`Engine::begin`] should do.
 #[derive(Debug)]
 pub enum Plan {
@@ -75,11 +83,16 @@ pub enum Failure {
 }
 
 impl Held {
+    /// Whether a caller issued this token is handed its refresh token too:
+    /// only a rotated refresh token is news to the caller.
+    fn hands_refresh(&self, should_update: bool) -> bool {
+        should_update && self.refresh_is_new
+    }
+
     fn issue(&self, should_update: bool) -> Issued {
         Issued {
             access: self.access.clone(),
-            // Only a rotated refresh token is news to the caller.
-            refresh: if should_update && self.refresh_is_new {
+            refresh: if self.hands_refresh(should_update) {
                 self.refresh.clone()
             } else {
                 None
@@ -187,7 +200,30 @@ impl Engine {
         refreshed: Refreshed,
         now: EpochMs,
     ) -> Result<Issued, EngineError> {
-        self.settle(user, id, refreshed, Source::Refresh, now)
+        self.settle(user, id, refreshed, Source::Refresh, now, Held::issue)
+    }
+
+    /// [`Engine::complete`] for a caller that still has the tokens it
+    /// handed in: answers with what it lacks (the issued expiry, and whether
+    /// it is handed the refresh token it passed) instead of copies of them.
+    pub fn complete_brief(
+        &self,
+        user: &str,
+        id: u32,
+        refreshed: Refreshed,
+        now: EpochMs,
+    ) -> Result<IssuedBrief, EngineError> {
+        self.settle(
+            user,
+            id,
+            refreshed,
+            Source::Refresh,
+            now,
+            |h, should_update| IssuedBrief {
+                expires_at: h.expires_at,
+                hands_refresh: h.hands_refresh(should_update),
+            },
+        )
     }
 
     /// Flight `id` was answered by a token another instance's refresh
@@ -203,17 +239,25 @@ impl Engine {
         should_update: bool,
         now: EpochMs,
     ) -> Result<Issued, EngineError> {
-        self.settle(user, id, shared, Source::Shared { should_update }, now)
+        self.settle(
+            user,
+            id,
+            shared,
+            Source::Shared { should_update },
+            now,
+            Held::issue,
+        )
     }
 
-    fn settle(
+    fn settle<T>(
         &self,
         user: &str,
         id: u32,
         refreshed: Refreshed,
         source: Source,
         now: EpochMs,
-    ) -> Result<Issued, EngineError> {
+        issue: impl FnOnce(&Held, bool) -> T,
+    ) -> Result<T, EngineError> {
         validate_user(user)?;
         let checked = validate_refreshed(refreshed, now);
         let mut t = self.table.lock();
@@ -234,10 +278,13 @@ impl Engine {
                 expires_at,
                 refresh_is_new,
             };
-            let issued = held.issue(match source {
-                Source::Refresh => true,
-                Source::Shared { should_update } => should_update,
-            });
+            let issued = issue(
+                &held,
+                match source {
+                    Source::Refresh => true,
+                    Source::Shared { should_update } => should_update,
+                },
+            );
             let newer = e
                 .held
                 .as_ref()

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use parking_lot::Mutex;
 
 pub use error::{EngineError, ErrorCode};
-pub use flight::{Failure, Issued, Plan, Presented, Refreshed};
+pub use flight::{Failure, Issued, IssuedBrief, Plan, Presented, Refreshed};
 pub use policy::{EpochMs, Policy, PolicyOptions};
 pub use secret::SecretString;
 
