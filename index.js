@@ -172,11 +172,15 @@ class TokenManager {
       const accessToken = token.accessToken
       if (typeof accessToken !== 'string') throw argError('token.accessToken', 'must be a string')
       const expiresAt = token.expiresAt
-      const exp = toEpochMs(expiresAt, 'token.expiresAt')
+      // A Date (what the seed's callers pass) is read here, once; any other
+      // form in toEpochMs.
+      const isDate = expiresAt instanceof Date
+      const exp = isDate ? expiresAt.getTime() : toEpochMs(expiresAt, 'token.expiresAt')
+      if (typeof exp !== 'number' || exp !== exp) throw argError('token.expiresAt', 'must be a valid Date, epoch milliseconds or an ISO 8601 string')
       if (typeof refreshFn !== 'function') throw argError('refreshFn', 'must be a function')
       // Hot path: one native call on a number; an empty token is never served.
       if (accessToken.length !== 0 && this.#isFresh(exp)) {
-        return { accessToken, shouldUpdate: false, expiresAt: expiresAt instanceof Date ? expiresAt : new Date(exp) }
+        return { accessToken, shouldUpdate: false, expiresAt: isDate ? expiresAt : new Date(exp) }
       }
       const refreshToken = token.refreshToken
       if (refreshToken != null && typeof refreshToken !== 'string') throw argError('token.refreshToken', 'must be a string or null')
