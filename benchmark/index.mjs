@@ -80,9 +80,9 @@ function hotRow(id, title, measure, metric) {
 
 // Refresh path: every call is a new user presenting an expired token;
 // refreshFn resolves at once. A fresh instance per round.
-function refreshRow() {
-  const presented = { accessToken: fakeToken('old', tokenBytes), refreshToken: fakeToken('rt-old', 64), expiresAt: new Date(Date.now() - 1000) }
-  const refreshed = { accessToken: fakeToken('new', tokenBytes), refreshToken: fakeToken('rt-new', 64), expiresAt: new Date(Date.now() + HOUR) }
+function refreshRow(id, bytes) {
+  const presented = { accessToken: fakeToken('old', bytes), refreshToken: fakeToken('rt-old', 64), expiresAt: new Date(Date.now() - 1000) }
+  const refreshed = { accessToken: fakeToken('new', bytes), refreshToken: fakeToken('rt-new', 64), expiresAt: new Date(Date.now() + HOUR) }
   let next = 0
   const measure = async (make, c) => {
     const m = make()
@@ -104,8 +104,8 @@ function refreshRow() {
     return { v: rate }
   }
   return {
-    id: '3',
-    title: 'refresh path, distinct users, 1,000 in flight',
+    id,
+    title: `refresh path, distinct users, 1,000 in flight, ${bytes} B access tokens`,
     rounds: ctx.microRounds,
     run: {
       seed: (c) => measure(seed, c),
@@ -227,7 +227,8 @@ const rows = [
     target: '≥ 1.0×',
     met: ({ ratio }) => ratio >= 1.0,
   }),
-  refreshRow(),
+  refreshRow('3', tokenBytes),
+  refreshRow('3b', 40),
   stormRow(),
   memoryRow('5', tokenBytes),
   memoryRow('5b', 40),
@@ -260,7 +261,7 @@ const cpu = os.cpus()
 console.log(`# tarabut-token-manager benchmarks${quick ? ' (quick: smoke run, numbers not meaningful)' : ''}\n`)
 console.log(
   `${cpu.length} × ${cpu[0]?.model ?? 'unknown CPU'}, Node ${process.version}, ${new Date(started).toISOString().slice(0, 10)}; ` +
-    `medians of interleaved rounds (${ctx.microRounds} for rows 1-3, ${ctx.rounds} for the rest), access tokens ${tokenBytes} B; ` +
+    `medians of interleaved rounds (${ctx.microRounds} for rows 1-3b, ${ctx.rounds} for the rest), access tokens ${tokenBytes} B; ` +
     `load average ${load0.toFixed(2)} → ${load1.toFixed(2)}; ${((Date.now() - started) / 1000).toFixed(0)} s\n`,
 )
 console.log(table(results))
