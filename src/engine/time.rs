@@ -24,6 +24,7 @@ pub const COARSE_LAG_MAX_MS: EpochMs = 1_000;
 /// [`COARSE_LAG_MAX_MS`] behind it never. A few ns to read where a precise
 /// read costs ~40 ns (VMs); `None` where the platform has no such clock.
 #[cfg(any(target_os = "linux", target_os = "android"))]
+#[allow(clippy::unnecessary_cast)] // time_t and c_long are i32 on 32-bit targets
 pub fn coarse_now_ms() -> Option<EpochMs> {
     let mut ts = libc::timespec {
         tv_sec: 0,
