@@ -25,12 +25,6 @@ export declare class NativeManager {
    * numbers where they can (see direct.rs for the shapes).
    */
   directFunctions(): { isFresh(expiresAtMs: number): boolean; begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number): number | Plan | null; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null): number }
-  begin(userId: string, accessToken: string, refreshToken: string | undefined | null, expiresAtMs: number): Plan | null
-  /**
-   * The refresh for `flightId` returned; index.js has already checked the
-   * JS types of the fields. Throws `INVALID_REFRESH_RESULT` when unusable.
-   */
-  complete(userId: string, flightId: number, accessToken?: string | undefined | null, refreshToken?: string | undefined | null, expiresAtMs?: number | undefined | null, expiresIn?: number | undefined | null): IssuedToken
   /**
    * Flight `flightId` was answered by a token another instance's refresh
    * produced (the shared Redis cache): kept like a refresh result, but
@@ -182,8 +176,8 @@ export interface OAuth2RefresherOptions {
 export declare function parseIsoTime(value: string): number
 
 /**
- * What a slow-path call should do (`null` from `begin` means: use the
- * presented token as it is).
+ * What a slow-path call should do, when a number will not do (see
+ * direct.rs `begin`). Declared here for the generated types.
  */
 export interface Plan {
   /**

@@ -9,8 +9,8 @@
 //! answering with a number lets index.js build the caller's object (~10 ns).
 //! `begin` reads the presented access token only if the engine asks for it
 //! (`Engine::begin_lazy`): on most refreshes it is never copied or hashed.
-//! The decisions are the engine's, exactly as in `NativeManager.begin` /
-//! `complete`; only the crossing is cheaper.
+//! The decisions are the engine's (`Engine::begin_lazy`, `Engine::complete`);
+//! only the crossing is cheaper.
 //!
 //! Each function holds an `Arc<Engine>`, released by a finalizer when the
 //! function is collected or its environment torn down. Errors are thrown
@@ -116,7 +116,7 @@ unsafe extern "C" fn is_fresh(env: napi_env, info: napi_callback_info) -> napi_v
 /// - `null`: use the presented token;
 /// - `n >= 0`: lead flight `n`, refreshing with the presented refresh token;
 /// - `n < 0`: join flight `-n - 1`;
-/// - an object like `NativeManager.begin`'s `Plan` otherwise (a held token,
+/// - a `Plan` object (manager.rs) otherwise (a held token,
 ///   or a lead with a refresh token the engine holds).
 unsafe extern "C" fn begin(env: napi_env, info: napi_callback_info) -> napi_value {
     unsafe {

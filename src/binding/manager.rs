@@ -1,8 +1,10 @@
 //! `NativeManager`: the native half of `TokenManager` (see index.js).
 //!
 //! JS shapes, as index.js uses them:
-//! - `begin(...)` returns `null` (use the presented token) or a [`Plan`]
-//!   object `{ kind: 'held' | 'join' | 'lead', flightId, ... }`.
+//! - the calls every `getValidToken` makes (`isFresh`, `begin`, `complete`)
+//!   come from `directFunctions()` (direct.rs); `begin` answers `null` (use
+//!   the presented token), a number (lead or join that flight) or a [`Plan`]
+//!   object `{ kind: 'held' | 'lead', ... }`.
 //! - times cross as epoch milliseconds (`number`); index.js turns
 //!   `Date | number | string` into them and back into `Date`.
 
@@ -14,8 +16,7 @@ use napi_derive::napi;
 use super::direct::{self, JsRaw};
 use super::error::{guard, to_js, Code, Result};
 use crate::engine::{
-    self, time, Engine, Failure, Issued, Plan as CorePlan, Policy, PolicyOptions, Presented,
-    Refreshed, SecretString,
+    self, time, Engine, Failure, Issued, Policy, PolicyOptions, Presented, Refreshed, SecretString,
 };
 
 /// Options for a token manager. All in milliseconds.
@@ -32,9 +33,10 @@ pub struct ManagerOptions {
     pub idle_ttl_ms: Option<f64>,
 }
 
-/// What a slow-path call should do (`null` from `begin` means: use the
-/// presented token as it is).
+/// What a slow-path call should do, when a number will not do (see
+/// direct.rs `begin`). Declared here for the generated types.
 #[napi(object)]
+#[allow(dead_code)]
 pub struct Plan {
     /// `'held'`: use the token below; `'join'`: wait on flight `flightId`;
     /// `'lead'`: run the refresh for flight `flightId` with `refreshToken`.
@@ -116,83 +118,6 @@ impl NativeManager {
     )]
     pub fn direct_functions(&self, env: Env) -> Result<JsRaw, Code> {
         guard(|| direct::functions(env.raw(), &self.engine))
-    }
-
-    #[napi]
-    pub fn begin(
-        &self,
-        user_id: String,
-        access_token: String,
-        refresh_token: Option<String>,
-        expires_at_ms: f64,
-    ) -> Result<Option<Plan>, Code> {
-        guard(|| self.begin_inner(user_id, access_token, refresh_token, expires_at_ms))
-    }
-
-    fn begin_inner(
-        &self,
-        user_id: String,
-        access_token: String,
-        refresh_token: Option<String>,
-        expires_at_ms: f64,
-    ) -> Result<Option<Plan>, Code> {
-        let presented = presented(access_token, refresh_token, expires_at_ms)?;
-        let plan = self
-            .engine
-            .begin(&user_id, &presented, time::now_ms())
-            .map_err(to_js)?;
-        Ok(match plan {
-            CorePlan::UsePresented => None,
-            CorePlan::UseHeld(t) => Some(Plan {
-                kind: "held".into(),
-                flight_id: None,
-                access_token: Some(t.access.expose().to_owned()),
-                refresh_token: t.refresh.as_ref().map(|s| s.expose().to_owned()),
-                expires_at_ms: Some(t.expires_at as f64),
-                should_update: Some(t.should_update),
-            }),
-            CorePlan::Join(id) => Some(Plan {
-                kind: "join".into(),
-                flight_id: Some(id),
-                access_token: None,
-                refresh_token: None,
-                expires_at_ms: None,
-                should_update: None,
-            }),
-            CorePlan::Lead { id, refresh_token } => Some(Plan {
-                kind: "lead".into(),
-                flight_id: Some(id),
-                access_token: None,
-                refresh_token: refresh_token.as_ref().map(|s| s.expose().to_owned()),
-                expires_at_ms: None,
-                should_update: None,
-            }),
-        })
-    }
-
-    /// The refresh for `flightId` returned; index.js has already checked the
-    /// JS types of the fields. Throws `INVALID_REFRESH_RESULT` when unusable.
-    #[napi]
-    pub fn complete(
-        &self,
-        user_id: String,
-        flight_id: u32,
-        access_token: Option<String>,
-        refresh_token: Option<String>,
-        expires_at_ms: Option<f64>,
-        expires_in: Option<f64>,
-    ) -> Result<IssuedToken, Code> {
-        let refreshed = Refreshed {
-            access: access_token.map(SecretString::new),
-            refresh: refresh_token.map(SecretString::new),
-            expires_at: expires_at_ms.filter(|v| v.is_finite()).map(|v| v as i64),
-            expires_in,
-        };
-        let issued = self
-            .engine
-            .complete(&user_id, flight_id, refreshed, time::now_ms())
-            .map_err(to_js)?;
-        Ok(issued_to_js(issued))
     }
 
     /// Flight `flightId` was answered by a token another instance's refresh
