@@ -14,11 +14,6 @@ export declare class NativeManager {
   /** The effective refresh timeout, for index.js's timer. */
   get refreshTimeoutMs(): number
   /**
-   * Hot path: true when a token expiring at `expiresAtMs` can be handed
-   * back without a refresh or a user lookup.
-   */
-  isFresh(expiresAtMs: number): boolean
-  /**
    * `isFresh`, `begin` and `complete` as plain functions bound to this
    * manager, for the calls every `getValidToken` makes: the same engine
    * decisions at a fraction of a method call's cost, answering with

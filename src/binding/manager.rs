@@ -100,15 +100,6 @@ impl NativeManager {
         self.engine.policy().refresh_timeout_ms as f64
     }
 
-    /// Hot path: true when a token expiring at `expiresAtMs` can be handed
-    /// back without a refresh or a user lookup.
-    #[napi]
-    pub fn is_fresh(&self, expires_at_ms: f64) -> Result<bool, Code> {
-        // NaN or out-of-range never reaches here (index.js checks), but a
-        // bad value must still answer "not fresh".
-        guard(|| Ok(expires_at_ms.is_finite() && self.engine.is_fresh_now(expires_at_ms as i64)))
-    }
-
     /// `isFresh`, `begin` and `complete` as plain functions bound to this
     /// manager, for the calls every `getValidToken` makes: the same engine
     /// decisions at a fraction of a method call's cost, answering with

@@ -96,19 +96,23 @@ impl Engine {
     /// caught by [`Engine::begin`], which knows the user). Counts a hit.
     #[inline]
     pub fn is_fresh(&self, expires_at: EpochMs, now: EpochMs) -> bool {
-        let fresh = self.revoking.load(Relaxed) == 0 && self.policy.is_fresh(expires_at, now);
-        if fresh {
-            self.counters.hits.fetch_add(1, Relaxed);
-        }
-        fresh
+        self.count_hit(self.fresh_at(expires_at, now))
     }
 
     /// [`Engine::is_fresh`] at the current time, read as cheaply as the
     /// answer allows (see [`time::at_now`]): the hot path's one call.
     #[inline]
     pub fn is_fresh_now(&self, expires_at: EpochMs) -> bool {
-        let fresh = self.revoking.load(Relaxed) == 0
-            && time::at_now(|now| self.policy.is_fresh(expires_at, now));
+        self.count_hit(time::at_now(|now| self.fresh_at(expires_at, now)))
+    }
+
+    #[inline]
+    fn fresh_at(&self, expires_at: EpochMs, now: EpochMs) -> bool {
+        self.revoking.load(Relaxed) == 0 && self.policy.is_fresh(expires_at, now)
+    }
+
+    #[inline]
+    fn count_hit(&self, fresh: bool) -> bool {
         if fresh {
             self.counters.hits.fetch_add(1, Relaxed);
         }
