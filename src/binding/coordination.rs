@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::errors::{guard, to_js, Code, Result};
 use super::manager::BindingManager;
-use crate::coordination::{self, Coordinator, Outcome, SharedToken, Unavailable};
+use crate::coordination::{self, Coordinator, Outcome, RefreshTokenUse, SharedToken, Unavailable};
 use crate::engine::flight::validate_refreshed;
 use crate::engine::{time, Engine, Presented, Refreshed, SecretString};
 
@@ -116,7 +116,10 @@ impl BindingCoordinator {
     }
 
     /// For the leader of a due refresh: a shared token, or the lock, waiting
-    /// on other instances for at most `waitMs`.
+    /// on other instances for at most `waitMs`. `refreshTokenUse`: whether
+    /// the refresh would send a refresh token (`'sends'`: the caller's;
+    /// `'if-handed-over'`: only one the cache hands over; `'never'`), which
+    /// decides whether the restart guard applies.
     #[napi]
     pub async fn acquire(
         &self,
@@ -124,8 +127,14 @@ impl BindingCoordinator {
         access_token: String,
         expires_at_ms: f64,
         wait_ms: f64,
+        #[napi(ts_arg_type = "'never' | 'if-handed-over' | 'sends'")] refresh_token_use: String,
     ) -> BindingAcquired {
         let work = async {
+            let refresh_token_use = match refresh_token_use.as_str() {
+                "never" => RefreshTokenUse::Never,
+                "if-handed-over" => RefreshTokenUse::IfHandedOver,
+                _ => RefreshTokenUse::Sends,
+            };
             let deadline =
                 Instant::now() + Duration::from_millis(wait_ms.clamp(0.0, 86_400_000.0) as u64);
             let presented = Presented {
@@ -137,7 +146,7 @@ impl BindingCoordinator {
             let usable = |t: &SharedToken| !engine.is_revoked(&user_id, &t.access, time::now_ms());
             let got = self
                 .inner
-                .acquire(&user_id, &presented, usable, deadline)
+                .acquire(&user_id, &presented, usable, deadline, refresh_token_use)
                 .await;
             let mut a = BindingAcquired {
                 undecryptable: got.undecryptable,

@@ -1,7 +1,9 @@
 //! One multiplexed RESP3 connection per coordinator (a `ConnectionManager`,
 //! which reconnects by itself), carrying both commands and the pub/sub
-//! channel, plus a breaker: after a failure, calls fail fast (no Redis
-//! round trip, no waiting) while a background probe reconnects.
+//! channel, plus a breaker: after a connection-level failure, calls fail
+//! fast (no Redis round trip, no waiting) while a background probe
+//! reconnects. What counts as such a failure, and the restart guard, are
+//! `health.rs`'s.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -11,17 +13,16 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, IntoConnectionInfo, ProtocolVersion, RedisResult};
+use redis::{Client, IntoConnectionInfo, ProtocolVersion, PushKind, RedisError, RedisResult};
 use tokio::task::AbortHandle;
 
+use super::health::{self, Breaker, Epoch, Fault};
 use super::pubsub::Waiters;
 use crate::engine::SecretString;
 
 /// Longest a single Redis call may take before Redis counts as unavailable.
 /// Every call is in-memory work on the server: a second is an outage.
 pub const OP_TIMEOUT: Duration = Duration::from_millis(1_000);
-const PROBE_FIRST: Duration = Duration::from_millis(100);
-const PROBE_MAX: Duration = Duration::from_millis(2_000);
 
 /// Why a call could not use Redis. Messages name a category, never the URL.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -34,6 +35,19 @@ pub enum Unavailable {
     TimedOut,
     #[error("Redis call failed ({0})")]
     Failed(String),
+    /// An odd reply to this one call: the breaker stays closed.
+    #[error("Redis refused the call ({0})")]
+    Rejected(String),
+    /// The restart guard (`health.rs`): this server may have lost locks.
+    #[error("Redis restarted, failed over or is new to this fleet: refreshes that spend a refresh token wait {resumes_in_ms} ms more for locks it may have lost")]
+    NewServer { resumes_in_ms: u64 },
+}
+
+impl Unavailable {
+    /// Worth another try shortly (a write that must land).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Down | Self::TimedOut | Self::Failed(_))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -52,7 +66,8 @@ pub struct Connection {
     waiters: Arc<Waiters>,
     manager: Mutex<Option<ConnectionManager>>,
     subscribed: AtomicBool,
-    down: AtomicBool,
+    breaker: Breaker,
+    epoch: Epoch,
     closed: AtomicBool,
     probe: Mutex<Option<AbortHandle>>,
 }
@@ -62,7 +77,7 @@ impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
             .field("channel", &self.channel)
-            .field("down", &self.down)
+            .field("breaker", &self.breaker)
             .field("closed", &self.closed)
             .finish_non_exhaustive()
     }
@@ -89,7 +104,8 @@ impl Connection {
             waiters: Arc::default(),
             manager: Mutex::new(None),
             subscribed: AtomicBool::new(false),
-            down: AtomicBool::new(false),
+            breaker: Breaker::default(),
+            epoch: Epoch::default(),
             closed: AtomicBool::new(false),
             probe: Mutex::new(None),
         })
@@ -105,11 +121,18 @@ impl Connection {
 
     /// Whether calls are failing fast until the probe reconnects.
     pub fn is_down(&self) -> bool {
-        self.down.load(Relaxed)
+        self.breaker.is_open()
     }
 
-    /// Runs one Redis call within `budget` (at most [`OP_TIMEOUT`]).
-    /// A failure opens the breaker; while it is open this returns at once.
+    /// Which server this connection last used (the restart guard).
+    pub fn epoch(&self) -> &Epoch {
+        &self.epoch
+    }
+
+    /// Runs one Redis call within `budget` (at most [`OP_TIMEOUT`]). A
+    /// connection-level failure opens the breaker (while it is open this
+    /// returns at once); a full budget without an answer has a ping decide;
+    /// an odd reply is this call's alone (`health::classify`).
     pub async fn run<T, F, Fut>(self: &Arc<Self>, budget: Duration, f: F) -> Result<T, Unavailable>
     where
         F: FnOnce(ConnectionManager) -> Fut,
@@ -129,18 +152,29 @@ impl Connection {
         };
         match tokio::time::timeout(budget, call).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                self.mark_down();
-                Err(Unavailable::Failed(e.category().to_owned()))
-            }
+            Ok(Err(e)) => Err(self.fault(&e)),
             Err(_) => {
                 // A short budget (the caller's deadline is near) says nothing
-                // about Redis; a full one does.
+                // about Redis; a full one may.
                 if budget == OP_TIMEOUT {
-                    self.mark_down();
+                    self.check();
                 }
                 Err(Unavailable::TimedOut)
             }
+        }
+    }
+
+    fn fault(self: &Arc<Self>, e: &RedisError) -> Unavailable {
+        match health::classify(e) {
+            Fault::Connection => {
+                self.mark_down();
+                Unavailable::Failed(e.category().to_owned())
+            }
+            Fault::Slow => {
+                self.check();
+                Unavailable::TimedOut
+            }
+            Fault::Reply => Unavailable::Rejected(e.category().to_owned()),
         }
     }
 
@@ -153,12 +187,13 @@ impl Connection {
         self.manager.lock().take();
     }
 
-    fn manager(&self) -> Result<ConnectionManager, Unavailable> {
+    fn manager(self: &Arc<Self>) -> Result<ConnectionManager, Unavailable> {
         let mut slot = self.manager.lock();
         if let Some(m) = &*slot {
             return Ok(m.clone());
         }
         let waiters = Arc::downgrade(&self.waiters);
+        let conn = Arc::downgrade(self);
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(OP_TIMEOUT))
             .set_response_timeout(Some(OP_TIMEOUT))
@@ -166,7 +201,15 @@ impl Connection {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(200))
-            .set_push_sender(move |info| {
+            .set_push_sender(move |info: redis::PushInfo| {
+                // A dropped connection: have a ping say whether Redis is
+                // gone (the probe then reconnects promptly and touches the
+                // restart marker) rather than wait for a call to fail.
+                if info.kind == PushKind::Disconnection {
+                    if let Some(c) = conn.upgrade() {
+                        c.check();
+                    }
+                }
                 if let Some(w) = waiters.upgrade() {
                     w.on_push(info);
                 }
@@ -189,33 +232,75 @@ impl Connection {
     }
 
     fn mark_down(self: &Arc<Self>) {
-        if self.down.swap(true, Relaxed) || self.closed.load(Relaxed) {
+        if !self.breaker.trip() || self.closed.load(Relaxed) {
             return;
         }
         let weak = Arc::downgrade(self);
-        *self.probe.lock() = Some(tokio::spawn(probe(weak)).abort_handle());
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            *self.probe.lock() = Some(handle.spawn(probe(weak)).abort_handle());
+        }
     }
-}
 
-/// Pings with a growing pause until Redis answers, then closes the breaker.
-async fn probe(conn: Weak<Connection>) {
-    let mut pause = PROBE_FIRST;
-    loop {
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(PROBE_MAX);
-        let Some(c) = conn.upgrade() else { return };
-        if c.closed.load(Relaxed) {
+    /// One unanswered call is not an outage: ping once (in the background)
+    /// and open the breaker only if that goes unanswered too.
+    fn check(self: &Arc<Self>) {
+        if self.closed.load(Relaxed) || !self.breaker.begin_check() {
             return;
         }
-        let Ok(manager) = c.manager() else { continue };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            self.breaker.end_check();
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        handle.spawn(async move {
+            let Some(c) = weak.upgrade() else { return };
+            let alive = c.ping().await;
+            c.breaker.end_check();
+            if !alive {
+                c.mark_down();
+            }
+        });
+    }
+
+    /// Pings, and touches the restart marker (`health::touch`) so a grace
+    /// starts as soon as this instance is back on a new server.
+    async fn ping(self: &Arc<Self>) -> bool {
+        let Ok(manager) = self.manager() else {
+            return false;
+        };
         let ping = async {
-            c.subscribe(&manager).await?;
+            self.subscribe(&manager).await?;
             redis::cmd("PING")
                 .query_async::<()>(&mut manager.clone())
                 .await
         };
-        if let Ok(Ok(())) = tokio::time::timeout(OP_TIMEOUT, ping).await {
-            c.down.store(false, Relaxed);
+        if !matches!(tokio::time::timeout(OP_TIMEOUT, ping).await, Ok(Ok(()))) {
+            return false;
+        }
+        if let Some(marker) = self.epoch.marker() {
+            let (mut m, known) = (manager.clone(), self.epoch.known());
+            let touched = health::touch(&mut m, marker, &known);
+            // Redis answered: a failed touch (an ACL refusing scripts) only
+            // means the next acquire does the detection itself.
+            if let Ok(Ok(run)) = tokio::time::timeout(OP_TIMEOUT, touched).await {
+                self.epoch.saw(&run);
+            }
+        }
+        true
+    }
+}
+
+/// Pings with a growing pause (`health::retry_pause`) until Redis answers,
+/// then closes the breaker.
+async fn probe(conn: Weak<Connection>) {
+    for n in 0.. {
+        tokio::time::sleep(health::retry_pause(n)).await;
+        let Some(c) = conn.upgrade() else { return };
+        if c.closed.load(Relaxed) {
+            return;
+        }
+        if c.ping().await {
+            c.breaker.reset();
             c.probe.lock().take();
             return;
         }

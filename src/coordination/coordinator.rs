@@ -13,7 +13,12 @@
 //!    then asking again. Nothing waits past the caller's deadline.
 //!
 //! Redis failing at any step yields [`Outcome::Unavailable`]; what to do
-//! then (refresh locally or fail) is the caller's policy.
+//! then (refresh locally or fail) is the caller's policy. A refresh that
+//! spends a refresh token is also held back by the restart guard
+//! (`health.rs`) on a server that may have lost the fleet's locks: it
+//! waits if the guard ends before its deadline, else it is `Unavailable`
+//! (`NewServer`) too. A result that could not be written is written again
+//! in the background as soon as Redis answers, within the guard's grace.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,8 +30,9 @@ use tokio::time::Instant;
 
 use super::cache;
 use super::connection::{Connection, Unavailable, OP_TIMEOUT};
+use super::health;
 use super::keys::{Keys, UserKeys};
-use super::lock::{self, Acquire, Want};
+use super::lock::{self, Acquire, Answer, Extended, Guard, Want};
 use super::record::{Lease, Notice, Record};
 use super::seal::{SealKey, SharedToken};
 use crate::engine::{time, Presented, SecretString};
@@ -45,6 +51,19 @@ pub struct Timing {
     pub retention_ms: u64,
     /// Longest a refresh may run: the fence counter outlives it.
     pub refresh_timeout_ms: u64,
+}
+
+/// Whether the refresh a lock is asked for would send a refresh token,
+/// which decides whether the restart guard (`health.rs`) applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshTokenUse {
+    /// Never (client credentials), or the caller's policy accepts the risk
+    /// (`onError: 'local'`): no guard.
+    Never,
+    /// Only one the cache hands over: while guarded, none is.
+    IfHandedOver,
+    /// The caller's own: no lock while guarded.
+    Sends,
 }
 
 #[derive(Debug)]
@@ -87,6 +106,10 @@ pub struct Coordinator {
 
 impl Coordinator {
     pub fn new(conn: Connection, keys: Keys, seal: SealKey, timing: Timing) -> Self {
+        conn.epoch().configure(
+            keys.epoch_marker(),
+            health::grace_ms(timing.refresh_timeout_ms),
+        );
         Self {
             conn: Arc::new(conn),
             keys,
@@ -107,16 +130,23 @@ impl Coordinator {
 
     /// Finds a usable shared token or the lock for `user_id`, waiting on other
     /// instances' refreshes until `deadline`. `usable` adds the caller's own
-    /// veto (a token it knows was revoked).
+    /// veto (a token it knows was revoked); `refresh_token` says whether the
+    /// restart guard applies.
     pub async fn acquire(
         &self,
         user_id: &str,
         presented: &Presented,
         usable: impl Fn(&SharedToken) -> bool,
         deadline: Instant,
+        refresh_token: RefreshTokenUse,
     ) -> Acquired {
         let keys = self.keys.user(user_id);
+        let marker = self.keys.epoch_marker();
         let t = self.timing;
+        let (grace_ms, settle_ms) = match refresh_token {
+            RefreshTokenUse::Never => (0, 0),
+            _ => (health::grace_ms(t.refresh_timeout_ms), health::SETTLE_MS),
+        };
         let mut undecryptable = false;
         let mut waited = false;
         let mut skip_fence = 0;
@@ -136,32 +166,74 @@ impl Coordinator {
                 skip_fence,
             };
             let owner = lock::new_owner();
-            let counter_ttl = 2 * (t.refresh_timeout_ms + t.lock_ttl_ms);
+            let counter_ttl = self.counter_ttl_ms();
+            let known = self.conn.epoch().known();
+            let guard = Guard {
+                marker: &marker,
+                known: &known,
+                grace_ms,
+                settle_ms,
+                sends_refresh_token: refresh_token == RefreshTokenUse::Sends,
+            };
             let (k, o) = (&keys, &owner);
-            let found = self
+            let answer = self
                 .conn
                 .run(deadline - started, |mut m| async move {
-                    lock::acquire(&mut m, k, o, t.lock_ttl_ms, counter_ttl, want).await
+                    lock::acquire(&mut m, k, o, t.lock_ttl_ms, counter_ttl, want, guard).await
                 })
                 .await;
+            let found = match answer {
+                Ok(Answer {
+                    found,
+                    server,
+                    guard_ms,
+                }) => {
+                    self.conn.epoch().saw(&server);
+                    Ok((found, guard_ms))
+                }
+                Err(e) => {
+                    // The script may still run (a stalled server answers
+                    // later): give the lock back if it granted it, so nobody
+                    // waits out its TTL for a refresh that will not happen.
+                    if !matches!(e, Unavailable::Closed | Unavailable::Down) {
+                        self.abandon(keys.clone(), owner);
+                    }
+                    Err(e)
+                }
+            };
             match found {
                 Err(e) => break Outcome::Unavailable(e),
-                Ok(Acquire::Cached(record)) => {
+                Ok((Acquire::Guarded, left_ms)) => {
+                    // Wait the guard out if it ends before the deadline.
+                    let left = Duration::from_millis(left_ms + 5);
+                    if Instant::now() + left < deadline {
+                        drop(waiting);
+                        tokio::time::sleep(left).await;
+                        continue;
+                    }
+                    break Outcome::Unavailable(Unavailable::NewServer {
+                        resumes_in_ms: left_ms,
+                    });
+                }
+                Ok((Acquire::Cached(record), _)) => {
                     match self.accept(&keys, &record, presented, &usable, &mut undecryptable) {
                         Some(token) => break Outcome::Shared { token, waited },
                         None => skip_fence = record.fence,
                     }
                 }
-                Ok(Acquire::Locked { lease, stale }) => {
+                Ok((Acquire::Locked { lease, stale }, guard_ms)) => {
                     drop(waiting);
                     self.watch(keys.clone(), lease.clone(), deadline);
+                    // While guarded, no cached refresh token is handed over:
+                    // the refresh that last spent it may still be running.
                     let refresh = stale
+                        .filter(|_| guard_ms == 0)
                         .and_then(|r| self.open(&keys, &r, &mut undecryptable))
                         .filter(|s| s.expires_at > presented.expires_at)
                         .and_then(|s| s.refresh);
                     break Outcome::Lead { lease, refresh };
                 }
-                Ok(Acquire::Busy { lock_ttl_ms }) => {
+                Ok((Acquire::Busy { lock_ttl_ms }, _)) => {
                     waited = true;
                     // A dead holder announces nothing: its lock's TTL bounds the wait.
                     let wait = Duration::from_millis(lock_ttl_ms + 5)
@@ -209,21 +281,70 @@ impl Coordinator {
             sealed: self.seal.seal(keys.id.as_bytes(), token),
         };
         let ttl = (token.expires_at.saturating_sub(now)).max(0) as u64 + self.timing.retention_ms;
-        let channel = self.conn.channel();
-        self.conn
-            .run(OP_TIMEOUT, |mut m| async move {
-                cache::commit(
-                    &mut m,
-                    &keys,
-                    channel,
-                    lease,
-                    token.expires_at,
-                    &record,
-                    ttl,
-                )
-                .await
-            })
-            .await
+        let write = Write {
+            keys,
+            lease: lease.clone(),
+            expires_at: token.expires_at,
+            record,
+            ttl_ms: ttl,
+        };
+        let first = write.once(&self.conn).await;
+        if let Err(e) = &first {
+            if e.is_transient() {
+                self.rewrite(write);
+            }
+        }
+        first
+    }
+
+    /// Writes again, in the background, until Redis takes it or the
+    /// restart guard's grace is over: the token this refresh got is known
+    /// only here (and to its caller) until it is in Redis, and after a
+    /// restart the next lock holder must find it there. The grace is long
+    /// enough for it to land (`health.rs`).
+    fn rewrite(&self, write: Write) {
+        let conn = self.conn.clone();
+        let until = Instant::now()
+            + Duration::from_millis(health::grace_ms(self.timing.refresh_timeout_ms));
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            for n in 0.. {
+                tokio::time::sleep(health::retry_pause(n)).await;
+                if Instant::now() >= until {
+                    return;
+                }
+                match write.once(&conn).await {
+                    Err(e) if e.is_transient() => {}
+                    _ => return,
+                }
+            }
+        });
+    }
+
+    /// Best effort: frees `owner`'s lock if a call that gave up on Redis
+    /// took it after all. Sent after that call on the same connection, so a
+    /// stalled server runs it right after the grant.
+    fn abandon(&self, keys: UserKeys, owner: String) {
+        let conn = self.conn.clone();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let lease = Lease { owner, fence: 0 };
+            let channel = conn.channel().to_owned();
+            let (k, l, c) = (&keys, &lease, &channel);
+            let _ = conn
+                .run(OP_TIMEOUT, |mut m| async move {
+                    lock::release(&mut m, k, c, l, &Notice::Released).await
+                })
+                .await;
+        });
+    }
+
+    fn counter_ttl_ms(&self) -> u64 {
+        2 * (self.timing.refresh_timeout_ms + self.timing.lock_ttl_ms)
     }
 
     /// Gives the lock up without a token: `failed` tells waiters the refresh
@@ -297,30 +418,46 @@ impl Coordinator {
         ok.then_some(token)
     }
 
-    /// Extends the lock every third of its TTL while the refresh may still
-    /// run (until `deadline`). A holder that dies stops extending, so the
-    /// others wait at most one TTL.
+    /// Extends the lock every third of its TTL for as long as the refresh
+    /// may still run (until `deadline`). A failed extension (Redis slow or
+    /// away) is retried soon, not taken as the end: giving up would let the
+    /// lock lapse under a refresh still in flight, and a second instance run
+    /// the same user's refresh. Only another holder having the lock stops
+    /// it. A holder that dies stops extending, so the others wait at most
+    /// one TTL.
     fn watch(&self, keys: UserKeys, lease: Lease, deadline: Instant) {
         let conn = self.conn.clone();
         let ttl = self.timing.lock_ttl_ms;
+        let counter_ttl = self.counter_ttl_ms();
         let dogs = self.watchdogs.clone();
         let mut map = self.watchdogs.lock();
         let owner = lease.owner.clone();
         let task = tokio::spawn(async move {
             let period = Duration::from_millis((ttl / 3).max(1));
             let (k, l) = (&keys, &lease);
+            let mut pause = period;
+            let mut failed = 0;
             loop {
-                tokio::time::sleep(period).await;
+                tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now())))
+                    .await;
                 if Instant::now() >= deadline {
                     break;
                 }
                 let extended = conn
                     .run(period, |mut m| async move {
-                        lock::extend(&mut m, k, l, ttl).await
+                        lock::extend(&mut m, k, l, ttl, counter_ttl).await
                     })
                     .await;
-                if extended != Ok(true) {
-                    break;
+                match extended {
+                    Ok(Extended::Held | Extended::Retaken) => {
+                        failed = 0;
+                        pause = period;
+                    }
+                    Ok(Extended::Lost) | Err(Unavailable::Closed) => break,
+                    Err(_) => {
+                        pause = health::retry_pause(failed).min(period);
+                        failed += 1;
+                    }
                 }
             }
             dogs.lock().remove(&lease.owner);
@@ -337,6 +474,34 @@ impl Coordinator {
     #[cfg(test)]
     pub(crate) fn watchdogs(&self) -> usize {
         self.watchdogs.lock().len()
+    }
+}
+
+/// A token write (`cache::commit`), kept for retries.
+struct Write {
+    keys: UserKeys,
+    lease: Lease,
+    expires_at: i64,
+    record: Record,
+    ttl_ms: u64,
+}
+
+impl Write {
+    async fn once(&self, conn: &Arc<Connection>) -> Result<bool, Unavailable> {
+        let channel = conn.channel();
+        conn.run(OP_TIMEOUT, |mut m| async move {
+            cache::commit(
+                &mut m,
+                &self.keys,
+                channel,
+                &self.lease,
+                self.expires_at,
+                &self.record,
+                self.ttl_ms,
+            )
+            .await
+        })
+        .await
     }
 }
 

@@ -49,6 +49,13 @@ impl Keys {
     pub fn channel(&self) -> String {
         format!("{}refreshed", self.prefix)
     }
+
+    /// The restart guard's marker (`health.rs`): which server this prefix
+    /// last used. One per prefix on a single server (in a cluster it would
+    /// be one per hash slot: see `health.rs`).
+    pub fn epoch_marker(&self) -> String {
+        format!("{}epoch", self.prefix)
+    }
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {

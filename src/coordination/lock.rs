@@ -6,11 +6,13 @@
 //! Taking the lock is folded into one script with reading the cache: a
 //! fresh token there is returned instead, so "read the cache, else lock"
 //! costs one round trip, and no token can land between the read and the lock.
+//! The same script applies the restart guard (`health.rs`) before granting.
 
 use once_cell::sync::Lazy;
 use redis::aio::ConnectionLike;
 use redis::{RedisResult, Script, Value};
 
+use super::health;
 use super::keys::UserKeys;
 use super::record::{self, Lease, Notice, Record};
 use crate::engine::EpochMs;
@@ -31,6 +33,20 @@ pub enum Acquire {
     Locked { lease: Lease, stale: Option<Record> },
     /// Someone else holds the lock for this many more ms.
     Busy { lock_ttl_ms: u64 },
+    /// The restart guard (`health.rs`) holds refresh-token locks back on
+    /// this server for [`Answer::guard_ms`] more.
+    Guarded,
+}
+
+/// The script's answer, with what it learnt about the server.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub found: Acquire,
+    /// The server's run id (`health::Epoch::saw`).
+    pub server: String,
+    /// How long the restart guard still holds refresh-token locks back (ms);
+    /// 0 when it does not, or when the call asked for no guard.
+    pub guard_ms: u64,
 }
 
 /// Which cached token the script may return rather than lock: newer than
@@ -46,32 +62,84 @@ pub struct Want {
     pub skip_fence: u64,
 }
 
+/// The restart guard's part of a lock request (`health.rs`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Guard<'a> {
+    /// The marker key.
+    pub marker: &'a str,
+    /// The server this instance used within the grace, or "".
+    pub known: &'a str,
+    /// The grace and settle this refresh observes (0, 0: none).
+    pub grace_ms: u64,
+    pub settle_ms: u64,
+    /// The refresh sends the caller's refresh token: no lock while guarded.
+    /// Otherwise the lock is granted and `guard_ms` tells the caller not to
+    /// hand a cached refresh token over.
+    pub sends_refresh_token: bool,
+}
+
+/// Every field read defensively: a record garbled by hand, by another
+/// program or by an older version (a field missing or not a number, the key
+/// not a hash) is a miss for that user, never a script error, which would
+/// read as "Redis failed" for every user.
 static ACQUIRE: Lazy<Script> = Lazy::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{}{}",
+        health::EPOCH_LUA,
         r"
-local r = redis.call('HMGET', KEYS[1], 'f', 'e', 'w', 't')
-local f, e, w = tonumber(r[1]), tonumber(r[2]), tonumber(r[3])
-if r[4] and e and f ~= tonumber(ARGV[7]) and e > tonumber(ARGV[3])
+local run, left = epoch(KEYS[3], ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11]))
+local r = redis.pcall('HMGET', KEYS[1], 'f', 'e', 'w', 't', 'n')
+if r.err then redis.call('DEL', KEYS[1]) r = {} end
+local f, e, w, t, n = tonumber(r[1]), tonumber(r[2]), tonumber(r[3]), r[4], tonumber(r[5])
+if type(t) ~= 'string' then t = nil end
+if t and f and e and f ~= tonumber(ARGV[7]) and e > tonumber(ARGV[3])
   and (e > tonumber(ARGV[4]) or (w and w > tonumber(ARGV[5]) and e > tonumber(ARGV[6]))) then
-  return {1, f, w or 0, r[4]}
+  return {1, run, left, f, w or 0, t}
 end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
-  -- The fence counter must outlive every holder still refreshing.
-  if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[8]) then redis.call('PEXPIRE', KEYS[1], ARGV[8]) end
-  if r[4] and f then return {2, n, f, w or 0, r[4]} end
-  return {2, n}
+local held = redis.call('PTTL', KEYS[2])
+-- A lock without an expiry was not set by a holder (ours always have one):
+-- it lapses like theirs would, rather than block the user for good.
+if held == -1 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  held = tonumber(ARGV[2])
 end
-return {3, redis.call('PTTL', KEYS[2])}
-",
-    )
+if held >= 0 then return {3, run, left, held} end
+if left > 0 and ARGV[12] == '1' then return {4, run, left} end
+redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
+-- The next fence: above the counter and above the record's own fence (a
+-- counter lost with a restart, or garbled, must not hand out an old one).
+if not n or n < 0 or n ~= math.floor(n) then n = 0 end
+if f and f > n then n = math.floor(f) end
+n = n + 1
+redis.call('HSET', KEYS[1], 'n', n)
+-- The fence counter must outlive every holder still refreshing.
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[8]) then redis.call('PEXPIRE', KEYS[1], ARGV[8]) end
+if t then return {2, run, left, n, f or 0, w or 0, t} end
+return {2, run, left, n}
+"
+    ))
 });
 
+/// Extends the lock if it is still ours. If it is gone (lost with a
+/// restart, or lapsed while Redis was unreachable) and nobody took it, it
+/// is taken back, and the fence counter raised to ours so that later grants
+/// still draw newer fences.
 static EXTEND: Lazy<Script> = Lazy::new(|| {
     Script::new(
         r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
+local cur = redis.pcall('GET', KEYS[1])
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local n = redis.pcall('HGET', KEYS[2], 'n')
+if type(n) ~= 'table' and (tonumber(n) or 0) < tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[2], 'n', ARGV[3])
+  if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
+end
+return 2
 ",
     )
 });
@@ -79,7 +147,7 @@ return 0
 static RELEASE: Lazy<Script> = Lazy::new(|| {
     Script::new(
         r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+if redis.pcall('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   redis.call('PUBLISH', ARGV[2], ARGV[3])
   return 1
@@ -89,8 +157,9 @@ return 0
     )
 });
 
-/// Returns a usable cached token, or takes the lock, or says who has it.
-/// `counter_ttl_ms` keeps the fence counter alive at least that long.
+/// Returns a usable cached token, or takes the lock, or says who has it, or
+/// that the restart guard holds the lock back. `counter_ttl_ms` keeps the
+/// fence counter alive at least that long.
 pub async fn acquire(
     con: &mut impl ConnectionLike,
     keys: &UserKeys,
@@ -98,10 +167,12 @@ pub async fn acquire(
     lock_ttl_ms: u64,
     counter_ttl_ms: u64,
     want: Want,
-) -> RedisResult<Acquire> {
+    guard: Guard<'_>,
+) -> RedisResult<Answer> {
     let v: Vec<Value> = ACQUIRE
         .key(&keys.record)
         .key(&keys.lock)
+        .key(guard.marker)
         .arg(owner)
         .arg(lock_ttl_ms)
         .arg(want.min_expires_at)
@@ -110,6 +181,10 @@ pub async fn acquire(
         .arg(want.now)
         .arg(want.skip_fence)
         .arg(counter_ttl_ms)
+        .arg(guard.known)
+        .arg(guard.grace_ms)
+        .arg(guard.settle_ms)
+        .arg(if guard.sends_refresh_token { "1" } else { "0" })
         .invoke_async(con)
         .await?;
     let bad = || {
@@ -132,36 +207,68 @@ pub async fn acquire(
             _ => Err(bad()),
         }
     };
-    match int(0)? {
-        1 => Ok(Acquire::Cached(record(1)?)),
-        2 => Ok(Acquire::Locked {
+    let server = match v.get(1) {
+        Some(Value::BulkString(run)) => String::from_utf8_lossy(run).into_owned(),
+        _ => return Err(bad()),
+    };
+    let guard_ms = int(2)?.max(0) as u64;
+    let found = match int(0)? {
+        1 => Acquire::Cached(record(3)?),
+        2 => Acquire::Locked {
             lease: Lease {
                 owner: owner.to_owned(),
-                fence: int(1)?.max(0) as u64,
+                fence: int(3)?.max(0) as u64,
             },
-            stale: if v.len() > 2 { Some(record(2)?) } else { None },
-        }),
-        3 => Ok(Acquire::Busy {
-            lock_ttl_ms: int(1)?.max(0) as u64,
-        }),
-        _ => Err(bad()),
-    }
+            stale: if v.len() > 4 { Some(record(4)?) } else { None },
+        },
+        3 => Acquire::Busy {
+            lock_ttl_ms: int(3)?.max(0) as u64,
+        },
+        4 => Acquire::Guarded,
+        _ => return Err(bad()),
+    };
+    Ok(Answer {
+        found,
+        server,
+        guard_ms,
+    })
 }
 
-/// Pushes the lock's expiry out by `ttl_ms` if `lease` still holds it.
+/// What an extension found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extended {
+    /// Still ours: its expiry was pushed out.
+    Held,
+    /// It was gone and nobody had it: ours again.
+    Retaken,
+    /// Someone else holds it.
+    Lost,
+}
+
+/// Pushes the lock's expiry out by `ttl_ms` if `lease` still holds it, or
+/// takes it back if it is free (see [`EXTEND`]). `counter_ttl_ms` as for
+/// [`acquire`].
 pub async fn extend(
     con: &mut impl ConnectionLike,
     keys: &UserKeys,
     lease: &Lease,
     ttl_ms: u64,
-) -> RedisResult<bool> {
+    counter_ttl_ms: u64,
+) -> RedisResult<Extended> {
     let n: i64 = EXTEND
         .key(&keys.lock)
+        .key(&keys.record)
         .arg(&lease.owner)
         .arg(ttl_ms)
+        .arg(lease.fence)
+        .arg(counter_ttl_ms)
         .invoke_async(con)
         .await?;
-    Ok(n == 1)
+    Ok(match n {
+        1 => Extended::Held,
+        2 => Extended::Retaken,
+        _ => Extended::Lost,
+    })
 }
 
 /// Gives the lock up if `lease` still holds it, and tells the waiters why

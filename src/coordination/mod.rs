@@ -9,6 +9,8 @@
 //! - [`cache`]: the shared token record and its fenced write;
 //! - [`pubsub`]: announcements and the local waiters they wake;
 //! - [`connection`]: one RESP3 connection with a breaker and reconnect probe;
+//! - [`health`]: the breaker's policy and the restart guard (a new server
+//!   may have lost the locks: refresh-token refreshes wait);
 //! - [`coordinator`]: the flow tying them together.
 //!
 //! The hot path never gets here: only a refresh that is due does.
@@ -16,6 +18,7 @@
 pub mod cache;
 pub mod connection;
 pub mod coordinator;
+pub mod health;
 pub mod keys;
 pub mod lock;
 pub mod pubsub;
@@ -23,7 +26,7 @@ pub mod record;
 pub mod seal;
 
 pub use connection::{Connection, Unavailable};
-pub use coordinator::{Acquired, Coordinator, Outcome, Timing};
+pub use coordinator::{Acquired, Coordinator, Outcome, RefreshTokenUse, Timing};
 pub use seal::{SealKey, SharedToken};
 
 use crate::engine::{EngineError, Policy, SecretString};
@@ -85,5 +88,7 @@ pub fn coordinator(o: CoordinationOptions, policy: &Policy) -> Result<Coordinato
     Ok(Coordinator::new(conn, k, seal, timing))
 }
 
+#[cfg(test)]
+mod outage_tests;
 #[cfg(test)]
 mod tests;

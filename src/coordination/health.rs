@@ -1,0 +1,290 @@
+//! Whether Redis can be trusted right now, kept apart from the connection
+//! plumbing (`connection.rs`) and the flow (`coordinator.rs`):
+//!
+//! - the **breaker**: which failures make every call fail fast (the
+//!   connection failed, or a ping went unanswered), which stay with the one
+//!   call that met them (an odd reply, one slow answer), and how recovery is
+//!   probed;
+//! - the **restart guard**: how a Redis server that may have lost the locks
+//!   the fleet held is recognised (a restart, a failover), and how long a
+//!   refresh that would spend a refresh token waits before it may lock.
+//!
+//! # The restart guard
+//!
+//! A lock lives only in the server that granted it. When that server is
+//! replaced (restarted empty or from a stale dump, or a replica promoted
+//! before it had the newest writes), a holder elsewhere may still be
+//! refreshing while the new server grants the same user's lock to someone
+//! else; with rotating refresh tokens the second refresh spends a token the
+//! first one already spent, and the provider revokes the grant.
+//!
+//! So the acquire script compares the server's `run_id` (`INFO server`, new
+//! for every server process) with the one recorded in a marker key (`r`,
+//! with `s`: when the marker was (re)written, server clock, and `g`: whether
+//! that started a grace). Checking inside the script, instead of once per
+//! (re)connection, ties the check to the very grant it protects: no window
+//! between "this is a new server" and "here is a lock", and no reliance on
+//! noticing a reconnect that the connection manager made on its own. It
+//! costs one `INFO server` (about 5 µs) per due refresh, never on the hot path.
+//!
+//! - marker present, `run_id` differs: a failover or a restart that kept
+//!   data. **Grace**: no lock for a refresh that would spend the caller's
+//!   refresh token until [`grace_ms`] after the change was seen.
+//! - marker missing: a server restarted empty, flushed, or simply new to
+//!   this fleet (first use). The server cannot tell these apart; the
+//!   instances can: one that used another server within [`grace_ms`] says
+//!   so (`known`), and its first call to the new server turns the marker
+//!   into a grace. A marker written by an instance that knew no other
+//!   server starts a short **settle** ([`SETTLE_MS`]) instead, long enough
+//!   for every live instance that used the old server to reach the new one
+//!   (their reconnect probe touches the marker within [`PROBE_MAX`] of the
+//!   server answering) and convert it. A fresh stack therefore waits at most
+//!   the settle once, not a whole grace.
+//!
+//! Why [`grace_ms`] is the refresh timeout plus a margin: a lock the old
+//! server granted was granted before that server went away, to a refresh
+//! whose deadline (`refreshTimeoutMs` from its start, when the manager
+//! aborts it) is therefore less than `refreshTimeoutMs` after the server went
+//! away, hence after the new one was first seen. Its result is then written
+//! (`cache.rs`, fenced) as soon as the new server answers: the writer retries
+//! every [`PROBE_MAX`] at most, each try within [`OP_TIMEOUT`]. Once the grace
+//! is over, every refresh the old server could have locked has ended and its
+//! token is in the new server, where the next lock holder finds it.
+//!
+//! Refreshes that spend no refresh token (client credentials) need no grace:
+//! a duplicate of those costs one extra token, nothing more.
+//!
+//! The marker is one key per key prefix. In a Redis Cluster, where a script
+//! may only touch keys of one hash slot, the same logic works per slot: the
+//! marker's name carries a hash tag that maps to the user's slot (a table of
+//! one short tag per slot, computed once with the cluster's CRC16), and
+//! `known` is remembered per slot; a node's restart or failover then starts
+//! the grace for exactly the slots it serves. Nothing else changes.
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use once_cell::sync::Lazy;
+use parking_lot::Mutex;
+use redis::aio::ConnectionLike;
+use redis::{ErrorKind, RedisError, RedisResult, Script, ServerErrorKind};
+use tokio::time::Instant;
+
+use super::connection::OP_TIMEOUT;
+
+/// First pause of the reconnect probe; it doubles up to [`PROBE_MAX`].
+pub const PROBE_FIRST: Duration = Duration::from_millis(50);
+/// Longest pause between probes: Redis answering again is noticed within
+/// this (plus one connect), so coordination resumes well within a second.
+pub const PROBE_MAX: Duration = Duration::from_millis(250);
+/// How long a marker written by an instance that knew no other server holds
+/// back refresh-token locks: long enough for the instances that used the
+/// old server to reconnect (one probe pause) and touch it (one call).
+pub const SETTLE_MS: u64 = (PROBE_MAX.as_millis() + OP_TIMEOUT.as_millis() + 250) as u64;
+
+/// How long after a new server is seen no lock is granted to a refresh that
+/// would spend the caller's refresh token (see the module docs for why).
+pub fn grace_ms(refresh_timeout_ms: u64) -> u64 {
+    refresh_timeout_ms.saturating_add(SETTLE_MS)
+}
+
+/// The pause before the `n`-th retry of a probe or of a write that could
+/// not reach Redis: 50, 100, 200, then 250 ms.
+pub fn retry_pause(n: u32) -> Duration {
+    PROBE_FIRST.saturating_mul(1 << n.min(8)).min(PROBE_MAX)
+}
+
+/// What a failed call says about Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The connection failed (refused, reset, closed), or the server cannot
+    /// serve anyone (loading, read-only after a failover, cluster down):
+    /// every call would fail, so the breaker opens.
+    Connection,
+    /// No answer in time, or the server busy with a script: maybe a stall,
+    /// maybe one slow reply. A ping decides.
+    Slow,
+    /// An odd reply to this one call (a script error, an unexpected shape):
+    /// that call's problem, not everyone's.
+    Reply,
+}
+
+pub fn classify(e: &RedisError) -> Fault {
+    if e.is_timeout() || e.code() == Some("BUSY") {
+        return Fault::Slow;
+    }
+    match e.kind() {
+        ErrorKind::Io
+        | ErrorKind::Parse
+        | ErrorKind::AuthenticationFailed
+        | ErrorKind::ClusterConnectionNotFound => Fault::Connection,
+        ErrorKind::Server(
+            ServerErrorKind::BusyLoading
+            | ServerErrorKind::MasterDown
+            | ServerErrorKind::ReadOnly
+            | ServerErrorKind::ClusterDown
+            | ServerErrorKind::TryAgain,
+        ) => Fault::Connection,
+        _ => Fault::Reply,
+    }
+}
+
+/// The breaker's state. Open: calls fail fast while a probe pings; it
+/// closes on the first answer. A real call is not let through as the probe:
+/// while Redis is still down it would make its caller wait out a connect
+/// timeout, where the ping costs no caller anything.
+#[derive(Debug, Default)]
+pub struct Breaker {
+    open: AtomicBool,
+    checking: AtomicBool,
+}
+
+impl Breaker {
+    pub fn is_open(&self) -> bool {
+        self.open.load(Relaxed)
+    }
+
+    /// Opens; true if it was closed (the caller starts the probe).
+    pub fn trip(&self) -> bool {
+        !self.open.swap(true, Relaxed)
+    }
+
+    pub fn reset(&self) {
+        self.open.store(false, Relaxed);
+    }
+
+    /// A call went unanswered, or the connection dropped: true if no check
+    /// runs yet (the caller starts one, which trips the breaker only if a
+    /// ping goes unanswered too).
+    pub fn begin_check(&self) -> bool {
+        !self.is_open() && !self.checking.swap(true, Relaxed)
+    }
+
+    pub fn end_check(&self) {
+        self.checking.store(false, Relaxed);
+    }
+}
+
+/// Which server this instance last used, for the restart guard.
+#[derive(Debug, Default)]
+pub struct Epoch {
+    marker: OnceLock<String>,
+    known: Mutex<Option<(String, Instant)>>,
+    /// How long a server used counts as "recently used" (the grace).
+    memory_ms: OnceLock<u64>,
+}
+
+impl Epoch {
+    /// Set once, by the coordinator: the marker key and the grace.
+    pub fn configure(&self, marker: String, grace_ms: u64) {
+        let _ = self.marker.set(marker);
+        let _ = self.memory_ms.set(grace_ms);
+    }
+
+    pub fn marker(&self) -> Option<&str> {
+        self.marker.get().map(String::as_str)
+    }
+
+    /// The run id of the server this instance used within the grace (a
+    /// refresh it locked there may still run), else empty.
+    pub fn known(&self) -> String {
+        let memory = Duration::from_millis(*self.memory_ms.get().unwrap_or(&0));
+        match &*self.known.lock() {
+            Some((run, at)) if at.elapsed() < memory => run.clone(),
+            _ => String::new(),
+        }
+    }
+
+    /// A script just ran on the server with this run id.
+    pub fn saw(&self, run: &str) {
+        *self.known.lock() = Some((run.to_owned(), Instant::now()));
+    }
+}
+
+/// The marker check, as a Lua function for scripts that grant locks (the
+/// acquire script calls it first) and for the probe's [`touch`]. Returns the
+/// server's run id and how many ms a refresh-token lock must still wait
+/// (0: none). `grace` and `settle` are the caller's (0: it needs none).
+/// Without the right to call INFO (an ACL), the run id reads as `unknown`:
+/// failovers then go unseen, restarts that lose the marker do not.
+pub const EPOCH_LUA: &str = r"
+local function epoch(marker, known, grace, settle)
+  local info = redis.pcall('INFO', 'server')
+  local run = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or 'unknown'
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local m = redis.pcall('HMGET', marker, 'r', 's', 'g')
+  if m.err then redis.call('DEL', marker) m = {} end
+  local r, s, g = m[1], tonumber(m[2]), m[3]
+  if r ~= run or not s then
+    local changed = (r and r ~= run) or (known ~= '' and known ~= run)
+    g = changed and '1' or '0'
+    s = now
+    redis.call('DEL', marker)
+    redis.call('HSET', marker, 'r', run, 's', s, 'g', g)
+  elseif g ~= '1' and known ~= '' and known ~= run then
+    g = '1'
+    s = now
+    redis.call('HSET', marker, 's', s, 'g', g)
+  end
+  local left = s + (g == '1' and grace or settle) - now
+  if left < 0 then left = 0 end
+  return run, left
+end
+";
+
+static TOUCH: Lazy<Script> = Lazy::new(|| {
+    Script::new(&format!(
+        "{EPOCH_LUA}\nlocal run = epoch(KEYS[1], ARGV[1], 0, 0)\nreturn run"
+    ))
+});
+
+/// Records the server in the marker (starting a grace if `known` names
+/// another one) and returns its run id. The reconnect probe calls it, so a
+/// grace starts as soon as any instance that used the old server is back.
+pub async fn touch(
+    con: &mut impl ConnectionLike,
+    marker: &str,
+    known: &str,
+) -> RedisResult<String> {
+    TOUCH.key(marker).arg(known).invoke_async(con).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_to_the_probe_cap() {
+        let pauses: Vec<u128> = (0..6).map(|n| retry_pause(n).as_millis()).collect();
+        assert_eq!(pauses, [50, 100, 200, 250, 250, 250]);
+        assert_eq!(retry_pause(u32::MAX), PROBE_MAX);
+    }
+
+    #[test]
+    fn the_grace_outlasts_every_refresh_the_old_server_locked() {
+        assert!(
+            grace_ms(30_000)
+                > 30_000 + PROBE_MAX.as_millis() as u64 + OP_TIMEOUT.as_millis() as u64
+        );
+        assert_eq!(grace_ms(u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn only_connection_failures_trip_the_breaker() {
+        let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(classify(&io), Fault::Connection);
+        let slow = RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        assert_eq!(classify(&slow), Fault::Slow);
+        let shape = RedisError::from((ErrorKind::UnexpectedReturnType, "odd"));
+        assert_eq!(classify(&shape), Fault::Reply);
+        let b = Breaker::default();
+        assert!(b.begin_check() && !b.begin_check());
+        b.end_check();
+        assert!(b.trip() && !b.trip() && b.is_open());
+        assert!(!b.begin_check(), "no check while open: the probe runs");
+        b.reset();
+        assert!(!b.is_open());
+    }
+}
