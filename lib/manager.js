@@ -13,7 +13,7 @@ const { BindingManager, parseIsoTime } = require('../binding.js')
 const coordination = require('./coordination.js')
 const { TokenRefreshError, argError, fromNative, quietly } = require('./errors.js')
 const { bindProtocol } = require('./protocol.js')
-const { NATIVE_REFRESHER, nativeRefresh } = require('./refreshers.js')
+const { CLIENT_CREDENTIALS, NATIVE_REFRESHER, nativeRefresh } = require('./refreshers.js')
 
 /**
  * `Date | number | string` to epoch ms, or a TypeError naming `name`. Only
@@ -255,7 +255,10 @@ class TokenManager {
     // With Redis, the refresh runs only under the user's cross-instance lock,
     // or a token another instance refreshed answers instead (lib/coordination.js).
     const refresh = () => (refresher === undefined ? invoke(refreshFn, ctx) : nativeRefresh(refresher, userId, ctx.refreshToken, this.#timeoutMs))
-    const obtained = this.#coordinator === null ? refresh() : this.#coordinator.obtain(ctx, accessToken, exp, refresh, this.#timeoutMs)
+    const obtained =
+      this.#coordinator === null
+        ? refresh()
+        : this.#coordinator.obtain(ctx, accessToken, exp, refresh, this.#timeoutMs, !CLIENT_CREDENTIALS.has(refreshFn))
     obtained.then(
       (result) => {
         const late = settled

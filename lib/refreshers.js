@@ -9,6 +9,12 @@ const { BindingRefresher } = require('../binding.js')
 const { TokenRefreshError, argError, fromNative, quietly } = require('./errors.js')
 
 const NATIVE_REFRESHER = Symbol('tarabut-token-manager.nativeRefresher')
+/**
+ * Refresh functions that never send a refresh token (client credentials):
+ * with Redis, they may still refresh in-process while Redis is unavailable,
+ * and need no restart guard (lib/coordination.js).
+ */
+const CLIENT_CREDENTIALS = new WeakSet()
 
 let lastAbortId = 0
 function nextAbortId() {
@@ -130,7 +136,9 @@ const TARABUT_OPTIONS = {
  * refreshFn, or call it as one.
  */
 function tarabutRefresher(options) {
-  return buildRefresher((o) => BindingRefresher.tarabut(o), pickOptions('tarabutRefresher', options, TARABUT_OPTIONS), 'tarabutRefresher')
+  const refresh = buildRefresher((o) => BindingRefresher.tarabut(o), pickOptions('tarabutRefresher', options, TARABUT_OPTIONS), 'tarabutRefresher')
+  CLIENT_CREDENTIALS.add(refresh)
+  return refresh
 }
 
 const OAUTH2_OPTIONS = {
@@ -152,4 +160,4 @@ function oauth2Refresher(options) {
   return buildRefresher((o) => BindingRefresher.oauth2(o), pickOptions('oauth2Refresher', options, OAUTH2_OPTIONS), 'oauth2Refresher')
 }
 
-module.exports = { NATIVE_REFRESHER, nativeRefresh, tarabutRefresher, oauth2Refresher }
+module.exports = { NATIVE_REFRESHER, CLIENT_CREDENTIALS, nativeRefresh, tarabutRefresher, oauth2Refresher }

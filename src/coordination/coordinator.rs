@@ -108,7 +108,7 @@ impl Coordinator {
     pub fn new(conn: Connection, keys: Keys, seal: SealKey, timing: Timing) -> Self {
         conn.epoch().configure(
             keys.epoch_marker(),
-            health::grace_ms(timing.refresh_timeout_ms),
+            health::memory_ms(timing.refresh_timeout_ms),
         );
         Self {
             conn: Arc::new(conn),
@@ -147,6 +147,7 @@ impl Coordinator {
             RefreshTokenUse::Never => (0, 0),
             _ => (health::grace_ms(t.refresh_timeout_ms), health::SETTLE_MS),
         };
+        let budget = deadline.saturating_duration_since(Instant::now());
         let mut undecryptable = false;
         let mut waited = false;
         let mut skip_fence = 0;
@@ -204,9 +205,11 @@ impl Coordinator {
             match found {
                 Err(e) => break Outcome::Unavailable(e),
                 Ok((Acquire::Guarded, left_ms)) => {
-                    // Wait the guard out if it ends before the deadline.
+                    // Wait the guard out if at least half the budget is
+                    // then left for the refresh itself: one cut short by
+                    // its timeout may have spent its refresh token.
                     let left = Duration::from_millis(left_ms + 5);
-                    if Instant::now() + left < deadline {
+                    if Instant::now() + left + budget / 2 <= deadline {
                         drop(waiting);
                         tokio::time::sleep(left).await;
                         continue;
@@ -324,20 +327,18 @@ impl Coordinator {
     }
 
     /// Best effort: frees `owner`'s lock if a call that gave up on Redis
-    /// took it after all. Sent after that call on the same connection, so a
-    /// stalled server runs it right after the grant.
+    /// took it after all (`lock::abandon`).
     fn abandon(&self, keys: UserKeys, owner: String) {
         let conn = self.conn.clone();
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
         rt.spawn(async move {
-            let lease = Lease { owner, fence: 0 };
             let channel = conn.channel().to_owned();
-            let (k, l, c) = (&keys, &lease, &channel);
+            let (k, o, c) = (&keys, &owner, &channel);
             let _ = conn
                 .run(OP_TIMEOUT, |mut m| async move {
-                    lock::release(&mut m, k, c, l, &Notice::Released).await
+                    lock::abandon(&mut m, k, c, o).await
                 })
                 .await;
         });

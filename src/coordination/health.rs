@@ -32,9 +32,10 @@
 //!   refresh token until [`grace_ms`] after the change was seen.
 //! - marker missing: a server restarted empty, flushed, or simply new to
 //!   this fleet (first use). The server cannot tell these apart; the
-//!   instances can: one that used another server within [`grace_ms`] says
-//!   so (`known`), and its first call to the new server turns the marker
-//!   into a grace. A marker written by an instance that knew no other
+//!   instances can: one that used another server recently enough to still
+//!   have a refresh or a write of its own pending there ([`memory_ms`])
+//!   says so (`known`), and its first call to the new server turns the
+//!   marker into a grace. A marker written by an instance that knew no other
 //!   server starts a short **settle** ([`SETTLE_MS`]) instead, long enough
 //!   for every live instance that used the old server to reach the new one
 //!   (their reconnect probe touches the marker within [`PROBE_MAX`] of the
@@ -166,28 +167,36 @@ impl Breaker {
     }
 }
 
+/// How long this instance remembers the server it used: as long as a
+/// refresh it locked there may still run (`refreshTimeoutMs` after the
+/// grant, its last contact) and the write of its result be retried (the
+/// grace). Past that, nothing of its own can be lost with that server.
+pub fn memory_ms(refresh_timeout_ms: u64) -> u64 {
+    refresh_timeout_ms.saturating_add(grace_ms(refresh_timeout_ms))
+}
+
 /// Which server this instance last used, for the restart guard.
 #[derive(Debug, Default)]
 pub struct Epoch {
     marker: OnceLock<String>,
     known: Mutex<Option<(String, Instant)>>,
-    /// How long a server used counts as "recently used" (the grace).
     memory_ms: OnceLock<u64>,
 }
 
 impl Epoch {
-    /// Set once, by the coordinator: the marker key and the grace.
-    pub fn configure(&self, marker: String, grace_ms: u64) {
+    /// Set once, by the coordinator: the marker key and [`memory_ms`].
+    pub fn configure(&self, marker: String, memory_ms: u64) {
         let _ = self.marker.set(marker);
-        let _ = self.memory_ms.set(grace_ms);
+        let _ = self.memory_ms.set(memory_ms);
     }
 
     pub fn marker(&self) -> Option<&str> {
         self.marker.get().map(String::as_str)
     }
 
-    /// The run id of the server this instance used within the grace (a
-    /// refresh it locked there may still run), else empty.
+    /// The run id of the server this instance used within [`memory_ms`] (a
+    /// refresh it locked there may still run, or its write be pending), else
+    /// empty.
     pub fn known(&self) -> String {
         let memory = Duration::from_millis(*self.memory_ms.get().unwrap_or(&0));
         match &*self.known.lock() {

@@ -144,18 +144,16 @@ return 2
     )
 });
 
-static RELEASE: Lazy<Script> = Lazy::new(|| {
-    Script::new(
-        r"
+const RELEASE_LUA: &str = r"
 if redis.pcall('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   redis.call('PUBLISH', ARGV[2], ARGV[3])
   return 1
 end
 return 0
-",
-    )
-});
+";
+
+static RELEASE: Lazy<Script> = Lazy::new(|| Script::new(RELEASE_LUA));
 
 /// Returns a usable cached token, or takes the lock, or says who has it, or
 /// that the restart guard holds the lock back. `counter_ttl_ms` keeps the
@@ -269,6 +267,29 @@ pub async fn extend(
         2 => Extended::Retaken,
         _ => Extended::Lost,
     })
+}
+
+/// Gives up a lock a call that gave up on Redis (a stall) may still be
+/// granted: sent right behind that call, so a stalled server runs it right
+/// after the grant. As one `EVAL` with the script's text: an `EVALSHA` that
+/// meets a server without the script needs a second round trip, which a
+/// stalled server would not answer before the caller stopped waiting.
+pub async fn abandon(
+    con: &mut impl ConnectionLike,
+    keys: &UserKeys,
+    channel: &str,
+    owner: &str,
+) -> RedisResult<bool> {
+    let n: i64 = redis::cmd("EVAL")
+        .arg(RELEASE_LUA)
+        .arg(1)
+        .arg(&keys.lock)
+        .arg(owner)
+        .arg(channel)
+        .arg(record::encode_notice(&keys.id, &Notice::Released))
+        .query_async(con)
+        .await?;
+    Ok(n == 1)
 }
 
 /// Gives the lock up if `lease` still holds it, and tells the waiters why
