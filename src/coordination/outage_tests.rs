@@ -433,3 +433,58 @@ async fn a_token_refreshed_during_the_outage_reaches_the_new_server() {
     assert_eq!(t.refresh.as_ref().map(SecretString::expose), Some("r1"));
     assert!(started.elapsed() < Duration::from_secs(4));
 }
+
+#[tokio::test]
+async fn a_lock_granted_after_its_caller_gave_up_is_given_back() {
+    let s = Server::start();
+    let c = coordinator_timed(&s.url(), 5_000.0, 30_000);
+    let other = coordinator_timed(&s.url(), 5_000.0, 30_000);
+    let Outcome::Lead { lease, .. } = ask(&c, "warm", soon(5_000), RefreshTokenUse::Never).await
+    else {
+        panic!("lead")
+    };
+    assert!(c
+        .commit("warm", &lease, &token("w", "r", 60_000))
+        .await
+        .unwrap());
+    // A stall longer than a call's budget and than the ping after it: the
+    // grant happens well after the caller stopped waiting.
+    let mut admin = s.con().await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(2_300)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let Outcome::Unavailable(_) = ask(&c, "u", soon(10_000), RefreshTokenUse::Never).await else {
+        panic!("gave up")
+    };
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    // Not held for the lock's 5 s TTL by a grant nobody uses.
+    let got = ask(&other, "u", soon(1_500), RefreshTokenUse::Never).await;
+    assert!(matches!(got, Outcome::Lead { .. }), "{got:?}");
+}
+
+#[tokio::test]
+async fn after_a_long_outage_coordination_resumes_within_a_second() {
+    let mut s = Server::start();
+    let port = s.port;
+    let c = coordinator_timed(&s.url(), 5_000.0, 30_000);
+    let Outcome::Lead { .. } = ask(&c, "warm", soon(5_000), RefreshTokenUse::Never).await else {
+        panic!("lead")
+    };
+    s.kill();
+    let Outcome::Unavailable(_) = ask(&c, "u", soon(5_000), RefreshTokenUse::Never).await else {
+        panic!("unavailable")
+    };
+    // Long enough for a probe that backs off further to be asleep for long.
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    s = Server::start_on(port);
+    let back = wait_until("reconnected", Duration::from_secs(5), || !c.is_down()).await;
+    assert!(back < Duration::from_secs(1), "{back:?}");
+    let Outcome::Lead { .. } = ask(&c, "v", soon(5_000), RefreshTokenUse::Never).await else {
+        panic!("coordinating again")
+    };
+    drop(s);
+}
