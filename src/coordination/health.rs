@@ -13,34 +13,37 @@
 //!
 //! A lock lives only in the server that granted it. When that server is
 //! replaced (restarted empty or from a stale dump, or a replica promoted
-//! before it had the newest writes), a holder elsewhere may still be
-//! refreshing while the new server grants the same user's lock to someone
-//! else; with rotating refresh tokens the second refresh spends a token the
-//! first one already spent, and the provider revokes the grant.
+//! before it had the newest writes) or its keys are lost (a flush), a holder
+//! elsewhere may still be refreshing while the server grants the same
+//! user's lock to someone else; with rotating refresh tokens the second
+//! refresh spends a token the first one already spent, and the provider
+//! revokes the grant.
 //!
-//! So the acquire script compares the server's `run_id` (`INFO server`, new
-//! for every server process) with the one recorded in a marker key (`r`,
-//! with `s`: when the marker was (re)written, server clock, and `g`: whether
-//! that started a grace). Checking inside the script, instead of once per
-//! (re)connection, ties the check to the very grant it protects: no window
-//! between "this is a new server" and "here is a lock", and no reliance on
-//! noticing a reconnect that the connection manager made on its own. It
-//! costs one `INFO server` (about 5 µs) per due refresh, never on the hot path.
+//! So every lock grant first checks a marker key: `r`, the `run_id` of the
+//! server that wrote it (`INFO server`: new for every server process), `c`,
+//! when it was created, `s` and `g`, when a grace (or a settle) started.
+//! The marker's **identity** is `r:c`: it changes when the server changes
+//! and when the marker was lost with the rest of the keys. The check runs
+//! inside the acquire script rather than once per (re)connection, which
+//! ties it to the very grant it protects: no window between "this is a new
+//! server" and "here is a lock", and no reliance on noticing a reconnect the
+//! connection manager made on its own. It costs one `INFO server` (about
+//! 5 µs of server time) per due refresh, never on the hot path.
 //!
-//! - marker present, `run_id` differs: a failover or a restart that kept
+//! - marker present, another `run_id`: a failover, or a restart that kept
 //!   data. **Grace**: no lock for a refresh that would spend the caller's
 //!   refresh token until [`grace_ms`] after the change was seen.
-//! - marker missing: a server restarted empty, flushed, or simply new to
-//!   this fleet (first use). The server cannot tell these apart; the
-//!   instances can: one that used another server recently enough to still
-//!   have a refresh or a write of its own pending there ([`memory_ms`])
-//!   says so (`known`), and its first call to the new server turns the
-//!   marker into a grace. A marker written by an instance that knew no other
-//!   server starts a short **settle** ([`SETTLE_MS`]) instead, long enough
-//!   for every live instance that used the old server to reach the new one
-//!   (their reconnect probe touches the marker within [`PROBE_MAX`] of the
-//!   server answering) and convert it. A fresh stack therefore waits at most
-//!   the settle once, not a whole grace.
+//! - marker missing (or of another identity than the caller last saw): a
+//!   server restarted empty, a flush, or simply a prefix new to this server
+//!   (first use). The server cannot tell these apart; the instances can: one
+//!   that saw another identity recently enough to still have a refresh or a
+//!   write of its own pending there ([`memory_ms`]) says so (`known`), and
+//!   its first call turns the marker into a grace. A marker written by an
+//!   instance that knew none starts a short **settle** ([`SETTLE_MS`])
+//!   instead, long enough for every live instance that used the old server
+//!   to reach the new one (their reconnect probe touches the marker within
+//!   [`PROBE_MAX`] of the server answering) and convert it. A fresh stack
+//!   therefore waits at most the settle once, not a whole grace.
 //!
 //! Why [`grace_ms`] is the refresh timeout plus a margin: a lock the old
 //! server granted was granted before that server went away, to a refresh
@@ -194,64 +197,69 @@ impl Epoch {
         self.marker.get().map(String::as_str)
     }
 
-    /// The run id of the server this instance used within [`memory_ms`] (a
-    /// refresh it locked there may still run, or its write be pending), else
+    /// The marker identity this instance saw within [`memory_ms`] (a
+    /// refresh it locked then may still run, or its write be pending), else
     /// empty.
     pub fn known(&self) -> String {
         let memory = Duration::from_millis(*self.memory_ms.get().unwrap_or(&0));
         match &*self.known.lock() {
-            Some((run, at)) if at.elapsed() < memory => run.clone(),
+            Some((identity, at)) if at.elapsed() < memory => identity.clone(),
             _ => String::new(),
         }
     }
 
-    /// A script just ran on the server with this run id.
-    pub fn saw(&self, run: &str) {
-        *self.known.lock() = Some((run.to_owned(), Instant::now()));
+    /// A script just ran and reported this marker identity.
+    pub fn saw(&self, identity: &str) {
+        *self.known.lock() = Some((identity.to_owned(), Instant::now()));
     }
 }
 
 /// The marker check, as a Lua function for scripts that grant locks (the
 /// acquire script calls it first) and for the probe's [`touch`]. Returns the
-/// server's run id and how many ms a refresh-token lock must still wait
-/// (0: none). `grace` and `settle` are the caller's (0: it needs none).
-/// Without the right to call INFO (an ACL), the run id reads as `unknown`:
-/// failovers then go unseen, restarts that lose the marker do not.
+/// marker's identity and how many ms a refresh-token lock must still wait
+/// (0: none). `known` is the identity the caller saw last (or empty);
+/// `grace` and `settle` are the caller's (0: it needs none). Without the
+/// right to call INFO (an ACL), the run id reads as `unknown`: failovers
+/// then go unseen, restarts and flushes (which lose the marker) do not.
 pub const EPOCH_LUA: &str = r"
 local function epoch(marker, known, grace, settle)
   local info = redis.pcall('INFO', 'server')
   local run = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or 'unknown'
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local m = redis.pcall('HMGET', marker, 'r', 's', 'g')
-  if m.err then redis.call('DEL', marker) m = {} end
-  local r, s, g = m[1], tonumber(m[2]), m[3]
-  if r ~= run or not s then
-    local changed = (r and r ~= run) or (known ~= '' and known ~= run)
-    g = changed and '1' or '0'
+  local m = redis.pcall('HMGET', marker, 'r', 'c', 's', 'g')
+  if m.err then
+    redis.call('DEL', marker)
+    m = {}
+  end
+  local r, c, s, g = m[1], m[2], tonumber(m[3]), m[4]
+  if r ~= run or not c or not s then
+    g = ((r and r ~= run) or known ~= '') and '1' or '0'
+    c = tostring(now)
     s = now
     redis.call('DEL', marker)
-    redis.call('HSET', marker, 'r', run, 's', s, 'g', g)
-  elseif g ~= '1' and known ~= '' and known ~= run then
+    redis.call('HSET', marker, 'r', run, 'c', c, 's', s, 'g', g)
+  elseif g ~= '1' and known ~= '' and known ~= run .. ':' .. c then
     g = '1'
     s = now
     redis.call('HSET', marker, 's', s, 'g', g)
   end
   local left = s + (g == '1' and grace or settle) - now
   if left < 0 then left = 0 end
-  return run, left
+  return run .. ':' .. c, left
 end
 ";
 
 static TOUCH: Lazy<Script> = Lazy::new(|| {
     Script::new(&format!(
-        "{EPOCH_LUA}\nlocal run = epoch(KEYS[1], ARGV[1], 0, 0)\nreturn run"
+        "{EPOCH_LUA}\nlocal identity = epoch(KEYS[1], ARGV[1], 0, 0)\nreturn identity"
     ))
 });
 
 /// Records the server in the marker (starting a grace if `known` names
-/// another one) and returns its run id. The reconnect probe calls it, so a
-/// grace starts as soon as any instance that used the old server is back.
+/// another identity) and returns the marker's identity. The reconnect probe
+/// calls it, so a grace starts as soon as any instance that used the old
+/// server is back.
 pub async fn touch(
     con: &mut impl ConnectionLike,
     marker: &str,

@@ -42,7 +42,7 @@ pub enum Acquire {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Answer {
     pub found: Acquire,
-    /// The server's run id (`health::Epoch::saw`).
+    /// The restart marker's identity (`health::Epoch::saw`).
     pub server: String,
     /// How long the restart guard still holds refresh-token locks back (ms);
     /// 0 when it does not, or when the call asked for no guard.
@@ -67,7 +67,7 @@ pub struct Want {
 pub struct Guard<'a> {
     /// The marker key.
     pub marker: &'a str,
-    /// The server this instance used within the grace, or "".
+    /// The marker identity this instance saw last (`health::Epoch::known`), or "".
     pub known: &'a str,
     /// The grace and settle this refresh observes (0, 0: none).
     pub grace_ms: u64,
@@ -87,14 +87,14 @@ static ACQUIRE: Lazy<Script> = Lazy::new(|| {
         "{}{}",
         health::EPOCH_LUA,
         r"
-local run, left = epoch(KEYS[3], ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11]))
+local server, left = epoch(KEYS[3], ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11]))
 local r = redis.pcall('HMGET', KEYS[1], 'f', 'e', 'w', 't', 'n')
 if r.err then redis.call('DEL', KEYS[1]) r = {} end
 local f, e, w, t, n = tonumber(r[1]), tonumber(r[2]), tonumber(r[3]), r[4], tonumber(r[5])
 if type(t) ~= 'string' then t = nil end
 if t and f and e and f ~= tonumber(ARGV[7]) and e > tonumber(ARGV[3])
   and (e > tonumber(ARGV[4]) or (w and w > tonumber(ARGV[5]) and e > tonumber(ARGV[6]))) then
-  return {1, run, left, f, w or 0, t}
+  return {1, server, left, f, w or 0, t}
 end
 local held = redis.call('PTTL', KEYS[2])
 -- A lock without an expiry was not set by a holder (ours always have one):
@@ -103,9 +103,9 @@ if held == -1 then
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
   held = tonumber(ARGV[2])
 end
-if held >= 0 then return {3, run, left, held} end
-if left > 0 and ARGV[12] == '1' then return {4, run, left} end
-redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
+if held >= 0 then return {3, server, left, held} end
+if left > 0 and ARGV[12] == '1' then return {4, server, left} end
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {3, server, left, 0} end
 -- The next fence: above the counter and above the record's own fence (a
 -- counter lost with a restart, or garbled, must not hand out an old one).
 if not n or n < 0 or n ~= math.floor(n) then n = 0 end
@@ -114,8 +114,8 @@ n = n + 1
 redis.call('HSET', KEYS[1], 'n', n)
 -- The fence counter must outlive every holder still refreshing.
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[8]) then redis.call('PEXPIRE', KEYS[1], ARGV[8]) end
-if t then return {2, run, left, n, f or 0, w or 0, t} end
-return {2, run, left, n}
+if t then return {2, server, left, n, f or 0, w or 0, t} end
+return {2, server, left, n}
 "
     ))
 });
@@ -206,7 +206,7 @@ pub async fn acquire(
         }
     };
     let server = match v.get(1) {
-        Some(Value::BulkString(run)) => String::from_utf8_lossy(run).into_owned(),
+        Some(Value::BulkString(identity)) => String::from_utf8_lossy(identity).into_owned(),
         _ => return Err(bad()),
     };
     let guard_ms = int(2)?.max(0) as u64;

@@ -488,3 +488,37 @@ async fn after_a_long_outage_coordination_resumes_within_a_second() {
     };
     drop(s);
 }
+
+#[tokio::test]
+async fn a_flushed_keyspace_loses_the_locks_too() {
+    let s = Server::start();
+    let a = coordinator_timed(&s.url(), 5_000.0, 2_000);
+    let Outcome::Lead { .. } = ask(&a, "u", soon(5_000), RefreshTokenUse::Sends).await else {
+        panic!("lead")
+    };
+    let mut admin = s.con().await;
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    // An instance that never saw the old keys gets in first: only a settle...
+    let fresh = coordinator_timed(&s.url(), 5_000.0, 2_000);
+    let Outcome::Unavailable(Unavailable::NewServer { resumes_in_ms }) =
+        ask(&fresh, "v", soon(1_000), RefreshTokenUse::Sends).await
+    else {
+        panic!("settling")
+    };
+    assert!(resumes_in_ms <= health::SETTLE_MS);
+    // ...until the instance that held a lock there comes by: a grace.
+    let Outcome::Unavailable(Unavailable::NewServer { resumes_in_ms }) =
+        ask(&a, "w", soon(1_000), RefreshTokenUse::Sends).await
+    else {
+        panic!("held back")
+    };
+    assert!(resumes_in_ms > health::SETTLE_MS, "{resumes_in_ms}");
+    let Outcome::Unavailable(Unavailable::NewServer { .. }) =
+        ask(&fresh, "v", soon(1_000), RefreshTokenUse::Sends).await
+    else {
+        panic!("held back for everyone")
+    };
+}
