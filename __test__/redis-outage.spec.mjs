@@ -356,11 +356,13 @@ describe('a fleet on oidc-provider with rotating refresh tokens', () => {
         return { r, due, errors, refreshed, exact }
       })
       const refusedFor = restarts.map((s) => s.servedAt - s.at)
-      const resumedAfter = restarts.map((s) => {
-        const first = summary.find(({ r, due, exact }) => r.startedAt >= s.at && exact && due.length > 0)
-        return first === undefined ? null : first.r.startedAt - s.at
-      })
-      console.log(`after a restart: expired tokens refused for ${refusedFor.join(', ')} ms; one refresh per user per round again in the round starting ${resumedAfter.join(', ')} ms after it`)
+      const resumed = restarts.map((s) => summary.find(({ r, due, exact }) => r.startedAt >= s.at && exact && due.length > 0))
+      const resumedAfter = restarts.map((s, i) => (resumed[i] === undefined ? null : resumed[i].r.startedAt - s.at))
+      // When the first refresh-token refresh of a fleet user ran after the restart.
+      const firstRefresh = restarts.map((s) => Math.min(...refreshes.filter((l) => l.at > s.at).map((l) => l.at)) - s.at)
+      console.log(
+        `after a restart: expired tokens refused for ${refusedFor.join(', ')} ms; first fleet refresh ${firstRefresh.join(', ')} ms after it; one refresh per user per round again from the round starting ${resumedAfter.join(', ')} ms after it`,
+      )
 
       // No grant was ever hurt, and no refresh was lost on the way.
       expect(grantErrors).toEqual([])

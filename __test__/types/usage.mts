@@ -64,5 +64,6 @@ const unavailable: TokenRefreshError['code'] = 'COORDINATOR_UNAVAILABLE'
 void unavailable
 // @ts-expect-error encryptionKey is required with redis
 new TokenManager({ redis: { url: 'redis://127.0.0.1:6379' } })
-// @ts-expect-error onError is 'local' or 'fail'
+for (const onError of ['auto', 'local', 'fail'] as const) new TokenManager({ redis: { url: 'redis://h', encryptionKey: 'k', onError } })
+// @ts-expect-error onError is 'auto', 'local' or 'fail'
 new TokenManager({ redis: { url: 'redis://h', encryptionKey: 'k', onError: 'retry' } })
