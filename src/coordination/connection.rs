@@ -129,11 +129,41 @@ impl Connection {
         &self.epoch
     }
 
-    /// Runs one Redis call within `budget` (at most [`OP_TIMEOUT`]). A
-    /// connection-level failure opens the breaker (while it is open this
-    /// returns at once); a full budget without an answer has a ping decide;
-    /// an odd reply is this call's alone (`health::classify`).
+    /// Runs one Redis call within `budget`. A connection-level failure
+    /// opens the breaker (while it is open this returns at once); an odd
+    /// reply is this call's alone (`health::classify`). A call unanswered
+    /// after [`OP_TIMEOUT`] has a ping decide: if the ping goes unanswered
+    /// too, the breaker opens and the call gives up at once; otherwise it
+    /// keeps waiting, up to `budget` (a loaded server is slow, not gone).
     pub async fn run<T, F, Fut>(self: &Arc<Self>, budget: Duration, f: F) -> Result<T, Unavailable>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        self.call(budget, f, true).await
+    }
+
+    /// [`Connection::run`] even while the breaker is open: for a call that
+    /// must follow one already sent (giving back a lock granted to a call
+    /// that gave up), which a stalled server will run, breaker or not.
+    pub async fn run_anyway<T, F, Fut>(
+        self: &Arc<Self>,
+        budget: Duration,
+        f: F,
+    ) -> Result<T, Unavailable>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        self.call(budget, f, false).await
+    }
+
+    async fn call<T, F, Fut>(
+        self: &Arc<Self>,
+        budget: Duration,
+        f: F,
+        gated: bool,
+    ) -> Result<T, Unavailable>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
@@ -141,27 +171,41 @@ impl Connection {
         if self.closed.load(Relaxed) {
             return Err(Unavailable::Closed);
         }
-        if self.is_down() {
+        // Armed before the check, so a trip in between is not missed.
+        let opened = self.breaker.opened();
+        tokio::pin!(opened);
+        opened.as_mut().enable();
+        if gated && self.is_down() {
             return Err(Unavailable::Down);
         }
-        let budget = budget.min(OP_TIMEOUT);
         let manager = self.manager()?;
         let call = async {
             self.subscribe(&manager).await?;
             f(manager).await
         };
-        match tokio::time::timeout(budget, call).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.fault(&e)),
-            Err(_) => {
+        tokio::pin!(call);
+        let first = budget.min(OP_TIMEOUT);
+        let answered = match tokio::time::timeout(first, &mut call).await {
+            Ok(answered) => answered,
+            Err(_) if budget <= OP_TIMEOUT => {
                 // A short budget (the caller's deadline is near) says nothing
                 // about Redis; a full one may.
                 if budget == OP_TIMEOUT {
                     self.check();
                 }
-                Err(Unavailable::TimedOut)
+                return Err(Unavailable::TimedOut);
             }
-        }
+            Err(_) => {
+                self.check();
+                // Sent and unanswered either way: `TimedOut`, not `Down`.
+                tokio::select! {
+                    answered = &mut call => answered,
+                    _ = tokio::time::sleep(budget - first) => return Err(Unavailable::TimedOut),
+                    _ = &mut opened => return Err(Unavailable::TimedOut),
+                }
+            }
+        };
+        answered.map_err(|e| self.fault(&e))
     }
 
     fn fault(self: &Arc<Self>, e: &RedisError) -> Unavailable {
@@ -196,7 +240,8 @@ impl Connection {
         let conn = Arc::downgrade(self);
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(OP_TIMEOUT))
-            .set_response_timeout(Some(OP_TIMEOUT))
+            // Every call has its own budget (`run`).
+            .set_response_timeout(None)
             // Few, quick retries: the breaker and its probe handle outages.
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))

@@ -337,7 +337,7 @@ impl Coordinator {
             let channel = conn.channel().to_owned();
             let (k, o, c) = (&keys, &owner, &channel);
             let _ = conn
-                .run(OP_TIMEOUT, |mut m| async move {
+                .run_anyway(OP_TIMEOUT, |mut m| async move {
                     lock::abandon(&mut m, k, c, o).await
                 })
                 .await;

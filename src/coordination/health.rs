@@ -73,6 +73,8 @@ use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 use redis::aio::ConnectionLike;
 use redis::{ErrorKind, RedisError, RedisResult, Script, ServerErrorKind};
+use tokio::sync::futures::Notified;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::connection::OP_TIMEOUT;
@@ -142,6 +144,7 @@ pub fn classify(e: &RedisError) -> Fault {
 pub struct Breaker {
     open: AtomicBool,
     checking: AtomicBool,
+    tripped: Notify,
 }
 
 impl Breaker {
@@ -149,9 +152,19 @@ impl Breaker {
         self.open.load(Relaxed)
     }
 
-    /// Opens; true if it was closed (the caller starts the probe).
+    /// Opens; true if it was closed (the caller starts the probe). Calls
+    /// still waiting on Redis give up (`opened`).
     pub fn trip(&self) -> bool {
-        !self.open.swap(true, Relaxed)
+        let was_closed = !self.open.swap(true, Relaxed);
+        if was_closed {
+            self.tripped.notify_waiters();
+        }
+        was_closed
+    }
+
+    /// Resolves when the breaker next opens.
+    pub fn opened(&self) -> Notified<'_> {
+        self.tripped.notified()
     }
 
     pub fn reset(&self) {

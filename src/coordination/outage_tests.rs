@@ -141,8 +141,8 @@ async fn one_slow_reply_does_not_open_the_breaker() {
         .commit("warm", &lease, &token("w", "r", 60_000))
         .await
         .unwrap());
-    // The server stalls for 1.3 s: the call gives up after 1 s, the ping
-    // that follows is answered.
+    // The server stalls for 1.3 s: a call unanswered after 1 s has a ping
+    // decide, the ping is answered, so the call waits on and gets its answer.
     let mut admin = s.con().await;
     let _: () = redis::cmd("CLIENT")
         .arg("PAUSE")
@@ -151,19 +151,28 @@ async fn one_slow_reply_does_not_open_the_breaker() {
         .query_async(&mut admin)
         .await
         .unwrap();
+    let started = Instant::now();
+    let c = std::sync::Arc::new(c);
+    let slow = {
+        let c = c.clone();
+        tokio::spawn(async move { ask(&c, "slow", soon(10_000), RefreshTokenUse::Never).await })
+    };
+    // A call whose caller cannot wait that long gives up...
     let Outcome::Unavailable(Unavailable::TimedOut) =
-        ask(&c, "slow", soon(10_000), RefreshTokenUse::Never).await
+        ask(&c, "hasty", soon(600), RefreshTokenUse::Never).await
     else {
         panic!("timed out")
     };
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    let got = slow.await.unwrap();
+    assert!(matches!(got, Outcome::Lead { .. }), "{got:?}");
+    assert!(started.elapsed() >= Duration::from_millis(1_200));
     assert!(!c.is_down(), "one slow reply opened the breaker");
     let Outcome::Lead { .. } = ask(&c, "other", soon(5_000), RefreshTokenUse::Never).await else {
         panic!("other users still coordinate")
     };
-    // The lock the stalled call was granted after it gave up was given back.
+    // ...and the lock the stalled server granted it later was given back.
     let started = Instant::now();
-    let Outcome::Lead { .. } = ask(&c, "slow", soon(3_000), RefreshTokenUse::Never).await else {
+    let Outcome::Lead { .. } = ask(&c, "hasty", soon(3_000), RefreshTokenUse::Never).await else {
         panic!("not left locked")
     };
     assert!(started.elapsed() < Duration::from_secs(2));
