@@ -189,7 +189,9 @@ impl Coordinator {
                     server,
                     guard_ms,
                 }) => {
-                    self.conn.epoch().saw(&server);
+                    if !server.is_empty() {
+                        self.conn.epoch().saw(&server);
+                    }
                     Ok((found, guard_ms))
                 }
                 Err(e) => {

@@ -27,8 +27,9 @@
 //! inside the acquire script rather than once per (re)connection, which
 //! ties it to the very grant it protects: no window between "this is a new
 //! server" and "here is a lock", and no reliance on noticing a reconnect the
-//! connection manager made on its own. It costs one `INFO server` (about
-//! 5 µs of server time) per due refresh, never on the hot path.
+//! connection manager made on its own. Only a grant runs it (a cached token
+//! or a held lock returns before): one `INFO server`, `TIME` and marker read,
+//! about 20 µs of server time per lock grant, never on the hot path.
 //!
 //! - marker present, another `run_id`: a failover, or a restart that kept
 //!   data. **Grace**: no lock for a refresh that would spend the caller's

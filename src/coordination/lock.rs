@@ -42,7 +42,8 @@ pub enum Acquire {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Answer {
     pub found: Acquire,
-    /// The restart marker's identity (`health::Epoch::saw`).
+    /// The restart marker's identity (`health::Epoch::saw`), when the
+    /// script checked it (only before a grant); else empty.
     pub server: String,
     /// How long the restart guard still holds refresh-token locks back (ms);
     /// 0 when it does not, or when the call asked for no guard.
@@ -87,14 +88,13 @@ static ACQUIRE: Lazy<Script> = Lazy::new(|| {
         "{}{}",
         health::EPOCH_LUA,
         r"
-local server, left = epoch(KEYS[3], ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11]))
 local r = redis.pcall('HMGET', KEYS[1], 'f', 'e', 'w', 't', 'n')
 if r.err then redis.call('DEL', KEYS[1]) r = {} end
 local f, e, w, t, n = tonumber(r[1]), tonumber(r[2]), tonumber(r[3]), r[4], tonumber(r[5])
 if type(t) ~= 'string' then t = nil end
 if t and f and e and f ~= tonumber(ARGV[7]) and e > tonumber(ARGV[3])
   and (e > tonumber(ARGV[4]) or (w and w > tonumber(ARGV[5]) and e > tonumber(ARGV[6]))) then
-  return {1, server, left, f, w or 0, t}
+  return {1, '', 0, f, w or 0, t}
 end
 local held = redis.call('PTTL', KEYS[2])
 -- A lock without an expiry was not set by a holder (ours always have one):
@@ -103,7 +103,9 @@ if held == -1 then
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
   held = tonumber(ARGV[2])
 end
-if held >= 0 then return {3, server, left, held} end
+if held >= 0 then return {3, '', 0, held} end
+-- Only a grant needs the restart guard (and pays for its INFO).
+local server, left = epoch(KEYS[3], ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11]))
 if left > 0 and ARGV[12] == '1' then return {4, server, left} end
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {3, server, left, 0} end
 -- The next fence: above the counter and above the record's own fence (a
