@@ -105,6 +105,7 @@ describe('recovery', () => {
       await sleep(2_000) // long enough for a backing-off probe to pause for long
       redis = await startRedis(redis.port)
       const back = Date.now()
+      const resumedAfter = []
       for (const m of managers) {
         for (;;) {
           const fallbacks = m.stats().redisFallbacks
@@ -117,8 +118,10 @@ describe('recovery', () => {
           expect(Date.now() - back).toBeLessThan(5_000)
           await sleep(25)
         }
+        resumedAfter.push(Date.now() - back)
         expect(Date.now() - back).toBeLessThan(1_000)
       }
+      console.log(`client-credentials refreshes coordinated again ${resumedAfter.join(', ')} ms after Redis was back ('auto', 'fail')`)
     } finally {
       await Promise.all(managers.map((m) => m.close()))
       await redis.stop()
