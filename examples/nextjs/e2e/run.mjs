@@ -1,7 +1,7 @@
 // `npm run test:e2e`: the addon inside a real Next.js server, as users run it.
 //
-// Builds the addon, installs it into the example (a copy, as npm would),
-// runs `next build`, then for each pass starts a Tarabut-compatible API
+// Builds and packs the addon (`npm run package`), installs both tarballs into
+// the example, runs `next build`, then for each pass starts a Tarabut-compatible API
 // (token endpoint + an accounts endpoint that answers 401 to any expired or
 // superseded token), seeds 50 users whose tokens fall due during the run,
 // fires 2,000 requests with 100 in flight, and checks: every response is 200,
@@ -18,9 +18,9 @@ import path from 'node:path'
 import { fileURLToPath } from 'node:url'
 
 import { startTarabutServer } from '../../../__test__/support/tarabut-server.mjs'
+import { pack } from '../../../scripts/package.mjs'
 
 const app = fileURLToPath(new URL('..', import.meta.url))
-const root = path.resolve(app, '../..')
 const USERS = 50
 const REQUESTS = 2_000
 const IN_FLIGHT = 100
@@ -198,12 +198,14 @@ async function pass(label, { instances, redis }) {
 }
 
 const skipBuild = process.argv.includes('--no-build')
-if (!skipBuild) sh('npm', ['run', 'build', '--silent'], root)
-// Install the example; then always replace the addon with a fresh copy of
-// this build (npm copies `file:` packages: .npmrc has install-links=true).
+// Install the example; then always replace the addon with this build, packed
+// as it is published: the main package and this platform's binary package.
 if (!existsSync(path.join(app, 'node_modules/next'))) sh('npm', ['ci', '--no-audit', '--no-fund'], app)
-rmSync(path.join(app, 'node_modules/tarabut-token-manager'), { recursive: true, force: true })
-sh('npm', ['install', '--no-audit', '--no-fund', '--no-save'], app)
+const packed = await pack({ build: !skipBuild })
+for (const name of ['tarabut-token-manager', packed.platformPackage]) {
+  rmSync(path.join(app, 'node_modules', name), { recursive: true, force: true })
+}
+sh('npm', ['install', '--no-audit', '--no-fund', '--no-save', packed.main, packed.platform], app)
 sh('npx', ['next', 'build'], app)
 sh('npx', ['tsc', '--noEmit'], app) // after next build, which writes next-env.d.ts
 
