@@ -1,4 +1,5 @@
-// `npm run build`: the release addon for this machine, plus the generated
+// `npm run build [-- --target <triple>]`: the release addon for this machine
+// (or for `triple`: the release workflow's build matrix), plus the generated
 // binding.js and binding.d.ts.
 //
 // On a Linux glibc host it links against glibc 2.17 with the prebuilt gcc
@@ -34,15 +35,37 @@ export function hostTriple() {
   return out.match(/^host: (\S+)$/m)[1]
 }
 
-/** Whether `--use-napi-cross` has a toolchain for this host (Linux glibc on x64 or arm64). */
-export const napiCrossFor = (triple) => /^(x86_64|aarch64)-unknown-linux-gnu$/.test(triple)
+/**
+ * How the napi CLI builds `triple` on `host`: Linux glibc targets (x64,
+ * arm64) with `--use-napi-cross` (glibc 2.17), a Linux musl target from
+ * another host with `--cross-compile` (cargo-zigbuild: `zig` must be on the
+ * PATH), the rest with the host's own toolchain.
+ */
+export function crossFlags(triple, host) {
+  if (/^(x86_64|aarch64)-unknown-linux-gnu$/.test(triple)) return ['--use-napi-cross']
+  if (/-linux-musl$/.test(triple) && triple !== host) return ['--cross-compile']
+  return []
+}
 
-export function build({ stdio = 'inherit' } = {}) {
-  const triple = hostTriple()
-  const args = ['build', '--platform', '--release', '--js', 'binding.js', '--dts', 'binding.d.ts']
-  if (napiCrossFor(triple)) args.push('--use-napi-cross', '--target', triple)
+/** Builds the release addon for `triple` (default: this machine) into the repo root. */
+export function build({ triple, stdio = 'inherit' } = {}) {
+  const host = hostTriple()
+  triple ??= host
+  const args = ['build', '--platform', '--release', '--js', 'binding.js', '--dts', 'binding.d.ts', '--target', triple, ...crossFlags(triple, host)]
   execFileSync(process.execPath, [napiBin(), ...args], { cwd: root, stdio })
   return triple
 }
 
-if (import.meta.url === pathToFileURL(process.argv[1] ?? '').href) build()
+/** Runs npm (on Windows npm is a .cmd script, which only a shell runs). */
+export function npm(args, options = {}) {
+  const win = process.platform === 'win32'
+  return execFileSync(win ? 'npm.cmd' : 'npm', args, { ...options, shell: win })
+}
+
+/** `--target <triple>` from argv, if given. */
+export function targetArg(argv = process.argv.slice(2)) {
+  const i = argv.indexOf('--target')
+  return i === -1 ? undefined : argv[i + 1]
+}
+
+if (import.meta.url === pathToFileURL(process.argv[1] ?? '').href) build({ triple: targetArg() })

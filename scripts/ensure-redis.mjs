@@ -12,13 +12,17 @@ import { pathToFileURL } from 'node:url'
 
 const TOOLS = ['redis-server', 'redis-cli']
 
-export function onPath(name, PATH = process.env.PATH ?? '') {
+/** Whether the command `name` is in a directory of `PATH`. */
+export function onPath(name, PATH = process.env.PATH ?? process.env.Path ?? '') {
+  const names = process.platform === 'win32' ? ['.exe', '.cmd', '.bat', ''].map((ext) => name + ext) : [name]
   for (const dir of PATH.split(path.delimiter)) {
     if (!dir) continue
-    try {
-      accessSync(path.join(dir, name), constants.X_OK)
-      return true
-    } catch {}
+    for (const file of names) {
+      try {
+        accessSync(path.join(dir, file), constants.X_OK)
+        return true
+      } catch {}
+    }
   }
   return false
 }

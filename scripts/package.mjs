@@ -1,5 +1,6 @@
-// `npm run package`: this machine's release build, packed into dist/ as the
-// two tarballs npm would publish for it:
+// `npm run package [-- --target <triple>] [-- --no-build]`: this machine's
+// release build, packed into dist/ as the two tarballs npm would publish for
+// it:
 //
 //   dist/tarabut-token-manager-<version>.tgz                  the JS entry, no binary
 //   dist/tarabut-token-manager-<platform>-<version>.tgz       the binary, e.g. linux-x64-gnu
@@ -21,16 +22,21 @@ import { pathToFileURL } from 'node:url'
 
 import { parseTriple, readNapiConfig } from '@napi-rs/cli'
 
-import { build, hostTriple, napiBin, root } from './build.mjs'
+import { build, hostTriple, napiBin, npm, root, targetArg } from './build.mjs'
 
 export const dist = path.join(root, 'dist')
 
-const npm = (args, cwd) => execFileSync('npm', args, { cwd, encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] })
-const packInto = (dir) => JSON.parse(npm(['pack', '--json', '--pack-destination', dist], dir))[0].filename
+const npmOut = (args, cwd) => npm(args, { cwd, encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] })
+const packInto = (dir) => JSON.parse(npmOut(['pack', '--json', '--pack-destination', dist], dir))[0].filename
 
-/** `build: false` packs the binary the last `npm run build` left in the repo. */
-export async function pack({ build: rebuild = true } = {}) {
-  const target = parseTriple(rebuild ? build() : hostTriple())
+/**
+ * `triple`: the target to pack (default: this machine's). `build: false`
+ * packs the binary already in the repo root (left by `npm run build`, or
+ * downloaded by the release workflow), and needs no Rust toolchain when
+ * `triple` is given.
+ */
+export async function pack({ build: rebuild = true, triple } = {}) {
+  const target = parseTriple(rebuild ? build({ triple }) : (triple ?? hostTriple()))
   const config = await readNapiConfig(path.join(root, 'package.json'))
   const { packageName, binaryName, packageJson } = config
   if (!config.targets.some((t) => t.triple === target.triple)) {
@@ -44,7 +50,7 @@ export async function pack({ build: rebuild = true } = {}) {
   // The main package: exactly the files `npm pack` of the repo takes (its
   // "files" list), with the optionalDependencies `napi prepublish` adds.
   const main = path.join(stage, 'main')
-  const listed = JSON.parse(npm(['pack', '--dry-run', '--json'], root))[0].files.map((f) => f.path)
+  const listed = JSON.parse(npmOut(['pack', '--dry-run', '--json'], root))[0].files.map((f) => f.path)
   for (const file of listed) cpSync(path.join(root, file), path.join(main, file))
   const manifest = JSON.parse(readFileSync(path.join(main, 'package.json'), 'utf8'))
   manifest.optionalDependencies = {
@@ -66,7 +72,7 @@ export async function pack({ build: rebuild = true } = {}) {
   )
   execFileSync(process.execPath, [napiBin(), 'artifacts', '--output-dir', 'artifacts', '--npm-dir', 'npm'], {
     cwd: host,
-    stdio: ['ignore', 'ignore', 'inherit'],
+    stdio: ['ignore', 'ignore', 'pipe'], // its error, if any, is in the exception
   })
   const platformManifest = path.join(host, platformDir, 'package.json')
   const platformJson = JSON.parse(readFileSync(platformManifest, 'utf8'))
@@ -86,7 +92,7 @@ export async function pack({ build: rebuild = true } = {}) {
 
 if (import.meta.url === pathToFileURL(process.argv[1] ?? '').href) {
   const started = Date.now()
-  const out = await pack()
+  const out = await pack({ build: !process.argv.includes('--no-build'), triple: targetArg() })
   for (const file of readdirSync(dist)) console.log(`dist/${file}`)
   console.log(`${out.target.triple}: packed in ${Math.round((Date.now() - started) / 1000)} s`)
 }
