@@ -49,7 +49,8 @@ export const ALL_NODE_VERSIONS = ['20.20.2', '22.23.5', '24.22.3', '26.12.1']
 export const NODE_VERSIONS = process.env.TTM_PACKAGE_NODE === 'current' ? [process.versions.node] : ALL_NODE_VERSIONS
 const major = (v) => v.split('.')[0]
 
-const cacheDir = path.join(process.env.XDG_CACHE_HOME || path.join(homedir(), '.cache'), 'tarabut-token-manager')
+/** Downloads kept between runs: Node binaries, the workflow linters. */
+export const cacheDir = path.join(process.env.XDG_CACHE_HOME || path.join(homedir(), '.cache'), 'tarabut-token-manager')
 
 /** The path of a `node` binary of `version` (or of this machine's, if the same major). */
 export function nodeBinary(version) {
