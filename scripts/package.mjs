@@ -16,7 +16,7 @@
 // package's optionalDependencies are written the way it writes them; the
 // platform package goes through `napi artifacts`, limited to this target.
 import { execFileSync } from 'node:child_process'
-import { cpSync, mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
+import { cpSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs'
 import path from 'node:path'
 import { pathToFileURL } from 'node:url'
 
@@ -40,7 +40,12 @@ export async function pack({ build: rebuild = true, triple } = {}) {
   const config = await readNapiConfig(path.join(root, 'package.json'))
   const { packageName, binaryName, packageJson } = config
   if (!config.targets.some((t) => t.triple === target.triple)) {
-    throw new Error(`this machine's target ${target.triple} is not in package.json napi.targets`)
+    throw new Error(`target ${target.triple} is not in package.json napi.targets`)
+  }
+
+  const binary = `${binaryName}.${target.platformArchABI}.node`
+  if (!existsSync(path.join(root, binary))) {
+    throw new Error(`${binary} is not in the repository root: run npm run build (or place the release workflow's artifact there)`)
   }
 
   rmSync(dist, { recursive: true, force: true })
@@ -64,7 +69,6 @@ export async function pack({ build: rebuild = true, triple } = {}) {
   const host = path.join(stage, 'host')
   const platformDir = path.join('npm', target.platformArchABI)
   cpSync(path.join(root, platformDir), path.join(host, platformDir), { recursive: true })
-  const binary = `${binaryName}.${target.platformArchABI}.node`
   cpSync(path.join(root, binary), path.join(host, 'artifacts', binary))
   writeFileSync(
     path.join(host, 'package.json'),
