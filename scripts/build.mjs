@@ -43,7 +43,7 @@ export function hostTriple() {
  */
 export function crossFlags(triple, host) {
   if (/^(x86_64|aarch64)-unknown-linux-gnu$/.test(triple)) return ['--use-napi-cross']
-  if (/-linux-musl$/.test(triple) && triple !== host) return ['--cross-compile']
+  if (triple.endsWith('-linux-musl') && triple !== host) return ['--cross-compile']
   return []
 }
 

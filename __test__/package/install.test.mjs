@@ -15,7 +15,7 @@ import { napiBin, npm } from '../../scripts/build.mjs'
 import { compareVersions } from '../../scripts/check-glibc.mjs'
 import { onPath } from '../../scripts/ensure-redis.mjs'
 import { cli, newKey, startRedis } from '../helpers/redis.mjs'
-import { startTarabutServer } from '../support/tarabut-server.mjs'
+import { startTarabutServer } from '../helpers/tarabut-server.mjs'
 import { ALL_NODE_VERSIONS, NODE_VERSIONS, newTempDir, nodeBinary, root, tarballs, toolchainFreeEnv, withRedis } from './support.mjs'
 
 const execFileAsync = promisify(execFile)
