@@ -134,7 +134,14 @@ describe.each(NODE_VERSIONS)('installed, on Node %s, without a Rust toolchain', 
     expect(tarabut.rejected).toBe(0)
 
     if (!withRedis) return
-    expect(out.redis).toEqual({ first: 'at-redis-1', second: 'at-redis-1', secondShouldUpdate: true, refreshes: 1, fallbacks: 0 })
+    expect(out.redis).toEqual({
+      first: 'at-redis-1',
+      firstShouldUpdate: true,
+      second: 'at-redis-1',
+      secondShouldUpdate: true,
+      refreshes: 1,
+      fallbacks: 0,
+    })
     // It went through this Redis: keys under the default prefix, none naming the user.
     const keys = (await cli(redis.port, '--scan', '--pattern', 'ttm:*')).split('\n').filter(Boolean)
     expect(keys.length).toBeGreaterThan(0)
