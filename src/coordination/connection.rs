@@ -33,7 +33,8 @@ pub enum Unavailable {
     Down,
     #[error("Redis did not answer in time")]
     TimedOut,
-    #[error("Redis call failed ({0})")]
+    /// What failed, in words (`link::describe`).
+    #[error("{0}")]
     Failed(String),
 }
 

@@ -272,7 +272,7 @@ pub fn describe(e: &RedisError) -> String {
         _ if e.is_connection_dropped() => {
             "Redis closed the connection (is that port TLS-only? it needs rediss://)".to_owned()
         }
-        _ => e.category().to_owned(),
+        _ => format!("Redis call failed ({})", e.category()),
     }
 }
 
@@ -289,20 +289,31 @@ fn certificate_problem(c: &rustls::CertificateError) -> &'static str {
     }
 }
 
-/// The rustls error behind `e`, if any (it arrives inside an I/O error).
+/// The rustls error behind `e`, if any. It arrives inside an I/O error,
+/// which the crate keeps behind an `Arc<dyn Error>`: look through both.
 fn rustls_error(e: &RedisError) -> Option<&rustls::Error> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
-        if let Some(r) = err.downcast_ref::<rustls::Error>() {
+        if let Some(r) = rustls_inside(err) {
             return Some(r);
         }
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            // io::Error's `source` skips the error it wraps: look at it directly.
-            if let Some(r) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                return Some(r);
-            }
-        }
         cur = err.source();
+    }
+    None
+}
+
+fn rustls_inside<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(r) = err.downcast_ref::<rustls::Error>() {
+        return Some(r);
+    }
+    if let Some(io) = err.downcast_ref::<std::io::Error>() {
+        // io::Error's `source` skips the error it wraps: look at it directly.
+        let inner: &(dyn std::error::Error + 'static) = io.get_ref()?;
+        return rustls_inside(inner);
+    }
+    if let Some(shared) = err.downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>() {
+        let inner: &(dyn std::error::Error + 'static) = &**shared;
+        return rustls_inside(inner);
     }
     None
 }
