@@ -22,7 +22,7 @@ import { addon, fakeToken, floorHot, floorRefresh, FloorShared, seed } from './c
 // competitor rows measured here, Row[] from harness.mjs under `rows`.
 const HOOKS = [
   ['native', './native-refresher.mjs', async (m, c) => ratioRow(await m.benchNativeRefresher(c.quick ? { rounds: 2, refreshes: 200, concurrency: 16, log: c.log } : { log: c.log }))],
-  ['redis', './redis.mjs', (m, c) => m.redisRows(c.quick ? { users: 200, processes: 2, fleetUsers: 100, log: c.log } : { log: c.log })],
+  ['redis', './redis.mjs', (m, c) => m.redisRows(c.quick ? { users: 200, rounds: 2, processes: 2, fleetUsers: 100, log: c.log } : { log: c.log })],
 ]
 
 const { values: args } = parseArgs({
