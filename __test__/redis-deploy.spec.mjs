@@ -8,6 +8,7 @@ import { inspect } from 'node:util'
 import { TokenManager } from '../index.mjs'
 import {
   cli,
+  freePort,
   makeCertificates,
   newKey,
   sleep,
@@ -267,6 +268,21 @@ describe('Redis Cluster (three masters)', () => {
       expect(waited).toMatchObject({ accessToken: (await leading).accessToken, shouldUpdate: false })
       expect(unused).not.toHaveBeenCalled()
       expect(Date.now() - started).toBeLessThan(5_000)
+    }
+  })
+
+  it('a wrong password or no reachable node says so, and never shows the password', async () => {
+    const unreachable = `redis://127.0.0.1:${await freePort()}`
+    for (const [nodes, message] of [
+      [cluster.ports.map((p) => `redis://ttm:wrong-pw-9@127.0.0.1:${p}`), /Redis refused the credentials/],
+      [[unreachable], /Redis refused the connection/],
+    ]) {
+      const m = manager({ cluster: nodes, onError: 'fail' })
+      const user = uid()
+      const error = await m.getValidToken(user, expired(user), refresher()).catch((e) => e)
+      expect(error.code).toBe('COORDINATOR_UNAVAILABLE')
+      expect(error.message).toMatch(message)
+      expect(error.message).not.toMatch(/wrong-pw-9/)
     }
   })
 

@@ -247,33 +247,71 @@ impl ConnectionLike for Link {
 }
 
 /// What went wrong, for a message an operator can act on: a certificate, a
-/// TLS handshake, credentials, or the error's category. Never the URL, a
-/// user name or a password (the server's own words are not repeated).
+/// TLS handshake, credentials, a refused or closed connection, or else the
+/// error's category. Never the URL, a user name or a password (the server's
+/// and the crate's own words are read, not repeated).
 pub fn describe(e: &RedisError) -> String {
     if let Some(tls) = rustls_error(e) {
         return match tls {
-            rustls::Error::InvalidCertificate(c) => format!(
-                "the Redis server's TLS certificate did not verify ({}); a private CA goes in redis.tls.ca",
-                certificate_problem(c)
-            ),
+            rustls::Error::InvalidCertificate(c) => certificate(certificate_problem(c)),
             _ => "the TLS handshake with Redis failed (is that port TLS? a plaintext port needs redis://)".to_owned(),
         };
     }
-    match (e.kind(), e.code()) {
-        (ErrorKind::AuthenticationFailed, _)
-        | (_, Some("WRONGPASS" | "NOAUTH" | "WRONGPASS_OR_NOUSER")) => {
-            "Redis refused the credentials (wrong user name or password)".to_owned()
-        }
-        (_, Some("NOPERM")) => {
-            "the Redis user lacks a permission the coordination needs (see the README for the ACL)"
-                .to_owned()
-        }
-        _ if e.is_connection_refusal() => "Redis refused the connection".to_owned(),
-        _ if e.is_connection_dropped() => {
+    let code = e.code();
+    if e.kind() == ErrorKind::AuthenticationFailed || matches!(code, Some("WRONGPASS" | "NOAUTH")) {
+        return CREDENTIALS.to_owned();
+    }
+    if code == Some("NOPERM") {
+        return PERMISSION.to_owned();
+    }
+    // A cluster's first connection keeps only the text of the error behind it.
+    if let Some(m) = e.detail().and_then(from_text) {
+        return m;
+    }
+    use std::io::ErrorKind as Io;
+    match io_kind(e) {
+        Some(Io::ConnectionRefused) => "Redis refused the connection".to_owned(),
+        Some(Io::UnexpectedEof | Io::ConnectionReset | Io::ConnectionAborted | Io::BrokenPipe) => {
             "Redis closed the connection (is that port TLS-only? it needs rediss://)".to_owned()
         }
         _ => format!("Redis call failed ({})", e.category()),
     }
+}
+
+const CREDENTIALS: &str = "Redis refused the credentials (wrong user name or password)";
+const PERMISSION: &str =
+    "the Redis user lacks a permission the coordination needs (see the README for the ACL)";
+
+fn certificate(problem: &str) -> String {
+    format!("the Redis server's TLS certificate did not verify ({problem}); a private CA goes in redis.tls.ca")
+}
+
+/// [`describe`] from an error's text, for errors that kept nothing else.
+fn from_text(text: &str) -> Option<String> {
+    if text.contains("invalid peer certificate") {
+        let problem = [
+            ("UnknownIssuer", "not issued by a trusted CA"),
+            ("NotValidForName", "not issued for this host name"),
+            ("Expired", "expired"),
+            ("NotValidYet", "not valid yet"),
+            ("Revoked", "revoked"),
+            ("BadSignature", "bad signature"),
+        ]
+        .iter()
+        .find(|(k, _)| text.contains(k))
+        .map_or("rejected", |(_, p)| p);
+        return Some(certificate(problem));
+    }
+    if text.contains("WRONGPASS") || text.contains("NOAUTH") {
+        return Some(CREDENTIALS.to_owned());
+    }
+    if text.contains("NOPERM") {
+        return Some(PERMISSION.to_owned());
+    }
+    if text.contains("Connection refused") {
+        return Some("Redis refused the connection".to_owned());
+    }
+    None
 }
 
 fn certificate_problem(c: &rustls::CertificateError) -> &'static str {
@@ -287,6 +325,26 @@ fn certificate_problem(c: &rustls::CertificateError) -> &'static str {
         C::BadSignature => "bad signature",
         _ => "rejected",
     }
+}
+
+/// The kind of the I/O error behind `e`, if any.
+fn io_kind(e: &RedisError) -> Option<std::io::ErrorKind> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = io_inside(err) {
+            return Some(io.kind());
+        }
+        cur = err.source();
+    }
+    None
+}
+
+fn io_inside<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    if let Some(io) = err.downcast_ref::<std::io::Error>() {
+        return Some(io);
+    }
+    let shared = err.downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>()?;
+    shared.downcast_ref::<std::io::Error>()
 }
 
 /// The rustls error behind `e`, if any. It arrives inside an I/O error,
@@ -316,4 +374,62 @@ fn rustls_inside<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a r
         return rustls_inside(inner);
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    fn io_error(kind: io::ErrorKind) -> RedisError {
+        RedisError::from(io::Error::from(kind))
+    }
+
+    #[test]
+    fn describe_names_the_problem_and_repeats_nothing() {
+        let cert = RedisError::from(io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        ));
+        assert!(
+            describe(&cert).contains("TLS certificate did not verify (not issued by a trusted CA)")
+        );
+        let handshake = RedisError::from(io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType),
+        ));
+        assert!(describe(&handshake).contains("TLS handshake"));
+        assert_eq!(
+            describe(&io_error(io::ErrorKind::ConnectionRefused)),
+            "Redis refused the connection"
+        );
+        assert!(describe(&io_error(io::ErrorKind::UnexpectedEof)).contains("closed the connection"));
+        // What a cluster's first connection reports: only the text survives.
+        let text = |detail: &str| {
+            describe(&RedisError::from((
+                ErrorKind::Io,
+                "Failed to create initial connections",
+                detail.to_owned(),
+            )))
+        };
+        for (detail, says) in [
+            (
+                "WRONGPASS invalid username-password pair (hunter2)",
+                CREDENTIALS,
+            ),
+            ("NOPERM this user has no permissions (hunter2)", PERMISSION),
+            (
+                "invalid peer certificate: NotValidForName (hunter2)",
+                "not issued for this host name",
+            ),
+            (
+                "Connection refused (os error 111) hunter2",
+                "Redis refused the connection",
+            ),
+            ("something else hunter2", "Redis call failed (I/O error)"),
+        ] {
+            let d = text(detail);
+            assert!(d.contains(says) && !d.contains("hunter2"), "{d}");
+        }
+    }
 }
