@@ -157,6 +157,16 @@ describe('TLS (rediss://)', () => {
     }
   })
 
+  it('a Redis Cluster over TLS: 2 processes × 10 users, one refresh per user', async () => {
+    const cluster = await startCluster({ masters: 3, tls: certs })
+    try {
+      expect(cluster.urls.every((u) => u.startsWith('rediss://'))).toBe(true)
+      await storm({ redis: () => ({ cluster: cluster.urls, tls: { ca: certs.ca } }), processes: 2, users: 10 })
+    } finally {
+      await cluster.stop()
+    }
+  })
+
   it('refuses tls options it does not honour, at construction', () => {
     for (const [redis, message] of [
       [{ url: tls.url, tls: { insecureSkipVerify: true } }, /tls takes only \{ ca \}/],

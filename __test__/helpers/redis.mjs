@@ -61,7 +61,7 @@ export async function makeCertificates() {
       '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign'])
   }
   await run('openssl', ['req', ...ec, '-keyout', f('server.key'), '-out', f('server.csr'), '-subj', '/CN=localhost'])
-  writeFileSync(f('server.ext'), 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n')
+  writeFileSync(f('server.ext'), 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n')
   await run('openssl', ['x509', '-req', '-in', f('server.csr'), '-CA', f('ca.crt'), '-CAkey', f('ca.key'), '-CAcreateserial', '-out', f('server.crt'), '-days', '2', '-extfile', f('server.ext')])
   return {
     dir,
@@ -128,24 +128,32 @@ export const userSlot = (user) => keySlot(`{${createHash('sha256').update(user).
 
 /**
  * A Redis Cluster of `masters` nodes (no replicas) on free loopback ports,
- * created with redis-cli --cluster create. `moveSlot(slot, to)` migrates a
+ * created with redis-cli --cluster create; with `tls` (from
+ * makeCertificates), TLS only, the cluster bus included. `moveSlot(slot, to)` migrates a
  * slot, keys and all, to node `to` (CLUSTER SETSLOT IMPORTING/MIGRATING,
  * MIGRATE, SETSLOT NODE), as `redis-cli --cluster reshard` does.
  */
-export async function startCluster({ masters = 3 } = {}) {
+export async function startCluster({ masters = 3, tls } = {}) {
   const dir = mkdtempSync(join(tmpdir(), 'ttm-cluster-'))
   const nodes = []
   for (let i = 0; i < masters; i++) {
     const port = await freePort()
     const bus = await freePort()
+    // With `tls`, clients and the cluster bus speak TLS only.
+    const listen = tls
+      ? ['--port', '0', '--tls-port', String(port), '--tls-cluster', 'yes', '--tls-cert-file', tls.certFile, '--tls-key-file', tls.keyFile,
+          '--tls-ca-cert-file', tls.caFile, '--tls-auth-clients', 'no']
+      : ['--port', String(port)]
     const child = spawn(
       'redis-server',
-      ['--port', String(port), '--cluster-port', String(bus), '--cluster-enabled', 'yes', '--cluster-config-file', `nodes-${port}.conf`,
+      [...listen, '--cluster-port', String(bus), '--cluster-enabled', 'yes', '--cluster-config-file', `nodes-${port}.conf`,
         '--cluster-node-timeout', '2000', '--dir', dir, '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'],
       { stdio: 'ignore' },
     )
     nodes.push({ port, child, exited: new Promise((resolve) => child.once('exit', resolve)) })
   }
+  const tlsArgs = tls ? ['--tls', '--cacert', tls.caFile] : []
+  const at = (port, ...args) => cli([...tlsArgs, '-p', String(port)], ...args)
   const stop = async () => {
     for (const n of nodes) n.child.kill('SIGKILL')
     await Promise.all(nodes.map((n) => n.exited))
@@ -153,11 +161,11 @@ export async function startCluster({ masters = 3 } = {}) {
   }
   try {
     await Promise.all(nodes.map((n) => waitForPort(n.port)))
-    await run('redis-cli', ['--cluster', 'create', ...nodes.map((n) => `127.0.0.1:${n.port}`), '--cluster-replicas', '0', '--cluster-yes'])
-    for (const n of nodes) n.id = (await cli(n.port, 'cluster', 'myid')).trim()
+    await run('redis-cli', [...tlsArgs, '--cluster', 'create', ...nodes.map((n) => `127.0.0.1:${n.port}`), '--cluster-replicas', '0', '--cluster-yes'])
+    for (const n of nodes) n.id = (await at(n.port, 'cluster', 'myid')).trim()
     const until = Date.now() + 20_000
     for (const n of nodes) {
-      while (!(await cli(n.port, 'cluster', 'info')).includes('cluster_state:ok')) {
+      while (!(await at(n.port, 'cluster', 'info')).includes('cluster_state:ok')) {
         if (Date.now() > until) throw new Error('the cluster did not come up')
         await sleep(50)
       }
@@ -168,10 +176,12 @@ export async function startCluster({ masters = 3 } = {}) {
   }
   return {
     ports: nodes.map((n) => n.port),
-    urls: nodes.map((n) => `redis://127.0.0.1:${n.port}`),
+    urls: nodes.map((n) => `${tls ? 'rediss' : 'redis'}://127.0.0.1:${n.port}`),
+    /** redis-cli arguments reaching these nodes (TLS). */
+    cliArgs: tlsArgs,
     /** Index of the node serving `slot`. */
     async ownerOf(slot) {
-      const out = await cli(nodes[0].port, 'cluster', 'nodes')
+      const out = await at(nodes[0].port, 'cluster', 'nodes')
       for (const line of out.split('\n')) {
         const [id, , flags, , , , , , ...ranges] = line.split(' ')
         if (!flags?.includes('master')) continue
@@ -186,14 +196,14 @@ export async function startCluster({ masters = 3 } = {}) {
       const from = await this.ownerOf(slot)
       if (from === to) return
       const [src, dst] = [nodes[from], nodes[to]]
-      await cli(dst.port, 'cluster', 'setslot', String(slot), 'importing', src.id)
-      await cli(src.port, 'cluster', 'setslot', String(slot), 'migrating', dst.id)
+      await at(dst.port, 'cluster', 'setslot', String(slot), 'importing', src.id)
+      await at(src.port, 'cluster', 'setslot', String(slot), 'migrating', dst.id)
       for (;;) {
-        const keys = (await cli(src.port, 'cluster', 'getkeysinslot', String(slot), '100')).split('\n').filter(Boolean)
+        const keys = (await at(src.port, 'cluster', 'getkeysinslot', String(slot), '100')).split('\n').filter(Boolean)
         if (keys.length === 0) break
-        await cli(src.port, 'migrate', '127.0.0.1', String(dst.port), '', '0', '5000', 'keys', ...keys)
+        await at(src.port, 'migrate', '127.0.0.1', String(dst.port), '', '0', '5000', 'keys', ...keys)
       }
-      for (const n of [dst, src, ...nodes.filter((n) => n !== src && n !== dst)]) await cli(n.port, 'cluster', 'setslot', String(slot), 'node', dst.id)
+      for (const n of [dst, src, ...nodes.filter((n) => n !== src && n !== dst)]) await at(n.port, 'cluster', 'setslot', String(slot), 'node', dst.id)
     },
     stop,
   }

@@ -29,8 +29,11 @@ const PROBE_MAX: Duration = Duration::from_millis(2_000);
 pub enum Unavailable {
     #[error("the coordinator is closed")]
     Closed,
-    #[error("Redis is unreachable (reconnecting in the background)")]
-    Down,
+    /// The breaker is open: calls fail fast. Holds what failed last, so
+    /// the first caller to hear of an outage hears why (a wrong password
+    /// found by the background connect, say).
+    #[error("{0}; reconnecting in the background")]
+    Down(String),
     #[error("Redis did not answer in time")]
     TimedOut,
     /// What failed, in words (`link::describe`).
@@ -45,6 +48,8 @@ pub struct Connection {
     manager: Mutex<Option<Link>>,
     /// Held while a link is being made, so concurrent calls make one.
     connecting: tokio::sync::Mutex<()>,
+    /// What the last failure was, in words: what `Unavailable::Down` says.
+    failure: Mutex<String>,
     subscribed: AtomicBool,
     down: AtomicBool,
     closed: AtomicBool,
@@ -84,6 +89,7 @@ impl Connection {
             waiters,
             manager: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
+            failure: Mutex::new("Redis is unreachable".to_owned()),
             subscribed: AtomicBool::new(false),
             down: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -115,7 +121,7 @@ impl Connection {
             return Err(Unavailable::Closed);
         }
         if self.is_down() {
-            return Err(Unavailable::Down);
+            return Err(Unavailable::Down(self.failure.lock().clone()));
         }
         let budget = budget.min(OP_TIMEOUT);
         let call = async {
@@ -126,13 +132,16 @@ impl Connection {
         match tokio::time::timeout(budget, call).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
+                let failure = link::describe(&e);
+                *self.failure.lock() = failure.clone();
                 self.mark_down();
-                Err(Unavailable::Failed(link::describe(&e)))
+                Err(Unavailable::Failed(failure))
             }
             Err(_) => {
                 // A short budget (the caller's deadline is near) says nothing
                 // about Redis; a full one does.
                 if budget == OP_TIMEOUT {
+                    *self.failure.lock() = Unavailable::TimedOut.to_string();
                     self.mark_down();
                 }
                 Err(Unavailable::TimedOut)

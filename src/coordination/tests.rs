@@ -589,15 +589,17 @@ async fn an_unreachable_redis_fails_fast_and_recovers() {
     assert!(c.release("u", &lease, false).await.unwrap());
     drop(s);
     let started = Instant::now();
-    let Outcome::Unavailable(_) = acquire(&c, "u", soon(20_000)).await.outcome else {
+    let Outcome::Unavailable(first) = acquire(&c, "u", soon(20_000)).await.outcome else {
         panic!("unavailable")
     };
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(c.is_down());
-    let Outcome::Unavailable(Unavailable::Down) = acquire(&c, "u", soon(20_000)).await.outcome
+    let Outcome::Unavailable(Unavailable::Down(why)) = acquire(&c, "u", soon(20_000)).await.outcome
     else {
         panic!("breaker open: no round trip")
     };
+    // Failing fast still says why.
+    assert_eq!(why, first.to_string());
     // Back on the same port: the probe closes the breaker by itself.
     let child = Command::new("redis-server")
         .args([
