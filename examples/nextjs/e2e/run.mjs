@@ -137,17 +137,25 @@ function checkDeploy({ dir }) {
   })
   check('the standalone copy points at nothing outside itself', escaping.length === 0, escaping.slice(0, 3).join(', '))
 
-  // The installed package (npm copied the published files) against what
-  // Next traced into the deploy: every runtime file must be there.
-  const installed = path.join(app, 'node_modules/tarabut-token-manager')
-  const needed = walk(installed).filter((f) => /\.([cm]?js|node)$/.test(f) || f === 'package.json')
-  const marker = `node_modules${path.sep}tarabut-token-manager${path.sep}`
-  const traced = new Set(files.filter((f) => f.includes(marker)).map((f) => f.slice(f.lastIndexOf(marker) + marker.length)))
-  const missing = needed.filter((f) => !traced.has(f))
+  // The installed package, and its platform package if npm installed one
+  // (npm copied the published files), against what Next traced into the
+  // deploy: every runtime file must be there.
+  const packages = readdirSync(path.join(app, 'node_modules')).filter((n) => /^tarabut-token-manager(-|$)/.test(n))
+  const needed = []
+  const missing = []
+  for (const name of packages) {
+    const marker = `node_modules${path.sep}${name}${path.sep}`
+    const traced = new Set(files.filter((f) => f.includes(marker)).map((f) => f.slice(f.lastIndexOf(marker) + marker.length)))
+    for (const f of walk(path.join(app, 'node_modules', name))) {
+      if (!/\.([cm]?js|node)$/.test(f) && f !== 'package.json') continue
+      needed.push(`${name}/${f}`)
+      if (!traced.has(f)) missing.push(`${name}/${f}`)
+    }
+  }
   check(
     "the standalone copy carries the package's runtime files",
-    traced.size > 0 && missing.length === 0,
-    missing.length > 0 ? `missing: ${missing.join(', ')}` : `${needed.length} files: ${needed.join(', ')}`,
+    needed.some((f) => f.endsWith('.node')) && missing.length === 0,
+    missing.length > 0 ? `missing: ${missing.join(', ')}` : needed.join(', '),
   )
 }
 
