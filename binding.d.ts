@@ -9,76 +9,75 @@
  */
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
-export declare class NativeManager {
-  constructor(options?: ManagerOptions | undefined | null)
-  /** The effective refresh timeout, for index.js's timer. */
-  get refreshTimeoutMs(): number
-  /**
-   * `isFresh`, `begin` and `complete` as plain functions bound to this
-   * manager, for the calls every `getValidToken` makes: the same engine
-   * decisions at a fraction of a method call's cost, answering with
-   * numbers where they can (see direct.rs for the shapes).
-   */
-  directFunctions(): { isFresh(expiresAtMs: number): boolean; begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number): number | Plan | null; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null): number }
-  /**
-   * Flight `flightId` was answered by a token another instance's refresh
-   * produced (the shared Redis cache): kept like a refresh result, but
-   * counted as a hit or coalesced call, and issued with `shouldUpdate`.
-   */
-  adopt(userId: string, flightId: number, accessToken: string, refreshToken: string | undefined | null, expiresAtMs: number, shouldUpdate: boolean): IssuedToken
-  /** The refresh for `flightId` failed (`timedOut`: it did not settle). */
-  fail(userId: string, flightId: number, timedOut: boolean): void
-  /** After a failed refresh: may this caller keep its own token? */
-  serveStale(userId: string, accessToken: string, expiresAtMs: number): boolean
-  invalidate(userId: string, accessToken?: string | undefined | null): void
-  stats(): ManagerStats
-}
-
-export declare class NativeRefresher {
-  /** Tarabut Gateway's client-credentials token call. */
-  static tarabut(options: TarabutRefresherOptions): NativeRefresher
-  /** The RFC 6749 section 6 refresh_token grant. */
-  static oauth2(options: OAuth2RefresherOptions): NativeRefresher
-  /**
-   * One refresh for `userId` (OAuth2: with `refreshToken`), within
-   * `min(timeoutMs, the refresher's own timeoutMs)`. Never rejects for a
-   * failed refresh: the outcome carries `code`. With `abortId`, the call
-   * can be cut short by `abort(abortId)`.
-   */
-  refresh(userId: string, refreshToken?: string | undefined | null, timeoutMs?: number | undefined | null, abortId?: number | undefined | null): Promise<RefreshOutcome>
-  /**
-   * Aborts the call started with `abortId` (drops its HTTP request). A
-   * call already settled is left alone.
-   */
-  abort(abortId: number): void
-}
-
-export declare class RedisCoordinator {
+export declare class BindingCoordinator {
   /** Validates the options (`INVALID_ARGUMENT`); connects on first use. */
-  constructor(manager: NativeManager, options: RedisOptions)
+  constructor(manager: BindingManager, options: BindingCoordinationOptions)
   /** Whether Redis calls fail fast until the background probe reconnects. */
   get isDown(): boolean
   /**
    * For the leader of a due refresh: a shared token, or the lock, waiting
    * on other instances for at most `waitMs`.
    */
-  acquire(userId: string, accessToken: string, expiresAtMs: number, waitMs: number): Promise<Acquired>
+  acquire(userId: string, accessToken: string, expiresAtMs: number, waitMs: number): Promise<BindingAcquired>
   /**
    * The lock holder's refresh returned this (JS types already checked):
    * store it fenced, announce it, unlock. An unusable result releases
    * the lock as failed instead.
    */
-  commit(userId: string, lease: Lease, accessToken?: string | undefined | null, refreshToken?: string | undefined | null, expiresAtMs?: number | undefined | null, expiresIn?: number | undefined | null): Promise<Settled>
+  commit(userId: string, lease: BindingLease, accessToken?: string | undefined | null, refreshToken?: string | undefined | null, expiresAtMs?: number | undefined | null, expiresIn?: number | undefined | null): Promise<BindingSettled>
   /**
    * The lock holder gives up: `failed` (its refresh failed: waiters fail
    * too) or not (it will not refresh: waiters retry at once).
    */
-  release(userId: string, lease: Lease, failed: boolean): Promise<Settled>
+  release(userId: string, lease: BindingLease, failed: boolean): Promise<BindingSettled>
   /**
    * Drops the connection and stops lock watchdogs. Later calls answer
    * `'unavailable'`.
    */
   close(): void
+}
+
+export declare class BindingManager {
+  constructor(options?: BindingManagerOptions | undefined | null)
+  /** The effective refresh timeout, for `lib/manager.js`'s timer. */
+  get refreshTimeoutMs(): number
+  /**
+   * `isFresh`, `begin` and `complete` bound to this manager's engine
+   * (`protocol.rs` has every answer): the same engine decisions at a
+   * fraction of a method call's cost.
+   */
+  bindProtocol(): { isFresh(expiresAtMs: number): boolean; begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number): null | number | { kind: 'lead'; flightId: number; refreshToken?: string } | { kind: 'held'; accessToken: string; refreshToken?: string; expiresAtMs: number; shouldUpdate: boolean }; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null): number }
+  /**
+   * Flight `flightId` was answered by a token another instance's refresh
+   * produced (the shared Redis cache): kept like a refresh result, but
+   * counted as a hit or coalesced call, and issued with `shouldUpdate`.
+   */
+  adopt(userId: string, flightId: number, accessToken: string, refreshToken: string | undefined | null, expiresAtMs: number, shouldUpdate: boolean): BindingIssuedToken
+  /** The refresh for `flightId` failed (`timedOut`: it did not settle). */
+  fail(userId: string, flightId: number, timedOut: boolean): void
+  /** After a failed refresh: may this caller keep its own token? */
+  serveStale(userId: string, accessToken: string, expiresAtMs: number): boolean
+  invalidate(userId: string, accessToken?: string | undefined | null): void
+  stats(): BindingStats
+}
+
+export declare class BindingRefresher {
+  /** Tarabut Gateway's client-credentials token call. */
+  static tarabut(options: BindingTarabutOptions): BindingRefresher
+  /** The RFC 6749 section 6 refresh_token grant. */
+  static oauth2(options: BindingOAuth2Options): BindingRefresher
+  /**
+   * One refresh for `userId` (OAuth2: with `refreshToken`), within
+   * `min(timeoutMs, the refresher's own timeoutMs)`. Never rejects for a
+   * failed refresh: the outcome carries `code`. With `abortId`, the call
+   * can be cut short by `abort(abortId)`.
+   */
+  refresh(userId: string, refreshToken?: string | undefined | null, timeoutMs?: number | undefined | null, abortId?: number | undefined | null): Promise<BindingRefreshOutcome>
+  /**
+   * Aborts the call started with `abortId` (drops its HTTP request). A
+   * call already settled is left alone.
+   */
+  abort(abortId: number): void
 }
 
 /**
@@ -88,14 +87,14 @@ export declare class RedisCoordinator {
 export declare function __panicForTest(): void
 
 /** What `acquire` found. */
-export interface Acquired {
+export interface BindingAcquired {
   /**
    * `'shared'`: use the token below; `'lead'`: refresh, then commit or
    * release `lease`; `'failed'`: the refresh waited on failed elsewhere;
    * `'timeout'`: still held elsewhere at the deadline; `'unavailable'`:
    * Redis could not be used (`reason`).
    */
-  kind: string
+  kind: 'shared' | 'lead' | 'failed' | 'timeout' | 'unavailable'
   accessToken?: string
   /**
    * `'shared'`: the token's refresh token; `'lead'`: a newer refresh
@@ -108,14 +107,25 @@ export interface Acquired {
    * persists it) rather than found already there.
    */
   waited: boolean
-  lease?: Lease
+  lease?: BindingLease
   reason?: string
   /** A cached value did not open with this key (rotated?): it was a miss. */
   undecryptable: boolean
 }
 
+/**
+ * `TokenManager`'s `redis` option, types already checked by
+ * `lib/coordination.js`.
+ */
+export interface BindingCoordinationOptions {
+  url: string
+  keyPrefix?: string
+  lockTtlMs?: number
+  encryptionKey: string
+}
+
 /** A token as the core issued it. */
-export interface IssuedToken {
+export interface BindingIssuedToken {
   accessToken: string
   refreshToken?: string
   expiresAtMs: number
@@ -123,13 +133,13 @@ export interface IssuedToken {
 }
 
 /** A held lock, handed back to `commit` or `release`. */
-export interface Lease {
+export interface BindingLease {
   owner: string
   fence: number
 }
 
 /** Options for a token manager. All in milliseconds. */
-export interface ManagerOptions {
+export interface BindingManagerOptions {
   /** Refresh when fewer than this many ms remain. Default 300000. */
   bufferTimeMs?: number
   /** No second refresh for a user within this window. Default 10000. */
@@ -140,23 +150,8 @@ export interface ManagerOptions {
   idleTtlMs?: number
 }
 
-/** Counters and sizes, as `TokenManager.stats()` reports them. */
-export interface ManagerStats {
-  users: number
-  inFlight: number
-  hits: number
-  refreshes: number
-  coalesced: number
-  failures: number
-  timeouts: number
-  staleServed: number
-}
-
-/** The longest user id accepted, in UTF-8 bytes. */
-export declare const MAX_USER_ID_BYTES: number
-
-/** Options for `NativeRefresher.oauth2`. */
-export interface OAuth2RefresherOptions {
+/** Options for `BindingRefresher.oauth2`. */
+export interface BindingOAuth2Options {
   tokenUrl: string
   clientId: string
   clientSecret: string
@@ -167,36 +162,8 @@ export interface OAuth2RefresherOptions {
   timeoutMs?: number
 }
 
-/** Parses an ISO 8601 date-time (with zone) into epoch milliseconds. */
-export declare function parseIsoTime(value: string): number
-
-/**
- * What a slow-path call should do, when a number will not do (see
- * direct.rs `begin`). Declared here for the generated types.
- */
-export interface Plan {
-  /**
-   * `'held'`: use the token below; `'join'`: wait on flight `flightId`;
-   * `'lead'`: run the refresh for flight `flightId` with `refreshToken`.
-   */
-  kind: string
-  flightId?: number
-  accessToken?: string
-  refreshToken?: string
-  expiresAtMs?: number
-  shouldUpdate?: boolean
-}
-
-/** `TokenManager`'s `redis` option, types already checked by index.js. */
-export interface RedisOptions {
-  url?: string
-  keyPrefix?: string
-  lockTtlMs?: number
-  encryptionKey?: string
-}
-
 /** What `refresh` resolves to: the token, or (with `code` set) why not. */
-export interface RefreshOutcome {
+export interface BindingRefreshOutcome {
   accessToken?: string
   /** A rotated refresh token: the caller must persist it. */
   refreshToken?: string
@@ -216,7 +183,7 @@ export interface RefreshOutcome {
 }
 
 /** What `commit` and `release` did. */
-export interface Settled {
+export interface BindingSettled {
   /**
    * `commit`: the token was stored (false: a later holder's is newer, or
    * the result was unusable). `release`: the lock was still ours.
@@ -226,8 +193,20 @@ export interface Settled {
   unavailable?: string
 }
 
-/** Options for `NativeRefresher.tarabut`. */
-export interface TarabutRefresherOptions {
+/** Counters and sizes, as `TokenManager.stats()` reports them. */
+export interface BindingStats {
+  users: number
+  inFlight: number
+  hits: number
+  refreshes: number
+  coalesced: number
+  failures: number
+  timeouts: number
+  staleServed: number
+}
+
+/** Options for `BindingRefresher.tarabut`. */
+export interface BindingTarabutOptions {
   clientId: string
   clientSecret: string
   /** Default: Tarabut's sandbox token endpoint. */
@@ -238,3 +217,9 @@ export interface TarabutRefresherOptions {
   /** Retries of connection failures, 429 and 5xx. Default 3. */
   maxRetries?: number
 }
+
+/** The longest user id accepted, in UTF-8 bytes. */
+export declare const MAX_USER_ID_BYTES: number
+
+/** Parses an ISO 8601 date-time (with zone) into epoch milliseconds. */
+export declare function parseIsoTime(value: string): number

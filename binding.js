@@ -778,9 +778,9 @@ function __napiStampBindingTarget(exportsObject, target) {
 // linked import resolves to `undefined`.
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
-module.exports.NativeManager = nativeBinding.NativeManager
-module.exports.NativeRefresher = nativeBinding.NativeRefresher
-module.exports.RedisCoordinator = nativeBinding.RedisCoordinator
+module.exports.BindingCoordinator = nativeBinding.BindingCoordinator
+module.exports.BindingManager = nativeBinding.BindingManager
+module.exports.BindingRefresher = nativeBinding.BindingRefresher
 module.exports.__panicForTest = nativeBinding.__panicForTest
 module.exports.MAX_USER_ID_BYTES = nativeBinding.MAX_USER_ID_BYTES
 module.exports.parseIsoTime = nativeBinding.parseIsoTime

@@ -8,7 +8,7 @@ import { fileURLToPath } from 'node:url'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 
 import { TokenManager, TokenRefreshError, getValidToken, oauth2Refresher, tarabutRefresher } from '../index.mjs'
-import { startTarabutServer } from './support/tarabut-server.mjs'
+import { startTarabutServer } from './helpers/tarabut-server.mjs'
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url))
 const EXPIRED = { accessToken: 'expired-token', expiresAt: new Date(Date.now() - 60_000) }

@@ -19,7 +19,7 @@ const SERVER_ROLE = 'tarabut-token-server'
 
 // In the worker: run the token server until told to close.
 if (!isMainThread && workerData?.role === SERVER_ROLE) {
-  const { startTarabutServer } = await import('../__test__/support/tarabut-server.mjs')
+  const { startTarabutServer } = await import('../__test__/helpers/tarabut-server.mjs')
   const server = await startTarabutServer({ expiresIn: 3600 })
   parentPort.on('message', async (msg) => {
     if (msg === 'stats') parentPort.postMessage({ issued: server.issued, rejected: server.rejected, tokenRequests: server.tokenRequests })

@@ -14,7 +14,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { tsImport } from 'tsx/esm/api'
 
 import { TokenManager, tarabutRefresher } from '../index.mjs'
-import { startTarabutServer } from '../__test__/support/tarabut-server.mjs'
+import { startTarabutServer } from '../__test__/helpers/tarabut-server.mjs'
 
 const HELP = `npm run demo -- [options]
 

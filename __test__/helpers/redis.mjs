@@ -8,7 +8,7 @@ import { createServer } from 'node:http'
 import { createServer as createNetServer, connect } from 'node:net'
 import { fileURLToPath } from 'node:url'
 
-export const WORKER = fileURLToPath(new URL('../fixtures/redis-worker.mjs', import.meta.url))
+export const WORKER = fileURLToPath(new URL('./redis-worker.mjs', import.meta.url))
 export const newKey = () => randomBytes(32).toString('base64')
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
 

@@ -1,20 +1,22 @@
-//! `NativeManager`: the native half of `TokenManager` (see index.js).
+//! `BindingManager`: the native half of `TokenManager` (`lib/manager.js`).
 //!
-//! JS shapes, as index.js uses them:
+//! Rust <-> JS, as `lib/manager.js` uses it:
 //! - the calls every `getValidToken` makes (`isFresh`, `begin`, `complete`)
-//!   come from `directFunctions()` (direct.rs); `begin` answers `null` (use
-//!   the presented token), a number (lead or join that flight) or a [`Plan`]
-//!   object `{ kind: 'held' | 'lead', ... }`.
-//! - times cross as epoch milliseconds (`number`); index.js turns
-//!   `Date | number | string` into them and back into `Date`.
+//!   come from `bindProtocol()`: plain functions whose answers are
+//!   tabulated in `protocol.rs` and decoded by `lib/protocol.js`;
+//! - the rarer calls (`adopt`, `fail`, `serveStale`, `invalidate`, `stats`)
+//!   are methods here, with `#[napi(object)]` values;
+//! - times cross as epoch milliseconds (`number`); `lib/manager.js` turns
+//!   `Date | number | string` into them and back into `Date`;
+//! - errors are thrown with the engine's stable `code` (`errors.rs`).
 
 use std::sync::Arc;
 
 use napi::Env;
 use napi_derive::napi;
 
-use super::direct::{self, JsRaw};
-use super::error::{guard, to_js, Code, Result};
+use super::errors::{guard, to_js, Code, Result};
+use super::protocol::{self, JsRaw};
 use crate::engine::{
     self, time, Engine, Failure, Issued, Policy, PolicyOptions, Presented, Refreshed, SecretString,
 };
@@ -22,7 +24,7 @@ use crate::engine::{
 /// Options for a token manager. All in milliseconds.
 #[napi(object)]
 #[derive(Default)]
-pub struct ManagerOptions {
+pub struct BindingManagerOptions {
     /// Refresh when fewer than this many ms remain. Default 300000.
     pub buffer_time_ms: Option<f64>,
     /// No second refresh for a user within this window. Default 10000.
@@ -33,24 +35,9 @@ pub struct ManagerOptions {
     pub idle_ttl_ms: Option<f64>,
 }
 
-/// What a slow-path call should do, when a number will not do (see
-/// direct.rs `begin`). Declared here for the generated types.
-#[napi(object)]
-#[allow(dead_code)]
-pub struct Plan {
-    /// `'held'`: use the token below; `'join'`: wait on flight `flightId`;
-    /// `'lead'`: run the refresh for flight `flightId` with `refreshToken`.
-    pub kind: String,
-    pub flight_id: Option<u32>,
-    pub access_token: Option<String>,
-    pub refresh_token: Option<String>,
-    pub expires_at_ms: Option<f64>,
-    pub should_update: Option<bool>,
-}
-
 /// A token as the core issued it.
 #[napi(object)]
-pub struct IssuedToken {
+pub struct BindingIssuedToken {
     pub access_token: String,
     pub refresh_token: Option<String>,
     pub expires_at_ms: f64,
@@ -59,7 +46,7 @@ pub struct IssuedToken {
 
 /// Counters and sizes, as `TokenManager.stats()` reports them.
 #[napi(object)]
-pub struct ManagerStats {
+pub struct BindingStats {
     pub users: u32,
     pub in_flight: u32,
     pub hits: f64,
@@ -71,14 +58,14 @@ pub struct ManagerStats {
 }
 
 #[napi]
-pub struct NativeManager {
+pub struct BindingManager {
     pub(super) engine: Arc<Engine>,
 }
 
 #[napi]
-impl NativeManager {
+impl BindingManager {
     #[napi(constructor)]
-    pub fn new(options: Option<ManagerOptions>) -> Result<Self, Code> {
+    pub fn new(options: Option<BindingManagerOptions>) -> Result<Self, Code> {
         guard(|| {
             let o = options.unwrap_or_default();
             let policy = Policy::from_options(&PolicyOptions {
@@ -94,21 +81,20 @@ impl NativeManager {
         })
     }
 
-    /// The effective refresh timeout, for index.js's timer.
+    /// The effective refresh timeout, for `lib/manager.js`'s timer.
     #[napi(getter)]
     pub fn refresh_timeout_ms(&self) -> f64 {
         self.engine.policy().refresh_timeout_ms as f64
     }
 
-    /// `isFresh`, `begin` and `complete` as plain functions bound to this
-    /// manager, for the calls every `getValidToken` makes: the same engine
-    /// decisions at a fraction of a method call's cost, answering with
-    /// numbers where they can (see direct.rs for the shapes).
+    /// `isFresh`, `begin` and `complete` bound to this manager's engine
+    /// (`protocol.rs` has every answer): the same engine decisions at a
+    /// fraction of a method call's cost.
     #[napi(
-        ts_return_type = "{ isFresh(expiresAtMs: number): boolean; begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number): number | Plan | null; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null): number }"
+        ts_return_type = "{ isFresh(expiresAtMs: number): boolean; begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number): null | number | { kind: 'lead'; flightId: number; refreshToken?: string } | { kind: 'held'; accessToken: string; refreshToken?: string; expiresAtMs: number; shouldUpdate: boolean }; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null): number }"
     )]
-    pub fn direct_functions(&self, env: Env) -> Result<JsRaw, Code> {
-        guard(|| direct::functions(env.raw(), &self.engine))
+    pub fn bind_protocol(&self, env: Env) -> Result<JsRaw, Code> {
+        guard(|| protocol::bind(env.raw(), &self.engine))
     }
 
     /// Flight `flightId` was answered by a token another instance's refresh
@@ -123,12 +109,12 @@ impl NativeManager {
         refresh_token: Option<String>,
         expires_at_ms: f64,
         should_update: bool,
-    ) -> Result<IssuedToken, Code> {
+    ) -> Result<BindingIssuedToken, Code> {
         guard(|| {
             let shared = Refreshed {
                 access: Some(SecretString::new(access_token)),
                 refresh: refresh_token.map(SecretString::new),
-                expires_at: Some(time::from_js_ms("expiresAtMs", expires_at_ms).map_err(to_js)?),
+                expires_at: Some(expires_at_ms),
                 expires_in: None,
             };
             let issued = self
@@ -177,13 +163,13 @@ impl NativeManager {
     }
 
     #[napi]
-    pub fn stats(&self) -> Result<ManagerStats, Code> {
+    pub fn stats(&self) -> Result<BindingStats, Code> {
         guard(|| Ok(self.stats_inner()))
     }
 
-    fn stats_inner(&self) -> ManagerStats {
+    fn stats_inner(&self) -> BindingStats {
         let s = self.engine.stats(time::now_ms());
-        ManagerStats {
+        BindingStats {
             users: s.users as u32,
             in_flight: s.in_flight as u32,
             hits: s.hits as f64,
@@ -229,8 +215,8 @@ fn presented(
     })
 }
 
-fn issued_to_js(t: Issued) -> IssuedToken {
-    IssuedToken {
+fn issued_to_js(t: Issued) -> BindingIssuedToken {
+    BindingIssuedToken {
         access_token: t.access.expose().to_owned(),
         refresh_token: t.refresh.as_ref().map(|s| s.expose().to_owned()),
         expires_at_ms: t.expires_at as f64,

@@ -7,46 +7,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use super::error::EngineError;
 use super::policy::EpochMs;
 use super::secret::{Fingerprint, SecretString};
-use super::table::{Flight, Held};
+use super::table::Flight;
+use super::token::{Held, Issued, IssuedBrief, Presented, Refreshed};
 use super::{time, validate_user, Engine};
-
-/// The token a caller has (read from its database).
-#[derive(Debug, Clone)]
-pub struct Presented {
-    pub access: SecretString,
-    pub refresh: Option<SecretString>,
-    pub expires_at: EpochMs,
-}
-
-/// What a refresh returned, before validation.
-#[derive(Debug, Clone, Default)]
-pub struct Refreshed {
-    pub access: Option<SecretString>,
-    pub refresh: Option<SecretString>,
-    /// Epoch ms, already parsed from the caller's `expiresAt`.
-    pub expires_at: Option<EpochMs>,
-    /// Seconds from now.
-    pub expires_in: Option<f64>,
-}
-
-/// A token handed to a caller.
-#[derive(Debug, Clone)]
-pub struct Issued {
-    pub access: SecretString,
-    /// Present when the caller should store a (new) refresh token.
-    pub refresh: Option<SecretString>,
-    pub expires_at: EpochMs,
-    /// The caller must persist this token: its copy is stale.
-    pub should_update: bool,
-}
-
-/// What [`Engine::complete_brief`] tells a caller that has the tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IssuedBrief {
-    pub expires_at: EpochMs,
-    /// The caller is handed the refresh token it passed (it rotated).
-    pub hands_refresh: bool,
-}
 
 /// What the caller of [`Engine::begin`] should do.
 #[derive(Debug)]
@@ -58,7 +21,8 @@ pub enum Plan {
     /// Another call is refreshing: wait for flight `id`, `shouldUpdate: false`.
     Join(u32),
     /// Run the refresh (with this refresh token) and report back with
-    /// [`Engine::complete`] or [`Engine::fail`] for flight `id`.
+    /// [`Engine::complete`], [`Engine::adopt`] or [`Engine::fail`] for
+    /// flight `id`.
     Lead {
         id: u32,
         refresh_token: Option<SecretString>,
@@ -82,53 +46,15 @@ pub enum Failure {
     TimedOut,
 }
 
-impl Held {
-    /// Whether a caller issued this token is handed its refresh token too:
-    /// only a rotated refresh token is news to the caller.
-    fn hands_refresh(&self, should_update: bool) -> bool {
-        should_update && self.refresh_is_new
-    }
-
-    fn issue(&self, should_update: bool) -> Issued {
-        Issued {
-            access: self.access.clone(),
-            refresh: if self.hands_refresh(should_update) {
-                self.refresh.clone()
-            } else {
-                None
-            },
-            expires_at: self.expires_at,
-            should_update,
-        }
-    }
-}
-
 impl Engine {
-    /// Decides what a call presenting `presented` for `user` should do.
+    /// Decides what a call presenting a token for `user` should do: the
+    /// access token's emptiness, its refresh token and expiry are given;
+    /// `fingerprint` (of the access token) runs at most once, under the
+    /// table lock, and only when the user holds a token to compare it with
+    /// or has revocations. A user with neither (a new one, or one evicted
+    /// since its last refresh) is decided on the expiry alone, so the
+    /// binding need not copy and hash a 1 KB JWT.
     pub fn begin(
-        &self,
-        user: &str,
-        presented: &Presented,
-        now: EpochMs,
-    ) -> Result<Plan, EngineError> {
-        let access = &presented.access;
-        self.begin_lazy(
-            user,
-            access.is_empty(),
-            presented.refresh.as_ref(),
-            presented.expires_at,
-            || Ok(access.fingerprint()),
-            now,
-        )
-    }
-
-    /// [`Engine::begin`] for a caller whose access token is read only if the
-    /// user's state needs it: `fingerprint` (of the presented access token)
-    /// runs at most once, under the table lock, and only when the user holds
-    /// a token to compare it with or has revocations. A user with neither
-    /// (a new one, or one evicted since its last refresh) is decided on the
-    /// expiry alone, so the binding need not copy and hash a 1 KB JWT.
-    pub fn begin_lazy(
         &self,
         user: &str,
         access_is_empty: bool,
@@ -139,8 +65,8 @@ impl Engine {
     ) -> Result<Plan, EngineError> {
         validate_user(user)?;
         let policy = self.policy;
-        let mut fp = Lazy::Pending(fingerprint);
-        let mut t = self.table.lock();
+        let mut fp = OnceFingerprint::Pending(fingerprint);
+        let mut t = self.table();
         t.maybe_sweep(&policy, now);
         let plan = t.with_entry(user, now, |e, in_flight| {
             let presented_revoked = e.is_revoking() && e.is_revoked(fp.get()?, now);
@@ -178,7 +104,6 @@ impl Engine {
             *in_flight += 1;
             Ok(Plan::Lead { id, refresh_token })
         });
-        self.revoking.store(t.revoking, Relaxed);
         drop(t);
         let plan = plan?;
         match &plan {
@@ -190,23 +115,13 @@ impl Engine {
     }
 
     /// The refresh for flight `id` produced `refreshed`. Validates it, keeps
-    /// it for the user and returns the leader's token (`should_update`).
-    /// A late result (its flight timed out) is still kept if it is the
-    /// newest: with rotating refresh tokens it may hold the only live one.
+    /// it for the user and tells the leader, who still has the tokens it
+    /// handed in, what it lacks: the issued expiry, and whether it is handed
+    /// the refresh token (only a rotated one is news). The leader's token
+    /// always has `shouldUpdate`. A late result (its flight timed out) is
+    /// still kept if it is the newest: with rotating refresh tokens it may
+    /// hold the only live one.
     pub fn complete(
-        &self,
-        user: &str,
-        id: u32,
-        refreshed: Refreshed,
-        now: EpochMs,
-    ) -> Result<Issued, EngineError> {
-        self.settle(user, id, refreshed, Source::Refresh, now, Held::issue)
-    }
-
-    /// [`Engine::complete`] for a caller that still has the tokens it
-    /// handed in: answers with what it lacks (the issued expiry, and whether
-    /// it is handed the refresh token it passed) instead of copies of them.
-    pub fn complete_brief(
         &self,
         user: &str,
         id: u32,
@@ -260,7 +175,7 @@ impl Engine {
     ) -> Result<T, EngineError> {
         validate_user(user)?;
         let checked = validate_refreshed(refreshed, now);
-        let mut t = self.table.lock();
+        let mut t = self.table();
         let result = t.with_entry(user, now, |e, in_flight| {
             let ours = e.flight.as_ref().is_some_and(|f| f.id == id);
             let used = if ours {
@@ -296,7 +211,6 @@ impl Engine {
             }
             Ok(issued)
         });
-        self.revoking.store(t.revoking, Relaxed);
         drop(t);
         let c = &self.counters;
         match (&result, source) {
@@ -322,8 +236,7 @@ impl Engine {
     /// Looks only; never creates an entry.
     pub fn is_revoked(&self, user: &str, token: &SecretString, now: EpochMs) -> bool {
         let fp = token.fingerprint();
-        self.table
-            .lock()
+        self.table()
             .with_existing(user, now, |e, _| e.is_revoked(fp, now))
             .unwrap_or(false)
     }
@@ -331,7 +244,7 @@ impl Engine {
     /// The refresh for flight `id` failed. Nothing is cached; the next call
     /// tries again.
     pub fn fail(&self, user: &str, id: u32, failure: Failure, now: EpochMs) {
-        let mut t = self.table.lock();
+        let mut t = self.table();
         t.with_existing(user, now, |e, in_flight| {
             if e.flight.as_ref().is_some_and(|f| f.id == id) {
                 e.flight = None;
@@ -353,8 +266,7 @@ impl Engine {
         }
         let fp = presented.access.fingerprint();
         let revoked = self
-            .table
-            .lock()
+            .table()
             .with_existing(user, now, |e, _| e.is_revoked(fp, now))
             .unwrap_or(false);
         if !revoked {
@@ -364,23 +276,24 @@ impl Engine {
     }
 }
 
-/// A value computed on first use, at most once.
-enum Lazy<F> {
+/// The presented access token's fingerprint, computed on first use, at
+/// most once.
+enum OnceFingerprint<F> {
     Pending(F),
     Ready(Fingerprint),
     Spent,
 }
 
-impl<F: FnOnce() -> Result<Fingerprint, EngineError>> Lazy<F> {
+impl<F: FnOnce() -> Result<Fingerprint, EngineError>> OnceFingerprint<F> {
     fn get(&mut self) -> Result<Fingerprint, EngineError> {
-        if let Lazy::Ready(fp) = self {
+        if let OnceFingerprint::Ready(fp) = self {
             return Ok(*fp);
         }
-        let Lazy::Pending(f) = std::mem::replace(self, Lazy::Spent) else {
+        let OnceFingerprint::Pending(f) = std::mem::replace(self, OnceFingerprint::Spent) else {
             unreachable!("a failed fingerprint is not asked for again");
         };
         let fp = f()?;
-        *self = Lazy::Ready(fp);
+        *self = OnceFingerprint::Ready(fp);
         Ok(fp)
     }
 }
@@ -398,7 +311,9 @@ pub(crate) fn validate_refreshed(
         }
     };
     let expires_at = match (r.expires_at, r.expires_in) {
-        (Some(at), _) => at,
+        (Some(at), _) => time::js_ms(at).ok_or(EngineError::InvalidRefreshResult(
+            "has an expiresAt that is not a valid Date",
+        ))?,
         (None, Some(secs)) => time::from_expires_in("expiresIn", secs, now).map_err(|_| {
             EngineError::InvalidRefreshResult(
                 "has an expiresIn that is not a positive number of seconds",
@@ -416,9 +331,11 @@ pub(crate) fn validate_refreshed(
     let refresh = r.refresh.filter(|s| !s.is_empty());
     Ok((access, refresh, expires_at))
 }
+
 #[cfg(test)]
-mod tests {
+mod single_flight {
     use super::*;
+    use crate::engine::tests::AsTheBindingCalls;
     use crate::engine::Policy;
 
     fn presented(access: &str, expires_at: EpochMs) -> Presented {
@@ -433,13 +350,13 @@ mod tests {
         Refreshed {
             access: Some(access.into()),
             refresh: Some("r1".into()),
-            expires_at: Some(expires_at),
+            expires_at: Some(expires_at as f64),
             expires_in: None,
         }
     }
 
     #[test]
-    fn begin_lazy_reads_the_access_token_only_when_needed() {
+    fn begin_reads_the_access_token_only_when_needed() {
         use std::cell::Cell;
         let engine = Engine::new(Policy::default());
         let now = 1_000_000;
@@ -454,22 +371,22 @@ mod tests {
         let r0 = SecretString::from("r0");
         // A new user: the expiry decides.
         let Plan::Lead { id, refresh_token } = engine
-            .begin_lazy("u", false, Some(&r0), now, read("t0"), now)
+            .begin("u", false, Some(&r0), now, read("t0"), now)
             .unwrap()
         else {
             panic!("lead")
         };
         assert_eq!((reads.get(), refresh_token), (0, Some(r0.clone())));
         engine
-            .complete("u", id, token("t1", now + 3_600_000), now)
+            .complete_with("u", id, token("t1", now + 3_600_000), now)
             .unwrap();
         // A held token: the presented one is compared with it.
         let plan = engine
-            .begin_lazy("u", false, Some(&r0), now, read("t0"), now)
+            .begin("u", false, Some(&r0), now, read("t0"), now)
             .unwrap();
         assert!(matches!(plan, Plan::UseHeld(ref t) if t.should_update));
         let plan = engine
-            .begin_lazy("u", false, Some(&r0), now, read("t1"), now)
+            .begin("u", false, Some(&r0), now, read("t1"), now)
             .unwrap();
         assert!(matches!(plan, Plan::UseHeld(ref t) if !t.should_update));
         assert_eq!(reads.get(), 2);
@@ -482,7 +399,7 @@ mod tests {
             ))
         };
         assert!(engine
-            .begin_lazy("u", false, Some(&r0), now, unreadable, now)
+            .begin("u", false, Some(&r0), now, unreadable, now)
             .is_err());
         assert_eq!(engine.stats(now).in_flight, 0);
     }
@@ -494,7 +411,7 @@ mod tests {
             ..Policy::default()
         });
         let now = 1_000_000;
-        let Plan::Lead { id, .. } = engine.begin("u", &presented("t0", now), now).unwrap() else {
+        let Plan::Lead { id, .. } = engine.begin_with("u", &presented("t0", now), now).unwrap() else {
             panic!("lead")
         };
         let issued = engine
@@ -503,13 +420,13 @@ mod tests {
         assert!(!issued.should_update);
         assert_eq!(issued.access.expose(), "t1");
         // A later caller still presenting the old token is told to update.
-        let Plan::UseHeld(held) = engine.begin("u", &presented("t0", now), now + 1).unwrap() else {
+        let Plan::UseHeld(held) = engine.begin_with("u", &presented("t0", now), now + 1).unwrap() else {
             panic!("held")
         };
         assert!(held.should_update);
         assert_eq!(held.refresh.as_ref().map(SecretString::expose), Some("r1"));
 
-        let Plan::Lead { id, .. } = engine.begin("v", &presented("t0", now), now).unwrap() else {
+        let Plan::Lead { id, .. } = engine.begin_with("v", &presented("t0", now), now).unwrap() else {
             panic!("lead")
         };
         assert!(

@@ -3,7 +3,9 @@
 //!
 //! The engine decides, the caller acts: [`Engine::begin`] says whether to
 //! use the presented token, a held one, join a refresh or lead one; the
-//! leader reports back with [`Engine::complete`] or [`Engine::fail`]. Who
+//! leader reports back with [`Engine::complete`] (or [`Engine::adopt`] for a
+//! token another instance produced) or [`Engine::fail`]. These are the
+//! entry points production calls, and the ones the tests drive. Who
 //! runs the refresh (a JS function, a native HTTP refresher) and how waiters
 //! are woken is the binding's business.
 
@@ -13,18 +15,21 @@ pub mod policy;
 pub mod secret;
 pub mod table;
 pub mod time;
+pub mod token;
 
 #[cfg(test)]
 mod tests;
 
+use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 
 pub use error::{EngineError, ErrorCode};
-pub use flight::{Failure, Issued, IssuedBrief, Plan, Presented, Refreshed};
+pub use flight::{Failure, Plan};
 pub use policy::{EpochMs, Policy, PolicyOptions};
 pub use secret::SecretString;
+pub use token::{Issued, IssuedBrief, Presented, Refreshed};
 
 use table::Table;
 
@@ -69,7 +74,8 @@ pub struct Stats {
 pub struct Engine {
     policy: Policy,
     table: Mutex<Table>,
-    /// Mirrors `Table::revoking` so the hot path need not lock.
+    /// Mirrors `Table::revoking` so the hot path need not lock; written
+    /// only by [`LockedTable`]'s drop.
     revoking: AtomicUsize,
     next_flight: AtomicU32,
     counters: Counters,
@@ -131,7 +137,7 @@ impl Engine {
         validate_user(user)?;
         let until = now.saturating_add(self.policy.idle_ttl_ms as i64);
         let fp = access_token.map(SecretString::fingerprint);
-        let mut t = self.table.lock();
+        let mut t = self.table();
         t.with_entry(user, now, |e, _| {
             e.revoke(fp, until);
             if fp.is_none() {
@@ -141,14 +147,12 @@ impl Engine {
                 }
             }
         });
-        self.revoking.store(t.revoking, Relaxed);
         Ok(())
     }
 
     pub fn stats(&self, now: EpochMs) -> Stats {
-        let mut t = self.table.lock();
+        let mut t = self.table();
         t.sweep(&self.policy, now);
-        self.revoking.store(t.revoking, Relaxed);
         let c = &self.counters;
         Stats {
             users: t.len(),
@@ -160,6 +164,42 @@ impl Engine {
             timeouts: c.timeouts.load(Relaxed),
             stale_served: c.stale_served.load(Relaxed),
         }
+    }
+}
+
+impl Engine {
+    /// The table, locked. Every access goes through this guard, so the hot
+    /// path's copy of the revocation count is published on every unlock and
+    /// cannot drift from the table's.
+    fn table(&self) -> LockedTable<'_> {
+        LockedTable {
+            table: self.table.lock(),
+            revoking: &self.revoking,
+        }
+    }
+}
+
+struct LockedTable<'a> {
+    table: MutexGuard<'a, Table>,
+    revoking: &'a AtomicUsize,
+}
+
+impl Deref for LockedTable<'_> {
+    type Target = Table;
+    fn deref(&self) -> &Table {
+        &self.table
+    }
+}
+
+impl DerefMut for LockedTable<'_> {
+    fn deref_mut(&mut self) -> &mut Table {
+        &mut self.table
+    }
+}
+
+impl Drop for LockedTable<'_> {
+    fn drop(&mut self) {
+        self.revoking.store(self.table.revoking, Relaxed);
     }
 }
 

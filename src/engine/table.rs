@@ -5,18 +5,7 @@ use std::collections::HashMap;
 
 use super::policy::{EpochMs, Policy};
 use super::secret::{Fingerprint, SecretString};
-
-/// A token a refresh in this process produced.
-#[derive(Debug, Clone)]
-pub(crate) struct Held {
-    pub access: SecretString,
-    pub refresh: Option<SecretString>,
-    pub expires_at: EpochMs,
-    pub fingerprint: Fingerprint,
-    /// Whether the refresh itself returned `refresh` (rotation), as opposed
-    /// to keeping the one it was called with.
-    pub refresh_is_new: bool,
-}
+use super::token::Held;
 
 /// The refresh currently running for a user.
 #[derive(Debug)]

@@ -5,8 +5,8 @@
 use std::sync::{Arc, Barrier};
 
 use crate::engine::{
-    Engine, EngineError, ErrorCode, Failure, Plan, Policy, PolicyOptions, Presented, Refreshed,
-    SecretString,
+    Engine, EngineError, ErrorCode, Failure, Issued, Plan, Policy, PolicyOptions, Presented,
+    Refreshed, SecretString,
 };
 
 const NOW: i64 = 1_800_000_000_000;
@@ -35,13 +35,59 @@ fn with_refresh(access: &str, refresh: &str, expires_at: i64) -> Presented {
 fn refreshed(access: &str, expires_at: i64) -> Refreshed {
     Refreshed {
         access: Some(access.into()),
-        expires_at: Some(expires_at),
+        expires_at: Some(expires_at as f64),
         ..Default::default()
     }
 }
 
+/// The engine's entry points called exactly as the binding calls them
+/// (`src/binding/protocol.rs`), with whole tokens for readable tests.
+pub(super) trait AsTheBindingCalls {
+    /// `begin` with the access token read lazily, as the binding reads it.
+    fn begin_with(&self, user: &str, p: &Presented, now: i64) -> Result<Plan, EngineError>;
+    /// `complete`, and the token the caller then holds (lib/protocol.js
+    /// rebuilds it from the same answer).
+    fn complete_with(
+        &self,
+        user: &str,
+        id: u32,
+        r: Refreshed,
+        now: i64,
+    ) -> Result<Issued, EngineError>;
+}
+
+impl AsTheBindingCalls for Engine {
+    fn begin_with(&self, user: &str, p: &Presented, now: i64) -> Result<Plan, EngineError> {
+        self.begin(
+            user,
+            p.access.is_empty(),
+            p.refresh.as_ref(),
+            p.expires_at,
+            || Ok(p.access.fingerprint()),
+            now,
+        )
+    }
+
+    fn complete_with(
+        &self,
+        user: &str,
+        id: u32,
+        r: Refreshed,
+        now: i64,
+    ) -> Result<Issued, EngineError> {
+        let (access, refresh) = (r.access.clone(), r.refresh.clone());
+        let brief = self.complete(user, id, r, now)?;
+        Ok(Issued {
+            access: access.expect("a completed refresh had an access token"),
+            refresh: refresh.filter(|_| brief.hands_refresh),
+            expires_at: brief.expires_at,
+            should_update: true,
+        })
+    }
+}
+
 fn lead(e: &Engine, user: &str, p: &Presented, now: i64) -> (u32, Option<SecretString>) {
-    match e.begin(user, p, now).unwrap() {
+    match e.begin_with(user, p, now).unwrap() {
         Plan::Lead { id, refresh_token } => (id, refresh_token),
         other => panic!("expected to lead, got {other:?}"),
     }
@@ -53,7 +99,7 @@ fn a_token_beyond_the_buffer_is_used_as_it_is() {
     assert!(e.is_fresh(NOW + 6 * MIN, NOW));
     assert!(!e.is_fresh(NOW + 4 * MIN, NOW));
     assert!(matches!(
-        e.begin("u", &token("a", NOW + 6 * MIN), NOW).unwrap(),
+        e.begin_with("u", &token("a", NOW + 6 * MIN), NOW).unwrap(),
         Plan::UsePresented
     ));
     let s = e.stats(NOW);
@@ -67,15 +113,15 @@ fn concurrent_callers_share_one_refresh_and_only_the_leader_updates() {
     let (id, rt) = lead(&e, "u", &stale, NOW);
     assert_eq!(rt.unwrap().expose(), "rt1");
     for _ in 0..3 {
-        assert!(matches!(e.begin("u", &stale, NOW).unwrap(), Plan::Join(j) if j == id));
+        assert!(matches!(e.begin_with("u", &stale, NOW).unwrap(), Plan::Join(j) if j == id));
     }
     // Another user is not held up.
     assert!(matches!(
-        e.begin("v", &stale, NOW).unwrap(),
+        e.begin_with("v", &stale, NOW).unwrap(),
         Plan::Lead { .. }
     ));
     let issued = e
-        .complete(
+        .complete_with(
             "u",
             id,
             Refreshed {
@@ -97,7 +143,7 @@ fn a_caller_with_an_older_token_gets_the_held_one_and_must_persist_it() {
     let e = engine();
     let stale = with_refresh("old", "rt1", NOW + MIN);
     let (id, _) = lead(&e, "u", &stale, NOW);
-    e.complete(
+    e.complete_with(
         "u",
         id,
         Refreshed {
@@ -111,7 +157,7 @@ fn a_caller_with_an_older_token_gets_the_held_one_and_must_persist_it() {
     // identity check, not a timer.
     let later = NOW + 9 * MIN;
     match e
-        .begin("u", &with_refresh("old", "rt1", NOW + MIN), later)
+        .begin_with("u", &with_refresh("old", "rt1", NOW + MIN), later)
         .unwrap()
     {
         Plan::UseHeld(t) => {
@@ -130,7 +176,7 @@ fn the_next_refresh_uses_the_rotated_refresh_token() {
         ..Policy::default()
     });
     let (id, _) = lead(&e, "u", &with_refresh("a1", "rt1", NOW), NOW);
-    e.complete(
+    e.complete_with(
         "u",
         id,
         Refreshed {
@@ -154,7 +200,7 @@ fn a_refresh_that_keeps_the_refresh_token_keeps_it_for_the_next_one() {
     });
     let (id, _) = lead(&e, "u", &with_refresh("a1", "rt1", NOW), NOW);
     let issued = e
-        .complete("u", id, refreshed("a2", NOW + 10 * MIN), NOW)
+        .complete_with("u", id, refreshed("a2", NOW + 10 * MIN), NOW)
         .unwrap();
     assert!(issued.refresh.is_none(), "nothing new to persist");
     let (_, rt) = lead(&e, "u", &token("a2", NOW + 10 * MIN), NOW + 6 * MIN);
@@ -166,10 +212,10 @@ fn the_double_check_window_stops_a_second_refresh() {
     let e = engine(); // 10 s window, 5 min buffer
     let (id, _) = lead(&e, "u", &token("old", NOW), NOW);
     // The provider hands out a token already inside the buffer.
-    e.complete("u", id, refreshed("short", NOW + 2 * MIN), NOW)
+    e.complete_with("u", id, refreshed("short", NOW + 2 * MIN), NOW)
         .unwrap();
     match e
-        .begin("u", &token("short", NOW + 2 * MIN), NOW + 5_000)
+        .begin_with("u", &token("short", NOW + 2 * MIN), NOW + 5_000)
         .unwrap()
     {
         Plan::UseHeld(t) => {
@@ -179,7 +225,7 @@ fn the_double_check_window_stops_a_second_refresh() {
         other => panic!("{other:?}"),
     }
     assert!(matches!(
-        e.begin("u", &token("short", NOW + 2 * MIN), NOW + 11_000)
+        e.begin_with("u", &token("short", NOW + 2 * MIN), NOW + 11_000)
             .unwrap(),
         Plan::Lead { .. }
     ));
@@ -191,7 +237,7 @@ fn a_failed_refresh_caches_nothing_and_the_next_call_retries() {
     let e = engine();
     let stale = token("old", NOW + MIN);
     let (id, _) = lead(&e, "u", &stale, NOW);
-    assert!(matches!(e.begin("u", &stale, NOW).unwrap(), Plan::Join(_)));
+    assert!(matches!(e.begin_with("u", &stale, NOW).unwrap(), Plan::Join(_)));
     e.fail("u", id, Failure::Rejected, NOW);
     // Still valid for a minute: the caller may keep it.
     assert!(e.serve_stale("u", &stale, NOW));
@@ -200,7 +246,7 @@ fn a_failed_refresh_caches_nothing_and_the_next_call_retries() {
         "an expired token is never served"
     );
     assert!(matches!(
-        e.begin("u", &stale, NOW + 1).unwrap(),
+        e.begin_with("u", &stale, NOW + 1).unwrap(),
         Plan::Lead { .. }
     ));
     let s = e.stats(NOW + 1);
@@ -216,7 +262,7 @@ fn a_timeout_is_counted_and_a_late_result_is_kept() {
     assert_eq!(e.stats(NOW + 30_000).in_flight, 0);
     // The refresh answers after all: with rotation it holds the only live
     // refresh token, so it is kept for the next caller.
-    e.complete(
+    e.complete_with(
         "u",
         id,
         Refreshed {
@@ -226,7 +272,7 @@ fn a_timeout_is_counted_and_a_late_result_is_kept() {
         NOW + 31_000,
     )
     .unwrap();
-    match e.begin("u", &stale, NOW + 32_000).unwrap() {
+    match e.begin_with("u", &stale, NOW + 32_000).unwrap() {
         Plan::UseHeld(t) => assert_eq!((t.access.expose(), t.should_update), ("late", true)),
         other => panic!("{other:?}"),
     }
@@ -266,7 +312,7 @@ fn invalid_refresh_results_are_rejected_and_not_cached() {
     ];
     for (r, says) in cases {
         let (id, _) = lead(&e, "u", &token("old", NOW), NOW);
-        let err = e.complete("u", id, r, NOW).unwrap_err();
+        let err = e.complete_with("u", id, r, NOW).unwrap_err();
         assert_eq!(err.code(), ErrorCode::InvalidRefreshResult);
         assert_eq!(err.code().as_str(), "INVALID_REFRESH_RESULT");
         assert!(err.to_string().contains(says), "{err}");
@@ -280,7 +326,7 @@ fn expires_in_counts_from_now() {
     let e = engine();
     let (id, _) = lead(&e, "u", &token("old", NOW), NOW);
     let t = e
-        .complete(
+        .complete_with(
             "u",
             id,
             Refreshed {
@@ -303,15 +349,15 @@ fn an_invalidated_token_is_refreshed_before_it_expires() {
     // The hot path can no longer decide on the expiry alone.
     assert!(!e.is_fresh(good.expires_at, NOW));
     let (id, _) = lead(&e, "u", &good, NOW);
-    e.complete("u", id, refreshed("t2", NOW + 60 * MIN), NOW)
+    e.complete_with("u", id, refreshed("t2", NOW + 60 * MIN), NOW)
         .unwrap();
     // Other users' valid tokens are still fine, just looked up.
     assert!(matches!(
-        e.begin("v", &token("x", NOW + 50 * MIN), NOW).unwrap(),
+        e.begin_with("v", &token("x", NOW + 50 * MIN), NOW).unwrap(),
         Plan::UsePresented
     ));
     // A caller still holding t1 is handed t2 without another refresh.
-    match e.begin("u", &good, NOW + 20_000).unwrap() {
+    match e.begin_with("u", &good, NOW + 20_000).unwrap() {
         Plan::UseHeld(t) => assert_eq!((t.access.expose(), t.should_update), ("t2", true)),
         other => panic!("{other:?}"),
     }
@@ -326,7 +372,7 @@ fn invalidate_without_a_token_refreshes_whatever_comes_next() {
     let e = engine();
     e.invalidate("u", None, NOW).unwrap();
     assert!(matches!(
-        e.begin("u", &token("any", NOW + 50 * MIN), NOW).unwrap(),
+        e.begin_with("u", &token("any", NOW + 50 * MIN), NOW).unwrap(),
         Plan::Lead { .. }
     ));
 }
@@ -338,7 +384,7 @@ fn idle_users_are_dropped_but_not_while_refreshing() {
         ..Policy::default()
     });
     for i in 0..100 {
-        e.begin(&format!("u{i}"), &token("a", NOW + 60 * MIN), NOW)
+        e.begin_with(&format!("u{i}"), &token("a", NOW + 60 * MIN), NOW)
             .unwrap();
     }
     let (_id, _) = lead(&e, "busy", &token("old", NOW), NOW);
@@ -361,7 +407,7 @@ fn state_is_bounded_by_eviction_during_normal_calls() {
     // 10 waves of 1,000 new users, 1 s apart: no stats() call needed.
     for wave in 0..10i64 {
         for i in 0..1_000 {
-            e.begin(
+            e.begin_with(
                 &format!("w{wave}-{i}"),
                 &token("a", NOW + 60 * MIN),
                 NOW + wave * 1_000,
@@ -377,14 +423,14 @@ fn state_is_bounded_by_eviction_during_normal_calls() {
 #[test]
 fn bad_arguments_are_typed_errors_and_leave_no_state() {
     let e = engine();
-    let err = e.begin("", &token("a", NOW), NOW).unwrap_err();
+    let err = e.begin_with("", &token("a", NOW), NOW).unwrap_err();
     assert_eq!(
         err,
         EngineError::invalid_argument("userId", "must be a non-empty string")
     );
     assert_eq!(err.code().as_str(), "INVALID_ARGUMENT");
     let long = "x".repeat(513);
-    assert!(e.begin(&long, &token("a", NOW), NOW).is_err());
+    assert!(e.begin_with(&long, &token("a", NOW), NOW).is_err());
     assert!(e.invalidate("", None, NOW).is_err());
     assert_eq!(e.stats(NOW).users, 0);
     assert!(Policy::from_options(&PolicyOptions {
@@ -404,10 +450,10 @@ fn errors_and_debug_output_never_show_tokens() {
         NOW,
     );
     let err = e
-        .complete("u", id, refreshed("secret-new", NOW - 1), NOW)
+        .complete_with("u", id, refreshed("secret-new", NOW - 1), NOW)
         .unwrap_err();
     let plan = e
-        .begin(
+        .begin_with(
             "u",
             &with_refresh("secret-access", "secret-refresh", NOW),
             NOW,
@@ -430,7 +476,7 @@ fn one_leader_across_threads() {
                 (0..1_000)
                     .filter(|_| {
                         matches!(
-                            e.begin("u", &token("old", NOW), NOW).unwrap(),
+                            e.begin_with("u", &token("old", NOW), NOW).unwrap(),
                             Plan::Lead { .. }
                         )
                     })

@@ -22,7 +22,7 @@ import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
 
-import { startTarabutServer } from '../../../__test__/support/tarabut-server.mjs'
+import { startTarabutServer } from '../../../__test__/helpers/tarabut-server.mjs'
 
 const app = fileURLToPath(new URL('..', import.meta.url))
 const root = path.resolve(app, '../..')

@@ -1,9 +1,10 @@
-//! `RedisCoordinator`: the native half of the `redis` option (see redis.js).
+//! `BindingCoordinator`: the native half of the `redis` option
+//! (`lib/coordination.js`).
 //!
 //! Methods that talk to Redis are async on napi's tokio runtime: ~50 µs of
 //! promise plumbing each, paid only when a refresh is due. They never
 //! reject: outcomes, including "Redis is unavailable", come back as values
-//! and redis.js applies the `onError` policy. The refresh function itself
+//! and `lib/coordination.js` applies the `onError` policy. The refresh function itself
 //! still runs on the JS thread: `acquire` answers "use this token" or "you
 //! hold the lock", and JS reports back with `commit` or `release`.
 
@@ -16,26 +17,27 @@ use futures::FutureExt;
 use napi_derive::napi;
 use tokio::time::Instant;
 
-use super::error::{guard, to_js, Code, Result};
-use super::manager::NativeManager;
+use super::errors::{guard, to_js, Code, Result};
+use super::manager::BindingManager;
 use crate::engine::flight::validate_refreshed;
-use crate::engine::{time, Engine, Refreshed, SecretString};
-use crate::redis::{self as shared, Coordinator, Outcome, Presented, SharedToken, Unavailable};
+use crate::coordination::{self, Coordinator, Outcome, SharedToken, Unavailable};
+use crate::engine::{time, Engine, Presented, Refreshed, SecretString};
 
 const INTERNAL: &str = "internal error in tarabut-token-manager (a bug: please report it)";
 
-/// `TokenManager`'s `redis` option, types already checked by index.js.
+/// `TokenManager`'s `redis` option, types already checked by
+/// `lib/coordination.js`.
 #[napi(object)]
-pub struct RedisOptions {
-    pub url: Option<String>,
+pub struct BindingCoordinationOptions {
+    pub url: String,
     pub key_prefix: Option<String>,
     pub lock_ttl_ms: Option<f64>,
-    pub encryption_key: Option<String>,
+    pub encryption_key: String,
 }
 
 /// A held lock, handed back to `commit` or `release`.
 #[napi(object)]
-pub struct Lease {
+pub struct BindingLease {
     pub owner: String,
     pub fence: f64,
 }
@@ -43,11 +45,12 @@ pub struct Lease {
 /// What `acquire` found.
 #[napi(object)]
 #[derive(Default)]
-pub struct Acquired {
+pub struct BindingAcquired {
     /// `'shared'`: use the token below; `'lead'`: refresh, then commit or
     /// release `lease`; `'failed'`: the refresh waited on failed elsewhere;
     /// `'timeout'`: still held elsewhere at the deadline; `'unavailable'`:
     /// Redis could not be used (`reason`).
+    #[napi(ts_type = "'shared' | 'lead' | 'failed' | 'timeout' | 'unavailable'")]
     pub kind: String,
     pub access_token: Option<String>,
     /// `'shared'`: the token's refresh token; `'lead'`: a newer refresh
@@ -57,7 +60,7 @@ pub struct Acquired {
     /// `'shared'`: written while this call waited (another instance's caller
     /// persists it) rather than found already there.
     pub waited: bool,
-    pub lease: Option<Lease>,
+    pub lease: Option<BindingLease>,
     pub reason: Option<String>,
     /// A cached value did not open with this key (rotated?): it was a miss.
     pub undecryptable: bool,
@@ -65,7 +68,7 @@ pub struct Acquired {
 
 /// What `commit` and `release` did.
 #[napi(object)]
-pub struct Settled {
+pub struct BindingSettled {
     /// `commit`: the token was stored (false: a later holder's is newer, or
     /// the result was unusable). `release`: the lock was still ours.
     pub done: bool,
@@ -74,24 +77,24 @@ pub struct Settled {
 }
 
 #[napi]
-pub struct RedisCoordinator {
+pub struct BindingCoordinator {
     inner: Arc<Coordinator>,
     engine: Arc<Engine>,
 }
 
 #[napi]
-impl RedisCoordinator {
+impl BindingCoordinator {
     /// Validates the options (`INVALID_ARGUMENT`); connects on first use.
     #[napi(constructor)]
-    pub fn new(manager: &NativeManager, options: RedisOptions) -> Result<Self, Code> {
+    pub fn new(manager: &BindingManager, options: BindingCoordinationOptions) -> Result<Self, Code> {
         guard(|| {
             let engine = manager.engine.clone();
-            let inner = shared::coordinator(
-                shared::RedisOptions {
-                    url: options.url.map(SecretString::new),
+            let inner = coordination::coordinator(
+                coordination::CoordinationOptions {
+                    url: SecretString::new(options.url),
                     key_prefix: options.key_prefix,
                     lock_ttl_ms: options.lock_ttl_ms,
-                    encryption_key: options.encryption_key.map(SecretString::new),
+                    encryption_key: SecretString::new(options.encryption_key),
                 },
                 engine.policy(),
             )
@@ -118,24 +121,24 @@ impl RedisCoordinator {
         access_token: String,
         expires_at_ms: f64,
         wait_ms: f64,
-    ) -> Acquired {
+    ) -> BindingAcquired {
         let work = async {
             let deadline =
                 Instant::now() + Duration::from_millis(wait_ms.clamp(0.0, 86_400_000.0) as u64);
-            let access = SecretString::new(access_token);
             let presented = Presented {
-                access: &access,
+                access: SecretString::new(access_token),
+                refresh: None,
                 expires_at: expires_at_ms as i64,
             };
             let engine = &self.engine;
             let usable = |t: &SharedToken| !engine.is_revoked(&user_id, &t.access, time::now_ms());
             let got = self
                 .inner
-                .acquire(&user_id, presented, usable, deadline)
+                .acquire(&user_id, &presented, usable, deadline)
                 .await;
-            let mut a = Acquired {
+            let mut a = BindingAcquired {
                 undecryptable: got.undecryptable,
-                ..Acquired::default()
+                ..BindingAcquired::default()
             };
             a.kind = match got.outcome {
                 Outcome::Shared { token, waited } => {
@@ -147,7 +150,7 @@ impl RedisCoordinator {
                 }
                 Outcome::Lead { lease, refresh } => {
                     a.refresh_token = refresh.as_ref().map(|r| r.expose().to_owned());
-                    a.lease = Some(Lease {
+                    a.lease = Some(BindingLease {
                         owner: lease.owner,
                         fence: lease.fence as f64,
                     });
@@ -163,10 +166,10 @@ impl RedisCoordinator {
             .into();
             a
         };
-        unwinding(work, || Acquired {
+        unwinding(work, || BindingAcquired {
             kind: "unavailable".into(),
             reason: Some(INTERNAL.into()),
-            ..Acquired::default()
+            ..BindingAcquired::default()
         })
         .await
     }
@@ -178,18 +181,18 @@ impl RedisCoordinator {
     pub async fn commit(
         &self,
         user_id: String,
-        lease: Lease,
+        lease: BindingLease,
         access_token: Option<String>,
         refresh_token: Option<String>,
         expires_at_ms: Option<f64>,
         expires_in: Option<f64>,
-    ) -> Settled {
+    ) -> BindingSettled {
         let work = async {
             let lease = core_lease(lease);
             let refreshed = Refreshed {
                 access: access_token.map(SecretString::new),
                 refresh: refresh_token.map(SecretString::new),
-                expires_at: expires_at_ms.filter(|v| v.is_finite()).map(|v| v as i64),
+                expires_at: expires_at_ms,
                 expires_in,
             };
             let result = match validate_refreshed(refreshed, time::now_ms()) {
@@ -215,7 +218,12 @@ impl RedisCoordinator {
     /// The lock holder gives up: `failed` (its refresh failed: waiters fail
     /// too) or not (it will not refresh: waiters retry at once).
     #[napi]
-    pub async fn release(&self, user_id: String, lease: Lease, failed: bool) -> Settled {
+    pub async fn release(
+        &self,
+        user_id: String,
+        lease: BindingLease,
+        failed: bool,
+    ) -> BindingSettled {
         let work = async {
             settled(
                 self.inner
@@ -246,28 +254,28 @@ async fn unwinding<T>(work: impl Future<Output = T>, fallback: impl FnOnce() -> 
         .unwrap_or_else(|_| fallback())
 }
 
-fn core_lease(l: Lease) -> shared::lock::Lease {
-    shared::lock::Lease {
+fn core_lease(l: BindingLease) -> coordination::record::Lease {
+    coordination::record::Lease {
         owner: l.owner,
         fence: l.fence.max(0.0) as u64,
     }
 }
 
-fn settled(r: std::result::Result<bool, Unavailable>) -> Settled {
+fn settled(r: std::result::Result<bool, Unavailable>) -> BindingSettled {
     match r {
-        Ok(done) => Settled {
+        Ok(done) => BindingSettled {
             done,
             unavailable: None,
         },
-        Err(e) => Settled {
+        Err(e) => BindingSettled {
             done: false,
             unavailable: Some(e.to_string()),
         },
     }
 }
 
-fn internal() -> Settled {
-    Settled {
+fn internal() -> BindingSettled {
+    BindingSettled {
         done: false,
         unavailable: Some(INTERNAL.into()),
     }

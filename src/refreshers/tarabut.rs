@@ -239,7 +239,7 @@ fn parse(status: u16, body: &[u8]) -> Result<Token, RefreshError> {
 mod tests {
     use super::*;
     use crate::engine::ErrorCode;
-    use crate::refresh::Refresher;
+    use crate::refreshers::Refresher;
     use serde_json::json;
     use wiremock::matchers::{body_json, header, method, path};
     use wiremock::{Mock, MockServer, ResponseTemplate};

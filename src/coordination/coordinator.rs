@@ -23,13 +23,13 @@ use parking_lot::Mutex;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use super::cache::{self, Record};
+use super::cache;
 use super::connection::{Connection, Unavailable, OP_TIMEOUT};
 use super::keys::{Keys, UserKeys};
-use super::lock::{self, Acquire, Lease, Want};
-use super::pubsub::Notice;
+use super::lock::{self, Acquire, Want};
+use super::record::{Lease, Notice, Record};
 use super::seal::{SealKey, SharedToken};
-use crate::engine::{time, EpochMs, SecretString};
+use crate::engine::{time, Presented, SecretString};
 
 /// Timing the coordinator shares with the engine's policy.
 #[derive(Debug, Clone, Copy)]
@@ -45,13 +45,6 @@ pub struct Timing {
     pub retention_ms: u64,
     /// Longest a refresh may run: the fence counter outlives it.
     pub refresh_timeout_ms: u64,
-}
-
-/// The token the caller presented.
-#[derive(Debug, Clone, Copy)]
-pub struct Presented<'a> {
-    pub access: &'a SecretString,
-    pub expires_at: EpochMs,
 }
 
 #[derive(Debug)]
@@ -118,7 +111,7 @@ impl Coordinator {
     pub async fn acquire(
         &self,
         user_id: &str,
-        presented: Presented<'_>,
+        presented: &Presented,
         usable: impl Fn(&SharedToken) -> bool,
         deadline: Instant,
     ) -> Acquired {
@@ -286,7 +279,7 @@ impl Coordinator {
         &self,
         keys: &UserKeys,
         record: &Record,
-        presented: Presented<'_>,
+        presented: &Presented,
         usable: &impl Fn(&SharedToken) -> bool,
         undecryptable: &mut bool,
     ) -> Option<SharedToken> {
@@ -298,7 +291,7 @@ impl Coordinator {
             && token.expires_at > now;
         let ok = !token.access.is_empty()
             && token.expires_at > presented.expires_at
-            && token.access != *presented.access
+            && token.access != presented.access
             && (fresh || recent)
             && usable(&token);
         ok.then_some(token)

@@ -1,21 +1,35 @@
-//! The calls `getValidToken` makes (`isFresh` on every call, `begin` and
+//! The wire protocol between `lib/protocol.js` and the engine: the calls
+//! every `getValidToken` makes (`isFresh` on every call, `begin` and
 //! `complete` on every refresh) as plain Node-API functions bound to one
-//! engine, below napi-rs's generated glue.
+//! engine, below napi-rs's generated glue, answering with numbers where a
+//! number will do. The encoders are here ([`encode_plan`], [`encode_brief`]);
+//! the one decoder is `lib/protocol.js`. Every answer:
 //!
-//! Why: a napi-rs 3 class method costs ~700 ns a call here before doing any
-//! work (receiver unwrap, type-tag check, a process-wide borrow registry),
-//! and a `#[napi(object)]` answer ~250 ns a property. A Node-API function
-//! whose callback data is the engine costs the call itself (~50 ns), and
-//! answering with a number lets index.js build the caller's object (~10 ns).
-//! `begin` reads the presented access token only if the engine asks for it
-//! (`Engine::begin_lazy`): on most refreshes it is never copied or hashed.
-//! The decisions are the engine's (`Engine::begin_lazy`, `Engine::complete`);
-//! only the crossing is cheaper.
+//! | call | answer | meaning |
+//! |---|---|---|
+//! | `isFresh(expiresAtMs)` | `true` / `false` | hand the presented token back / take the slow path |
+//! | `begin(...)` | `null` | the presented token is good ([`Plan::UsePresented`]) |
+//! | | `n >= 0` | lead flight `n` with the presented refresh token ([`Plan::Lead`]) |
+//! | | `n < 0` | join flight `-n - 1` ([`Plan::Join`]) |
+//! | | `{ kind: 'lead', flightId, refreshToken? }` | lead with a newer refresh token the engine holds |
+//! | | `{ kind: 'held', accessToken, refreshToken?, expiresAtMs, shouldUpdate }` | use a token a refresh produced ([`Plan::UseHeld`]) |
+//! | `complete(...)` | `e > 0` | issued, expires at `e`; the caller is handed the refresh token it passed (rotated) |
+//! | | `e < 0` | issued, expires at `-e`; no refresh token handed (not rotated) |
 //!
-//! Each function holds an `Arc<Engine>`, released by a finalizer when the
-//! function is collected or its environment torn down. Errors are thrown
+//! (An issued expiry is always after `now`, so never 0.) Errors are thrown
 //! with the stable `code`, as napi-rs throws them; a panic becomes
 //! `INTERNAL` and never unwinds into Node.
+//!
+//! Why not napi-rs methods: a napi-rs 3 class method costs ~700 ns a call
+//! here before doing any work (receiver unwrap, type-tag check, a
+//! process-wide borrow registry), and a `#[napi(object)]` answer ~250 ns a
+//! property. A Node-API function whose callback data is the engine costs the
+//! call itself (~50 ns), and a number lets JS build the caller's object
+//! (~10 ns). `begin` reads the presented access token only if the engine
+//! asks for it: on most refreshes it is never copied or hashed.
+//!
+//! Each function holds an `Arc<Engine>`, released by a finalizer when the
+//! function is collected or its environment torn down.
 
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -27,11 +41,13 @@ use napi::sys::{self, napi_callback_info, napi_env, napi_value};
 use napi::ValueType;
 use zeroize::Zeroize;
 
-use super::error::Code;
-use crate::engine::{time, Engine, EngineError, ErrorCode, Plan, Refreshed, SecretString};
+use super::errors::Code;
+use crate::engine::{
+    time, Engine, EngineError, ErrorCode, IssuedBrief, Plan, Refreshed, SecretString,
+};
 
 /// `{ isFresh, begin, complete }`, each bound to `engine`.
-pub fn functions(env: napi_env, engine: &Arc<Engine>) -> Result<JsRaw, napi::Error<Code>> {
+pub fn bind(env: napi_env, engine: &Arc<Engine>) -> Result<JsRaw, napi::Error<Code>> {
     type Callback = unsafe extern "C" fn(napi_env, napi_callback_info) -> napi_value;
     let fns: [(&CStr, Callback); 3] = [
         (c"isFresh", is_fresh),
@@ -75,8 +91,9 @@ pub fn functions(env: napi_env, engine: &Arc<Engine>) -> Result<JsRaw, napi::Err
     }
 }
 
-/// `isFresh(expiresAtMs)`: [`Engine::is_fresh_now`]. Anything but a finite
-/// number answers `false` (index.js has validated it already).
+/// `isFresh(expiresAtMs)`: [`Engine::is_fresh_now`]. Anything but a number
+/// a `Date` can hold answers `false`: the slow path's `begin` then refuses
+/// it with `INVALID_ARGUMENT`.
 unsafe extern "C" fn is_fresh(env: napi_env, info: napi_callback_info) -> napi_value {
     // SAFETY (all callbacks): Node calls them with a valid env and callback
     // info; their data is the `Arc<Engine>` pointer given at creation, alive
@@ -97,12 +114,13 @@ unsafe extern "C" fn is_fresh(env: napi_env, info: napi_callback_info) -> napi_v
             && !data.is_null()
         {
             let mut ms = f64::NAN;
-            if sys::napi_get_value_double(env, argv[0], &mut ms) == sys::Status::napi_ok
-                && ms.is_finite()
-            {
-                let engine = &*(data as *const Engine);
-                fresh = catch_unwind(AssertUnwindSafe(|| engine.is_fresh_now(ms as i64)))
-                    .unwrap_or(false);
+            if sys::napi_get_value_double(env, argv[0], &mut ms) == sys::Status::napi_ok {
+                // Out of a Date's range: not fresh, so `begin` refuses it.
+                if let Some(ms) = time::js_ms(ms) {
+                    let engine = &*(data as *const Engine);
+                    fresh = catch_unwind(AssertUnwindSafe(|| engine.is_fresh_now(ms)))
+                        .unwrap_or(false);
+                }
             }
         }
         let mut out = ptr::null_mut();
@@ -112,12 +130,7 @@ unsafe extern "C" fn is_fresh(env: napi_env, info: napi_callback_info) -> napi_v
 }
 
 /// `begin(userId, accessToken, refreshToken, expiresAtMs)`: the engine's
-/// plan, as a number where one will do:
-/// - `null`: use the presented token;
-/// - `n >= 0`: lead flight `n`, refreshing with the presented refresh token;
-/// - `n < 0`: join flight `-n - 1`;
-/// - a `Plan` object (manager.rs) otherwise (a held token,
-///   or a lead with a refresh token the engine holds).
+/// plan ([`Engine::begin`]), encoded by [`encode_plan`].
 unsafe extern "C" fn begin(env: napi_env, info: napi_callback_info) -> napi_value {
     unsafe {
         call::<4>(env, info, |engine, a| {
@@ -138,7 +151,7 @@ unsafe extern "C" fn begin(env: napi_env, info: napi_callback_info) -> napi_valu
                     })?;
                 Ok(token.fingerprint())
             };
-            let plan = engine.begin_lazy(
+            let plan = engine.begin(
                 &user,
                 access_len == 0,
                 refresh.as_ref(),
@@ -146,42 +159,53 @@ unsafe extern "C" fn begin(env: napi_env, info: napi_callback_info) -> napi_valu
                 fingerprint,
                 time::now_ms(),
             )?;
-            Ok(match plan {
-                Plan::UsePresented => null(env),
-                Plan::Join(id) => double(env, -(id as f64) - 1.0),
-                Plan::Lead { id, refresh_token } if refresh_token == refresh => {
-                    double(env, id as f64)
+            encode_plan(env, plan, refresh.as_ref())
+        })
+    }
+}
+
+/// A [`Plan`] as `begin` answers it (the table at the top of this file).
+/// `presented_refresh` is the refresh token the caller passed: a lead with
+/// that one needs no object.
+unsafe fn encode_plan(
+    env: napi_env,
+    plan: Plan,
+    presented_refresh: Option<&SecretString>,
+) -> Result<napi_value, Thrown> {
+    unsafe {
+        Ok(match plan {
+            Plan::UsePresented => null(env),
+            Plan::Join(id) => double(env, -(id as f64) - 1.0),
+            Plan::Lead { id, refresh_token } if refresh_token.as_ref() == presented_refresh => {
+                double(env, id as f64)
+            }
+            Plan::Lead { id, refresh_token } => {
+                let o = Object::new(env)?;
+                o.set(c"kind", string_value(env, "lead")?)?;
+                o.set(c"flightId", double(env, id as f64))?;
+                if let Some(r) = &refresh_token {
+                    o.set(c"refreshToken", string_value(env, r.expose())?)?;
                 }
-                Plan::Lead { id, refresh_token } => {
-                    let o = Object::new(env)?;
-                    o.set(c"kind", string_value(env, "lead")?)?;
-                    o.set(c"flightId", double(env, id as f64))?;
-                    if let Some(r) = &refresh_token {
-                        o.set(c"refreshToken", string_value(env, r.expose())?)?;
-                    }
-                    o.0
+                o.0
+            }
+            Plan::UseHeld(t) => {
+                let o = Object::new(env)?;
+                o.set(c"kind", string_value(env, "held")?)?;
+                o.set(c"accessToken", string_value(env, t.access.expose())?)?;
+                if let Some(r) = &t.refresh {
+                    o.set(c"refreshToken", string_value(env, r.expose())?)?;
                 }
-                Plan::UseHeld(t) => {
-                    let o = Object::new(env)?;
-                    o.set(c"kind", string_value(env, "held")?)?;
-                    o.set(c"accessToken", string_value(env, t.access.expose())?)?;
-                    if let Some(r) = &t.refresh {
-                        o.set(c"refreshToken", string_value(env, r.expose())?)?;
-                    }
-                    o.set(c"expiresAtMs", double(env, t.expires_at as f64))?;
-                    o.set(c"shouldUpdate", boolean(env, t.should_update))?;
-                    o.0
-                }
-            })
+                o.set(c"expiresAtMs", double(env, t.expires_at as f64))?;
+                o.set(c"shouldUpdate", boolean(env, t.should_update))?;
+                o.0
+            }
         })
     }
 }
 
 /// `complete(userId, flightId, accessToken, refreshToken, expiresAtMs,
-/// expiresIn)`: hands the refresh result to the engine and answers with the
-/// issued token's expiry (epoch ms), the caller already having the access
-/// token: positive when the caller is handed the refresh token the result
-/// brought (it rotated), negative when it is handed none. Throws
+/// expiresIn)`: hands the refresh result to the engine
+/// ([`Engine::complete`]); answers [`encode_brief`]. Throws
 /// `INVALID_REFRESH_RESULT` when the result is unusable.
 unsafe extern "C" fn complete(env: napi_env, info: napi_callback_info) -> napi_value {
     unsafe {
@@ -194,22 +218,23 @@ unsafe extern "C" fn complete(env: napi_env, info: napi_callback_info) -> napi_v
             let refreshed = Refreshed {
                 access: opt_string(env, a[2], "accessToken")?.map(SecretString::new),
                 refresh: opt_string(env, a[3], "refreshToken")?.map(SecretString::new),
-                expires_at: opt_number(env, a[4], "expiresAtMs")?
-                    .filter(|v| v.is_finite())
-                    .map(|v| v as i64),
+                expires_at: opt_number(env, a[4], "expiresAtMs")?,
                 expires_in: opt_number(env, a[5], "expiresIn")?,
             };
-            let issued = engine.complete_brief(&user, flight_id, refreshed, time::now_ms())?;
-            let expires = issued.expires_at as f64;
-            Ok(double(
-                env,
-                if issued.hands_refresh {
-                    expires
-                } else {
-                    -expires
-                },
-            ))
+            let issued = engine.complete(&user, flight_id, refreshed, time::now_ms())?;
+            Ok(double(env, encode_brief(issued)))
         })
+    }
+}
+
+/// What `complete` answers: the issued expiry, its sign saying whether the
+/// caller is handed the refresh token it passed (the table above).
+fn encode_brief(issued: IssuedBrief) -> f64 {
+    let expires = issued.expires_at as f64;
+    if issued.hands_refresh {
+        expires
+    } else {
+        -expires
     }
 }
 

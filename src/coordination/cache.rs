@@ -17,17 +17,8 @@ use redis::aio::ConnectionLike;
 use redis::{RedisResult, Script};
 
 use super::keys::UserKeys;
-use super::lock::Lease;
-use super::pubsub::{self, Notice};
+use super::record::{self, Lease, Notice, Record};
 use crate::engine::EpochMs;
-
-/// A record as read from Redis or from an announcement.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    pub fence: u64,
-    pub written_at: EpochMs,
-    pub sealed: Vec<u8>,
-}
 
 static COMMIT: Lazy<Script> = Lazy::new(|| {
     Script::new(
@@ -69,7 +60,7 @@ pub async fn commit(
         .arg(&record.sealed)
         .arg(ttl_ms.max(1))
         .arg(channel)
-        .arg(pubsub::encode(&keys.id, &Notice::Committed(record.clone())))
+        .arg(record::encode_notice(&keys.id, &Notice::Committed(record.clone())))
         .invoke_async(con)
         .await?;
     Ok(n == 1)

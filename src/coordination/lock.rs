@@ -11,17 +11,9 @@ use once_cell::sync::Lazy;
 use redis::aio::ConnectionLike;
 use redis::{RedisResult, Script, Value};
 
-use super::cache::Record;
 use super::keys::UserKeys;
-use super::pubsub::{self, Notice};
+use super::record::{self, Lease, Notice, Record};
 use crate::engine::EpochMs;
-
-/// A granted lock: who holds it and the fence its write must carry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lease {
-    pub owner: String,
-    pub fence: u64,
-}
 
 /// A random owner id: 128 bits, hex. Not a secret, only unguessable enough
 /// that no other holder ever has the same one.
@@ -189,7 +181,7 @@ pub async fn release(
         .key(&keys.lock)
         .arg(&lease.owner)
         .arg(channel)
-        .arg(pubsub::encode(&keys.id, notice))
+        .arg(record::encode_notice(&keys.id, notice))
         .invoke_async(con)
         .await?;
     Ok(n == 1)

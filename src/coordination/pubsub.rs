@@ -16,57 +16,7 @@ use parking_lot::Mutex;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::oneshot;
 
-use super::cache::Record;
-
-/// An announcement about one user's refresh.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Notice {
-    /// The holder wrote this record: take it.
-    Committed(Record),
-    /// The holder's refresh failed: waiters fail too, as in-process joiners
-    /// do, rather than each retrying a refresh that just failed.
-    Failed,
-    /// The holder gave the lock up without refreshing: try again now.
-    Released,
-}
-
-const SEP: u8 = b'|';
-
-/// `id|C|fence|written_at|sealed`, `id|F` or `id|R`.
-pub fn encode(id: &str, notice: &Notice) -> Vec<u8> {
-    let mut m = Vec::with_capacity(id.len() + 3);
-    m.extend_from_slice(id.as_bytes());
-    m.push(SEP);
-    match notice {
-        Notice::Committed(r) => {
-            m.extend_from_slice(format!("C|{}|{}|", r.fence, r.written_at).as_bytes());
-            m.extend_from_slice(&r.sealed);
-        }
-        Notice::Failed => m.push(b'F'),
-        Notice::Released => m.push(b'R'),
-    }
-    m
-}
-
-pub fn decode(m: &[u8]) -> Option<(&str, Notice)> {
-    let mut parts = m.splitn(5, |b| *b == SEP);
-    let id = std::str::from_utf8(parts.next()?).ok()?;
-    let notice = match parts.next()? {
-        b"C" => {
-            let fence = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
-            let written_at = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
-            Notice::Committed(Record {
-                fence,
-                written_at,
-                sealed: parts.next()?.to_vec(),
-            })
-        }
-        b"F" => Notice::Failed,
-        b"R" => Notice::Released,
-        _ => return None,
-    };
-    Some((id, notice))
-}
+use super::record::{decode_notice, Notice};
 
 type Slot = (u64, oneshot::Sender<Notice>);
 
@@ -135,7 +85,7 @@ impl Waiters {
             return;
         }
         if let Some(Value::BulkString(m)) = info.data.get(1) {
-            if let Some((id, notice)) = decode(m) {
+            if let Some((id, notice)) = decode_notice(m) {
                 self.dispatch(id, notice);
             }
         }
@@ -145,22 +95,6 @@ impl Waiters {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn notices_round_trip() {
-        let id = "ab".repeat(32);
-        let committed = Notice::Committed(Record {
-            fence: 7,
-            written_at: 1_700_000_000_000,
-            sealed: b"\x01|bin|\xff".to_vec(),
-        });
-        for n in [committed, Notice::Failed, Notice::Released] {
-            let m = encode(&id, &n);
-            assert_eq!(decode(&m), Some((id.as_str(), n)));
-        }
-        assert_eq!(decode(b"id|X"), None);
-        assert_eq!(decode(b"id|C|x|1|"), None);
-    }
 
     #[tokio::test]
     async fn dispatch_reaches_registered_waiters_once() {

@@ -108,12 +108,15 @@ describe('refresh path', () => {
 
   it('refreshes with the rotated refresh token the core holds', async () => {
     const m = new TokenManager()
-    const first = counting({ accessToken: 'new', refreshToken: 'rt-2', expiresAt: later(HOUR) })
+    // One expiry for the held token and the caller's copy of it: a caller
+    // presenting a newer one than the held would keep its own refresh token.
+    const expiresAt = later(HOUR)
+    const first = counting({ accessToken: 'new', refreshToken: 'rt-2', expiresAt })
     await m.getValidToken('u', { accessToken: 'old', refreshToken: 'rt-1', expiresAt: later(MIN) }, first)
     // The held token is revoked; the caller still has the pre-rotation copy.
     m.invalidate('u', 'new')
     const second = counting({ accessToken: 'newer', expiresAt: later(2 * HOUR) })
-    const r = await m.getValidToken('u', { accessToken: 'new', refreshToken: 'rt-1', expiresAt: later(HOUR) }, second)
+    const r = await m.getValidToken('u', { accessToken: 'new', refreshToken: 'rt-1', expiresAt }, second)
     expect(second.calls).toEqual(['rt-2'])
     expect(r).toEqual({ accessToken: 'newer', shouldUpdate: true, expiresAt: expect.any(Date) })
   })

@@ -255,7 +255,7 @@ fn parse(status: u16, body: &[u8]) -> Result<Token, RefreshError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::refresh::Refresher;
+    use crate::refreshers::Refresher;
     use serde_json::json;
     use wiremock::matchers::{body_string, header, header_exists, method, path};
     use wiremock::{Mock, MockServer, Request, ResponseTemplate};

@@ -1,5 +1,6 @@
-//! `NativeRefresher`: a Tarabut or OAuth2 refresher (see [`crate::refresh`])
-//! for index.js, which wraps it as `tarabutRefresher()` / `oauth2Refresher()`.
+//! `BindingRefresher`: a Tarabut or OAuth2 refresher (see
+//! [`crate::refreshers`]) for `lib/refreshers.js`, which wraps it as
+//! `tarabutRefresher()` / `oauth2Refresher()`.
 //!
 //! `refresh()` runs on napi's tokio runtime and always resolves: with the
 //! token, or with `{ code, message, status?, error? }` (a tagged result, so
@@ -20,16 +21,16 @@ use napi_derive::napi;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use super::error::{guard, Code, Result};
+use super::errors::{guard, Code, Result};
 use crate::engine::{ErrorCode, SecretString};
-use crate::refresh::{
+use crate::refreshers::{
     http, AuthMethod, OAuth2Config, OAuth2Refresher, RefreshError, Refresher, TarabutConfig,
     TarabutRefresher, Token,
 };
 
-/// Options for `NativeRefresher.tarabut`.
+/// Options for `BindingRefresher.tarabut`.
 #[napi(object)]
-pub struct TarabutRefresherOptions {
+pub struct BindingTarabutOptions {
     pub client_id: String,
     pub client_secret: String,
     /// Default: Tarabut's sandbox token endpoint.
@@ -41,9 +42,9 @@ pub struct TarabutRefresherOptions {
     pub max_retries: Option<f64>,
 }
 
-/// Options for `NativeRefresher.oauth2`.
+/// Options for `BindingRefresher.oauth2`.
 #[napi(object)]
-pub struct OAuth2RefresherOptions {
+pub struct BindingOAuth2Options {
     pub token_url: String,
     pub client_id: String,
     pub client_secret: String,
@@ -56,7 +57,7 @@ pub struct OAuth2RefresherOptions {
 
 /// What `refresh` resolves to: the token, or (with `code` set) why not.
 #[napi(object)]
-pub struct RefreshOutcome {
+pub struct BindingRefreshOutcome {
     pub access_token: Option<String>,
     /// A rotated refresh token: the caller must persist it.
     pub refresh_token: Option<String>,
@@ -74,21 +75,21 @@ pub struct RefreshOutcome {
 }
 
 #[napi]
-pub struct NativeRefresher {
+pub struct BindingRefresher {
     inner: Arc<Refresher>,
     /// Calls that can be aborted, by the id the caller chose.
     aborts: Arc<Mutex<HashMap<u32, oneshot::Sender<()>>>>,
 }
 
 #[napi]
-impl NativeRefresher {
+impl BindingRefresher {
     /// Tarabut Gateway's client-credentials token call.
     #[napi(factory)]
-    pub fn tarabut(options: TarabutRefresherOptions) -> Result<Self, Code> {
+    pub fn tarabut(options: BindingTarabutOptions) -> Result<Self, Code> {
         guard(|| Self::tarabut_inner(options))
     }
 
-    fn tarabut_inner(options: TarabutRefresherOptions) -> Result<Self, Code> {
+    fn tarabut_inner(options: BindingTarabutOptions) -> Result<Self, Code> {
         let config = TarabutConfig {
             client_id: options.client_id,
             client_secret: SecretString::new(options.client_secret),
@@ -105,11 +106,11 @@ impl NativeRefresher {
 
     /// The RFC 6749 section 6 refresh_token grant.
     #[napi(factory)]
-    pub fn oauth2(options: OAuth2RefresherOptions) -> Result<Self, Code> {
+    pub fn oauth2(options: BindingOAuth2Options) -> Result<Self, Code> {
         guard(|| Self::oauth2_inner(options))
     }
 
-    fn oauth2_inner(options: OAuth2RefresherOptions) -> Result<Self, Code> {
+    fn oauth2_inner(options: BindingOAuth2Options) -> Result<Self, Code> {
         let config = OAuth2Config {
             token_url: options.token_url,
             client_id: options.client_id,
@@ -135,7 +136,7 @@ impl NativeRefresher {
     /// `min(timeoutMs, the refresher's own timeoutMs)`. Never rejects for a
     /// failed refresh: the outcome carries `code`. With `abortId`, the call
     /// can be cut short by `abort(abortId)`.
-    #[napi(ts_return_type = "Promise<RefreshOutcome>")]
+    #[napi(ts_return_type = "Promise<BindingRefreshOutcome>")]
     pub fn refresh<'env>(
         &self,
         env: &'env Env,
@@ -143,7 +144,7 @@ impl NativeRefresher {
         refresh_token: Option<String>,
         timeout_ms: Option<f64>,
         abort_id: Option<u32>,
-    ) -> Result<PromiseRaw<'env, RefreshOutcome>, Code> {
+    ) -> Result<PromiseRaw<'env, BindingRefreshOutcome>, Code> {
         guard(|| self.start(env, user_id, refresh_token, timeout_ms, abort_id))
     }
 
@@ -154,7 +155,7 @@ impl NativeRefresher {
         refresh_token: Option<String>,
         timeout_ms: Option<f64>,
         abort_id: Option<u32>,
-    ) -> Result<PromiseRaw<'env, RefreshOutcome>, Code> {
+    ) -> Result<PromiseRaw<'env, BindingRefreshOutcome>, Code> {
         let inner = self.inner.clone();
         let refresh_token = refresh_token.map(SecretString::new);
         let timeout = match timeout_ms {
@@ -215,8 +216,8 @@ impl NativeRefresher {
     }
 }
 
-fn success(t: Token) -> RefreshOutcome {
-    RefreshOutcome {
+fn success(t: Token) -> BindingRefreshOutcome {
+    BindingRefreshOutcome {
         access_token: Some(t.access.expose().to_owned()),
         refresh_token: t.refresh.as_ref().map(|r| r.expose().to_owned()),
         expires_in: Some(t.expires_in),
@@ -227,8 +228,8 @@ fn success(t: Token) -> RefreshOutcome {
     }
 }
 
-fn failure(e: RefreshError) -> RefreshOutcome {
-    RefreshOutcome {
+fn failure(e: RefreshError) -> BindingRefreshOutcome {
+    BindingRefreshOutcome {
         access_token: None,
         refresh_token: None,
         expires_in: None,

@@ -4,6 +4,7 @@
 //!
 //! - [`keys`]: key names (a SHA-256 of the user id, never the id);
 //! - [`seal`]: AES-256-GCM for every value at rest or on the wire;
+//! - [`record`]: the shared values (record, lease, notices) and their encoding;
 //! - [`lock`]: the per-user lock (`SET NX PX`, compare-and-delete);
 //! - [`cache`]: the shared token record and its fenced write;
 //! - [`pubsub`]: announcements and the local waiters they wake;
@@ -18,10 +19,11 @@ pub mod coordinator;
 pub mod keys;
 pub mod lock;
 pub mod pubsub;
+pub mod record;
 pub mod seal;
 
 pub use connection::{Connection, Unavailable};
-pub use coordinator::{Acquired, Coordinator, Outcome, Presented, Timing};
+pub use coordinator::{Acquired, Coordinator, Outcome, Timing};
 pub use seal::{SealKey, SharedToken};
 
 use crate::engine::{EngineError, Policy, SecretString};
@@ -30,24 +32,19 @@ pub const DEFAULT_LOCK_TTL_MS: u64 = 15_000;
 const MIN_LOCK_TTL_MS: u64 = 100;
 const MAX_LOCK_TTL_MS: u64 = 3_600_000;
 
-/// `redis` options as they arrive from JavaScript (types already checked).
-#[derive(Debug, Default)]
-pub struct RedisOptions {
-    pub url: Option<SecretString>,
+/// `redis` options as they arrive from JavaScript. `lib/coordination.js`
+/// checks types and presence; the values are checked here.
+#[derive(Debug)]
+pub struct CoordinationOptions {
+    pub url: SecretString,
     pub key_prefix: Option<String>,
     pub lock_ttl_ms: Option<f64>,
-    pub encryption_key: Option<SecretString>,
+    pub encryption_key: SecretString,
 }
 
 /// Validates the options and builds a coordinator. Connects lazily: a
 /// Redis that is down at start-up is an outage, not a construction error.
-pub fn coordinator(o: RedisOptions, policy: &Policy) -> Result<Coordinator, EngineError> {
-    let url = o.url.filter(|u| !u.is_empty()).ok_or_else(|| {
-        EngineError::invalid_argument(
-            "options.redis.url",
-            "is required (e.g. redis://127.0.0.1:6379)",
-        )
-    })?;
+pub fn coordinator(o: CoordinationOptions, policy: &Policy) -> Result<Coordinator, EngineError> {
     let prefix = o
         .key_prefix
         .unwrap_or_else(|| keys::DEFAULT_PREFIX.to_owned());
@@ -69,20 +66,14 @@ pub fn coordinator(o: RedisOptions, policy: &Policy) -> Result<Coordinator, Engi
             ))
         }
     };
-    let key = o.encryption_key.ok_or_else(|| {
-        EngineError::invalid_argument(
-            "options.redis.encryptionKey",
-            "is required with redis: 32 random bytes, base64 (e.g. `openssl rand -base64 32`)",
-        )
-    })?;
-    let seal = SealKey::from_base64(key.expose()).map_err(|e| {
+    let seal = SealKey::from_base64(o.encryption_key.expose()).map_err(|e| {
         EngineError::invalid_argument(
             "options.redis.encryptionKey",
             format!("{e} (32 random bytes, base64)"),
         )
     })?;
     let k = keys::Keys::new(prefix);
-    let conn = Connection::open(&url, k.channel())
+    let conn = Connection::open(&o.url, k.channel())
         .map_err(|e| EngineError::invalid_argument("options.redis.url", e.to_string()))?;
     let timing = Timing {
         lock_ttl_ms,

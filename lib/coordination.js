@@ -1,14 +1,15 @@
 'use strict'
-// Cross-instance coordination for TokenManager's `redis` option. index.js
-// calls `obtain` where it would call the refresh function; the native
-// coordinator (src/redis, via binding.js) answers with a token another
-// instance produced, or with the user's lock, in which case the refresh runs
-// here on the JS thread; once index.js has handed the result to the core, the
-// token the core kept is written back (fenced), announced and unlocked in the
-// background (`reported`). Only the slow path (a refresh is due) comes here:
-// the hot path never touches Redis.
+// Cross-instance coordination for TokenManager's `redis` option: the JS
+// half of src/coordination (through BindingCoordinator,
+// src/binding/coordination.rs). lib/manager.js calls `obtain` where it would
+// call the refresh function; the native coordinator answers with a token
+// another instance produced, or with the user's lock, in which case the
+// refresh runs here on the JS thread; once the manager has handed the result
+// to the core, the token the core kept is written back (fenced), announced
+// and unlocked in the background (`reported`). Only the slow path (a
+// refresh is due) comes here: the hot path never touches Redis.
 //
-// shouldUpdate across instances (the rule index.js applies to a shared token):
+// shouldUpdate across instances (the rule the manager applies to a shared token):
 // - the caller whose call ran the refresh gets true;
 // - a call that found the lock held and took the token that holder then
 //   published (or wrote) gets false: that holder's caller persists it;
@@ -16,16 +17,20 @@
 //   its copy is stale (a lost write heals), as with the in-process engine's
 //   held tokens.
 
-const { RedisCoordinator } = require('./binding.js')
+const { BindingCoordinator } = require('../binding.js')
+const { TokenRefreshError, argError } = require('./errors.js')
 
 const SHARED = Symbol('sharedToken')
 const FROM_COORDINATOR = Symbol('fromCoordinator')
-/** The native wait outlasts index.js's timer, so the timer decides timeouts. */
+/** The native wait outlasts the manager's timer, so the timer decides timeouts. */
 const WAIT_SLACK_MS = 25
 const ON_ERROR = ['local', 'fail']
 
-/** `options.redis` type checks; the native side checks values (RangeError). */
-function checkOptions(o, argError) {
+/**
+ * `options.redis`: types and presence are checked here (TypeError); values
+ * (URL, key, prefix length, lock TTL) by the native side (RangeError).
+ */
+function checkOptions(o) {
   if (o === null || typeof o !== 'object') throw argError('options.redis', 'must be an object { url, encryptionKey, ... }')
   if (typeof o.url !== 'string' || o.url.length === 0) throw argError('options.redis.url', 'must be a non-empty string (e.g. redis://127.0.0.1:6379)')
   if (o.encryptionKey === undefined || o.encryptionKey === null) {
@@ -39,10 +44,9 @@ function checkOptions(o, argError) {
   }
 }
 
-class SharedRefresh {
+class Coordinator {
   #native
   #onError
-  #newError
   #closed = false
   #fallbacks = 0
   #warnedDown = false
@@ -53,19 +57,17 @@ class SharedRefresh {
   #leases = new WeakMap()
 
   /**
-   * @param nativeManager the manager's NativeManager (its engine checks revocations)
-   * @param options `options.redis`, already type-checked
-   * @param helpers `{ newError(code, userId, message) }` from index.js
+   * @param bindingManager the manager's BindingManager (its engine checks revocations)
+   * @param options `options.redis`, already checked by `checkOptions`
    */
-  constructor(nativeManager, options, helpers) {
-    this.#native = new RedisCoordinator(nativeManager, {
+  constructor(bindingManager, options) {
+    this.#native = new BindingCoordinator(bindingManager, {
       url: options.url,
       keyPrefix: options.keyPrefix,
       lockTtlMs: options.lockTtlMs,
       encryptionKey: options.encryptionKey,
     })
     this.#onError = options.onError ?? 'local'
-    this.#newError = helpers.newError
   }
 
   /** Refreshes coordinated in-process only because Redis was unavailable. */
@@ -86,7 +88,7 @@ class SharedRefresh {
     try {
       acquiring = this.#native.acquire(userId, accessToken, expiresAtMs, waitMs + WAIT_SLACK_MS)
     } catch (e) {
-      // Never throw synchronously: index.js has a timer running.
+      // Never throw synchronously: the manager has a timer running.
       return Promise.reject(e)
     }
     return acquiring.then((a) => {
@@ -122,7 +124,7 @@ class SharedRefresh {
     const userId = ctx.userId
     const lease = a.lease
     if (ctx.signal.aborted) {
-      // index.js gave up (timeout) before the lock came: let others go now.
+      // The manager gave up (timeout) before the lock came: let others go now.
       this.#track(this.#native.release(userId, lease, false))
       throw ctx.signal.reason
     }
@@ -131,7 +133,7 @@ class SharedRefresh {
     if (a.refreshToken != null) ctx.refreshToken = a.refreshToken
     return refresh().then(
       (result) => {
-        // index.js validates the result; `reported` writes what the core kept.
+        // The manager validates the result; `reported` writes what the core kept.
         this.#leases.set(ctx, lease)
         return result
       },
@@ -143,7 +145,7 @@ class SharedRefresh {
   }
 
   /**
-   * index.js handed the refresh result of `ctx` to the core: `issued` is the
+   * The manager handed the refresh result of `ctx` to the core: `issued` is the
    * token it kept (undefined: the result was unusable). Stores exactly that
    * token for the other instances (fenced), announces it, unlocks. A no-op
    * for flights that held no lease. Never throws.
@@ -190,7 +192,7 @@ class SharedRefresh {
   }
 
   #error(code, userId, message) {
-    const e = this.#newError(code, userId, message)
+    const e = new TokenRefreshError(code, userId, message)
     e[FROM_COORDINATOR] = true
     return e
   }
@@ -222,4 +224,4 @@ function coordinatorError(e) {
   return e !== null && typeof e === 'object' && e[FROM_COORDINATOR] === true ? e : null
 }
 
-module.exports = { SharedRefresh, checkOptions, sharedToken, coordinatorError }
+module.exports = { Coordinator, checkOptions, sharedToken, coordinatorError }

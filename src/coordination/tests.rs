@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::lock::{self, Acquire, Want};
 use super::*;
-use crate::engine::{time, Policy};
+use crate::engine::{time, Policy, Presented};
 
 const KEY_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const KEY_B: &str = "HxwdHhsaGRgXFhUUExIREA8ODQwLCgkIBwYFBAMCAQA=";
@@ -84,11 +84,11 @@ fn policy() -> Policy {
 
 fn coordinator_with(url: &str, key: &str, lock_ttl_ms: f64) -> Coordinator {
     coordinator(
-        RedisOptions {
-            url: Some(url.into()),
+        CoordinationOptions {
+            url: url.into(),
             key_prefix: Some("t:".into()),
             lock_ttl_ms: Some(lock_ttl_ms),
-            encryption_key: Some(key.into()),
+            encryption_key: key.into(),
         },
         &policy(),
     )
@@ -103,13 +103,10 @@ fn token(access: &str, refresh: &str, ttl_ms: i64) -> SharedToken {
     }
 }
 
-fn old() -> SecretString {
-    "old-access".into()
-}
-
-fn presented(access: &SecretString) -> Presented<'_> {
+fn old() -> Presented {
     Presented {
-        access,
+        access: "old-access".into(),
+        refresh: None,
         expires_at: time::now_ms() - 1,
     }
 }
@@ -119,8 +116,7 @@ fn soon(ms: u64) -> Instant {
 }
 
 async fn acquire(c: &Coordinator, user: &str, deadline: Instant) -> Acquired {
-    let access = old();
-    c.acquire(user, presented(&access), |_| true, deadline)
+    c.acquire(user, &old(), |_| true, deadline)
         .await
 }
 
@@ -151,12 +147,12 @@ async fn lock_is_exclusive_and_released_only_by_its_owner() {
         panic!("second caller waits")
     };
     assert!(lock_ttl_ms > 0 && lock_ttl_ms <= 5_000);
-    let intruder = lock::Lease {
+    let intruder = record::Lease {
         owner: "b".into(),
         fence: 9,
     };
     assert!(
-        !lock::release(&mut con, &keys, "ch", &intruder, &pubsub::Notice::Released)
+        !lock::release(&mut con, &keys, "ch", &intruder, &record::Notice::Released)
             .await
             .unwrap()
     );
@@ -165,7 +161,7 @@ async fn lock_is_exclusive_and_released_only_by_its_owner() {
         .await
         .unwrap());
     assert!(
-        lock::release(&mut con, &keys, "ch", &lease, &pubsub::Notice::Released)
+        lock::release(&mut con, &keys, "ch", &lease, &record::Notice::Released)
             .await
             .unwrap()
     );
@@ -367,11 +363,10 @@ async fn unusable_cached_tokens_are_refreshed_and_newer_refresh_tokens_handed_ov
         .unwrap());
     // The caller's veto (e.g. it got a 401 with this token) forces a refresh,
     // which gets the newest refresh token from the cache.
-    let access = old();
     let got = c
         .acquire(
             "u",
-            presented(&access),
+            &old(),
             |t| t.access.expose() != "revoked",
             soon(5_000),
         )
@@ -517,53 +512,52 @@ async fn an_unreachable_redis_fails_fast_and_recovers() {
 #[test]
 fn options_are_validated_without_echoing_secrets() {
     let p = Policy::default();
-    let ok = || RedisOptions {
-        url: Some("redis://:hunter2@127.0.0.1:6379/0".into()),
+    let ok = || CoordinationOptions {
+        url: "redis://:hunter2@127.0.0.1:6379/0".into(),
         key_prefix: None,
         lock_ttl_ms: None,
-        encryption_key: Some(KEY_A.into()),
+        encryption_key: KEY_A.into(),
     };
     let c = coordinator(ok(), &p).unwrap();
     assert_eq!(c.timing().lock_ttl_ms, DEFAULT_LOCK_TTL_MS);
     assert!(!format!("{c:?}").contains("hunter2") && !format!("{c:?}").contains(KEY_A));
-    let err = |o: RedisOptions| coordinator(o, &p).unwrap_err().to_string();
-    assert!(err(RedisOptions {
-        encryption_key: None,
-        ..ok()
-    })
-    .starts_with("options.redis.encryptionKey is required"));
-    assert!(err(RedisOptions {
-        encryption_key: Some("c2hvcnQ=".into()),
+    let err = |o: CoordinationOptions| coordinator(o, &p).unwrap_err().to_string();
+    assert!(err(CoordinationOptions {
+        encryption_key: "c2hvcnQ=".into(),
         ..ok()
     })
     .contains("32 bytes"));
-    assert!(err(RedisOptions {
-        encryption_key: Some("%%%".into()),
+    assert!(err(CoordinationOptions {
+        encryption_key: "%%%".into(),
         ..ok()
     })
     .contains("base64"));
-    assert!(err(RedisOptions { url: None, ..ok() }).starts_with("options.redis.url"));
-    let bad_url = err(RedisOptions {
-        url: Some("http://:hunter2@x".into()),
+    assert!(err(CoordinationOptions {
+        url: "".into(),
+        ..ok()
+    })
+    .starts_with("options.redis.url"));
+    let bad_url = err(CoordinationOptions {
+        url: "http://:hunter2@x".into(),
         ..ok()
     });
     assert!(
         bad_url.starts_with("options.redis.url") && !bad_url.contains("hunter2"),
         "{bad_url}"
     );
-    assert!(err(RedisOptions {
-        url: Some("rediss://h:6380".into()),
+    assert!(err(CoordinationOptions {
+        url: "rediss://h:6380".into(),
         ..ok()
     })
     .contains("TLS"));
     for bad in [0.0, 99.0, 1.5, f64::NAN, 1e12] {
-        assert!(err(RedisOptions {
+        assert!(err(CoordinationOptions {
             lock_ttl_ms: Some(bad),
             ..ok()
         })
         .starts_with("options.redis.lockTtlMs"));
     }
-    assert!(err(RedisOptions {
+    assert!(err(CoordinationOptions {
         key_prefix: Some("x".repeat(200)),
         ..ok()
     })

@@ -1,0 +1,318 @@
+'use strict'
+// TokenManager: sequences promises around the Rust core on the JS thread,
+// because promise plumbing here is far cheaper than crossing into tokio
+// (a #[napi] async call costs 40-65 µs; a bound function about 50 ns).
+// Decisions (the buffer rule, single flight, what to cache, eviction) are
+// the core's (src/engine, through lib/protocol.js and BindingManager):
+// - the hot path is one native call on a number (`isFresh`), then a
+//   resolved promise;
+// - a refresh calls the refresh function right here and reports its result
+//   to the core, which says who gets what.
+
+const { BindingManager, parseIsoTime } = require('../binding.js')
+const coordination = require('./coordination.js')
+const { TokenRefreshError, argError, fromNative, quietly } = require('./errors.js')
+const { bindProtocol } = require('./protocol.js')
+const { NATIVE_REFRESHER, nativeRefresh } = require('./refreshers.js')
+
+/**
+ * `Date | number | string` to epoch ms, or a TypeError naming `name`. Only
+ * the type is checked here: the range (a valid Date's) is the core's
+ * (src/engine/time.rs), for every path in.
+ */
+function toEpochMs(value, name) {
+  if (typeof value === 'number') return value
+  if (value instanceof Date || (value !== null && typeof value === 'object' && typeof value.getTime === 'function')) {
+    const ms = value.getTime()
+    if (typeof ms === 'number') return ms
+  } else if (typeof value === 'string') {
+    try {
+      return parseIsoTime(value)
+    } catch {
+      throw argError(name, 'is not an ISO 8601 date-time with a time zone (e.g. 2026-01-25T21:14:28Z)')
+    }
+  }
+  throw argError(name, 'must be a valid Date, epoch milliseconds or an ISO 8601 string')
+}
+
+const ABORT = Symbol('abort')
+
+/** What a refresh function receives. `signal` is created on first use. */
+class RefreshContext {
+  #controller = null
+  #abortedWith = undefined
+  constructor(userId, refreshToken) {
+    this.userId = userId
+    this.refreshToken = refreshToken
+  }
+  get signal() {
+    if (this.#controller === null) {
+      this.#controller = new AbortController()
+      if (this.#abortedWith !== undefined) this.#controller.abort(this.#abortedWith)
+    }
+    return this.#controller.signal
+  }
+  [ABORT](reason) {
+    this.#abortedWith = reason
+    if (this.#controller !== null) this.#controller.abort(reason)
+  }
+}
+
+function invoke(refreshFn, ctx) {
+  try {
+    return Promise.resolve(refreshFn(ctx))
+  } catch (e) {
+    return Promise.reject(e)
+  }
+}
+
+/** Refresh results, type-checked here; the core checks what they mean. */
+function refreshedFields(result) {
+  if (result === null || typeof result !== 'object') return null
+  const { accessToken, refreshToken, expiresAt, expiresIn } = result
+  if (typeof accessToken !== 'string') return null
+  if (refreshToken != null && typeof refreshToken !== 'string') return null
+  if (expiresIn != null && typeof expiresIn !== 'number') return null
+  let expiresAtMs = null
+  if (expiresAt != null) {
+    try {
+      expiresAtMs = toEpochMs(expiresAt, 'expiresAt')
+    } catch {
+      return null
+    }
+  }
+  return { accessToken, refreshToken: refreshToken ?? null, expiresAtMs, expiresIn: expiresIn ?? null }
+}
+
+/**
+ * Outages, after which a caller's own unexpired token is served instead.
+ * (COORDINATOR_UNAVAILABLE too: serving a token runs no refresh, which is
+ * all `onError: 'fail'` forbids.)
+ */
+const RIDE_OUT = new Set(['REFRESH_FAILED', 'REFRESH_TIMEOUT', 'COORDINATOR_UNAVAILABLE'])
+
+const OPTION_NAMES = ['bufferTimeMs', 'doubleCheckWindowMs', 'refreshTimeoutMs', 'idleTtlMs']
+
+class TokenManager {
+  #native
+  // The engine's isFresh / begin / complete as functions bound to it
+  // (lib/protocol.js): the calls every getValidToken makes.
+  #isFresh
+  #begin
+  #complete
+  #timeoutMs
+  /** Cross-instance coordination (`options.redis`), or null: in-process only. */
+  #coordinator = null
+  /** flightId -> promise of the core's issued token, for callers that join. */
+  #flights = new Map()
+
+  constructor(options) {
+    if (options != null && typeof options !== 'object') throw argError('options', 'must be an object')
+    const o = options ?? {}
+    for (const name of OPTION_NAMES) {
+      if (o[name] !== undefined && typeof o[name] !== 'number') throw argError(`options.${name}`, 'must be a number')
+    }
+    try {
+      this.#native = new BindingManager({
+        bufferTimeMs: o.bufferTimeMs,
+        doubleCheckWindowMs: o.doubleCheckWindowMs,
+        refreshTimeoutMs: o.refreshTimeoutMs,
+        idleTtlMs: o.idleTtlMs,
+      })
+    } catch (e) {
+      throw fromNative(e, RangeError)
+    }
+    const protocol = bindProtocol(this.#native)
+    this.#isFresh = protocol.isFresh
+    this.#begin = protocol.begin
+    this.#complete = protocol.complete
+    this.#timeoutMs = this.#native.refreshTimeoutMs
+    if (o.redis !== undefined && o.redis !== null) {
+      coordination.checkOptions(o.redis)
+      try {
+        this.#coordinator = new coordination.Coordinator(this.#native, o.redis)
+      } catch (e) {
+        throw fromNative(e, RangeError)
+      }
+    }
+  }
+
+  /**
+   * Resolves with a token valid beyond the buffer, refreshing at most once
+   * per user however many calls arrive together. Never throws: bad
+   * arguments and failures reject.
+   */
+  async getValidToken(userId, token, refreshFn) {
+    try {
+      if (typeof userId !== 'string' || userId.length === 0) throw argError('userId', 'must be a non-empty string')
+      if (token === null || typeof token !== 'object') throw argError('token', 'must be an object { accessToken, expiresAt }')
+      const accessToken = token.accessToken
+      if (typeof accessToken !== 'string') throw argError('token.accessToken', 'must be a string')
+      const expiresAt = token.expiresAt
+      // A Date (what the seed's callers pass) is read here, once; any other
+      // form in toEpochMs.
+      const isDate = expiresAt instanceof Date
+      const exp = isDate ? expiresAt.getTime() : toEpochMs(expiresAt, 'token.expiresAt')
+      if (typeof refreshFn !== 'function') throw argError('refreshFn', 'must be a function')
+      // Hot path: one native call on a number; an empty token is never served.
+      if (accessToken.length !== 0 && this.#isFresh(exp)) {
+        return { accessToken, shouldUpdate: false, expiresAt: isDate ? expiresAt : new Date(exp) }
+      }
+      const refreshToken = token.refreshToken
+      if (refreshToken != null && typeof refreshToken !== 'string') throw argError('token.refreshToken', 'must be a string or null')
+      return this.#slow(userId, accessToken, refreshToken ?? null, exp, expiresAt, refreshFn)
+    } catch (e) {
+      throw fromNative(e)
+    }
+  }
+
+  /** The API answered 401 with `accessToken` (or any token of the user's). */
+  invalidate(userId, accessToken) {
+    if (typeof userId !== 'string' || userId.length === 0) throw argError('userId', 'must be a non-empty string')
+    if (accessToken !== undefined && accessToken !== null && typeof accessToken !== 'string') {
+      throw argError('accessToken', 'must be a string or undefined')
+    }
+    try {
+      this.#native.invalidate(userId, accessToken ?? null)
+    } catch (e) {
+      throw fromNative(e)
+    }
+  }
+
+  stats() {
+    const s = this.#native.stats()
+    s.redisFallbacks = this.#coordinator === null ? 0 : this.#coordinator.fallbacks
+    return s
+  }
+
+  /**
+   * Lets a script exit cleanly: waits for pending Redis writes, then closes
+   * the Redis connection. Later refreshes reject with
+   * COORDINATOR_UNAVAILABLE; tokens still valid are served as before.
+   * Without `redis` there is nothing to close.
+   */
+  close() {
+    return this.#coordinator === null ? Promise.resolve() : this.#coordinator.close()
+  }
+
+  #slow(userId, accessToken, refreshToken, exp, expiresAt, refreshFn) {
+    const plan = this.#begin(userId, accessToken, refreshToken, exp)
+    switch (plan.kind) {
+      case 'presented':
+        return Promise.resolve({ accessToken, shouldUpdate: false, expiresAt: expiresAt instanceof Date ? expiresAt : new Date(exp) })
+      case 'held':
+        return Promise.resolve(validToken(plan.token, plan.token.shouldUpdate))
+    }
+    const leader = plan.kind === 'lead'
+    const flightId = plan.flightId
+    const flight = leader ? this.#lead(userId, flightId, plan.refreshToken, refreshFn, accessToken, exp) : this.#flights.get(flightId)
+    if (flight === undefined) throw new Error('internal: joined a refresh this manager does not know')
+    return flight.then(
+      // A leader handed a token another instance refreshed may still be told
+      // not to persist it (issued.shouldUpdate: see lib/coordination.js).
+      (issued) => validToken(issued, leader && issued.shouldUpdate),
+      (err) => {
+        // An outage need not fail a caller whose own token still works. A
+        // verdict (reconnect, bad credentials, a buggy result) is not ridden
+        // out: hiding it would only delay the fix.
+        if (RIDE_OUT.has(err?.code) && this.#native.serveStale(userId, accessToken, exp)) {
+          return { accessToken, shouldUpdate: false, expiresAt: new Date(exp) }
+        }
+        throw err
+      },
+    )
+  }
+
+  /** Runs the refresh for `flightId`; settles with the core's issued token. */
+  #lead(userId, flightId, refreshToken, refreshFn, accessToken, exp) {
+    const native = this.#native
+    // A native refresher runs in Rust with the manager's timeout as its
+    // budget (the timeout drops its HTTP request). The context still carries
+    // the refresh token, which Redis coordination may replace with a newer one.
+    const refresher = refreshFn[NATIVE_REFRESHER]
+    const ctx = new RefreshContext(userId, refreshToken)
+    let resolveFlight
+    let rejectFlight
+    const flight = new Promise((resolve, reject) => {
+      resolveFlight = resolve
+      rejectFlight = reject
+    })
+    let settled = false
+    // Ends the flight once. What comes later (a result after the timeout)
+    // only feeds the core. Nothing here may throw: it runs in a timer or a
+    // promise callback nobody awaits, where a throw would crash the process.
+    const settle = (error, issued) => {
+      settled = true
+      clearTimeout(timer)
+      this.#flights.delete(flightId)
+      if (error !== undefined) rejectFlight(error)
+      else resolveFlight(issued)
+    }
+    const timer = setTimeout(() => {
+      const err = new TokenRefreshError('REFRESH_TIMEOUT', userId, `refresh did not settle within ${this.#timeoutMs} ms`)
+      quietly(() => native.fail(userId, flightId, true))
+      ctx?.[ABORT](err)
+      settle(err)
+    }, this.#timeoutMs)
+    // With Redis, the refresh runs only under the user's cross-instance lock,
+    // or a token another instance refreshed answers instead (lib/coordination.js).
+    const refresh = () => (refresher === undefined ? invoke(refreshFn, ctx) : nativeRefresh(refresher, userId, ctx.refreshToken, this.#timeoutMs))
+    const obtained = this.#coordinator === null ? refresh() : this.#coordinator.obtain(ctx, accessToken, exp, refresh, this.#timeoutMs)
+    obtained.then(
+      (result) => {
+        const late = settled
+        let issued
+        let error
+        try {
+          issued = this.#report(userId, flightId, result, late)
+        } catch (e) {
+          error = e
+        }
+        // With Redis: share the token the core kept (or free the lock).
+        if (this.#coordinator !== null) this.#coordinator.reported(ctx, issued)
+        if (!late) settle(error, issued)
+      },
+      (cause) => {
+        if (settled) return
+        // Errors that already carry a stable code keep it: a native
+        // refresher's (with `status` and the provider's `error`, or a
+        // TypeError for a userId Tarabut refuses), a TokenRefreshError thrown
+        // by a refresh function that wraps one, and the coordinator's own
+        // (COORDINATOR_UNAVAILABLE, a wait on another instance that timed out).
+        const own = refresher !== undefined || cause instanceof TokenRefreshError ? cause : coordination.coordinatorError(cause)
+        quietly(() => native.fail(userId, flightId, own?.code === 'REFRESH_TIMEOUT'))
+        settle(own ?? new TokenRefreshError('REFRESH_FAILED', userId, 'refresh function failed', { cause, status: cause?.status, error: cause?.error }))
+      },
+    )
+    this.#flights.set(flightId, flight)
+    return flight
+  }
+
+  /** Hands a refresh result to the core; returns its issued token or throws. */
+  #report(userId, flightId, result, late) {
+    const fields = refreshedFields(result)
+    if (fields === null) {
+      if (!late) this.#native.fail(userId, flightId, false)
+      throw new TokenRefreshError('INVALID_REFRESH_RESULT', userId, 'refresh result is not an object with a string accessToken and a valid expiresAt or expiresIn')
+    }
+    try {
+      // A late result is still handed over: with rotating refresh tokens it
+      // may hold the only live one.
+      const fromShared = coordination.sharedToken(result)
+      if (fromShared !== undefined) {
+        return this.#native.adopt(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fromShared.shouldUpdate)
+      }
+      return this.#complete(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fields.expiresIn)
+    } catch (e) {
+      throw e?.code === 'INVALID_REFRESH_RESULT' ? new TokenRefreshError(e.code, userId, e.message) : e
+    }
+  }
+}
+
+function validToken(t, shouldUpdate) {
+  const v = { accessToken: t.accessToken, shouldUpdate, expiresAt: new Date(t.expiresAtMs) }
+  if (shouldUpdate && t.refreshToken != null) v.refreshToken = t.refreshToken
+  return v
+}
+
+module.exports = { TokenManager }

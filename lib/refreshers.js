@@ -1,0 +1,159 @@
+'use strict'
+// Native refreshers: token calls made in Rust (reqwest on tokio), through
+// BindingRefresher (src/binding/refreshers.rs). Each is a plain RefreshFn
+// for anyone who wraps it; the manager spots the native half under
+// NATIVE_REFRESHER and calls it directly (`nativeRefresh`), so the HTTP call
+// runs in Rust with the manager's timeout as its budget.
+
+const { BindingRefresher } = require('../binding.js')
+const { TokenRefreshError, argError, fromNative, quietly } = require('./errors.js')
+
+const NATIVE_REFRESHER = Symbol('tarabut-token-manager.nativeRefresher')
+
+let lastAbortId = 0
+function nextAbortId() {
+  lastAbortId = lastAbortId >= 0xffffffff ? 1 : lastAbortId + 1
+  return lastAbortId
+}
+
+/** A failed native outcome as the error a caller switches on. */
+function refresherError(userId, outcome) {
+  if (outcome.code === 'INVALID_ARGUMENT') {
+    const e = new TypeError(outcome.message)
+    e.code = 'INVALID_ARGUMENT'
+    return e
+  }
+  return new TokenRefreshError(outcome.code, userId, outcome.message, { status: outcome.status, error: outcome.error })
+}
+
+function refreshedToken(outcome) {
+  const t = { accessToken: outcome.accessToken, expiresIn: outcome.expiresIn }
+  if (outcome.refreshToken != null) t.refreshToken = outcome.refreshToken
+  return t
+}
+
+/** The manager's call: its refresh timeout is the whole budget. */
+function nativeRefresh(refresher, userId, refreshToken, timeoutMs) {
+  let pending
+  try {
+    pending = refresher.refresh(userId, refreshToken, timeoutMs, null)
+  } catch (e) {
+    return Promise.reject(e) // only a caught Rust panic (code INTERNAL)
+  }
+  return pending.then((outcome) => {
+    if (outcome.code != null) throw refresherError(userId, outcome)
+    return refreshedToken(outcome)
+  })
+}
+
+function makeRefresher(refresher, name) {
+  // A RefreshFn: (ctx) => Promise<{ accessToken, refreshToken?, expiresIn }>.
+  // It honours ctx.signal: an abort drops the HTTP request and rejects
+  // with the signal's reason.
+  const refresh = (ctx) => {
+    try {
+      if (ctx === null || typeof ctx !== 'object') throw argError('ctx', 'must be an object { userId, refreshToken?, signal? }')
+      const userId = ctx.userId
+      if (typeof userId !== 'string' || userId.length === 0) throw argError('ctx.userId', 'must be a non-empty string')
+      const refreshToken = ctx.refreshToken ?? null
+      if (refreshToken !== null && typeof refreshToken !== 'string') throw argError('ctx.refreshToken', 'must be a string or null')
+      const signal = ctx.signal
+      if (signal == null) return nativeRefresh(refresher, userId, refreshToken, null)
+      if (typeof signal.addEventListener !== 'function') throw argError('ctx.signal', 'must be an AbortSignal')
+      if (signal.aborted) return Promise.reject(signal.reason)
+      const abortId = nextAbortId()
+      return new Promise((resolve, reject) => {
+        const onAbort = () => {
+          quietly(() => refresher.abort(abortId))
+          reject(signal.reason)
+        }
+        signal.addEventListener('abort', onAbort, { once: true })
+        refresher.refresh(userId, refreshToken, null, abortId).then(
+          (outcome) => {
+            signal.removeEventListener('abort', onAbort)
+            if (outcome.code != null) reject(refresherError(userId, outcome))
+            else resolve(refreshedToken(outcome))
+          },
+          (e) => {
+            signal.removeEventListener('abort', onAbort)
+            reject(e)
+          },
+        )
+      })
+    } catch (e) {
+      return Promise.reject(e)
+    }
+  }
+  Object.defineProperty(refresh, 'name', { value: name })
+  Object.defineProperty(refresh, NATIVE_REFRESHER, { value: refresher })
+  return refresh
+}
+
+/** Copies the known options, refusing unknown ones (a typo must not fall back to a default URL). */
+function pickOptions(fn, options, types) {
+  if (options === null || typeof options !== 'object') throw argError('options', `must be an object (${fn})`)
+  for (const key of Object.keys(options)) {
+    if (!Object.hasOwn(types, key)) throw argError(`options.${key}`, `is not a ${fn} option (${Object.keys(types).join(', ')})`)
+  }
+  const picked = {}
+  for (const [key, spec] of Object.entries(types)) {
+    const value = options[key]
+    if (value === undefined || value === null) {
+      if (spec.required) throw argError(`options.${key}`, `is required (${spec.type})`)
+      continue
+    }
+    if (typeof value !== spec.type) throw argError(`options.${key}`, `must be a ${spec.type}`)
+    picked[key] = value
+  }
+  return picked
+}
+
+function buildRefresher(factory, options, name) {
+  let refresher
+  try {
+    refresher = factory(options)
+  } catch (e) {
+    throw fromNative(e)
+  }
+  return makeRefresher(refresher, name)
+}
+
+const TARABUT_OPTIONS = {
+  clientId: { type: 'string', required: true },
+  clientSecret: { type: 'string', required: true },
+  tokenUrl: { type: 'string' },
+  scope: { type: 'string' },
+  timeoutMs: { type: 'number' },
+  maxRetries: { type: 'number' },
+}
+
+/**
+ * Tarabut Gateway's token call, made natively: a client-credentials POST
+ * per user (header X-TG-CustomerUserId), retried on connection failures,
+ * 429 (after Retry-After) and 5xx. Pass it to getValidToken in place of a
+ * refreshFn, or call it as one.
+ */
+function tarabutRefresher(options) {
+  return buildRefresher((o) => BindingRefresher.tarabut(o), pickOptions('tarabutRefresher', options, TARABUT_OPTIONS), 'tarabutRefresher')
+}
+
+const OAUTH2_OPTIONS = {
+  tokenUrl: { type: 'string', required: true },
+  clientId: { type: 'string', required: true },
+  clientSecret: { type: 'string', required: true },
+  authMethod: { type: 'string' },
+  scope: { type: 'string' },
+  timeoutMs: { type: 'number' },
+}
+
+/**
+ * The RFC 6749 section 6 refresh_token grant, made natively with
+ * `ctx.refreshToken`. A rotated refresh token comes back to the caller that
+ * must persist it; a request that may have reached the server is never
+ * resent.
+ */
+function oauth2Refresher(options) {
+  return buildRefresher((o) => BindingRefresher.oauth2(o), pickOptions('oauth2Refresher', options, OAUTH2_OPTIONS), 'oauth2Refresher')
+}
+
+module.exports = { NATIVE_REFRESHER, nativeRefresh, tarabutRefresher, oauth2Refresher }
