@@ -17,7 +17,7 @@ const uid = (name = 'user') => `${name}-${++seq}`
 
 /** A refresh function that counts its runs and can be held open. */
 function refresher({ accessToken = 'fresh-token', expiresIn = 3600, refreshToken, delayMs = 0, fail } = {}) {
-  const fn = vi.fn(async (ctx) => {
+  const fn = vi.fn(async () => {
     if (delayMs) await sleep(delayMs)
     if (fail) throw fail
     return { accessToken: `${accessToken}-${fn.mock.calls.length}`, expiresIn, refreshToken }

@@ -69,6 +69,8 @@ export async function awaitedNsPerCall(call, n, opts) {
 
 /** Batches of `n` concurrent calls (`call(i)`), all awaited: calls per second. */
 export async function concurrentCallsPerSec(call, n, opts) {
+  // A preallocated array of n holes, as the loop fills it.
+  // oxlint-disable-next-line unicorn/no-new-array
   const loop = new Function('call', 'n', 'ps', CONCURRENT)(call, n, new Array(n))
   const ms = await msPerIteration(loop, opts)
   return (n * 1000) / ms

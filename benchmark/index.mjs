@@ -130,6 +130,7 @@ async function storm(make, { callers, delayMs, fail, expired }) {
     runs++
     return new Promise((resolve, reject) => setTimeout(() => (fail ? reject(new Error('provider down')) : resolve(fresh)), delayMs))
   }
+  // oxlint-disable-next-line unicorn/no-new-array -- preallocated, filled below
   const ps = new Array(callers)
   const t0 = performance.now()
   for (let i = 0; i < callers; i++) ps[i] = m.getValidToken('storm-user', token, refreshFn)

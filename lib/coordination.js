@@ -117,7 +117,7 @@ class Coordinator {
   close() {
     if (this.#closed) return Promise.resolve()
     this.#closed = true
-    return Promise.allSettled([...this.#pending]).then(() => this.#native.close())
+    return Promise.allSettled(this.#pending).then(() => this.#native.close())
   }
 
   #refreshHolding(ctx, a, refresh) {

@@ -17,9 +17,7 @@ class TokenRefreshError extends Error {
 
 /** A bad argument: `name` starts the message, so the caller knows which. */
 function argError(name, problem, Kind = TypeError) {
-  const e = new Kind(`${name} ${problem}`)
-  e.code = 'INVALID_ARGUMENT'
-  return e
+  return Object.assign(new Kind(`${name} ${problem}`), { code: 'INVALID_ARGUMENT' })
 }
 
 /**
@@ -29,9 +27,7 @@ function argError(name, problem, Kind = TypeError) {
  */
 function fromNative(e, Kind = TypeError) {
   if (e && e.code === 'INVALID_ARGUMENT') {
-    const t = new Kind(e.message)
-    t.code = 'INVALID_ARGUMENT'
-    return t
+    return Object.assign(new Kind(e.message), { code: 'INVALID_ARGUMENT' })
   }
   return e
 }

@@ -180,9 +180,7 @@ class TokenManager {
   }
 
   stats() {
-    const s = this.#native.stats()
-    s.redisFallbacks = this.#coordinator === null ? 0 : this.#coordinator.fallbacks
-    return s
+    return { ...this.#native.stats(), redisFallbacks: this.#coordinator === null ? 0 : this.#coordinator.fallbacks }
   }
 
   /**

@@ -18,11 +18,7 @@ function nextAbortId() {
 
 /** A failed native outcome as the error a caller switches on. */
 function refresherError(userId, outcome) {
-  if (outcome.code === 'INVALID_ARGUMENT') {
-    const e = new TypeError(outcome.message)
-    e.code = 'INVALID_ARGUMENT'
-    return e
-  }
+  if (outcome.code === 'INVALID_ARGUMENT') return Object.assign(new TypeError(outcome.message), { code: 'INVALID_ARGUMENT' })
   return new TokenRefreshError(outcome.code, userId, outcome.message, { status: outcome.status, error: outcome.error })
 }
 

@@ -19,8 +19,8 @@ use tokio::time::Instant;
 
 use super::errors::{guard, to_js, Code, Result};
 use super::manager::BindingManager;
-use crate::engine::flight::validate_refreshed;
 use crate::coordination::{self, Coordinator, Outcome, SharedToken, Unavailable};
+use crate::engine::flight::validate_refreshed;
 use crate::engine::{time, Engine, Presented, Refreshed, SecretString};
 
 const INTERNAL: &str = "internal error in tarabut-token-manager (a bug: please report it)";
@@ -86,7 +86,10 @@ pub struct BindingCoordinator {
 impl BindingCoordinator {
     /// Validates the options (`INVALID_ARGUMENT`); connects on first use.
     #[napi(constructor)]
-    pub fn new(manager: &BindingManager, options: BindingCoordinationOptions) -> Result<Self, Code> {
+    pub fn new(
+        manager: &BindingManager,
+        options: BindingCoordinationOptions,
+    ) -> Result<Self, Code> {
         guard(|| {
             let engine = manager.engine.clone();
             let inner = coordination::coordinator(

@@ -183,6 +183,9 @@ impl BindingManager {
 }
 
 /// Parses an ISO 8601 date-time (with zone) into epoch milliseconds.
+// Free #[napi] items are only referenced by the registration napi-derive
+// generates outside `cargo test`.
+#[cfg_attr(test, allow(dead_code))]
 #[napi]
 pub fn parse_iso_time(value: String) -> Result<f64, Code> {
     guard(|| {
@@ -194,12 +197,14 @@ pub fn parse_iso_time(value: String) -> Result<f64, Code> {
 
 /// Test hook: panics inside the guard every export runs in, so the tests
 /// can show a Rust panic reaches JavaScript as an `INTERNAL` error.
+#[cfg_attr(test, allow(dead_code))]
 #[napi(js_name = "__panicForTest")]
 pub fn panic_for_test() -> Result<(), Code> {
     guard(|| panic!("deliberate panic for the panic-guard test"))
 }
 
 /// The longest user id accepted, in UTF-8 bytes.
+#[cfg_attr(test, allow(dead_code))]
 #[napi]
 pub const MAX_USER_ID_BYTES: u32 = engine::MAX_USER_ID_BYTES as u32;
 

@@ -118,8 +118,8 @@ unsafe extern "C" fn is_fresh(env: napi_env, info: napi_callback_info) -> napi_v
                 // Out of a Date's range: not fresh, so `begin` refuses it.
                 if let Some(ms) = time::js_ms(ms) {
                     let engine = &*(data as *const Engine);
-                    fresh = catch_unwind(AssertUnwindSafe(|| engine.is_fresh_now(ms)))
-                        .unwrap_or(false);
+                    fresh =
+                        catch_unwind(AssertUnwindSafe(|| engine.is_fresh_now(ms))).unwrap_or(false);
                 }
             }
         }

@@ -60,7 +60,10 @@ pub async fn commit(
         .arg(&record.sealed)
         .arg(ttl_ms.max(1))
         .arg(channel)
-        .arg(record::encode_notice(&keys.id, &Notice::Committed(record.clone())))
+        .arg(record::encode_notice(
+            &keys.id,
+            &Notice::Committed(record.clone()),
+        ))
         .invoke_async(con)
         .await?;
     Ok(n == 1)

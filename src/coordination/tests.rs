@@ -116,8 +116,7 @@ fn soon(ms: u64) -> Instant {
 }
 
 async fn acquire(c: &Coordinator, user: &str, deadline: Instant) -> Acquired {
-    c.acquire(user, &old(), |_| true, deadline)
-        .await
+    c.acquire(user, &old(), |_| true, deadline).await
 }
 
 #[tokio::test]
@@ -364,12 +363,7 @@ async fn unusable_cached_tokens_are_refreshed_and_newer_refresh_tokens_handed_ov
     // The caller's veto (e.g. it got a 401 with this token) forces a refresh,
     // which gets the newest refresh token from the cache.
     let got = c
-        .acquire(
-            "u",
-            &old(),
-            |t| t.access.expose() != "revoked",
-            soon(5_000),
-        )
+        .acquire("u", &old(), |t| t.access.expose() != "revoked", soon(5_000))
         .await;
     let Outcome::Lead {
         lease,

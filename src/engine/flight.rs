@@ -411,7 +411,8 @@ mod single_flight {
             ..Policy::default()
         });
         let now = 1_000_000;
-        let Plan::Lead { id, .. } = engine.begin_with("u", &presented("t0", now), now).unwrap() else {
+        let Plan::Lead { id, .. } = engine.begin_with("u", &presented("t0", now), now).unwrap()
+        else {
             panic!("lead")
         };
         let issued = engine
@@ -420,13 +421,17 @@ mod single_flight {
         assert!(!issued.should_update);
         assert_eq!(issued.access.expose(), "t1");
         // A later caller still presenting the old token is told to update.
-        let Plan::UseHeld(held) = engine.begin_with("u", &presented("t0", now), now + 1).unwrap() else {
+        let Plan::UseHeld(held) = engine
+            .begin_with("u", &presented("t0", now), now + 1)
+            .unwrap()
+        else {
             panic!("held")
         };
         assert!(held.should_update);
         assert_eq!(held.refresh.as_ref().map(SecretString::expose), Some("r1"));
 
-        let Plan::Lead { id, .. } = engine.begin_with("v", &presented("t0", now), now).unwrap() else {
+        let Plan::Lead { id, .. } = engine.begin_with("v", &presented("t0", now), now).unwrap()
+        else {
             panic!("lead")
         };
         assert!(

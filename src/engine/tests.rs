@@ -237,7 +237,10 @@ fn a_failed_refresh_caches_nothing_and_the_next_call_retries() {
     let e = engine();
     let stale = token("old", NOW + MIN);
     let (id, _) = lead(&e, "u", &stale, NOW);
-    assert!(matches!(e.begin_with("u", &stale, NOW).unwrap(), Plan::Join(_)));
+    assert!(matches!(
+        e.begin_with("u", &stale, NOW).unwrap(),
+        Plan::Join(_)
+    ));
     e.fail("u", id, Failure::Rejected, NOW);
     // Still valid for a minute: the caller may keep it.
     assert!(e.serve_stale("u", &stale, NOW));
@@ -372,7 +375,8 @@ fn invalidate_without_a_token_refreshes_whatever_comes_next() {
     let e = engine();
     e.invalidate("u", None, NOW).unwrap();
     assert!(matches!(
-        e.begin_with("u", &token("any", NOW + 50 * MIN), NOW).unwrap(),
+        e.begin_with("u", &token("any", NOW + 50 * MIN), NOW)
+            .unwrap(),
         Plan::Lead { .. }
     ));
 }
