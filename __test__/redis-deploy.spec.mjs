@@ -120,7 +120,7 @@ describe('TLS (rediss://)', () => {
         expect(error.message).toMatch(/TLS certificate did not verify \(not issued by a trusted CA\)/)
         expect(Date.now() - started).toBeLessThan(3_000)
       }
-      const local = manager({ url: tls.url, tls: { ca: certs.otherCa } })
+      const local = manager({ url: tls.url, tls: { ca: certs.otherCa }, onError: 'local' })
       const user = uid()
       const refreshFn = refresher()
       await expect(local.getValidToken(user, expired(user), refreshFn)).resolves.toMatchObject({ shouldUpdate: true })
