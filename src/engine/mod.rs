@@ -192,6 +192,13 @@ impl Engine {
         done
     }
 
+    /// Signs of callers for the background task: calls answered on the hot
+    /// path so far, and when the table was last used by a call.
+    pub fn activity(&self) -> (u64, Option<EpochMs>) {
+        let last_use = self.table().last_use();
+        (self.counters.hits.load(Relaxed), last_use)
+    }
+
     /// The table, locked. Every access goes through this guard, so the hot
     /// path's copy of the revocation count is published on every unlock and
     /// cannot drift from the table's.

@@ -181,6 +181,11 @@ impl Table {
         self.entries.len()
     }
 
+    /// When a call last used an entry.
+    pub fn last_use(&self) -> Option<EpochMs> {
+        self.entries.peek_mru().map(|(_, e)| e.last_used)
+    }
+
     /// Runs `f` on the user's entry, creating it if needed, moves it to the
     /// new end, and keeps the revocation count true whatever `f` changes.
     pub fn with_entry<R>(
