@@ -8,8 +8,8 @@
 // - OpenTelemetry through `@opentelemetry/api` (an optional peer
 //   dependency): loaded only once the application has registered a global
 //   provider (or passed its own), never at startup;
-// - Prometheus text (`metrics()`) through prom-client, loaded on the first
-//   refresh or scrape;
+// - Prometheus text (`metrics()`) through prom-client's Registry and metric
+//   classes, loaded after the first refresh or at the first scrape;
 // - the logger every warning goes through.
 // Only the slow path comes here. The hot path (a token valid beyond the
 // buffer) is untouched: its hits are read from the core's counter when
@@ -161,9 +161,23 @@ function instrumentsFor(meterProvider) {
 
 // --- Prometheus -------------------------------------------------------------
 
+/**
+ * prom-client's Registry and metric classes. Not its index, which also
+ * loads its default process metrics and @opentelemetry/api (about 12 MB
+ * resident against 1.5): every process that ever refreshes loads these.
+ */
+function promClient() {
+  return {
+    Registry: require('prom-client/lib/registry'),
+    Counter: require('prom-client/lib/counter'),
+    Gauge: require('prom-client/lib/gauge'),
+    Histogram: require('prom-client/lib/histogram'),
+  }
+}
+
 /** A manager's prom-client Registry; `snapshot()` is its stats() at scrape time. */
 function promMetrics(snapshot) {
-  const client = require('prom-client')
+  const client = promClient()
   const registers = [new client.Registry()]
   const labelNames = ['outcome', 'refresher']
   const refreshes = new client.Counter({
@@ -250,6 +264,8 @@ class Observer {
   #bufferMs
   #flights = new Map()
   #prom = null
+  /** Refreshes that ended before prom-client was loaded: [refresher, outcome, seconds]. */
+  #promPending = []
   #snapshot = null
   #reportedFailure = false
   // OpenTelemetry, once attached.
@@ -369,8 +385,26 @@ class Observer {
   }
 
   #promMetrics() {
-    this.#prom ??= promMetrics(() => this.#snapshot)
+    if (this.#prom === null) {
+      this.#prom = promMetrics(() => this.#snapshot)
+      for (const r of this.#promPending.splice(0)) this.#prom.record(r[0], r[1], r[2])
+    }
     return this.#prom
+  }
+
+  /** Counts a refresh for metrics(); the first one loads prom-client once its callers have their answers. */
+  #promRecord(refresher, outcome, seconds) {
+    if (this.#prom !== null) return this.#prom.record(refresher, outcome, seconds)
+    this.#promPending.push([refresher, outcome, seconds])
+    if (this.#promPending.length === 1) {
+      setImmediate(() => {
+        try {
+          this.#promMetrics()
+        } catch (e) {
+          this.#failed(e)
+        }
+      })
+    }
   }
 
   #startSpan(trace, refresh) {
@@ -407,7 +441,7 @@ class Observer {
     const durationMs = performance.now() - trace.startedAt
     const outcome = error === undefined ? 'ok' : codeOf(error)
     try {
-      this.#promMetrics().record(trace.refresher, outcome, durationMs / 1000)
+      this.#promRecord(trace.refresher, outcome, durationMs / 1000)
       const ins = this.#instruments
       if (ins !== null) {
         const attributes = { outcome, refresher: trace.refresher }
