@@ -8,6 +8,7 @@
 // Rows from other modules: each entry in HOOKS names a file and how to get
 // its rows; absent files are skipped silently. See HOOKS below.
 import { execFileSync } from 'node:child_process'
+import dc from 'node:diagnostics_channel'
 import { existsSync } from 'node:fs'
 import os from 'node:os'
 import { fileURLToPath } from 'node:url'
@@ -76,6 +77,43 @@ function hotRow(id, title, measure, metric) {
   const run = {}
   for (const name of Object.keys(call)) run[name] = async (c) => ({ v: await measure(call[name], c) })
   return { id, title, run, metrics: [metric], rounds: ctx.microRounds }
+}
+
+// The hot path beside itself with a subscriber on every channel of the
+// package (the refresh tracing channel and the three plain ones), rounds
+// interleaved: only the refresh path publishes, so the two should match.
+// A subscriber that saw an event from the hot path fails the row.
+function subscribedHotRow(id, title, measure, metric) {
+  const plain = addon()
+  const watched = addon()
+  const call = (m) => () => m.getValidToken('user-1', hotToken, noRefresh)
+  return {
+    id,
+    title: `${title}, with a subscriber on the refresh channel`,
+    ratio: ['subscribed', 'addon'],
+    rounds: ctx.microRounds,
+    run: {
+      addon: async (c) => ({ v: await measure(call(plain), c) }),
+      subscribed: async (c) => {
+        let events = 0
+        const count = () => events++
+        const tracing = { start: count, end: count, asyncStart: count, asyncEnd: count, error: count }
+        const refresh = dc.tracingChannel('tarabut-token-manager:refresh')
+        const plainChannels = ['stale-served', 'redis-fallback', 'invalidate'].map((n) => `tarabut-token-manager:${n}`)
+        refresh.subscribe(tracing)
+        for (const n of plainChannels) dc.subscribe(n, count)
+        try {
+          const v = await measure(call(watched), c)
+          if (events !== 0) throw new Error(`the hot path published ${events} events`)
+          return { v }
+        } finally {
+          refresh.unsubscribe(tracing)
+          for (const n of plainChannels) dc.unsubscribe(n, count)
+        }
+      },
+    },
+    metrics: [metric],
+  }
 }
 
 // Refresh path: every call is a new user presenting an expired token;
@@ -227,6 +265,20 @@ const rows = [
     format: fmt.int,
     target: '≥ 1.0×',
     met: ({ ratio }) => ratio >= 1.0,
+  }),
+  subscribedHotRow('1s', 'hot path, awaited one by one', (call, c) => awaitedNsPerCall(call, n.awaited, c.bench), {
+    key: 'v',
+    label: 'ns per call',
+    format: fmt.int,
+    target: '≈ 1.0× (±10%: noise)',
+    met: ({ ratio }) => ratio >= 0.9 && ratio <= 1.1,
+  }),
+  subscribedHotRow('2s', 'hot path, 1,000 in flight', (call, c) => concurrentCallsPerSec(call, n.inFlight, c.bench), {
+    key: 'v',
+    label: 'calls/s',
+    format: fmt.int,
+    target: '≈ 1.0× (±10%: noise)',
+    met: ({ ratio }) => ratio >= 0.9 && ratio <= 1.1,
   }),
   refreshRow('3', tokenBytes),
   refreshRow('3b', 40),
