@@ -5,8 +5,9 @@
 // secret or a Redis URL: every test searches what was published for the
 // ones it used.
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest'
-import { execFile } from 'node:child_process'
+import { execFile, spawnSync } from 'node:child_process'
 import dc from 'node:diagnostics_channel'
+import { readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { Writable } from 'node:stream'
 import { fileURLToPath } from 'node:url'
 import { inspect, promisify } from 'node:util'
@@ -605,6 +606,18 @@ describe('metrics(): Prometheus text exposition format', () => {
     }
   })
 
+  // Prometheus's own linter, where it is installed (Debian: apt-get install prometheus).
+  const promtool = spawnSync('promtool', ['--version']).status === 0
+  it.skipIf(!promtool)('passes `promtool check metrics`', async () => {
+    const m = new TokenManager()
+    for (const fail of [undefined, new Error('down')]) {
+      const u = uid()
+      await m.getValidToken(u, expired(u), refresher({ fail })).catch(() => {})
+    }
+    const checked = spawnSync('promtool', ['check', 'metrics'], { input: await m.metrics(), encoding: 'utf8', timeout: 10_000 })
+    expect({ status: checked.status, out: checked.stdout + checked.stderr }).toEqual({ status: 0, out: '' })
+  })
+
   it('each manager has its own registry; a fresh one scrapes zeros', async () => {
     const a = new TokenManager()
     const b = new TokenManager()
@@ -668,5 +681,45 @@ describe('nothing is loaded until it is needed, and @opentelemetry/api is option
       { requireFirst: hide },
     )
     expect(out).toEqual({ apiLoads: 'MODULE_NOT_FOUND', token: 'b', counted: true, warnings: [] })
+  })
+})
+
+// --- README ------------------------------------------------------------------
+
+describe('README: Observability', () => {
+  const readme = readFileSync(new URL('../README.md', import.meta.url), 'utf8')
+  const start = readme.indexOf('\n## Observability\n')
+  const section = readme.slice(start, readme.indexOf('\n## ', start + 1))
+  const blocks = [...section.matchAll(/```\w+\n([\s\S]*?)```/g)].map((m) => m[1])
+
+  it('shows three snippets; the Next.js ones are the example files the e2e runs', () => {
+    expect(blocks).toHaveLength(3)
+    expect(blocks[1]).toBe(readFileSync(new URL('../examples/nextjs/instrumentation.ts', import.meta.url), 'utf8'))
+    expect(blocks[2]).toBe(readFileSync(new URL('../examples/nextjs/app/api/metrics/route.ts', import.meta.url), 'utf8'))
+  })
+
+  it('the diagnostics_channel snippet prints a line per refresh and per stale serve', async () => {
+    // Inside the package, so that `import 'tarabut-token-manager'` resolves to it.
+    const file = fileURLToPath(new URL(`./.readme-snippet-${process.pid}.mjs`, import.meta.url))
+    const driver = `
+      import { TokenManager } from 'tarabut-token-manager'
+      const m = new TokenManager()
+      const expired = { accessToken: 'old', expiresAt: Date.now() - 1_000 }
+      await Promise.all([1, 2, 3].map(() => m.getValidToken('alice', expired, async () => ({ accessToken: 'new', expiresIn: 3600 }))))
+      await m.getValidToken('bob', { accessToken: 'due', expiresAt: Date.now() + 60_000 }, async () => {
+        throw new Error('provider down')
+      })
+    `
+    writeFileSync(file, blocks[0] + driver)
+    try {
+      const { stdout } = await run(process.execPath, [file], { cwd: pkg, timeout: 30_000 })
+      const lines = stdout.trim().split('\n').sort()
+      expect(lines).toHaveLength(3)
+      expect(lines[0]).toMatch(/^refresh alice: ok in \d+ ms, expired, custom, local, served 3$/)
+      expect(lines[1]).toMatch(/^refresh bob: REFRESH_FAILED in \d+ ms, buffer, custom, local, served 1$/)
+      expect(lines[2]).toBe('stale-served bob after REFRESH_FAILED')
+    } finally {
+      rmSync(file, { force: true })
+    }
   })
 })

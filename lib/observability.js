@@ -386,8 +386,11 @@ class Observer {
 
   #promMetrics() {
     if (this.#prom === null) {
+      // Taken first: if loading fails they are dropped, not piled up.
+      const pending = this.#promPending
+      this.#promPending = []
       this.#prom = promMetrics(() => this.#snapshot)
-      for (const r of this.#promPending.splice(0)) this.#prom.record(r[0], r[1], r[2])
+      for (const r of pending) this.#prom.record(r[0], r[1], r[2])
     }
     return this.#prom
   }
