@@ -635,9 +635,10 @@ describe('metrics(): Prometheus text exposition format', () => {
 
 const run = promisify(execFile)
 /** Runs `code` (ESM) in a fresh Node process with the package at hand; resolves with its JSON output. */
-async function inChild(code, { requireFirst } = {}) {
-  const args = requireFirst ? ['--require', requireFirst] : []
-  const { stdout } = await run(process.execPath, [...args, '--input-type=module', '-e', code], { cwd: pkg, timeout: 30_000 })
+async function inChild(code, { hide } = {}) {
+  const args = hide ? ['--require', fileURLToPath(new URL('./helpers/hide-modules.cjs', import.meta.url))] : []
+  const env = { ...process.env, HIDE_MODULES: hide ?? '' }
+  const { stdout } = await run(process.execPath, [...args, '--input-type=module', '-e', code], { cwd: pkg, env, timeout: 30_000 })
   return JSON.parse(stdout.trim().split('\n').pop())
 }
 
@@ -661,7 +662,6 @@ describe('nothing is loaded until it is needed, and @opentelemetry/api is option
   })
 
   it('without @opentelemetry/api installed (and a provider registered by someone): refreshes, channels and metrics() work, nothing is logged', async () => {
-    const hide = fileURLToPath(new URL('./helpers/hide-otel-api.cjs', import.meta.url))
     const out = await inChild(
       `
       import { createRequire } from 'node:module'
@@ -678,9 +678,31 @@ describe('nothing is loaded until it is needed, and @opentelemetry/api is option
       await new Promise((r) => setTimeout(r, 10))
       console.log(JSON.stringify({ apiLoads, token: r.accessToken, counted: text.includes('tarabut_token_manager_refreshes_total{outcome="ok",refresher="custom"} 1'), warnings }))
     `,
-      { requireFirst: hide },
+      { hide: '@opentelemetry/api' },
     )
     expect(out).toEqual({ apiLoads: 'MODULE_NOT_FOUND', token: 'b', counted: true, warnings: [] })
+  })
+
+  it('prom-client failing to load breaks no refresh: one logger.error, metrics() rejects', async () => {
+    const out = await inChild(
+      `
+      import { createRequire } from 'node:module'
+      const require = createRequire(process.cwd() + '/')
+      const { TokenManager } = require('./index.js')
+      const errors = []
+      const m = new TokenManager({ logger: { warn() {}, error: (fields) => errors.push(fields.code) } })
+      const tokens = []
+      for (let i = 0; i < 3; i++) {
+        const r = await m.getValidToken('v' + i, { accessToken: 'a', expiresAt: 0 }, async () => ({ accessToken: 'b' + i, expiresIn: 3600 }))
+        tokens.push(r.accessToken)
+        await new Promise((r) => setImmediate(r))
+      }
+      const scraped = await m.metrics().then(() => 'resolved', (e) => e.code)
+      console.log(JSON.stringify({ tokens, errors, scraped, refreshes: m.stats().refreshes }))
+    `,
+      { hide: 'prom-client' },
+    )
+    expect(out).toEqual({ tokens: ['b0', 'b1', 'b2'], errors: ['TTM_OBSERVABILITY_FAILED'], scraped: 'MODULE_NOT_FOUND', refreshes: 3 })
   })
 })
 

@@ -368,9 +368,13 @@ class Observer {
 
   /** The manager's metrics in the Prometheus text exposition format. */
   metrics() {
-    this.#attach()
-    this.#snapshot = this.#stats()
-    return this.#promMetrics().registry.metrics()
+    try {
+      this.#attach()
+      this.#snapshot = this.#stats()
+      return this.#promMetrics().registry.metrics()
+    } catch (e) {
+      return Promise.reject(e)
+    }
   }
 
   /** OpenTelemetry's collection: this manager's stats, if it still reports to `meterProvider`. */

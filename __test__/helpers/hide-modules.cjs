@@ -1,11 +1,12 @@
-// Preloaded (`node --require`) to run the package as if the optional peer
-// dependency @opentelemetry/api were not installed.
+// Preloaded (`node --require`) to run the package as if the packages named
+// in HIDE_MODULES (comma-separated) were not installed.
 'use strict'
 const Module = require('node:module')
 
+const hidden = (process.env.HIDE_MODULES ?? '').split(',').filter(Boolean)
 const resolve = Module._resolveFilename
 Module._resolveFilename = function (request, ...rest) {
-  if (request === '@opentelemetry/api' || request.startsWith('@opentelemetry/api/')) {
+  if (hidden.some((name) => request === name || request.startsWith(`${name}/`))) {
     throw Object.assign(new Error(`Cannot find module '${request}'`), { code: 'MODULE_NOT_FOUND' })
   }
   return resolve.call(this, request, ...rest)
