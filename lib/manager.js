@@ -258,9 +258,9 @@ class TokenManager {
     // promise callback nobody awaits, where a throw would crash the process.
     const settle = (error, issued) => {
       settled = true
-      this.#observer.settled(trace, error)
       clearTimeout(timer)
       this.#flights.delete(flightId)
+      this.#observer.settled(trace, error)
       if (error !== undefined) rejectFlight(error)
       else resolveFlight(issued)
     }

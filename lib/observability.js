@@ -9,7 +9,7 @@
 //   dependency): loaded only once the application has registered a global
 //   provider (or passed its own), never at startup;
 // - Prometheus text (`metrics()`) through prom-client's Registry and metric
-//   classes, loaded after the first refresh or at the first scrape;
+//   classes, loaded at the first scrape;
 // - the logger every warning goes through.
 // Only the slow path comes here. The hot path (a token valid beyond the
 // buffer) is untouched: its hits are read from the core's counter when
@@ -62,8 +62,8 @@ function checkOptions(o) {
 }
 
 /** Why the leader's call refreshed, from the token it presented. */
-function refreshReason(accessToken, expiresAtMs, bufferMs) {
-  if (accessToken.length === 0) return 'no-token'
+function refreshReason(noToken, expiresAtMs, bufferMs) {
+  if (noToken) return 'no-token'
   const left = expiresAtMs - Date.now()
   if (left <= 0) return 'expired'
   // The core led although the token outlives the buffer: it was invalidated.
@@ -162,40 +162,83 @@ function instrumentsFor(meterProvider) {
 // --- Prometheus -------------------------------------------------------------
 
 /**
- * prom-client's Registry and metric classes. Not its index, which also
- * loads its default process metrics and @opentelemetry/api (about 12 MB
- * resident against 1.5): every process that ever refreshes loads these.
+ * Refresh outcomes and durations for `metrics()`, counted as they happen at
+ * a few nanoseconds each (a prom-client observation costs about a
+ * microsecond, and prom-client need not be loaded until someone scrapes).
  */
-function promClient() {
-  return {
-    Registry: require('prom-client/lib/registry'),
-    Counter: require('prom-client/lib/counter'),
-    Gauge: require('prom-client/lib/gauge'),
-    Histogram: require('prom-client/lib/histogram'),
+class RefreshTally {
+  /** refresher -> outcome -> { count, sum, buckets } (buckets[i]: durations in (bound i-1, bound i]; the last: above 30 s). */
+  #byRefresher = new Map()
+
+  record(refresher, outcome, seconds) {
+    let byOutcome = this.#byRefresher.get(refresher)
+    if (byOutcome === undefined) this.#byRefresher.set(refresher, (byOutcome = new Map()))
+    let s = byOutcome.get(outcome)
+    if (s === undefined) byOutcome.set(outcome, (s = { count: 0, sum: 0, buckets: new Float64Array(DURATION_BUCKETS.length + 1) }))
+    s.count++
+    s.sum += seconds
+    let i = 0
+    while (i < DURATION_BUCKETS.length && seconds > DURATION_BUCKETS[i]) i++
+    s.buckets[i]++
+  }
+
+  /** Every series: { labels: { outcome, refresher }, count, sum, buckets }. */
+  *series() {
+    for (const [refresher, byOutcome] of this.#byRefresher) {
+      for (const [outcome, s] of byOutcome) yield { labels: { outcome, refresher }, ...s }
+    }
   }
 }
 
-/** A manager's prom-client Registry; `snapshot()` is its stats() at scrape time. */
-function promMetrics(snapshot) {
-  const client = promClient()
-  const registers = [new client.Registry()]
-  const labelNames = ['outcome', 'refresher']
-  const refreshes = new client.Counter({
+/**
+ * A manager's prom-client Registry over its tally and `snapshot()` (its
+ * stats() at scrape time). Loads prom-client's Registry and metric classes,
+ * not its index, which also loads its default process metrics and
+ * @opentelemetry/api.
+ */
+function promRegistry(tally, snapshot) {
+  const Registry = require('prom-client/lib/registry')
+  const Counter = require('prom-client/lib/counter')
+  const Gauge = require('prom-client/lib/gauge')
+  const registers = [new Registry()]
+  new Counter({
     name: 'tarabut_token_manager_refreshes_total',
     help: 'Refreshes this process ran, by outcome (ok or the error code) and refresher.',
-    labelNames,
+    labelNames: ['outcome', 'refresher'],
     registers,
+    collect() {
+      this.reset()
+      for (const s of tally.series()) this.inc(s.labels, s.count)
+    },
   })
-  const duration = new client.Histogram({
-    name: 'tarabut_token_manager_refresh_duration_seconds',
-    help: 'Duration of the refreshes this process ran, by outcome and refresher.',
-    labelNames,
-    buckets: DURATION_BUCKETS,
-    registers,
+  // prom-client's Histogram takes observations one by one; this one is
+  // read from the tally. The Registry formats it like any other metric
+  // (what it reads: name, help, type, aggregator and get()'s values).
+  const name = 'tarabut_token_manager_refresh_duration_seconds'
+  const help = 'Duration of the refreshes this process ran, by outcome and refresher.'
+  registers[0].registerMetric({
+    name,
+    help,
+    type: 'histogram',
+    aggregator: 'sum',
+    async get() {
+      const values = []
+      for (const s of tally.series()) {
+        let cumulative = 0
+        DURATION_BUCKETS.forEach((le, i) => {
+          cumulative += s.buckets[i]
+          values.push({ metricName: `${name}_bucket`, labels: { le, ...s.labels }, value: cumulative })
+        })
+        values.push({ metricName: `${name}_bucket`, labels: { le: '+Inf', ...s.labels }, value: s.count })
+        values.push({ metricName: `${name}_sum`, labels: s.labels, value: s.sum })
+        values.push({ metricName: `${name}_count`, labels: s.labels, value: s.count })
+      }
+      return { name, help, type: 'histogram', aggregator: 'sum', values }
+    },
   })
-  // Read from the core's counters (the ones stats() reports) at each scrape.
+  // The core's counters, the ones stats() reports.
   const gauge = (name, help, key) =>
-    new client.Gauge({
+    new Gauge({
       name,
       help,
       registers,
@@ -204,7 +247,7 @@ function promMetrics(snapshot) {
       },
     })
   const counter = (name, help, key) =>
-    new client.Counter({
+    new Counter({
       name,
       help,
       registers,
@@ -219,24 +262,20 @@ function promMetrics(snapshot) {
   counter('tarabut_token_manager_coalesced_total', "Calls that waited on another call's refresh.", 'coalesced')
   counter('tarabut_token_manager_stale_served_total', 'Calls served their own still-valid token after a refresh failed.', 'staleServed')
   counter('tarabut_token_manager_redis_fallbacks_total', 'Refreshes coordinated in-process only because Redis was unavailable.', 'redisFallbacks')
-  return {
-    registry: registers[0],
-    record(refresher, outcome, seconds) {
-      const labels = { outcome, refresher }
-      refreshes.inc(labels)
-      duration.observe(labels, seconds)
-    },
-  }
+  return registers[0]
 }
 
 // --- One manager's observer -------------------------------------------------
 
 /** One flight this manager leads: who asked, why, and (once it runs) its refresh. */
 class RefreshTrace {
-  constructor(flightId, userId, reason, refresher) {
+  constructor(flightId, userId, noToken, expiresAtMs, refresher) {
     this.flightId = flightId
     this.userId = userId
-    this.reason = reason
+    /** The leader's token, for `reason` (worked out only for whoever will see it). */
+    this.noToken = noToken
+    this.expiresAtMs = expiresAtMs
+    this.reason = null
     this.refresher = refresher
     /** Callers this flight serves: the leader's and every joiner's. */
     this.waiters = 1
@@ -263,9 +302,9 @@ class Observer {
   #stats
   #bufferMs
   #flights = new Map()
-  #prom = null
-  /** Refreshes that ended before prom-client was loaded: [refresher, outcome, seconds]. */
-  #promPending = []
+  #tally = new RefreshTally()
+  /** prom-client's Registry, from the first scrape on. */
+  #registry = null
   #snapshot = null
   #reportedFailure = false
   // OpenTelemetry, once attached.
@@ -299,7 +338,7 @@ class Observer {
 
   /** This manager leads flight `flightId` (its refresh may run now, later or elsewhere). */
   lead(flightId, userId, accessToken, expiresAtMs, refreshFn) {
-    const trace = new RefreshTrace(flightId, userId, refreshReason(accessToken, expiresAtMs, this.#bufferMs), refreshFn[REFRESHER_KIND] ?? 'custom')
+    const trace = new RefreshTrace(flightId, userId, accessToken.length === 0, expiresAtMs, refreshFn[REFRESHER_KIND] ?? 'custom')
     this.#flights.set(flightId, trace)
     return trace
   }
@@ -322,6 +361,7 @@ class Observer {
     trace.startedAt = performance.now()
     let traced = refresh
     try {
+      if (this.#tracer !== null || refreshChannel.hasSubscribers) trace.reason = refreshReason(trace.noToken, trace.expiresAtMs, this.#bufferMs)
       if (this.#tracer !== null) traced = this.#startSpan(trace, refresh)
       if (refreshChannel.hasSubscribers) traced = this.#startChannel(trace, traced)
     } catch (e) {
@@ -371,7 +411,8 @@ class Observer {
     try {
       this.#attach()
       this.#snapshot = this.#stats()
-      return this.#promMetrics().registry.metrics()
+      this.#registry ??= promRegistry(this.#tally, () => this.#snapshot)
+      return this.#registry.metrics()
     } catch (e) {
       return Promise.reject(e)
     }
@@ -385,32 +426,6 @@ class Observer {
     } catch (e) {
       this.#failed(e)
       return undefined
-    }
-  }
-
-  #promMetrics() {
-    if (this.#prom === null) {
-      // Taken first: if loading fails they are dropped, not piled up.
-      const pending = this.#promPending
-      this.#promPending = []
-      this.#prom = promMetrics(() => this.#snapshot)
-      for (const r of pending) this.#prom.record(r[0], r[1], r[2])
-    }
-    return this.#prom
-  }
-
-  /** Counts a refresh for metrics(); the first one loads prom-client once its callers have their answers. */
-  #promRecord(refresher, outcome, seconds) {
-    if (this.#prom !== null) return this.#prom.record(refresher, outcome, seconds)
-    this.#promPending.push([refresher, outcome, seconds])
-    if (this.#promPending.length === 1) {
-      setImmediate(() => {
-        try {
-          this.#promMetrics()
-        } catch (e) {
-          this.#failed(e)
-        }
-      })
     }
   }
 
@@ -448,7 +463,7 @@ class Observer {
     const durationMs = performance.now() - trace.startedAt
     const outcome = error === undefined ? 'ok' : codeOf(error)
     try {
-      this.#promRecord(trace.refresher, outcome, durationMs / 1000)
+      this.#tally.record(trace.refresher, outcome, durationMs / 1000)
       const ins = this.#instruments
       if (ins !== null) {
         const attributes = { outcome, refresher: trace.refresher }
