@@ -79,6 +79,24 @@ function hotRow(id, title, measure, metric) {
   return { id, title, run, metrics: [metric], rounds: ctx.microRounds }
 }
 
+/** Subscribes a counter to every channel of the package; returns { events(), off() }. */
+function subscribeAll() {
+  let events = 0
+  const count = () => events++
+  const tracing = { start: count, end: count, asyncStart: count, asyncEnd: count, error: count }
+  const refresh = dc.tracingChannel('tarabut-token-manager:refresh')
+  const plainChannels = ['stale-served', 'redis-fallback', 'invalidate'].map((n) => `tarabut-token-manager:${n}`)
+  refresh.subscribe(tracing)
+  for (const n of plainChannels) dc.subscribe(n, count)
+  return {
+    events: () => events,
+    off() {
+      refresh.unsubscribe(tracing)
+      for (const n of plainChannels) dc.unsubscribe(n, count)
+    },
+  }
+}
+
 // The hot path beside itself with a subscriber on every channel of the
 // package (the refresh tracing channel and the three plain ones), rounds
 // interleaved: only the refresh path publishes, so the two should match.
@@ -95,20 +113,13 @@ function subscribedHotRow(id, title, measure, metric) {
     run: {
       addon: async (c) => ({ v: await measure(call(plain), c) }),
       subscribed: async (c) => {
-        let events = 0
-        const count = () => events++
-        const tracing = { start: count, end: count, asyncStart: count, asyncEnd: count, error: count }
-        const refresh = dc.tracingChannel('tarabut-token-manager:refresh')
-        const plainChannels = ['stale-served', 'redis-fallback', 'invalidate'].map((n) => `tarabut-token-manager:${n}`)
-        refresh.subscribe(tracing)
-        for (const n of plainChannels) dc.subscribe(n, count)
+        const sub = subscribeAll()
         try {
           const v = await measure(call(watched), c)
-          if (events !== 0) throw new Error(`the hot path published ${events} events`)
+          if (sub.events() !== 0) throw new Error(`the hot path published ${sub.events()} events`)
           return { v }
         } finally {
-          refresh.unsubscribe(tracing)
-          for (const n of plainChannels) dc.unsubscribe(n, count)
+          sub.off()
         }
       },
     },
@@ -117,8 +128,10 @@ function subscribedHotRow(id, title, measure, metric) {
 }
 
 // Refresh path: every call is a new user presenting an expired token;
-// refreshFn resolves at once. A fresh instance per round.
-function refreshRow(id, bytes) {
+// refreshFn resolves at once. A fresh instance per round. With `subscribed`:
+// the same row without and with a subscriber on every channel (each refresh
+// then publishes start, end, asyncStart and asyncEnd).
+function refreshRow(id, bytes, { subscribed = false } = {}) {
   const presented = { accessToken: fakeToken('old', bytes), refreshToken: fakeToken('rt-old', 64), expiresAt: new Date(Date.now() - 1000) }
   const refreshed = { accessToken: fakeToken('new', bytes), refreshToken: fakeToken('rt-new', 64), expiresAt: new Date(Date.now() + HOUR) }
   let next = 0
@@ -140,6 +153,28 @@ function refreshRow(id, bytes) {
     )
     if (runs !== calls) throw new Error(`refresh row: ${runs} refreshes for ${calls} calls`)
     return { v: rate }
+  }
+  if (subscribed) {
+    return {
+      id,
+      title: `refresh path, distinct users, 1,000 in flight, ${bytes} B access tokens, with a subscriber on every channel`,
+      ratio: ['subscribed', 'addon'],
+      rounds: ctx.microRounds,
+      run: {
+        addon: (c) => measure(addon, c),
+        subscribed: async (c) => {
+          const sub = subscribeAll()
+          try {
+            const r = await measure(addon, c)
+            if (sub.events() === 0) throw new Error('the refresh path published nothing')
+            return r
+          } finally {
+            sub.off()
+          }
+        },
+      },
+      metrics: [{ key: 'v', label: 'calls/s', format: fmt.int }],
+    }
   }
   return {
     id,
@@ -282,6 +317,7 @@ const rows = [
   }),
   refreshRow('3', tokenBytes),
   refreshRow('3b', 40),
+  refreshRow('3s', tokenBytes, { subscribed: true }),
   stormRow(),
   memoryRow('5', tokenBytes),
   memoryRow('5b', 40),
@@ -314,7 +350,7 @@ const cpu = os.cpus()
 console.log(`# tarabut-token-manager benchmarks${quick ? ' (quick: smoke run, numbers not meaningful)' : ''}\n`)
 console.log(
   `${cpu.length} × ${cpu[0]?.model ?? 'unknown CPU'}, Node ${process.version}, ${new Date(started).toISOString().slice(0, 10)}; ` +
-    `medians of interleaved rounds (${ctx.microRounds} for rows 1-3b, ${ctx.rounds} for the rest), access tokens ${tokenBytes} B; ` +
+    `medians of interleaved rounds (${ctx.microRounds} for rows 1-3s, ${ctx.rounds} for the rest), access tokens ${tokenBytes} B; ` +
     `load average ${load0.toFixed(2)} → ${load1.toFixed(2)}; ${((Date.now() - started) / 1000).toFixed(0)} s\n`,
 )
 console.log(table(results))
