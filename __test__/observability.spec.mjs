@@ -5,6 +5,7 @@
 // secret or a Redis URL: every test searches what was published for the
 // ones it used.
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest'
+import { AsyncLocalStorage } from 'node:async_hooks'
 import { execFile, spawnSync } from 'node:child_process'
 import dc from 'node:diagnostics_channel'
 import { readFileSync, rmSync, writeFileSync } from 'node:fs'
@@ -109,6 +110,25 @@ describe('diagnostics_channel: tarabut-token-manager:refresh', () => {
     expect(done.durationMs).toBeGreaterThanOrEqual(25)
     expect(done.durationMs).toBeLessThan(5_000)
     expect(done.code).toBeUndefined()
+  })
+
+  it('stores bound to start (how APM agents carry context) are active while the refresh function runs', async () => {
+    const als = new AsyncLocalStorage()
+    const start = dc.tracingChannel('tarabut-token-manager:refresh').start
+    start.bindStore(als, (ctx) => `refreshing ${ctx.userId}`)
+    try {
+      const m = new TokenManager()
+      const user = uid()
+      let seen
+      await m.getValidToken(user, expired(user), async () => {
+        await sleep(1)
+        seen = als.getStore()
+        return { accessToken: secret(`at-${Math.random()}`), expiresIn: 3600 }
+      })
+      expect(seen).toBe(`refreshing ${user}`)
+    } finally {
+      start.unbindStore(als)
+    }
   })
 
   it('says why: expired, buffer, invalidated, no-token', async () => {

@@ -37,7 +37,6 @@ const processWarnings = {
   error: (fields, message) => process.emitWarning(message, { code: fields.code }),
 }
 
-const noop = () => {}
 
 /** `options.logger` and `options.openTelemetry`: TypeError on a bad one. */
 function checkOptions(o) {
@@ -287,7 +286,6 @@ class RefreshTrace {
     this.finished = false
     /** The tracing channel's context, when it had subscribers. */
     this.channelContext = null
-    this.endChannel = noop
     this.span = null
   }
 }
@@ -439,23 +437,25 @@ class Observer {
     return () => api.context.with(api.trace.setSpan(api.context.active(), span), refresh)
   }
 
+  /**
+   * The tracing channel's events as `tracePromise` publishes them, with the
+   * refresh's own end: `start` (its stores active while the refresh function
+   * runs) and `end` around the call; `error`, `asyncStart` and `asyncEnd` in
+   * `#finish`, when its flight settles or times out (not when the refresh
+   * function's promise does).
+   */
   #startChannel(trace, refresh) {
     const ctx = { userId: trace.userId, reason: trace.reason, refresher: trace.refresher, coordination: trace.coordination }
     trace.channelContext = ctx
-    let result
-    const ended = new Promise((resolve, reject) => {
-      trace.endChannel = (error) => (error === undefined ? resolve(undefined) : reject(error))
-    })
-    // start/end around the call, asyncStart/asyncEnd (and error) when the
-    // refresh is over: its flight settled, or it timed out.
-    refreshChannel
-      .tracePromise(() => {
-        result = refresh()
-        return ended
-      }, ctx)
-      .catch(noop)
-    return () => result
+    return () => {
+      try {
+        return refreshChannel.start.runStores(ctx, refresh)
+      } finally {
+        refreshChannel.end.publish(ctx)
+      }
+    }
   }
+
 
   #finish(trace, error) {
     if (trace.finished) return
@@ -486,8 +486,13 @@ class Observer {
     if (ctx !== null) {
       ctx.waiters = trace.waiters
       ctx.durationMs = durationMs
-      if (error !== undefined) ctx.code = outcome
-      trace.endChannel(error)
+      if (error !== undefined) {
+        ctx.code = outcome
+        ctx.error = error
+        refreshChannel.error.publish(ctx)
+      }
+      refreshChannel.asyncStart.publish(ctx)
+      refreshChannel.asyncEnd.publish(ctx)
     }
   }
 
