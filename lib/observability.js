@@ -276,8 +276,9 @@ class RefreshTrace {
     this.expiresAtMs = expiresAtMs
     this.reason = null
     this.refresher = refresher
-    /** Callers this flight serves: the leader's and every joiner's. */
+    /** Callers this flight serves: the leader's and every joiner's (counted when `tracked`). */
     this.waiters = 1
+    this.tracked = false
     /** performance.now() when its refresh started; 0 while none ran. */
     this.startedAt = 0
     this.coordination = 'local'
@@ -336,8 +337,14 @@ class Observer {
 
   /** This manager leads flight `flightId` (its refresh may run now, later or elsewhere). */
   lead(flightId, userId, accessToken, expiresAtMs, refreshFn) {
+    this.#attach()
     const trace = new RefreshTrace(flightId, userId, accessToken.length === 0, expiresAtMs, refreshFn[REFRESHER_KIND] ?? 'custom')
-    this.#flights.set(flightId, trace)
+    // Joiners are counted only for whoever will see `waiters` (a span, a
+    // subscriber): most refreshes skip the bookkeeping.
+    if (this.#tracer !== null || refreshChannel.hasSubscribers) {
+      trace.tracked = true
+      this.#flights.set(flightId, trace)
+    }
     return trace
   }
 
@@ -354,7 +361,6 @@ class Observer {
    */
   run(trace, coordination, refresh) {
     if (trace.startedAt !== 0) return refresh()
-    this.#attach()
     trace.coordination = coordination
     trace.startedAt = performance.now()
     let traced = refresh
@@ -375,7 +381,7 @@ class Observer {
   /** Flight of `trace` settled: `error` or undefined. */
   settled(trace, error) {
     trace.settled = true
-    this.#flights.delete(trace.flightId)
+    if (trace.tracked) this.#flights.delete(trace.flightId)
     if (trace.startedAt !== 0) this.#finish(trace, error)
   }
 
