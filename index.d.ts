@@ -43,6 +43,8 @@ export interface ValidToken {
  * process or pod sharing the Redis. Only a due refresh talks to Redis (one
  * round trip before it, one after, the second off the caller's path); a
  * token valid beyond the buffer never does. Needs Redis 6 or later (RESP3).
+ * One node (`url`) or a Redis Cluster (`cluster`), each over TCP or TLS
+ * (`rediss://`).
  *
  * At rest and on pub/sub, keys hold a SHA-256 of the user id and values are
  * AES-256-GCM sealed with `encryptionKey`; no token or user id appears in
@@ -54,9 +56,39 @@ export interface ValidToken {
  * for a later caller presenting an older token than the shared one (its copy
  * is stale: a lost write heals).
  */
-export interface RedisOptions {
-  /** `redis://[user:password@]host[:port][/db]` or `redis+unix:///path`. TLS (`rediss://`) is not supported by this build. */
-  url: string
+export type RedisOptions = RedisCommonOptions &
+  (
+    | {
+        /**
+         * One node: `redis://[user:password@]host[:port][/db]` (`user` for a
+         * Redis 6 ACL user; `redis://:password@host` for `requirepass`),
+         * `rediss://...` for TLS, or `redis+unix:///path`. The password never
+         * appears in an error, a warning or a log.
+         */
+        url: string
+        cluster?: undefined
+      }
+    | {
+        /**
+         * A Redis Cluster: the URLs of some of its nodes (the client finds
+         * the rest), sharing one user, password and scheme. Each user's keys
+         * share one hash slot; redirections, slot migrations and failovers
+         * are followed.
+         */
+        cluster: readonly string[]
+        url?: undefined
+      }
+  )
+
+export interface RedisCommonOptions {
+  /**
+   * For `rediss://`. The server's certificate is verified against the
+   * system's roots, or against `ca` (PEM: one or more certificates) when
+   * given, which then replaces them, as Node's `tls.connect({ ca })` does.
+   * There is no switch to skip verification. A certificate that does not
+   * verify fails like an outage (see `onError`), with a message saying so.
+   */
+  tls?: RedisTlsOptions | null
   /** Prefix of every key and of the pub/sub channel. Default `'ttm:'`. */
   keyPrefix?: string
   /**
@@ -66,12 +98,13 @@ export interface RedisOptions {
    */
   lockTtlMs?: number
   /**
-   * Required: 32 random bytes, base64 (`openssl rand -base64 32`). Missing or
-   * malformed: the constructor throws (`code: 'INVALID_ARGUMENT'`). A cached
-   * value that does not decrypt (rotated key) is a cache miss, with one
-   * `TTM_REDIS_UNDECRYPTABLE` process warning.
+   * Required: 32 random bytes, base64 (`openssl rand -base64 32`), or a
+   * list of them for a rotation: the first seals, every one opens (at most
+   * 8). Missing or malformed: the constructor throws (`code:
+   * 'INVALID_ARGUMENT'`). A cached value that opens with none of them is a
+   * cache miss, with one `TTM_REDIS_UNDECRYPTABLE` process warning.
    */
-  encryptionKey: string
+  encryptionKey: string | readonly [string, ...string[]]
   /**
    * Redis unreachable (or failing): `'local'` (default) coordinates refreshes
    * in-process only, emits one `TTM_REDIS_UNAVAILABLE` process warning per
@@ -82,6 +115,11 @@ export interface RedisOptions {
    * `refreshTimeoutMs`.
    */
   onError?: 'local' | 'fail'
+}
+
+export interface RedisTlsOptions {
+  /** PEM certificates to trust instead of the system's roots (a private CA). */
+  ca?: string | Uint8Array
 }
 
 export interface TokenManagerOptions {
@@ -206,8 +244,14 @@ export declare class TokenManager {
    * `TokenRefreshError`.
    */
   getValidToken(userId: string, token: StoredToken, refreshFn: RefreshFn): Promise<ValidToken>
-  /** The API answered 401 with this token (or, without one, with the user's token): the next call presenting it refreshes. */
-  invalidate(userId: string, accessToken?: string): void
+  /**
+   * The API answered 401 with this token (or, without one, with the user's
+   * token): the next call presenting it refreshes. With `redis`, every
+   * instance sharing the Redis hears it too (pub/sub, milliseconds), and the
+   * shared copy is marked so no instance hands it out again, even one that
+   * was disconnected at the time.
+   */
+  invalidate(userId: string, accessToken?: string | null): void
   stats(): TokenManagerStats
   /**
    * This manager's metrics in the Prometheus text exposition format

@@ -28,20 +28,47 @@ const ON_ERROR = ['local', 'fail']
 
 /**
  * `options.redis`: types and presence are checked here (TypeError); values
- * (URL, key, prefix length, lock TTL) by the native side (RangeError).
+ * (URLs, keys, CA, prefix length, lock TTL) by the native side (RangeError).
  */
 function checkOptions(o) {
   if (o === null || typeof o !== 'object') throw argError('options.redis', 'must be an object { url, encryptionKey, ... }')
-  if (typeof o.url !== 'string' || o.url.length === 0) throw argError('options.redis.url', 'must be a non-empty string (e.g. redis://127.0.0.1:6379)')
+  if (o.url !== undefined && o.cluster !== undefined) throw argError('options.redis', 'takes url (one node) or cluster (node URLs), not both')
+  if (o.cluster !== undefined) {
+    if (!Array.isArray(o.cluster) || o.cluster.length === 0 || !o.cluster.every((u) => typeof u === 'string' && u.length > 0)) {
+      throw argError('options.redis.cluster', "must be a non-empty array of node URLs (e.g. ['redis://10.0.0.1:6379'])")
+    }
+  } else if (typeof o.url !== 'string' || o.url.length === 0) {
+    throw argError('options.redis.url', 'must be a non-empty string (e.g. redis://127.0.0.1:6379), or give options.redis.cluster')
+  }
   if (o.encryptionKey === undefined || o.encryptionKey === null) {
     throw argError('options.redis.encryptionKey', 'is required with redis: 32 random bytes, base64 (e.g. `openssl rand -base64 32`)')
   }
-  if (typeof o.encryptionKey !== 'string') throw argError('options.redis.encryptionKey', 'must be a base64 string')
+  const keys = Array.isArray(o.encryptionKey) ? o.encryptionKey : [o.encryptionKey]
+  if (keys.length === 0 || !keys.every((k) => typeof k === 'string')) {
+    throw argError('options.redis.encryptionKey', 'must be a base64 string, or a non-empty array of them (the first seals)')
+  }
+  if (o.tls !== undefined && o.tls !== null) {
+    if (typeof o.tls !== 'object') throw argError('options.redis.tls', 'must be an object { ca }')
+    // Anything else (a client certificate, turning verification off) is not done: say so.
+    const unknown = Object.keys(o.tls).filter((k) => k !== 'ca')
+    if (unknown.length > 0) throw argError('options.redis.tls', `takes only { ca } (got ${unknown.join(', ')})`)
+    const ca = o.tls.ca
+    if (ca !== undefined && typeof ca !== 'string' && !(ca instanceof Uint8Array)) {
+      throw argError('options.redis.tls.ca', 'must be PEM certificates, as a string or a Buffer')
+    }
+  }
   if (o.keyPrefix !== undefined && typeof o.keyPrefix !== 'string') throw argError('options.redis.keyPrefix', 'must be a string')
   if (o.lockTtlMs !== undefined && typeof o.lockTtlMs !== 'number') throw argError('options.redis.lockTtlMs', 'must be a number')
   if (o.onError !== undefined && !ON_ERROR.includes(o.onError)) {
     throw argError('options.redis.onError', "must be 'local' or 'fail'", typeof o.onError === 'string' ? RangeError : TypeError)
   }
+}
+
+/** `tls.ca` as the Buffer the native side takes, or undefined. */
+function caBuffer(tls) {
+  const ca = tls?.ca
+  if (ca === undefined) return undefined
+  return typeof ca === 'string' ? Buffer.from(ca, 'utf8') : Buffer.from(ca.buffer, ca.byteOffset, ca.byteLength)
 }
 
 class Coordinator {
@@ -66,9 +93,11 @@ class Coordinator {
   constructor(bindingManager, options, observer) {
     this.#native = new BindingCoordinator(bindingManager, {
       url: options.url,
+      cluster: options.cluster,
+      tlsCa: caBuffer(options.tls),
       keyPrefix: options.keyPrefix,
       lockTtlMs: options.lockTtlMs,
-      encryptionKey: options.encryptionKey,
+      encryptionKeys: Array.isArray(options.encryptionKey) ? options.encryptionKey : [options.encryptionKey],
     })
     this.#onError = options.onError ?? 'local'
     this.#observer = observer
@@ -115,6 +144,18 @@ class Coordinator {
           return this.#unavailable(userId, a.reason, refresh)
       }
     })
+  }
+
+  /**
+   * The manager's `invalidate`, for the other instances: marks the stored
+   * token bad (so none adopts it later) and announces it (so each marks it
+   * as this one did). In the background; never throws.
+   */
+  invalidate(userId, accessToken) {
+    if (this.#closed) return
+    try {
+      this.#track(this.#native.invalidate(userId, accessToken ?? null), userId, false)
+    } catch {}
   }
 
   /** Waits for pending writes, then drops the connection. Idempotent. */
@@ -180,15 +221,21 @@ class Coordinator {
     return refresh('redis-fallback')
   }
 
-  /** Background Redis work for `userId` nobody awaits: it must never reject. */
-  #track(settling, userId) {
+  /**
+   * Background Redis work for `userId` nobody awaits: it must never reject.
+   * `afterRefresh`: it shares a refresh that already ran, so failing to
+   * counts as a fallback.
+   */
+  #track(settling, userId, afterRefresh = true) {
     const p = settling
       .then((s) => {
         // The refresh already ran: its token is the caller's, but the other
         // instances did not get it and may refresh again.
         if (s.unavailable != null && !this.#closed) {
-          this.#fallbacks++
-          this.#observer.redisFallback(userId, s.unavailable, 'share')
+          if (afterRefresh) {
+            this.#fallbacks++
+            this.#observer.redisFallback(userId, s.unavailable, 'share')
+          }
           this.#warnDown(s.unavailable)
         }
       })

@@ -171,7 +171,10 @@ class TokenManager {
     }
   }
 
-  /** The API answered 401 with `accessToken` (or any token of the user's). */
+  /**
+   * The API answered 401 with `accessToken` (or any token of the user's).
+   * With `redis`, every instance hears it too (in the background).
+   */
   invalidate(userId, accessToken) {
     if (typeof userId !== 'string' || userId.length === 0) throw argError('userId', 'must be a non-empty string')
     if (accessToken !== undefined && accessToken !== null && typeof accessToken !== 'string') {
@@ -182,6 +185,7 @@ class TokenManager {
     } catch (e) {
       throw fromNative(e)
     }
+    this.#coordinator?.invalidate(userId, accessToken)
     this.#observer.invalidated(userId, accessToken == null ? 'user' : 'token')
   }
 
