@@ -48,6 +48,11 @@ export declare class BindingManager {
   /** The effective refresh timeout, for `lib/manager.js`'s timer. */
   get refreshTimeoutMs(): number
   /**
+   * The effective buffer, for `lib/observability.js` to say why a
+   * refresh ran (a presented token outside it was invalidated).
+   */
+  get bufferTimeMs(): number
+  /**
    * `isFresh`, `begin` and `complete` bound to this manager's engine
    * (`protocol.rs` has every answer): the same engine decisions at a
    * fraction of a method call's cost.

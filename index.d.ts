@@ -137,6 +137,81 @@ export interface TokenManagerOptions {
   idleTtlMs?: number
   /** Coordinate refreshes across instances through Redis. Without it, coordination is in-process. */
   redis?: RedisOptions | null
+  /**
+   * Where warnings go (`TTM_REDIS_UNAVAILABLE`, `TTM_REDIS_UNDECRYPTABLE`,
+   * `TTM_OBSERVABILITY_FAILED`): called as `logger.warn({ code }, message)`,
+   * so a pino logger or `console` fits. Default: process warnings
+   * (`process.emitWarning(message, { code })`).
+   */
+  logger?: TokenManagerLogger | null
+  /**
+   * OpenTelemetry metrics and spans (README: Observability). Default: the
+   * global providers of `@opentelemetry/api` (an optional peer dependency),
+   * no-ops until the application registers an SDK. Pass providers to use
+   * those instead, or `false` to leave OpenTelemetry alone.
+   */
+  openTelemetry?: false | OpenTelemetryProviders | null
+}
+
+/** pino, console, or anything with these two methods. */
+export interface TokenManagerLogger {
+  warn(fields: { code: string }, message: string): void
+  error(fields: { code: string }, message: string): void
+}
+
+/** `@opentelemetry/api` providers (a `MeterProvider`, a `TracerProvider`). */
+export interface OpenTelemetryProviders {
+  meterProvider?: { getMeter(name: string, version?: string, options?: object): unknown }
+  tracerProvider?: { getTracer(name: string, version?: string, options?: object): unknown }
+}
+
+/** How a refresh was coordinated: in-process, under the user's Redis lock, or in-process because Redis was unavailable. */
+export type RefreshCoordination = 'local' | 'redis' | 'redis-fallback'
+
+/**
+ * The context of the `tarabut-token-manager:refresh` tracing channel
+ * (`diagnostics_channel.tracingChannel`), one per refresh this process
+ * runs: `start` and `end` around the call, then `asyncStart` and `asyncEnd`
+ * (after `error` on failure) when the refresh is over.
+ */
+export interface RefreshChannelContext {
+  userId: string
+  /** Why it ran: the leader's token had expired, was inside the buffer, was invalidated, or was empty. */
+  reason: 'expired' | 'buffer' | 'invalidated' | 'no-token'
+  /** `tarabutRefresher`, `oauth2Refresher`, or any other function (including one wrapping those). */
+  refresher: 'tarabut' | 'oauth2' | 'custom'
+  coordination: RefreshCoordination
+  /** When over: the callers this refresh served (its leader's and every caller that joined it here). */
+  waiters?: number
+  /** When over: from the refresh's start to its end (or its timeout). */
+  durationMs?: number
+  /** When it failed: the error code (as `error.code`). */
+  code?: TokenRefreshErrorCode
+  /** On failure (`error`, `asyncStart`, `asyncEnd`): what callers got. */
+  error?: unknown
+}
+
+/** `tarabut-token-manager:stale-served`: a caller got its own still-valid token back after a refresh failed with `code`. */
+export interface StaleServedMessage {
+  userId: string
+  code: TokenRefreshErrorCode
+}
+
+/**
+ * `tarabut-token-manager:redis-fallback`: Redis could not be used. `phase`
+ * 'refresh': the refresh ran coordinated in-process only; 'share': its token
+ * could not be shared with the other instances. `reason` never holds the URL.
+ */
+export interface RedisFallbackMessage {
+  userId: string
+  reason: string
+  phase: 'refresh' | 'share'
+}
+
+/** `tarabut-token-manager:invalidate`: `invalidate(userId, token)` ('token') or `invalidate(userId)` ('user'). */
+export interface InvalidateMessage {
+  userId: string
+  scope: 'token' | 'user'
 }
 
 export interface TokenManagerStats {
@@ -183,6 +258,13 @@ export declare class TokenManager {
   invalidate(userId: string, accessToken?: string | null): void
   /** Counters kept as they change: constant time however many users are held. */
   stats(): TokenManagerStats
+  /**
+   * This manager's metrics in the Prometheus text exposition format
+   * (`text/plain; version=0.0.4`): refreshes by outcome and refresher, their
+   * durations (histogram, 5 ms to 30 s), users, in-flight refreshes, hits,
+   * coalesced calls, stale serves and Redis fallbacks.
+   */
+  metrics(): Promise<string>
   /**
    * With `redis`: waits for pending Redis writes, then closes the connection
    * so nothing lingers (an idle manager does not keep Node's event loop

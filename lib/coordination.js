@@ -74,6 +74,8 @@ function caBuffer(tls) {
 class Coordinator {
   #native
   #onError
+  /** Warnings and fallback events (lib/observability.js). */
+  #observer
   #closed = false
   #fallbacks = 0
   #warnedDown = false
@@ -86,8 +88,9 @@ class Coordinator {
   /**
    * @param bindingManager the manager's BindingManager (its engine checks revocations)
    * @param options `options.redis`, already checked by `checkOptions`
+   * @param observer the manager's Observer (lib/observability.js)
    */
-  constructor(bindingManager, options) {
+  constructor(bindingManager, options, observer) {
     this.#native = new BindingCoordinator(bindingManager, {
       url: options.url,
       cluster: options.cluster,
@@ -97,6 +100,7 @@ class Coordinator {
       encryptionKeys: Array.isArray(options.encryptionKey) ? options.encryptionKey : [options.encryptionKey],
     })
     this.#onError = options.onError ?? 'local'
+    this.#observer = observer
   }
 
   /** Refreshes coordinated in-process only because Redis was unavailable. */
@@ -150,7 +154,7 @@ class Coordinator {
   invalidate(userId, accessToken) {
     if (this.#closed) return
     try {
-      this.#track(this.#native.invalidate(userId, accessToken ?? null), false)
+      this.#track(this.#native.invalidate(userId, accessToken ?? null), userId, false)
     } catch {}
   }
 
@@ -166,20 +170,20 @@ class Coordinator {
     const lease = a.lease
     if (ctx.signal.aborted) {
       // The manager gave up (timeout) before the lock came: let others go now.
-      this.#track(this.#native.release(userId, lease, false))
+      this.#track(this.#native.release(userId, lease, false), userId)
       throw ctx.signal.reason
     }
     // The cache had a newer refresh token than the caller's (rotated by a
     // refresh elsewhere whose caller's write was lost): refresh with it.
     if (a.refreshToken != null) ctx.refreshToken = a.refreshToken
-    return refresh().then(
+    return refresh('redis').then(
       (result) => {
         // The manager validates the result; `reported` writes what the core kept.
         this.#leases.set(ctx, lease)
         return result
       },
       (err) => {
-        this.#track(this.#native.release(userId, lease, true))
+        this.#track(this.#native.release(userId, lease, true), userId)
         throw err
       },
     )
@@ -197,11 +201,11 @@ class Coordinator {
       if (lease === undefined) return
       this.#leases.delete(ctx)
       if (issued === undefined) {
-        this.#track(this.#native.release(ctx.userId, lease, true))
+        this.#track(this.#native.release(ctx.userId, lease, true), ctx.userId)
       } else {
         // Not rotated: the refresh token it ran with stays the one to use.
         const refreshToken = issued.refreshToken ?? ctx.refreshToken ?? null
-        this.#track(this.#native.commit(ctx.userId, lease, issued.accessToken, refreshToken, issued.expiresAtMs, null))
+        this.#track(this.#native.commit(ctx.userId, lease, issued.accessToken, refreshToken, issued.expiresAtMs, null), ctx.userId)
       }
     } catch {}
   }
@@ -213,20 +217,25 @@ class Coordinator {
       throw this.#error('COORDINATOR_UNAVAILABLE', userId, `cannot coordinate the refresh: ${reason}`)
     }
     this.#fallbacks++
-    return refresh()
+    this.#observer.redisFallback(userId, reason, 'refresh')
+    return refresh('redis-fallback')
   }
 
   /**
-   * Background Redis work nobody awaits: it must never reject. `afterRefresh`:
-   * it shares a refresh that already ran, so failing to counts as a fallback.
+   * Background Redis work for `userId` nobody awaits: it must never reject.
+   * `afterRefresh`: it shares a refresh that already ran, so failing to
+   * counts as a fallback.
    */
-  #track(settling, afterRefresh = true) {
+  #track(settling, userId, afterRefresh = true) {
     const p = settling
       .then((s) => {
         // The refresh already ran: its token is the caller's, but the other
         // instances did not get it and may refresh again.
         if (s.unavailable != null && !this.#closed) {
-          if (afterRefresh) this.#fallbacks++
+          if (afterRefresh) {
+            this.#fallbacks++
+            this.#observer.redisFallback(userId, s.unavailable, 'share')
+          }
           this.#warnDown(s.unavailable)
         }
       })
@@ -245,15 +254,15 @@ class Coordinator {
     if (this.#warnedDown) return
     this.#warnedDown = true
     const then = this.#onError === 'fail' ? 'refreshes fail with COORDINATOR_UNAVAILABLE' : 'refreshes are coordinated in-process only'
-    process.emitWarning(`tarabut-token-manager: ${reason}; ${then} until it is back`, { code: 'TTM_REDIS_UNAVAILABLE' })
+    this.#observer.warn('TTM_REDIS_UNAVAILABLE', `tarabut-token-manager: ${reason}; ${then} until it is back`)
   }
 
   #warnUndecryptable() {
     if (this.#warnedUndecryptable) return
     this.#warnedUndecryptable = true
-    process.emitWarning(
+    this.#observer.warn(
+      'TTM_REDIS_UNDECRYPTABLE',
       'tarabut-token-manager: a token cached in Redis did not decrypt with options.redis.encryptionKey (rotated key, or another app on the same keyPrefix?); treated as a cache miss',
-      { code: 'TTM_REDIS_UNDECRYPTABLE' },
     )
   }
 }

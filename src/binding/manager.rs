@@ -89,6 +89,13 @@ impl BindingManager {
         self.engine.policy().refresh_timeout_ms as f64
     }
 
+    /// The effective buffer, for `lib/observability.js` to say why a
+    /// refresh ran (a presented token outside it was invalidated).
+    #[napi(getter)]
+    pub fn buffer_time_ms(&self) -> f64 {
+        self.engine.policy().buffer_ms as f64
+    }
+
     /// `isFresh`, `begin` and `complete` bound to this manager's engine
     /// (`protocol.rs` has every answer): the same engine decisions at a
     /// fraction of a method call's cost.
