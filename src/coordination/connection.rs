@@ -1,27 +1,27 @@
-//! One multiplexed RESP3 connection per coordinator (a `ConnectionManager`,
-//! which reconnects by itself), carrying both commands and the pub/sub
-//! channel, plus a breaker: after a connection-level failure, calls fail
-//! fast (no Redis round trip, no waiting) while a background probe
-//! reconnects. What counts as such a failure, and the restart guard, are
-//! `health.rs`'s.
+//! One RESP3 link per coordinator (`link.rs`: a node's `ConnectionManager`
+//! or a cluster connection, both reconnecting by themselves), carrying both
+//! commands and the pub/sub channel, plus a breaker: after a connection-level
+//! failure, calls fail fast (no Redis round trip, no waiting) while a
+//! background probe reconnects. What counts as such a failure, and the
+//! restart guard, are `health.rs`'s.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, IntoConnectionInfo, ProtocolVersion, PushKind, RedisError, RedisResult};
+use redis::aio::ConnectionManagerConfig;
+use redis::{PushKind, RedisError, RedisResult};
 use tokio::task::AbortHandle;
 
 use super::health::{self, Breaker, Epoch, Fault};
+use super::link::{self, Endpoint, Link, Target};
 use super::pubsub::Waiters;
-use crate::engine::SecretString;
+use crate::engine::EngineError;
 
-/// Longest a single Redis call may take before Redis counts as unavailable.
-/// Every call is in-memory work on the server: a second is an outage.
+/// How long a call may go unanswered before a ping decides whether Redis is
+/// away (`Connection::run`). Every call is in-memory work on the server.
 pub const OP_TIMEOUT: Duration = Duration::from_millis(1_000);
 
 /// Why a call could not use Redis. Messages name a category, never the URL.
@@ -29,51 +29,52 @@ pub const OP_TIMEOUT: Duration = Duration::from_millis(1_000);
 pub enum Unavailable {
     #[error("the coordinator is closed")]
     Closed,
-    #[error("Redis is unreachable (reconnecting in the background)")]
-    Down,
+    /// The breaker is open: calls fail fast. Holds what failed last, so
+    /// the first caller to hear of an outage hears why (a wrong password
+    /// found by the background connect, say).
+    #[error("{0}; reconnecting in the background")]
+    Down(String),
     #[error("Redis did not answer in time")]
     TimedOut,
-    #[error("Redis call failed ({0})")]
+    /// What failed, in words (`link::describe`).
+    #[error("{0}")]
     Failed(String),
-    /// An odd reply to this one call: the breaker stays closed.
-    #[error("Redis refused the call ({0})")]
+    /// An odd reply to this one call (`link::describe`): the breaker stays
+    /// closed.
+    #[error("{0}")]
     Rejected(String),
     /// The restart guard (`health.rs`): this server may have lost locks.
-    #[error("Redis restarted, failed over or is new to this fleet: refreshes that spend a refresh token wait {resumes_in_ms} ms more for locks it may have lost")]
+    #[error("Redis restarted, failed over or lost its keys: refreshes that spend a refresh token wait {resumes_in_ms} ms more for locks it may have lost")]
     NewServer { resumes_in_ms: u64 },
 }
 
 impl Unavailable {
     /// Worth another try shortly (a write that must land).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Down | Self::TimedOut | Self::Failed(_))
+        matches!(self, Self::Down(_) | Self::TimedOut | Self::Failed(_))
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum UrlError {
-    #[error(
-        "is not a valid Redis URL (redis://[user:password@]host[:port][/db] or redis+unix:///path)"
-    )]
-    Invalid,
-    #[error("uses TLS (rediss://), which this build does not support")]
-    Tls,
-}
-
 pub struct Connection {
-    client: Client,
+    target: Target,
     channel: String,
     waiters: Arc<Waiters>,
-    manager: Mutex<Option<ConnectionManager>>,
+    manager: Mutex<Option<Link>>,
+    /// Held while a link is being made, so concurrent calls make one.
+    connecting: tokio::sync::Mutex<()>,
+    /// What the last failure was, in words: what `Unavailable::Down` says.
+    failure: Mutex<String>,
     subscribed: AtomicBool,
     breaker: Breaker,
     epoch: Epoch,
     closed: AtomicBool,
     probe: Mutex<Option<AbortHandle>>,
+    /// This connection, for the push handler (set by `started`).
+    me: Arc<OnceLock<Weak<Connection>>>,
 }
 
 impl std::fmt::Debug for Connection {
-    // The client holds the URL, which may carry a password.
+    // The target holds the URL, which may carry a password.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
             .field("channel", &self.channel)
@@ -84,31 +85,50 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
-    /// Parses the URL; connects lazily, on the first call.
-    pub fn open(url: &SecretString, channel: String) -> Result<Self, UrlError> {
-        let url = url.expose();
-        if url.starts_with("rediss:") || url.starts_with("valkeys:") {
-            return Err(UrlError::Tls);
-        }
-        let info = url.into_connection_info().map_err(|_| UrlError::Invalid)?;
-        // RESP3: subscriptions and commands share the one connection.
-        let settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let client =
-            Client::open(info.set_redis_settings(settings)).map_err(|_| UrlError::Invalid)?;
+    /// Parses the endpoint (`ca`: PEM for TLS); connects lazily, on the
+    /// first call.
+    pub fn open(
+        endpoint: &Endpoint,
+        ca: Option<&[u8]>,
+        channel: String,
+    ) -> Result<Self, EngineError> {
+        let waiters = Arc::<Waiters>::default();
+        let weak = Arc::downgrade(&waiters);
+        let me = Arc::<OnceLock<Weak<Connection>>>::default();
+        let conn = me.clone();
+        let push: link::PushHandler = Arc::new(move |info| {
+            // A dropped connection: have a ping say whether Redis is gone
+            // (the probe then reconnects promptly and touches the restart
+            // markers) rather than wait for a call to fail.
+            if info.kind == PushKind::Disconnection {
+                if let Some(c) = conn.get().and_then(Weak::upgrade) {
+                    c.check();
+                }
+            }
+            if let Some(w) = weak.upgrade() {
+                w.on_push(info);
+            }
+        });
+        let target = Target::new(endpoint, ca, OP_TIMEOUT, push)?;
         Ok(Self {
-            client,
+            target,
             channel,
-            waiters: Arc::default(),
+            waiters,
             manager: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            failure: Mutex::new("Redis is unreachable".to_owned()),
             subscribed: AtomicBool::new(false),
             breaker: Breaker::default(),
             epoch: Epoch::default(),
             closed: AtomicBool::new(false),
             probe: Mutex::new(None),
+            me,
         })
+    }
+
+    /// Called once the connection is shared: lets the push handler reach it.
+    pub fn started(self: &Arc<Self>) {
+        let _ = self.me.set(Arc::downgrade(self));
     }
 
     pub fn waiters(&self) -> &Arc<Waiters> {
@@ -124,7 +144,7 @@ impl Connection {
         self.breaker.is_open()
     }
 
-    /// Which server this connection last used (the restart guard).
+    /// Which servers this connection used (the restart guard).
     pub fn epoch(&self) -> &Epoch {
         &self.epoch
     }
@@ -137,7 +157,7 @@ impl Connection {
     /// keeps waiting, up to `budget` (a loaded server is slow, not gone).
     pub async fn run<T, F, Fut>(self: &Arc<Self>, budget: Duration, f: F) -> Result<T, Unavailable>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Link) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         self.call(budget, f, true).await
@@ -152,7 +172,7 @@ impl Connection {
         f: F,
     ) -> Result<T, Unavailable>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Link) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         self.call(budget, f, false).await
@@ -165,7 +185,7 @@ impl Connection {
         gated: bool,
     ) -> Result<T, Unavailable>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Link) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         if self.closed.load(Relaxed) {
@@ -176,10 +196,10 @@ impl Connection {
         tokio::pin!(opened);
         opened.as_mut().enable();
         if gated && self.is_down() {
-            return Err(Unavailable::Down);
+            return Err(Unavailable::Down(self.failure.lock().clone()));
         }
-        let manager = self.manager()?;
         let call = async {
+            let manager = self.manager().await?;
             self.subscribe(&manager).await?;
             f(manager).await
         };
@@ -211,14 +231,16 @@ impl Connection {
     fn fault(self: &Arc<Self>, e: &RedisError) -> Unavailable {
         match health::classify(e) {
             Fault::Connection => {
+                let failure = link::describe(e);
+                *self.failure.lock() = failure.clone();
                 self.mark_down();
-                Unavailable::Failed(e.category().to_owned())
+                Unavailable::Failed(failure)
             }
             Fault::Slow => {
                 self.check();
                 Unavailable::TimedOut
             }
-            Fault::Reply => Unavailable::Rejected(e.category().to_owned()),
+            Fault::Reply => Unavailable::Rejected(link::describe(e)),
         }
     }
 
@@ -231,13 +253,14 @@ impl Connection {
         self.manager.lock().take();
     }
 
-    fn manager(self: &Arc<Self>) -> Result<ConnectionManager, Unavailable> {
-        let mut slot = self.manager.lock();
-        if let Some(m) = &*slot {
+    async fn manager(&self) -> RedisResult<Link> {
+        if let Some(m) = &*self.manager.lock() {
             return Ok(m.clone());
         }
-        let waiters = Arc::downgrade(&self.waiters);
-        let conn = Arc::downgrade(self);
+        let _one = self.connecting.lock().await;
+        if let Some(m) = &*self.manager.lock() {
+            return Ok(m.clone());
+        }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(OP_TIMEOUT))
             // Every call has its own budget (`run`).
@@ -246,31 +269,22 @@ impl Connection {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(200))
-            .set_push_sender(move |info: redis::PushInfo| {
-                // A dropped connection: have a ping say whether Redis is
-                // gone (the probe then reconnects promptly and touches the
-                // restart marker) rather than wait for a call to fail.
-                if info.kind == PushKind::Disconnection {
-                    if let Some(c) = conn.upgrade() {
-                        c.check();
-                    }
-                }
-                if let Some(w) = waiters.upgrade() {
-                    w.on_push(info);
-                }
-                Ok::<(), Infallible>(())
-            })
             .set_automatic_resubscription();
-        let m = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
-            .map_err(|e| Unavailable::Failed(e.category().to_owned()))?;
-        *slot = Some(m.clone());
+        let m = self.target.connect(config).await?;
+        if self.closed.load(Relaxed) {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "closed",
+            )));
+        }
+        *self.manager.lock() = Some(m.clone());
         Ok(m)
     }
 
-    /// Subscribes once; the manager resubscribes after reconnecting.
-    async fn subscribe(&self, manager: &ConnectionManager) -> RedisResult<()> {
+    /// Subscribes once; the link resubscribes after reconnecting.
+    async fn subscribe(&self, manager: &Link) -> RedisResult<()> {
         if !self.subscribed.load(Relaxed) {
-            manager.clone().subscribe(&self.channel).await?;
+            manager.subscribe(&self.channel).await?;
             self.subscribed.store(true, Relaxed);
         }
         Ok(())
@@ -307,28 +321,36 @@ impl Connection {
         });
     }
 
-    /// Pings, and touches the restart marker (`health::touch`) so a grace
-    /// starts as soon as this instance is back on a new server.
+    /// Pings, and touches the restart markers this instance used recently
+    /// (`health::touch`), so a grace starts as soon as it is back on a new
+    /// server.
     async fn ping(self: &Arc<Self>) -> bool {
-        let Ok(manager) = self.manager() else {
-            return false;
-        };
         let ping = async {
+            let manager = self.manager().await?;
             self.subscribe(&manager).await?;
             redis::cmd("PING")
                 .query_async::<()>(&mut manager.clone())
-                .await
+                .await?;
+            Ok::<_, RedisError>(manager)
         };
-        if !matches!(tokio::time::timeout(OP_TIMEOUT, ping).await, Ok(Ok(()))) {
-            return false;
-        }
-        if let Some(marker) = self.epoch.marker() {
-            let (mut m, known) = (manager.clone(), self.epoch.known());
-            let touched = health::touch(&mut m, marker, &known);
+        let manager = match tokio::time::timeout(OP_TIMEOUT, ping).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                *self.failure.lock() = link::describe(&e);
+                return false;
+            }
+            Err(_) => {
+                *self.failure.lock() = Unavailable::TimedOut.to_string();
+                return false;
+            }
+        };
+        for (marker, known) in self.epoch.recent() {
+            let mut m = manager.clone();
+            let touched = health::touch(&mut m, &marker, &known);
             // Redis answered: a failed touch (an ACL refusing scripts) only
-            // means the next acquire does the detection itself.
-            if let Ok(Ok(run)) = tokio::time::timeout(OP_TIMEOUT, touched).await {
-                self.epoch.saw(&run);
+            // means the next grant does the detection itself.
+            if let Ok(Ok(identity)) = tokio::time::timeout(OP_TIMEOUT, touched).await {
+                self.epoch.saw(&marker, &identity);
             }
         }
         true

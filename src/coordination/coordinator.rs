@@ -15,10 +15,14 @@
 //! Redis failing at any step yields [`Outcome::Unavailable`]; what to do
 //! then (refresh locally or fail) is the caller's policy. A refresh that
 //! spends a refresh token is also held back by the restart guard
-//! (`health.rs`) on a server that may have lost the fleet's locks: it
-//! waits if the guard ends before its deadline, else it is `Unavailable`
-//! (`NewServer`) too. A result that could not be written is written again
+//! (`health.rs`) on a server that may have lost the fleet's locks: if the
+//! guard ends while at least half its budget is left, it waits, holding the
+//! lock meanwhile (callers after it queue behind it), then asks again;
+//! else it is `Unavailable` (`NewServer`) too. A result that could not be written is written again
 //! in the background as soon as Redis answers, within the guard's grace.
+//!
+//! [`Coordinator::invalidate`] marks a stored token bad and tells the other
+//! instances, whose [`Coordinator::on_invalidated`] listener hears it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,8 +37,8 @@ use super::connection::{Connection, Unavailable, OP_TIMEOUT};
 use super::health;
 use super::keys::{Keys, UserKeys};
 use super::lock::{self, Acquire, Answer, Extended, Guard, Want};
-use super::record::{Lease, Notice, Record};
-use super::seal::{SealKey, SharedToken};
+use super::record::{self, Invalidation, Lease, Notice, Record};
+use super::seal::{self, SealKeys, SharedToken};
 use crate::engine::{time, Presented, SecretString};
 
 /// Timing the coordinator shares with the engine's policy.
@@ -99,28 +103,46 @@ pub struct Acquired {
 pub struct Coordinator {
     conn: Arc<Connection>,
     keys: Keys,
-    seal: SealKey,
+    seal: Arc<SealKeys>,
     timing: Timing,
     watchdogs: Arc<Mutex<HashMap<String, AbortHandle>>>,
+    /// Names this instance in its `invalidate` announcements.
+    origin: u128,
+}
+
+/// Associated data of a sealed invalidation: not confusable with a token.
+fn invalidation_aad(id: &str) -> Vec<u8> {
+    [b"invalidate|".as_slice(), id.as_bytes()].concat()
 }
 
 impl Coordinator {
-    pub fn new(conn: Connection, keys: Keys, seal: SealKey, timing: Timing) -> Self {
-        conn.epoch().configure(
-            keys.epoch_marker(),
-            health::memory_ms(timing.refresh_timeout_ms),
-        );
+    pub fn new(conn: Connection, keys: Keys, seal: SealKeys, timing: Timing) -> Self {
+        conn.epoch()
+            .configure(health::memory_ms(timing.refresh_timeout_ms));
+        let conn = Arc::new(conn);
+        conn.started();
         Self {
-            conn: Arc::new(conn),
+            conn,
             keys,
-            seal,
+            seal: Arc::new(seal),
             timing,
             watchdogs: Arc::default(),
+            origin: rand::random(),
         }
     }
 
     pub fn timing(&self) -> &Timing {
         &self.timing
+    }
+
+    /// Connects and subscribes now rather than on the first refresh, so
+    /// this instance hears other instances' `invalidate` from the start.
+    pub async fn connect(&self) -> Result<(), Unavailable> {
+        self.conn
+            .run(OP_TIMEOUT, |mut m| async move {
+                redis::cmd("PING").query_async::<()>(&mut m).await
+            })
+            .await
     }
 
     /// Whether Redis calls are failing fast until a background probe reconnects.
@@ -141,7 +163,7 @@ impl Coordinator {
         refresh_token: RefreshTokenUse,
     ) -> Acquired {
         let keys = self.keys.user(user_id);
-        let marker = self.keys.epoch_marker();
+        let marker = self.keys.epoch_marker(&keys);
         let t = self.timing;
         let (grace_ms, settle_ms) = match refresh_token {
             RefreshTokenUse::Never => (0, 0),
@@ -151,6 +173,8 @@ impl Coordinator {
         let mut undecryptable = false;
         let mut waited = false;
         let mut skip_fence = 0;
+        // The owner holding the lock through a restart guard, if any.
+        let mut held: Option<String> = None;
         let outcome = loop {
             let started = Instant::now();
             if started >= deadline {
@@ -166,23 +190,44 @@ impl Coordinator {
                 now,
                 skip_fence,
             };
-            let owner = lock::new_owner();
+            let owner = held.clone().unwrap_or_else(lock::new_owner);
             let counter_ttl = self.counter_ttl_ms();
-            let known = self.conn.epoch().known();
+            let known = self.conn.epoch().known(&marker);
+            // Waiting out a restart guard must leave at least half the
+            // budget to the refresh itself: one cut short by its timeout may
+            // have spent its refresh token.
+            let can_wait = (deadline - started).saturating_sub(budget / 2);
             let guard = Guard {
                 marker: &marker,
                 known: &known,
                 grace_ms,
                 settle_ms,
                 sends_refresh_token: refresh_token == RefreshTokenUse::Sends,
+                can_wait_ms: can_wait.as_millis() as u64,
+                reclaim: held.is_some(),
             };
-            let (k, o) = (&keys, &owner);
+            let (k, o, c) = (&keys, &owner, self.conn.channel());
             let answer = self
                 .conn
                 .run(deadline - started, |mut m| async move {
-                    lock::acquire(&mut m, k, o, t.lock_ttl_ms, counter_ttl, want, guard).await
+                    lock::acquire(&mut m, k, c, o, t.lock_ttl_ms, counter_ttl, want, guard).await
                 })
                 .await;
+            // The lock held through a guard is ours only if this answer
+            // says so again (the script let it go otherwise).
+            let was_held = held.is_some();
+            if was_held
+                && !matches!(
+                    answer,
+                    Ok(Answer {
+                        found: Acquire::HeldThroughGuard | Acquire::Locked { .. },
+                        ..
+                    })
+                )
+            {
+                held = None;
+                self.unwatch(&owner);
+            }
             let found = match answer {
                 Ok(Answer {
                     found,
@@ -190,7 +235,7 @@ impl Coordinator {
                     guard_ms,
                 }) => {
                     if !server.is_empty() {
-                        self.conn.epoch().saw(&server);
+                        self.conn.epoch().saw(&marker, &server);
                     }
                     Ok((found, guard_ms))
                 }
@@ -198,8 +243,11 @@ impl Coordinator {
                     // The script may still run (a stalled server answers
                     // later): give the lock back if it granted it, so nobody
                     // waits out its TTL for a refresh that will not happen.
-                    if !matches!(e, Unavailable::Closed | Unavailable::Down) {
-                        self.abandon(keys.clone(), owner);
+                    // (A lock held through a guard is given back either way.)
+                    if !matches!(e, Unavailable::Closed)
+                        && (was_held || !matches!(e, Unavailable::Down(_)))
+                    {
+                        self.abandon(keys.clone(), owner.clone());
                     }
                     Err(e)
                 }
@@ -207,18 +255,25 @@ impl Coordinator {
             match found {
                 Err(e) => break Outcome::Unavailable(e),
                 Ok((Acquire::Guarded, left_ms)) => {
-                    // Wait the guard out if at least half the budget is
-                    // then left for the refresh itself: one cut short by
-                    // its timeout may have spent its refresh token.
-                    let left = Duration::from_millis(left_ms + 5);
-                    if Instant::now() + left + budget / 2 <= deadline {
-                        drop(waiting);
-                        tokio::time::sleep(left).await;
-                        continue;
-                    }
                     break Outcome::Unavailable(Unavailable::NewServer {
                         resumes_in_ms: left_ms,
                     });
+                }
+                Ok((Acquire::HeldThroughGuard, left_ms)) => {
+                    // Ours while the guard lasts, so callers after this one
+                    // queue behind it; then ask again (a token the old
+                    // server's holder wrote meanwhile answers instead).
+                    drop(waiting);
+                    if held.is_none() {
+                        let lease = Lease {
+                            owner: owner.clone(),
+                            fence: 0,
+                        };
+                        self.watch(keys.clone(), lease, deadline);
+                        held = Some(owner);
+                    }
+                    tokio::time::sleep(Duration::from_millis(left_ms + 5)).await;
+                    continue;
                 }
                 Ok((Acquire::Cached(record), _)) => {
                     match self.accept(&keys, &record, presented, &usable, &mut undecryptable) {
@@ -228,6 +283,9 @@ impl Coordinator {
                 }
                 Ok((Acquire::Locked { lease, stale }, guard_ms)) => {
                     drop(waiting);
+                    if held.take().is_some() {
+                        self.unwatch(&lease.owner);
+                    }
                     self.watch(keys.clone(), lease.clone(), deadline);
                     // While guarded, no cached refresh token is handed over:
                     // the refresh that last spent it may still be running.
@@ -258,7 +316,9 @@ impl Coordinator {
                         }
                         Ok(Ok(Notice::Failed)) => break Outcome::Failed,
                         // Released, or the lock's TTL ran out: ask again.
-                        Ok(Ok(Notice::Released)) | Ok(Err(_)) | Err(_) => {}
+                        // (Invalidations go to the listener, never here.)
+                        Ok(Ok(Notice::Released | Notice::Invalidated(_))) | Ok(Err(_)) | Err(_) => {
+                        }
                     }
                 }
             }
@@ -286,11 +346,13 @@ impl Coordinator {
             sealed: self.seal.seal(keys.id.as_bytes(), token),
         };
         let ttl = (token.expires_at.saturating_sub(now)).max(0) as u64 + self.timing.retention_ms;
+        let fingerprint = seal::fingerprint(&keys.id, &token.access);
         let write = Write {
             keys,
             lease: lease.clone(),
             expires_at: token.expires_at,
             record,
+            fingerprint,
             ttl_ms: ttl,
         };
         let first = write.once(&self.conn).await;
@@ -348,6 +410,59 @@ impl Coordinator {
 
     fn counter_ttl_ms(&self) -> u64 {
         2 * (self.timing.refresh_timeout_ms + self.timing.lock_ttl_ms)
+    }
+
+    /// `invalidate` for every instance: marks the stored token bad when it
+    /// is `access` (any stored token: `None`), so none hands it out again,
+    /// even one that misses the announcement, and announces it (sealed) to
+    /// the others' [`Coordinator::on_invalidated`]. One round trip. Returns
+    /// whether a stored token was marked.
+    pub async fn invalidate(
+        &self,
+        user_id: &str,
+        access: Option<&SecretString>,
+    ) -> Result<bool, Unavailable> {
+        let keys = self.keys.user(user_id);
+        let fingerprint = access.map(|a| seal::fingerprint(&keys.id, a));
+        let payload = record::encode_invalidation(&Invalidation {
+            origin: self.origin,
+            user_id: user_id.to_owned(),
+            access: access.cloned(),
+        });
+        let notice =
+            Notice::Invalidated(self.seal.seal_bytes(&invalidation_aad(&keys.id), &payload));
+        let channel = self.conn.channel();
+        let (k, fp, n) = (&keys, fingerprint.as_deref(), &notice);
+        self.conn
+            .run(OP_TIMEOUT, |mut m| async move {
+                cache::invalidate(&mut m, k, channel, fp, n).await
+            })
+            .await
+    }
+
+    /// Hands `listener` the user id and access token (if one was named) of
+    /// every other instance's `invalidate`. Announcements that do not open
+    /// with these keys (another app on the prefix) are dropped.
+    pub fn on_invalidated(
+        &self,
+        listener: impl Fn(&str, Option<&SecretString>) + Send + Sync + 'static,
+    ) {
+        let seal = self.seal.clone();
+        let keys = self.keys.clone();
+        let me = self.origin;
+        self.conn
+            .waiters()
+            .on_invalidated(Box::new(move |id, sealed| {
+                let Ok(plain) = seal.open_bytes(&invalidation_aad(id), sealed) else {
+                    return;
+                };
+                let Some(i) = record::decode_invalidation(&plain) else {
+                    return;
+                };
+                if i.origin != me && keys.user(&i.user_id).id == id {
+                    listener(&i.user_id, i.access.as_ref());
+                }
+            }));
     }
 
     /// Gives the lock up without a token: `failed` tells waiters the refresh
@@ -486,6 +601,7 @@ struct Write {
     lease: Lease,
     expires_at: i64,
     record: Record,
+    fingerprint: String,
     ttl_ms: u64,
 }
 
@@ -500,6 +616,7 @@ impl Write {
                 &self.lease,
                 self.expires_at,
                 &self.record,
+                &self.fingerprint,
                 self.ttl_ms,
             )
             .await

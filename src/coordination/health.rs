@@ -43,8 +43,10 @@
 //!   instance that knew none starts a short **settle** ([`SETTLE_MS`])
 //!   instead, long enough for every live instance that used the old server
 //!   to reach the new one (their reconnect probe touches the marker within
-//!   [`PROBE_MAX`] of the server answering) and convert it. A fresh stack
-//!   therefore waits at most the settle once, not a whole grace.
+//!   [`PROBE_MAX`] of the server answering) and convert it. A server up for
+//!   longer than the grace needs no settle (whatever was pending before it
+//!   started is over), so a fresh stack waits at most the settle once, and
+//!   a new prefix on a long-running Redis not at all.
 //!
 //! Why [`grace_ms`] is the refresh timeout plus a margin: a lock the old
 //! server granted was granted before that server went away, to a refresh
@@ -59,13 +61,15 @@
 //! Refreshes that spend no refresh token (client credentials) need no grace:
 //! a duplicate of those costs one extra token, nothing more.
 //!
-//! The marker is one key per key prefix. In a Redis Cluster, where a script
-//! may only touch keys of one hash slot, the same logic works per slot: the
-//! marker's name carries a hash tag that maps to the user's slot (a table of
-//! one short tag per slot, computed once with the cluster's CRC16), and
-//! `known` is remembered per slot; a node's restart or failover then starts
-//! the grace for exactly the slots it serves. Nothing else changes.
+//! The marker is one key per key prefix on a single node. On a Redis
+//! Cluster, where a script may only touch keys of one hash slot, it is one
+//! per slot (`Keys::epoch_marker`: a hash tag of the user's slot), and
+//! [`Epoch`] remembers identities per marker; a node's restart or failover
+//! then guards exactly the slots it serves. Nothing else changes. (There,
+//! a call's own wait is the cluster client's response timeout, one second,
+//! rather than a ping's verdict.)
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -120,6 +124,10 @@ pub enum Fault {
 pub fn classify(e: &RedisError) -> Fault {
     if e.is_timeout() || e.code() == Some("BUSY") {
         return Fault::Slow;
+    }
+    // Credentials refused: every call would be.
+    if matches!(e.code(), Some("WRONGPASS" | "NOAUTH")) {
+        return Fault::Connection;
     }
     match e.kind() {
         ErrorKind::Io
@@ -192,39 +200,54 @@ pub fn memory_ms(refresh_timeout_ms: u64) -> u64 {
     refresh_timeout_ms.saturating_add(grace_ms(refresh_timeout_ms))
 }
 
-/// Which server this instance last used, for the restart guard.
+/// Which marker identities this instance saw, and when: one marker on a
+/// single node, one per hash slot on a cluster (`Keys::epoch_marker`).
 #[derive(Debug, Default)]
 pub struct Epoch {
-    marker: OnceLock<String>,
-    known: Mutex<Option<(String, Instant)>>,
+    known: Mutex<HashMap<String, (String, Instant)>>,
     memory_ms: OnceLock<u64>,
 }
 
 impl Epoch {
-    /// Set once, by the coordinator: the marker key and [`memory_ms`].
-    pub fn configure(&self, marker: String, memory_ms: u64) {
-        let _ = self.marker.set(marker);
+    /// Set once, by the coordinator: [`memory_ms`].
+    pub fn configure(&self, memory_ms: u64) {
         let _ = self.memory_ms.set(memory_ms);
     }
 
-    pub fn marker(&self) -> Option<&str> {
-        self.marker.get().map(String::as_str)
+    fn memory(&self) -> Duration {
+        Duration::from_millis(*self.memory_ms.get().unwrap_or(&0))
     }
 
-    /// The marker identity this instance saw within [`memory_ms`] (a
+    /// The identity of `marker` this instance saw within [`memory_ms`] (a
     /// refresh it locked then may still run, or its write be pending), else
     /// empty.
-    pub fn known(&self) -> String {
-        let memory = Duration::from_millis(*self.memory_ms.get().unwrap_or(&0));
-        match &*self.known.lock() {
-            Some((identity, at)) if at.elapsed() < memory => identity.clone(),
+    pub fn known(&self, marker: &str) -> String {
+        match self.known.lock().get(marker) {
+            Some((identity, at)) if at.elapsed() < self.memory() => identity.clone(),
             _ => String::new(),
         }
     }
 
-    /// A script just ran and reported this marker identity.
-    pub fn saw(&self, identity: &str) {
-        *self.known.lock() = Some((identity.to_owned(), Instant::now()));
+    /// A script just reported `marker`'s identity.
+    pub fn saw(&self, marker: &str, identity: &str) {
+        let mut known = self.known.lock();
+        if known.len() >= 1_024 {
+            let memory = self.memory();
+            known.retain(|_, (_, at)| at.elapsed() < memory);
+        }
+        known.insert(marker.to_owned(), (identity.to_owned(), Instant::now()));
+    }
+
+    /// The markers seen within [`memory_ms`], with their identities: what
+    /// the reconnect probe touches.
+    pub fn recent(&self) -> Vec<(String, String)> {
+        let memory = self.memory();
+        self.known
+            .lock()
+            .iter()
+            .filter(|(_, (_, at))| at.elapsed() < memory)
+            .map(|(m, (i, _))| (m.clone(), i.clone()))
+            .collect()
     }
 }
 
@@ -232,15 +255,23 @@ impl Epoch {
 /// acquire script calls it first) and for the probe's [`touch`]. Returns the
 /// marker's identity and how many ms a refresh-token lock must still wait
 /// (0: none). `known` is the identity the caller saw last (or empty);
-/// `grace` and `settle` are the caller's (0: it needs none). Without the
-/// right to call INFO (an ACL), the run id reads as `unknown`: failovers
-/// then go unseen, restarts and flushes (which lose the marker) do not.
+/// `grace` and `settle` are the caller's (0: it needs none); `now` its
+/// clock, used only if the server's `TIME` is refused. A server up longer
+/// than the grace needs no settle: nothing an instance did before it started
+/// can still be pending. Without the right to call INFO (an ACL), the run id
+/// reads as `unknown` and the uptime as none: failovers then go unseen,
+/// restarts and flushes (which lose the marker) do not.
 pub const EPOCH_LUA: &str = r"
-local function epoch(marker, known, grace, settle)
+local function epoch(marker, known, grace, settle, now)
   local info = redis.pcall('INFO', 'server')
-  local run = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or 'unknown'
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local run, up = 'unknown', nil
+  if type(info) == 'string' then
+    run = string.match(info, 'run_id:(%x+)') or 'unknown'
+    up = tonumber(string.match(info, 'uptime_in_seconds:(%d+)'))
+  end
+  now = tonumber(now)
+  local t = redis.pcall('TIME')
+  if t[1] then now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) end
   local m = redis.pcall('HMGET', marker, 'r', 'c', 's', 'g')
   if m.err then
     redis.call('DEL', marker)
@@ -258,7 +289,13 @@ local function epoch(marker, known, grace, settle)
     s = now
     redis.call('HSET', marker, 's', s, 'g', g)
   end
-  local left = s + (g == '1' and grace or settle) - now
+  local wait = 0
+  if g == '1' then
+    wait = grace
+  elseif not up or up * 1000 < grace then
+    wait = settle
+  end
+  local left = s + wait - now
   if left < 0 then left = 0 end
   return run .. ':' .. c, left
 end
@@ -266,7 +303,7 @@ end
 
 static TOUCH: Lazy<Script> = Lazy::new(|| {
     Script::new(&format!(
-        "{EPOCH_LUA}\nlocal identity = epoch(KEYS[1], ARGV[1], 0, 0)\nreturn identity"
+        "{EPOCH_LUA}\nlocal identity = epoch(KEYS[1], ARGV[1], 0, 0, ARGV[2])\nreturn identity"
     ))
 });
 
@@ -279,7 +316,12 @@ pub async fn touch(
     marker: &str,
     known: &str,
 ) -> RedisResult<String> {
-    TOUCH.key(marker).arg(known).invoke_async(con).await
+    TOUCH
+        .key(marker)
+        .arg(known)
+        .arg(crate::engine::time::now_ms())
+        .invoke_async(con)
+        .await
 }
 
 #[cfg(test)]

@@ -34,8 +34,13 @@ pub enum Acquire {
     /// Someone else holds the lock for this many more ms.
     Busy { lock_ttl_ms: u64 },
     /// The restart guard (`health.rs`) holds refresh-token locks back on
-    /// this server for [`Answer::guard_ms`] more.
+    /// this server for [`Answer::guard_ms`] more, longer than the caller
+    /// can wait.
     Guarded,
+    /// The guard ends within what the caller can wait: the lock is held
+    /// for it meanwhile (so callers after it queue behind it, as for any
+    /// lock). Ask again with [`Guard::reclaim`] after [`Answer::guard_ms`].
+    HeldThroughGuard,
 }
 
 /// The script's answer, with what it learnt about the server.
@@ -51,7 +56,8 @@ pub struct Answer {
 }
 
 /// Which cached token the script may return rather than lock: newer than
-/// `min_expires_at`, not the one fenced `skip_fence` (found unusable), and
+/// `min_expires_at`, not the one fenced `skip_fence` (found unusable) nor
+/// one `invalidate` marked, and
 /// either fresh (`expires_at > fresh_after`) or written after `recent_after`
 /// and unexpired at `now` (the engine's double-check rule).
 #[derive(Debug, Clone, Copy)]
@@ -73,10 +79,14 @@ pub struct Guard<'a> {
     /// The grace and settle this refresh observes (0, 0: none).
     pub grace_ms: u64,
     pub settle_ms: u64,
-    /// The refresh sends the caller's refresh token: no lock while guarded.
-    /// Otherwise the lock is granted and `guard_ms` tells the caller not to
-    /// hand a cached refresh token over.
+    /// The refresh sends the caller's refresh token: no lock while guarded
+    /// (held through the guard, if it ends within `can_wait_ms`). Otherwise
+    /// the lock is granted and `guard_ms` tells the caller not to hand a
+    /// cached refresh token over.
     pub sends_refresh_token: bool,
+    pub can_wait_ms: u64,
+    /// The owner already holds the lock through a guard: asking again.
+    pub reclaim: bool,
 }
 
 /// Every field read defensively: a record garbled by hand, by another
@@ -88,26 +98,48 @@ static ACQUIRE: Lazy<Script> = Lazy::new(|| {
         "{}{}",
         health::EPOCH_LUA,
         r"
-local r = redis.pcall('HMGET', KEYS[1], 'f', 'e', 'w', 't', 'n')
+-- The lock is already ours: held through the restart guard, asked again.
+local mine = ARGV[14] == '1' and redis.pcall('GET', KEYS[2]) == ARGV[1]
+local function letgo()
+  if mine then
+    redis.call('DEL', KEYS[2])
+    redis.call('PUBLISH', ARGV[15], ARGV[16])
+  end
+end
+local r = redis.pcall('HMGET', KEYS[1], 'f', 'e', 'w', 't', 'n', 'x')
 if r.err then redis.call('DEL', KEYS[1]) r = {} end
 local f, e, w, t, n = tonumber(r[1]), tonumber(r[2]), tonumber(r[3]), r[4], tonumber(r[5])
 if type(t) ~= 'string' then t = nil end
-if t and f and e and f ~= tonumber(ARGV[7]) and e > tonumber(ARGV[3])
+if t and f and e and f ~= tonumber(ARGV[7]) and f ~= tonumber(r[6]) and e > tonumber(ARGV[3])
   and (e > tonumber(ARGV[4]) or (w and w > tonumber(ARGV[5]) and e > tonumber(ARGV[6]))) then
+  letgo()
   return {1, '', 0, f, w or 0, t}
 end
-local held = redis.call('PTTL', KEYS[2])
--- A lock without an expiry was not set by a holder (ours always have one):
--- it lapses like theirs would, rather than block the user for good.
-if held == -1 then
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
-  held = tonumber(ARGV[2])
+if not mine then
+  local held = redis.call('PTTL', KEYS[2])
+  -- A lock without an expiry was not set by a holder (ours always have
+  -- one): it lapses like theirs would, rather than block the user for good.
+  if held == -1 then
+    redis.call('PEXPIRE', KEYS[2], ARGV[2])
+    held = tonumber(ARGV[2])
+  end
+  if held >= 0 then return {3, '', 0, held} end
 end
-if held >= 0 then return {3, '', 0, held} end
 -- Only a grant needs the restart guard (and pays for its INFO).
-local server, left = epoch(KEYS[3], ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11]))
-if left > 0 and ARGV[12] == '1' then return {4, server, left} end
-if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {3, server, left, 0} end
+local server, left = epoch(KEYS[3], ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[6])
+if left > 0 and ARGV[12] == '1' then
+  if left <= tonumber(ARGV[13]) then
+    redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+    return {5, server, left}
+  end
+  letgo()
+  return {4, server, left}
+end
+if mine then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+elseif not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {3, server, left, 0}
+end
 -- The next fence: above the counter and above the record's own fence (a
 -- counter lost with a restart, or garbled, must not hand out an old one).
 if not n or n < 0 or n ~= math.floor(n) then n = 0 end
@@ -134,7 +166,7 @@ if cur == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('PTTL', KEYS[1]) ~= -2 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local n = redis.pcall('HGET', KEYS[2], 'n')
 if type(n) ~= 'table' and (tonumber(n) or 0) < tonumber(ARGV[3]) then
@@ -160,9 +192,11 @@ static RELEASE: Lazy<Script> = Lazy::new(|| Script::new(RELEASE_LUA));
 /// Returns a usable cached token, or takes the lock, or says who has it, or
 /// that the restart guard holds the lock back. `counter_ttl_ms` keeps the
 /// fence counter alive at least that long.
+#[allow(clippy::too_many_arguments)]
 pub async fn acquire(
     con: &mut impl ConnectionLike,
     keys: &UserKeys,
+    channel: &str,
     owner: &str,
     lock_ttl_ms: u64,
     counter_ttl_ms: u64,
@@ -185,6 +219,10 @@ pub async fn acquire(
         .arg(guard.grace_ms)
         .arg(guard.settle_ms)
         .arg(if guard.sends_refresh_token { "1" } else { "0" })
+        .arg(guard.can_wait_ms)
+        .arg(if guard.reclaim { "1" } else { "0" })
+        .arg(channel)
+        .arg(record::encode_notice(&keys.id, &Notice::Released))
         .invoke_async(con)
         .await?;
     let bad = || {
@@ -225,6 +263,7 @@ pub async fn acquire(
             lock_ttl_ms: int(3)?.max(0) as u64,
         },
         4 => Acquire::Guarded,
+        5 => Acquire::HeldThroughGuard,
         _ => return Err(bad()),
     };
     Ok(Answer {
@@ -273,17 +312,24 @@ pub async fn extend(
 
 /// Gives up a lock a call that gave up on Redis (a stall) may still be
 /// granted: sent right behind that call, so a stalled server runs it right
-/// after the grant. As one `EVAL` with the script's text: an `EVALSHA` that
-/// meets a server without the script needs a second round trip, which a
-/// stalled server would not answer before the caller stopped waiting.
+/// after the grant. The script is loaded in the same pipeline: a bare
+/// `EVALSHA` that meets a server without it needs a second round trip,
+/// which a stalled server would not answer before the caller stopped
+/// waiting. (`SCRIPT LOAD` has no key: on a cluster the pipeline goes where
+/// the lock's key does.)
 pub async fn abandon(
     con: &mut impl ConnectionLike,
     keys: &UserKeys,
     channel: &str,
     owner: &str,
 ) -> RedisResult<bool> {
-    let n: i64 = redis::cmd("EVAL")
+    let (n,): (i64,) = redis::pipe()
+        .cmd("SCRIPT")
+        .arg("LOAD")
         .arg(RELEASE_LUA)
+        .ignore()
+        .cmd("EVALSHA")
+        .arg(RELEASE.get_hash())
         .arg(1)
         .arg(&keys.lock)
         .arg(owner)

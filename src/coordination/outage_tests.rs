@@ -15,10 +15,11 @@ use crate::engine::{time, Policy, SecretString};
 fn coordinator_timed(url: &str, lock_ttl_ms: f64, refresh_timeout_ms: u64) -> Coordinator {
     coordinator(
         CoordinationOptions {
-            url: url.into(),
+            endpoint: Endpoint::Node(url.into()),
+            tls_ca: None,
             key_prefix: Some("t:".into()),
             lock_ttl_ms: Some(lock_ttl_ms),
-            encryption_key: KEY_A.into(),
+            encryption_keys: vec![KEY_A.into()],
         },
         &Policy {
             refresh_timeout_ms,
@@ -198,7 +199,7 @@ async fn a_stall_opens_the_breaker_and_it_closes_promptly_after() {
         panic!("unavailable")
     };
     wait_until("breaker open", Duration::from_secs(3), || c.is_down()).await;
-    let Outcome::Unavailable(Unavailable::Down) =
+    let Outcome::Unavailable(Unavailable::Down(_)) =
         ask(&c, "u", soon(10_000), RefreshTokenUse::Never).await
     else {
         panic!("fails fast while open")
@@ -530,4 +531,38 @@ async fn a_flushed_keyspace_loses_the_locks_too() {
     else {
         panic!("held back for everyone")
     };
+}
+
+#[tokio::test]
+async fn the_first_caller_keeps_its_place_while_a_guard_is_waited_out() {
+    let s = Server::start();
+    let a = std::sync::Arc::new(coordinator_timed(&s.url(), 5_000.0, 2_000));
+    let b = coordinator_timed(&s.url(), 5_000.0, 2_000);
+    // A fresh server: the first refresh-token lock waits the settle out...
+    let first = {
+        let a = a.clone();
+        tokio::spawn(async move { ask(&a, "u", soon(8_000), RefreshTokenUse::Sends).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = tokio::spawn(async move {
+        let got = ask(&b, "u", soon(8_000), RefreshTokenUse::Sends).await;
+        (got, b)
+    });
+    // ...holding the lock meanwhile, so the caller after it queues behind it.
+    let Outcome::Lead { lease, .. } = first.await.unwrap() else {
+        panic!("the first caller leads")
+    };
+    assert!(a
+        .commit("u", &lease, &token("a1", "r1", 60_000))
+        .await
+        .unwrap());
+    let (got, _b) = second.await.unwrap();
+    let Outcome::Shared {
+        token: t,
+        waited: true,
+    } = got
+    else {
+        panic!("the second waited on the first: {got:?}")
+    };
+    assert_eq!(t.access.expose(), "a1");
 }

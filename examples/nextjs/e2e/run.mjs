@@ -1,26 +1,36 @@
-// `npm run test:e2e`: the addon inside a real Next.js server, as users run it.
+// `npm run test:e2e`: the addon inside a real Next.js server, deployed the way
+// most Next.js apps ship (`output: 'standalone'`: no node_modules, only the
+// files Next traced).
 //
-// Builds the addon, installs it into the example (a copy, as npm would),
-// runs `next build`, then for each pass starts a Tarabut-compatible API
+// Builds and packs the addon (`npm run package`: the main package and this
+// platform's package), installs both tarballs into the example, runs `next
+// build`, copies `.next/standalone` and `.next/static` into a new empty
+// directory outside the repo and checks that copy carries the files of both
+// packages. Then for each pass it starts a Tarabut-compatible API
 // (token endpoint + an accounts endpoint that answers 401 to any expired or
 // superseded token), seeds 50 users whose tokens fall due during the run,
-// fires 2,000 requests with 100 in flight, and checks: every response is 200,
-// the provider saw exactly one token request per user (one expiry each), and
-// the database holds each user's newest token.
-// Pass 1: one `next start`. Pass 2: two `next start` sharing a real Redis.
+// starts `node server.js` in the copy, fires 2,000 requests with 100 in
+// flight, and checks: every response is 200, the provider saw exactly one
+// token request per user (one expiry each), and the database holds each
+// user's newest token.
+// Pass 1: one server. Pass 2: two servers sharing a real Redis.
+// After each pass's run, `observabilityChecks` has the provider refuse one
+// user's refresh, then scrapes both metrics endpoints of every instance.
 import { execFileSync, spawn } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
-import { mkdtempSync, rmSync, existsSync } from 'node:fs'
+import { cpSync, existsSync, lstatSync, mkdtempSync, readdirSync, realpathSync, rmSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import net from 'node:net'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
 
+import parsePrometheusTextFormat from 'parse-prometheus-text-format'
+
 import { startTarabutServer } from '../../../__test__/helpers/tarabut-server.mjs'
+import { pack } from '../../../scripts/package.mjs'
 
 const app = fileURLToPath(new URL('..', import.meta.url))
-const root = path.resolve(app, '../..')
 const USERS = 50
 const REQUESTS = 2_000
 const IN_FLIGHT = 100
@@ -58,7 +68,7 @@ async function waitFor(url, child, what) {
 }
 
 function start(cmd, args, { cwd, env, name }) {
-  const child = spawn(cmd, args, { cwd, env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] })
+  const child = spawn(cmd, args, { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] })
   let log = ''
   child.stdout.on('data', (d) => (log += d))
   child.stderr.on('data', (d) => (log += d))
@@ -82,20 +92,103 @@ async function stop(child) {
   })
 }
 
-async function startNext(env) {
+/** Files under `dir`, relative, not following symlinks. */
+function walk(dir, rel = '') {
+  const out = []
+  for (const e of readdirSync(path.join(dir, rel), { withFileTypes: true })) {
+    const f = path.join(rel, e.name)
+    if (e.isDirectory()) out.push(...walk(dir, f))
+    else out.push(f)
+  }
+  return out
+}
+
+const inside = (dir, p) => p === dir || p.startsWith(dir + path.sep)
+
+// The deploy, as a container image's COPY steps would make it: the standalone
+// tree and the static assets in a new directory that no node_modules above
+// can serve (so a file Next failed to trace fails the run).
+function deployStandalone() {
+  const built = path.join(app, '.next/standalone')
+  // With a lockfile above the app (this repo's), Next traces from that
+  // directory and nests the app under its relative path: find server.js.
+  const server = walk(built)
+    .filter((f) => path.basename(f) === 'server.js' && !f.split(path.sep).includes('node_modules'))
+    .sort((a, b) => a.length - b.length)[0]
+  if (!server) throw new Error('next build wrote no .next/standalone/**/server.js')
+  const dir = realpathSync(mkdtempSync(path.join(tmpdir(), 'ttm-standalone-')))
+  for (let up = path.dirname(dir); ; up = path.dirname(up)) {
+    if (existsSync(path.join(up, 'node_modules'))) throw new Error(`${up}/node_modules would serve the deploy: pick another TMPDIR`)
+    if (up === path.dirname(up)) break
+  }
+  cpSync(built, dir, { recursive: true, verbatimSymlinks: true })
+  const serverDir = path.join(dir, path.dirname(server))
+  cpSync(path.join(app, '.next/static'), path.join(serverDir, '.next/static'), { recursive: true })
+  if (existsSync(path.join(app, 'public'))) cpSync(path.join(app, 'public'), path.join(serverDir, 'public'), { recursive: true })
+  return { dir, serverDir }
+}
+
+/** The deploy needs nothing outside itself, and carries the package's runtime files. */
+function checkDeploy({ dir }) {
+  const files = walk(dir)
+  const escaping = files.filter((f) => {
+    const p = path.join(dir, f)
+    if (!lstatSync(p).isSymbolicLink()) return false
+    try {
+      return !inside(dir, realpathSync(p))
+    } catch {
+      return true // dangling
+    }
+  })
+  check('the standalone copy points at nothing outside itself', escaping.length === 0, escaping.slice(0, 3).join(', '))
+
+  // The installed package, and its platform package if npm installed one
+  // (npm copied the published files), against what Next traced into the
+  // deploy: every runtime file must be there.
+  const packages = readdirSync(path.join(app, 'node_modules')).filter((n) => /^tarabut-token-manager(-|$)/.test(n))
+  const needed = []
+  const missing = []
+  for (const name of packages) {
+    const marker = `node_modules${path.sep}${name}${path.sep}`
+    const traced = new Set(files.filter((f) => f.includes(marker)).map((f) => f.slice(f.lastIndexOf(marker) + marker.length)))
+    for (const f of walk(path.join(app, 'node_modules', name))) {
+      if (!/\.([cm]?js|node)$/.test(f) && f !== 'package.json') continue
+      needed.push(`${name}/${f}`)
+      if (!traced.has(f)) missing.push(`${name}/${f}`)
+    }
+  }
+  check(
+    "the standalone copy carries the package's runtime files",
+    needed.some((f) => f.endsWith('.node')) && missing.length === 0,
+    missing.length > 0 ? `missing: ${missing.join(', ')}` : needed.join(', '),
+  )
+}
+
+async function startStandalone(serverDir, env) {
   const port = await freePort()
-  const child = start(process.execPath, [path.join(app, 'node_modules/next/dist/bin/next'), 'start', '-p', String(port), '-H', '127.0.0.1'], {
-    cwd: app,
-    env: { NEXT_TELEMETRY_DISABLED: '1', ...env },
-    name: `next:${port}`,
+  // The OpenTelemetry Prometheus exporter's own server (instrumentation.ts).
+  const otelPort = await freePort()
+  // A container's environment: no npm, no NODE_PATH, only what the app reads.
+  const child = start(process.execPath, ['server.js'], {
+    cwd: serverDir,
+    env: {
+      PATH: process.env.PATH,
+      NEXT_TELEMETRY_DISABLED: '1',
+      PORT: String(port),
+      HOSTNAME: '127.0.0.1',
+      OTEL_EXPORTER_PROMETHEUS_HOST: '127.0.0.1',
+      OTEL_EXPORTER_PROMETHEUS_PORT: String(otelPort),
+      ...env,
+    },
+    name: `server.js:${port}`,
   })
   await waitFor(`http://127.0.0.1:${port}/`, child, child.name)
-  return { child, base: `http://127.0.0.1:${port}` }
+  return { child, base: `http://127.0.0.1:${port}`, otelMetrics: `http://127.0.0.1:${otelPort}/metrics` }
 }
 
 async function startRedis() {
   const port = await freePort()
-  const child = start('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { cwd: tmpdir(), name: 'redis' })
+  const child = start('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { cwd: tmpdir(), env: process.env, name: 'redis' })
   const deadline = Date.now() + 10_000
   for (;;) {
     const ok = await new Promise((r) => {
@@ -112,7 +205,7 @@ async function startRedis() {
   return { child, url: `redis://127.0.0.1:${port}` }
 }
 
-async function pass(label, { instances, redis }) {
+async function pass(label, { instances, redis, serverDir }) {
   console.log(`\n# ${label}`)
   const api = await startTarabutServer()
   api.route('GET', '/accounts', (req, res) => {
@@ -152,7 +245,7 @@ async function pass(label, { instances, redis }) {
       env.REDIS_URL = redisServer.url
       env.TOKEN_CACHE_KEY = randomBytes(32).toString('base64')
     }
-    for (let i = 0; i < instances; i++) servers.push(await startNext(env))
+    for (let i = 0; i < instances; i++) servers.push(await startStandalone(serverDir, env))
 
     const statuses = new Map()
     const t0 = Date.now()
@@ -185,6 +278,7 @@ async function pass(label, { instances, redis }) {
     })
     check('the database holds the newest token for every user', stale.length === 0, `${stale.length} stale rows`)
     check('the provider saw only well-formed token requests', api.rejected === 0, `${api.rejected} refused`)
+    await observabilityChecks(api, servers, users)
   } catch (e) {
     check(`${label} ran`, false, e.message)
     for (const s of servers) console.error(s.child.log().slice(-4000))
@@ -197,18 +291,86 @@ async function pass(label, { instances, redis }) {
   }
 }
 
+// The accounts API of the Tarabut-compatible server: 200 for a user's
+// current token, else 401. Users in `refuseOnce` get one 401 regardless.
+function accountsRoute(api, refuseOnce = new Set()) {
+  return (req, res) => {
+    let user = api.authorize(req)
+    if (user !== null && refuseOnce.delete(user)) user = null
+    const body = user === null ? { error: 'invalid_token' } : { accounts: [{ id: `acc-${user}`, currency: 'BHD' }] }
+    res.writeHead(user === null ? 401 : 200, { 'content-type': 'application/json' })
+    res.end(JSON.stringify(body))
+  }
+}
+
+/** Sums of `name`'s samples over every scrape in `texts`, by the value of `label`. */
+function sumBy(texts, name, label) {
+  const sums = {}
+  for (const text of texts) {
+    const family = parsePrometheusTextFormat(text).find((f) => f.name === name)
+    for (const s of family?.metrics ?? []) {
+      const key = label === undefined ? 'all' : s.labels?.[label]
+      sums[key] = (sums[key] ?? 0) + Number(s.value)
+    }
+  }
+  return sums
+}
+
+// Observability: the provider refuses one user's refresh (401, after the
+// accounts API refused the user's token, so the route invalidates it and
+// refreshes); the caller sees INVALID_CLIENT. Then every instance's
+// /api/metrics (manager.metrics()) and OpenTelemetry exporter
+// (instrumentation.ts) are scraped: summed over instances, refreshes by
+// outcome must equal the token requests the provider saw.
+async function observabilityChecks(api, servers, users) {
+  const user = users[0]
+  api.route('GET', '/accounts', accountsRoute(api, new Set([user])))
+  api.inject({ status: 401 }, { userId: user })
+  const res = await fetch(`${servers[0].base}/api/accounts?userId=${user}`)
+  const body = await res.json().catch(() => null)
+  check('a refresh the provider refuses reaches the caller with its code', res.status === 503 && body?.code === 'INVALID_CLIENT', `${res.status} ${JSON.stringify(body)}`)
+  const expected = { ok: api.issued, INVALID_CLIENT: 1 }
+  const scrape = (url) => fetch(url).then((r) => (r.ok ? r.text() : Promise.reject(new Error(`${url} answered ${r.status}`))))
+  for (const [what, url] of [
+    ['/api/metrics (manager.metrics())', (s) => `${s.base}/api/metrics`],
+    ['OpenTelemetry Prometheus exporter', (s) => s.otelMetrics],
+  ]) {
+    const texts = await Promise.all(servers.map((s) => scrape(url(s))))
+    const refreshes = sumBy(texts, 'tarabut_token_manager_refreshes_total', 'outcome')
+    const same = Object.keys({ ...refreshes, ...expected }).every((k) => refreshes[k] === expected[k])
+    const total = Object.values(refreshes).reduce((a, b) => a + b, 0)
+    check(
+      `${what}: refreshes by outcome = token requests the provider saw`,
+      same && total === api.tokenRequests,
+      `${JSON.stringify(refreshes)}; provider: ${api.tokenRequests} token requests, ${api.issued} tokens issued, 1 refused`,
+    )
+    const inFlight = sumBy(texts, 'tarabut_token_manager_in_flight').all
+    check(`${what}: nothing left in flight`, inFlight === 0, `in_flight ${inFlight}`)
+  }
+}
+
 const skipBuild = process.argv.includes('--no-build')
-if (!skipBuild) sh('npm', ['run', 'build', '--silent'], root)
-// Install the example; then always replace the addon with a fresh copy of
-// this build (npm copies `file:` packages: .npmrc has install-links=true).
+// Install the example; then always replace the addon with this build, packed
+// as it is published: the main package and this platform's binary package.
 if (!existsSync(path.join(app, 'node_modules/next'))) sh('npm', ['ci', '--no-audit', '--no-fund'], app)
-rmSync(path.join(app, 'node_modules/tarabut-token-manager'), { recursive: true, force: true })
-sh('npm', ['install', '--no-audit', '--no-fund', '--no-save'], app)
+const packed = await pack({ build: !skipBuild })
+for (const name of ['tarabut-token-manager', packed.platformPackage]) {
+  rmSync(path.join(app, 'node_modules', name), { recursive: true, force: true })
+}
+sh('npm', ['install', '--no-audit', '--no-fund', '--no-save', packed.main, packed.platform], app)
 sh('npx', ['next', 'build'], app)
 sh('npx', ['tsc', '--noEmit'], app) // after next build, which writes next-env.d.ts
 
-await pass('one next start', { instances: 1, redis: false })
-await pass('two next start instances sharing Redis', { instances: 2, redis: true })
+// The standalone server replaces `next start` here: it is the same Next
+// server on the same build, but it sees only the files Next traced.
+const deploy = deployStandalone()
+try {
+  checkDeploy(deploy)
+  await pass('one standalone server.js', { instances: 1, redis: false, serverDir: deploy.serverDir })
+  await pass('two standalone server.js instances sharing Redis', { instances: 2, redis: true, serverDir: deploy.serverDir })
+} finally {
+  rmSync(deploy.dir, { recursive: true, force: true })
+}
 
 const failed = results.filter((r) => !r).length
 console.log(`\ne2e: ${results.length - failed} passed, ${failed} failed`)
