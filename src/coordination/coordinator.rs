@@ -18,8 +18,9 @@
 //! (`health.rs`) on a server that may have lost the fleet's locks: if the
 //! guard ends while at least half its budget is left, it waits, holding the
 //! lock meanwhile (callers after it queue behind it), then asks again;
-//! else it is `Unavailable` (`NewServer`) too. A result that could not be written is written again
-//! in the background as soon as Redis answers, within the guard's grace.
+//! else it is `Unavailable` (`NewServer`) too. A result that could not be
+//! written is written again in the background as soon as Redis answers,
+//! within the guard's grace.
 //!
 //! [`Coordinator::invalidate`] marks a stored token bad and tells the other
 //! instances, whose [`Coordinator::on_invalidated`] listener hears it.
