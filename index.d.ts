@@ -129,7 +129,11 @@ export interface TokenManagerOptions {
   doubleCheckWindowMs?: number
   /** A refresh not settled by then rejects with `REFRESH_TIMEOUT` and its signal aborts. Default 30000. */
   refreshTimeoutMs?: number
-  /** Per-user state with nothing in flight is dropped after this long unused. Default 600000 (10 min). */
+  /**
+   * Per-user state with nothing in flight is dropped after this long unused
+   * (by a background task, within about a second, even with no calls).
+   * Default 600000 (10 min).
+   */
   idleTtlMs?: number
   /** Coordinate refreshes across instances through Redis. Without it, coordination is in-process. */
   redis?: RedisOptions | null
@@ -211,7 +215,7 @@ export interface InvalidateMessage {
 }
 
 export interface TokenManagerStats {
-  /** Live per-user entries. */
+  /** Live per-user entries (users seen within about `idleTtlMs`). */
   users: number
   /** Refreshes running now. */
   inFlight: number
@@ -252,6 +256,7 @@ export declare class TokenManager {
    * was disconnected at the time.
    */
   invalidate(userId: string, accessToken?: string | null): void
+  /** Counters kept as they change: constant time however many users are held. */
   stats(): TokenManagerStats
   /**
    * This manager's metrics in the Prometheus text exposition format

@@ -10,6 +10,7 @@
 //!   `Date | number | string` into them and back into `Date`;
 //! - errors are thrown with the engine's stable `code` (`errors.rs`).
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use napi::Env;
@@ -18,7 +19,8 @@ use napi_derive::napi;
 use super::errors::{guard, to_js, Code, Result};
 use super::protocol::{self, JsRaw};
 use crate::engine::{
-    self, time, Engine, Failure, Issued, Policy, PolicyOptions, Presented, Refreshed, SecretString,
+    self, evictor, time, Engine, Failure, Issued, Policy, PolicyOptions, Presented, Refreshed,
+    SecretString,
 };
 
 /// Options for a token manager. All in milliseconds.
@@ -75,9 +77,9 @@ impl BindingManager {
                 idle_ttl_ms: o.idle_ttl_ms,
             })
             .map_err(to_js)?;
-            Ok(Self {
-                engine: Arc::new(Engine::new(policy)),
-            })
+            let engine = Arc::new(Engine::new(policy));
+            evict_in_background(&engine);
+            Ok(Self { engine })
         })
     }
 
@@ -187,6 +189,18 @@ impl BindingManager {
             stale_served: s.stale_served as f64,
         }
     }
+}
+
+/// Starts the engine's background eviction (`engine/evictor.rs`) on
+/// napi's Tokio runtime. It holds the engine weakly, so it ends once the
+/// manager is collected, and keeps neither the event loop nor the process
+/// alive. Should the runtime be unavailable (torn down), callers' slices of
+/// eviction still bound the table.
+fn evict_in_background(engine: &Arc<Engine>) {
+    let engine = Arc::downgrade(engine);
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        napi::bindgen_prelude::spawn(evictor::run(engine))
+    }));
 }
 
 /// Parses an ISO 8601 date-time (with zone) into epoch milliseconds.

@@ -2,10 +2,11 @@
 // most Next.js apps ship (`output: 'standalone'`: no node_modules, only the
 // files Next traced).
 //
-// Builds the addon, installs it into the example (a copy, as npm would),
-// runs `next build`, copies `.next/standalone` and `.next/static` into a new
-// empty directory outside the repo and checks that copy carries the
-// package's files. Then for each pass it starts a Tarabut-compatible API
+// Builds and packs the addon (`npm run package`: the main package and this
+// platform's package), installs both tarballs into the example, runs `next
+// build`, copies `.next/standalone` and `.next/static` into a new empty
+// directory outside the repo and checks that copy carries the files of both
+// packages. Then for each pass it starts a Tarabut-compatible API
 // (token endpoint + an accounts endpoint that answers 401 to any expired or
 // superseded token), seeds 50 users whose tokens fall due during the run,
 // starts `node server.js` in the copy, fires 2,000 requests with 100 in
@@ -27,9 +28,9 @@ import { fileURLToPath } from 'node:url'
 import parsePrometheusTextFormat from 'parse-prometheus-text-format'
 
 import { startTarabutServer } from '../../../__test__/helpers/tarabut-server.mjs'
+import { pack } from '../../../scripts/package.mjs'
 
 const app = fileURLToPath(new URL('..', import.meta.url))
-const root = path.resolve(app, '../..')
 const USERS = 50
 const REQUESTS = 2_000
 const IN_FLIGHT = 100
@@ -349,12 +350,14 @@ async function observabilityChecks(api, servers, users) {
 }
 
 const skipBuild = process.argv.includes('--no-build')
-if (!skipBuild) sh('npm', ['run', 'build', '--silent'], root)
-// Install the example; then always replace the addon with a fresh copy of
-// this build (npm copies `file:` packages: .npmrc has install-links=true).
+// Install the example; then always replace the addon with this build, packed
+// as it is published: the main package and this platform's binary package.
 if (!existsSync(path.join(app, 'node_modules/next'))) sh('npm', ['ci', '--no-audit', '--no-fund'], app)
-rmSync(path.join(app, 'node_modules/tarabut-token-manager'), { recursive: true, force: true })
-sh('npm', ['install', '--no-audit', '--no-fund', '--no-save'], app)
+const packed = await pack({ build: !skipBuild })
+for (const name of ['tarabut-token-manager', packed.platformPackage]) {
+  rmSync(path.join(app, 'node_modules', name), { recursive: true, force: true })
+}
+sh('npm', ['install', '--no-audit', '--no-fund', '--no-save', packed.main, packed.platform], app)
 sh('npx', ['next', 'build'], app)
 sh('npx', ['tsc', '--noEmit'], app) // after next build, which writes next-env.d.ts
 
