@@ -23,7 +23,7 @@ pub mod record;
 pub mod seal;
 
 pub use connection::{Connection, Unavailable};
-pub use coordinator::{Acquired, Coordinator, Outcome, Timing};
+pub use coordinator::{Acquired, CallerNow, Coordinator, Outcome, Timing};
 pub use seal::{SealKey, SharedToken};
 
 use crate::engine::{EngineError, Policy, SecretString};
