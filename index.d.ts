@@ -135,6 +135,14 @@ export interface TokenManagerOptions {
    * Default 600000 (10 min).
    */
   idleTtlMs?: number
+  /**
+   * The clock every decision is made on, in epoch ms. Default `Date.now`,
+   * looked up at each call, so fake timers (vitest, jest, sinon) move it.
+   * Called with no arguments; one that throws or returns no epoch ms makes
+   * the call reject with a `TypeError` or `RangeError`
+   * (`code: 'INVALID_ARGUMENT'`) and leaves no state.
+   */
+  now?: () => number
   /** Coordinate refreshes across instances through Redis. Without it, coordination is in-process. */
   redis?: RedisOptions | null
   /**
