@@ -106,7 +106,7 @@ async fn store(c: &Coordinator, user: &str, access: &str) {
         panic!("lead")
     };
     assert!(c
-        .commit(user, &lease, &token(access, "r", 60_000))
+        .commit(user, &lease, &token(access, "r", 60_000), time::now_ms())
         .await
         .unwrap());
 }
@@ -546,7 +546,7 @@ async fn invalidate_marks_the_stored_token_and_reaches_the_other_instances() {
     // Its refresh token is still the one to refresh with.
     assert_eq!(refresh.as_ref().map(SecretString::expose), Some("r"));
     assert!(b
-        .commit("u", &lease, &token("t2", "r2", 60_000))
+        .commit("u", &lease, &token("t2", "r2", 60_000), time::now_ms())
         .await
         .unwrap());
     let Outcome::Shared { token: t, .. } = acquire(&a, "u", soon(1_000)).await.outcome else {
