@@ -16,18 +16,20 @@ export declare class BindingCoordinator {
   get isDown(): boolean
   /**
    * For the leader of a due refresh: a shared token, or the lock, waiting
-   * on other instances for at most `waitMs`. `refreshTokenUse`: whether
-   * the refresh would send a refresh token (`'sends'`: the caller's;
-   * `'if-handed-over'`: only one the cache hands over; `'never'`), which
-   * decides whether the restart guard applies.
+   * on other instances for at most `waitMs` (real time). `nowMs`: the
+   * caller's clock when it asked, which decides whether a shared token
+   * will do. `refreshTokenUse`: whether the refresh would send a refresh
+   * token (`'sends'`: the caller's; `'if-handed-over'`: only one the cache
+   * hands over; `'never'`), which decides whether the restart guard applies.
    */
-  acquire(userId: string, accessToken: string, expiresAtMs: number, waitMs: number, refreshTokenUse: 'never' | 'if-handed-over' | 'sends'): Promise<BindingAcquired>
+  acquire(userId: string, accessToken: string, expiresAtMs: number, waitMs: number, nowMs: number, refreshTokenUse: 'never' | 'if-handed-over' | 'sends'): Promise<BindingAcquired>
   /**
    * The lock holder's refresh returned this (JS types already checked):
-   * store it fenced, announce it, unlock. An unusable result releases
-   * the lock as failed instead.
+   * store it fenced, announce it, unlock. An unusable result (as of
+   * `nowMs`, the caller's clock when the result came) releases the lock
+   * as failed instead.
    */
-  commit(userId: string, lease: BindingLease, accessToken?: string | undefined | null, refreshToken?: string | undefined | null, expiresAtMs?: number | undefined | null, expiresIn?: number | undefined | null): Promise<BindingSettled>
+  commit(userId: string, lease: BindingLease, accessToken: string | undefined | null, refreshToken: string | undefined | null, expiresAtMs: number | undefined | null, expiresIn: number | undefined | null, nowMs: number): Promise<BindingSettled>
   /**
    * The lock holder gives up: `failed` (its refresh failed: waiters fail
    * too) or not (it will not refresh: waiters retry at once).
@@ -60,19 +62,20 @@ export declare class BindingManager {
    * (`protocol.rs` has every answer): the same engine decisions at a
    * fraction of a method call's cost.
    */
-  bindProtocol(): { isFresh(expiresAtMs: number): boolean; begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number): null | number | { kind: 'lead'; flightId: number; refreshToken?: string } | { kind: 'held'; accessToken: string; refreshToken?: string; expiresAtMs: number; shouldUpdate: boolean }; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null): number }
+  bindProtocol(): { isFresh(expiresAtMs: number, nowMs?: number): boolean; begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number, nowMs: number): null | number | { kind: 'lead'; flightId: number; refreshToken?: string } | { kind: 'held'; accessToken: string; refreshToken?: string; expiresAtMs: number; shouldUpdate: boolean }; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null, nowMs: number): number }
   /**
    * Flight `flightId` was answered by a token another instance's refresh
    * produced (the shared Redis cache): kept like a refresh result, but
    * counted as a hit or coalesced call, and issued with `shouldUpdate`.
    */
-  adopt(userId: string, flightId: number, accessToken: string, refreshToken: string | undefined | null, expiresAtMs: number, shouldUpdate: boolean): BindingIssuedToken
+  adopt(userId: string, flightId: number, accessToken: string, refreshToken: string | undefined | null, expiresAtMs: number, shouldUpdate: boolean, nowMs: number): BindingIssuedToken
   /** The refresh for `flightId` failed (`timedOut`: it did not settle). */
-  fail(userId: string, flightId: number, timedOut: boolean): void
+  fail(userId: string, flightId: number, timedOut: boolean, nowMs: number): void
   /** After a failed refresh: may this caller keep its own token? */
-  serveStale(userId: string, accessToken: string, expiresAtMs: number): boolean
-  invalidate(userId: string, accessToken?: string | undefined | null): void
-  stats(): BindingStats
+  serveStale(userId: string, accessToken: string, expiresAtMs: number, nowMs: number): boolean
+  invalidate(userId: string, accessToken: string | undefined | null, nowMs: number): void
+  /** Counters and sizes; idle users (as of `nowMs`) are dropped first. */
+  stats(nowMs: number): BindingStats
 }
 
 export declare class BindingRefresher {

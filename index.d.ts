@@ -102,7 +102,7 @@ export interface RedisCommonOptions {
    * list of them for a rotation: the first seals, every one opens (at most
    * 8). Missing or malformed: the constructor throws (`code:
    * 'INVALID_ARGUMENT'`). A cached value that opens with none of them is a
-   * cache miss, with one `TTM_REDIS_UNDECRYPTABLE` process warning.
+   * cache miss, with one `TTM_REDIS_UNDECRYPTABLE` warning (`logger`; default: a process warning).
    */
   encryptionKey: string | readonly [string, ...string[]]
   /**
@@ -124,7 +124,7 @@ export interface RedisCommonOptions {
    * - `'fail'`: none runs (`COORDINATOR_UNAVAILABLE`; an unexpired token is
    *   still served).
    *
-   * Either way one `TTM_REDIS_UNAVAILABLE` process warning is emitted per
+   * Either way one `TTM_REDIS_UNAVAILABLE` warning (`logger`) is emitted per
    * outage, calls fail fast while Redis is down, and coordination resumes
    * within a second of Redis answering. No call waits on Redis past
    * `refreshTimeoutMs`.
@@ -150,6 +150,14 @@ export interface TokenManagerOptions {
    * Default 600000 (10 min).
    */
   idleTtlMs?: number
+  /**
+   * The clock every decision is made on, in epoch ms. Default `Date.now`,
+   * looked up at each call, so fake timers (vitest, jest, sinon) move it.
+   * Called with no arguments; one that throws or returns no epoch ms makes
+   * the call reject with a `TypeError` or `RangeError`
+   * (`code: 'INVALID_ARGUMENT'`) and leaves no state.
+   */
+  now?: () => number
   /** Coordinate refreshes across instances through Redis. Without it, coordination is in-process. */
   redis?: RedisOptions | null
   /**

@@ -121,10 +121,11 @@ class Coordinator {
    * running `refresh` while holding the user's lock, or with a token another
    * instance produced (marked; see `sharedToken`). Rejects with a coordinator
    * error (`coordinatorError`) or with the refresh function's own rejection.
+   * `nowMs`: the caller's clock, which decides whether a shared token will do.
    * `mayUseRefreshToken`: false for refresh functions that never send one
    * (client credentials).
    */
-  obtain(ctx, accessToken, expiresAtMs, refresh, waitMs, mayUseRefreshToken) {
+  obtain(ctx, accessToken, expiresAtMs, refresh, waitMs, nowMs, mayUseRefreshToken) {
     const userId = ctx.userId
     if (this.#closed) return Promise.reject(this.#error('COORDINATOR_UNAVAILABLE', userId, 'the token manager is closed'))
     // Whether this refresh would send a refresh token: the caller's, or only
@@ -132,7 +133,7 @@ class Coordinator {
     const use = this.#onError === 'local' || !mayUseRefreshToken ? 'never' : ctx.refreshToken != null ? 'sends' : 'if-handed-over'
     let acquiring
     try {
-      acquiring = this.#native.acquire(userId, accessToken, expiresAtMs, waitMs + WAIT_SLACK_MS, use)
+      acquiring = this.#native.acquire(userId, accessToken, expiresAtMs, waitMs + WAIT_SLACK_MS, nowMs, use)
     } catch (e) {
       // Never throw synchronously: the manager has a timer running.
       return Promise.reject(e)
@@ -204,11 +205,12 @@ class Coordinator {
 
   /**
    * The manager handed the refresh result of `ctx` to the core: `issued` is the
-   * token it kept (undefined: the result was unusable). Stores exactly that
-   * token for the other instances (fenced), announces it, unlocks. A no-op
-   * for flights that held no lease. Never throws.
+   * token it kept (undefined: the result was unusable), at `nowMs` on the
+   * caller's clock. Stores exactly that token for the other instances
+   * (fenced), announces it, unlocks. A no-op for flights that held no lease.
+   * Never throws.
    */
-  reported(ctx, issued) {
+  reported(ctx, issued, nowMs) {
     try {
       const lease = this.#leases.get(ctx)
       if (lease === undefined) return
@@ -218,7 +220,7 @@ class Coordinator {
       } else {
         // Not rotated: the refresh token it ran with stays the one to use.
         const refreshToken = issued.refreshToken ?? ctx.refreshToken ?? null
-        this.#track(this.#native.commit(ctx.userId, lease, issued.accessToken, refreshToken, issued.expiresAtMs, null), ctx.userId)
+        this.#track(this.#native.commit(ctx.userId, lease, issued.accessToken, refreshToken, issued.expiresAtMs, null, nowMs), ctx.userId)
       }
     } catch {}
   }

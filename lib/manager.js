@@ -4,10 +4,15 @@
 // (a #[napi] async call costs 40-65 µs; a bound function about 50 ns).
 // Decisions (the buffer rule, single flight, what to cache, eviction) are
 // the core's (src/engine, through lib/protocol.js and BindingManager):
-// - the hot path is one native call on a number (`isFresh`), then a
+// - the hot path is one native call on numbers (`isFresh`), then a
 //   resolved promise;
 // - a refresh calls the refresh function right here and reports its result
 //   to the core, which says who gets what.
+// The core has no clock: "now" is read here, from `options.now` (default
+// `Date.now()`, looked up on every call so an app's fake timers apply), and
+// passed with every call that decides something; the hot path lets the
+// native side read the system clock when that is what `Date.now` is
+// (src/engine/time.rs, "Clocks").
 
 const { BindingManager, parseIsoTime } = require('../binding.js')
 const coordination = require('./coordination.js')
@@ -94,6 +99,21 @@ const RIDE_OUT = new Set(['REFRESH_FAILED', 'REFRESH_TIMEOUT', 'COORDINATOR_UNAV
 
 const OPTION_NAMES = ['bufferTimeMs', 'doubleCheckWindowMs', 'refreshTimeoutMs', 'idleTtlMs']
 
+/** JavaScript's Date range: ±8.64e15 ms around the epoch. */
+const MAX_DATE_MS = 8.64e15
+
+/**
+ * `Date.now` as it was when this module loaded, if it was the engine's own
+ * (a native function named `now`, not bound: fake timers and spies are
+ * JavaScript functions), else null. Its answer is the system clock, which
+ * the native `isFresh` reads for less than a call to it costs.
+ */
+const SYSTEM_DATE_NOW = isEngineDateNow(Date.now) ? Date.now : null
+
+function isEngineDateNow(fn) {
+  return typeof fn === 'function' && fn.name === 'now' && /^function now\(\) \{\s*\[native code\]\s*\}$/.test(Function.prototype.toString.call(fn))
+}
+
 class TokenManager {
   #native
   // The engine's isFresh / begin / complete as functions bound to it
@@ -102,6 +122,10 @@ class TokenManager {
   #begin
   #complete
   #timeoutMs
+  /** `options.now`, or null: `Date.now` as it is at each call. */
+  #now
+  /** The clock's name in errors. */
+  #nowName
   /** Cross-instance coordination (`options.redis`), or null: in-process only. */
   #coordinator = null
   /** flightId -> promise of the core's issued token, for callers that join. */
@@ -116,6 +140,9 @@ class TokenManager {
       if (o[name] !== undefined && typeof o[name] !== 'number') throw argError(`options.${name}`, 'must be a number')
     }
     observability.checkOptions(o)
+    if (o.now !== undefined && typeof o.now !== 'function') throw argError('options.now', 'must be a function returning epoch milliseconds, like Date.now')
+    this.#now = o.now ?? null
+    this.#nowName = o.now === undefined ? 'Date.now()' : 'options.now()'
     try {
       this.#native = new BindingManager({
         bufferTimeMs: o.bufferTimeMs,
@@ -159,13 +186,17 @@ class TokenManager {
       const isDate = expiresAt instanceof Date
       const exp = isDate ? expiresAt.getTime() : toEpochMs(expiresAt, 'token.expiresAt')
       if (typeof refreshFn !== 'function') throw argError('refreshFn', 'must be a function')
-      // Hot path: one native call on a number; an empty token is never served.
-      if (accessToken.length !== 0 && this.#isFresh(exp)) {
+      // The app's clock, looked up now: fake timers replace `Date.now`.
+      const clock = this.#now ?? Date.now
+      // Hot path: one native call on numbers; an empty token is never
+      // served. The unreplaced `Date.now` is the system clock: the native
+      // side reads that itself, for less than calling it costs.
+      if (accessToken.length !== 0 && (clock === SYSTEM_DATE_NOW ? this.#isFresh(exp) : this.#isFreshOn(clock, exp))) {
         return { accessToken, shouldUpdate: false, expiresAt: isDate ? expiresAt : new Date(exp) }
       }
       const refreshToken = token.refreshToken
       if (refreshToken != null && typeof refreshToken !== 'string') throw argError('token.refreshToken', 'must be a string or null')
-      return this.#slow(userId, accessToken, refreshToken ?? null, exp, expiresAt, refreshFn)
+      return this.#slow(userId, accessToken, refreshToken ?? null, exp, expiresAt, refreshFn, this.#read(clock))
     } catch (e) {
       throw fromNative(e)
     }
@@ -180,8 +211,9 @@ class TokenManager {
     if (accessToken !== undefined && accessToken !== null && typeof accessToken !== 'string') {
       throw argError('accessToken', 'must be a string or undefined')
     }
+    const now = this.#clock()
     try {
-      this.#native.invalidate(userId, accessToken ?? null)
+      this.#native.invalidate(userId, accessToken ?? null, now)
     } catch (e) {
       throw fromNative(e)
     }
@@ -190,7 +222,7 @@ class TokenManager {
   }
 
   stats() {
-    return { ...this.#native.stats(), redisFallbacks: this.#coordinator === null ? 0 : this.#coordinator.fallbacks }
+    return { ...this.#native.stats(this.#clock()), redisFallbacks: this.#coordinator === null ? 0 : this.#coordinator.fallbacks }
   }
 
   /**
@@ -211,8 +243,53 @@ class TokenManager {
     return this.#coordinator === null ? Promise.resolve() : this.#coordinator.close()
   }
 
-  #slow(userId, accessToken, refreshToken, exp, expiresAt, refreshFn) {
-    const plan = this.#begin(userId, accessToken, refreshToken, exp)
+  /**
+   * `isFresh` on a clock JavaScript must call (a replaced `Date.now`, or
+   * `options.now`). A method of its own: written out in the hot path's
+   * condition, this branch cost the system-clock path ~10% more
+   * instructions though it never ran (BENCHMARKS.md). The slow path reads
+   * the clock again.
+   */
+  #isFreshOn(clock, exp) {
+    return this.#isFresh(exp, this.#read(clock))
+  }
+
+  /** The caller's "now" on the app's clock (see `#read`). */
+  #clock() {
+    return this.#read(this.#now ?? Date.now)
+  }
+
+  /**
+   * `clock()`, checked. A clock that throws or gives no epoch ms is a
+   * TypeError or RangeError (`INVALID_ARGUMENT`), thrown before any state
+   * is touched.
+   */
+  #read(clock) {
+    let now
+    try {
+      now = clock()
+    } catch (cause) {
+      throw Object.assign(argError(this.#nowName, 'threw (see cause)'), { cause })
+    }
+    if (typeof now !== 'number') throw argError(this.#nowName, 'must return a number: epoch milliseconds, like Date.now()')
+    if (!(now >= -MAX_DATE_MS && now <= MAX_DATE_MS)) throw argError(this.#nowName, 'returned a number no Date can hold', RangeError)
+    return now
+  }
+
+  /**
+   * The clock where its failure has no caller to go to (a refresh settling,
+   * a timer): `fallback`, the reading the call began with, stands in.
+   */
+  #clockOr(fallback) {
+    try {
+      return this.#clock()
+    } catch {
+      return fallback
+    }
+  }
+
+  #slow(userId, accessToken, refreshToken, exp, expiresAt, refreshFn, now) {
+    const plan = this.#begin(userId, accessToken, refreshToken, exp, now)
     switch (plan.kind) {
       case 'presented':
         return Promise.resolve({ accessToken, shouldUpdate: false, expiresAt: expiresAt instanceof Date ? expiresAt : new Date(exp) })
@@ -221,7 +298,7 @@ class TokenManager {
     }
     const leader = plan.kind === 'lead'
     const flightId = plan.flightId
-    const flight = leader ? this.#lead(userId, flightId, plan.refreshToken, refreshFn, accessToken, exp) : this.#flights.get(flightId)
+    const flight = leader ? this.#lead(userId, flightId, plan.refreshToken, refreshFn, accessToken, exp, now) : this.#flights.get(flightId)
     if (flight === undefined) throw new Error('internal: joined a refresh this manager does not know')
     if (!leader) this.#observer.joined(flightId)
     return flight.then(
@@ -232,7 +309,7 @@ class TokenManager {
         // An outage need not fail a caller whose own token still works. A
         // verdict (reconnect, bad credentials, a buggy result) is not ridden
         // out: hiding it would only delay the fix.
-        if (RIDE_OUT.has(err?.code) && this.#native.serveStale(userId, accessToken, exp)) {
+        if (RIDE_OUT.has(err?.code) && this.#native.serveStale(userId, accessToken, exp, this.#clockOr(now))) {
           this.#observer.staleServed(userId, err.code)
           return { accessToken, shouldUpdate: false, expiresAt: new Date(exp) }
         }
@@ -241,8 +318,8 @@ class TokenManager {
     )
   }
 
-  /** Runs the refresh for `flightId`; settles with the core's issued token. */
-  #lead(userId, flightId, refreshToken, refreshFn, accessToken, exp) {
+  /** Runs the refresh for `flightId` (begun at `now`); settles with the core's issued token. */
+  #lead(userId, flightId, refreshToken, refreshFn, accessToken, exp, now) {
     const native = this.#native
     // A native refresher runs in Rust with the manager's timeout as its
     // budget (the timeout drops its HTTP request). The context still carries
@@ -270,7 +347,7 @@ class TokenManager {
     }
     const timer = setTimeout(() => {
       const err = new TokenRefreshError('REFRESH_TIMEOUT', userId, `refresh did not settle within ${this.#timeoutMs} ms`)
-      quietly(() => native.fail(userId, flightId, true))
+      quietly(() => native.fail(userId, flightId, true, this.#clockOr(now)))
       ctx?.[ABORT](err)
       settle(err)
     }, this.#timeoutMs)
@@ -284,19 +361,21 @@ class TokenManager {
     const obtained =
       this.#coordinator === null
         ? refresh()
-        : this.#coordinator.obtain(ctx, accessToken, exp, refresh, this.#timeoutMs, !CLIENT_CREDENTIALS.has(refreshFn))
+        : this.#coordinator.obtain(ctx, accessToken, exp, refresh, this.#timeoutMs, now, !CLIENT_CREDENTIALS.has(refreshFn))
     obtained.then(
       (result) => {
         const late = settled
+        // `expiresIn` is dated from when the result came.
+        const at = this.#clockOr(now)
         let issued
         let error
         try {
-          issued = this.#report(userId, flightId, result, late)
+          issued = this.#report(userId, flightId, result, late, at)
         } catch (e) {
           error = e
         }
         // With Redis: share the token the core kept (or free the lock).
-        if (this.#coordinator !== null) this.#coordinator.reported(ctx, issued)
+        if (this.#coordinator !== null) this.#coordinator.reported(ctx, issued, at)
         if (!late) settle(error, issued)
       },
       (cause) => {
@@ -307,7 +386,7 @@ class TokenManager {
         // by a refresh function that wraps one, and the coordinator's own
         // (COORDINATOR_UNAVAILABLE, a wait on another instance that timed out).
         const own = refresher !== undefined || cause instanceof TokenRefreshError ? cause : coordination.coordinatorError(cause)
-        quietly(() => native.fail(userId, flightId, own?.code === 'REFRESH_TIMEOUT'))
+        quietly(() => native.fail(userId, flightId, own?.code === 'REFRESH_TIMEOUT', this.#clockOr(now)))
         settle(own ?? new TokenRefreshError('REFRESH_FAILED', userId, 'refresh function failed', { cause, status: cause?.status, error: cause?.error }))
       },
     )
@@ -315,11 +394,11 @@ class TokenManager {
     return flight
   }
 
-  /** Hands a refresh result to the core; returns its issued token or throws. */
-  #report(userId, flightId, result, late) {
+  /** Hands a refresh result to the core (at `now`); returns its issued token or throws. */
+  #report(userId, flightId, result, late, now) {
     const fields = refreshedFields(result)
     if (fields === null) {
-      if (!late) this.#native.fail(userId, flightId, false)
+      if (!late) this.#native.fail(userId, flightId, false, now)
       throw new TokenRefreshError('INVALID_REFRESH_RESULT', userId, 'refresh result is not an object with a string accessToken and a valid expiresAt or expiresIn')
     }
     try {
@@ -327,9 +406,9 @@ class TokenManager {
       // may hold the only live one.
       const fromShared = coordination.sharedToken(result)
       if (fromShared !== undefined) {
-        return this.#native.adopt(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fromShared.shouldUpdate)
+        return this.#native.adopt(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fromShared.shouldUpdate, now)
       }
-      return this.#complete(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fields.expiresIn)
+      return this.#complete(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fields.expiresIn, now)
     } catch (e) {
       throw e?.code === 'INVALID_REFRESH_RESULT' ? new TokenRefreshError(e.code, userId, e.message) : e
     }

@@ -8,6 +8,9 @@
 //!   are methods here, with `#[napi(object)]` values;
 //! - times cross as epoch milliseconds (`number`); `lib/manager.js` turns
 //!   `Date | number | string` into them and back into `Date`;
+//! - every call that decides something for a caller takes `nowMs`, the
+//!   caller's clock as `lib/manager.js` read it: the engine has no clock
+//!   (`engine/time.rs`, "Clocks");
 //! - errors are thrown with the engine's stable `code` (`errors.rs`).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -100,7 +103,7 @@ impl BindingManager {
     /// (`protocol.rs` has every answer): the same engine decisions at a
     /// fraction of a method call's cost.
     #[napi(
-        ts_return_type = "{ isFresh(expiresAtMs: number): boolean; begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number): null | number | { kind: 'lead'; flightId: number; refreshToken?: string } | { kind: 'held'; accessToken: string; refreshToken?: string; expiresAtMs: number; shouldUpdate: boolean }; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null): number }"
+        ts_return_type = "{ isFresh(expiresAtMs: number, nowMs?: number): boolean; begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number, nowMs: number): null | number | { kind: 'lead'; flightId: number; refreshToken?: string } | { kind: 'held'; accessToken: string; refreshToken?: string; expiresAtMs: number; shouldUpdate: boolean }; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null, nowMs: number): number }"
     )]
     pub fn bind_protocol(&self, env: Env) -> Result<JsRaw, Code> {
         guard(|| protocol::bind(env.raw(), &self.engine))
@@ -110,6 +113,7 @@ impl BindingManager {
     /// produced (the shared Redis cache): kept like a refresh result, but
     /// counted as a hit or coalesced call, and issued with `shouldUpdate`.
     #[napi]
+    #[allow(clippy::too_many_arguments)] // one per value JS hands over
     pub fn adopt(
         &self,
         user_id: String,
@@ -118,8 +122,10 @@ impl BindingManager {
         refresh_token: Option<String>,
         expires_at_ms: f64,
         should_update: bool,
+        now_ms: f64,
     ) -> Result<BindingIssuedToken, Code> {
         guard(|| {
+            let now = time::now_from_js(now_ms).map_err(to_js)?;
             let shared = Refreshed {
                 access: Some(SecretString::new(access_token)),
                 refresh: refresh_token.map(SecretString::new),
@@ -128,7 +134,7 @@ impl BindingManager {
             };
             let issued = self
                 .engine
-                .adopt(&user_id, flight_id, shared, should_update, time::now_ms())
+                .adopt(&user_id, flight_id, shared, should_update, now)
                 .map_err(to_js)?;
             Ok(issued_to_js(issued))
         })
@@ -136,15 +142,21 @@ impl BindingManager {
 
     /// The refresh for `flightId` failed (`timedOut`: it did not settle).
     #[napi]
-    pub fn fail(&self, user_id: String, flight_id: u32, timed_out: bool) -> Result<(), Code> {
+    pub fn fail(
+        &self,
+        user_id: String,
+        flight_id: u32,
+        timed_out: bool,
+        now_ms: f64,
+    ) -> Result<(), Code> {
         let failure = if timed_out {
             Failure::TimedOut
         } else {
             Failure::Rejected
         };
         guard(|| {
-            self.engine
-                .fail(&user_id, flight_id, failure, time::now_ms());
+            let now = time::now_from_js(now_ms).map_err(to_js)?;
+            self.engine.fail(&user_id, flight_id, failure, now);
             Ok(())
         })
     }
@@ -156,28 +168,40 @@ impl BindingManager {
         user_id: String,
         access_token: String,
         expires_at_ms: f64,
+        now_ms: f64,
     ) -> Result<bool, Code> {
         guard(|| {
+            let now = time::now_from_js(now_ms).map_err(to_js)?;
             let p = presented(access_token, None, expires_at_ms)?;
-            Ok(self.engine.serve_stale(&user_id, &p, time::now_ms()))
+            Ok(self.engine.serve_stale(&user_id, &p, now))
         })
     }
 
     #[napi]
-    pub fn invalidate(&self, user_id: String, access_token: Option<String>) -> Result<(), Code> {
+    pub fn invalidate(
+        &self,
+        user_id: String,
+        access_token: Option<String>,
+        now_ms: f64,
+    ) -> Result<(), Code> {
         let token = access_token.map(SecretString::new);
+        let now = time::now_from_js(now_ms).map_err(to_js)?;
         self.engine
-            .invalidate(&user_id, token.as_ref(), time::now_ms())
+            .invalidate(&user_id, token.as_ref(), now)
             .map_err(to_js)
     }
 
+    /// Counters and sizes; idle users (as of `nowMs`) are dropped first.
     #[napi]
-    pub fn stats(&self) -> Result<BindingStats, Code> {
-        guard(|| Ok(self.stats_inner()))
+    pub fn stats(&self, now_ms: f64) -> Result<BindingStats, Code> {
+        guard(|| {
+            let now = time::now_from_js(now_ms).map_err(to_js)?;
+            Ok(self.stats_inner(now))
+        })
     }
 
-    fn stats_inner(&self) -> BindingStats {
-        let s = self.engine.stats(time::now_ms());
+    fn stats_inner(&self, now: engine::EpochMs) -> BindingStats {
+        let s = self.engine.stats(now);
         BindingStats {
             users: s.users as u32,
             in_flight: s.in_flight as u32,

@@ -30,9 +30,16 @@ fn coordinator_timed(url: &str, lock_ttl_ms: f64, refresh_timeout_ms: u64) -> Co
 }
 
 async fn ask(c: &Coordinator, user: &str, deadline: Instant, use_: RefreshTokenUse) -> Outcome {
-    c.acquire(user, &old(), |_| true, deadline, use_)
-        .await
-        .outcome
+    c.acquire(
+        user,
+        &old(),
+        |_, _| true,
+        deadline,
+        CallerNow::new(time::now_ms()),
+        use_,
+    )
+    .await
+    .outcome
 }
 
 async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
@@ -76,7 +83,14 @@ async fn a_garbled_record_is_a_miss_for_its_user_alone() {
 
     for user in ["garbled", "wrong-type"] {
         let got = c
-            .acquire(user, &old(), |_| true, soon(5_000), RefreshTokenUse::Never)
+            .acquire(
+                user,
+                &old(),
+                |_, _| true,
+                soon(5_000),
+                CallerNow::new(time::now_ms()),
+                RefreshTokenUse::Never,
+            )
             .await;
         let Outcome::Lead {
             lease,
@@ -91,7 +105,12 @@ async fn a_garbled_record_is_a_miss_for_its_user_alone() {
             "{user}: one user's record tripped the breaker"
         );
         assert!(c
-            .commit(user, &lease, &token(&format!("new-{user}"), "r", 60_000))
+            .commit(
+                user,
+                &lease,
+                &token(&format!("new-{user}"), "r", 60_000),
+                time::now_ms()
+            )
             .await
             .unwrap());
         let Outcome::Shared { token: t, .. } =
@@ -139,7 +158,7 @@ async fn one_slow_reply_does_not_open_the_breaker() {
         panic!("lead")
     };
     assert!(c
-        .commit("warm", &lease, &token("w", "r", 60_000))
+        .commit("warm", &lease, &token("w", "r", 60_000), time::now_ms())
         .await
         .unwrap());
     // The server stalls for 1.3 s: a call unanswered after 1 s has a ping
@@ -335,7 +354,7 @@ async fn after_a_restart_no_refresh_token_lock_until_the_old_refreshes_are_over(
         panic!("lead")
     };
     assert!(a
-        .commit("u", &lease, &token("a1", "r1", 500))
+        .commit("u", &lease, &token("a1", "r1", 500), time::now_ms())
         .await
         .unwrap());
 
@@ -381,7 +400,7 @@ async fn after_a_restart_no_refresh_token_lock_until_the_old_refreshes_are_over(
         panic!("lead")
     };
     assert!(fresh
-        .commit("x", &l2, &token("x1", "rx", 500))
+        .commit("x", &l2, &token("x1", "rx", 500), time::now_ms())
         .await
         .unwrap());
     let Outcome::Lead {
@@ -405,7 +424,7 @@ async fn after_a_restart_no_refresh_token_lock_until_the_old_refreshes_are_over(
         panic!("lead")
     };
     assert!(fresh
-        .commit("y", &l4, &token("y1", "ry", 500))
+        .commit("y", &l4, &token("y1", "ry", 500), time::now_ms())
         .await
         .unwrap());
     let Outcome::Lead {
@@ -428,7 +447,9 @@ async fn a_token_refreshed_during_the_outage_reaches_the_new_server() {
     let port = s.port;
     s.kill();
     // The refresh finishes while Redis is away: its write fails...
-    let err = a.commit("u", &lease, &token("a1", "r1", 60_000)).await;
+    let err = a
+        .commit("u", &lease, &token("a1", "r1", 60_000), time::now_ms())
+        .await;
     assert!(err.is_err());
     s = Server::start_on(port);
     // ...and is retried in the background, well within the grace, so the
@@ -454,7 +475,7 @@ async fn a_lock_granted_after_its_caller_gave_up_is_given_back() {
         panic!("lead")
     };
     assert!(c
-        .commit("warm", &lease, &token("w", "r", 60_000))
+        .commit("warm", &lease, &token("w", "r", 60_000), time::now_ms())
         .await
         .unwrap());
     // A stall longer than a call's budget and than the ping after it: the
@@ -553,7 +574,7 @@ async fn the_first_caller_keeps_its_place_while_a_guard_is_waited_out() {
         panic!("the first caller leads")
     };
     assert!(a
-        .commit("u", &lease, &token("a1", "r1", 60_000))
+        .commit("u", &lease, &token("a1", "r1", 60_000), time::now_ms())
         .await
         .unwrap());
     let (got, _b) = second.await.unwrap();

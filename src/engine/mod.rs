@@ -99,7 +99,8 @@ impl Engine {
     }
 
     /// The hot path: can a token expiring at `expires_at` be handed back
-    /// as it is, without looking the user up? True when it outlives the
+    /// as it is at `now` (the caller's clock), without looking the user up?
+    /// True when it outlives the
     /// buffer and no token anywhere is revoked (a revoked token must be
     /// caught by [`Engine::begin`], which knows the user). Counts a hit.
     #[inline]
@@ -107,8 +108,9 @@ impl Engine {
         self.count_hit(self.fresh_at(expires_at, now))
     }
 
-    /// [`Engine::is_fresh`] at the current time, read as cheaply as the
-    /// answer allows (see [`time::at_now`]): the hot path's one call.
+    /// [`Engine::is_fresh`] on the system clock, read as cheaply as the
+    /// answer allows (see [`time::at_now`]): for a caller whose clock is
+    /// that one (an unreplaced `Date.now`; `time.rs`, "Clocks").
     #[inline]
     pub fn is_fresh_now(&self, expires_at: EpochMs) -> bool {
         self.count_hit(time::at_now(|now| self.fresh_at(expires_at, now)))
