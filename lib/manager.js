@@ -17,6 +17,7 @@
 const { BindingManager, parseIsoTime } = require('../binding.js')
 const coordination = require('./coordination.js')
 const { TokenRefreshError, argError, fromNative, quietly } = require('./errors.js')
+const observability = require('./observability.js')
 const { bindProtocol } = require('./protocol.js')
 const { NATIVE_REFRESHER, nativeRefresh } = require('./refreshers.js')
 
@@ -129,6 +130,8 @@ class TokenManager {
   #coordinator = null
   /** flightId -> promise of the core's issued token, for callers that join. */
   #flights = new Map()
+  /** Channels, metrics, spans and warnings (lib/observability.js). */
+  #observer
 
   constructor(options) {
     if (options != null && typeof options !== 'object') throw argError('options', 'must be an object')
@@ -139,6 +142,7 @@ class TokenManager {
     if (o.now !== undefined && typeof o.now !== 'function') throw argError('options.now', 'must be a function returning epoch milliseconds, like Date.now')
     this.#now = o.now ?? null
     this.#nowName = o.now === undefined ? 'Date.now()' : 'options.now()'
+    observability.checkOptions(o)
     try {
       this.#native = new BindingManager({
         bufferTimeMs: o.bufferTimeMs,
@@ -154,10 +158,11 @@ class TokenManager {
     this.#begin = protocol.begin
     this.#complete = protocol.complete
     this.#timeoutMs = this.#native.refreshTimeoutMs
+    this.#observer = new observability.Observer(o, () => this.stats(), this.#native.bufferTimeMs)
     if (o.redis !== undefined && o.redis !== null) {
       coordination.checkOptions(o.redis)
       try {
-        this.#coordinator = new coordination.Coordinator(this.#native, o.redis)
+        this.#coordinator = new coordination.Coordinator(this.#native, o.redis, this.#observer)
       } catch (e) {
         throw fromNative(e, RangeError)
       }
@@ -197,7 +202,10 @@ class TokenManager {
     }
   }
 
-  /** The API answered 401 with `accessToken` (or any token of the user's). */
+  /**
+   * The API answered 401 with `accessToken` (or any token of the user's).
+   * With `redis`, every instance hears it too (in the background).
+   */
   invalidate(userId, accessToken) {
     if (typeof userId !== 'string' || userId.length === 0) throw argError('userId', 'must be a non-empty string')
     if (accessToken !== undefined && accessToken !== null && typeof accessToken !== 'string') {
@@ -209,10 +217,20 @@ class TokenManager {
     } catch (e) {
       throw fromNative(e)
     }
+    this.#coordinator?.invalidate(userId, accessToken)
+    this.#observer.invalidated(userId, accessToken == null ? 'user' : 'token')
   }
 
   stats() {
     return { ...this.#native.stats(this.#clock()), redisFallbacks: this.#coordinator === null ? 0 : this.#coordinator.fallbacks }
+  }
+
+  /**
+   * The metrics (README: Observability) in the Prometheus text exposition
+   * format, for a `/metrics` route.
+   */
+  metrics() {
+    return this.#observer.metrics()
   }
 
   /**
@@ -282,6 +300,7 @@ class TokenManager {
     const flightId = plan.flightId
     const flight = leader ? this.#lead(userId, flightId, plan.refreshToken, refreshFn, accessToken, exp, now) : this.#flights.get(flightId)
     if (flight === undefined) throw new Error('internal: joined a refresh this manager does not know')
+    if (!leader) this.#observer.joined(flightId)
     return flight.then(
       // A leader handed a token another instance refreshed may still be told
       // not to persist it (issued.shouldUpdate: see lib/coordination.js).
@@ -291,6 +310,7 @@ class TokenManager {
         // verdict (reconnect, bad credentials, a buggy result) is not ridden
         // out: hiding it would only delay the fix.
         if (RIDE_OUT.has(err?.code) && this.#native.serveStale(userId, accessToken, exp, this.#clockOr(now))) {
+          this.#observer.staleServed(userId, err.code)
           return { accessToken, shouldUpdate: false, expiresAt: new Date(exp) }
         }
         throw err
@@ -306,6 +326,7 @@ class TokenManager {
     // the refresh token, which Redis coordination may replace with a newer one.
     const refresher = refreshFn[NATIVE_REFRESHER]
     const ctx = new RefreshContext(userId, refreshToken)
+    const trace = this.#observer.lead(flightId, userId, accessToken, exp, refreshFn, now)
     let resolveFlight
     let rejectFlight
     const flight = new Promise((resolve, reject) => {
@@ -320,6 +341,7 @@ class TokenManager {
       settled = true
       clearTimeout(timer)
       this.#flights.delete(flightId)
+      this.#observer.settled(trace, error)
       if (error !== undefined) rejectFlight(error)
       else resolveFlight(issued)
     }
@@ -330,8 +352,12 @@ class TokenManager {
       settle(err)
     }, this.#timeoutMs)
     // With Redis, the refresh runs only under the user's cross-instance lock,
-    // or a token another instance refreshed answers instead (lib/coordination.js).
-    const refresh = () => (refresher === undefined ? invoke(refreshFn, ctx) : nativeRefresh(refresher, userId, ctx.refreshToken, this.#timeoutMs))
+    // or a token another instance refreshed answers instead (lib/coordination.js),
+    // which says how it was coordinated: 'redis' or 'redis-fallback'.
+    const refresh = (how = 'local') =>
+      this.#observer.run(trace, how, () =>
+        refresher === undefined ? invoke(refreshFn, ctx) : nativeRefresh(refresher, userId, ctx.refreshToken, this.#timeoutMs),
+      )
     const obtained = this.#coordinator === null ? refresh() : this.#coordinator.obtain(ctx, accessToken, exp, refresh, this.#timeoutMs, now)
     obtained.then(
       (result) => {

@@ -7,6 +7,7 @@
 
 const { BindingRefresher } = require('../binding.js')
 const { TokenRefreshError, argError, fromNative, quietly } = require('./errors.js')
+const { REFRESHER_KIND } = require('./observability.js')
 
 const NATIVE_REFRESHER = Symbol('tarabut-token-manager.nativeRefresher')
 
@@ -42,7 +43,7 @@ function nativeRefresh(refresher, userId, refreshToken, timeoutMs) {
   })
 }
 
-function makeRefresher(refresher, name) {
+function makeRefresher(refresher, name, kind) {
   // A RefreshFn: (ctx) => Promise<{ accessToken, refreshToken?, expiresIn }>.
   // It honours ctx.signal: an abort drops the HTTP request and rejects
   // with the signal's reason.
@@ -82,6 +83,7 @@ function makeRefresher(refresher, name) {
   }
   Object.defineProperty(refresh, 'name', { value: name })
   Object.defineProperty(refresh, NATIVE_REFRESHER, { value: refresher })
+  Object.defineProperty(refresh, REFRESHER_KIND, { value: kind })
   return refresh
 }
 
@@ -104,14 +106,14 @@ function pickOptions(fn, options, types) {
   return picked
 }
 
-function buildRefresher(factory, options, name) {
+function buildRefresher(factory, options, name, kind) {
   let refresher
   try {
     refresher = factory(options)
   } catch (e) {
     throw fromNative(e)
   }
-  return makeRefresher(refresher, name)
+  return makeRefresher(refresher, name, kind)
 }
 
 const TARABUT_OPTIONS = {
@@ -130,7 +132,7 @@ const TARABUT_OPTIONS = {
  * refreshFn, or call it as one.
  */
 function tarabutRefresher(options) {
-  return buildRefresher((o) => BindingRefresher.tarabut(o), pickOptions('tarabutRefresher', options, TARABUT_OPTIONS), 'tarabutRefresher')
+  return buildRefresher((o) => BindingRefresher.tarabut(o), pickOptions('tarabutRefresher', options, TARABUT_OPTIONS), 'tarabutRefresher', 'tarabut')
 }
 
 const OAUTH2_OPTIONS = {
@@ -149,7 +151,7 @@ const OAUTH2_OPTIONS = {
  * resent.
  */
 function oauth2Refresher(options) {
-  return buildRefresher((o) => BindingRefresher.oauth2(o), pickOptions('oauth2Refresher', options, OAUTH2_OPTIONS), 'oauth2Refresher')
+  return buildRefresher((o) => BindingRefresher.oauth2(o), pickOptions('oauth2Refresher', options, OAUTH2_OPTIONS), 'oauth2Refresher', 'oauth2')
 }
 
 module.exports = { NATIVE_REFRESHER, nativeRefresh, tarabutRefresher, oauth2Refresher }

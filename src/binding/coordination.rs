@@ -14,25 +14,32 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
+use napi::bindgen_prelude::Buffer;
 use napi_derive::napi;
 use tokio::time::Instant;
 
 use super::errors::{guard, to_js, Code, Result};
 use super::manager::BindingManager;
-use crate::coordination::{self, CallerNow, Coordinator, Outcome, SharedToken, Unavailable};
+use crate::coordination::{
+    self, CallerNow, Coordinator, Endpoint, Outcome, SharedToken, Unavailable,
+};
 use crate::engine::flight::validate_refreshed;
 use crate::engine::{time, Engine, Presented, Refreshed, SecretString};
 
 const INTERNAL: &str = "internal error in tarabut-token-manager (a bug: please report it)";
 
-/// `TokenManager`'s `redis` option, types already checked by
+/// `TokenManager`'s `redis` option, types already checked (and one
+/// encryption key made a list of one, `tls.ca` a Buffer) by
 /// `lib/coordination.js`.
 #[napi(object)]
 pub struct BindingCoordinationOptions {
-    pub url: String,
+    /// Exactly one of `url` and `cluster`.
+    pub url: Option<String>,
+    pub cluster: Option<Vec<String>>,
+    pub tls_ca: Option<Buffer>,
     pub key_prefix: Option<String>,
     pub lock_ttl_ms: Option<f64>,
-    pub encryption_key: String,
+    pub encryption_keys: Vec<String>,
 }
 
 /// A held lock, handed back to `commit` or `release`.
@@ -84,7 +91,7 @@ pub struct BindingCoordinator {
 
 #[napi]
 impl BindingCoordinator {
-    /// Validates the options (`INVALID_ARGUMENT`); connects on first use.
+    /// Validates the options (`INVALID_ARGUMENT`); connects in the background.
     #[napi(constructor)]
     pub fn new(
         manager: &BindingManager,
@@ -92,20 +99,45 @@ impl BindingCoordinator {
     ) -> Result<Self, Code> {
         guard(|| {
             let engine = manager.engine.clone();
+            let endpoint = match (options.url, options.cluster) {
+                (Some(url), None) => Endpoint::Node(SecretString::new(url)),
+                (None, Some(nodes)) => {
+                    Endpoint::Cluster(nodes.into_iter().map(SecretString::new).collect())
+                }
+                _ => {
+                    return Err(to_js(crate::engine::EngineError::invalid_argument(
+                        "options.redis",
+                        "needs exactly one of url and cluster",
+                    )))
+                }
+            };
             let inner = coordination::coordinator(
                 coordination::CoordinationOptions {
-                    url: SecretString::new(options.url),
+                    endpoint,
+                    tls_ca: options.tls_ca.map(|b| b.to_vec()),
                     key_prefix: options.key_prefix,
                     lock_ttl_ms: options.lock_ttl_ms,
-                    encryption_key: SecretString::new(options.encryption_key),
+                    encryption_keys: options
+                        .encryption_keys
+                        .into_iter()
+                        .map(SecretString::new)
+                        .collect(),
                 },
                 engine.policy(),
             )
             .map_err(to_js)?;
-            Ok(Self {
-                inner: Arc::new(inner),
-                engine,
-            })
+            // Another instance's invalidate: as if called here.
+            let hears = engine.clone();
+            inner.on_invalidated(move |user, token| {
+                let _ = hears.invalidate(user, token, time::now_ms());
+            });
+            let inner = Arc::new(inner);
+            // In the background: construction never waits on Redis.
+            let connecting = inner.clone();
+            napi::bindgen_prelude::spawn(async move {
+                let _ = connecting.connect().await;
+            });
+            Ok(Self { inner, engine })
         })
     }
 
@@ -251,6 +283,22 @@ impl BindingCoordinator {
                     .release(&user_id, &core_lease(lease), failed)
                     .await,
             )
+        };
+        unwinding(work, internal).await
+    }
+
+    /// `invalidate` for the other instances (the engine's own mark is the
+    /// manager's): marks the stored token bad if it is `accessToken` (any
+    /// stored token: null) and announces it. `done`: a stored token was marked.
+    #[napi]
+    pub async fn invalidate(
+        &self,
+        user_id: String,
+        access_token: Option<String>,
+    ) -> BindingSettled {
+        let work = async {
+            let token = access_token.map(SecretString::new);
+            settled(self.inner.invalidate(&user_id, token.as_ref()).await)
         };
         unwinding(work, internal).await
     }

@@ -13,6 +13,7 @@
 //!   (`engine/time.rs`, "Clocks");
 //! - errors are thrown with the engine's stable `code` (`errors.rs`).
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use napi::Env;
@@ -21,7 +22,8 @@ use napi_derive::napi;
 use super::errors::{guard, to_js, Code, Result};
 use super::protocol::{self, JsRaw};
 use crate::engine::{
-    self, time, Engine, Failure, Issued, Policy, PolicyOptions, Presented, Refreshed, SecretString,
+    self, evictor, time, Engine, Failure, Issued, Policy, PolicyOptions, Presented, Refreshed,
+    SecretString,
 };
 
 /// Options for a token manager. All in milliseconds.
@@ -78,9 +80,9 @@ impl BindingManager {
                 idle_ttl_ms: o.idle_ttl_ms,
             })
             .map_err(to_js)?;
-            Ok(Self {
-                engine: Arc::new(Engine::new(policy)),
-            })
+            let engine = Arc::new(Engine::new(policy));
+            evict_in_background(&engine);
+            Ok(Self { engine })
         })
     }
 
@@ -88,6 +90,13 @@ impl BindingManager {
     #[napi(getter)]
     pub fn refresh_timeout_ms(&self) -> f64 {
         self.engine.policy().refresh_timeout_ms as f64
+    }
+
+    /// The effective buffer, for `lib/observability.js` to say why a
+    /// refresh ran (a presented token outside it was invalidated).
+    #[napi(getter)]
+    pub fn buffer_time_ms(&self) -> f64 {
+        self.engine.policy().buffer_ms as f64
     }
 
     /// `isFresh`, `begin` and `complete` bound to this manager's engine
@@ -204,6 +213,18 @@ impl BindingManager {
             stale_served: s.stale_served as f64,
         }
     }
+}
+
+/// Starts the engine's background eviction (`engine/evictor.rs`) on
+/// napi's Tokio runtime. It holds the engine weakly, so it ends once the
+/// manager is collected, and keeps neither the event loop nor the process
+/// alive. Should the runtime be unavailable (torn down), callers' slices of
+/// eviction still bound the table.
+fn evict_in_background(engine: &Arc<Engine>) {
+    let engine = Arc::downgrade(engine);
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        napi::bindgen_prelude::spawn(evictor::run(engine))
+    }));
 }
 
 /// Parses an ISO 8601 date-time (with zone) into epoch milliseconds.

@@ -10,6 +10,7 @@
 //! are woken is the binding's business.
 
 pub mod error;
+pub mod evictor;
 pub mod flight;
 pub mod policy;
 pub mod secret;
@@ -31,6 +32,7 @@ pub use policy::{EpochMs, Policy, PolicyOptions};
 pub use secret::SecretString;
 pub use token::{Issued, IssuedBrief, Presented, Refreshed};
 
+pub use table::Eviction;
 use table::Table;
 
 /// Longest user id accepted, in UTF-8 bytes. Ids are map keys: an unbounded
@@ -140,6 +142,7 @@ impl Engine {
         let until = now.saturating_add(self.policy.idle_ttl_ms as i64);
         let fp = access_token.map(SecretString::fingerprint);
         let mut t = self.table();
+        t.evict_on_call(&self.policy, now);
         t.with_entry(user, now, |e, _| {
             e.revoke(fp, until);
             if fp.is_none() {
@@ -152,13 +155,17 @@ impl Engine {
         Ok(())
     }
 
+    /// O(1): the table keeps its counts as entries come and go. Like any
+    /// call, it also runs one bounded slice of eviction at `now`.
     pub fn stats(&self, now: EpochMs) -> Stats {
         let mut t = self.table();
-        t.sweep(&self.policy, now);
+        t.evict_on_call(&self.policy, now);
+        let (users, in_flight) = (t.len(), t.in_flight);
+        drop(t);
         let c = &self.counters;
         Stats {
-            users: t.len(),
-            in_flight: t.in_flight,
+            users,
+            in_flight,
             hits: c.hits.load(Relaxed),
             refreshes: c.refreshes.load(Relaxed),
             coalesced: c.coalesced.load(Relaxed),
@@ -170,6 +177,30 @@ impl Engine {
 }
 
 impl Engine {
+    /// One slice of eviction at `now`, visiting at most `budget` entries
+    /// (see `table.rs`). What it evicts is freed after the lock is released,
+    /// so a slice holds the lock only to unlink entries.
+    pub fn evict(&self, now: EpochMs, budget: usize) -> Eviction {
+        let mut evicted = Vec::new();
+        let mut t = self.table();
+        let done = t.evict(&self.policy, now, budget, |user, entry| {
+            evicted.push((user, entry))
+        });
+        if done.next_due.is_none_or(|due| due > now) {
+            t.shrink_if_sparse();
+        }
+        drop(t);
+        drop(evicted);
+        done
+    }
+
+    /// Signs of callers for the background task: calls answered on the hot
+    /// path so far, and when the table was last used by a call.
+    pub fn activity(&self) -> (u64, Option<EpochMs>) {
+        let last_use = self.table().last_use();
+        (self.counters.hits.load(Relaxed), last_use)
+    }
+
     /// The table, locked. Every access goes through this guard, so the hot
     /// path's copy of the revocation count is published on every unlock and
     /// cannot drift from the table's.
