@@ -15,6 +15,8 @@ const HOUR = 3_600_000
 const at = (iso) => new Date(iso)
 const T0 = at('2030-01-01T00:00:00Z')
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
+/** Waits real time, even under fake timers (the timer is taken before they are installed). */
+const realSleep = ((realSetTimeout) => (ms) => new Promise((resolve) => realSetTimeout(resolve, ms)))(globalThis.setTimeout)
 
 /** A refresh function counting its runs, answering `expiresIn` seconds (default 1 h). */
 function refresher(expiresIn = 3600) {
@@ -129,6 +131,22 @@ describe('under fake timers (vi.useFakeTimers, vi.setSystemTime)', () => {
     // ...after it, the user is forgotten and the old token refreshes again.
     expect(await m.getValidToken('u', old, refreshFn)).toMatchObject({ accessToken: 'a2', shouldUpdate: true })
     expect(refreshFn).toHaveBeenCalledTimes(2)
+  })
+
+  it('the background eviction keeps to the fake clock: users stamped at a fake 2020 are not years idle', async () => {
+    vi.setSystemTime(at('2020-01-01T00:00:00Z'))
+    const m = new TokenManager({ idleTtlMs: MIN })
+    const old = { accessToken: 'a0', refreshToken: 'r0', expiresAt: Date.now() - 1 }
+    const refreshFn = refresher()
+    await m.getValidToken('u', old, refreshFn)
+    // The background task runs on real time (every second at most): by the
+    // machine's date the user has been idle for years; by the app's, no.
+    await realSleep(1_500)
+    expect(m.stats().users).toBe(1)
+    expect(await m.getValidToken('u', old, refreshFn)).toMatchObject({ accessToken: 'a1', shouldUpdate: true })
+    vi.advanceTimersByTime(MIN + SECOND)
+    expect(m.stats().users).toBe(0)
+    expect(refreshFn).toHaveBeenCalledTimes(1)
   })
 
   it('an invalidation lasts one idle TTL on the fake clock', async () => {

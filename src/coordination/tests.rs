@@ -10,7 +10,8 @@ use tokio::time::Instant;
 
 use super::lock::{self, Acquire, Want};
 use super::*;
-use crate::engine::{time, Policy, Presented};
+use crate::engine::time::{self, CallerNow};
+use crate::engine::{Policy, Presented};
 
 const KEY_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const KEY_B: &str = "HxwdHhsaGRgXFhUUExIREA8ODQwLCgkIBwYFBAMCAQA=";
