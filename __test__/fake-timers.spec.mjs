@@ -3,6 +3,7 @@
 // replace Date the same way) move every decision made for a caller, as they
 // did with the TypeScript module this package replaces. The same scenarios
 // then run on real timers, with managers made under fake ones.
+import dc from 'node:diagnostics_channel'
 import { createRequire } from 'node:module'
 
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest'
@@ -263,6 +264,22 @@ describe('a `now` option', () => {
     expect(m.stats().users).toBe(1)
     t += 2 * MIN
     expect(m.stats().users).toBe(0)
+  })
+
+  it('the refresh reason observers see is judged on it too', async () => {
+    const m = new TokenManager({ now: () => T0.getTime() })
+    const reasons = []
+    const handlers = { asyncEnd: (message) => reasons.push(message.reason) }
+    const tc = dc.tracingChannel('tarabut-token-manager:refresh')
+    tc.subscribe(handlers)
+    try {
+      // Expired by that clock, though years ahead of the machine's.
+      await m.getValidToken('u', { accessToken: 'a0', expiresAt: at('2029-12-31T23:00:00Z') }, refresher())
+      await m.getValidToken('v', { accessToken: 'b0', expiresAt: T0.getTime() + 4 * MIN }, refresher())
+    } finally {
+      tc.unsubscribe(handlers)
+    }
+    expect(reasons).toEqual(['expired', 'buffer'])
   })
 
   it('must be a function', () => {

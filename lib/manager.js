@@ -139,10 +139,10 @@ class TokenManager {
     for (const name of OPTION_NAMES) {
       if (o[name] !== undefined && typeof o[name] !== 'number') throw argError(`options.${name}`, 'must be a number')
     }
+    observability.checkOptions(o)
     if (o.now !== undefined && typeof o.now !== 'function') throw argError('options.now', 'must be a function returning epoch milliseconds, like Date.now')
     this.#now = o.now ?? null
     this.#nowName = o.now === undefined ? 'Date.now()' : 'options.now()'
-    observability.checkOptions(o)
     try {
       this.#native = new BindingManager({
         bufferTimeMs: o.bufferTimeMs,
