@@ -326,7 +326,7 @@ class TokenManager {
     // the refresh token, which Redis coordination may replace with a newer one.
     const refresher = refreshFn[NATIVE_REFRESHER]
     const ctx = new RefreshContext(userId, refreshToken)
-    const trace = this.#observer.lead(flightId, userId, accessToken, exp, refreshFn)
+    const trace = this.#observer.lead(flightId, userId, accessToken, exp, refreshFn, now)
     let resolveFlight
     let rejectFlight
     const flight = new Promise((resolve, reject) => {

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use super::errors::{guard, to_js, Code, Result};
 use super::manager::BindingManager;
 use crate::coordination::{
-    self, CallerNow, Coordinator, Endpoint, Outcome, RefreshTokenUse, SharedToken, Unavailable,
+    self, Coordinator, Endpoint, Outcome, RefreshTokenUse, SharedToken, Unavailable,
 };
 use crate::engine::flight::validate_refreshed;
 use crate::engine::{time, Engine, Presented, Refreshed, SecretString};
@@ -126,10 +126,11 @@ impl BindingCoordinator {
                 engine.policy(),
             )
             .map_err(to_js)?;
-            // Another instance's invalidate: as if called here.
+            // Another instance's invalidate: as if called here, on the
+            // callers' clock as last seen (no caller asks for this one).
             let hears = engine.clone();
             inner.on_invalidated(move |user, token| {
-                let _ = hears.invalidate(user, token, time::now_ms());
+                let _ = hears.invalidate(user, token, hears.app_now());
             });
             let inner = Arc::new(inner);
             // In the background: construction never waits on Redis.
@@ -172,7 +173,7 @@ impl BindingCoordinator {
             let deadline =
                 Instant::now() + Duration::from_millis(wait_ms.clamp(0.0, 86_400_000.0) as u64);
             let now = match time::now_from_js(now_ms) {
-                Ok(now) => CallerNow::new(now),
+                Ok(now) => time::CallerNow::new(now),
                 Err(e) => {
                     return BindingAcquired {
                         kind: "unavailable".into(),

@@ -40,6 +40,7 @@ use super::keys::{Keys, UserKeys};
 use super::lock::{self, Acquire, Answer, Extended, Guard, Want};
 use super::record::{self, Invalidation, Lease, Notice, Record};
 use super::seal::{self, SealKeys, SharedToken};
+use crate::engine::time::CallerNow;
 use crate::engine::{EpochMs, Presented, SecretString};
 
 /// Timing the coordinator shares with the engine's policy.
@@ -69,31 +70,6 @@ pub enum RefreshTokenUse {
     IfHandedOver,
     /// The caller's own: no lock while guarded.
     Sends,
-}
-
-/// The caller's clock, carried into a wait: its reading when it asked plus
-/// the real time waited since. Equal to the wall clock in production; under
-/// a test's fake clock it starts at the fake time. The engine has no clock
-/// of its own (`engine/time.rs`, "Clocks").
-#[derive(Debug, Clone, Copy)]
-pub struct CallerNow {
-    at: EpochMs,
-    read: Instant,
-}
-
-impl CallerNow {
-    /// The caller read `at` just now.
-    pub fn new(at: EpochMs) -> Self {
-        Self {
-            at,
-            read: Instant::now(),
-        }
-    }
-
-    pub fn now(&self) -> EpochMs {
-        let waited = self.read.elapsed().as_millis().min(i64::MAX as u128) as i64;
-        self.at.saturating_add(waited)
-    }
 }
 
 #[derive(Debug)]

@@ -30,7 +30,7 @@ pub mod record;
 pub mod seal;
 
 pub use connection::{Connection, Unavailable};
-pub use coordinator::{Acquired, CallerNow, Coordinator, Outcome, RefreshTokenUse, Timing};
+pub use coordinator::{Acquired, Coordinator, Outcome, RefreshTokenUse, Timing};
 pub use link::Endpoint;
 pub use seal::{SealKeys, SharedToken};
 

@@ -8,6 +8,7 @@ use tokio::time::Instant;
 
 use super::tests::{old, policy, soon, token, Server, KEY_A};
 use super::*;
+use crate::engine::time::CallerNow;
 use crate::engine::{time, Policy, SecretString};
 
 /// A coordinator whose refreshes time out after `refresh_timeout_ms`, so

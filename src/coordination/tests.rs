@@ -10,7 +10,8 @@ use tokio::time::Instant;
 
 use super::lock::{self, Acquire, Guard, Want};
 use super::*;
-use crate::engine::{time, Policy, Presented};
+use crate::engine::time::{self, CallerNow};
+use crate::engine::{Policy, Presented};
 
 pub(super) const KEY_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const KEY_B: &str = "HxwdHhsaGRgXFhUUExIREA8ODQwLCgkIBwYFBAMCAQA=";
