@@ -57,7 +57,12 @@ export declare class BindingManager {
   fail(userId: string, flightId: number, timedOut: boolean): void
   /** After a failed refresh: may this caller keep its own token? */
   serveStale(userId: string, accessToken: string, expiresAtMs: number): boolean
-  invalidate(userId: string, accessToken?: string | undefined | null): void
+  /**
+   * Marks `accessToken` (or, without one, whatever the user holds) bad.
+   * Returns until when (epoch ms) the user's calls must go to `begin`:
+   * `isFresh` does not know users.
+   */
+  invalidate(userId: string, accessToken?: string | undefined | null): number
   stats(): BindingStats
 }
 
@@ -86,7 +91,10 @@ export declare class BindingRefresher {
  */
 export declare function __panicForTest(): void
 
-/** What `acquire` found. */
+/**
+ * What `acquire` found. Fields are defined, never assigned (absent ones
+ * are `null`): a setter on `Object.prototype` never sees a token.
+ */
 export interface BindingAcquired {
   /**
    * `'shared'`: use the token below; `'lead'`: refresh, then commit or
@@ -95,20 +103,20 @@ export interface BindingAcquired {
    * Redis could not be used (`reason`).
    */
   kind: 'shared' | 'lead' | 'failed' | 'timeout' | 'unavailable'
-  accessToken?: string
+  accessToken: string | null
   /**
    * `'shared'`: the token's refresh token; `'lead'`: a newer refresh
    * token than the caller's, to refresh with.
    */
-  refreshToken?: string
-  expiresAtMs?: number
+  refreshToken: string | null
+  expiresAtMs: number | null
   /**
    * `'shared'`: written while this call waited (another instance's caller
    * persists it) rather than found already there.
    */
   waited: boolean
-  lease?: BindingLease
-  reason?: string
+  lease: BindingLease | null
+  reason: string | null
   /** A cached value did not open with this key (rotated?): it was a miss. */
   undecryptable: boolean
 }
@@ -124,10 +132,14 @@ export interface BindingCoordinationOptions {
   encryptionKey: string
 }
 
-/** A token as the core issued it. */
+/**
+ * A token as the core issued it. Every field is defined on the object
+ * (`use_nullable`: an absent one is `null`), none assigned, so a setter on
+ * `Object.prototype` never sees a token.
+ */
 export interface BindingIssuedToken {
   accessToken: string
-  refreshToken?: string
+  refreshToken: string | null
   expiresAtMs: number
   shouldUpdate: boolean
 }
@@ -162,24 +174,28 @@ export interface BindingOAuth2Options {
   timeoutMs?: number
 }
 
-/** What `refresh` resolves to: the token, or (with `code` set) why not. */
+/**
+ * What `refresh` resolves to: the token, or (with `code` set) why not.
+ * Fields are defined, never assigned (absent ones are `null`): a setter on
+ * `Object.prototype` never sees a token.
+ */
 export interface BindingRefreshOutcome {
-  accessToken?: string
+  accessToken: string | null
   /** A rotated refresh token: the caller must persist it. */
-  refreshToken?: string
+  refreshToken: string | null
   /** Seconds. */
-  expiresIn?: number
+  expiresIn: number | null
   /**
    * Set on failure: a stable code (`REAUTH_REQUIRED`, `INVALID_CLIENT`,
    * `REFRESH_FAILED`, `REFRESH_TIMEOUT`, `INVALID_ARGUMENT`).
    */
-  code?: string
+  code: string | null
   /** On failure: a message safe to log (no token, secret or body). */
-  message?: string
+  message: string | null
   /** On failure: the token endpoint's HTTP status, when it answered. */
-  status?: number
+  status: number | null
   /** On failure: the provider's `error` field, when it sent one. */
-  error?: string
+  error: string | null
 }
 
 /** What `commit` and `release` did. */
@@ -190,7 +206,7 @@ export interface BindingSettled {
    */
   done: boolean
   /** Set when Redis could not be used. */
-  unavailable?: string
+  unavailable: string | null
 }
 
 /** Counters and sizes, as `TokenManager.stats()` reports them. */
@@ -217,6 +233,9 @@ export interface BindingTarabutOptions {
   /** Retries of connection failures, 429 and 5xx. Default 3. */
   maxRetries?: number
 }
+
+/** The longest access or refresh token accepted, in UTF-8 bytes. */
+export declare const MAX_TOKEN_BYTES: number
 
 /** The longest user id accepted, in UTF-8 bytes. */
 export declare const MAX_USER_ID_BYTES: number

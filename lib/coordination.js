@@ -29,9 +29,13 @@ const ON_ERROR = ['local', 'fail']
 /**
  * `options.redis`: types and presence are checked here (TypeError); values
  * (URL, key, prefix length, lock TTL) by the native side (RangeError).
+ * Returns the options as read: each once (a getter may answer differently
+ * each time), into a plain object.
  */
-function checkOptions(o) {
-  if (o === null || typeof o !== 'object') throw argError('options.redis', 'must be an object { url, encryptionKey, ... }')
+function checkOptions(options) {
+  if (options === null || typeof options !== 'object') throw argError('options.redis', 'must be an object { url, encryptionKey, ... }')
+  const { url, keyPrefix, lockTtlMs, encryptionKey, onError } = options
+  const o = { url, keyPrefix, lockTtlMs, encryptionKey, onError }
   if (typeof o.url !== 'string' || o.url.length === 0) throw argError('options.redis.url', 'must be a non-empty string (e.g. redis://127.0.0.1:6379)')
   if (o.encryptionKey === undefined || o.encryptionKey === null) {
     throw argError('options.redis.encryptionKey', 'is required with redis: 32 random bytes, base64 (e.g. `openssl rand -base64 32`)')
@@ -42,6 +46,7 @@ function checkOptions(o) {
   if (o.onError !== undefined && !ON_ERROR.includes(o.onError)) {
     throw argError('options.redis.onError', "must be 'local' or 'fail'", typeof o.onError === 'string' ? RangeError : TypeError)
   }
+  return o
 }
 
 class Coordinator {
@@ -58,7 +63,7 @@ class Coordinator {
 
   /**
    * @param bindingManager the manager's BindingManager (its engine checks revocations)
-   * @param options `options.redis`, already checked by `checkOptions`
+   * @param options `options.redis` as `checkOptions` returned it
    */
   constructor(bindingManager, options) {
     this.#native = new BindingCoordinator(bindingManager, {

@@ -11,9 +11,14 @@
 
 const { BindingManager, parseIsoTime } = require('../binding.js')
 const coordination = require('./coordination.js')
-const { TokenRefreshError, argError, fromNative, quietly } = require('./errors.js')
+const { TokenRefreshError, argError, callerError, fromNative, internalError, quietly } = require('./errors.js')
 const { bindProtocol } = require('./protocol.js')
 const { NATIVE_REFRESHER, nativeRefresh } = require('./refreshers.js')
+
+// Date.prototype.getTime as it was when this module loaded: it reads the
+// Date's own time value, so a Date whose `getTime` was replaced (or a Proxy
+// of one: it throws) cannot hand back a value other than the Date's own.
+const dateGetTime = Date.prototype.getTime
 
 /**
  * `Date | number | string` to epoch ms, or a TypeError naming `name`. Only
@@ -39,6 +44,10 @@ const ABORT = Symbol('abort')
 
 /** What a refresh function receives. `signal` is created on first use. */
 class RefreshContext {
+  // Declared fields are defined on the instance, so a setter someone put on
+  // Object.prototype never receives the refresh token.
+  userId
+  refreshToken
   #controller = null
   #abortedWith = undefined
   constructor(userId, refreshToken) {
@@ -66,8 +75,20 @@ function invoke(refreshFn, ctx) {
   }
 }
 
-/** Refresh results, type-checked here; the core checks what they mean. */
+/**
+ * Refresh results, type-checked here; the core checks what they mean. Each
+ * field is read once (a getter may answer differently each time), and a
+ * getter or Proxy that throws makes the result unusable.
+ */
 function refreshedFields(result) {
+  try {
+    return readRefreshed(result)
+  } catch {
+    return null
+  }
+}
+
+function readRefreshed(result) {
   if (result === null || typeof result !== 'object') return null
   const { accessToken, refreshToken, expiresAt, expiresIn } = result
   if (typeof accessToken !== 'string') return null
@@ -81,7 +102,8 @@ function refreshedFields(result) {
       return null
     }
   }
-  return { accessToken, refreshToken: refreshToken ?? null, expiresAtMs, expiresIn: expiresIn ?? null }
+  const shared = coordination.sharedToken(result)
+  return { accessToken, refreshToken: refreshToken ?? null, expiresAtMs, expiresIn: expiresIn ?? null, shared }
 }
 
 /**
@@ -105,20 +127,25 @@ class TokenManager {
   #coordinator = null
   /** flightId -> promise of the core's issued token, for callers that join. */
   #flights = new Map()
+  /**
+   * userId -> until when (epoch ms) `invalidate` marked it: these users'
+   * calls go to the core's `begin`, which knows their revoked tokens.
+   * `isFresh` knows no users, so everyone else keeps the hot path.
+   */
+  #revoked = new Map()
+  /** Size at which `invalidate` next drops expired marks. */
+  #pruneAt = 64
 
   constructor(options) {
-    if (options != null && typeof options !== 'object') throw argError('options', 'must be an object')
-    const o = options ?? {}
-    for (const name of OPTION_NAMES) {
-      if (o[name] !== undefined && typeof o[name] !== 'number') throw argError(`options.${name}`, 'must be a number')
+    let o
+    let redis
+    try {
+      ;[o, redis] = readOptions(options)
+    } catch (e) {
+      throw callerError(e, 'options')
     }
     try {
-      this.#native = new BindingManager({
-        bufferTimeMs: o.bufferTimeMs,
-        doubleCheckWindowMs: o.doubleCheckWindowMs,
-        refreshTimeoutMs: o.refreshTimeoutMs,
-        idleTtlMs: o.idleTtlMs,
-      })
+      this.#native = new BindingManager(o)
     } catch (e) {
       throw fromNative(e, RangeError)
     }
@@ -127,10 +154,9 @@ class TokenManager {
     this.#begin = protocol.begin
     this.#complete = protocol.complete
     this.#timeoutMs = this.#native.refreshTimeoutMs
-    if (o.redis !== undefined && o.redis !== null) {
-      coordination.checkOptions(o.redis)
+    if (redis !== undefined && redis !== null) {
       try {
-        this.#coordinator = new coordination.Coordinator(this.#native, o.redis)
+        this.#coordinator = new coordination.Coordinator(this.#native, redis)
       } catch (e) {
         throw fromNative(e, RangeError)
       }
@@ -152,17 +178,18 @@ class TokenManager {
       // A Date (what the seed's callers pass) is read here, once; any other
       // form in toEpochMs.
       const isDate = expiresAt instanceof Date
-      const exp = isDate ? expiresAt.getTime() : toEpochMs(expiresAt, 'token.expiresAt')
+      const exp = isDate ? dateGetTime.call(expiresAt) : toEpochMs(expiresAt, 'token.expiresAt')
       if (typeof refreshFn !== 'function') throw argError('refreshFn', 'must be a function')
       // Hot path: one native call on a number; an empty token is never served.
-      if (accessToken.length !== 0 && this.#isFresh(exp)) {
+      if (accessToken.length !== 0 && (this.#revoked.size === 0 || !this.#isRevoked(userId)) && this.#isFresh(exp)) {
         return { accessToken, shouldUpdate: false, expiresAt: isDate ? expiresAt : new Date(exp) }
       }
       const refreshToken = token.refreshToken
       if (refreshToken != null && typeof refreshToken !== 'string') throw argError('token.refreshToken', 'must be a string or null')
-      return this.#slow(userId, accessToken, refreshToken ?? null, exp, expiresAt, refreshFn)
+      return this.#slow(userId, accessToken, refreshToken ?? null, exp, expiresAt, refreshFn, false)
     } catch (e) {
-      throw fromNative(e)
+      // A getter or Proxy of the caller's that threw is a bad argument too.
+      throw callerError(e, 'token')
     }
   }
 
@@ -172,11 +199,30 @@ class TokenManager {
     if (accessToken !== undefined && accessToken !== null && typeof accessToken !== 'string') {
       throw argError('accessToken', 'must be a string or undefined')
     }
+    let until
     try {
-      this.#native.invalidate(userId, accessToken ?? null)
+      until = this.#native.invalidate(userId, accessToken ?? null)
     } catch (e) {
       throw fromNative(e)
     }
+    if (!(this.#revoked.get(userId) >= until)) this.#revoked.set(userId, until)
+    if (this.#revoked.size >= this.#pruneAt) this.#pruneRevoked()
+  }
+
+  /** Whether `invalidate` marked `userId` and the mark still holds. */
+  #isRevoked(userId) {
+    const until = this.#revoked.get(userId)
+    if (until === undefined) return false
+    if (until > Date.now()) return true
+    this.#revoked.delete(userId)
+    return false
+  }
+
+  /** Drops expired marks; amortised over the `invalidate` calls that grow the map. */
+  #pruneRevoked() {
+    const now = Date.now()
+    for (const [userId, until] of this.#revoked) if (until <= now) this.#revoked.delete(userId)
+    this.#pruneAt = Math.max(64, 2 * this.#revoked.size)
   }
 
   stats() {
@@ -193,7 +239,7 @@ class TokenManager {
     return this.#coordinator === null ? Promise.resolve() : this.#coordinator.close()
   }
 
-  #slow(userId, accessToken, refreshToken, exp, expiresAt, refreshFn) {
+  #slow(userId, accessToken, refreshToken, exp, expiresAt, refreshFn, retried) {
     const plan = this.#begin(userId, accessToken, refreshToken, exp)
     switch (plan.kind) {
       case 'presented':
@@ -203,8 +249,14 @@ class TokenManager {
     }
     const leader = plan.kind === 'lead'
     const flightId = plan.flightId
-    const flight = leader ? this.#lead(userId, flightId, plan.refreshToken, refreshFn, accessToken, exp) : this.#flights.get(flightId)
-    if (flight === undefined) throw new Error('internal: joined a refresh this manager does not know')
+    const flight = leader ? this.#startLead(userId, flightId, plan.refreshToken, refreshFn, accessToken, exp) : this.#flights.get(flightId)
+    if (flight === undefined) {
+      // The core has a flight this manager lost (a bug): close it and lead
+      // a new one, rather than leave the user stuck until it is overdue.
+      quietly(() => this.#native.fail(userId, flightId, false))
+      if (retried) throw internalError('joined a refresh this manager does not know')
+      return this.#slow(userId, accessToken, refreshToken, exp, expiresAt, refreshFn, true)
+    }
     return flight.then(
       // A leader handed a token another instance refreshed may still be told
       // not to persist it (issued.shouldUpdate: see lib/coordination.js).
@@ -221,13 +273,30 @@ class TokenManager {
     )
   }
 
+  /**
+   * `#lead`, for a flight the core just opened: whatever throws before the
+   * refresh starts (a Proxy refreshFn whose property read throws) closes the
+   * flight and fails this call, so the user's next call refreshes anew.
+   */
+  #startLead(userId, flightId, refreshToken, refreshFn, accessToken, exp) {
+    let refresher
+    try {
+      // A native refresher runs in Rust with the manager's timeout as its
+      // budget (the timeout drops its HTTP request).
+      refresher = refreshFn[NATIVE_REFRESHER]
+      return this.#lead(userId, flightId, refreshToken, refreshFn, refresher, accessToken, exp)
+    } catch (cause) {
+      quietly(() => this.#native.fail(userId, flightId, false))
+      this.#flights.delete(flightId)
+      return Promise.reject(new TokenRefreshError('REFRESH_FAILED', userId, 'the refresh could not be started', { cause }))
+    }
+  }
+
   /** Runs the refresh for `flightId`; settles with the core's issued token. */
-  #lead(userId, flightId, refreshToken, refreshFn, accessToken, exp) {
+  #lead(userId, flightId, refreshToken, refreshFn, refresher, accessToken, exp) {
     const native = this.#native
-    // A native refresher runs in Rust with the manager's timeout as its
-    // budget (the timeout drops its HTTP request). The context still carries
-    // the refresh token, which Redis coordination may replace with a newer one.
-    const refresher = refreshFn[NATIVE_REFRESHER]
+    // The context carries the refresh token, which Redis coordination may
+    // replace with a newer one.
     const ctx = new RefreshContext(userId, refreshToken)
     let resolveFlight
     let rejectFlight
@@ -272,14 +341,9 @@ class TokenManager {
       },
       (cause) => {
         if (settled) return
-        // Errors that already carry a stable code keep it: a native
-        // refresher's (with `status` and the provider's `error`, or a
-        // TypeError for a userId Tarabut refuses), a TokenRefreshError thrown
-        // by a refresh function that wraps one, and the coordinator's own
-        // (COORDINATOR_UNAVAILABLE, a wait on another instance that timed out).
-        const own = refresher !== undefined || cause instanceof TokenRefreshError ? cause : coordination.coordinatorError(cause)
-        quietly(() => native.fail(userId, flightId, own?.code === 'REFRESH_TIMEOUT'))
-        settle(own ?? new TokenRefreshError('REFRESH_FAILED', userId, 'refresh function failed', { cause, status: cause?.status, error: cause?.error }))
+        const error = refreshError(userId, cause, refresher !== undefined)
+        quietly(() => native.fail(userId, flightId, error.code === 'REFRESH_TIMEOUT'))
+        settle(error)
       },
     )
     this.#flights.set(flightId, flight)
@@ -296,7 +360,7 @@ class TokenManager {
     try {
       // A late result is still handed over: with rotating refresh tokens it
       // may hold the only live one.
-      const fromShared = coordination.sharedToken(result)
+      const fromShared = fields.shared
       if (fromShared !== undefined) {
         return this.#native.adopt(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fromShared.shouldUpdate)
       }
@@ -307,10 +371,51 @@ class TokenManager {
   }
 }
 
+/**
+ * Why a refresh failed, as the callers see it. Errors that already carry a
+ * stable code keep it: a native refresher's (with `status` and the
+ * provider's `error`, or a TypeError for a userId Tarabut refuses), a
+ * TokenRefreshError thrown by a refresh function that wraps one, and the
+ * coordinator's own (COORDINATOR_UNAVAILABLE, a wait on another instance
+ * that timed out). Anything else becomes REFRESH_FAILED with the cause; a
+ * cause whose properties throw when read (a Proxy) still does.
+ */
+function refreshError(userId, cause, native) {
+  let own = null
+  let status
+  let error
+  try {
+    own = native || cause instanceof TokenRefreshError ? cause : coordination.coordinatorError(cause)
+    if (own == null && cause !== null && typeof cause === 'object') {
+      status = cause.status
+      error = cause.error
+    }
+  } catch {}
+  if (own != null) return own
+  return new TokenRefreshError('REFRESH_FAILED', userId, 'refresh function failed', { cause, status, error })
+}
+
+/** Options, each read once, types checked (TypeError); values are the core's. */
+function readOptions(options) {
+  if (options != null && typeof options !== 'object') throw argError('options', 'must be an object')
+  const o = options ?? {}
+  const picked = {}
+  for (const name of OPTION_NAMES) {
+    const value = o[name]
+    if (value !== undefined && typeof value !== 'number') throw argError(`options.${name}`, 'must be a number')
+    picked[name] = value
+  }
+  const redis = o.redis
+  return [picked, redis === undefined || redis === null ? redis : coordination.checkOptions(redis)]
+}
+
+// Object literals: their properties are defined, so a setter on
+// Object.prototype for `refreshToken` never sees the token.
 function validToken(t, shouldUpdate) {
-  const v = { accessToken: t.accessToken, shouldUpdate, expiresAt: new Date(t.expiresAtMs) }
-  if (shouldUpdate && t.refreshToken != null) v.refreshToken = t.refreshToken
-  return v
+  const expiresAt = new Date(t.expiresAtMs)
+  return shouldUpdate && t.refreshToken != null
+    ? { accessToken: t.accessToken, shouldUpdate, expiresAt, refreshToken: t.refreshToken }
+    : { accessToken: t.accessToken, shouldUpdate, expiresAt }
 }
 
 module.exports = { TokenManager }

@@ -18,7 +18,8 @@ use napi_derive::napi;
 use tokio::time::Instant;
 
 use super::errors::{guard, to_js, Code, Result};
-use super::manager::BindingManager;
+use super::manager::{BindingManager, TokenArg, UserIdArg};
+use super::strings::{BoundedString, MAX_OPTION_BYTES};
 use crate::coordination::{self, Coordinator, Outcome, SharedToken, Unavailable};
 use crate::engine::flight::validate_refreshed;
 use crate::engine::{time, Engine, Presented, Refreshed, SecretString};
@@ -27,13 +28,18 @@ const INTERNAL: &str = "internal error in tarabut-token-manager (a bug: please r
 
 /// `TokenManager`'s `redis` option, types already checked by
 /// `lib/coordination.js`.
-#[napi(object)]
+#[napi(object, object_to_js = false)]
 pub struct BindingCoordinationOptions {
-    pub url: String,
-    pub key_prefix: Option<String>,
+    #[napi(ts_type = "string")]
+    pub url: OptionArg,
+    #[napi(ts_type = "string")]
+    pub key_prefix: Option<OptionArg>,
     pub lock_ttl_ms: Option<f64>,
-    pub encryption_key: String,
+    #[napi(ts_type = "string")]
+    pub encryption_key: OptionArg,
 }
+
+type OptionArg = BoundedString<MAX_OPTION_BYTES>;
 
 /// A held lock, handed back to `commit` or `release`.
 #[napi(object)]
@@ -42,8 +48,9 @@ pub struct BindingLease {
     pub fence: f64,
 }
 
-/// What `acquire` found.
-#[napi(object)]
+/// What `acquire` found. Fields are defined, never assigned (absent ones
+/// are `null`): a setter on `Object.prototype` never sees a token.
+#[napi(object, use_nullable = true)]
 #[derive(Default)]
 pub struct BindingAcquired {
     /// `'shared'`: use the token below; `'lead'`: refresh, then commit or
@@ -67,7 +74,7 @@ pub struct BindingAcquired {
 }
 
 /// What `commit` and `release` did.
-#[napi(object)]
+#[napi(object, use_nullable = true)]
 pub struct BindingSettled {
     /// `commit`: the token was stored (false: a later holder's is newer, or
     /// the result was unusable). `release`: the lock was still ours.
@@ -92,12 +99,21 @@ impl BindingCoordinator {
     ) -> Result<Self, Code> {
         guard(|| {
             let engine = manager.engine.clone();
+            let o = options;
             let inner = coordination::coordinator(
                 coordination::CoordinationOptions {
-                    url: SecretString::new(options.url),
-                    key_prefix: options.key_prefix,
-                    lock_ttl_ms: options.lock_ttl_ms,
-                    encryption_key: SecretString::new(options.encryption_key),
+                    url: SecretString::new(o.url.required("options.redis.url").map_err(to_js)?),
+                    key_prefix: o
+                        .key_prefix
+                        .map(|p| p.required("options.redis.keyPrefix"))
+                        .transpose()
+                        .map_err(to_js)?,
+                    lock_ttl_ms: o.lock_ttl_ms,
+                    encryption_key: SecretString::new(
+                        o.encryption_key
+                            .required("options.redis.encryptionKey")
+                            .map_err(to_js)?,
+                    ),
                 },
                 engine.policy(),
             )
@@ -120,18 +136,32 @@ impl BindingCoordinator {
     #[napi]
     pub async fn acquire(
         &self,
-        user_id: String,
-        access_token: String,
+        #[napi(ts_arg_type = "string")] user_id: UserIdArg,
+        #[napi(ts_arg_type = "string")] access_token: TokenArg,
         expires_at_ms: f64,
         wait_ms: f64,
     ) -> BindingAcquired {
         let work = async {
+            let (user_id, access_token, expires_at) = match (
+                user_id.required("userId"),
+                access_token.required("accessToken"),
+                time::from_js_ms("expiresAtMs", expires_at_ms),
+            ) {
+                (Ok(u), Ok(a), Ok(e)) => (u, a, e),
+                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                    return BindingAcquired {
+                        kind: "unavailable".into(),
+                        reason: Some(e.to_string()),
+                        ..BindingAcquired::default()
+                    }
+                }
+            };
             let deadline =
                 Instant::now() + Duration::from_millis(wait_ms.clamp(0.0, 86_400_000.0) as u64);
             let presented = Presented {
                 access: SecretString::new(access_token),
                 refresh: None,
-                expires_at: expires_at_ms as i64,
+                expires_at,
             };
             let engine = &self.engine;
             let usable = |t: &SharedToken| !engine.is_revoked(&user_id, &t.access, time::now_ms());
@@ -183,18 +213,24 @@ impl BindingCoordinator {
     #[napi]
     pub async fn commit(
         &self,
-        user_id: String,
+        #[napi(ts_arg_type = "string")] user_id: UserIdArg,
         lease: BindingLease,
-        access_token: Option<String>,
-        refresh_token: Option<String>,
+        #[napi(ts_arg_type = "string | undefined | null")] access_token: Option<TokenArg>,
+        #[napi(ts_arg_type = "string | undefined | null")] refresh_token: Option<TokenArg>,
         expires_at_ms: Option<f64>,
         expires_in: Option<f64>,
     ) -> BindingSettled {
         let work = async {
             let lease = core_lease(lease);
+            let Ok(user_id) = user_id.required("userId") else {
+                return settled(Ok(false));
+            };
+            // An unreadable or oversized token is an unusable result: the
+            // lock is released as failed below.
+            let token = |t: Option<TokenArg>| t.and_then(|t| t.required("token").ok());
             let refreshed = Refreshed {
-                access: access_token.map(SecretString::new),
-                refresh: refresh_token.map(SecretString::new),
+                access: token(access_token).map(SecretString::new),
+                refresh: token(refresh_token).map(SecretString::new),
                 expires_at: expires_at_ms,
                 expires_in,
             };
@@ -223,11 +259,14 @@ impl BindingCoordinator {
     #[napi]
     pub async fn release(
         &self,
-        user_id: String,
+        #[napi(ts_arg_type = "string")] user_id: UserIdArg,
         lease: BindingLease,
         failed: bool,
     ) -> BindingSettled {
         let work = async {
+            let Ok(user_id) = user_id.required("userId") else {
+                return settled(Ok(false));
+            };
             settled(
                 self.inner
                     .release(&user_id, &core_lease(lease), failed)

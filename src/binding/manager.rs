@@ -17,9 +17,17 @@ use napi_derive::napi;
 
 use super::errors::{guard, to_js, Code, Result};
 use super::protocol::{self, JsRaw};
+use super::strings::BoundedString;
 use crate::engine::{
     self, time, Engine, Failure, Issued, Policy, PolicyOptions, Presented, Refreshed, SecretString,
 };
+
+/// A user id argument, refused over [`engine::MAX_USER_ID_BYTES`] before
+/// any copy.
+pub type UserIdArg = BoundedString<{ engine::MAX_USER_ID_BYTES }>;
+/// A token argument, refused over [`engine::MAX_TOKEN_BYTES`] before any
+/// copy.
+pub type TokenArg = BoundedString<{ engine::MAX_TOKEN_BYTES }>;
 
 /// Options for a token manager. All in milliseconds.
 #[napi(object)]
@@ -35,8 +43,10 @@ pub struct BindingManagerOptions {
     pub idle_ttl_ms: Option<f64>,
 }
 
-/// A token as the core issued it.
-#[napi(object)]
+/// A token as the core issued it. Every field is defined on the object
+/// (`use_nullable`: an absent one is `null`), none assigned, so a setter on
+/// `Object.prototype` never sees a token.
+#[napi(object, use_nullable = true)]
 pub struct BindingIssuedToken {
     pub access_token: String,
     pub refresh_token: Option<String>,
@@ -83,8 +93,8 @@ impl BindingManager {
 
     /// The effective refresh timeout, for `lib/manager.js`'s timer.
     #[napi(getter)]
-    pub fn refresh_timeout_ms(&self) -> f64 {
-        self.engine.policy().refresh_timeout_ms as f64
+    pub fn refresh_timeout_ms(&self) -> Result<f64, Code> {
+        guard(|| Ok(self.engine.policy().refresh_timeout_ms as f64))
     }
 
     /// `isFresh`, `begin` and `complete` bound to this manager's engine
@@ -103,17 +113,24 @@ impl BindingManager {
     #[napi]
     pub fn adopt(
         &self,
-        user_id: String,
+        #[napi(ts_arg_type = "string")] user_id: UserIdArg,
         flight_id: u32,
-        access_token: String,
-        refresh_token: Option<String>,
+        #[napi(ts_arg_type = "string")] access_token: TokenArg,
+        #[napi(ts_arg_type = "string | undefined | null")] refresh_token: Option<TokenArg>,
         expires_at_ms: f64,
         should_update: bool,
     ) -> Result<BindingIssuedToken, Code> {
         guard(|| {
+            let user_id = user_id.required("userId").map_err(to_js)?;
             let shared = Refreshed {
-                access: Some(SecretString::new(access_token)),
-                refresh: refresh_token.map(SecretString::new),
+                access: Some(SecretString::new(
+                    access_token.required("accessToken").map_err(to_js)?,
+                )),
+                refresh: refresh_token
+                    .map(|r| r.required("refreshToken"))
+                    .transpose()
+                    .map_err(to_js)?
+                    .map(SecretString::new),
                 expires_at: Some(expires_at_ms),
                 expires_in: None,
             };
@@ -127,13 +144,19 @@ impl BindingManager {
 
     /// The refresh for `flightId` failed (`timedOut`: it did not settle).
     #[napi]
-    pub fn fail(&self, user_id: String, flight_id: u32, timed_out: bool) -> Result<(), Code> {
+    pub fn fail(
+        &self,
+        #[napi(ts_arg_type = "string")] user_id: UserIdArg,
+        flight_id: u32,
+        timed_out: bool,
+    ) -> Result<(), Code> {
         let failure = if timed_out {
             Failure::TimedOut
         } else {
             Failure::Rejected
         };
         guard(|| {
+            let user_id = user_id.required("userId").map_err(to_js)?;
             self.engine
                 .fail(&user_id, flight_id, failure, time::now_ms());
             Ok(())
@@ -144,22 +167,39 @@ impl BindingManager {
     #[napi]
     pub fn serve_stale(
         &self,
-        user_id: String,
-        access_token: String,
+        #[napi(ts_arg_type = "string")] user_id: UserIdArg,
+        #[napi(ts_arg_type = "string")] access_token: TokenArg,
         expires_at_ms: f64,
     ) -> Result<bool, Code> {
         guard(|| {
+            let user_id = user_id.required("userId").map_err(to_js)?;
+            let access_token = access_token.required("accessToken").map_err(to_js)?;
             let p = presented(access_token, None, expires_at_ms)?;
             Ok(self.engine.serve_stale(&user_id, &p, time::now_ms()))
         })
     }
 
+    /// Marks `accessToken` (or, without one, whatever the user holds) bad.
+    /// Returns until when (epoch ms) the user's calls must go to `begin`:
+    /// `isFresh` does not know users.
     #[napi]
-    pub fn invalidate(&self, user_id: String, access_token: Option<String>) -> Result<(), Code> {
-        let token = access_token.map(SecretString::new);
-        self.engine
-            .invalidate(&user_id, token.as_ref(), time::now_ms())
-            .map_err(to_js)
+    pub fn invalidate(
+        &self,
+        #[napi(ts_arg_type = "string")] user_id: UserIdArg,
+        #[napi(ts_arg_type = "string | undefined | null")] access_token: Option<TokenArg>,
+    ) -> Result<f64, Code> {
+        guard(|| {
+            let user_id = user_id.required("userId").map_err(to_js)?;
+            let token = access_token
+                .map(|t| t.required("accessToken"))
+                .transpose()
+                .map_err(to_js)?
+                .map(SecretString::new);
+            self.engine
+                .invalidate(&user_id, token.as_ref(), time::now_ms())
+                .map(|until| until as f64)
+                .map_err(to_js)
+        })
     }
 
     #[napi]
@@ -182,13 +222,20 @@ impl BindingManager {
     }
 }
 
+/// Longest ISO 8601 string read: `2026-01-25T21:14:28.123456789+01:00` is
+/// 35 bytes; the margin allows surrounding whitespace.
+const ISO_TIME_MAX_BYTES: usize = 128;
+
 /// Parses an ISO 8601 date-time (with zone) into epoch milliseconds.
 // Free #[napi] items are only referenced by the registration napi-derive
 // generates outside `cargo test`.
 #[cfg_attr(test, allow(dead_code))]
 #[napi]
-pub fn parse_iso_time(value: String) -> Result<f64, Code> {
+pub fn parse_iso_time(
+    #[napi(ts_arg_type = "string")] value: BoundedString<ISO_TIME_MAX_BYTES>,
+) -> Result<f64, Code> {
     guard(|| {
+        let value = value.required("expiresAt").map_err(to_js)?;
         time::parse_iso8601("expiresAt", &value)
             .map(|v| v as f64)
             .map_err(to_js)
@@ -207,6 +254,11 @@ pub fn panic_for_test() -> Result<(), Code> {
 #[cfg_attr(test, allow(dead_code))]
 #[napi]
 pub const MAX_USER_ID_BYTES: u32 = engine::MAX_USER_ID_BYTES as u32;
+
+/// The longest access or refresh token accepted, in UTF-8 bytes.
+#[cfg_attr(test, allow(dead_code))]
+#[napi]
+pub const MAX_TOKEN_BYTES: u32 = engine::MAX_TOKEN_BYTES as u32;
 
 fn presented(
     access_token: String,

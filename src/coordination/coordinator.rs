@@ -200,13 +200,17 @@ impl Coordinator {
         lease: &Lease,
         token: &SharedToken,
     ) -> Result<bool, Unavailable> {
-        self.unwatch(&lease.owner);
         let keys = self.keys.user(user_id);
+        let Ok(sealed) = self.seal.seal(keys.id.as_bytes(), token) else {
+            // Too long to share (the engine refuses such tokens first).
+            return self.release(user_id, lease, true).await.map(|_| false);
+        };
+        self.unwatch(&lease.owner);
         let now = time::now_ms();
         let record = Record {
             fence: lease.fence,
             written_at: now,
-            sealed: self.seal.seal(keys.id.as_bytes(), token),
+            sealed,
         };
         let ttl = (token.expires_at.saturating_sub(now)).max(0) as u64 + self.timing.retention_ms;
         let channel = self.conn.channel();

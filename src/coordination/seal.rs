@@ -14,9 +14,16 @@ use crate::engine::{EpochMs, SecretString};
 
 const VERSION: u8 = 1;
 const NONCE_LEN: usize = 12;
-/// Longest token accepted into the cache, in bytes. JWTs are a few KB; more
-/// is a bug, and a bound keeps a corrupt length from allocating gigabytes.
-pub const MAX_TOKEN_BYTES: usize = 64 * 1024;
+/// Longest token sealed or opened, in bytes: the engine's limit on every
+/// token it accepts, so whatever one instance holds, the others can open.
+/// (A bound here also keeps a corrupt length from allocating gigabytes.)
+pub use crate::engine::MAX_TOKEN_BYTES;
+
+/// A token too long to seal (over [`MAX_TOKEN_BYTES`]): never written, so
+/// nothing is stored that the decoder would refuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a token longer than {MAX_TOKEN_BYTES} bytes is not shared")]
+pub struct SealError;
 
 /// The encryption key. Never printed.
 pub struct SealKey(Aes256Gcm);
@@ -63,18 +70,19 @@ impl SealKey {
         Ok(Self(cipher))
     }
 
-    pub fn seal(&self, aad: &[u8], token: &SharedToken) -> Vec<u8> {
-        let plain = encode(token);
+    pub fn seal(&self, aad: &[u8], token: &SharedToken) -> Result<Vec<u8>, SealError> {
+        let plain = encode(token).ok_or(SealError)?;
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
+        // AES-GCM only fails past 64 GiB per message; `encode` caps it far below.
         let sealed = self
             .0
             .encrypt(&nonce, Payload { msg: &plain, aad })
-            .expect("AES-GCM encryption only fails past 64 GiB per message");
+            .map_err(|_| SealError)?;
         let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
         out.push(VERSION);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
-        out
+        Ok(out)
     }
 
     pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<SharedToken, OpenError> {
@@ -92,9 +100,13 @@ impl SealKey {
 }
 
 // `expires_at i64 BE | access len u32 BE | access | has refresh u8 | [len u32 BE | refresh]`
-fn encode(t: &SharedToken) -> Zeroizing<Vec<u8>> {
+// Refuses what `decode` would: a token over MAX_TOKEN_BYTES.
+fn encode(t: &SharedToken) -> Option<Zeroizing<Vec<u8>>> {
     let access = t.access.expose().as_bytes();
     let refresh = t.refresh.as_ref().map(|r| r.expose().as_bytes());
+    if access.len() > MAX_TOKEN_BYTES || refresh.is_some_and(|r| r.len() > MAX_TOKEN_BYTES) {
+        return None;
+    }
     let mut v = Zeroizing::new(Vec::with_capacity(
         17 + access.len() + refresh.map_or(0, <[u8]>::len),
     ));
@@ -109,7 +121,7 @@ fn encode(t: &SharedToken) -> Zeroizing<Vec<u8>> {
         }
         None => v.push(0),
     }
-    v
+    Some(v)
 }
 
 fn decode(mut b: &[u8]) -> Option<SharedToken> {
@@ -166,7 +178,7 @@ mod tests {
     fn seals_and_opens() {
         let k = SealKey::from_base64(KEY_A).unwrap();
         for t in [token(Some("refresh-token-plain")), token(None)] {
-            let sealed = k.seal(b"user", &t);
+            let sealed = k.seal(b"user", &t).unwrap();
             assert_eq!(k.open(b"user", &sealed).unwrap(), t);
             let text = String::from_utf8_lossy(&sealed);
             assert!(!text.contains("access-token-plain") && !text.contains("refresh-token-plain"));
@@ -180,10 +192,26 @@ mod tests {
     }
 
     #[test]
+    fn the_encoder_refuses_what_the_decoder_would() {
+        let k = SealKey::from_base64(KEY_A).unwrap();
+        let at_limit = "a".repeat(MAX_TOKEN_BYTES);
+        let over = "a".repeat(MAX_TOKEN_BYTES + 1);
+        let t = |access: &str, refresh: Option<&str>| SharedToken {
+            access: access.into(),
+            refresh: refresh.map(Into::into),
+            expires_at: 1,
+        };
+        let fits = t(&at_limit, Some(&at_limit));
+        assert_eq!(k.open(b"u", &k.seal(b"u", &fits).unwrap()).unwrap(), fits);
+        assert_eq!(k.seal(b"u", &t(&over, None)), Err(SealError));
+        assert_eq!(k.seal(b"u", &t("a", Some(&over))), Err(SealError));
+    }
+
+    #[test]
     fn wrong_key_user_or_bytes_do_not_open() {
         let a = SealKey::from_base64(KEY_A).unwrap();
         let b = SealKey::from_base64(KEY_B).unwrap();
-        let sealed = a.seal(b"user", &token(Some("r")));
+        let sealed = a.seal(b"user", &token(Some("r"))).unwrap();
         assert_eq!(b.open(b"user", &sealed), Err(OpenError));
         assert_eq!(a.open(b"other-user", &sealed), Err(OpenError));
         let mut flipped = sealed.clone();

@@ -14,6 +14,9 @@ pub(crate) struct Flight {
     /// The refresh token the refresh was started with: kept when the
     /// provider does not rotate it.
     pub refresh_token: Option<SecretString>,
+    /// When it started: one running far past the refresh timeout was lost
+    /// by its caller (see `Policy::is_overdue`).
+    pub started: EpochMs,
 }
 
 #[derive(Debug)]
@@ -64,7 +67,7 @@ impl Entry {
         })
     }
 
-    /// Whether this entry makes the hot path look users up.
+    /// Whether this entry holds any revocation.
     pub fn is_revoking(&self) -> bool {
         self.revocations.is_some()
     }
@@ -99,9 +102,6 @@ pub(crate) struct Table {
     entries: HashMap<Box<str>, Box<Entry>>,
     last_sweep: EpochMs,
     pub in_flight: usize,
-    /// Entries holding a revocation. While non-zero the hot path cannot
-    /// decide on the expiry alone.
-    pub revoking: usize,
 }
 
 impl Table {
@@ -109,8 +109,7 @@ impl Table {
         self.entries.len()
     }
 
-    /// Runs `f` on the user's entry, creating it if needed, and keeps the
-    /// revocation count true whatever `f` changes.
+    /// Runs `f` on the user's entry, creating it if needed.
     pub fn with_entry<R>(
         &mut self,
         user: &str,
@@ -125,12 +124,8 @@ impl Table {
                 .or_insert_with(|| Box::new(Entry::new(now))),
         };
         entry.last_used = now;
-        let was = entry.is_revoking();
         entry.prune(now);
-        let r = f(entry, &mut self.in_flight);
-        let is = entry.is_revoking();
-        self.revoking = self.revoking + is as usize - was as usize;
-        r
+        f(entry, &mut self.in_flight)
     }
 
     /// Runs `f` on the user's entry only if there is one.
@@ -159,14 +154,10 @@ impl Table {
     pub fn sweep(&mut self, policy: &Policy, now: EpochMs) {
         self.last_sweep = now;
         let ttl = policy.idle_ttl_ms as i64;
-        let mut revoking = 0;
         self.entries.retain(|_, e| {
             e.prune(now);
-            let keep = e.flight.is_some() || now.saturating_sub(e.last_used) < ttl;
-            revoking += (keep && e.is_revoking()) as usize;
-            keep
+            e.flight.is_some() || now.saturating_sub(e.last_used) < ttl
         });
-        self.revoking = revoking;
         // A burst of users can leave a large, mostly empty map behind.
         if self.entries.capacity() > 64 && self.entries.len() < self.entries.capacity() / 4 {
             self.entries.shrink_to_fit();
