@@ -78,6 +78,31 @@ function hotRow(id, title, measure, metric) {
   return { id, title, run, metrics: [metric], rounds: ctx.microRounds }
 }
 
+// The hot path after one invalidate() (the Next.js example calls it on every
+// 401): another user's revoked token must not slow this user's calls.
+// Compares the addon with itself, before and after.
+function afterInvalidateRow(id) {
+  const measure = (make) => async (c) => {
+    const m = make()
+    return { v: await awaitedNsPerCall(() => m.getValidToken('user-1', hotToken, noRefresh), n.awaited, c.bench) }
+  }
+  return {
+    id,
+    title: 'hot path after one invalidate (of another user), awaited one by one',
+    rounds: ctx.microRounds,
+    ratio: ['after invalidate', 'addon'],
+    run: {
+      addon: measure(addon),
+      'after invalidate': measure(() => {
+        const m = addon()
+        m.invalidate('user-401', 'a-token-the-api-refused')
+        return m
+      }),
+    },
+    metrics: [{ key: 'v', label: 'ns per call', format: fmt.int, target: '≤ 1.2×', met: ({ ratio }) => ratio <= 1.2 }],
+  }
+}
+
 // Refresh path: every call is a new user presenting an expired token;
 // refreshFn resolves at once. A fresh instance per round.
 function refreshRow(id, bytes) {
@@ -228,6 +253,7 @@ const rows = [
     target: '≥ 1.0×',
     met: ({ ratio }) => ratio >= 1.0,
   }),
+  afterInvalidateRow('2b'),
   refreshRow('3', tokenBytes),
   refreshRow('3b', 40),
   stormRow(),

@@ -41,7 +41,7 @@ const CODES = new Set([
  */
 function callerError(e, name) {
   try {
-    if (e instanceof Error && CODES.has(e.code)) return fromNative(e)
+    if (e instanceof Error && CODES.has(/** @type {{ code?: string }} */ (e).code ?? '')) return fromNative(e)
   } catch {}
   return argError(name, 'could not be read: a getter or Proxy threw (see cause)', TypeError, e)
 }
@@ -57,7 +57,7 @@ function internalError(message) {
  * or RangeError where a value, not a type, is wrong); others pass through.
  */
 function fromNative(e, Kind = TypeError) {
-  if (e && e.code === 'INVALID_ARGUMENT') {
+  if (e && e.code === 'INVALID_ARGUMENT' && !(e instanceof TypeError) && !(e instanceof RangeError)) {
     return Object.assign(new Kind(e.message), { code: 'INVALID_ARGUMENT' })
   }
   return e

@@ -9,7 +9,7 @@
 // - a refresh calls the refresh function right here and reports its result
 //   to the core, which says who gets what.
 
-const { BindingManager, parseIsoTime } = require('../binding.js')
+const { BindingManager, MAX_TOKEN_BYTES, parseIsoTime } = require('../binding.js')
 const coordination = require('./coordination.js')
 const { TokenRefreshError, argError, callerError, fromNative, internalError, quietly } = require('./errors.js')
 const { bindProtocol } = require('./protocol.js')
@@ -180,8 +180,11 @@ class TokenManager {
       const isDate = expiresAt instanceof Date
       const exp = isDate ? dateGetTime.call(expiresAt) : toEpochMs(expiresAt, 'token.expiresAt')
       if (typeof refreshFn !== 'function') throw argError('refreshFn', 'must be a function')
-      // Hot path: one native call on a number; an empty token is never served.
-      if (accessToken.length !== 0 && (this.#revoked.size === 0 || !this.#isRevoked(userId)) && this.#isFresh(exp)) {
+      // Hot path: one native call on a number. An empty token, or one longer
+      // than the limit (in UTF-16 units here; `begin` refuses it, in UTF-8
+      // bytes), is never served; users `invalidate` marked go to `begin`.
+      const length = accessToken.length
+      if (length !== 0 && length <= MAX_TOKEN_BYTES && (this.#revoked.size === 0 || !this.#isRevoked(userId)) && this.#isFresh(exp)) {
         return { accessToken, shouldUpdate: false, expiresAt: isDate ? expiresAt : new Date(exp) }
       }
       const refreshToken = token.refreshToken

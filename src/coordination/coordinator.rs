@@ -164,7 +164,7 @@ impl Coordinator {
                 Ok(Acquire::Busy { lock_ttl_ms }) => {
                     waited = true;
                     // A dead holder announces nothing: its lock's TTL bounds the wait.
-                    let wait = Duration::from_millis(lock_ttl_ms + 5)
+                    let wait = Duration::from_millis(lock_ttl_ms.saturating_add(5))
                         .min(deadline - Instant::now().min(deadline));
                     match tokio::time::timeout(wait, &mut waiting.rx).await {
                         Ok(Ok(Notice::Committed(record))) => {

@@ -237,4 +237,53 @@ mod tests {
         assert_eq!(SealKey::from_base64("").unwrap_err(), KeyError::WrongLength);
         assert!(!format!("{:?}", SealKey::from_base64(KEY_A).unwrap()).contains(KEY_A));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn shared() -> impl Strategy<Value = SharedToken> {
+            (".{0,64}", proptest::option::of(".{0,64}"), any::<i64>()).prop_map(
+                |(access, refresh, expires_at)| SharedToken {
+                    access: access.into(),
+                    refresh: refresh.map(Into::into),
+                    expires_at,
+                },
+            )
+        }
+
+        proptest! {
+            /// Whatever bytes a record holds (a garbled value, another
+            /// version, a hostile writer), decoding answers and never panics.
+            #[test]
+            fn any_plaintext_decodes_or_is_refused(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+                let _ = decode(&bytes);
+            }
+
+            /// Lengths that claim more than there is, or more than the limit.
+            #[test]
+            fn any_length_prefix_is_safe(expires_at in any::<i64>(), len in any::<u32>(), tail in proptest::collection::vec(any::<u8>(), 0..64)) {
+                let mut b = expires_at.to_be_bytes().to_vec();
+                b.extend_from_slice(&len.to_be_bytes());
+                b.extend_from_slice(&tail);
+                let _ = decode(&b);
+            }
+
+            #[test]
+            fn what_is_encoded_decodes_to_itself(t in shared()) {
+                let plain = encode(&t).unwrap();
+                prop_assert_eq!(decode(&plain), Some(t));
+            }
+
+            #[test]
+            fn any_sealed_bytes_open_or_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+                let k = SealKey::from_base64(KEY_A).unwrap();
+                let mut sealed = bytes;
+                if let Some(first) = sealed.first_mut() {
+                    *first = VERSION;
+                }
+                prop_assert_eq!(k.open(b"u", &sealed), Err(OpenError));
+            }
+        }
+    }
 }

@@ -18,6 +18,8 @@ pub mod time;
 pub mod token;
 
 #[cfg(test)]
+mod properties;
+#[cfg(test)]
 mod tests;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
