@@ -2,7 +2,7 @@
 // / floor side by side in one process, rounds interleaved; prints a Markdown
 // table of medians and addon/seed ratios to stdout, progress to stderr.
 //
-// Options: --quick, --rounds N, --only 1,3,5, --token-bytes N (access token
+// Options: --quick, --rounds N, --only 1,3,5,7, --token-bytes N (access token
 // length, default 1000: a JWT).
 //
 // Rows from other modules: each entry in HOOKS names a file and how to get
@@ -15,6 +15,7 @@ import { parseArgs } from 'node:util'
 
 import { awaitedNsPerCall, concurrentCallsPerSec, runRows, spreadTable, table } from './harness.mjs'
 import { addon, fakeToken, floorHot, floorRefresh, FloorShared, seed } from './competitors.mjs'
+import { coldStartRow } from './cold-start.mjs'
 
 // Modules with rows of their own, printed in a second table when present.
 // One line each: [id for --only, file, (module, ctx) => rows], rows being
@@ -41,6 +42,8 @@ const ctx = {
   // Rows 1-3 are short: many brief rounds, so that bursts of load from other
   // processes land on all competitors alike.
   microRounds: Number(args.rounds ?? (quick ? 2 : 15)),
+  // Row 7: fresh processes per competitor and path (a median of at least 20).
+  coldRounds: Number(args.rounds ?? (quick ? 3 : 21)),
   tokenBytes,
   // tinybench budget per competitor per round
   bench: quick ? { timeMs: 60, warmupMs: 20 } : { timeMs: 300, warmupMs: 60 },
@@ -260,6 +263,7 @@ const rows = [
   memoryRow('5', tokenBytes),
   memoryRow('5b', 40),
   failureRow(),
+  coldStartRow('7', { rounds: ctx.coldRounds }),
 ]
 
 const only = args.only ? new Set(args.only.split(',')) : null
@@ -288,7 +292,7 @@ const cpu = os.cpus()
 console.log(`# tarabut-token-manager benchmarks${quick ? ' (quick: smoke run, numbers not meaningful)' : ''}\n`)
 console.log(
   `${cpu.length} × ${cpu[0]?.model ?? 'unknown CPU'}, Node ${process.version}, ${new Date(started).toISOString().slice(0, 10)}; ` +
-    `medians of interleaved rounds (${ctx.microRounds} for rows 1-3b, ${ctx.rounds} for the rest), access tokens ${tokenBytes} B; ` +
+    `medians of interleaved rounds (${ctx.microRounds} for rows 1-3b, ${ctx.coldRounds} for row 7, ${ctx.rounds} for the rest), access tokens ${tokenBytes} B; ` +
     `load average ${load0.toFixed(2)} → ${load1.toFixed(2)}; ${((Date.now() - started) / 1000).toFixed(0)} s\n`,
 )
 console.log(table(results))

@@ -1,6 +1,8 @@
-// A faithful port of the design this package replaces (lib/tarabut/
-// token-manager.ts, summarised in ../shared/seed/03-01-token-manager-summary.md),
-// kept only to measure against. Its flaws are deliberate: waiters behind the
+// A faithful port of the design this package replaces (the app's former
+// lib/tarabut/token-manager.ts: a 5-minute proactive buffer, a per-user
+// async-mutex, a 10 s double-check window, `{ accessToken, shouldUpdate,
+// expiresAt }` with the caller persisting on shouldUpdate), kept only to
+// measure against. Its flaws are deliberate: waiters behind the
 // mutex get the caller's stale token back, both maps grow forever, a failing
 // refresh runs once per waiter, and nothing times out.
 import { Mutex } from 'async-mutex'

@@ -1,16 +1,21 @@
-// `npm run test:e2e`: the addon inside a real Next.js server, as users run it.
+// `npm run test:e2e`: the addon inside a real Next.js server, deployed the way
+// most Next.js apps ship (`output: 'standalone'`: no node_modules, only the
+// files Next traced).
 //
 // Builds the addon, installs it into the example (a copy, as npm would),
-// runs `next build`, then for each pass starts a Tarabut-compatible API
+// runs `next build`, copies `.next/standalone` and `.next/static` into a new
+// empty directory outside the repo and checks that copy carries the
+// package's files. Then for each pass it starts a Tarabut-compatible API
 // (token endpoint + an accounts endpoint that answers 401 to any expired or
 // superseded token), seeds 50 users whose tokens fall due during the run,
-// fires 2,000 requests with 100 in flight, and checks: every response is 200,
-// the provider saw exactly one token request per user (one expiry each), and
-// the database holds each user's newest token.
-// Pass 1: one `next start`. Pass 2: two `next start` sharing a real Redis.
+// starts `node server.js` in the copy, fires 2,000 requests with 100 in
+// flight, and checks: every response is 200, the provider saw exactly one
+// token request per user (one expiry each), and the database holds each
+// user's newest token.
+// Pass 1: one server. Pass 2: two servers sharing a real Redis.
 import { execFileSync, spawn } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
-import { mkdtempSync, rmSync, existsSync } from 'node:fs'
+import { cpSync, existsSync, lstatSync, mkdtempSync, readdirSync, realpathSync, rmSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import net from 'node:net'
 import { tmpdir } from 'node:os'
@@ -58,7 +63,7 @@ async function waitFor(url, child, what) {
 }
 
 function start(cmd, args, { cwd, env, name }) {
-  const child = spawn(cmd, args, { cwd, env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] })
+  const child = spawn(cmd, args, { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] })
   let log = ''
   child.stdout.on('data', (d) => (log += d))
   child.stderr.on('data', (d) => (log += d))
@@ -82,12 +87,85 @@ async function stop(child) {
   })
 }
 
-async function startNext(env) {
+/** Files under `dir`, relative, not following symlinks. */
+function walk(dir, rel = '') {
+  const out = []
+  for (const e of readdirSync(path.join(dir, rel), { withFileTypes: true })) {
+    const f = path.join(rel, e.name)
+    if (e.isDirectory()) out.push(...walk(dir, f))
+    else out.push(f)
+  }
+  return out
+}
+
+const inside = (dir, p) => p === dir || p.startsWith(dir + path.sep)
+
+// The deploy, as a container image's COPY steps would make it: the standalone
+// tree and the static assets in a new directory that no node_modules above
+// can serve (so a file Next failed to trace fails the run).
+function deployStandalone() {
+  const built = path.join(app, '.next/standalone')
+  // With a lockfile above the app (this repo's), Next traces from that
+  // directory and nests the app under its relative path: find server.js.
+  const server = walk(built)
+    .filter((f) => path.basename(f) === 'server.js' && !f.split(path.sep).includes('node_modules'))
+    .sort((a, b) => a.length - b.length)[0]
+  if (!server) throw new Error('next build wrote no .next/standalone/**/server.js')
+  const dir = realpathSync(mkdtempSync(path.join(tmpdir(), 'ttm-standalone-')))
+  for (let up = path.dirname(dir); ; up = path.dirname(up)) {
+    if (existsSync(path.join(up, 'node_modules'))) throw new Error(`${up}/node_modules would serve the deploy: pick another TMPDIR`)
+    if (up === path.dirname(up)) break
+  }
+  cpSync(built, dir, { recursive: true, verbatimSymlinks: true })
+  const serverDir = path.join(dir, path.dirname(server))
+  cpSync(path.join(app, '.next/static'), path.join(serverDir, '.next/static'), { recursive: true })
+  if (existsSync(path.join(app, 'public'))) cpSync(path.join(app, 'public'), path.join(serverDir, 'public'), { recursive: true })
+  return { dir, serverDir }
+}
+
+/** The deploy needs nothing outside itself, and carries the package's runtime files. */
+function checkDeploy({ dir }) {
+  const files = walk(dir)
+  const escaping = files.filter((f) => {
+    const p = path.join(dir, f)
+    if (!lstatSync(p).isSymbolicLink()) return false
+    try {
+      return !inside(dir, realpathSync(p))
+    } catch {
+      return true // dangling
+    }
+  })
+  check('the standalone copy points at nothing outside itself', escaping.length === 0, escaping.slice(0, 3).join(', '))
+
+  // The installed package, and its platform package if npm installed one
+  // (npm copied the published files), against what Next traced into the
+  // deploy: every runtime file must be there.
+  const packages = readdirSync(path.join(app, 'node_modules')).filter((n) => /^tarabut-token-manager(-|$)/.test(n))
+  const needed = []
+  const missing = []
+  for (const name of packages) {
+    const marker = `node_modules${path.sep}${name}${path.sep}`
+    const traced = new Set(files.filter((f) => f.includes(marker)).map((f) => f.slice(f.lastIndexOf(marker) + marker.length)))
+    for (const f of walk(path.join(app, 'node_modules', name))) {
+      if (!/\.([cm]?js|node)$/.test(f) && f !== 'package.json') continue
+      needed.push(`${name}/${f}`)
+      if (!traced.has(f)) missing.push(`${name}/${f}`)
+    }
+  }
+  check(
+    "the standalone copy carries the package's runtime files",
+    needed.some((f) => f.endsWith('.node')) && missing.length === 0,
+    missing.length > 0 ? `missing: ${missing.join(', ')}` : needed.join(', '),
+  )
+}
+
+async function startStandalone(serverDir, env) {
   const port = await freePort()
-  const child = start(process.execPath, [path.join(app, 'node_modules/next/dist/bin/next'), 'start', '-p', String(port), '-H', '127.0.0.1'], {
-    cwd: app,
-    env: { NEXT_TELEMETRY_DISABLED: '1', ...env },
-    name: `next:${port}`,
+  // A container's environment: no npm, no NODE_PATH, only what the app reads.
+  const child = start(process.execPath, ['server.js'], {
+    cwd: serverDir,
+    env: { PATH: process.env.PATH, NEXT_TELEMETRY_DISABLED: '1', PORT: String(port), HOSTNAME: '127.0.0.1', ...env },
+    name: `server.js:${port}`,
   })
   await waitFor(`http://127.0.0.1:${port}/`, child, child.name)
   return { child, base: `http://127.0.0.1:${port}` }
@@ -95,7 +173,7 @@ async function startNext(env) {
 
 async function startRedis() {
   const port = await freePort()
-  const child = start('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { cwd: tmpdir(), name: 'redis' })
+  const child = start('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], { cwd: tmpdir(), env: process.env, name: 'redis' })
   const deadline = Date.now() + 10_000
   for (;;) {
     const ok = await new Promise((r) => {
@@ -112,7 +190,7 @@ async function startRedis() {
   return { child, url: `redis://127.0.0.1:${port}` }
 }
 
-async function pass(label, { instances, redis }) {
+async function pass(label, { instances, redis, serverDir }) {
   console.log(`\n# ${label}`)
   const api = await startTarabutServer()
   api.route('GET', '/accounts', (req, res) => {
@@ -152,7 +230,7 @@ async function pass(label, { instances, redis }) {
       env.REDIS_URL = redisServer.url
       env.TOKEN_CACHE_KEY = randomBytes(32).toString('base64')
     }
-    for (let i = 0; i < instances; i++) servers.push(await startNext(env))
+    for (let i = 0; i < instances; i++) servers.push(await startStandalone(serverDir, env))
 
     const statuses = new Map()
     const t0 = Date.now()
@@ -207,8 +285,16 @@ sh('npm', ['install', '--no-audit', '--no-fund', '--no-save'], app)
 sh('npx', ['next', 'build'], app)
 sh('npx', ['tsc', '--noEmit'], app) // after next build, which writes next-env.d.ts
 
-await pass('one next start', { instances: 1, redis: false })
-await pass('two next start instances sharing Redis', { instances: 2, redis: true })
+// The standalone server replaces `next start` here: it is the same Next
+// server on the same build, but it sees only the files Next traced.
+const deploy = deployStandalone()
+try {
+  checkDeploy(deploy)
+  await pass('one standalone server.js', { instances: 1, redis: false, serverDir: deploy.serverDir })
+  await pass('two standalone server.js instances sharing Redis', { instances: 2, redis: true, serverDir: deploy.serverDir })
+} finally {
+  rmSync(deploy.dir, { recursive: true, force: true })
+}
 
 const failed = results.filter((r) => !r).length
 console.log(`\ne2e: ${results.length - failed} passed, ${failed} failed`)
