@@ -5,7 +5,8 @@
 //! A UTF-16 unit is at least one UTF-8 byte and at most three, so `units >
 //! max` is too long without looking further, and `3 * units <= max` fits
 //! without looking further; only in between is the exact UTF-8 length
-//! measured (a scan, no copy).
+//! measured (a scan, no copy) before deciding. A string that is read is
+//! then copied into a buffer of its exact UTF-8 size.
 
 use std::ffi::c_char;
 use std::ptr;
@@ -71,6 +72,15 @@ pub(super) unsafe fn type_of(env: napi_env, v: napi_value) -> sys::napi_valuetyp
 /// it; returns its length in UTF-16 units. `Err` holds what was wrong
 /// (`Absent` for `null` / `undefined`).
 pub(super) unsafe fn measure(env: napi_env, v: napi_value, max: usize) -> Result<usize, Text> {
+    unsafe { measured(env, v, max).map(|(units, _)| units) }
+}
+
+/// [`measure`], and the UTF-8 length when it had to be measured.
+unsafe fn measured(
+    env: napi_env,
+    v: napi_value,
+    max: usize,
+) -> Result<(usize, Option<usize>), Text> {
     unsafe {
         match type_of(env, v) {
             sys::ValueType::napi_string => {}
@@ -86,44 +96,43 @@ pub(super) unsafe fn measure(env: napi_env, v: napi_value, max: usize) -> Result
         if units > max {
             return Err(Text::TooLong { max });
         }
-        if units.saturating_mul(3) > max && utf8_len(env, v).ok_or(Text::Unreadable)? > max {
+        if units.saturating_mul(3) <= max {
+            return Ok((units, None));
+        }
+        let bytes = utf8_len(env, v).ok_or(Text::Unreadable)?;
+        if bytes > max {
             return Err(Text::TooLong { max });
         }
-        Ok(units)
+        Ok((units, Some(bytes)))
     }
 }
 
 /// Reads `v` as a string of at most `max` UTF-8 bytes, copying only one
-/// that fits.
+/// that fits, into a buffer of exactly its size (a held token costs its
+/// length, not three times it).
 pub(super) unsafe fn read(env: napi_env, v: napi_value, max: usize) -> Text {
     unsafe {
-        let units = match measure(env, v, max) {
-            Ok(units) => units,
+        let len = match measured(env, v, max) {
+            Ok((_, Some(bytes))) => bytes,
+            Ok((_, None)) => match utf8_len(env, v) {
+                Some(bytes) => bytes,
+                None => return Text::Unreadable,
+            },
             Err(problem) => return problem,
         };
-        // Room for the worst case when that is small (no scan), else the
-        // exact length (measured above: within `max`).
-        let capacity = if units.saturating_mul(3) <= max {
-            units * 3
-        } else {
-            match utf8_len(env, v) {
-                Some(len) => len,
-                None => return Text::Unreadable,
-            }
-        };
-        let mut buf = Vec::<u8>::with_capacity(capacity + 1);
+        let mut buf = Vec::<u8>::with_capacity(len + 1);
         let mut written = 0usize;
         if sys::napi_get_value_string_utf8(
             env,
             v,
             buf.as_mut_ptr() as *mut c_char,
-            capacity + 1,
+            len + 1,
             &mut written,
         ) != sys::Status::napi_ok
         {
             return Text::Unreadable;
         }
-        buf.set_len(written.min(capacity));
+        buf.set_len(written.min(len));
         // Node writes valid UTF-8 (lone surrogates become U+FFFD).
         match String::from_utf8(buf) {
             Ok(s) => Text::Present(s),
