@@ -10,7 +10,7 @@
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
 export declare class BindingCoordinator {
-  /** Validates the options (`INVALID_ARGUMENT`); connects on first use. */
+  /** Validates the options (`INVALID_ARGUMENT`); connects in the background. */
   constructor(manager: BindingManager, options: BindingCoordinationOptions)
   /** Whether Redis calls fail fast until the background probe reconnects. */
   get isDown(): boolean
@@ -31,6 +31,12 @@ export declare class BindingCoordinator {
    */
   release(userId: string, lease: BindingLease, failed: boolean): Promise<BindingSettled>
   /**
+   * `invalidate` for the other instances (the engine's own mark is the
+   * manager's): marks the stored token bad if it is `accessToken` (any
+   * stored token: null) and announces it. `done`: a stored token was marked.
+   */
+  invalidate(userId: string, accessToken?: string | undefined | null): Promise<BindingSettled>
+  /**
    * Drops the connection and stops lock watchdogs. Later calls answer
    * `'unavailable'`.
    */
@@ -41,6 +47,11 @@ export declare class BindingManager {
   constructor(options?: BindingManagerOptions | undefined | null)
   /** The effective refresh timeout, for `lib/manager.js`'s timer. */
   get refreshTimeoutMs(): number
+  /**
+   * The effective buffer, for `lib/observability.js` to say why a
+   * refresh ran (a presented token outside it was invalidated).
+   */
+  get bufferTimeMs(): number
   /**
    * `isFresh`, `begin` and `complete` bound to this manager's engine
    * (`protocol.rs` has every answer): the same engine decisions at a
@@ -63,6 +74,13 @@ export declare class BindingManager {
    * `isFresh` does not know users.
    */
   invalidate(userId: string, accessToken?: string | undefined | null): number
+  /**
+   * Users other instances' `invalidate` marked since the last call, and
+   * until when: the manager sends their calls to `begin` (as after its
+   * own `invalidate`). Null when there are none. While any wait here,
+   * `isFresh` answers false, so the first call that comes takes them.
+   */
+  takeRemoteMarks(): Array<BindingMark> | null
   stats(): BindingStats
 }
 
@@ -122,14 +140,18 @@ export interface BindingAcquired {
 }
 
 /**
- * `TokenManager`'s `redis` option, types already checked by
+ * `TokenManager`'s `redis` option, types already checked (and one
+ * encryption key made a list of one, `tls.ca` a Buffer) by
  * `lib/coordination.js`.
  */
 export interface BindingCoordinationOptions {
-  url: string
+  /** Exactly one of `url` and `cluster`. */
+  url?: string
+  cluster?: Array<string>
+  tlsCa?: Buffer
   keyPrefix?: string
   lockTtlMs?: number
-  encryptionKey: string
+  encryptionKeys: Array<string>
 }
 
 /**
@@ -160,6 +182,12 @@ export interface BindingManagerOptions {
   refreshTimeoutMs?: number
   /** Per-user state unused for this long is dropped. Default 600000. */
   idleTtlMs?: number
+}
+
+/** A user marked by another instance's `invalidate`, until `untilMs`. */
+export interface BindingMark {
+  userId: string
+  untilMs: number
 }
 
 /** Options for `BindingRefresher.oauth2`. */

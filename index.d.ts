@@ -43,6 +43,8 @@ export interface ValidToken {
  * process or pod sharing the Redis. Only a due refresh talks to Redis (one
  * round trip before it, one after, the second off the caller's path); a
  * token valid beyond the buffer never does. Needs Redis 6 or later (RESP3).
+ * One node (`url`) or a Redis Cluster (`cluster`), each over TCP or TLS
+ * (`rediss://`).
  *
  * At rest and on pub/sub, keys hold a SHA-256 of the user id and values are
  * AES-256-GCM sealed with `encryptionKey`; no token or user id appears in
@@ -54,9 +56,39 @@ export interface ValidToken {
  * for a later caller presenting an older token than the shared one (its copy
  * is stale: a lost write heals).
  */
-export interface RedisOptions {
-  /** `redis://[user:password@]host[:port][/db]` or `redis+unix:///path`. TLS (`rediss://`) is not supported by this build. */
-  url: string
+export type RedisOptions = RedisCommonOptions &
+  (
+    | {
+        /**
+         * One node: `redis://[user:password@]host[:port][/db]` (`user` for a
+         * Redis 6 ACL user; `redis://:password@host` for `requirepass`),
+         * `rediss://...` for TLS, or `redis+unix:///path`. The password never
+         * appears in an error, a warning or a log.
+         */
+        url: string
+        cluster?: undefined
+      }
+    | {
+        /**
+         * A Redis Cluster: the URLs of some of its nodes (the client finds
+         * the rest), sharing one user, password and scheme. Each user's keys
+         * share one hash slot; redirections, slot migrations and failovers
+         * are followed.
+         */
+        cluster: readonly string[]
+        url?: undefined
+      }
+  )
+
+export interface RedisCommonOptions {
+  /**
+   * For `rediss://`. The server's certificate is verified against the
+   * system's roots, or against `ca` (PEM: one or more certificates) when
+   * given, which then replaces them, as Node's `tls.connect({ ca })` does.
+   * There is no switch to skip verification. A certificate that does not
+   * verify fails like an outage (see `onError`), with a message saying so.
+   */
+  tls?: RedisTlsOptions | null
   /** Prefix of every key and of the pub/sub channel. Default `'ttm:'`. */
   keyPrefix?: string
   /**
@@ -66,12 +98,13 @@ export interface RedisOptions {
    */
   lockTtlMs?: number
   /**
-   * Required: 32 random bytes, base64 (`openssl rand -base64 32`). Missing or
-   * malformed: the constructor throws (`code: 'INVALID_ARGUMENT'`). A cached
-   * value that does not decrypt (rotated key) is a cache miss, with one
-   * `TTM_REDIS_UNDECRYPTABLE` process warning.
+   * Required: 32 random bytes, base64 (`openssl rand -base64 32`), or a
+   * list of them for a rotation: the first seals, every one opens (at most
+   * 8). Missing or malformed: the constructor throws (`code:
+   * 'INVALID_ARGUMENT'`). A cached value that opens with none of them is a
+   * cache miss, with one `TTM_REDIS_UNDECRYPTABLE` process warning.
    */
-  encryptionKey: string
+  encryptionKey: string | readonly [string, ...string[]]
   /**
    * Redis unreachable (or failing): `'local'` (default) coordinates refreshes
    * in-process only, emits one `TTM_REDIS_UNAVAILABLE` process warning per
@@ -84,6 +117,11 @@ export interface RedisOptions {
   onError?: 'local' | 'fail'
 }
 
+export interface RedisTlsOptions {
+  /** PEM certificates to trust instead of the system's roots (a private CA). */
+  ca?: string | Uint8Array
+}
+
 export interface TokenManagerOptions {
   /** Refresh when fewer than this many ms remain. Default 300000 (5 min). */
   bufferTimeMs?: number
@@ -91,14 +129,93 @@ export interface TokenManagerOptions {
   doubleCheckWindowMs?: number
   /** A refresh not settled by then rejects with `REFRESH_TIMEOUT` and its signal aborts. Default 30000. */
   refreshTimeoutMs?: number
-  /** Per-user state with nothing in flight is dropped after this long unused. Default 600000 (10 min). */
+  /**
+   * Per-user state with nothing in flight is dropped after this long unused
+   * (by a background task, within about a second, even with no calls).
+   * Default 600000 (10 min).
+   */
   idleTtlMs?: number
   /** Coordinate refreshes across instances through Redis. Without it, coordination is in-process. */
   redis?: RedisOptions | null
+  /**
+   * Where warnings go (`TTM_REDIS_UNAVAILABLE`, `TTM_REDIS_UNDECRYPTABLE`,
+   * `TTM_OBSERVABILITY_FAILED`): called as `logger.warn({ code }, message)`,
+   * so a pino logger or `console` fits. Default: process warnings
+   * (`process.emitWarning(message, { code })`).
+   */
+  logger?: TokenManagerLogger | null
+  /**
+   * OpenTelemetry metrics and spans (README: Observability). Default: the
+   * global providers of `@opentelemetry/api` (an optional peer dependency),
+   * no-ops until the application registers an SDK. Pass providers to use
+   * those instead, or `false` to leave OpenTelemetry alone.
+   */
+  openTelemetry?: false | OpenTelemetryProviders | null
+}
+
+/** pino, console, or anything with these two methods. */
+export interface TokenManagerLogger {
+  warn(fields: { code: string }, message: string): void
+  error(fields: { code: string }, message: string): void
+}
+
+/** `@opentelemetry/api` providers (a `MeterProvider`, a `TracerProvider`). */
+export interface OpenTelemetryProviders {
+  meterProvider?: { getMeter(name: string, version?: string, options?: object): unknown }
+  tracerProvider?: { getTracer(name: string, version?: string, options?: object): unknown }
+}
+
+/** How a refresh was coordinated: in-process, under the user's Redis lock, or in-process because Redis was unavailable. */
+export type RefreshCoordination = 'local' | 'redis' | 'redis-fallback'
+
+/**
+ * The context of the `tarabut-token-manager:refresh` tracing channel
+ * (`diagnostics_channel.tracingChannel`), one per refresh this process
+ * runs: `start` and `end` around the call, then `asyncStart` and `asyncEnd`
+ * (after `error` on failure) when the refresh is over.
+ */
+export interface RefreshChannelContext {
+  userId: string
+  /** Why it ran: the leader's token had expired, was inside the buffer, was invalidated, or was empty. */
+  reason: 'expired' | 'buffer' | 'invalidated' | 'no-token'
+  /** `tarabutRefresher`, `oauth2Refresher`, or any other function (including one wrapping those). */
+  refresher: 'tarabut' | 'oauth2' | 'custom'
+  coordination: RefreshCoordination
+  /** When over: the callers this refresh served (its leader's and every caller that joined it here). */
+  waiters?: number
+  /** When over: from the refresh's start to its end (or its timeout). */
+  durationMs?: number
+  /** When it failed: the error code (as `error.code`). */
+  code?: TokenRefreshErrorCode
+  /** On failure (`error`, `asyncStart`, `asyncEnd`): what callers got. */
+  error?: unknown
+}
+
+/** `tarabut-token-manager:stale-served`: a caller got its own still-valid token back after a refresh failed with `code`. */
+export interface StaleServedMessage {
+  userId: string
+  code: TokenRefreshErrorCode
+}
+
+/**
+ * `tarabut-token-manager:redis-fallback`: Redis could not be used. `phase`
+ * 'refresh': the refresh ran coordinated in-process only; 'share': its token
+ * could not be shared with the other instances. `reason` never holds the URL.
+ */
+export interface RedisFallbackMessage {
+  userId: string
+  reason: string
+  phase: 'refresh' | 'share'
+}
+
+/** `tarabut-token-manager:invalidate`: `invalidate(userId, token)` ('token') or `invalidate(userId)` ('user'). */
+export interface InvalidateMessage {
+  userId: string
+  scope: 'token' | 'user'
 }
 
 export interface TokenManagerStats {
-  /** Live per-user entries. */
+  /** Live per-user entries (users seen within about `idleTtlMs`). */
   users: number
   /** Refreshes running now. */
   inFlight: number
@@ -135,10 +252,21 @@ export declare class TokenManager {
   /**
    * The API answered 401 with this token (or, without one, with the user's
    * token): the next call presenting it refreshes. The mark lasts
-   * `idleTtlMs`; only this user's calls are looked up meanwhile.
+   * `idleTtlMs`; only this user's calls are looked up meanwhile. With
+   * `redis`, every instance sharing the Redis hears it too (pub/sub,
+   * milliseconds), and the shared copy is marked so no instance hands it
+   * out again, even one that was disconnected at the time.
    */
-  invalidate(userId: string, accessToken?: string): void
+  invalidate(userId: string, accessToken?: string | null): void
+  /** Counters kept as they change: constant time however many users are held. */
   stats(): TokenManagerStats
+  /**
+   * This manager's metrics in the Prometheus text exposition format
+   * (`text/plain; version=0.0.4`): refreshes by outcome and refresher, their
+   * durations (histogram, 5 ms to 30 s), users, in-flight refreshes, hits,
+   * coalesced calls, stale serves and Redis fallbacks.
+   */
+  metrics(): Promise<string>
   /**
    * With `redis`: waits for pending Redis writes, then closes the connection
    * so nothing lingers (an idle manager does not keep Node's event loop

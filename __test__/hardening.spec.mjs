@@ -377,18 +377,21 @@ describe('with Redis', () => {
     try {
       const a = instance()
       const b = instance()
-      const user = uid('redis')
-      for (const [, at] of outOfRange) {
-        const err = await a.getValidToken(user, expired(), async () => ({ accessToken: 'forever', expiresAt: at() })).catch((e) => e)
+      const users = outOfRange.map(() => uid('redis'))
+      for (const [i, [, at]] of outOfRange.entries()) {
+        const err = await a.getValidToken(users[i], expired(), async () => ({ accessToken: 'forever', expiresAt: at() })).catch((e) => e)
         expect(err.code).toBe('INVALID_REFRESH_RESULT')
       }
-      // With the lock left held, b would wait out its 60 s TTL.
+      // The locks are released in the background: close() waits for that.
+      const fallbacks = a.stats().redisFallbacks
+      await a.close()
+      // With a lock left held, b would wait out its 60 s TTL.
       const next = good()
       const started = Date.now()
-      await expect(b.getValidToken(user, expired(), next)).resolves.toMatchObject({ shouldUpdate: true })
-      expect(next).toHaveBeenCalledTimes(1)
+      for (const user of users) await expect(b.getValidToken(user, expired(), next)).resolves.toMatchObject({ shouldUpdate: true })
+      expect(next).toHaveBeenCalledTimes(users.length)
       expect(Date.now() - started).toBeLessThan(3_000)
-      expect(a.stats().redisFallbacks + b.stats().redisFallbacks).toBe(0)
+      expect(fallbacks + b.stats().redisFallbacks).toBe(0)
       await sleep(50)
       expect(warned.filter((c) => String(c).startsWith('TTM_REDIS'))).toEqual([])
     } finally {

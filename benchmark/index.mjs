@@ -8,6 +8,7 @@
 // Rows from other modules: each entry in HOOKS names a file and how to get
 // its rows; absent files are skipped silently. See HOOKS below.
 import { execFileSync } from 'node:child_process'
+import dc from 'node:diagnostics_channel'
 import { existsSync } from 'node:fs'
 import os from 'node:os'
 import { fileURLToPath } from 'node:url'
@@ -23,7 +24,8 @@ import { coldStartRow } from './cold-start.mjs'
 // competitor rows measured here, Row[] from harness.mjs under `rows`.
 const HOOKS = [
   ['native', './native-refresher.mjs', async (m, c) => ratioRow(await m.benchNativeRefresher(c.quick ? { rounds: 2, refreshes: 200, concurrency: 16, log: c.log } : { log: c.log }))],
-  ['redis', './redis.mjs', (m, c) => m.redisRows(c.quick ? { users: 200, processes: 2, fleetUsers: 100, log: c.log } : { log: c.log })],
+  ['redis', './redis.mjs', (m, c) => m.redisRows(c.quick ? { users: 200, rounds: 2, processes: 2, fleetUsers: 100, log: c.log } : { log: c.log })],
+  ['evict', './eviction.mjs', (m, c) => m.evictionRows(c.quick ? { users: 20_000, idleTtlMs: 2_000, tokenBytes: c.tokenBytes, log: c.log } : { tokenBytes: c.tokenBytes, log: c.log })],
 ]
 
 const { values: args } = parseArgs({
@@ -108,9 +110,59 @@ function afterInvalidateRow(id) {
   }
 }
 
+/** Subscribes a counter to every channel of the package; returns { events(), off() }. */
+function subscribeAll() {
+  let events = 0
+  const count = () => events++
+  const tracing = { start: count, end: count, asyncStart: count, asyncEnd: count, error: count }
+  const refresh = dc.tracingChannel('tarabut-token-manager:refresh')
+  const plainChannels = ['stale-served', 'redis-fallback', 'invalidate'].map((n) => `tarabut-token-manager:${n}`)
+  refresh.subscribe(tracing)
+  for (const n of plainChannels) dc.subscribe(n, count)
+  return {
+    events: () => events,
+    off() {
+      refresh.unsubscribe(tracing)
+      for (const n of plainChannels) dc.unsubscribe(n, count)
+    },
+  }
+}
+
+// The hot path beside itself with a subscriber on every channel of the
+// package (the refresh tracing channel and the three plain ones), rounds
+// interleaved: only the refresh path publishes, so the two should match.
+// A subscriber that saw an event from the hot path fails the row.
+function subscribedHotRow(id, title, measure, metric) {
+  const plain = addon()
+  const watched = addon()
+  const call = (m) => () => m.getValidToken('user-1', hotToken, noRefresh)
+  return {
+    id,
+    title: `${title}, with a subscriber on the refresh channel`,
+    ratio: ['subscribed', 'addon'],
+    rounds: ctx.microRounds,
+    run: {
+      addon: async (c) => ({ v: await measure(call(plain), c) }),
+      subscribed: async (c) => {
+        const sub = subscribeAll()
+        try {
+          const v = await measure(call(watched), c)
+          if (sub.events() !== 0) throw new Error(`the hot path published ${sub.events()} events`)
+          return { v }
+        } finally {
+          sub.off()
+        }
+      },
+    },
+    metrics: [metric],
+  }
+}
+
 // Refresh path: every call is a new user presenting an expired token;
-// refreshFn resolves at once. A fresh instance per round.
-function refreshRow(id, bytes) {
+// refreshFn resolves at once. A fresh instance per round. With `subscribed`:
+// the same row without and with a subscriber on every channel (each refresh
+// then publishes start, end, asyncStart and asyncEnd).
+function refreshRow(id, bytes, { subscribed = false } = {}) {
   const presented = { accessToken: fakeToken('old', bytes), refreshToken: fakeToken('rt-old', 64), expiresAt: new Date(Date.now() - 1000) }
   const refreshed = { accessToken: fakeToken('new', bytes), refreshToken: fakeToken('rt-new', 64), expiresAt: new Date(Date.now() + HOUR) }
   let next = 0
@@ -132,6 +184,28 @@ function refreshRow(id, bytes) {
     )
     if (runs !== calls) throw new Error(`refresh row: ${runs} refreshes for ${calls} calls`)
     return { v: rate }
+  }
+  if (subscribed) {
+    return {
+      id,
+      title: `refresh path, distinct users, 1,000 in flight, ${bytes} B access tokens, with a subscriber on every channel`,
+      ratio: ['subscribed', 'addon'],
+      rounds: ctx.microRounds,
+      run: {
+        addon: (c) => measure(addon, c),
+        subscribed: async (c) => {
+          const sub = subscribeAll()
+          try {
+            const r = await measure(addon, c)
+            if (sub.events() === 0) throw new Error('the refresh path published nothing')
+            return r
+          } finally {
+            sub.off()
+          }
+        },
+      },
+      metrics: [{ key: 'v', label: 'calls/s', format: fmt.int }],
+    }
   }
   return {
     id,
@@ -259,8 +333,23 @@ const rows = [
     met: ({ ratio }) => ratio >= 1.0,
   }),
   afterInvalidateRow('2b'),
+  subscribedHotRow('1s', 'hot path, awaited one by one', (call, c) => awaitedNsPerCall(call, n.awaited, c.bench), {
+    key: 'v',
+    label: 'ns per call',
+    format: fmt.int,
+    target: '≈ 1.0× (±10%: noise)',
+    met: ({ ratio }) => ratio >= 0.9 && ratio <= 1.1,
+  }),
+  subscribedHotRow('2s', 'hot path, 1,000 in flight', (call, c) => concurrentCallsPerSec(call, n.inFlight, c.bench), {
+    key: 'v',
+    label: 'calls/s',
+    format: fmt.int,
+    target: '≈ 1.0× (±10%: noise)',
+    met: ({ ratio }) => ratio >= 0.9 && ratio <= 1.1,
+  }),
   refreshRow('3', tokenBytes),
   refreshRow('3b', 40),
+  refreshRow('3s', tokenBytes, { subscribed: true }),
   stormRow(),
   memoryRow('5', tokenBytes),
   memoryRow('5b', 40),
@@ -294,7 +383,7 @@ const cpu = os.cpus()
 console.log(`# tarabut-token-manager benchmarks${quick ? ' (quick: smoke run, numbers not meaningful)' : ''}\n`)
 console.log(
   `${cpu.length} × ${cpu[0]?.model ?? 'unknown CPU'}, Node ${process.version}, ${new Date(started).toISOString().slice(0, 10)}; ` +
-    `medians of interleaved rounds (${ctx.microRounds} for rows 1-3b, ${2 * ctx.microRounds} for row 2b, ${ctx.coldRounds} for row 7, ${ctx.rounds} for the rest), access tokens ${tokenBytes} B; ` +
+    `medians of interleaved rounds (${ctx.microRounds} for rows 1-3s, ${2 * ctx.microRounds} for row 2b, ${ctx.coldRounds} for row 7, ${ctx.rounds} for the rest), access tokens ${tokenBytes} B; ` +
     `load average ${load0.toFixed(2)} → ${load1.toFixed(2)}; ${((Date.now() - started) / 1000).toFixed(0)} s\n`,
 )
 console.log(table(results))

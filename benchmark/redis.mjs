@@ -1,16 +1,19 @@
 // Benchmark rows for the Redis mode (cross-instance coordination):
 // - refresh latency, Redis mode against local mode (a refresh function that
-//   answers at once, so the difference is the coordination's cost);
+//   answers at once, so the difference is the coordination's cost), on one
+//   plaintext node, over TLS and on a three-master Redis Cluster, measured
+//   in interleaved rounds;
 // - Redis commands a refresh adds (target ≤ 2) and the hot path adds (0),
-//   counted with redis-cli MONITOR;
+//   counted with redis-cli MONITOR (on every node of the cluster);
+// - how long `invalidate` in one instance takes to reach another;
 // - refreshes across 4 processes × 1,000 users all presenting an expired
 //   token at once, counted at a token endpoint (target exactly 1,000).
-// Starts its own redis-server on a random loopback port. Run alone with
-// `node benchmark/redis.mjs`, or import { redisRows }.
+// Starts its own servers on random loopback ports (certificates made with
+// openssl). Run alone with `node benchmark/redis.mjs`, or import { redisRows }.
 import { fileURLToPath } from 'node:url'
 
 import { TokenManager } from '../index.mjs'
-import { monitor, newKey, sleep, startProvider, startRedis, startWorker } from '../__test__/helpers/redis.mjs'
+import { makeCertificates, monitor, newKey, sleep, startCluster, startProvider, startRedis, startWorker } from '../__test__/helpers/redis.mjs'
 
 const expired = (u) => ({ accessToken: `old-${u}`, refreshToken: `r0-${u}`, expiresAt: Date.now() - 1_000 })
 const instant = async (ctx) => ({ accessToken: `at-${ctx.userId}-${Math.random()}`, refreshToken: `rt-${Math.random()}`, expiresIn: 3600 })
@@ -19,55 +22,102 @@ function percentile(sorted, p) {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]
 }
 
-/** Sequential refreshes of `users` distinct users; latency of each call in µs. */
-async function refreshLatency(manager, prefix, users) {
-  const us = []
-  for (let i = 0; i < users; i++) {
+/** Sequential refreshes of `count` distinct users; latency of each call in µs. */
+async function refreshLatency(manager, prefix, count, into = []) {
+  for (let i = 0; i < count; i++) {
     const u = `${prefix}${i}`
     const t0 = process.hrtime.bigint()
     await manager.getValidToken(u, expired(u), instant)
-    us.push(Number(process.hrtime.bigint() - t0) / 1e3)
+    into.push(Number(process.hrtime.bigint() - t0) / 1e3)
   }
+  return into
+}
+
+function summary(us) {
   us.sort((a, b) => a - b)
   return { p50: percentile(us, 50), p99: percentile(us, 99), mean: us.reduce((a, b) => a + b, 0) / us.length }
 }
 
-export async function redisRows({ users = 2_000, processes = 4, fleetUsers = 1_000, log = () => {} } = {}) {
+/** Commands clients sent to `targets` ([port, cliArgs][]) while `work` ran. */
+async function commands(targets, work) {
+  const mons = await Promise.all(targets.map(([port, args]) => monitor(port, args)))
+  await work()
+  await sleep(200) // the write-back runs after the caller has its token
+  const seen = await Promise.all(mons.map((m) => m.stop()))
+  return { sent: seen.flatMap((s) => s.sent), names: seen.flatMap((s) => s.names), scripted: seen.reduce((n, s) => n + s.scripted, 0) }
+}
+
+export async function redisRows({ users = 2_000, rounds = 4, processes = 4, fleetUsers = 1_000, log = () => {} } = {}) {
   const redis = await startRedis()
+  const certs = await makeCertificates()
+  const tls = await startRedis(undefined, { tls: certs })
+  const cluster = await startCluster({ masters: 3 })
   const key = newKey()
   const rows = []
   const row = (name, value, unit, target = '', note = '') => rows.push({ name, value, unit, target, note })
+  const f = (v) => Number(v.toFixed(1))
   try {
-    // 1. Latency. Warm both first (JIT; Redis: connect, subscribe, load scripts).
+    const modes = [
+      { name: 'one node', redis: { url: redis.url }, nodes: [[redis.port, []]] },
+      { name: 'TLS', redis: { url: tls.url, tls: { ca: certs.ca } }, nodes: [[tls.port, tls.cliArgs]] },
+      { name: 'Cluster, 3 masters', redis: { cluster: cluster.urls }, nodes: cluster.ports.map((p) => [p, []]) },
+    ]
     const local = new TokenManager()
-    const shared = new TokenManager({ redis: { url: redis.url, encryptionKey: key } })
+    for (const m of modes) m.manager = new TokenManager({ redis: { ...m.redis, encryptionKey: key } })
+    // 1. Latency. Warm each first (JIT; Redis: connect, subscribe, load scripts),
+    // then measure in interleaved rounds so load from elsewhere lands on all alike.
     await refreshLatency(local, 'warm-l-', 200)
-    await refreshLatency(shared, 'warm-r-', 200)
-    log(`refresh latency over ${users} users`)
-    const l = await refreshLatency(local, 'lat-l-', users)
-    const r = await refreshLatency(shared, 'lat-r-', users)
-    const f = (v) => Number(v.toFixed(1))
+    for (const [i, m] of modes.entries()) await refreshLatency(m.manager, `warm-${i}-`, 200)
+    log(`refresh latency over ${users} users × ${modes.length + 1} modes`)
+    const samples = { local: [], modes: modes.map(() => []) }
+    const per = Math.ceil(users / rounds)
+    for (let r = 0; r < rounds; r++) {
+      await refreshLatency(local, `lat-l-${r}-`, per, samples.local)
+      for (const [i, m] of modes.entries()) await refreshLatency(m.manager, `lat-${i}-${r}-`, per, samples.modes[i])
+    }
+    const l = summary(samples.local)
     row('refresh latency, local mode (p50 / p99)', `${f(l.p50)} / ${f(l.p99)}`, 'µs')
-    row('refresh latency, Redis mode (p50 / p99)', `${f(r.p50)} / ${f(r.p99)}`, 'µs', '', 'the write-back runs after the caller has its token')
-    row('Redis mode adds per refresh (mean)', f(r.mean - l.mean), 'µs', '', 'one awaited Redis round trip + napi async hop')
+    for (const [i, m] of modes.entries()) {
+      const r = summary(samples.modes[i])
+      row(`refresh latency, Redis ${m.name} (p50 / p99)`, `${f(r.p50)} / ${f(r.p99)}`, 'µs', '', `adds ${f(r.mean - l.mean)} µs (mean) over local: one awaited Redis round trip + napi async hop`)
+    }
 
-    // 2. Commands per refresh and on the hot path.
+    // 2. Commands per refresh and on the hot path, on every node.
     await sleep(200)
-    let mon = await monitor(redis.port)
     const n = 100
-    let last
-    for (let i = 0; i < n; i++) last = await shared.getValidToken(`rt-${i}`, expired(`rt-${i}`), instant)
-    await sleep(200)
-    const refresh = await mon.stop()
-    const perRefresh = refresh.sent.length / n
-    const names = [...new Set(refresh.names)].join(', ')
-    row('Redis commands sent per refresh', perRefresh, 'commands', '≤ 2', `${names}; ${(refresh.scripted / n).toFixed(0)} run inside the scripts`)
-    mon = await monitor(redis.port)
-    for (let i = 0; i < 10_000; i++) await shared.getValidToken('rt-0', { accessToken: last.accessToken, expiresAt: last.expiresAt }, instant)
-    row('Redis commands sent on the hot path (10,000 calls)', (await mon.stop()).sent.length, 'commands', '0')
-    await shared.close()
+    for (const [i, m] of modes.entries()) {
+      let last
+      const refresh = await commands(m.nodes, async () => {
+        for (let j = 0; j < n; j++) last = await m.manager.getValidToken(`rt-${i}-${j}`, expired(`rt-${i}-${j}`), instant)
+      })
+      const names = [...new Set(refresh.names)].join(', ')
+      row(`Redis commands sent per refresh, ${m.name}`, refresh.sent.length / n, 'commands', '≤ 2', `${names}; ${(refresh.scripted / n).toFixed(0)} run inside the scripts`)
+      const hot = await commands(m.nodes, async () => {
+        for (let j = 0; j < 10_000; j++) await m.manager.getValidToken(`rt-${i}-0`, { accessToken: last.accessToken, expiresAt: last.expiresAt }, instant)
+      })
+      row(`Redis commands sent on the hot path (10,000 calls), ${m.name}`, hot.sent.length, 'commands', '0')
+    }
+    // 3. invalidate in one instance until another stops serving the token.
+    const peer = new TokenManager({ redis: { url: redis.url, encryptionKey: key } })
+    const first = modes[0].manager
+    await peer.getValidToken('inv-warm', expired('inv-warm'), instant)
+    const reach = []
+    for (let i = 0; i < 200; i++) {
+      const u = `inv-${i}`
+      const t = await first.getValidToken(u, expired(u), instant)
+      const held = { accessToken: t.accessToken, expiresAt: t.expiresAt }
+      await peer.getValidToken(u, expired(u), instant) // the peer holds it, shared
+      const t0 = process.hrtime.bigint()
+      first.invalidate(u, t.accessToken)
+      while ((await peer.getValidToken(u, held, instant)).accessToken === t.accessToken) await new Promise((r) => setImmediate(r))
+      reach.push(Number(process.hrtime.bigint() - t0) / 1e3)
+    }
+    const inv = summary(reach)
+    row('invalidate reaches another instance (p50 / p99)', `${f(inv.p50 / 1000)} / ${f(inv.p99 / 1000)}`, 'ms', '≤ 200', 'one node; until the other stops serving the token (pub/sub)')
+    await peer.close()
+    await Promise.all(modes.map((m) => m.manager.close()))
 
-    // 3. A fleet: every process asks for every user at once.
+    // 4. A fleet: every process asks for every user at once.
     log(`${processes} processes × ${fleetUsers} users`)
     const provider = await startProvider({ delayMs: 20 })
     try {
@@ -94,10 +144,12 @@ export async function redisRows({ users = 2_000, processes = 4, fleetUsers = 1_0
       await provider.close()
     }
   } finally {
-    await redis.stop()
+    await Promise.all([redis.stop(), tls.stop(), cluster.stop()])
+    certs.remove()
   }
   return rows
 }
+
 
 if (process.argv[1] === fileURLToPath(import.meta.url)) {
   const rows = await redisRows({ log: (m) => console.error(`… ${m}`) })

@@ -28,19 +28,41 @@ const ON_ERROR = ['local', 'fail']
 
 /**
  * `options.redis`: types and presence are checked here (TypeError); values
- * (URL, key, prefix length, lock TTL) by the native side (RangeError).
+ * (URLs, keys, CA, prefix length, lock TTL) by the native side (RangeError).
  * Returns the options as read: each once (a getter may answer differently
- * each time), into a plain object.
+ * each time), into plain objects and arrays.
  */
 function checkOptions(options) {
   if (options === null || typeof options !== 'object') throw argError('options.redis', 'must be an object { url, encryptionKey, ... }')
-  const { url, keyPrefix, lockTtlMs, encryptionKey, onError } = options
-  const o = { url, keyPrefix, lockTtlMs, encryptionKey, onError }
-  if (typeof o.url !== 'string' || o.url.length === 0) throw argError('options.redis.url', 'must be a non-empty string (e.g. redis://127.0.0.1:6379)')
+  const { url, cluster, tls, keyPrefix, lockTtlMs, encryptionKey, onError } = options
+  const copy = (v) => (Array.isArray(v) ? [...v] : v)
+  const o = { url, cluster: copy(cluster), tls, keyPrefix, lockTtlMs, encryptionKey: copy(encryptionKey), onError }
+  if (o.url !== undefined && o.cluster !== undefined) throw argError('options.redis', 'takes url (one node) or cluster (node URLs), not both')
+  if (o.cluster !== undefined) {
+    if (!Array.isArray(o.cluster) || o.cluster.length === 0 || !o.cluster.every((u) => typeof u === 'string' && u.length > 0)) {
+      throw argError('options.redis.cluster', "must be a non-empty array of node URLs (e.g. ['redis://10.0.0.1:6379'])")
+    }
+  } else if (typeof o.url !== 'string' || o.url.length === 0) {
+    throw argError('options.redis.url', 'must be a non-empty string (e.g. redis://127.0.0.1:6379), or give options.redis.cluster')
+  }
   if (o.encryptionKey === undefined || o.encryptionKey === null) {
     throw argError('options.redis.encryptionKey', 'is required with redis: 32 random bytes, base64 (e.g. `openssl rand -base64 32`)')
   }
-  if (typeof o.encryptionKey !== 'string') throw argError('options.redis.encryptionKey', 'must be a base64 string')
+  const keys = Array.isArray(o.encryptionKey) ? o.encryptionKey : [o.encryptionKey]
+  if (keys.length === 0 || !keys.every((k) => typeof k === 'string')) {
+    throw argError('options.redis.encryptionKey', 'must be a base64 string, or a non-empty array of them (the first seals)')
+  }
+  if (o.tls !== undefined && o.tls !== null) {
+    if (typeof o.tls !== 'object') throw argError('options.redis.tls', 'must be an object { ca }')
+    // Anything else (a client certificate, turning verification off) is not done: say so.
+    const unknown = Object.keys(o.tls).filter((k) => k !== 'ca')
+    if (unknown.length > 0) throw argError('options.redis.tls', `takes only { ca } (got ${unknown.join(', ')})`)
+    const ca = o.tls.ca
+    if (ca !== undefined && typeof ca !== 'string' && !(ca instanceof Uint8Array)) {
+      throw argError('options.redis.tls.ca', 'must be PEM certificates, as a string or a Buffer')
+    }
+    o.tls = { ca }
+  }
   if (o.keyPrefix !== undefined && typeof o.keyPrefix !== 'string') throw argError('options.redis.keyPrefix', 'must be a string')
   if (o.lockTtlMs !== undefined && typeof o.lockTtlMs !== 'number') throw argError('options.redis.lockTtlMs', 'must be a number')
   if (o.onError !== undefined && !ON_ERROR.includes(o.onError)) {
@@ -49,9 +71,18 @@ function checkOptions(options) {
   return o
 }
 
+/** `tls.ca` as the Buffer the native side takes, or undefined. */
+function caBuffer(tls) {
+  const ca = tls?.ca
+  if (ca === undefined) return undefined
+  return typeof ca === 'string' ? Buffer.from(ca, 'utf8') : Buffer.from(ca.buffer, ca.byteOffset, ca.byteLength)
+}
+
 class Coordinator {
   #native
   #onError
+  /** Warnings and fallback events (lib/observability.js). */
+  #observer
   #closed = false
   #fallbacks = 0
   #warnedDown = false
@@ -64,15 +95,19 @@ class Coordinator {
   /**
    * @param bindingManager the manager's BindingManager (its engine checks revocations)
    * @param options `options.redis` as `checkOptions` returned it
+   * @param observer the manager's Observer (lib/observability.js)
    */
-  constructor(bindingManager, options) {
+  constructor(bindingManager, options, observer) {
     this.#native = new BindingCoordinator(bindingManager, {
       url: options.url,
+      cluster: options.cluster,
+      tlsCa: caBuffer(options.tls),
       keyPrefix: options.keyPrefix,
       lockTtlMs: options.lockTtlMs,
-      encryptionKey: options.encryptionKey,
+      encryptionKeys: Array.isArray(options.encryptionKey) ? options.encryptionKey : [options.encryptionKey],
     })
     this.#onError = options.onError ?? 'local'
+    this.#observer = observer
   }
 
   /** Refreshes coordinated in-process only because Redis was unavailable. */
@@ -118,6 +153,18 @@ class Coordinator {
     })
   }
 
+  /**
+   * The manager's `invalidate`, for the other instances: marks the stored
+   * token bad (so none adopts it later) and announces it (so each marks it
+   * as this one did). In the background; never throws.
+   */
+  invalidate(userId, accessToken) {
+    if (this.#closed) return
+    try {
+      this.#track(this.#native.invalidate(userId, accessToken ?? null), userId, false)
+    } catch {}
+  }
+
   /** Waits for pending writes, then drops the connection. Idempotent. */
   close() {
     if (this.#closed) return Promise.resolve()
@@ -130,20 +177,20 @@ class Coordinator {
     const lease = a.lease
     if (ctx.signal.aborted) {
       // The manager gave up (timeout) before the lock came: let others go now.
-      this.#track(this.#native.release(userId, lease, false))
+      this.#track(this.#native.release(userId, lease, false), userId)
       throw ctx.signal.reason
     }
     // The cache had a newer refresh token than the caller's (rotated by a
     // refresh elsewhere whose caller's write was lost): refresh with it.
     if (a.refreshToken != null) ctx.refreshToken = a.refreshToken
-    return refresh().then(
+    return refresh('redis').then(
       (result) => {
         // The manager validates the result; `reported` writes what the core kept.
         this.#leases.set(ctx, lease)
         return result
       },
       (err) => {
-        this.#track(this.#native.release(userId, lease, true))
+        this.#track(this.#native.release(userId, lease, true), userId)
         throw err
       },
     )
@@ -161,11 +208,11 @@ class Coordinator {
       if (lease === undefined) return
       this.#leases.delete(ctx)
       if (issued === undefined) {
-        this.#track(this.#native.release(ctx.userId, lease, true))
+        this.#track(this.#native.release(ctx.userId, lease, true), ctx.userId)
       } else {
         // Not rotated: the refresh token it ran with stays the one to use.
         const refreshToken = issued.refreshToken ?? ctx.refreshToken ?? null
-        this.#track(this.#native.commit(ctx.userId, lease, issued.accessToken, refreshToken, issued.expiresAtMs, null))
+        this.#track(this.#native.commit(ctx.userId, lease, issued.accessToken, refreshToken, issued.expiresAtMs, null), ctx.userId)
       }
     } catch {}
   }
@@ -177,17 +224,25 @@ class Coordinator {
       throw this.#error('COORDINATOR_UNAVAILABLE', userId, `cannot coordinate the refresh: ${reason}`)
     }
     this.#fallbacks++
-    return refresh()
+    this.#observer.redisFallback(userId, reason, 'refresh')
+    return refresh('redis-fallback')
   }
 
-  /** Background Redis work nobody awaits: it must never reject. */
-  #track(settling) {
+  /**
+   * Background Redis work for `userId` nobody awaits: it must never reject.
+   * `afterRefresh`: it shares a refresh that already ran, so failing to
+   * counts as a fallback.
+   */
+  #track(settling, userId, afterRefresh = true) {
     const p = settling
       .then((s) => {
         // The refresh already ran: its token is the caller's, but the other
         // instances did not get it and may refresh again.
         if (s.unavailable != null && !this.#closed) {
-          this.#fallbacks++
+          if (afterRefresh) {
+            this.#fallbacks++
+            this.#observer.redisFallback(userId, s.unavailable, 'share')
+          }
           this.#warnDown(s.unavailable)
         }
       })
@@ -206,15 +261,15 @@ class Coordinator {
     if (this.#warnedDown) return
     this.#warnedDown = true
     const then = this.#onError === 'fail' ? 'refreshes fail with COORDINATOR_UNAVAILABLE' : 'refreshes are coordinated in-process only'
-    process.emitWarning(`tarabut-token-manager: ${reason}; ${then} until it is back`, { code: 'TTM_REDIS_UNAVAILABLE' })
+    this.#observer.warn('TTM_REDIS_UNAVAILABLE', `tarabut-token-manager: ${reason}; ${then} until it is back`)
   }
 
   #warnUndecryptable() {
     if (this.#warnedUndecryptable) return
     this.#warnedUndecryptable = true
-    process.emitWarning(
+    this.#observer.warn(
+      'TTM_REDIS_UNDECRYPTABLE',
       'tarabut-token-manager: a token cached in Redis did not decrypt with options.redis.encryptionKey (rotated key, or another app on the same keyPrefix?); treated as a cache miss',
-      { code: 'TTM_REDIS_UNDECRYPTABLE' },
     )
   }
 }

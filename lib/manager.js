@@ -12,6 +12,7 @@
 const { BindingManager, MAX_TOKEN_BYTES, parseIsoTime } = require('../binding.js')
 const coordination = require('./coordination.js')
 const { TokenRefreshError, argError, callerError, fromNative, internalError, quietly } = require('./errors.js')
+const observability = require('./observability.js')
 const { bindProtocol } = require('./protocol.js')
 const { NATIVE_REFRESHER, nativeRefresh } = require('./refreshers.js')
 
@@ -135,17 +136,25 @@ class TokenManager {
   #revoked = new Map()
   /** Size at which `invalidate` next drops expired marks. */
   #pruneAt = 64
+  /** Channels, metrics, spans and warnings (lib/observability.js). */
+  #observer
 
   constructor(options) {
     let o
     let redis
     try {
       ;[o, redis] = readOptions(options)
+      observability.checkOptions(o)
     } catch (e) {
       throw callerError(e, 'options')
     }
     try {
-      this.#native = new BindingManager(o)
+      this.#native = new BindingManager({
+        bufferTimeMs: o.bufferTimeMs,
+        doubleCheckWindowMs: o.doubleCheckWindowMs,
+        refreshTimeoutMs: o.refreshTimeoutMs,
+        idleTtlMs: o.idleTtlMs,
+      })
     } catch (e) {
       throw fromNative(e, RangeError)
     }
@@ -154,9 +163,10 @@ class TokenManager {
     this.#begin = protocol.begin
     this.#complete = protocol.complete
     this.#timeoutMs = this.#native.refreshTimeoutMs
+    this.#observer = new observability.Observer(o, () => this.stats(), this.#native.bufferTimeMs)
     if (redis !== undefined && redis !== null) {
       try {
-        this.#coordinator = new coordination.Coordinator(this.#native, redis)
+        this.#coordinator = new coordination.Coordinator(this.#native, redis, this.#observer)
       } catch (e) {
         throw fromNative(e, RangeError)
       }
@@ -187,6 +197,9 @@ class TokenManager {
       if (length !== 0 && length <= MAX_TOKEN_BYTES && (this.#revoked.size === 0 || !this.#isRevoked(userId)) && this.#isFresh(exp)) {
         return { accessToken, shouldUpdate: false, expiresAt: isDate ? expiresAt : new Date(exp) }
       }
+      // Marks other instances' invalidate made here wait for us to take
+      // them (until then isFresh answers false to every call).
+      if (this.#coordinator !== null) this.#takeRemoteMarks()
       const refreshToken = token.refreshToken
       if (refreshToken != null && typeof refreshToken !== 'string') throw argError('token.refreshToken', 'must be a string or null')
       return this.#slow(userId, accessToken, refreshToken ?? null, exp, expiresAt, refreshFn, false)
@@ -196,7 +209,10 @@ class TokenManager {
     }
   }
 
-  /** The API answered 401 with `accessToken` (or any token of the user's). */
+  /**
+   * The API answered 401 with `accessToken` (or any token of the user's).
+   * With `redis`, every instance hears it too (in the background).
+   */
   invalidate(userId, accessToken) {
     if (typeof userId !== 'string' || userId.length === 0) throw argError('userId', 'must be a non-empty string')
     if (accessToken !== undefined && accessToken !== null && typeof accessToken !== 'string') {
@@ -208,8 +224,20 @@ class TokenManager {
     } catch (e) {
       throw fromNative(e)
     }
+    this.#mark(userId, until)
+    this.#coordinator?.invalidate(userId, accessToken)
+    this.#observer.invalidated(userId, accessToken == null ? 'user' : 'token')
+  }
+
+  /** Sends `userId`'s calls to `begin` until `until` (epoch ms). */
+  #mark(userId, until) {
     if (!(this.#revoked.get(userId) >= until)) this.#revoked.set(userId, until)
     if (this.#revoked.size >= this.#pruneAt) this.#pruneRevoked()
+  }
+
+  #takeRemoteMarks() {
+    const marks = this.#native.takeRemoteMarks()
+    if (marks !== null) for (const m of marks) this.#mark(m.userId, m.untilMs)
   }
 
   /** Whether `invalidate` marked `userId` and the mark still holds. */
@@ -230,6 +258,14 @@ class TokenManager {
 
   stats() {
     return { ...this.#native.stats(), redisFallbacks: this.#coordinator === null ? 0 : this.#coordinator.fallbacks }
+  }
+
+  /**
+   * The metrics (README: Observability) in the Prometheus text exposition
+   * format, for a `/metrics` route.
+   */
+  metrics() {
+    return this.#observer.metrics()
   }
 
   /**
@@ -260,6 +296,7 @@ class TokenManager {
       if (retried) throw internalError('joined a refresh this manager does not know')
       return this.#slow(userId, accessToken, refreshToken, exp, expiresAt, refreshFn, true)
     }
+    if (!leader) this.#observer.joined(flightId)
     return flight.then(
       // A leader handed a token another instance refreshed may still be told
       // not to persist it (issued.shouldUpdate: see lib/coordination.js).
@@ -269,6 +306,7 @@ class TokenManager {
         // verdict (reconnect, bad credentials, a buggy result) is not ridden
         // out: hiding it would only delay the fix.
         if (RIDE_OUT.has(err?.code) && this.#native.serveStale(userId, accessToken, exp)) {
+          this.#observer.staleServed(userId, err.code)
           return { accessToken, shouldUpdate: false, expiresAt: new Date(exp) }
         }
         throw err
@@ -301,6 +339,7 @@ class TokenManager {
     // The context carries the refresh token, which Redis coordination may
     // replace with a newer one.
     const ctx = new RefreshContext(userId, refreshToken)
+    const trace = this.#observer.lead(flightId, userId, accessToken, exp, refreshFn)
     let resolveFlight
     let rejectFlight
     const flight = new Promise((resolve, reject) => {
@@ -315,6 +354,7 @@ class TokenManager {
       settled = true
       clearTimeout(timer)
       this.#flights.delete(flightId)
+      this.#observer.settled(trace, error)
       if (error !== undefined) rejectFlight(error)
       else resolveFlight(issued)
     }
@@ -325,9 +365,19 @@ class TokenManager {
       settle(err)
     }, this.#timeoutMs)
     // With Redis, the refresh runs only under the user's cross-instance lock,
-    // or a token another instance refreshed answers instead (lib/coordination.js).
-    const refresh = () => (refresher === undefined ? invoke(refreshFn, ctx) : nativeRefresh(refresher, userId, ctx.refreshToken, this.#timeoutMs))
-    const obtained = this.#coordinator === null ? refresh() : this.#coordinator.obtain(ctx, accessToken, exp, refresh, this.#timeoutMs)
+    // or a token another instance refreshed answers instead (lib/coordination.js),
+    // which says how it was coordinated: 'redis' or 'redis-fallback'.
+    const refresh = (how = 'local') =>
+      this.#observer.run(trace, how, () =>
+        refresher === undefined ? invoke(refreshFn, ctx) : nativeRefresh(refresher, userId, ctx.refreshToken, this.#timeoutMs),
+      )
+    // Past this point nothing may throw: the timer is running.
+    let obtained
+    try {
+      obtained = this.#coordinator === null ? refresh() : this.#coordinator.obtain(ctx, accessToken, exp, refresh, this.#timeoutMs)
+    } catch (e) {
+      obtained = Promise.reject(e)
+    }
     obtained.then(
       (result) => {
         const late = settled
@@ -402,7 +452,8 @@ function refreshError(userId, cause, native) {
 function readOptions(options) {
   if (options != null && typeof options !== 'object') throw argError('options', 'must be an object')
   const o = options ?? {}
-  const picked = {}
+  const { logger, openTelemetry } = o
+  const picked = { logger, openTelemetry }
   for (const name of OPTION_NAMES) {
     const value = o[name]
     if (value !== undefined && typeof value !== 'number') throw argError(`options.${name}`, 'must be a number')

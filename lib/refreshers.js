@@ -7,6 +7,7 @@
 
 const { BindingRefresher } = require('../binding.js')
 const { TokenRefreshError, argError, callerError, fromNative, quietly } = require('./errors.js')
+const { REFRESHER_KIND } = require('./observability.js')
 
 const NATIVE_REFRESHER = Symbol('tarabut-token-manager.nativeRefresher')
 
@@ -46,7 +47,7 @@ function nativeRefresh(refresher, userId, refreshToken, timeoutMs) {
   })
 }
 
-function makeRefresher(refresher, name) {
+function makeRefresher(refresher, name, kind) {
   // A RefreshFn: (ctx) => Promise<{ accessToken, refreshToken?, expiresIn }>.
   // It honours ctx.signal: an abort drops the HTTP request and rejects
   // with the signal's reason.
@@ -88,6 +89,7 @@ function makeRefresher(refresher, name) {
   }
   Object.defineProperty(refresh, 'name', { value: name })
   Object.defineProperty(refresh, NATIVE_REFRESHER, { value: refresher })
+  Object.defineProperty(refresh, REFRESHER_KIND, { value: kind })
   return refresh
 }
 
@@ -110,7 +112,7 @@ function pickOptions(fn, options, types) {
   return picked
 }
 
-function buildRefresher(factory, fn, options, types) {
+function buildRefresher(factory, fn, options, types, kind) {
   let picked
   try {
     picked = pickOptions(fn, options, types)
@@ -123,7 +125,7 @@ function buildRefresher(factory, fn, options, types) {
   } catch (e) {
     throw fromNative(e)
   }
-  return makeRefresher(refresher, fn)
+  return makeRefresher(refresher, fn, kind)
 }
 
 const TARABUT_OPTIONS = {
@@ -142,7 +144,7 @@ const TARABUT_OPTIONS = {
  * refreshFn, or call it as one.
  */
 function tarabutRefresher(options) {
-  return buildRefresher((o) => BindingRefresher.tarabut(o), 'tarabutRefresher', options, TARABUT_OPTIONS)
+  return buildRefresher((o) => BindingRefresher.tarabut(o), 'tarabutRefresher', options, TARABUT_OPTIONS, 'tarabut')
 }
 
 const OAUTH2_OPTIONS = {
@@ -161,7 +163,7 @@ const OAUTH2_OPTIONS = {
  * resent.
  */
 function oauth2Refresher(options) {
-  return buildRefresher((o) => BindingRefresher.oauth2(o), 'oauth2Refresher', options, OAUTH2_OPTIONS)
+  return buildRefresher((o) => BindingRefresher.oauth2(o), 'oauth2Refresher', options, OAUTH2_OPTIONS, 'oauth2')
 }
 
 module.exports = { NATIVE_REFRESHER, nativeRefresh, tarabutRefresher, oauth2Refresher }

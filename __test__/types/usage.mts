@@ -64,5 +64,16 @@ const unavailable: TokenRefreshError['code'] = 'COORDINATOR_UNAVAILABLE'
 void unavailable
 // @ts-expect-error encryptionKey is required with redis
 new TokenManager({ redis: { url: 'redis://127.0.0.1:6379' } })
+// TLS with a private CA, a cluster, and a key rotation.
+new TokenManager({ redis: { url: 'rediss://ttm:pw@redis.internal:6380', tls: { ca: '-----BEGIN CERTIFICATE-----' }, encryptionKey: 'k' } })
+new TokenManager({ redis: { cluster: ['redis://10.0.0.1:6379', 'redis://10.0.0.2:6379'], tls: { ca: new Uint8Array() }, encryptionKey: ['new', 'old'] } })
+// @ts-expect-error url or cluster, not both
+new TokenManager({ redis: { url: 'redis://h', cluster: ['redis://h'], encryptionKey: 'k' } })
+// @ts-expect-error one of url and cluster is required
+new TokenManager({ redis: { encryptionKey: 'k' } })
+// @ts-expect-error a rotation needs at least one key
+new TokenManager({ redis: { url: 'redis://h', encryptionKey: [] } })
+// @ts-expect-error there is no switch to skip certificate checks
+new TokenManager({ redis: { url: 'rediss://h', tls: { insecureSkipVerify: true }, encryptionKey: 'k' } })
 // @ts-expect-error onError is 'local' or 'fail'
 new TokenManager({ redis: { url: 'redis://h', encryptionKey: 'k', onError: 'retry' } })

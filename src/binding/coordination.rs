@@ -14,31 +14,38 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
+use napi::bindgen_prelude::Buffer;
 use napi_derive::napi;
 use tokio::time::Instant;
 
 use super::errors::{guard, to_js, Code, Result};
 use super::manager::{BindingManager, TokenArg, UserIdArg};
 use super::strings::{BoundedString, MAX_OPTION_BYTES};
-use crate::coordination::{self, Coordinator, Outcome, SharedToken, Unavailable};
+use crate::coordination::{self, Coordinator, Endpoint, Outcome, SharedToken, Unavailable};
 use crate::engine::flight::validate_refreshed;
 use crate::engine::{time, Engine, Presented, Refreshed, SecretString};
 
 const INTERNAL: &str = "internal error in tarabut-token-manager (a bug: please report it)";
 
-/// `TokenManager`'s `redis` option, types already checked by
+/// `TokenManager`'s `redis` option, types already checked (and one
+/// encryption key made a list of one, `tls.ca` a Buffer) by
 /// `lib/coordination.js`.
 #[napi(object, object_to_js = false)]
 pub struct BindingCoordinationOptions {
+    /// Exactly one of `url` and `cluster`.
     #[napi(ts_type = "string")]
-    pub url: OptionArg,
+    pub url: Option<OptionArg>,
+    #[napi(ts_type = "Array<string>")]
+    pub cluster: Option<Vec<OptionArg>>,
+    pub tls_ca: Option<Buffer>,
     #[napi(ts_type = "string")]
     pub key_prefix: Option<OptionArg>,
     pub lock_ttl_ms: Option<f64>,
-    #[napi(ts_type = "string")]
-    pub encryption_key: OptionArg,
+    #[napi(ts_type = "Array<string>")]
+    pub encryption_keys: Vec<OptionArg>,
 }
 
+/// A string option, refused over [`MAX_OPTION_BYTES`] before any copy.
 type OptionArg = BoundedString<MAX_OPTION_BYTES>;
 
 /// A held lock, handed back to `commit` or `release`.
@@ -91,7 +98,7 @@ pub struct BindingCoordinator {
 
 #[napi]
 impl BindingCoordinator {
-    /// Validates the options (`INVALID_ARGUMENT`); connects on first use.
+    /// Validates the options (`INVALID_ARGUMENT`); connects in the background.
     #[napi(constructor)]
     pub fn new(
         manager: &BindingManager,
@@ -99,29 +106,55 @@ impl BindingCoordinator {
     ) -> Result<Self, Code> {
         guard(|| {
             let engine = manager.engine.clone();
-            let o = options;
+            let secret =
+                |s: OptionArg, name| s.required(name).map(SecretString::new).map_err(to_js);
+            let endpoint = match (options.url, options.cluster) {
+                (Some(url), None) => Endpoint::Node(secret(url, "options.redis.url")?),
+                (None, Some(nodes)) => Endpoint::Cluster(
+                    nodes
+                        .into_iter()
+                        .map(|n| secret(n, "options.redis.cluster"))
+                        .collect::<Result<_, _>>()?,
+                ),
+                _ => {
+                    return Err(to_js(crate::engine::EngineError::invalid_argument(
+                        "options.redis",
+                        "needs exactly one of url and cluster",
+                    )))
+                }
+            };
             let inner = coordination::coordinator(
                 coordination::CoordinationOptions {
-                    url: SecretString::new(o.url.required("options.redis.url").map_err(to_js)?),
-                    key_prefix: o
+                    endpoint,
+                    tls_ca: options.tls_ca.map(|b| b.to_vec()),
+                    key_prefix: options
                         .key_prefix
                         .map(|p| p.required("options.redis.keyPrefix"))
                         .transpose()
                         .map_err(to_js)?,
-                    lock_ttl_ms: o.lock_ttl_ms,
-                    encryption_key: SecretString::new(
-                        o.encryption_key
-                            .required("options.redis.encryptionKey")
-                            .map_err(to_js)?,
-                    ),
+                    lock_ttl_ms: options.lock_ttl_ms,
+                    encryption_keys: options
+                        .encryption_keys
+                        .into_iter()
+                        .map(|k| secret(k, "options.redis.encryptionKey"))
+                        .collect::<Result<_, _>>()?,
                 },
                 engine.policy(),
             )
             .map_err(to_js)?;
-            Ok(Self {
-                inner: Arc::new(inner),
-                engine,
-            })
+            // Another instance's invalidate: as if called here (the manager
+            // takes the mark over with `takeRemoteMarks`).
+            let hears = engine.clone();
+            inner.on_invalidated(move |user, token| {
+                let _ = hears.invalidate_from_elsewhere(user, token, time::now_ms());
+            });
+            let inner = Arc::new(inner);
+            // In the background: construction never waits on Redis.
+            let connecting = inner.clone();
+            napi::bindgen_prelude::spawn(async move {
+                let _ = connecting.connect().await;
+            });
+            Ok(Self { inner, engine })
         })
     }
 
@@ -272,6 +305,28 @@ impl BindingCoordinator {
                     .release(&user_id, &core_lease(lease), failed)
                     .await,
             )
+        };
+        unwinding(work, internal).await
+    }
+
+    /// `invalidate` for the other instances (the engine's own mark is the
+    /// manager's): marks the stored token bad if it is `accessToken` (any
+    /// stored token: null) and announces it. `done`: a stored token was marked.
+    #[napi]
+    pub async fn invalidate(
+        &self,
+        #[napi(ts_arg_type = "string")] user_id: UserIdArg,
+        #[napi(ts_arg_type = "string | undefined | null")] access_token: Option<TokenArg>,
+    ) -> BindingSettled {
+        let work = async {
+            let (Ok(user_id), Ok(token)) = (
+                user_id.required("userId"),
+                access_token.map(|t| t.required("accessToken")).transpose(),
+            ) else {
+                return settled(Ok(false));
+            };
+            let token = token.map(SecretString::new);
+            settled(self.inner.invalidate(&user_id, token.as_ref()).await)
         };
         unwinding(work, internal).await
     }

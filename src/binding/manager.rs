@@ -10,6 +10,7 @@
 //!   `Date | number | string` into them and back into `Date`;
 //! - errors are thrown with the engine's stable `code` (`errors.rs`).
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use napi::Env;
@@ -19,7 +20,8 @@ use super::errors::{guard, to_js, Code, Result};
 use super::protocol::{self, JsRaw};
 use super::strings::BoundedString;
 use crate::engine::{
-    self, time, Engine, Failure, Issued, Policy, PolicyOptions, Presented, Refreshed, SecretString,
+    self, evictor, time, Engine, Failure, Issued, Policy, PolicyOptions, Presented, Refreshed,
+    SecretString,
 };
 
 /// A user id argument, refused over [`engine::MAX_USER_ID_BYTES`] before
@@ -54,6 +56,13 @@ pub struct BindingIssuedToken {
     pub should_update: bool,
 }
 
+/// A user marked by another instance's `invalidate`, until `untilMs`.
+#[napi(object)]
+pub struct BindingMark {
+    pub user_id: String,
+    pub until_ms: f64,
+}
+
 /// Counters and sizes, as `TokenManager.stats()` reports them.
 #[napi(object)]
 pub struct BindingStats {
@@ -85,9 +94,9 @@ impl BindingManager {
                 idle_ttl_ms: o.idle_ttl_ms,
             })
             .map_err(to_js)?;
-            Ok(Self {
-                engine: Arc::new(Engine::new(policy)),
-            })
+            let engine = Arc::new(Engine::new(policy));
+            evict_in_background(&engine);
+            Ok(Self { engine })
         })
     }
 
@@ -95,6 +104,13 @@ impl BindingManager {
     #[napi(getter)]
     pub fn refresh_timeout_ms(&self) -> Result<f64, Code> {
         guard(|| Ok(self.engine.policy().refresh_timeout_ms as f64))
+    }
+
+    /// The effective buffer, for `lib/observability.js` to say why a
+    /// refresh ran (a presented token outside it was invalidated).
+    #[napi(getter)]
+    pub fn buffer_time_ms(&self) -> Result<f64, Code> {
+        guard(|| Ok(self.engine.policy().buffer_ms as f64))
     }
 
     /// `isFresh`, `begin` and `complete` bound to this manager's engine
@@ -202,6 +218,26 @@ impl BindingManager {
         })
     }
 
+    /// Users other instances' `invalidate` marked since the last call, and
+    /// until when: the manager sends their calls to `begin` (as after its
+    /// own `invalidate`). Null when there are none. While any wait here,
+    /// `isFresh` answers false, so the first call that comes takes them.
+    #[napi]
+    pub fn take_remote_marks(&self) -> Result<Option<Vec<BindingMark>>, Code> {
+        guard(|| {
+            let marks = self.engine.take_remote_marks();
+            Ok((!marks.is_empty()).then(|| {
+                marks
+                    .into_iter()
+                    .map(|(user, until)| BindingMark {
+                        user_id: user.into(),
+                        until_ms: until as f64,
+                    })
+                    .collect()
+            }))
+        })
+    }
+
     #[napi]
     pub fn stats(&self) -> Result<BindingStats, Code> {
         guard(|| Ok(self.stats_inner()))
@@ -225,6 +261,18 @@ impl BindingManager {
 /// Longest ISO 8601 string read: `2026-01-25T21:14:28.123456789+01:00` is
 /// 35 bytes; the margin allows surrounding whitespace.
 const ISO_TIME_MAX_BYTES: usize = 128;
+
+/// Starts the engine's background eviction (`engine/evictor.rs`) on
+/// napi's Tokio runtime. It holds the engine weakly, so it ends once the
+/// manager is collected, and keeps neither the event loop nor the process
+/// alive. Should the runtime be unavailable (torn down), callers' slices of
+/// eviction still bound the table.
+fn evict_in_background(engine: &Arc<Engine>) {
+    let engine = Arc::downgrade(engine);
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        napi::bindgen_prelude::spawn(evictor::run(engine))
+    }));
+}
 
 /// Parses an ISO 8601 date-time (with zone) into epoch milliseconds.
 // Free #[napi] items are only referenced by the registration napi-derive

@@ -7,10 +7,13 @@
 //! | `w` | when it was written, epoch ms (writer's clock) |
 //! | `f` | the fence of the lease that wrote it |
 //! | `n` | the fence counter: the last fence a lock grant drew |
+//! | `h` | a fingerprint of the access token (`seal::fingerprint`) |
+//! | `x` | the fence of a token `invalidate` marked bad: never handed out |
 //!
 //! A write is fenced: it lands only if its fence is above the record's, so
 //! a holder whose lock expired mid-refresh cannot overwrite the token of the
 //! holder after it. The write, the announcement and the unlock are one script.
+//! So are marking a token bad and announcing it (`invalidate`).
 
 use once_cell::sync::Lazy;
 use redis::aio::ConnectionLike;
@@ -26,7 +29,7 @@ static COMMIT: Lazy<Script> = Lazy::new(|| {
 local cur = tonumber(redis.call('HGET', KEYS[1], 'f'))
 local written = 0
 if not cur or tonumber(ARGV[2]) > cur then
-  redis.call('HSET', KEYS[1], 'f', ARGV[2], 'e', ARGV[3], 'w', ARGV[4], 't', ARGV[5])
+  redis.call('HSET', KEYS[1], 'f', ARGV[2], 'e', ARGV[3], 'w', ARGV[4], 't', ARGV[5], 'h', ARGV[9])
   if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[6]) then redis.call('PEXPIRE', KEYS[1], ARGV[6]) end
   redis.call('PUBLISH', ARGV[7], ARGV[8])
   written = 1
@@ -37,9 +40,26 @@ return written
     )
 });
 
-/// Writes `record` (a token expiring at `expires_at`) if `lease`'s fence is
-/// the newest, announces it, and releases the lock if `lease` still holds
-/// it. The record lives `ttl_ms` (at least). Returns whether it was written.
+static INVALIDATE: Lazy<Script> = Lazy::new(|| {
+    Script::new(
+        r"
+local r = redis.call('HMGET', KEYS[1], 'f', 'h')
+local marked = 0
+if r[1] and (ARGV[1] == '' or r[2] == ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'x', r[1])
+  marked = 1
+end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return marked
+",
+    )
+});
+
+/// Writes `record` (a token expiring at `expires_at`, whose access token
+/// has `fingerprint`) if `lease`'s fence is the newest, announces it, and
+/// releases the lock if `lease` still holds it. The record lives `ttl_ms`
+/// (at least). Returns whether it was written.
+#[allow(clippy::too_many_arguments)]
 pub async fn commit(
     con: &mut impl ConnectionLike,
     keys: &UserKeys,
@@ -47,6 +67,7 @@ pub async fn commit(
     lease: &Lease,
     expires_at: EpochMs,
     record: &Record,
+    fingerprint: &str,
     ttl_ms: u64,
 ) -> RedisResult<bool> {
     debug_assert_eq!(record.fence, lease.fence);
@@ -64,6 +85,28 @@ pub async fn commit(
             &keys.id,
             &Notice::Committed(record.clone()),
         ))
+        .arg(fingerprint)
+        .invoke_async(con)
+        .await?;
+    Ok(n == 1)
+}
+
+/// Marks the stored token bad if its access token has `fingerprint` (any
+/// stored token: `None`), so no instance hands it out again, and announces
+/// `notice` (a `Notice::Invalidated`). Returns whether a token was marked.
+pub async fn invalidate(
+    con: &mut impl ConnectionLike,
+    keys: &UserKeys,
+    channel: &str,
+    fingerprint: Option<&str>,
+    notice: &Notice,
+) -> RedisResult<bool> {
+    debug_assert!(matches!(notice, Notice::Invalidated(_)));
+    let n: i64 = INVALIDATE
+        .key(&keys.record)
+        .arg(fingerprint.unwrap_or(""))
+        .arg(channel)
+        .arg(record::encode_notice(&keys.id, notice))
         .invoke_async(con)
         .await?;
     Ok(n == 1)

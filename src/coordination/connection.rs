@@ -1,21 +1,22 @@
-//! One multiplexed RESP3 connection per coordinator (a `ConnectionManager`,
-//! which reconnects by itself), carrying both commands and the pub/sub
-//! channel, plus a breaker: after a failure, calls fail fast (no Redis
-//! round trip, no waiting) while a background probe reconnects.
+//! One RESP3 link per coordinator (`link.rs`: a node's `ConnectionManager`
+//! or a cluster connection, both reconnecting by themselves), carrying both
+//! commands and the pub/sub channel, plus a breaker: after a failure, calls
+//! fail fast (no Redis round trip, no waiting) while a background probe
+//! reconnects.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, IntoConnectionInfo, ProtocolVersion, RedisResult};
+use redis::aio::ConnectionManagerConfig;
+use redis::RedisResult;
 use tokio::task::AbortHandle;
 
+use super::link::{self, Endpoint, Link, Target};
 use super::pubsub::Waiters;
-use crate::engine::SecretString;
+use crate::engine::EngineError;
 
 /// Longest a single Redis call may take before Redis counts as unavailable.
 /// Every call is in-memory work on the server: a second is an outage.
@@ -28,29 +29,27 @@ const PROBE_MAX: Duration = Duration::from_millis(2_000);
 pub enum Unavailable {
     #[error("the coordinator is closed")]
     Closed,
-    #[error("Redis is unreachable (reconnecting in the background)")]
-    Down,
+    /// The breaker is open: calls fail fast. Holds what failed last, so
+    /// the first caller to hear of an outage hears why (a wrong password
+    /// found by the background connect, say).
+    #[error("{0}; reconnecting in the background")]
+    Down(String),
     #[error("Redis did not answer in time")]
     TimedOut,
-    #[error("Redis call failed ({0})")]
+    /// What failed, in words (`link::describe`).
+    #[error("{0}")]
     Failed(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum UrlError {
-    #[error(
-        "is not a valid Redis URL (redis://[user:password@]host[:port][/db] or redis+unix:///path)"
-    )]
-    Invalid,
-    #[error("uses TLS (rediss://), which this build does not support")]
-    Tls,
-}
-
 pub struct Connection {
-    client: Client,
+    target: Target,
     channel: String,
     waiters: Arc<Waiters>,
-    manager: Mutex<Option<ConnectionManager>>,
+    manager: Mutex<Option<Link>>,
+    /// Held while a link is being made, so concurrent calls make one.
+    connecting: tokio::sync::Mutex<()>,
+    /// What the last failure was, in words: what `Unavailable::Down` says.
+    failure: Mutex<String>,
     subscribed: AtomicBool,
     down: AtomicBool,
     closed: AtomicBool,
@@ -58,7 +57,7 @@ pub struct Connection {
 }
 
 impl std::fmt::Debug for Connection {
-    // The client holds the URL, which may carry a password.
+    // The target holds the URL, which may carry a password.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
             .field("channel", &self.channel)
@@ -69,25 +68,28 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
-    /// Parses the URL; connects lazily, on the first call.
-    pub fn open(url: &SecretString, channel: String) -> Result<Self, UrlError> {
-        let url = url.expose();
-        if url.starts_with("rediss:") || url.starts_with("valkeys:") {
-            return Err(UrlError::Tls);
-        }
-        let info = url.into_connection_info().map_err(|_| UrlError::Invalid)?;
-        // RESP3: subscriptions and commands share the one connection.
-        let settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let client =
-            Client::open(info.set_redis_settings(settings)).map_err(|_| UrlError::Invalid)?;
+    /// Parses the endpoint (`ca`: PEM for TLS); connects lazily, on the
+    /// first call.
+    pub fn open(
+        endpoint: &Endpoint,
+        ca: Option<&[u8]>,
+        channel: String,
+    ) -> Result<Self, EngineError> {
+        let waiters = Arc::<Waiters>::default();
+        let weak = Arc::downgrade(&waiters);
+        let push: link::PushHandler = Arc::new(move |info| {
+            if let Some(w) = weak.upgrade() {
+                w.on_push(info);
+            }
+        });
+        let target = Target::new(endpoint, ca, OP_TIMEOUT, push)?;
         Ok(Self {
-            client,
+            target,
             channel,
-            waiters: Arc::default(),
+            waiters,
             manager: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            failure: Mutex::new("Redis is unreachable".to_owned()),
             subscribed: AtomicBool::new(false),
             down: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -112,31 +114,34 @@ impl Connection {
     /// A failure opens the breaker; while it is open this returns at once.
     pub async fn run<T, F, Fut>(self: &Arc<Self>, budget: Duration, f: F) -> Result<T, Unavailable>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Link) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         if self.closed.load(Relaxed) {
             return Err(Unavailable::Closed);
         }
         if self.is_down() {
-            return Err(Unavailable::Down);
+            return Err(Unavailable::Down(self.failure.lock().clone()));
         }
         let budget = budget.min(OP_TIMEOUT);
-        let manager = self.manager()?;
         let call = async {
+            let manager = self.manager().await?;
             self.subscribe(&manager).await?;
             f(manager).await
         };
         match tokio::time::timeout(budget, call).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
+                let failure = link::describe(&e);
+                *self.failure.lock() = failure.clone();
                 self.mark_down();
-                Err(Unavailable::Failed(e.category().to_owned()))
+                Err(Unavailable::Failed(failure))
             }
             Err(_) => {
                 // A short budget (the caller's deadline is near) says nothing
                 // about Redis; a full one does.
                 if budget == OP_TIMEOUT {
+                    *self.failure.lock() = Unavailable::TimedOut.to_string();
                     self.mark_down();
                 }
                 Err(Unavailable::TimedOut)
@@ -153,12 +158,14 @@ impl Connection {
         self.manager.lock().take();
     }
 
-    fn manager(&self) -> Result<ConnectionManager, Unavailable> {
-        let mut slot = self.manager.lock();
-        if let Some(m) = &*slot {
+    async fn manager(&self) -> RedisResult<Link> {
+        if let Some(m) = &*self.manager.lock() {
             return Ok(m.clone());
         }
-        let waiters = Arc::downgrade(&self.waiters);
+        let _one = self.connecting.lock().await;
+        if let Some(m) = &*self.manager.lock() {
+            return Ok(m.clone());
+        }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(OP_TIMEOUT))
             .set_response_timeout(Some(OP_TIMEOUT))
@@ -166,23 +173,22 @@ impl Connection {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(200))
-            .set_push_sender(move |info| {
-                if let Some(w) = waiters.upgrade() {
-                    w.on_push(info);
-                }
-                Ok::<(), Infallible>(())
-            })
             .set_automatic_resubscription();
-        let m = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
-            .map_err(|e| Unavailable::Failed(e.category().to_owned()))?;
-        *slot = Some(m.clone());
+        let m = self.target.connect(config).await?;
+        if self.closed.load(Relaxed) {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "closed",
+            )));
+        }
+        *self.manager.lock() = Some(m.clone());
         Ok(m)
     }
 
-    /// Subscribes once; the manager resubscribes after reconnecting.
-    async fn subscribe(&self, manager: &ConnectionManager) -> RedisResult<()> {
+    /// Subscribes once; the link resubscribes after reconnecting.
+    async fn subscribe(&self, manager: &Link) -> RedisResult<()> {
         if !self.subscribed.load(Relaxed) {
-            manager.clone().subscribe(&self.channel).await?;
+            manager.subscribe(&self.channel).await?;
             self.subscribed.store(true, Relaxed);
         }
         Ok(())
@@ -207,8 +213,8 @@ async fn probe(conn: Weak<Connection>) {
         if c.closed.load(Relaxed) {
             return;
         }
-        let Ok(manager) = c.manager() else { continue };
         let ping = async {
+            let manager = c.manager().await?;
             c.subscribe(&manager).await?;
             redis::cmd("PING")
                 .query_async::<()>(&mut manager.clone())

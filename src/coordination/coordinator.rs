@@ -14,6 +14,9 @@
 //!
 //! Redis failing at any step yields [`Outcome::Unavailable`]; what to do
 //! then (refresh locally or fail) is the caller's policy.
+//!
+//! [`Coordinator::invalidate`] marks a stored token bad and tells the other
+//! instances, whose [`Coordinator::on_invalidated`] listener hears it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,8 +30,8 @@ use super::cache;
 use super::connection::{Connection, Unavailable, OP_TIMEOUT};
 use super::keys::{Keys, UserKeys};
 use super::lock::{self, Acquire, Want};
-use super::record::{Lease, Notice, Record};
-use super::seal::{SealKey, SharedToken};
+use super::record::{self, Invalidation, Lease, Notice, Record};
+use super::seal::{self, SealKeys, SharedToken};
 use crate::engine::{time, Presented, SecretString};
 
 /// Timing the coordinator shares with the engine's policy.
@@ -80,24 +83,42 @@ pub struct Acquired {
 pub struct Coordinator {
     conn: Arc<Connection>,
     keys: Keys,
-    seal: SealKey,
+    seal: Arc<SealKeys>,
     timing: Timing,
     watchdogs: Arc<Mutex<HashMap<String, AbortHandle>>>,
+    /// Names this instance in its `invalidate` announcements.
+    origin: u128,
+}
+
+/// Associated data of a sealed invalidation: not confusable with a token.
+fn invalidation_aad(id: &str) -> Vec<u8> {
+    [b"invalidate|".as_slice(), id.as_bytes()].concat()
 }
 
 impl Coordinator {
-    pub fn new(conn: Connection, keys: Keys, seal: SealKey, timing: Timing) -> Self {
+    pub fn new(conn: Connection, keys: Keys, seal: SealKeys, timing: Timing) -> Self {
         Self {
             conn: Arc::new(conn),
             keys,
-            seal,
+            seal: Arc::new(seal),
             timing,
             watchdogs: Arc::default(),
+            origin: rand::random(),
         }
     }
 
     pub fn timing(&self) -> &Timing {
         &self.timing
+    }
+
+    /// Connects and subscribes now rather than on the first refresh, so
+    /// this instance hears other instances' `invalidate` from the start.
+    pub async fn connect(&self) -> Result<(), Unavailable> {
+        self.conn
+            .run(OP_TIMEOUT, |mut m| async move {
+                redis::cmd("PING").query_async::<()>(&mut m).await
+            })
+            .await
     }
 
     /// Whether Redis calls are failing fast until a background probe reconnects.
@@ -181,7 +202,9 @@ impl Coordinator {
                         }
                         Ok(Ok(Notice::Failed)) => break Outcome::Failed,
                         // Released, or the lock's TTL ran out: ask again.
-                        Ok(Ok(Notice::Released)) | Ok(Err(_)) | Err(_) => {}
+                        // (Invalidations go to the listener, never here.)
+                        Ok(Ok(Notice::Released | Notice::Invalidated(_))) | Ok(Err(_)) | Err(_) => {
+                        }
                     }
                 }
             }
@@ -214,6 +237,7 @@ impl Coordinator {
         };
         let ttl = (token.expires_at.saturating_sub(now)).max(0) as u64 + self.timing.retention_ms;
         let channel = self.conn.channel();
+        let fingerprint = seal::fingerprint(&keys.id, &token.access);
         self.conn
             .run(OP_TIMEOUT, |mut m| async move {
                 cache::commit(
@@ -223,11 +247,65 @@ impl Coordinator {
                     lease,
                     token.expires_at,
                     &record,
+                    &fingerprint,
                     ttl,
                 )
                 .await
             })
             .await
+    }
+
+    /// `invalidate` for every instance: marks the stored token bad when it
+    /// is `access` (any stored token: `None`), so none hands it out again,
+    /// even one that misses the announcement, and announces it (sealed) to
+    /// the others' [`Coordinator::on_invalidated`]. One round trip. Returns
+    /// whether a stored token was marked.
+    pub async fn invalidate(
+        &self,
+        user_id: &str,
+        access: Option<&SecretString>,
+    ) -> Result<bool, Unavailable> {
+        let keys = self.keys.user(user_id);
+        let fingerprint = access.map(|a| seal::fingerprint(&keys.id, a));
+        let payload = record::encode_invalidation(&Invalidation {
+            origin: self.origin,
+            user_id: user_id.to_owned(),
+            access: access.cloned(),
+        });
+        let notice =
+            Notice::Invalidated(self.seal.seal_bytes(&invalidation_aad(&keys.id), &payload));
+        let channel = self.conn.channel();
+        let (k, fp, n) = (&keys, fingerprint.as_deref(), &notice);
+        self.conn
+            .run(OP_TIMEOUT, |mut m| async move {
+                cache::invalidate(&mut m, k, channel, fp, n).await
+            })
+            .await
+    }
+
+    /// Hands `listener` the user id and access token (if one was named) of
+    /// every other instance's `invalidate`. Announcements that do not open
+    /// with these keys (another app on the prefix) are dropped.
+    pub fn on_invalidated(
+        &self,
+        listener: impl Fn(&str, Option<&SecretString>) + Send + Sync + 'static,
+    ) {
+        let seal = self.seal.clone();
+        let keys = self.keys.clone();
+        let me = self.origin;
+        self.conn
+            .waiters()
+            .on_invalidated(Box::new(move |id, sealed| {
+                let Ok(plain) = seal.open_bytes(&invalidation_aad(id), sealed) else {
+                    return;
+                };
+                let Some(i) = record::decode_invalidation(&plain) else {
+                    return;
+                };
+                if i.origin != me && keys.user(&i.user_id).id == id {
+                    listener(&i.user_id, i.access.as_ref());
+                }
+            }));
     }
 
     /// Gives the lock up without a token: `failed` tells waiters the refresh

@@ -34,7 +34,8 @@ pub enum Acquire {
 }
 
 /// Which cached token the script may return rather than lock: newer than
-/// `min_expires_at`, not the one fenced `skip_fence` (found unusable), and
+/// `min_expires_at`, not the one fenced `skip_fence` (found unusable) nor
+/// one `invalidate` marked, and
 /// either fresh (`expires_at > fresh_after`) or written after `recent_after`
 /// and unexpired at `now` (the engine's double-check rule).
 #[derive(Debug, Clone, Copy)]
@@ -49,9 +50,9 @@ pub struct Want {
 static ACQUIRE: Lazy<Script> = Lazy::new(|| {
     Script::new(
         r"
-local r = redis.call('HMGET', KEYS[1], 'f', 'e', 'w', 't')
+local r = redis.call('HMGET', KEYS[1], 'f', 'e', 'w', 't', 'x')
 local f, e, w = tonumber(r[1]), tonumber(r[2]), tonumber(r[3])
-if r[4] and e and f ~= tonumber(ARGV[7]) and e > tonumber(ARGV[3])
+if r[4] and e and f ~= tonumber(ARGV[7]) and f ~= tonumber(r[5]) and e > tonumber(ARGV[3])
   and (e > tonumber(ARGV[4]) or (w and w > tonumber(ARGV[5]) and e > tonumber(ARGV[6]))) then
   return {1, f, w or 0, r[4]}
 end

@@ -3,12 +3,15 @@
 //! types; `src/binding/redis.rs` exposes it to JavaScript.
 //!
 //! - [`keys`]: key names (a SHA-256 of the user id, never the id);
-//! - [`seal`]: AES-256-GCM for every value at rest or on the wire;
+//! - [`seal`]: AES-256-GCM for every value at rest or on the wire, under
+//!   one or more keys (rotation);
 //! - [`record`]: the shared values (record, lease, notices) and their encoding;
 //! - [`lock`]: the per-user lock (`SET NX PX`, compare-and-delete);
 //! - [`cache`]: the shared token record and its fenced write;
 //! - [`pubsub`]: announcements and the local waiters they wake;
-//! - [`connection`]: one RESP3 connection with a breaker and reconnect probe;
+//! - [`link`]: where Redis is (a node or a cluster, TCP or TLS) and the
+//!   connection to it;
+//! - [`connection`]: that connection with a breaker and reconnect probe;
 //! - [`coordinator`]: the flow tying them together.
 //!
 //! The hot path never gets here: only a refresh that is due does.
@@ -17,6 +20,7 @@ pub mod cache;
 pub mod connection;
 pub mod coordinator;
 pub mod keys;
+pub mod link;
 pub mod lock;
 pub mod pubsub;
 pub mod record;
@@ -24,7 +28,8 @@ pub mod seal;
 
 pub use connection::{Connection, Unavailable};
 pub use coordinator::{Acquired, Coordinator, Outcome, Timing};
-pub use seal::{SealKey, SharedToken};
+pub use link::Endpoint;
+pub use seal::{SealKeys, SharedToken};
 
 use crate::engine::{EngineError, Policy, SecretString};
 
@@ -36,10 +41,14 @@ const MAX_LOCK_TTL_MS: u64 = 3_600_000;
 /// checks types and presence; the values are checked here.
 #[derive(Debug)]
 pub struct CoordinationOptions {
-    pub url: SecretString,
+    /// `url` or `cluster`.
+    pub endpoint: Endpoint,
+    /// `tls.ca`: PEM certificates trusted instead of the system's roots.
+    pub tls_ca: Option<Vec<u8>>,
     pub key_prefix: Option<String>,
     pub lock_ttl_ms: Option<f64>,
-    pub encryption_key: SecretString,
+    /// `encryptionKey`, one or several: the first seals, each opens.
+    pub encryption_keys: Vec<SecretString>,
 }
 
 /// Validates the options and builds a coordinator. Connects lazily: a
@@ -66,15 +75,25 @@ pub fn coordinator(o: CoordinationOptions, policy: &Policy) -> Result<Coordinato
             ))
         }
     };
-    let seal = SealKey::from_base64(o.encryption_key.expose()).map_err(|e| {
-        EngineError::invalid_argument(
-            "options.redis.encryptionKey",
-            format!("{e} (32 random bytes, base64)"),
-        )
+    let name = "options.redis.encryptionKey";
+    let n = o.encryption_keys.len();
+    if n == 0 || n > seal::MAX_KEYS {
+        return Err(EngineError::invalid_argument(
+            name,
+            format!("must hold 1 to {} keys", seal::MAX_KEYS),
+        ));
+    }
+    let encoded: Vec<&str> = o.encryption_keys.iter().map(SecretString::expose).collect();
+    let seal = SealKeys::from_base64_list(&encoded).map_err(|(i, e)| {
+        let at = if n > 1 {
+            format!("entry {i} ")
+        } else {
+            String::new()
+        };
+        EngineError::invalid_argument(name, format!("{at}{e} (32 random bytes, base64)"))
     })?;
     let k = keys::Keys::new(prefix);
-    let conn = Connection::open(&o.url, k.channel())
-        .map_err(|e| EngineError::invalid_argument("options.redis.url", e.to_string()))?;
+    let conn = Connection::open(&o.endpoint, o.tls_ca.as_deref(), k.channel())?;
     let timing = Timing {
         lock_ttl_ms,
         buffer_ms: policy.buffer_ms,

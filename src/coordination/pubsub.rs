@@ -7,10 +7,13 @@
 //! here *before* it asks Redis whether the lock is held, so an announcement
 //! racing that answer is not missed. A message names the user by the hashed
 //! id only and carries the token sealed, exactly as the cache holds it.
+//!
+//! The channel also carries `invalidate` from other instances: those go to
+//! one listener (the coordinator's), not to waiters.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use redis::{PushInfo, PushKind, Value};
@@ -19,12 +22,23 @@ use tokio::sync::oneshot;
 use super::record::{decode_notice, Notice};
 
 type Slot = (u64, oneshot::Sender<Notice>);
+/// Hears `Notice::Invalidated`: the hashed user id and the sealed payload.
+pub type Listener = Box<dyn Fn(&str, &[u8]) + Send + Sync>;
 
 /// Refreshes waiting for an announcement, by hashed user id.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Waiters {
     map: Mutex<HashMap<String, Vec<Slot>>>,
     next: AtomicU64,
+    invalidated: OnceLock<Listener>,
+}
+
+impl std::fmt::Debug for Waiters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Waiters")
+            .field("waiting", &self.waiting())
+            .finish_non_exhaustive()
+    }
 }
 
 /// One registration; dropping it unregisters.
@@ -73,6 +87,11 @@ impl Waiters {
         }
     }
 
+    /// Sets who hears other instances' `invalidate` (once; later calls are ignored).
+    pub fn on_invalidated(&self, listener: Listener) {
+        let _ = self.invalidated.set(listener);
+    }
+
     /// Registered waits, all users together.
     pub fn waiting(&self) -> usize {
         self.map.lock().values().map(Vec::len).sum()
@@ -85,8 +104,14 @@ impl Waiters {
             return;
         }
         if let Some(Value::BulkString(m)) = info.data.get(1) {
-            if let Some((id, notice)) = decode_notice(m) {
-                self.dispatch(id, notice);
+            match decode_notice(m) {
+                Some((id, Notice::Invalidated(sealed))) => {
+                    if let Some(listen) = self.invalidated.get() {
+                        listen(id, &sealed);
+                    }
+                }
+                Some((id, notice)) => self.dispatch(id, notice),
+                None => {}
             }
         }
     }

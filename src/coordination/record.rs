@@ -4,7 +4,9 @@
 //! it depends on nothing else in this module, so `lock`, `cache` and
 //! `pubsub` read in one direction.
 
-use crate::engine::EpochMs;
+use zeroize::Zeroizing;
+
+use crate::engine::{EpochMs, SecretString};
 
 /// A record as read from Redis or from an announcement.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,11 +34,74 @@ pub enum Notice {
     Failed,
     /// The holder gave the lock up without refreshing: try again now.
     Released,
+    /// `invalidate` in some instance: the sealed user id, access token (if
+    /// any) and sender (see `Coordinator::invalidate`). Not for waiters.
+    Invalidated(Vec<u8>),
+}
+
+/// What an `invalidate` announcement carries, sealed (`Notice::Invalidated`):
+/// who sent it (so the sender skips its own), the user id (receivers key
+/// their tables by it, not by its hash) and the access token, if one was named.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Invalidation {
+    pub origin: u128,
+    pub user_id: String,
+    pub access: Option<SecretString>,
+}
+
+/// `origin u128 BE | user len u32 BE | user | has token u8 | [len u32 BE | token]`
+pub fn encode_invalidation(i: &Invalidation) -> Zeroizing<Vec<u8>> {
+    let user = i.user_id.as_bytes();
+    let token = i.access.as_ref().map(|a| a.expose().as_bytes());
+    let mut v = Zeroizing::new(Vec::with_capacity(
+        25 + user.len() + token.map_or(0, <[u8]>::len),
+    ));
+    v.extend_from_slice(&i.origin.to_be_bytes());
+    v.extend_from_slice(&(user.len() as u32).to_be_bytes());
+    v.extend_from_slice(user);
+    match token {
+        Some(t) => {
+            v.push(1);
+            v.extend_from_slice(&(t.len() as u32).to_be_bytes());
+            v.extend_from_slice(t);
+        }
+        None => v.push(0),
+    }
+    v
+}
+
+pub fn decode_invalidation(mut b: &[u8]) -> Option<Invalidation> {
+    let origin = u128::from_be_bytes(take(&mut b, 16)?.try_into().ok()?);
+    let user_id = text(&mut b)?;
+    let access = match take(&mut b, 1)?[0] {
+        0 => None,
+        1 => Some(SecretString::new(text(&mut b)?)),
+        _ => return None,
+    };
+    b.is_empty().then_some(Invalidation {
+        origin,
+        user_id,
+        access,
+    })
+}
+
+fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if b.len() < n {
+        return None;
+    }
+    let (head, rest) = b.split_at(n);
+    *b = rest;
+    Some(head)
+}
+
+fn text(b: &mut &[u8]) -> Option<String> {
+    let len = u32::from_be_bytes(take(b, 4)?.try_into().ok()?) as usize;
+    String::from_utf8(take(b, len)?.to_vec()).ok()
 }
 
 const SEP: u8 = b'|';
 
-/// `id|C|fence|written_at|sealed`, `id|F` or `id|R`.
+/// `id|C|fence|written_at|sealed`, `id|F`, `id|R` or `id|I|sealed`.
 pub fn encode_notice(id: &str, notice: &Notice) -> Vec<u8> {
     let mut m = Vec::with_capacity(id.len() + 3);
     m.extend_from_slice(id.as_bytes());
@@ -48,6 +113,10 @@ pub fn encode_notice(id: &str, notice: &Notice) -> Vec<u8> {
         }
         Notice::Failed => m.push(b'F'),
         Notice::Released => m.push(b'R'),
+        Notice::Invalidated(sealed) => {
+            m.extend_from_slice(b"I|");
+            m.extend_from_slice(sealed);
+        }
     }
     m
 }
@@ -67,6 +136,8 @@ pub fn decode_notice(m: &[u8]) -> Option<(&str, Notice)> {
         }
         b"F" => Notice::Failed,
         b"R" => Notice::Released,
+        // The rest is one field: the sealed bytes may hold the separator.
+        b"I" => Notice::Invalidated(m.get(id.len() + 3..)?.to_vec()),
         _ => return None,
     };
     Some((id, notice))
@@ -84,12 +155,30 @@ mod tests {
             written_at: 1_700_000_000_000,
             sealed: b"\x01|bin|\xff".to_vec(),
         });
-        for n in [committed, Notice::Failed, Notice::Released] {
+        let invalidated = Notice::Invalidated(b"\x01|sealed|".to_vec());
+        for n in [committed, Notice::Failed, Notice::Released, invalidated] {
             let m = encode_notice(&id, &n);
             assert_eq!(decode_notice(&m), Some((id.as_str(), n)));
         }
         assert_eq!(decode_notice(b"id|X"), None);
+        assert_eq!(decode_notice(b"id|I"), None);
         assert_eq!(decode_notice(b"id|C|x|1|"), None);
+    }
+
+    #[test]
+    fn invalidations_round_trip() {
+        for access in [Some(SecretString::new("tok|en".into())), None] {
+            let i = Invalidation {
+                origin: u128::MAX - 7,
+                user_id: "user@example.com".into(),
+                access,
+            };
+            let b = encode_invalidation(&i);
+            assert_eq!(decode_invalidation(&b), Some(i));
+            for n in 0..b.len() {
+                assert_eq!(decode_invalidation(&b[..n]), None);
+            }
+        }
     }
 
     mod properties {
@@ -102,6 +191,12 @@ mod tests {
             #[test]
             fn any_message_decodes_or_is_ignored(m in proptest::collection::vec(any::<u8>(), 0..128)) {
                 let _ = decode_notice(&m);
+            }
+
+            /// So is an invalidation once opened.
+            #[test]
+            fn any_invalidation_decodes_or_is_ignored(b in proptest::collection::vec(any::<u8>(), 0..128)) {
+                let _ = decode_invalidation(&b);
             }
 
             #[test]

@@ -4,12 +4,18 @@
 //!
 //! Sealed layout: `version (1) | nonce (12) | ciphertext + tag`. The plaintext
 //! is a small binary encoding of the token, wiped once sealed or parsed.
+//!
+//! Several keys make a rotation possible: the first seals, each one opens
+//! (tried in order), so instances on `[new, old]` and on `[old, new]` read
+//! each other's values while a deploy rolls from one key to the other.
 
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine as _;
+use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use super::keys::hex;
 use crate::engine::{EpochMs, SecretString};
 
 const VERSION: u8 = 1;
@@ -24,13 +30,15 @@ pub use crate::engine::MAX_TOKEN_BYTES;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("a token longer than {MAX_TOKEN_BYTES} bytes is not shared")]
 pub struct SealError;
+/// Most encryption keys accepted at once: a rotation needs two.
+pub const MAX_KEYS: usize = 8;
 
-/// The encryption key. Never printed.
-pub struct SealKey(Aes256Gcm);
+/// The encryption keys: the first seals, each opens. Never printed.
+pub struct SealKeys(Vec<Aes256Gcm>);
 
-impl std::fmt::Debug for SealKey {
+impl std::fmt::Debug for SealKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SealKey(<redacted>)")
+        write!(f, "SealKeys(<{} redacted>)", self.0.len())
     }
 }
 
@@ -57,46 +65,83 @@ pub struct SharedToken {
     pub expires_at: EpochMs,
 }
 
-impl SealKey {
-    /// 32 bytes, standard base64 (`openssl rand -base64 32`). Surrounding
-    /// whitespace (a newline from an env file) is ignored.
+/// 32 bytes, standard base64 (`openssl rand -base64 32`). Surrounding
+/// whitespace (a newline from an env file) is ignored.
+fn cipher(encoded: &str) -> Result<Aes256Gcm, KeyError> {
+    let bytes = Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .map_err(|_| KeyError::NotBase64)?,
+    );
+    Aes256Gcm::new_from_slice(&bytes).map_err(|_| KeyError::WrongLength)
+}
+
+impl SealKeys {
+    /// One key (see [`SealKeys::from_base64_list`]).
     pub fn from_base64(encoded: &str) -> Result<Self, KeyError> {
-        let bytes = Zeroizing::new(
-            base64::engine::general_purpose::STANDARD
-                .decode(encoded.trim())
-                .map_err(|_| KeyError::NotBase64)?,
-        );
-        let cipher = Aes256Gcm::new_from_slice(&bytes).map_err(|_| KeyError::WrongLength)?;
-        Ok(Self(cipher))
+        Ok(Self(vec![cipher(encoded)?]))
+    }
+
+    /// The keys in order: the first seals. On error, the index of the bad one.
+    pub fn from_base64_list<S: AsRef<str>>(encoded: &[S]) -> Result<Self, (usize, KeyError)> {
+        let keys = encoded
+            .iter()
+            .enumerate()
+            .map(|(i, k)| cipher(k.as_ref()).map_err(|e| (i, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self(keys))
     }
 
     pub fn seal(&self, aad: &[u8], token: &SharedToken) -> Result<Vec<u8>, SealError> {
-        let plain = encode(token).ok_or(SealError)?;
+        Ok(self.seal_bytes(aad, &encode(token).ok_or(SealError)?))
+    }
+
+    pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<SharedToken, OpenError> {
+        decode(&self.open_bytes(aad, sealed)?).ok_or(OpenError)
+    }
+
+    /// Seals any plaintext with the first key (announcements use it too).
+    pub fn seal_bytes(&self, aad: &[u8], plain: &[u8]) -> Vec<u8> {
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
-        // AES-GCM only fails past 64 GiB per message; `encode` caps it far below.
-        let sealed = self
-            .0
-            .encrypt(&nonce, Payload { msg: &plain, aad })
-            .map_err(|_| SealError)?;
+        let sealed = self.0[0]
+            .encrypt(&nonce, Payload { msg: plain, aad })
+            .expect("AES-GCM encryption only fails past 64 GiB per message");
         let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
         out.push(VERSION);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
-        Ok(out)
+        out
     }
 
-    pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<SharedToken, OpenError> {
+    /// Opens with the first key that fits.
+    pub fn open_bytes(&self, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, OpenError> {
         if sealed.len() < 1 + NONCE_LEN || sealed[0] != VERSION {
             return Err(OpenError);
         }
         let (nonce, body) = sealed[1..].split_at(NONCE_LEN);
-        let plain = Zeroizing::new(
-            self.0
-                .decrypt(Nonce::from_slice(nonce), Payload { msg: body, aad })
-                .map_err(|_| OpenError)?,
-        );
-        decode(&plain).ok_or(OpenError)
+        self.0
+            .iter()
+            .find_map(|k| {
+                k.decrypt(Nonce::from_slice(nonce), Payload { msg: body, aad })
+                    .ok()
+            })
+            .map(Zeroizing::new)
+            .ok_or(OpenError)
     }
+}
+
+/// What the record stores to recognise its access token without holding it
+/// in clear (`invalidate` compares it): SHA-256 over the user's hashed id
+/// and the token, 128 bits in hex. The same in every instance, whatever its
+/// keys. An access token is a long random or signed string, so the digest
+/// gives nothing away.
+pub fn fingerprint(id: &str, access: &SecretString) -> String {
+    let mut h = Sha256::new();
+    h.update(b"ttm-access\0");
+    h.update(id.as_bytes());
+    h.update(b"\0");
+    h.update(access.expose().as_bytes());
+    hex(&h.finalize()[..16])
 }
 
 // `expires_at i64 BE | access len u32 BE | access | has refresh u8 | [len u32 BE | refresh]`
@@ -176,7 +221,7 @@ mod tests {
 
     #[test]
     fn seals_and_opens() {
-        let k = SealKey::from_base64(KEY_A).unwrap();
+        let k = SealKeys::from_base64(KEY_A).unwrap();
         for t in [token(Some("refresh-token-plain")), token(None)] {
             let sealed = k.seal(b"user", &t).unwrap();
             assert_eq!(k.open(b"user", &sealed).unwrap(), t);
@@ -187,13 +232,13 @@ mod tests {
 
     #[test]
     fn a_fresh_nonce_each_time() {
-        let k = SealKey::from_base64(KEY_A).unwrap();
+        let k = SealKeys::from_base64(KEY_A).unwrap();
         assert_ne!(k.seal(b"u", &token(None)), k.seal(b"u", &token(None)));
     }
 
     #[test]
     fn the_encoder_refuses_what_the_decoder_would() {
-        let k = SealKey::from_base64(KEY_A).unwrap();
+        let k = SealKeys::from_base64(KEY_A).unwrap();
         let at_limit = "a".repeat(MAX_TOKEN_BYTES);
         let over = "a".repeat(MAX_TOKEN_BYTES + 1);
         let t = |access: &str, refresh: Option<&str>| SharedToken {
@@ -209,8 +254,8 @@ mod tests {
 
     #[test]
     fn wrong_key_user_or_bytes_do_not_open() {
-        let a = SealKey::from_base64(KEY_A).unwrap();
-        let b = SealKey::from_base64(KEY_B).unwrap();
+        let a = SealKeys::from_base64(KEY_A).unwrap();
+        let b = SealKeys::from_base64(KEY_B).unwrap();
         let sealed = a.seal(b"user", &token(Some("r"))).unwrap();
         assert_eq!(b.open(b"user", &sealed), Err(OpenError));
         assert_eq!(a.open(b"other-user", &sealed), Err(OpenError));
@@ -225,17 +270,50 @@ mod tests {
 
     #[test]
     fn keys_must_be_32_base64_bytes() {
-        assert!(SealKey::from_base64(&format!(" {KEY_A}\n")).is_ok());
+        assert!(SealKeys::from_base64(&format!(" {KEY_A}\n")).is_ok());
         assert_eq!(
-            SealKey::from_base64("not base64!").unwrap_err(),
+            SealKeys::from_base64("not base64!").unwrap_err(),
             KeyError::NotBase64
         );
         assert_eq!(
-            SealKey::from_base64("AAAA").unwrap_err(),
+            SealKeys::from_base64("AAAA").unwrap_err(),
             KeyError::WrongLength
         );
-        assert_eq!(SealKey::from_base64("").unwrap_err(), KeyError::WrongLength);
-        assert!(!format!("{:?}", SealKey::from_base64(KEY_A).unwrap()).contains(KEY_A));
+        assert_eq!(
+            SealKeys::from_base64("").unwrap_err(),
+            KeyError::WrongLength
+        );
+        assert!(!format!("{:?}", SealKeys::from_base64(KEY_A).unwrap()).contains(KEY_A));
+    }
+
+    #[test]
+    fn the_first_key_seals_and_every_key_opens() {
+        let old = SealKeys::from_base64(KEY_A).unwrap();
+        let rolling = SealKeys::from_base64_list(&[KEY_B, KEY_A]).unwrap();
+        let back = SealKeys::from_base64_list(&[KEY_A, KEY_B]).unwrap();
+        let t = token(Some("r"));
+        // Written with the old key: every list holding it opens it.
+        let by_old = old.seal(b"u", &t).unwrap();
+        assert_eq!(rolling.open(b"u", &by_old).unwrap(), t);
+        // Written with the new key: an instance still on the old key alone cannot.
+        let by_new = rolling.seal(b"u", &t).unwrap();
+        assert_eq!(back.open(b"u", &by_new).unwrap(), t);
+        assert_eq!(old.open(b"u", &by_new), Err(OpenError));
+        assert_eq!(
+            SealKeys::from_base64_list(&[KEY_A, "AAAA"]).unwrap_err(),
+            (1, KeyError::WrongLength)
+        );
+        assert!(!format!("{rolling:?}").contains(KEY_A) && !format!("{rolling:?}").contains(KEY_B));
+    }
+
+    #[test]
+    fn fingerprints_tell_tokens_and_users_apart_without_the_token() {
+        let a = fingerprint("id1", &"token-a".into());
+        assert_eq!(a.len(), 32);
+        assert_eq!(a, fingerprint("id1", &"token-a".into()));
+        assert_ne!(a, fingerprint("id1", &"token-b".into()));
+        assert_ne!(a, fingerprint("id2", &"token-a".into()));
+        assert!(!a.contains("token"));
     }
 
     mod properties {
@@ -277,7 +355,7 @@ mod tests {
 
             #[test]
             fn any_sealed_bytes_open_or_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
-                let k = SealKey::from_base64(KEY_A).unwrap();
+                let k = SealKeys::from_base64(KEY_A).unwrap();
                 let mut sealed = bytes;
                 if let Some(first) = sealed.first_mut() {
                     *first = VERSION;

@@ -83,16 +83,32 @@ fn policy() -> Policy {
 }
 
 fn coordinator_with(url: &str, key: &str, lock_ttl_ms: f64) -> Coordinator {
+    coordinator_keys(url, &[key], lock_ttl_ms)
+}
+
+fn coordinator_keys(url: &str, keys: &[&str], lock_ttl_ms: f64) -> Coordinator {
     coordinator(
         CoordinationOptions {
-            url: url.into(),
+            endpoint: Endpoint::Node(url.into()),
+            tls_ca: None,
             key_prefix: Some("t:".into()),
             lock_ttl_ms: Some(lock_ttl_ms),
-            encryption_key: key.into(),
+            encryption_keys: keys.iter().map(|k| (*k).into()).collect(),
         },
         &policy(),
     )
     .unwrap()
+}
+
+/// Stores `access` for `user` through `c` (lock, then commit).
+async fn store(c: &Coordinator, user: &str, access: &str) {
+    let Outcome::Lead { lease, .. } = acquire(c, user, soon(5_000)).await.outcome else {
+        panic!("lead")
+    };
+    assert!(c
+        .commit(user, &lease, &token(access, "r", 60_000))
+        .await
+        .unwrap());
 }
 
 fn token(access: &str, refresh: &str, ttl_ms: i64) -> SharedToken {
@@ -458,6 +474,111 @@ async fn no_plaintext_token_or_user_id_at_rest_or_on_the_wire() {
 }
 
 #[tokio::test]
+async fn invalidate_marks_the_stored_token_and_reaches_the_other_instances() {
+    let s = Server::start();
+    let a = coordinator_with(&s.url(), KEY_A, 5_000.0);
+    let b = coordinator_with(&s.url(), KEY_A, 5_000.0);
+    let heard = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    for c in [&a, &b] {
+        let heard = heard.clone();
+        let me = std::ptr::from_ref(c) as usize;
+        c.on_invalidated(move |user, token| {
+            heard
+                .lock()
+                .push((me, user.to_owned(), token.map(|t| t.expose().to_owned())));
+        });
+    }
+    for c in [&a, &b] {
+        c.connect().await.unwrap(); // subscribed before anyone invalidates
+    }
+    store(&a, "u", "t1").await;
+    // Another token than the stored one: nothing marked, still shared.
+    assert!(!a.invalidate("u", Some(&"other".into())).await.unwrap());
+    let Outcome::Shared { token: t, .. } = acquire(&b, "u", soon(1_000)).await.outcome else {
+        panic!("still shared")
+    };
+    assert_eq!(t.access.expose(), "t1");
+    // The stored one: marked, so no instance hands it out again.
+    let sent = Instant::now();
+    assert!(a.invalidate("u", Some(&"t1".into())).await.unwrap());
+    let Outcome::Lead { lease, refresh } = acquire(&b, "u", soon(1_000)).await.outcome else {
+        panic!("refreshed, not shared")
+    };
+    // Its refresh token is still the one to refresh with.
+    assert_eq!(refresh.as_ref().map(SecretString::expose), Some("r"));
+    assert!(b
+        .commit("u", &lease, &token("t2", "r2", 60_000))
+        .await
+        .unwrap());
+    let Outcome::Shared { token: t, .. } = acquire(&a, "u", soon(1_000)).await.outcome else {
+        panic!("the new token is shared")
+    };
+    assert_eq!(t.access.expose(), "t2");
+    // Without a token: whatever is stored.
+    assert!(b.invalidate("u", None).await.unwrap());
+    let Outcome::Lead { lease, .. } = acquire(&a, "u", soon(1_000)).await.outcome else {
+        panic!("refreshed")
+    };
+    a.release("u", &lease, false).await.unwrap();
+    // Each announcement reached the other instance (not its sender), in order.
+    while heard.lock().len() < 3 {
+        assert!(
+            sent.elapsed() < Duration::from_secs(5),
+            "not heard: {:?}",
+            heard.lock()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (pa, pb) = (
+        std::ptr::from_ref(&a) as usize,
+        std::ptr::from_ref(&b) as usize,
+    );
+    assert_eq!(
+        *heard.lock(),
+        vec![
+            (pb, "u".to_owned(), Some("other".to_owned())),
+            (pb, "u".to_owned(), Some("t1".to_owned())),
+            (pa, "u".to_owned(), None),
+        ]
+    );
+    // An instance on other keys cannot read them: it hears nothing.
+    let stranger = coordinator_with(&s.url(), KEY_B, 5_000.0);
+    let strange = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = strange.clone();
+    stranger.on_invalidated(move |_, _| flag.store(true, std::sync::atomic::Ordering::Relaxed));
+    stranger.connect().await.unwrap();
+    a.invalidate("u", None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!strange.load(std::sync::atomic::Ordering::Relaxed));
+}
+
+#[tokio::test]
+async fn a_rotation_leaves_no_token_unreadable() {
+    let s = Server::start();
+    // Mid-rotation: some instances seal with the old key, some with the new.
+    let old_first = coordinator_keys(&s.url(), &[KEY_A, KEY_B], 5_000.0);
+    let new_first = coordinator_keys(&s.url(), &[KEY_B, KEY_A], 5_000.0);
+    let new_only = coordinator_keys(&s.url(), &[KEY_B], 5_000.0);
+    store(&old_first, "u", "by-old").await;
+    store(&new_first, "v", "by-new").await;
+    for (c, user, access) in [
+        (&new_first, "u", "by-old"),
+        (&old_first, "v", "by-new"),
+        (&new_only, "v", "by-new"),
+    ] {
+        let got = acquire(c, user, soon(1_000)).await;
+        let Outcome::Shared { token: t, .. } = got.outcome else {
+            panic!("shared")
+        };
+        assert_eq!(t.access.expose(), access);
+        assert!(!got.undecryptable);
+    }
+    // Dropping the old key early costs a refresh, never an error.
+    let got = acquire(&new_only, "u", soon(1_000)).await;
+    assert!(matches!(got.outcome, Outcome::Lead { .. }) && got.undecryptable);
+}
+
+#[tokio::test]
 async fn an_unreachable_redis_fails_fast_and_recovers() {
     let s = Server::start();
     let port = s.port;
@@ -468,15 +589,17 @@ async fn an_unreachable_redis_fails_fast_and_recovers() {
     assert!(c.release("u", &lease, false).await.unwrap());
     drop(s);
     let started = Instant::now();
-    let Outcome::Unavailable(_) = acquire(&c, "u", soon(20_000)).await.outcome else {
+    let Outcome::Unavailable(first) = acquire(&c, "u", soon(20_000)).await.outcome else {
         panic!("unavailable")
     };
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(c.is_down());
-    let Outcome::Unavailable(Unavailable::Down) = acquire(&c, "u", soon(20_000)).await.outcome
+    let Outcome::Unavailable(Unavailable::Down(why)) = acquire(&c, "u", soon(20_000)).await.outcome
     else {
         panic!("breaker open: no round trip")
     };
+    // Failing fast still says why.
+    assert_eq!(why, first.to_string());
     // Back on the same port: the probe closes the breaker by itself.
     let child = Command::new("redis-server")
         .args([
@@ -507,43 +630,100 @@ async fn an_unreachable_redis_fails_fast_and_recovers() {
 fn options_are_validated_without_echoing_secrets() {
     let p = Policy::default();
     let ok = || CoordinationOptions {
-        url: "redis://:hunter2@127.0.0.1:6379/0".into(),
+        endpoint: Endpoint::Node("redis://:hunter2@127.0.0.1:6379/0".into()),
+        tls_ca: None,
         key_prefix: None,
         lock_ttl_ms: None,
-        encryption_key: KEY_A.into(),
+        encryption_keys: vec![KEY_A.into()],
     };
     let c = coordinator(ok(), &p).unwrap();
     assert_eq!(c.timing().lock_ttl_ms, DEFAULT_LOCK_TTL_MS);
     assert!(!format!("{c:?}").contains("hunter2") && !format!("{c:?}").contains(KEY_A));
     let err = |o: CoordinationOptions| coordinator(o, &p).unwrap_err().to_string();
     assert!(err(CoordinationOptions {
-        encryption_key: "c2hvcnQ=".into(),
+        encryption_keys: vec!["c2hvcnQ=".into()],
         ..ok()
     })
     .contains("32 bytes"));
     assert!(err(CoordinationOptions {
-        encryption_key: "%%%".into(),
+        encryption_keys: vec!["%%%".into()],
         ..ok()
     })
     .contains("base64"));
     assert!(err(CoordinationOptions {
-        url: "".into(),
+        endpoint: Endpoint::Node("".into()),
         ..ok()
     })
     .starts_with("options.redis.url"));
     let bad_url = err(CoordinationOptions {
-        url: "http://:hunter2@x".into(),
+        endpoint: Endpoint::Node("http://:hunter2@x".into()),
         ..ok()
     });
     assert!(
         bad_url.starts_with("options.redis.url") && !bad_url.contains("hunter2"),
         "{bad_url}"
     );
+    // TLS parses (and connects lazily); #insecure does not, nor a CA for plaintext.
+    assert!(coordinator(
+        CoordinationOptions {
+            endpoint: Endpoint::Node("rediss://:hunter2@h:6380".into()),
+            ..ok()
+        },
+        &p
+    )
+    .is_ok());
+    let insecure = err(CoordinationOptions {
+        endpoint: Endpoint::Node("rediss://:hunter2@h:6380/#insecure".into()),
+        ..ok()
+    });
+    assert!(
+        insecure.contains("#insecure") && !insecure.contains("hunter2"),
+        "{insecure}"
+    );
     assert!(err(CoordinationOptions {
-        url: "rediss://h:6380".into(),
+        tls_ca: Some(b"-----BEGIN CERTIFICATE-----".to_vec()),
         ..ok()
     })
-    .contains("TLS"));
+    .starts_with("options.redis.tls"));
+    assert!(err(CoordinationOptions {
+        endpoint: Endpoint::Node("rediss://h".into()),
+        tls_ca: Some(b"not pem".to_vec()),
+        ..ok()
+    })
+    .starts_with("options.redis.tls.ca"));
+    // A cluster: TCP nodes agreeing on credentials.
+    let cluster = |urls: &[&str]| CoordinationOptions {
+        endpoint: Endpoint::Cluster(urls.iter().map(|u| (*u).into()).collect()),
+        ..ok()
+    };
+    assert!(coordinator(
+        cluster(&["redis://:hunter2@a:7000", "redis://:hunter2@b:7001"]),
+        &p
+    )
+    .is_ok());
+    for bad in [
+        &[][..],
+        &["redis+unix:///tmp/r.sock"][..],
+        &["redis://:hunter2@a:7000", "redis://:other@b:7001"][..],
+        &["redis://:hunter2@a:7000", "nope://:hunter2@b"][..],
+    ] {
+        let e = err(cluster(bad));
+        assert!(
+            e.starts_with("options.redis.cluster") && !e.contains("hunter2"),
+            "{e}"
+        );
+    }
+    // Several keys: each is checked, and named by position.
+    let e = err(CoordinationOptions {
+        encryption_keys: vec![KEY_A.into(), "c2hvcnQ=".into()],
+        ..ok()
+    });
+    assert!(e.contains("entry 1") && !e.contains(KEY_A), "{e}");
+    assert!(err(CoordinationOptions {
+        encryption_keys: vec![],
+        ..ok()
+    })
+    .starts_with("options.redis.encryptionKey"));
     for bad in [0.0, 99.0, 1.5, f64::NAN, 1e12] {
         assert!(err(CoordinationOptions {
             lock_ttl_ms: Some(bad),

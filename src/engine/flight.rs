@@ -67,7 +67,7 @@ impl Engine {
         let policy = self.policy;
         let mut fp = OnceFingerprint::Pending(fingerprint);
         let mut t = self.table();
-        t.maybe_sweep(&policy, now);
+        t.evict_on_call(&policy, now);
         let plan = t.with_entry(user, now, |e, in_flight| {
             let presented_revoked = e.is_revoking() && e.is_revoked(fp.get()?, now);
             if !access_is_empty && !presented_revoked && policy.is_fresh(expires_at, now) {

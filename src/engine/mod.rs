@@ -10,7 +10,9 @@
 //! are woken is the binding's business.
 
 pub mod error;
+pub mod evictor;
 pub mod flight;
+mod marks;
 pub mod policy;
 pub mod secret;
 pub mod table;
@@ -32,6 +34,8 @@ pub use policy::{EpochMs, Policy, PolicyOptions};
 pub use secret::SecretString;
 pub use token::{Issued, IssuedBrief, Presented, Refreshed};
 
+use marks::RemoteMarks;
+pub use table::Eviction;
 use table::Table;
 
 /// Longest user id accepted, in UTF-8 bytes. Ids are map keys: an unbounded
@@ -85,6 +89,8 @@ pub struct Engine {
     table: Mutex<Table>,
     next_flight: AtomicU32,
     counters: Counters,
+    /// Marks other instances made, until the binding takes them.
+    remote: RemoteMarks,
 }
 
 impl Engine {
@@ -94,6 +100,7 @@ impl Engine {
             table: Mutex::new(Table::default()),
             next_flight: AtomicU32::new(1),
             counters: Counters::default(),
+            remote: RemoteMarks::default(),
         }
     }
 
@@ -120,7 +127,7 @@ impl Engine {
 
     #[inline]
     fn fresh_at(&self, expires_at: EpochMs, now: EpochMs) -> bool {
-        self.policy.is_fresh(expires_at, now)
+        !self.remote.pending() && self.policy.is_fresh(expires_at, now)
     }
 
     #[inline]
@@ -146,6 +153,7 @@ impl Engine {
         let until = now.saturating_add(self.policy.idle_ttl_ms as i64);
         let fp = access_token.map(SecretString::fingerprint);
         let mut t = self.table();
+        t.evict_on_call(&self.policy, now);
         t.with_entry(user, now, |e, _| {
             e.revoke(fp, until);
             if fp.is_none() {
@@ -158,13 +166,37 @@ impl Engine {
         Ok(until)
     }
 
+    /// [`Engine::invalidate`] made by another instance (Redis pub/sub): the
+    /// mark also waits for the binding ([`Engine::take_remote_marks`]), and
+    /// until taken the hot path answers "not fresh" to everyone.
+    pub fn invalidate_from_elsewhere(
+        &self,
+        user: &str,
+        access_token: Option<&SecretString>,
+        now: EpochMs,
+    ) -> Result<EpochMs, EngineError> {
+        let until = self.invalidate(user, access_token, now)?;
+        self.remote.push(user, until, now);
+        Ok(until)
+    }
+
+    /// The marks other instances made since the last call: users whose
+    /// calls the binding must send to [`Engine::begin`], until when.
+    pub fn take_remote_marks(&self) -> Vec<(Box<str>, EpochMs)> {
+        self.remote.take()
+    }
+
+    /// O(1): the table keeps its counts as entries come and go. Like any
+    /// call, it also runs one bounded slice of eviction at `now`.
     pub fn stats(&self, now: EpochMs) -> Stats {
         let mut t = self.table();
-        t.sweep(&self.policy, now);
+        t.evict_on_call(&self.policy, now);
+        let (users, in_flight) = (t.len(), t.in_flight);
+        drop(t);
         let c = &self.counters;
         Stats {
-            users: t.len(),
-            in_flight: t.in_flight,
+            users,
+            in_flight,
             hits: c.hits.load(Relaxed),
             refreshes: c.refreshes.load(Relaxed),
             coalesced: c.coalesced.load(Relaxed),
@@ -176,6 +208,30 @@ impl Engine {
 }
 
 impl Engine {
+    /// One slice of eviction at `now`, visiting at most `budget` entries
+    /// (see `table.rs`). What it evicts is freed after the lock is released,
+    /// so a slice holds the lock only to unlink entries.
+    pub fn evict(&self, now: EpochMs, budget: usize) -> Eviction {
+        let mut evicted = Vec::new();
+        let mut t = self.table();
+        let done = t.evict(&self.policy, now, budget, |user, entry| {
+            evicted.push((user, entry))
+        });
+        if done.next_due.is_none_or(|due| due > now) {
+            t.shrink_if_sparse();
+        }
+        drop(t);
+        drop(evicted);
+        done
+    }
+
+    /// Signs of callers for the background task: calls answered on the hot
+    /// path so far, and when the table was last used by a call.
+    pub fn activity(&self) -> (u64, Option<EpochMs>) {
+        let last_use = self.table().last_use();
+        (self.counters.hits.load(Relaxed), last_use)
+    }
+
     fn table(&self) -> MutexGuard<'_, Table> {
         self.table.lock()
     }

@@ -1,11 +1,45 @@
 //! Per-user state: the token a refresh produced, the refresh in flight,
 //! revoked tokens, and eviction of users nobody has asked about lately.
+//!
+//! Eviction. Entries live in least-recently-used order (`lru::LruCache`,
+//! unbounded: a hash map whose nodes are also a linked list), and every use
+//! moves an entry to the new end in O(1). The idle ones are therefore all
+//! at the old end, and [`Table::evict`] removes them from there, visiting at
+//! most a given number of entries a call: it stops at the first entry used
+//! within `idleTtlMs`, never scans, and never evicts an entry with a refresh
+//! in flight (that one moves to the new end instead). Each slow-path call
+//! (`begin`, `invalidate`) and each `stats()` runs one slice of
+//! [`EVICT_PER_CALL`] entries with the caller's `now`: more than the one
+//! entry a call can add, so calls alone bound the table. A background task
+//! (`evictor.rs`) does the bulk with the real clock, in slices of
+//! [`evictor::SLICE`](super::evictor::SLICE) entries under a briefly held
+//! lock, so memory is returned soon after `idleTtlMs` even when no call
+//! comes; it frees what it evicts after unlocking. Revocations lapse on their
+//! own schedule (a user may stay active after its mark expires), so a small
+//! heap ordered by lapse time lets the same slices prune them in order and
+//! keep the hot path's revocation count exact. Counters (`users`,
+//! `inFlight`, the revocation count) change as entries come and go, so
+//! `stats()` reads them in O(1).
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::hash::RandomState;
+use std::num::NonZeroUsize;
+
+use lru::LruCache;
 
 use super::policy::{EpochMs, Policy};
 use super::secret::{Fingerprint, SecretString};
 use super::token::Held;
+
+/// Entries a caller's slice of eviction visits at most: above the one entry
+/// a call can add, so a stream of new users alone drains an idle backlog,
+/// and small enough that the call barely notices.
+pub const EVICT_PER_CALL: usize = 2;
+
+/// A table emptied down to at most this many entries gives its hash map's
+/// spare room back (rehashing what is left, so the work stays bounded).
+const SHRINK_MAX_LEN: usize = 16_384;
 
 /// The refresh currently running for a user.
 #[derive(Debug)]
@@ -32,11 +66,14 @@ struct Revocations {
     /// `invalidate(userId)` without a token: the next call refreshes whatever
     /// it presents, until a refresh completes.
     all_until: Option<EpochMs>,
+    /// When this entry is due in [`Table`]'s lapse heap: one live item per
+    /// revoking entry (an item that does not match is left over from an
+    /// earlier revocation and is skipped).
+    queued: Option<EpochMs>,
 }
 
 /// One user's state. Rarely used parts (a refresh in flight, revocations)
-/// are boxed: every user has an entry, and the table moves all of them
-/// when it grows.
+/// are boxed: every user has an entry.
 #[derive(Debug)]
 pub(crate) struct Entry {
     pub held: Option<Held>,
@@ -72,6 +109,12 @@ impl Entry {
         self.revocations.is_some()
     }
 
+    /// When the last of this entry's revocations lapses.
+    fn revoked_until(&self) -> Option<EpochMs> {
+        let r = self.revocations.as_ref()?;
+        r.tokens.iter().map(|t| t.until).chain(r.all_until).max()
+    }
+
     fn prune(&mut self, now: EpochMs) {
         if let Some(r) = &mut self.revocations {
             r.tokens.retain(|t| t.until > now);
@@ -94,14 +137,46 @@ impl Entry {
 }
 
 /// All users' entries. Callers hold the engine's lock while using it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Table {
-    /// Boxed: the map's slots stay small (24 bytes), so growing it moves
-    /// little, and a new user's entry is written where the allocator puts
-    /// it rather than into a random slot of a large table.
-    entries: HashMap<Box<str>, Box<Entry>>,
-    last_sweep: EpochMs,
+    /// Least recently used first. Nodes are allocated one by one and the
+    /// map holds pointers to them, so growing it moves little; the std
+    /// hasher keeps caller-chosen user ids from steering collisions.
+    entries: LruCache<Box<str>, Entry, RandomState>,
     pub in_flight: usize,
+    /// Entries holding a revocation. (The hot path does not read it: the
+    /// binding sends only the users `invalidate` marked to `begin`.)
+    pub revoking: usize,
+    /// Revoking entries by the time their last revocation lapses, soonest
+    /// first: lets a bounded slice prune them in order, never by a scan.
+    lapses: BinaryHeap<Reverse<(EpochMs, Box<str>)>>,
+    /// The most entries held since the map last gave room back.
+    peak: usize,
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Self {
+            entries: LruCache::unbounded_with_hasher(RandomState::new()),
+            in_flight: 0,
+            revoking: 0,
+            lapses: BinaryHeap::new(),
+            peak: 0,
+        }
+    }
+}
+
+/// What one slice of [`Table::evict`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Eviction {
+    /// Entries and revocation lapses looked at: at most the slice's budget.
+    pub visited: usize,
+    /// Entries dropped.
+    pub evicted: usize,
+    /// When there is more to do: `now` if the budget ran out first,
+    /// otherwise when the oldest entry goes idle or the next revocation
+    /// lapses. `None`: nothing to wait for (an empty table).
+    pub next_due: Option<EpochMs>,
 }
 
 impl Table {
@@ -109,23 +184,29 @@ impl Table {
         self.entries.len()
     }
 
-    /// Runs `f` on the user's entry, creating it if needed.
+    /// When a call last used an entry.
+    pub fn last_use(&self) -> Option<EpochMs> {
+        self.entries.peek_mru().map(|(_, e)| e.last_used)
+    }
+
+    /// Runs `f` on the user's entry, creating it if needed, moves it to the
+    /// new end, and keeps the revocation count true whatever `f` changes.
     pub fn with_entry<R>(
         &mut self,
         user: &str,
         now: EpochMs,
         f: impl FnOnce(&mut Entry, &mut usize) -> R,
     ) -> R {
-        let entry = match self.entries.get_mut(user) {
-            Some(e) => e,
-            None => self
-                .entries
-                .entry(user.into())
-                .or_insert_with(|| Box::new(Entry::new(now))),
-        };
-        entry.last_used = now;
-        entry.prune(now);
-        f(entry, &mut self.in_flight)
+        if let Some(e) = self.entries.get_mut(user) {
+            return Books::of(&mut self.in_flight, &mut self.revoking, &mut self.lapses)
+                .apply(user, e, now, f);
+        }
+        let mut e = Entry::new(now);
+        let r = Books::of(&mut self.in_flight, &mut self.revoking, &mut self.lapses)
+            .apply(user, &mut e, now, f);
+        self.entries.push(user.into(), e);
+        self.peak = self.peak.max(self.entries.len());
+        r
     }
 
     /// Runs `f` on the user's entry only if there is one.
@@ -135,33 +216,187 @@ impl Table {
         now: EpochMs,
         f: impl FnOnce(&mut Entry, &mut usize) -> R,
     ) -> Option<R> {
-        if self.entries.contains_key(user) {
-            Some(self.with_entry(user, now, f))
-        } else {
-            None
-        }
+        let e = self.entries.get_mut(user)?;
+        Some(
+            Books::of(&mut self.in_flight, &mut self.revoking, &mut self.lapses)
+                .apply(user, e, now, f),
+        )
     }
 
-    /// Drops entries idle for `idle_ttl_ms` with no refresh in flight. Runs at
-    /// most every half TTL, so its cost is spread over many calls.
-    pub fn maybe_sweep(&mut self, policy: &Policy, now: EpochMs) {
-        let interval = (policy.idle_ttl_ms / 2).max(1) as i64;
-        if now.saturating_sub(self.last_sweep) >= interval {
-            self.sweep(policy, now);
-        }
+    /// A caller's slice of eviction: [`EVICT_PER_CALL`] entries at most,
+    /// dropped in place.
+    pub fn evict_on_call(&mut self, policy: &Policy, now: EpochMs) {
+        self.evict(policy, now, EVICT_PER_CALL, |_, _| {});
     }
 
-    pub fn sweep(&mut self, policy: &Policy, now: EpochMs) {
-        self.last_sweep = now;
+    /// One bounded slice of eviction at `now`: looks at no more than
+    /// `budget` revocation lapses and entries, oldest first, pruning lapsed
+    /// revocations and handing each entry idle for `idle_ttl_ms` (with no
+    /// refresh in flight) to `evicted`. Never scans: it stops at the first
+    /// entry still in use.
+    pub fn evict(
+        &mut self,
+        policy: &Policy,
+        now: EpochMs,
+        budget: usize,
+        mut evicted: impl FnMut(Box<str>, Entry),
+    ) -> Eviction {
+        let mut visited = 0;
+        let mut dropped = 0;
+        let mut next_due = None;
+        // Revocations first: while one is counted, every hot-path call
+        // takes the slow path.
+        while visited < budget {
+            match self.lapses.peek() {
+                None => break,
+                Some(Reverse((due, _))) if *due > now => {
+                    next_due = Some(*due);
+                    break;
+                }
+                Some(_) => {}
+            }
+            let Some(Reverse((due, user))) = self.lapses.pop() else {
+                break;
+            };
+            visited += 1;
+            self.lapse(due, user, now);
+        }
         let ttl = policy.idle_ttl_ms as i64;
-        self.entries.retain(|_, e| {
-            e.prune(now);
-            e.flight.is_some() || now.saturating_sub(e.last_used) < ttl
-        });
-        // A burst of users can leave a large, mostly empty map behind.
-        if self.entries.capacity() > 64 && self.entries.len() < self.entries.capacity() / 4 {
-            self.entries.shrink_to_fit();
+        while visited < budget {
+            let Some((_, e)) = self.entries.peek_lru() else {
+                break;
+            };
+            let idle_at = e.last_used.saturating_add(ttl);
+            if idle_at > now {
+                next_due = Some(next_due.map_or(idle_at, |d: EpochMs| d.min(idle_at)));
+                break;
+            }
+            visited += 1;
+            let Some((user, mut e)) = self.entries.pop_lru() else {
+                break;
+            };
+            if e.flight.is_some() {
+                // Never evicted mid-refresh. A refresh running counts as a
+                // use: the entry moves to the new end, out of the way of
+                // the idle ones behind it, and is not looked at again for
+                // another TTL.
+                e.last_used = now;
+                self.entries.push(user, e);
+                continue;
+            }
+            self.revoking -= e.is_revoking() as usize;
+            dropped += 1;
+            evicted(user, e);
         }
+        if visited == budget {
+            next_due = Some(now);
+        }
+        Eviction {
+            visited,
+            evicted: dropped,
+            next_due,
+        }
+    }
+
+    /// A revocation heap item fell due: prunes the entry it names (if it is
+    /// still there and the item is its live one) and queues it again if a
+    /// later revocation remains.
+    fn lapse(&mut self, due: EpochMs, user: Box<str>, now: EpochMs) {
+        // Looked up without touching: a lapse is not a use.
+        let Some(e) = self.entries.peek_mut(&*user) else {
+            return;
+        };
+        let Some(r) = e.revocations.as_mut() else {
+            return;
+        };
+        if r.queued != Some(due) {
+            return;
+        }
+        r.queued = None;
+        e.prune(now);
+        match e.revoked_until() {
+            None => self.revoking -= 1,
+            Some(until) => {
+                if let Some(r) = e.revocations.as_mut() {
+                    r.queued = Some(until);
+                }
+                self.lapses.push(Reverse((until, user)));
+            }
+        }
+    }
+
+    /// Gives the map's spare room back once a burst of users is gone and
+    /// what is left is small enough to rehash quickly.
+    pub fn shrink_if_sparse(&mut self) {
+        let len = self.entries.len();
+        if len <= SHRINK_MAX_LEN && self.peak > 4 * len.max(1024) {
+            // lru shrinks its map only when the capacity changes: toggle
+            // between two capacities no table reaches.
+            let cap = if self.entries.cap().get() == usize::MAX {
+                usize::MAX - 1
+            } else {
+                usize::MAX
+            };
+            self.entries
+                .resize(NonZeroUsize::new(cap).expect("non-zero"));
+            self.peak = len;
+        }
+        if self.lapses.is_empty() {
+            self.lapses.shrink_to_fit();
+        }
+    }
+}
+
+#[cfg(test)]
+impl Table {
+    /// The revocation count the hard way, for tests to check the kept one.
+    pub fn count_revoking(&self) -> usize {
+        self.entries.iter().filter(|(_, e)| e.is_revoking()).count()
+    }
+}
+
+/// The table's bookkeeping, borrowed beside one entry.
+struct Books<'a> {
+    in_flight: &'a mut usize,
+    revoking: &'a mut usize,
+    lapses: &'a mut BinaryHeap<Reverse<(EpochMs, Box<str>)>>,
+}
+
+impl<'a> Books<'a> {
+    fn of(
+        in_flight: &'a mut usize,
+        revoking: &'a mut usize,
+        lapses: &'a mut BinaryHeap<Reverse<(EpochMs, Box<str>)>>,
+    ) -> Self {
+        Self {
+            in_flight,
+            revoking,
+            lapses,
+        }
+    }
+
+    /// A use of `entry`: runs `f` and brings the counts and the lapse heap
+    /// up to date with what it changed.
+    fn apply<R>(
+        self,
+        user: &str,
+        entry: &mut Entry,
+        now: EpochMs,
+        f: impl FnOnce(&mut Entry, &mut usize) -> R,
+    ) -> R {
+        entry.last_used = now;
+        let was = entry.is_revoking();
+        entry.prune(now);
+        let r = f(entry, self.in_flight);
+        let is = entry.is_revoking();
+        *self.revoking = *self.revoking + is as usize - was as usize;
+        if let Some(until) = entry.revoked_until() {
+            if let Some(rv) = entry.revocations.as_mut().filter(|r| r.queued.is_none()) {
+                rv.queued = Some(until);
+                self.lapses.push(Reverse((until, user.into())));
+            }
+        }
+        r
     }
 }
 

@@ -449,6 +449,25 @@ fn an_invalidated_token_is_refreshed_before_it_expires() {
 }
 
 #[test]
+fn another_instances_invalidate_stops_the_hot_path_until_its_marks_are_taken() {
+    let e = engine();
+    let good = token("t1", NOW + 50 * MIN);
+    assert!(e.is_fresh(good.expires_at, NOW));
+    let until = e
+        .invalidate_from_elsewhere("u", Some(&"t1".into()), NOW)
+        .unwrap();
+    // Nobody here has taken the mark yet: every caller goes to begin.
+    assert!(!e.is_fresh(good.expires_at, NOW));
+    assert!(matches!(
+        e.begin_with("u", &good, NOW).unwrap(),
+        Plan::Lead { .. }
+    ));
+    assert_eq!(e.take_remote_marks(), vec![("u".into(), until)]);
+    assert!(e.is_fresh(good.expires_at, NOW));
+    assert!(e.take_remote_marks().is_empty());
+}
+
+#[test]
 fn invalidate_without_a_token_refreshes_whatever_comes_next() {
     let e = engine();
     e.invalidate("u", None, NOW).unwrap();
@@ -457,6 +476,28 @@ fn invalidate_without_a_token_refreshes_whatever_comes_next() {
             .unwrap(),
         Plan::Lead { .. }
     ));
+}
+
+/// Runs slices of `budget` until nothing more is due at `now`: (slices,
+/// entries and lapses visited). Bounded: panics rather than loop forever.
+fn evict_all(e: &Engine, now: i64, budget: usize) -> (usize, usize) {
+    let (mut slices, mut visited) = (0, 0);
+    loop {
+        let slice = e.evict(now, budget);
+        assert!(slice.visited <= budget, "{slice:?}");
+        slices += 1;
+        visited += slice.visited;
+        if slice.next_due.is_none_or(|due| due > now) {
+            return (slices, visited);
+        }
+        assert!(slices < 1_000_000, "eviction never finished");
+    }
+}
+
+/// The revocation count the table keeps, and the one a scan finds.
+fn revoking(e: &Engine) -> (usize, usize) {
+    let t = e.table();
+    (t.revoking, t.count_revoking())
 }
 
 #[test]
@@ -470,14 +511,96 @@ fn idle_users_are_dropped_but_not_while_refreshing() {
             .unwrap();
     }
     let (_id, _) = lead(&e, "busy", &token("old", NOW), NOW);
-    assert_eq!(e.stats(NOW).users, 101);
+    evict_all(&e, NOW + 999, 16);
     assert_eq!(e.stats(NOW + 999).users, 101);
+    evict_all(&e, NOW + 1_000, 16);
     let s = e.stats(NOW + 1_000);
     assert_eq!(
         (s.users, s.in_flight),
         (1, 1),
         "only the user with a refresh in flight stays"
     );
+    // A refresh running counts as a use: it is not looked at again for a TTL.
+    let slice = e.evict(NOW + 1_999, 16);
+    assert_eq!((slice.visited, slice.next_due), (0, Some(NOW + 2_000)));
+}
+
+#[test]
+fn eviction_does_bounded_work_per_call_and_drops_every_idle_entry() {
+    let ttl = 1_000;
+    let e = Engine::new(Policy {
+        idle_ttl_ms: ttl as u64,
+        ..Policy::default()
+    });
+    let fresh = token("a", NOW + 60 * MIN);
+    for i in 0..10_000 {
+        e.begin_with(&format!("old{i}"), &fresh, NOW).unwrap();
+    }
+    let (_busy, _) = lead(&e, "busy", &token("old", NOW), NOW);
+    assert_eq!(e.table().len(), 10_001);
+    // Once they are idle, each slow-path call evicts a small constant
+    // number of them, never the lot: calls alone drain the backlog, two
+    // for every new user they add.
+    let idle = NOW + ttl;
+    for i in 0..5_000 {
+        let before = e.table().len();
+        e.begin_with(&format!("new{i}"), &fresh, idle).unwrap();
+        let after = e.table().len();
+        assert!(
+            after + crate::engine::table::EVICT_PER_CALL > before,
+            "call {i} evicted {} entries",
+            before + 1 - after
+        );
+    }
+    let s = e.stats(idle);
+    assert_eq!((s.users, s.in_flight), (5_001, 1), "new users and busy");
+    // Without calls, slices evict everything idle, each visiting no more
+    // than its budget, and each entry is visited once.
+    let later = idle + ttl;
+    let (slices, visited) = evict_all(&e, later, 64);
+    assert_eq!(visited, 5_001, "every entry once (busy moved aside)");
+    assert!(slices >= 5_001 / 64, "{slices} slices");
+    let s = e.stats(later);
+    assert_eq!((s.users, s.in_flight), (1, 1));
+    assert_eq!(revoking(&e), (0, 0));
+}
+
+#[test]
+fn lapsed_revocations_are_pruned_with_no_call() {
+    let ttl = 1_000;
+    let e = Engine::new(Policy {
+        idle_ttl_ms: ttl as u64,
+        ..Policy::default()
+    });
+    let good = NOW + 60 * MIN;
+    e.invalidate("u", Some(&"t1".into()), NOW).unwrap();
+    e.invalidate("v", Some(&"t1".into()), NOW).unwrap();
+    e.invalidate("v", Some(&"t2".into()), NOW + 500).unwrap();
+    // Both users stay in use past their first mark's lapse.
+    e.begin_with("u", &token("x", good), NOW + ttl - 1).unwrap();
+    e.begin_with("v", &token("x", good), NOW + ttl - 1).unwrap();
+    assert_eq!(revoking(&e), (2, 2));
+    // The hot path knows no users (the binding sends u and v to begin).
+    assert!(e.is_fresh(good, NOW + ttl - 1));
+    // u's mark lapses; v's later one still holds.
+    evict_all(&e, NOW + ttl, 1);
+    assert_eq!(revoking(&e), (1, 1));
+    assert!(e.is_revoked("v", &"t2".into(), NOW + ttl));
+    assert!(!e.is_revoked("u", &"t1".into(), NOW + ttl));
+    evict_all(&e, NOW + 500 + ttl, 1);
+    assert_eq!(revoking(&e), (0, 0));
+    assert_eq!(
+        e.stats(NOW + 500 + ttl).users,
+        2,
+        "revocations pruned, users kept"
+    );
+    // An evicted entry takes its revocation with it; the count stays exact.
+    e.invalidate("w", None, NOW + 2 * ttl).unwrap();
+    assert_eq!(revoking(&e), (1, 1));
+    evict_all(&e, NOW + 4 * ttl, 8);
+    assert_eq!(e.table().len(), 0);
+    assert_eq!(revoking(&e), (0, 0));
+    assert!(e.is_fresh(good, NOW + 4 * ttl));
 }
 
 #[test]
@@ -497,9 +620,33 @@ fn state_is_bounded_by_eviction_during_normal_calls() {
             .unwrap();
         }
     }
-    // Sweeps run every half TTL: at most the last 2 waves are alive.
-    let users = e.stats(NOW + 9_000).users;
-    assert!(users <= 2_000, "{users} users kept");
+    // Each wave's calls evicted the wave before it, which had gone idle.
+    assert_eq!(e.table().len(), 1_000);
+}
+
+#[tokio::test]
+async fn the_background_task_evicts_with_no_call_and_ends_with_its_engine() {
+    use crate::engine::{evictor, time};
+    let e = Arc::new(Engine::new(Policy {
+        idle_ttl_ms: 50,
+        ..Policy::default()
+    }));
+    let now = time::now_ms();
+    for i in 0..3_000 {
+        e.begin_with(&format!("u{i}"), &token("a", now + 60 * MIN), now)
+            .unwrap();
+    }
+    let task = tokio::spawn(evictor::run(Arc::downgrade(&e)));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while e.table().len() > 0 {
+        assert!(std::time::Instant::now() < deadline, "not evicted in 10 s");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    drop(e);
+    tokio::time::timeout(std::time::Duration::from_secs(5), task)
+        .await
+        .expect("the task ends once the engine is gone")
+        .unwrap();
 }
 
 #[test]

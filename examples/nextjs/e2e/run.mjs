@@ -2,10 +2,11 @@
 // most Next.js apps ship (`output: 'standalone'`: no node_modules, only the
 // files Next traced).
 //
-// Builds the addon, installs it into the example (a copy, as npm would),
-// runs `next build`, copies `.next/standalone` and `.next/static` into a new
-// empty directory outside the repo and checks that copy carries the
-// package's files. Then for each pass it starts a Tarabut-compatible API
+// Builds and packs the addon (`npm run package`: the main package and this
+// platform's package), installs both tarballs into the example, runs `next
+// build`, copies `.next/standalone` and `.next/static` into a new empty
+// directory outside the repo and checks that copy carries the files of both
+// packages. Then for each pass it starts a Tarabut-compatible API
 // (token endpoint + an accounts endpoint that answers 401 to any expired or
 // superseded token), seeds 50 users whose tokens fall due during the run,
 // starts `node server.js` in the copy, fires 2,000 requests with 100 in
@@ -13,6 +14,8 @@
 // token request per user (one expiry each), and the database holds each
 // user's newest token.
 // Pass 1: one server. Pass 2: two servers sharing a real Redis.
+// After each pass's run, `observabilityChecks` has the provider refuse one
+// user's refresh, then scrapes both metrics endpoints of every instance.
 import { execFileSync, spawn } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { cpSync, existsSync, lstatSync, mkdtempSync, readdirSync, realpathSync, rmSync } from 'node:fs'
@@ -22,10 +25,12 @@ import { tmpdir } from 'node:os'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
 
+import parsePrometheusTextFormat from 'parse-prometheus-text-format'
+
 import { startTarabutServer } from '../../../__test__/helpers/tarabut-server.mjs'
+import { pack } from '../../../scripts/package.mjs'
 
 const app = fileURLToPath(new URL('..', import.meta.url))
-const root = path.resolve(app, '../..')
 const USERS = 50
 const REQUESTS = 2_000
 const IN_FLIGHT = 100
@@ -161,14 +166,24 @@ function checkDeploy({ dir }) {
 
 async function startStandalone(serverDir, env) {
   const port = await freePort()
+  // The OpenTelemetry Prometheus exporter's own server (instrumentation.ts).
+  const otelPort = await freePort()
   // A container's environment: no npm, no NODE_PATH, only what the app reads.
   const child = start(process.execPath, ['server.js'], {
     cwd: serverDir,
-    env: { PATH: process.env.PATH, NEXT_TELEMETRY_DISABLED: '1', PORT: String(port), HOSTNAME: '127.0.0.1', ...env },
+    env: {
+      PATH: process.env.PATH,
+      NEXT_TELEMETRY_DISABLED: '1',
+      PORT: String(port),
+      HOSTNAME: '127.0.0.1',
+      OTEL_EXPORTER_PROMETHEUS_HOST: '127.0.0.1',
+      OTEL_EXPORTER_PROMETHEUS_PORT: String(otelPort),
+      ...env,
+    },
     name: `server.js:${port}`,
   })
   await waitFor(`http://127.0.0.1:${port}/`, child, child.name)
-  return { child, base: `http://127.0.0.1:${port}` }
+  return { child, base: `http://127.0.0.1:${port}`, otelMetrics: `http://127.0.0.1:${otelPort}/metrics` }
 }
 
 async function startRedis() {
@@ -263,6 +278,7 @@ async function pass(label, { instances, redis, serverDir }) {
     })
     check('the database holds the newest token for every user', stale.length === 0, `${stale.length} stale rows`)
     check('the provider saw only well-formed token requests', api.rejected === 0, `${api.rejected} refused`)
+    await observabilityChecks(api, servers, users)
   } catch (e) {
     check(`${label} ran`, false, e.message)
     for (const s of servers) console.error(s.child.log().slice(-4000))
@@ -275,13 +291,73 @@ async function pass(label, { instances, redis, serverDir }) {
   }
 }
 
+// The accounts API of the Tarabut-compatible server: 200 for a user's
+// current token, else 401. Users in `refuseOnce` get one 401 regardless.
+function accountsRoute(api, refuseOnce = new Set()) {
+  return (req, res) => {
+    let user = api.authorize(req)
+    if (user !== null && refuseOnce.delete(user)) user = null
+    const body = user === null ? { error: 'invalid_token' } : { accounts: [{ id: `acc-${user}`, currency: 'BHD' }] }
+    res.writeHead(user === null ? 401 : 200, { 'content-type': 'application/json' })
+    res.end(JSON.stringify(body))
+  }
+}
+
+/** Sums of `name`'s samples over every scrape in `texts`, by the value of `label`. */
+function sumBy(texts, name, label) {
+  const sums = {}
+  for (const text of texts) {
+    const family = parsePrometheusTextFormat(text).find((f) => f.name === name)
+    for (const s of family?.metrics ?? []) {
+      const key = label === undefined ? 'all' : s.labels?.[label]
+      sums[key] = (sums[key] ?? 0) + Number(s.value)
+    }
+  }
+  return sums
+}
+
+// Observability: the provider refuses one user's refresh (401, after the
+// accounts API refused the user's token, so the route invalidates it and
+// refreshes); the caller sees INVALID_CLIENT. Then every instance's
+// /api/metrics (manager.metrics()) and OpenTelemetry exporter
+// (instrumentation.ts) are scraped: summed over instances, refreshes by
+// outcome must equal the token requests the provider saw.
+async function observabilityChecks(api, servers, users) {
+  const user = users[0]
+  api.route('GET', '/accounts', accountsRoute(api, new Set([user])))
+  api.inject({ status: 401 }, { userId: user })
+  const res = await fetch(`${servers[0].base}/api/accounts?userId=${user}`)
+  const body = await res.json().catch(() => null)
+  check('a refresh the provider refuses reaches the caller with its code', res.status === 503 && body?.code === 'INVALID_CLIENT', `${res.status} ${JSON.stringify(body)}`)
+  const expected = { ok: api.issued, INVALID_CLIENT: 1 }
+  const scrape = (url) => fetch(url).then((r) => (r.ok ? r.text() : Promise.reject(new Error(`${url} answered ${r.status}`))))
+  for (const [what, url] of [
+    ['/api/metrics (manager.metrics())', (s) => `${s.base}/api/metrics`],
+    ['OpenTelemetry Prometheus exporter', (s) => s.otelMetrics],
+  ]) {
+    const texts = await Promise.all(servers.map((s) => scrape(url(s))))
+    const refreshes = sumBy(texts, 'tarabut_token_manager_refreshes_total', 'outcome')
+    const same = Object.keys({ ...refreshes, ...expected }).every((k) => refreshes[k] === expected[k])
+    const total = Object.values(refreshes).reduce((a, b) => a + b, 0)
+    check(
+      `${what}: refreshes by outcome = token requests the provider saw`,
+      same && total === api.tokenRequests,
+      `${JSON.stringify(refreshes)}; provider: ${api.tokenRequests} token requests, ${api.issued} tokens issued, 1 refused`,
+    )
+    const inFlight = sumBy(texts, 'tarabut_token_manager_in_flight').all
+    check(`${what}: nothing left in flight`, inFlight === 0, `in_flight ${inFlight}`)
+  }
+}
+
 const skipBuild = process.argv.includes('--no-build')
-if (!skipBuild) sh('npm', ['run', 'build', '--silent'], root)
-// Install the example; then always replace the addon with a fresh copy of
-// this build (npm copies `file:` packages: .npmrc has install-links=true).
+// Install the example; then always replace the addon with this build, packed
+// as it is published: the main package and this platform's binary package.
 if (!existsSync(path.join(app, 'node_modules/next'))) sh('npm', ['ci', '--no-audit', '--no-fund'], app)
-rmSync(path.join(app, 'node_modules/tarabut-token-manager'), { recursive: true, force: true })
-sh('npm', ['install', '--no-audit', '--no-fund', '--no-save'], app)
+const packed = await pack({ build: !skipBuild })
+for (const name of ['tarabut-token-manager', packed.platformPackage]) {
+  rmSync(path.join(app, 'node_modules', name), { recursive: true, force: true })
+}
+sh('npm', ['install', '--no-audit', '--no-fund', '--no-save', packed.main, packed.platform], app)
 sh('npx', ['next', 'build'], app)
 sh('npx', ['tsc', '--noEmit'], app) // after next build, which writes next-env.d.ts
 

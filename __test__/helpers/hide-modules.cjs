@@ -1,0 +1,13 @@
+// Preloaded (`node --require`) to run the package as if the packages named
+// in HIDE_MODULES (comma-separated) were not installed.
+'use strict'
+const Module = require('node:module')
+
+const hidden = (process.env.HIDE_MODULES ?? '').split(',').filter(Boolean)
+const resolve = Module._resolveFilename
+Module._resolveFilename = function (request, ...rest) {
+  if (hidden.some((name) => request === name || request.startsWith(`${name}/`))) {
+    throw Object.assign(new Error(`Cannot find module '${request}'`), { code: 'MODULE_NOT_FOUND' })
+  }
+  return resolve.call(this, request, ...rest)
+}

@@ -1,0 +1,100 @@
+//! Eviction when no call comes: a background task per engine that returns
+//! idle users' memory soon after `idleTtlMs`, in bounded slices (the rules
+//! are in `table.rs`). It never touches the hot path, which does not lock.
+//!
+//! Clock: there is no caller to say what time it is, so the task reads the
+//! wall clock ([`time::now_ms`], the clock `Date.now()` reads). Callers'
+//! slices use the `now` they are given.
+
+use std::sync::Weak;
+use std::time::Duration;
+
+use super::{time, Engine, EpochMs};
+
+/// Entries one background slice visits at most. The lock is held only to
+/// unlink them (tens of µs); they are freed after it is released.
+pub const SLICE: usize = 256;
+
+/// The longest the task sleeps without looking: new entries go idle no
+/// sooner than `idleTtlMs` after they come, so this bounds how late an
+/// entry is evicted when the table was empty (or nothing was due) when
+/// the task last looked.
+const MAX_NAP: Duration = Duration::from_secs(1);
+
+/// Evicts `engine`'s idle entries until the engine is dropped: a slice,
+/// then at once another while there is more due, else a sleep until the
+/// next entry goes idle or revocation lapses (at most [`MAX_NAP`]).
+pub async fn run(engine: Weak<Engine>) {
+    let mut freed = 0;
+    let mut calls = Activity::default();
+    loop {
+        let nap = {
+            let Some(engine) = engine.upgrade() else {
+                return;
+            };
+            let now = time::now_ms();
+            let cap = MAX_NAP.min(Duration::from_millis(engine.policy().idle_ttl_ms.max(10)));
+            let slice = engine.evict(now, SLICE);
+            freed += slice.evicted;
+            let nap = match slice.next_due {
+                Some(due) if due <= now => PAUSE,
+                Some(due) => cap.min(Duration::from_millis((due - now) as u64)),
+                None => cap,
+            };
+            if calls.quiet(&engine, now) && nap > PAUSE && freed >= TRIM_AFTER {
+                release_free_memory();
+                freed = 0;
+            }
+            nap
+        };
+        tokio::time::sleep(nap).await;
+    }
+}
+
+/// Between slices while there is more due: the lock stays free for callers
+/// most of the time, so a caller rarely waits behind a slice (nor behind
+/// one whose thread the OS has just preempted), while eviction still runs
+/// at up to [`SLICE`] entries a millisecond.
+const PAUSE: Duration = Duration::from_millis(1);
+
+/// Entries evicted before the allocator is asked to return free pages.
+const TRIM_AFTER: usize = 16_384;
+
+/// How long no call may have come before free pages are returned.
+const QUIET_MS: i64 = 1_000;
+
+/// When the manager last saw a call: the hot path's hit count (the hot path
+/// never touches the table) and the table's most recent use.
+#[derive(Default)]
+struct Activity {
+    hits: u64,
+    changed_at: EpochMs,
+}
+
+impl Activity {
+    fn quiet(&mut self, engine: &Engine, now: EpochMs) -> bool {
+        let (hits, last_use) = engine.activity();
+        if hits != self.hits || self.changed_at == 0 {
+            (self.hits, self.changed_at) = (hits, now);
+        }
+        let since = |t: EpochMs| now.saturating_sub(t) >= QUIET_MS;
+        since(self.changed_at) && last_use.is_none_or(since)
+    }
+}
+
+/// glibc keeps what is freed for reuse and returns only the top of its
+/// heap to the OS. `malloc_trim` returns the rest, but walks the whole heap
+/// holding the allocator's lock (tens of ms at a million users), stalling
+/// any thread that allocates meanwhile: so it runs once after a burst was
+/// evicted, and only when no call has come for [`QUIET_MS`]. Under steady
+/// traffic the freed memory is reused by new users instead.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_free_memory() {
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_free_memory() {}
