@@ -16,15 +16,18 @@ export declare class BindingCoordinator {
   get isDown(): boolean
   /**
    * For the leader of a due refresh: a shared token, or the lock, waiting
-   * on other instances for at most `waitMs`.
+   * on other instances for at most `waitMs` (real time). `nowMs`: the
+   * caller's clock when it asked, which decides whether a shared token
+   * will do.
    */
-  acquire(userId: string, accessToken: string, expiresAtMs: number, waitMs: number): Promise<BindingAcquired>
+  acquire(userId: string, accessToken: string, expiresAtMs: number, waitMs: number, nowMs: number): Promise<BindingAcquired>
   /**
    * The lock holder's refresh returned this (JS types already checked):
-   * store it fenced, announce it, unlock. An unusable result releases
-   * the lock as failed instead.
+   * store it fenced, announce it, unlock. An unusable result (as of
+   * `nowMs`, the caller's clock when the result came) releases the lock
+   * as failed instead.
    */
-  commit(userId: string, lease: BindingLease, accessToken?: string | undefined | null, refreshToken?: string | undefined | null, expiresAtMs?: number | undefined | null, expiresIn?: number | undefined | null): Promise<BindingSettled>
+  commit(userId: string, lease: BindingLease, accessToken: string | undefined | null, refreshToken: string | undefined | null, expiresAtMs: number | undefined | null, expiresIn: number | undefined | null, nowMs: number): Promise<BindingSettled>
   /**
    * The lock holder gives up: `failed` (its refresh failed: waiters fail
    * too) or not (it will not refresh: waiters retry at once).
@@ -57,23 +60,23 @@ export declare class BindingManager {
    * (`protocol.rs` has every answer): the same engine decisions at a
    * fraction of a method call's cost.
    */
-  bindProtocol(): { isFresh(expiresAtMs: number): boolean; begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number): null | number | { kind: 'lead'; flightId: number; refreshToken?: string } | { kind: 'held'; accessToken: string; refreshToken?: string; expiresAtMs: number; shouldUpdate: boolean }; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null): number }
+  bindProtocol(): { isFresh(expiresAtMs: number, nowMs?: number): boolean; begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number, nowMs: number): null | number | { kind: 'lead'; flightId: number; refreshToken?: string } | { kind: 'held'; accessToken: string; refreshToken?: string; expiresAtMs: number; shouldUpdate: boolean }; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null, nowMs: number): number }
   /**
    * Flight `flightId` was answered by a token another instance's refresh
    * produced (the shared Redis cache): kept like a refresh result, but
    * counted as a hit or coalesced call, and issued with `shouldUpdate`.
    */
-  adopt(userId: string, flightId: number, accessToken: string, refreshToken: string | undefined | null, expiresAtMs: number, shouldUpdate: boolean): BindingIssuedToken
+  adopt(userId: string, flightId: number, accessToken: string, refreshToken: string | undefined | null, expiresAtMs: number, shouldUpdate: boolean, nowMs: number): BindingIssuedToken
   /** The refresh for `flightId` failed (`timedOut`: it did not settle). */
-  fail(userId: string, flightId: number, timedOut: boolean): void
+  fail(userId: string, flightId: number, timedOut: boolean, nowMs: number): void
   /** After a failed refresh: may this caller keep its own token? */
-  serveStale(userId: string, accessToken: string, expiresAtMs: number): boolean
+  serveStale(userId: string, accessToken: string, expiresAtMs: number, nowMs: number): boolean
   /**
    * Marks `accessToken` (or, without one, whatever the user holds) bad.
    * Returns until when (epoch ms) the user's calls must go to `begin`:
    * `isFresh` does not know users.
    */
-  invalidate(userId: string, accessToken?: string | undefined | null): number
+  invalidate(userId: string, accessToken: string | undefined | null, nowMs: number): number
   /**
    * Users other instances' `invalidate` marked since the last call, and
    * until when: the manager sends their calls to `begin` (as after its
@@ -81,7 +84,8 @@ export declare class BindingManager {
    * `isFresh` answers false, so the first call that comes takes them.
    */
   takeRemoteMarks(): Array<BindingMark> | null
-  stats(): BindingStats
+  /** Counters and sizes; idle users (as of `nowMs`) are dropped first. */
+  stats(nowMs: number): BindingStats
 }
 
 export declare class BindingRefresher {

@@ -102,12 +102,12 @@ export interface RedisCommonOptions {
    * list of them for a rotation: the first seals, every one opens (at most
    * 8). Missing or malformed: the constructor throws (`code:
    * 'INVALID_ARGUMENT'`). A cached value that opens with none of them is a
-   * cache miss, with one `TTM_REDIS_UNDECRYPTABLE` process warning.
+   * cache miss, with one `TTM_REDIS_UNDECRYPTABLE` warning (`logger`; default: a process warning).
    */
   encryptionKey: string | readonly [string, ...string[]]
   /**
    * Redis unreachable (or failing): `'local'` (default) coordinates refreshes
-   * in-process only, emits one `TTM_REDIS_UNAVAILABLE` process warning per
+   * in-process only, emits one `TTM_REDIS_UNAVAILABLE` warning (`logger`) per
    * outage and counts `stats().redisFallbacks`; `'fail'` rejects refreshes
    * with `code: 'COORDINATOR_UNAVAILABLE'` (a caller whose own token has not
    * expired yet still gets it back, as after any failed refresh). Either way
@@ -135,6 +135,14 @@ export interface TokenManagerOptions {
    * Default 600000 (10 min).
    */
   idleTtlMs?: number
+  /**
+   * The clock every decision is made on, in epoch ms. Default `Date.now`,
+   * looked up at each call, so fake timers (vitest, jest, sinon) move it.
+   * Called with no arguments; one that throws or returns no epoch ms makes
+   * the call reject with a `TypeError` or `RangeError`
+   * (`code: 'INVALID_ARGUMENT'`) and leaves no state.
+   */
+  now?: () => number
   /** Coordinate refreshes across instances through Redis. Without it, coordination is in-process. */
   redis?: RedisOptions | null
   /**

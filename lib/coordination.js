@@ -120,13 +120,14 @@ class Coordinator {
    * running `refresh` while holding the user's lock, or with a token another
    * instance produced (marked; see `sharedToken`). Rejects with a coordinator
    * error (`coordinatorError`) or with the refresh function's own rejection.
+   * `nowMs`: the caller's clock, which decides whether a shared token will do.
    */
-  obtain(ctx, accessToken, expiresAtMs, refresh, waitMs) {
+  obtain(ctx, accessToken, expiresAtMs, refresh, waitMs, nowMs) {
     const userId = ctx.userId
     if (this.#closed) return Promise.reject(this.#error('COORDINATOR_UNAVAILABLE', userId, 'the token manager is closed'))
     let acquiring
     try {
-      acquiring = this.#native.acquire(userId, accessToken, expiresAtMs, waitMs + WAIT_SLACK_MS)
+      acquiring = this.#native.acquire(userId, accessToken, expiresAtMs, waitMs + WAIT_SLACK_MS, nowMs)
     } catch (e) {
       // Never throw synchronously: the manager has a timer running.
       return Promise.reject(e)
@@ -198,11 +199,12 @@ class Coordinator {
 
   /**
    * The manager handed the refresh result of `ctx` to the core: `issued` is the
-   * token it kept (undefined: the result was unusable). Stores exactly that
-   * token for the other instances (fenced), announces it, unlocks. A no-op
-   * for flights that held no lease. Never throws.
+   * token it kept (undefined: the result was unusable), at `nowMs` on the
+   * caller's clock. Stores exactly that token for the other instances
+   * (fenced), announces it, unlocks. A no-op for flights that held no lease.
+   * Never throws.
    */
-  reported(ctx, issued) {
+  reported(ctx, issued, nowMs) {
     try {
       const lease = this.#leases.get(ctx)
       if (lease === undefined) return
@@ -212,7 +214,7 @@ class Coordinator {
       } else {
         // Not rotated: the refresh token it ran with stays the one to use.
         const refreshToken = issued.refreshToken ?? ctx.refreshToken ?? null
-        this.#track(this.#native.commit(ctx.userId, lease, issued.accessToken, refreshToken, issued.expiresAtMs, null), ctx.userId)
+        this.#track(this.#native.commit(ctx.userId, lease, issued.accessToken, refreshToken, issued.expiresAtMs, null, nowMs), ctx.userId)
       }
     } catch {}
   }

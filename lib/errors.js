@@ -54,10 +54,11 @@ function internalError(message) {
 /**
  * A native error as the caller should see it: native argument errors carry
  * `code: 'INVALID_ARGUMENT'` on a plain Error and become a `Kind` (TypeError,
- * or RangeError where a value, not a type, is wrong); others pass through.
+ * or RangeError where a value, not a type, is wrong); others (and argErrors
+ * made in JS) pass through.
  */
 function fromNative(e, Kind = TypeError) {
-  if (e && e.code === 'INVALID_ARGUMENT' && !(e instanceof TypeError) && !(e instanceof RangeError)) {
+  if (e && e.code === 'INVALID_ARGUMENT' && !(e instanceof TypeError || e instanceof RangeError)) {
     return Object.assign(new Kind(e.message), { code: 'INVALID_ARGUMENT' })
   }
   return e

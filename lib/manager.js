@@ -4,10 +4,15 @@
 // (a #[napi] async call costs 40-65 µs; a bound function about 50 ns).
 // Decisions (the buffer rule, single flight, what to cache, eviction) are
 // the core's (src/engine, through lib/protocol.js and BindingManager):
-// - the hot path is one native call on a number (`isFresh`), then a
+// - the hot path is one native call on numbers (`isFresh`), then a
 //   resolved promise;
 // - a refresh calls the refresh function right here and reports its result
 //   to the core, which says who gets what.
+// The core has no clock: "now" is read here, from `options.now` (default
+// `Date.now()`, looked up on every call so an app's fake timers apply), and
+// passed with every call that decides something; the hot path lets the
+// native side read the system clock when that is what `Date.now` is
+// (src/engine/time.rs, "Clocks").
 
 const { BindingManager, MAX_TOKEN_BYTES, parseIsoTime } = require('../binding.js')
 const coordination = require('./coordination.js')
@@ -116,6 +121,21 @@ const RIDE_OUT = new Set(['REFRESH_FAILED', 'REFRESH_TIMEOUT', 'COORDINATOR_UNAV
 
 const OPTION_NAMES = ['bufferTimeMs', 'doubleCheckWindowMs', 'refreshTimeoutMs', 'idleTtlMs']
 
+/** JavaScript's Date range: ±8.64e15 ms around the epoch. */
+const MAX_DATE_MS = 8.64e15
+
+/**
+ * `Date.now` as it was when this module loaded, if it was the engine's own
+ * (a native function named `now`, not bound: fake timers and spies are
+ * JavaScript functions), else null. Its answer is the system clock, which
+ * the native `isFresh` reads for less than a call to it costs.
+ */
+const SYSTEM_DATE_NOW = isEngineDateNow(Date.now) ? Date.now : null
+
+function isEngineDateNow(fn) {
+  return typeof fn === 'function' && fn.name === 'now' && /^function now\(\) \{\s*\[native code\]\s*\}$/.test(Function.prototype.toString.call(fn))
+}
+
 class TokenManager {
   #native
   // The engine's isFresh / begin / complete as functions bound to it
@@ -124,14 +144,19 @@ class TokenManager {
   #begin
   #complete
   #timeoutMs
+  /** `options.now`, or null: `Date.now` as it is at each call. */
+  #now
+  /** The clock's name in errors. */
+  #nowName
   /** Cross-instance coordination (`options.redis`), or null: in-process only. */
   #coordinator = null
   /** flightId -> promise of the core's issued token, for callers that join. */
   #flights = new Map()
   /**
-   * userId -> until when (epoch ms) `invalidate` marked it: these users'
-   * calls go to the core's `begin`, which knows their revoked tokens.
-   * `isFresh` knows no users, so everyone else keeps the hot path.
+   * userId -> until when (epoch ms, on the app's clock) `invalidate` marked
+   * it: these users' calls go to the core's `begin`, which knows their
+   * revoked tokens. `isFresh` knows no users, so everyone else keeps the
+   * hot path.
    */
   #revoked = new Map()
   /** Size at which `invalidate` next drops expired marks. */
@@ -148,6 +173,9 @@ class TokenManager {
     } catch (e) {
       throw callerError(e, 'options')
     }
+    if (o.now !== undefined && typeof o.now !== 'function') throw argError('options.now', 'must be a function returning epoch milliseconds, like Date.now')
+    this.#now = o.now ?? null
+    this.#nowName = o.now === undefined ? 'Date.now()' : 'options.now()'
     try {
       this.#native = new BindingManager({
         bufferTimeMs: o.bufferTimeMs,
@@ -190,11 +218,20 @@ class TokenManager {
       const isDate = expiresAt instanceof Date
       const exp = isDate ? dateGetTime.call(expiresAt) : toEpochMs(expiresAt, 'token.expiresAt')
       if (typeof refreshFn !== 'function') throw argError('refreshFn', 'must be a function')
-      // Hot path: one native call on a number. An empty token, or one longer
+      // The app's clock, looked up now: fake timers replace `Date.now`.
+      const clock = this.#now ?? Date.now
+      // Hot path: one native call on numbers. An empty token, or one longer
       // than the limit (in UTF-16 units here; `begin` refuses it, in UTF-8
       // bytes), is never served; users `invalidate` marked go to `begin`.
+      // The unreplaced `Date.now` is the system clock: the native side reads
+      // that itself, for less than calling it costs.
       const length = accessToken.length
-      if (length !== 0 && length <= MAX_TOKEN_BYTES && (this.#revoked.size === 0 || !this.#isRevoked(userId)) && this.#isFresh(exp)) {
+      if (
+        length !== 0 &&
+        length <= MAX_TOKEN_BYTES &&
+        (this.#revoked.size === 0 || !this.#isRevoked(userId, clock)) &&
+        (clock === SYSTEM_DATE_NOW ? this.#isFresh(exp) : this.#isFreshOn(clock, exp))
+      ) {
         return { accessToken, shouldUpdate: false, expiresAt: isDate ? expiresAt : new Date(exp) }
       }
       // Marks other instances' invalidate made here wait for us to take
@@ -202,7 +239,7 @@ class TokenManager {
       if (this.#coordinator !== null) this.#takeRemoteMarks()
       const refreshToken = token.refreshToken
       if (refreshToken != null && typeof refreshToken !== 'string') throw argError('token.refreshToken', 'must be a string or null')
-      return this.#slow(userId, accessToken, refreshToken ?? null, exp, expiresAt, refreshFn, false)
+      return this.#slow(userId, accessToken, refreshToken ?? null, exp, expiresAt, refreshFn, this.#read(clock), false)
     } catch (e) {
       // A getter or Proxy of the caller's that threw is a bad argument too.
       throw callerError(e, 'token')
@@ -218,46 +255,46 @@ class TokenManager {
     if (accessToken !== undefined && accessToken !== null && typeof accessToken !== 'string') {
       throw argError('accessToken', 'must be a string or undefined')
     }
+    const now = this.#clock()
     let until
     try {
-      until = this.#native.invalidate(userId, accessToken ?? null)
+      until = this.#native.invalidate(userId, accessToken ?? null, now)
     } catch (e) {
       throw fromNative(e)
     }
-    this.#mark(userId, until)
+    this.#mark(userId, until, now)
     this.#coordinator?.invalidate(userId, accessToken)
     this.#observer.invalidated(userId, accessToken == null ? 'user' : 'token')
   }
 
   /** Sends `userId`'s calls to `begin` until `until` (epoch ms). */
-  #mark(userId, until) {
+  #mark(userId, until, now) {
     if (!(this.#revoked.get(userId) >= until)) this.#revoked.set(userId, until)
-    if (this.#revoked.size >= this.#pruneAt) this.#pruneRevoked()
+    if (this.#revoked.size >= this.#pruneAt) {
+      // Drops lapsed marks, amortised over the calls that grow the map.
+      for (const [user, u] of this.#revoked) if (u <= now) this.#revoked.delete(user)
+      this.#pruneAt = Math.max(64, 2 * this.#revoked.size)
+    }
   }
 
   #takeRemoteMarks() {
     const marks = this.#native.takeRemoteMarks()
-    if (marks !== null) for (const m of marks) this.#mark(m.userId, m.untilMs)
+    if (marks === null) return
+    const now = this.#clockOr(Date.now())
+    for (const m of marks) this.#mark(m.userId, m.untilMs, now)
   }
 
-  /** Whether `invalidate` marked `userId` and the mark still holds. */
-  #isRevoked(userId) {
+  /** Whether `invalidate` marked `userId` and the mark still holds at `clock()`. */
+  #isRevoked(userId, clock) {
     const until = this.#revoked.get(userId)
     if (until === undefined) return false
-    if (until > Date.now()) return true
+    if (until > this.#read(clock)) return true
     this.#revoked.delete(userId)
     return false
   }
 
-  /** Drops expired marks; amortised over the `invalidate` calls that grow the map. */
-  #pruneRevoked() {
-    const now = Date.now()
-    for (const [userId, until] of this.#revoked) if (until <= now) this.#revoked.delete(userId)
-    this.#pruneAt = Math.max(64, 2 * this.#revoked.size)
-  }
-
   stats() {
-    return { ...this.#native.stats(), redisFallbacks: this.#coordinator === null ? 0 : this.#coordinator.fallbacks }
+    return { ...this.#native.stats(this.#clock()), redisFallbacks: this.#coordinator === null ? 0 : this.#coordinator.fallbacks }
   }
 
   /**
@@ -278,8 +315,53 @@ class TokenManager {
     return this.#coordinator === null ? Promise.resolve() : this.#coordinator.close()
   }
 
-  #slow(userId, accessToken, refreshToken, exp, expiresAt, refreshFn, retried) {
-    const plan = this.#begin(userId, accessToken, refreshToken, exp)
+  /**
+   * `isFresh` on a clock JavaScript must call (a replaced `Date.now`, or
+   * `options.now`). A method of its own: written out in the hot path's
+   * condition, this branch cost the system-clock path ~10% more
+   * instructions though it never ran (BENCHMARKS.md). The slow path reads
+   * the clock again.
+   */
+  #isFreshOn(clock, exp) {
+    return this.#isFresh(exp, this.#read(clock))
+  }
+
+  /** The caller's "now" on the app's clock (see `#read`). */
+  #clock() {
+    return this.#read(this.#now ?? Date.now)
+  }
+
+  /**
+   * `clock()`, checked. A clock that throws or gives no epoch ms is a
+   * TypeError or RangeError (`INVALID_ARGUMENT`), thrown before any state
+   * is touched.
+   */
+  #read(clock) {
+    let now
+    try {
+      now = clock()
+    } catch (cause) {
+      throw Object.assign(argError(this.#nowName, 'threw (see cause)'), { cause })
+    }
+    if (typeof now !== 'number') throw argError(this.#nowName, 'must return a number: epoch milliseconds, like Date.now()')
+    if (!(now >= -MAX_DATE_MS && now <= MAX_DATE_MS)) throw argError(this.#nowName, 'returned a number no Date can hold', RangeError)
+    return now
+  }
+
+  /**
+   * The clock where its failure has no caller to go to (a refresh settling,
+   * a timer): `fallback`, the reading the call began with, stands in.
+   */
+  #clockOr(fallback) {
+    try {
+      return this.#clock()
+    } catch {
+      return fallback
+    }
+  }
+
+  #slow(userId, accessToken, refreshToken, exp, expiresAt, refreshFn, now, retried) {
+    const plan = this.#begin(userId, accessToken, refreshToken, exp, now)
     switch (plan.kind) {
       case 'presented':
         return Promise.resolve({ accessToken, shouldUpdate: false, expiresAt: expiresAt instanceof Date ? expiresAt : new Date(exp) })
@@ -288,13 +370,13 @@ class TokenManager {
     }
     const leader = plan.kind === 'lead'
     const flightId = plan.flightId
-    const flight = leader ? this.#startLead(userId, flightId, plan.refreshToken, refreshFn, accessToken, exp) : this.#flights.get(flightId)
+    const flight = leader ? this.#startLead(userId, flightId, plan.refreshToken, refreshFn, accessToken, exp, now) : this.#flights.get(flightId)
     if (flight === undefined) {
       // The core has a flight this manager lost (a bug): close it and lead
       // a new one, rather than leave the user stuck until it is overdue.
-      quietly(() => this.#native.fail(userId, flightId, false))
+      quietly(() => this.#native.fail(userId, flightId, false, now))
       if (retried) throw internalError('joined a refresh this manager does not know')
-      return this.#slow(userId, accessToken, refreshToken, exp, expiresAt, refreshFn, true)
+      return this.#slow(userId, accessToken, refreshToken, exp, expiresAt, refreshFn, now, true)
     }
     if (!leader) this.#observer.joined(flightId)
     return flight.then(
@@ -305,7 +387,7 @@ class TokenManager {
         // An outage need not fail a caller whose own token still works. A
         // verdict (reconnect, bad credentials, a buggy result) is not ridden
         // out: hiding it would only delay the fix.
-        if (RIDE_OUT.has(err?.code) && this.#native.serveStale(userId, accessToken, exp)) {
+        if (RIDE_OUT.has(err?.code) && this.#native.serveStale(userId, accessToken, exp, this.#clockOr(now))) {
           this.#observer.staleServed(userId, err.code)
           return { accessToken, shouldUpdate: false, expiresAt: new Date(exp) }
         }
@@ -319,22 +401,22 @@ class TokenManager {
    * refresh starts (a Proxy refreshFn whose property read throws) closes the
    * flight and fails this call, so the user's next call refreshes anew.
    */
-  #startLead(userId, flightId, refreshToken, refreshFn, accessToken, exp) {
+  #startLead(userId, flightId, refreshToken, refreshFn, accessToken, exp, now) {
     let refresher
     try {
       // A native refresher runs in Rust with the manager's timeout as its
       // budget (the timeout drops its HTTP request).
       refresher = refreshFn[NATIVE_REFRESHER]
-      return this.#lead(userId, flightId, refreshToken, refreshFn, refresher, accessToken, exp)
+      return this.#lead(userId, flightId, refreshToken, refreshFn, refresher, accessToken, exp, now)
     } catch (cause) {
-      quietly(() => this.#native.fail(userId, flightId, false))
+      quietly(() => this.#native.fail(userId, flightId, false, now))
       this.#flights.delete(flightId)
       return Promise.reject(new TokenRefreshError('REFRESH_FAILED', userId, 'the refresh could not be started', { cause }))
     }
   }
 
-  /** Runs the refresh for `flightId`; settles with the core's issued token. */
-  #lead(userId, flightId, refreshToken, refreshFn, refresher, accessToken, exp) {
+  /** Runs the refresh for `flightId` (begun at `now`); settles with the core's issued token. */
+  #lead(userId, flightId, refreshToken, refreshFn, refresher, accessToken, exp, now) {
     const native = this.#native
     // The context carries the refresh token, which Redis coordination may
     // replace with a newer one.
@@ -360,7 +442,7 @@ class TokenManager {
     }
     const timer = setTimeout(() => {
       const err = new TokenRefreshError('REFRESH_TIMEOUT', userId, `refresh did not settle within ${this.#timeoutMs} ms`)
-      quietly(() => native.fail(userId, flightId, true))
+      quietly(() => native.fail(userId, flightId, true, this.#clockOr(now)))
       ctx?.[ABORT](err)
       settle(err)
     }, this.#timeoutMs)
@@ -374,28 +456,30 @@ class TokenManager {
     // Past this point nothing may throw: the timer is running.
     let obtained
     try {
-      obtained = this.#coordinator === null ? refresh() : this.#coordinator.obtain(ctx, accessToken, exp, refresh, this.#timeoutMs)
+      obtained = this.#coordinator === null ? refresh() : this.#coordinator.obtain(ctx, accessToken, exp, refresh, this.#timeoutMs, now)
     } catch (e) {
       obtained = Promise.reject(e)
     }
     obtained.then(
       (result) => {
         const late = settled
+        // `expiresIn` is dated from when the result came.
+        const at = this.#clockOr(now)
         let issued
         let error
         try {
-          issued = this.#report(userId, flightId, result, late)
+          issued = this.#report(userId, flightId, result, late, at)
         } catch (e) {
           error = e
         }
         // With Redis: share the token the core kept (or free the lock).
-        if (this.#coordinator !== null) this.#coordinator.reported(ctx, issued)
+        if (this.#coordinator !== null) this.#coordinator.reported(ctx, issued, at)
         if (!late) settle(error, issued)
       },
       (cause) => {
         if (settled) return
         const error = refreshError(userId, cause, refresher !== undefined)
-        quietly(() => native.fail(userId, flightId, error.code === 'REFRESH_TIMEOUT'))
+        quietly(() => native.fail(userId, flightId, error.code === 'REFRESH_TIMEOUT', this.#clockOr(now)))
         settle(error)
       },
     )
@@ -403,11 +487,11 @@ class TokenManager {
     return flight
   }
 
-  /** Hands a refresh result to the core; returns its issued token or throws. */
-  #report(userId, flightId, result, late) {
+  /** Hands a refresh result to the core (at `now`); returns its issued token or throws. */
+  #report(userId, flightId, result, late, now) {
     const fields = refreshedFields(result)
     if (fields === null) {
-      if (!late) this.#native.fail(userId, flightId, false)
+      if (!late) this.#native.fail(userId, flightId, false, now)
       throw new TokenRefreshError('INVALID_REFRESH_RESULT', userId, 'refresh result is not an object with a string accessToken and a valid expiresAt or expiresIn')
     }
     try {
@@ -415,9 +499,9 @@ class TokenManager {
       // may hold the only live one.
       const fromShared = fields.shared
       if (fromShared !== undefined) {
-        return this.#native.adopt(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fromShared.shouldUpdate)
+        return this.#native.adopt(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fromShared.shouldUpdate, now)
       }
-      return this.#complete(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fields.expiresIn)
+      return this.#complete(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fields.expiresIn, now)
     } catch (e) {
       throw e?.code === 'INVALID_REFRESH_RESULT' ? new TokenRefreshError(e.code, userId, e.message) : e
     }
@@ -448,12 +532,15 @@ function refreshError(userId, cause, native) {
   return new TokenRefreshError('REFRESH_FAILED', userId, 'refresh function failed', { cause, status, error })
 }
 
-/** Options, each read once, types checked (TypeError); values are the core's. */
+/**
+ * Options, each read once (types checked: TypeError; values are the
+ * core's), into a plain object; and `redis` as `checkOptions` copied it.
+ */
 function readOptions(options) {
   if (options != null && typeof options !== 'object') throw argError('options', 'must be an object')
   const o = options ?? {}
-  const { logger, openTelemetry } = o
-  const picked = { logger, openTelemetry }
+  const { logger, openTelemetry, now } = o
+  const picked = { logger, openTelemetry, now }
   for (const name of OPTION_NAMES) {
     const value = o[name]
     if (value !== undefined && typeof value !== 'number') throw argError(`options.${name}`, 'must be a number')

@@ -5,8 +5,9 @@
 //
 // | call                                      | answer                     | decoded                                       |
 // |-------------------------------------------|----------------------------|-----------------------------------------------|
-// | isFresh(expiresAtMs)                      | true / false               | used as is (the hot path)                     |
-// | begin(userId, access, refresh, expiresAt) | null                       | { kind: 'presented' }: hand it back           |
+// | isFresh(expiresAtMs, nowMs)               | true / false               | used as is (the hot path)                     |
+// | begin(userId, access, refresh, expiresAt, | null                       | { kind: 'presented' }: hand it back           |
+// |   nowMs)                                  |                            |                                               |
 // |                                           | n >= 0                     | { kind: 'lead', flightId: n, refreshToken }   |
 // |                                           |                            |   (refreshToken: the one the caller passed)   |
 // |                                           | n < 0                      | { kind: 'join', flightId: -n - 1 }            |
@@ -14,8 +15,9 @@
 // |                                           |   refreshToken? }          |   (a newer one the engine holds)              |
 // |                                           | { kind: 'held', ... }      | { kind: 'held', token: Issued }               |
 // | complete(userId, flightId, access,        | e > 0                      | Issued, expiresAtMs e, refreshToken handed    |
-// |   refresh, expiresAtMs, expiresIn)        | e < 0                      | Issued, expiresAtMs -e, no refreshToken       |
+// |   refresh, expiresAtMs, expiresIn, nowMs) | e < 0                      | Issued, expiresAtMs -e, no refreshToken       |
 //
+// `nowMs`: the caller's clock (lib/manager.js reads it); the engine has none.
 // Issued: { accessToken, refreshToken, expiresAtMs, shouldUpdate }.
 // Errors are thrown by the native side with a stable `code`.
 
@@ -69,10 +71,10 @@ function bindProtocol(bindingManager) {
   return {
     isFresh,
     /** @returns {Plan} */
-    begin: (userId, accessToken, refreshToken, expiresAtMs) => decodePlan(begin(userId, accessToken, refreshToken, expiresAtMs), refreshToken),
+    begin: (userId, accessToken, refreshToken, expiresAtMs, nowMs) => decodePlan(begin(userId, accessToken, refreshToken, expiresAtMs, nowMs), refreshToken),
     /** @returns {Issued} */
-    complete: (userId, flightId, accessToken, refreshToken, expiresAtMs, expiresIn) =>
-      decodeIssued(complete(userId, flightId, accessToken, refreshToken, expiresAtMs, expiresIn), accessToken, refreshToken),
+    complete: (userId, flightId, accessToken, refreshToken, expiresAtMs, expiresIn, nowMs) =>
+      decodeIssued(complete(userId, flightId, accessToken, refreshToken, expiresAtMs, expiresIn, nowMs), accessToken, refreshToken),
   }
 }
 

@@ -34,8 +34,9 @@ beforeAll(async () => {
   project = newTempDir('ttm-install-')
   writeFileSync(path.join(project, 'package.json'), JSON.stringify({ name: 'ttm-smoke', private: true }))
   for (const f of ['smoke.mjs', 'smoke.cjs']) copyFileSync(new URL(f, FIXTURES), path.join(project, f))
-  // --offline: the main package has no dependencies to fetch, and the other
-  // platforms' packages (optional, not for this machine) are skipped.
+  // --offline: the main package's dependencies come from npm's cache (this
+  // repository's npm ci put them there), and the other platforms' packages
+  // (optional, not for this machine) are skipped.
   npm(['install', '--offline', '--no-audit', '--no-fund', packed.main, packed.platform], {
     cwd: project,
     env: toolchainFreeEnv(path.dirname(process.execPath)),

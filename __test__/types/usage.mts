@@ -52,6 +52,15 @@ custom.getValidToken('u', { accessToken: 'a' }, refresh)
 // @ts-expect-error options are numbers
 new TokenManager({ bufferTimeMs: '5m' })
 
+// Another clock (the default is Date.now, read at each call).
+const clocked = new TokenManager({ now: () => performance.timeOrigin + performance.now() })
+void new TokenManager({ now: Date.now })
+void clocked
+// @ts-expect-error now is a function returning epoch ms
+new TokenManager({ now: new Date() })
+// @ts-expect-error now returns a number
+new TokenManager({ now: () => new Date() })
+
 // Cross-instance coordination on Redis.
 const shared = new TokenManager({
   redis: { url: 'redis://127.0.0.1:6379', encryptionKey: 'base64-32-bytes', keyPrefix: 'app:', lockTtlMs: 15_000, onError: 'fail' },

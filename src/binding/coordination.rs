@@ -21,7 +21,9 @@ use tokio::time::Instant;
 use super::errors::{guard, to_js, Code, Result};
 use super::manager::{BindingManager, TokenArg, UserIdArg};
 use super::strings::{BoundedString, MAX_OPTION_BYTES};
-use crate::coordination::{self, Coordinator, Endpoint, Outcome, SharedToken, Unavailable};
+use crate::coordination::{
+    self, CallerNow, Coordinator, Endpoint, Outcome, SharedToken, Unavailable,
+};
 use crate::engine::flight::validate_refreshed;
 use crate::engine::{time, Engine, Presented, Refreshed, SecretString};
 
@@ -165,7 +167,9 @@ impl BindingCoordinator {
     }
 
     /// For the leader of a due refresh: a shared token, or the lock, waiting
-    /// on other instances for at most `waitMs`.
+    /// on other instances for at most `waitMs` (real time). `nowMs`: the
+    /// caller's clock when it asked, which decides whether a shared token
+    /// will do.
     #[napi]
     pub async fn acquire(
         &self,
@@ -173,6 +177,7 @@ impl BindingCoordinator {
         #[napi(ts_arg_type = "string")] access_token: TokenArg,
         expires_at_ms: f64,
         wait_ms: f64,
+        now_ms: f64,
     ) -> BindingAcquired {
         let work = async {
             let (user_id, access_token, expires_at) = match (
@@ -191,16 +196,26 @@ impl BindingCoordinator {
             };
             let deadline =
                 Instant::now() + Duration::from_millis(wait_ms.clamp(0.0, 86_400_000.0) as u64);
+            let now = match time::now_from_js(now_ms) {
+                Ok(now) => CallerNow::new(now),
+                Err(e) => {
+                    return BindingAcquired {
+                        kind: "unavailable".into(),
+                        reason: Some(e.to_string()),
+                        ..BindingAcquired::default()
+                    }
+                }
+            };
             let presented = Presented {
                 access: SecretString::new(access_token),
                 refresh: None,
                 expires_at,
             };
             let engine = &self.engine;
-            let usable = |t: &SharedToken| !engine.is_revoked(&user_id, &t.access, time::now_ms());
+            let usable = |t: &SharedToken, now| !engine.is_revoked(&user_id, &t.access, now);
             let got = self
                 .inner
-                .acquire(&user_id, &presented, usable, deadline)
+                .acquire(&user_id, &presented, usable, deadline, now)
                 .await;
             let mut a = BindingAcquired {
                 undecryptable: got.undecryptable,
@@ -241,9 +256,11 @@ impl BindingCoordinator {
     }
 
     /// The lock holder's refresh returned this (JS types already checked):
-    /// store it fenced, announce it, unlock. An unusable result releases
-    /// the lock as failed instead.
+    /// store it fenced, announce it, unlock. An unusable result (as of
+    /// `nowMs`, the caller's clock when the result came) releases the lock
+    /// as failed instead.
     #[napi]
+    #[allow(clippy::too_many_arguments)] // one per value JS hands over
     pub async fn commit(
         &self,
         #[napi(ts_arg_type = "string")] user_id: UserIdArg,
@@ -252,6 +269,7 @@ impl BindingCoordinator {
         #[napi(ts_arg_type = "string | undefined | null")] refresh_token: Option<TokenArg>,
         expires_at_ms: Option<f64>,
         expires_in: Option<f64>,
+        now_ms: f64,
     ) -> BindingSettled {
         let work = async {
             let lease = core_lease(lease);
@@ -267,14 +285,16 @@ impl BindingCoordinator {
                 expires_at: expires_at_ms,
                 expires_in,
             };
-            let result = match validate_refreshed(refreshed, time::now_ms()) {
-                Ok((access, refresh, expires_at)) => {
+            let checked = time::now_from_js(now_ms)
+                .and_then(|now| Ok((validate_refreshed(refreshed, now)?, now)));
+            let result = match checked {
+                Ok(((access, refresh, expires_at), now)) => {
                     let token = SharedToken {
                         access,
                         refresh,
                         expires_at,
                     };
-                    self.inner.commit(&user_id, &lease, &token).await
+                    self.inner.commit(&user_id, &lease, &token, now).await
                 }
                 Err(_) => self
                     .inner

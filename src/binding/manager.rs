@@ -8,6 +8,9 @@
 //!   are methods here, with `#[napi(object)]` values;
 //! - times cross as epoch milliseconds (`number`); `lib/manager.js` turns
 //!   `Date | number | string` into them and back into `Date`;
+//! - every call that decides something for a caller takes `nowMs`, the
+//!   caller's clock as `lib/manager.js` read it: the engine has no clock
+//!   (`engine/time.rs`, "Clocks");
 //! - errors are thrown with the engine's stable `code` (`errors.rs`).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -117,7 +120,7 @@ impl BindingManager {
     /// (`protocol.rs` has every answer): the same engine decisions at a
     /// fraction of a method call's cost.
     #[napi(
-        ts_return_type = "{ isFresh(expiresAtMs: number): boolean; begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number): null | number | { kind: 'lead'; flightId: number; refreshToken?: string } | { kind: 'held'; accessToken: string; refreshToken?: string; expiresAtMs: number; shouldUpdate: boolean }; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null): number }"
+        ts_return_type = "{ isFresh(expiresAtMs: number, nowMs?: number): boolean; begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number, nowMs: number): null | number | { kind: 'lead'; flightId: number; refreshToken?: string } | { kind: 'held'; accessToken: string; refreshToken?: string; expiresAtMs: number; shouldUpdate: boolean }; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null, nowMs: number): number }"
     )]
     pub fn bind_protocol(&self, env: Env) -> Result<JsRaw, Code> {
         guard(|| protocol::bind(env.raw(), &self.engine))
@@ -127,6 +130,7 @@ impl BindingManager {
     /// produced (the shared Redis cache): kept like a refresh result, but
     /// counted as a hit or coalesced call, and issued with `shouldUpdate`.
     #[napi]
+    #[allow(clippy::too_many_arguments)] // one per value JS hands over
     pub fn adopt(
         &self,
         #[napi(ts_arg_type = "string")] user_id: UserIdArg,
@@ -135,8 +139,10 @@ impl BindingManager {
         #[napi(ts_arg_type = "string | undefined | null")] refresh_token: Option<TokenArg>,
         expires_at_ms: f64,
         should_update: bool,
+        now_ms: f64,
     ) -> Result<BindingIssuedToken, Code> {
         guard(|| {
+            let now = time::now_from_js(now_ms).map_err(to_js)?;
             let user_id = user_id.required("userId").map_err(to_js)?;
             let shared = Refreshed {
                 access: Some(SecretString::new(
@@ -152,7 +158,7 @@ impl BindingManager {
             };
             let issued = self
                 .engine
-                .adopt(&user_id, flight_id, shared, should_update, time::now_ms())
+                .adopt(&user_id, flight_id, shared, should_update, now)
                 .map_err(to_js)?;
             Ok(issued_to_js(issued))
         })
@@ -165,6 +171,7 @@ impl BindingManager {
         #[napi(ts_arg_type = "string")] user_id: UserIdArg,
         flight_id: u32,
         timed_out: bool,
+        now_ms: f64,
     ) -> Result<(), Code> {
         let failure = if timed_out {
             Failure::TimedOut
@@ -172,9 +179,9 @@ impl BindingManager {
             Failure::Rejected
         };
         guard(|| {
+            let now = time::now_from_js(now_ms).map_err(to_js)?;
             let user_id = user_id.required("userId").map_err(to_js)?;
-            self.engine
-                .fail(&user_id, flight_id, failure, time::now_ms());
+            self.engine.fail(&user_id, flight_id, failure, now);
             Ok(())
         })
     }
@@ -186,12 +193,14 @@ impl BindingManager {
         #[napi(ts_arg_type = "string")] user_id: UserIdArg,
         #[napi(ts_arg_type = "string")] access_token: TokenArg,
         expires_at_ms: f64,
+        now_ms: f64,
     ) -> Result<bool, Code> {
         guard(|| {
+            let now = time::now_from_js(now_ms).map_err(to_js)?;
             let user_id = user_id.required("userId").map_err(to_js)?;
             let access_token = access_token.required("accessToken").map_err(to_js)?;
             let p = presented(access_token, None, expires_at_ms)?;
-            Ok(self.engine.serve_stale(&user_id, &p, time::now_ms()))
+            Ok(self.engine.serve_stale(&user_id, &p, now))
         })
     }
 
@@ -203,6 +212,7 @@ impl BindingManager {
         &self,
         #[napi(ts_arg_type = "string")] user_id: UserIdArg,
         #[napi(ts_arg_type = "string | undefined | null")] access_token: Option<TokenArg>,
+        now_ms: f64,
     ) -> Result<f64, Code> {
         guard(|| {
             let user_id = user_id.required("userId").map_err(to_js)?;
@@ -211,8 +221,9 @@ impl BindingManager {
                 .transpose()
                 .map_err(to_js)?
                 .map(SecretString::new);
+            let now = time::now_from_js(now_ms).map_err(to_js)?;
             self.engine
-                .invalidate(&user_id, token.as_ref(), time::now_ms())
+                .invalidate(&user_id, token.as_ref(), now)
                 .map(|until| until as f64)
                 .map_err(to_js)
         })
@@ -238,13 +249,17 @@ impl BindingManager {
         })
     }
 
+    /// Counters and sizes; idle users (as of `nowMs`) are dropped first.
     #[napi]
-    pub fn stats(&self) -> Result<BindingStats, Code> {
-        guard(|| Ok(self.stats_inner()))
+    pub fn stats(&self, now_ms: f64) -> Result<BindingStats, Code> {
+        guard(|| {
+            let now = time::now_from_js(now_ms).map_err(to_js)?;
+            Ok(self.stats_inner(now))
+        })
     }
 
-    fn stats_inner(&self) -> BindingStats {
-        let s = self.engine.stats(time::now_ms());
+    fn stats_inner(&self, now: engine::EpochMs) -> BindingStats {
+        let s = self.engine.stats(now);
         BindingStats {
             users: s.users as u32,
             in_flight: s.in_flight as u32,
@@ -258,10 +273,6 @@ impl BindingManager {
     }
 }
 
-/// Longest ISO 8601 string read: `2026-01-25T21:14:28.123456789+01:00` is
-/// 35 bytes; the margin allows surrounding whitespace.
-const ISO_TIME_MAX_BYTES: usize = 128;
-
 /// Starts the engine's background eviction (`engine/evictor.rs`) on
 /// napi's Tokio runtime. It holds the engine weakly, so it ends once the
 /// manager is collected, and keeps neither the event loop nor the process
@@ -273,6 +284,10 @@ fn evict_in_background(engine: &Arc<Engine>) {
         napi::bindgen_prelude::spawn(evictor::run(engine))
     }));
 }
+
+/// Longest ISO 8601 string read: `2026-01-25T21:14:28.123456789+01:00` is
+/// 35 bytes; the margin allows surrounding whitespace.
+const ISO_TIME_MAX_BYTES: usize = 128;
 
 /// Parses an ISO 8601 date-time (with zone) into epoch milliseconds.
 // Free #[napi] items are only referenced by the registration napi-derive

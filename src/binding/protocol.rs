@@ -7,7 +7,7 @@
 //!
 //! | call | answer | meaning |
 //! |---|---|---|
-//! | `isFresh(expiresAtMs)` | `true` / `false` | hand the presented token back / take the slow path |
+//! | `isFresh(expiresAtMs, nowMs?)` | `true` / `false` | hand the presented token back / take the slow path |
 //! | `begin(...)` | `null` | the presented token is good ([`Plan::UsePresented`]) |
 //! | | `n >= 0` | lead flight `n` with the presented refresh token ([`Plan::Lead`]) |
 //! | | `n < 0` | join flight `-n - 1` ([`Plan::Join`]) |
@@ -15,6 +15,13 @@
 //! | | `{ kind: 'held', accessToken, refreshToken?, expiresAtMs, shouldUpdate }` | use a token a refresh produced ([`Plan::UseHeld`]) |
 //! | `complete(...)` | `e > 0` | issued, expires at `e`; the caller is handed the refresh token it passed (rotated) |
 //! | | `e < 0` | issued, expires at `-e`; no refresh token handed (not rotated) |
+//!
+//! Each call's last argument, `nowMs`, is the caller's clock (`Date.now()`
+//! as `lib/manager.js` read it; see `engine/time.rs`, "Clocks"): `begin(userId,
+//! accessToken, refreshToken, expiresAtMs, nowMs)`, `complete(userId,
+//! flightId, accessToken, refreshToken, expiresAtMs, expiresIn, nowMs)`.
+//! `isFresh` is called without it when that clock is the unreplaced
+//! `Date.now`: its answer is the system clock, read here for less.
 //!
 //! (An issued expiry is always after `now`, so never 0.) Errors are thrown
 //! with the stable `code`, as napi-rs throws them; a panic becomes
@@ -93,16 +100,18 @@ pub fn bind(env: napi_env, engine: &Arc<Engine>) -> Result<JsRaw, napi::Error<Co
     }
 }
 
-/// `isFresh(expiresAtMs)`: [`Engine::is_fresh_now`]. Anything but a number
-/// a `Date` can hold answers `false`: the slow path's `begin` then refuses
-/// it with `INVALID_ARGUMENT`.
+/// `isFresh(expiresAtMs, nowMs)`: [`Engine::is_fresh`]; without `nowMs`
+/// (the caller's clock is the unreplaced `Date.now`, the system clock),
+/// [`Engine::is_fresh_now`]. Anything but numbers a `Date` can hold answers
+/// `false`: the slow path's `begin` then refuses them with
+/// `INVALID_ARGUMENT`.
 unsafe extern "C" fn is_fresh(env: napi_env, info: napi_callback_info) -> napi_value {
     // SAFETY (all callbacks): Node calls them with a valid env and callback
     // info; their data is the `Arc<Engine>` pointer given at creation, alive
     // until `release`, which runs after the last call.
     unsafe {
-        let mut argc = 1usize;
-        let mut argv = [ptr::null_mut(); 1];
+        let mut argc = 2usize;
+        let mut argv = [ptr::null_mut(); 2];
         let mut data = ptr::null_mut();
         let mut fresh = false;
         if sys::napi_get_cb_info(
@@ -117,11 +126,20 @@ unsafe extern "C" fn is_fresh(env: napi_env, info: napi_callback_info) -> napi_v
         {
             let mut ms = f64::NAN;
             if sys::napi_get_value_double(env, argv[0], &mut ms) == sys::Status::napi_ok {
+                let engine = &*(data as *const Engine);
                 // Out of a Date's range: not fresh, so `begin` refuses it.
-                if let Some(ms) = time::js_ms(ms) {
-                    let engine = &*(data as *const Engine);
-                    fresh =
-                        catch_unwind(AssertUnwindSafe(|| engine.is_fresh_now(ms))).unwrap_or(false);
+                if argc < 2 {
+                    if let Some(ms) = time::js_ms(ms) {
+                        fresh = catch_unwind(AssertUnwindSafe(|| engine.is_fresh_now(ms)))
+                            .unwrap_or(false);
+                    }
+                } else {
+                    let mut now = f64::NAN;
+                    sys::napi_get_value_double(env, argv[1], &mut now);
+                    if let (Some(ms), Some(now)) = (time::js_ms(ms), time::js_ms(now)) {
+                        fresh = catch_unwind(AssertUnwindSafe(|| engine.is_fresh(ms, now)))
+                            .unwrap_or(false);
+                    }
                 }
             }
         }
@@ -131,11 +149,11 @@ unsafe extern "C" fn is_fresh(env: napi_env, info: napi_callback_info) -> napi_v
     }
 }
 
-/// `begin(userId, accessToken, refreshToken, expiresAtMs)`: the engine's
+/// `begin(userId, accessToken, refreshToken, expiresAtMs, nowMs)`: the engine's
 /// plan ([`Engine::begin`]), encoded by [`encode_plan`].
 unsafe extern "C" fn begin(env: napi_env, info: napi_callback_info) -> napi_value {
     unsafe {
-        call::<4>(env, info, |engine, a| {
+        call::<5>(env, info, |engine, a| {
             let user = user_id(env, a[0])?;
             // Measured, not copied: the access token crosses only if the
             // engine needs to compare it (a held token, revocations),
@@ -148,6 +166,7 @@ unsafe extern "C" fn begin(env: napi_env, info: napi_callback_info) -> napi_valu
             let refresh = token(env, a[2], "token.refreshToken")?.map(SecretString::new);
             let expires_at =
                 time::from_js_ms("token.expiresAt", number(env, a[3], "token.expiresAt")?)?;
+            let now = now_ms(env, a[4])?;
             let fingerprint = || {
                 let token = token(env, a[1], "token.accessToken")
                     .ok()
@@ -164,7 +183,7 @@ unsafe extern "C" fn begin(env: napi_env, info: napi_callback_info) -> napi_valu
                 refresh.as_ref(),
                 expires_at,
                 fingerprint,
-                time::now_ms(),
+                now,
             )?;
             encode_plan(env, plan, refresh.as_ref())
         })
@@ -211,12 +230,12 @@ unsafe fn encode_plan(
 }
 
 /// `complete(userId, flightId, accessToken, refreshToken, expiresAtMs,
-/// expiresIn)`: hands the refresh result to the engine
+/// expiresIn, nowMs)`: hands the refresh result to the engine
 /// ([`Engine::complete`]); answers [`encode_brief`]. Throws
 /// `INVALID_REFRESH_RESULT` when the result is unusable.
 unsafe extern "C" fn complete(env: napi_env, info: napi_callback_info) -> napi_value {
     unsafe {
-        call::<6>(env, info, |engine, a| {
+        call::<7>(env, info, |engine, a| {
             let user = user_id(env, a[0])?;
             let mut flight_id = 0u32;
             if sys::napi_get_value_uint32(env, a[1], &mut flight_id) != sys::Status::napi_ok {
@@ -235,7 +254,8 @@ unsafe extern "C" fn complete(env: napi_env, info: napi_callback_info) -> napi_v
                 expires_at: opt_number(env, a[4], "expiresAtMs")?,
                 expires_in: opt_number(env, a[5], "expiresIn")?,
             };
-            let issued = engine.complete(&user, flight_id, refreshed, time::now_ms())?;
+            let now = now_ms(env, a[6])?;
+            let issued = engine.complete(&user, flight_id, refreshed, now)?;
             Ok(double(env, encode_brief(issued)))
         })
     }
@@ -360,6 +380,12 @@ unsafe fn number(env: napi_env, v: napi_value, name: &'static str) -> Result<f64
         return Err(EngineError::invalid_argument(name, "must be a number").into());
     }
     Ok(n)
+}
+
+/// The caller's clock reading (`nowMs`), as epoch milliseconds.
+unsafe fn now_ms(env: napi_env, v: napi_value) -> Result<i64, Thrown> {
+    let now = unsafe { number(env, v, "nowMs")? };
+    Ok(time::now_from_js(now)?)
 }
 
 /// A number, or `None` for `null` / `undefined`.

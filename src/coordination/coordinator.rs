@@ -32,7 +32,7 @@ use super::keys::{Keys, UserKeys};
 use super::lock::{self, Acquire, Want};
 use super::record::{self, Invalidation, Lease, Notice, Record};
 use super::seal::{self, SealKeys, SharedToken};
-use crate::engine::{time, Presented, SecretString};
+use crate::engine::{EpochMs, Presented, SecretString};
 
 /// Timing the coordinator shares with the engine's policy.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +48,31 @@ pub struct Timing {
     pub retention_ms: u64,
     /// Longest a refresh may run: the fence counter outlives it.
     pub refresh_timeout_ms: u64,
+}
+
+/// The caller's clock, carried into a wait: its reading when it asked plus
+/// the real time waited since. Equal to the wall clock in production; under
+/// a test's fake clock it starts at the fake time. The engine has no clock
+/// of its own (`engine/time.rs`, "Clocks").
+#[derive(Debug, Clone, Copy)]
+pub struct CallerNow {
+    at: EpochMs,
+    read: Instant,
+}
+
+impl CallerNow {
+    /// The caller read `at` just now.
+    pub fn new(at: EpochMs) -> Self {
+        Self {
+            at,
+            read: Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> EpochMs {
+        let waited = self.read.elapsed().as_millis().min(i64::MAX as u128) as i64;
+        self.at.saturating_add(waited)
+    }
 }
 
 #[derive(Debug)]
@@ -128,13 +153,15 @@ impl Coordinator {
 
     /// Finds a usable shared token or the lock for `user_id`, waiting on other
     /// instances' refreshes until `deadline`. `usable` adds the caller's own
-    /// veto (a token it knows was revoked).
+    /// veto (a token it knows was revoked at the given time); `clock` is the
+    /// caller's, which every "is it fresh" here is decided on.
     pub async fn acquire(
         &self,
         user_id: &str,
         presented: &Presented,
-        usable: impl Fn(&SharedToken) -> bool,
+        usable: impl Fn(&SharedToken, EpochMs) -> bool,
         deadline: Instant,
+        clock: CallerNow,
     ) -> Acquired {
         let keys = self.keys.user(user_id);
         let t = self.timing;
@@ -148,7 +175,7 @@ impl Coordinator {
             }
             // Registered before asking, so an announcement racing the answer is kept.
             let mut waiting = self.conn.waiters().register(&keys.id);
-            let now = time::now_ms();
+            let now = clock.now();
             let want = Want {
                 min_expires_at: presented.expires_at,
                 fresh_after: now.saturating_add(t.buffer_ms as i64),
@@ -168,7 +195,7 @@ impl Coordinator {
             match found {
                 Err(e) => break Outcome::Unavailable(e),
                 Ok(Acquire::Cached(record)) => {
-                    match self.accept(&keys, &record, presented, &usable, &mut undecryptable) {
+                    match self.accept(&keys, &record, presented, &usable, now, &mut undecryptable) {
                         Some(token) => break Outcome::Shared { token, waited },
                         None => skip_fence = record.fence,
                     }
@@ -194,6 +221,7 @@ impl Coordinator {
                                 &record,
                                 presented,
                                 &usable,
+                                clock.now(),
                                 &mut undecryptable,
                             ) {
                                 Some(token) => break Outcome::Shared { token, waited },
@@ -217,11 +245,14 @@ impl Coordinator {
 
     /// Stores the token `lease`'s refresh produced, if no later holder wrote
     /// one, announces it and releases the lock. Returns whether it was written.
+    /// `now` is the caller's clock: the record's write time, and Redis keeps
+    /// it for the token's remaining life by that clock (plus retention).
     pub async fn commit(
         &self,
         user_id: &str,
         lease: &Lease,
         token: &SharedToken,
+        now: EpochMs,
     ) -> Result<bool, Unavailable> {
         let keys = self.keys.user(user_id);
         let Ok(sealed) = self.seal.seal(keys.id.as_bytes(), token) else {
@@ -229,7 +260,6 @@ impl Coordinator {
             return self.release(user_id, lease, true).await.map(|_| false);
         };
         self.unwatch(&lease.owner);
-        let now = time::now_ms();
         let record = Record {
             fence: lease.fence,
             written_at: now,
@@ -356,17 +386,18 @@ impl Coordinator {
 
     /// The rule for handing out a shared token instead of refreshing: it
     /// opens, is newer than (and not) the caller's, is fresh or was written
-    /// within the double-check window and is unexpired, and `usable` agrees.
+    /// within the double-check window and is unexpired, and `usable` agrees;
+    /// all at `now`, the caller's clock.
     fn accept(
         &self,
         keys: &UserKeys,
         record: &Record,
         presented: &Presented,
-        usable: &impl Fn(&SharedToken) -> bool,
+        usable: &impl Fn(&SharedToken, EpochMs) -> bool,
+        now: EpochMs,
         undecryptable: &mut bool,
     ) -> Option<SharedToken> {
         let token = self.open(keys, record, undecryptable)?;
-        let now = time::now_ms();
         let t = self.timing;
         let fresh = token.expires_at.saturating_sub(now) > t.buffer_ms as i64;
         let recent = now.saturating_sub(record.written_at) < t.double_check_window_ms as i64
@@ -375,7 +406,7 @@ impl Coordinator {
             && token.expires_at > presented.expires_at
             && token.access != presented.access
             && (fresh || recent)
-            && usable(&token);
+            && usable(&token, now);
         ok.then_some(token)
     }
 

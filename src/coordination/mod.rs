@@ -27,7 +27,7 @@ pub mod record;
 pub mod seal;
 
 pub use connection::{Connection, Unavailable};
-pub use coordinator::{Acquired, Coordinator, Outcome, Timing};
+pub use coordinator::{Acquired, CallerNow, Coordinator, Outcome, Timing};
 pub use link::Endpoint;
 pub use seal::{SealKeys, SharedToken};
 

@@ -106,7 +106,7 @@ async fn store(c: &Coordinator, user: &str, access: &str) {
         panic!("lead")
     };
     assert!(c
-        .commit(user, &lease, &token(access, "r", 60_000))
+        .commit(user, &lease, &token(access, "r", 60_000), time::now_ms())
         .await
         .unwrap());
 }
@@ -132,7 +132,14 @@ fn soon(ms: u64) -> Instant {
 }
 
 async fn acquire(c: &Coordinator, user: &str, deadline: Instant) -> Acquired {
-    c.acquire(user, &old(), |_| true, deadline).await
+    c.acquire(
+        user,
+        &old(),
+        |_, _| true,
+        deadline,
+        CallerNow::new(time::now_ms()),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -203,13 +210,18 @@ async fn a_holder_whose_lock_expired_cannot_overwrite_a_newer_token() {
     };
     assert!(fast.fence > slow.fence);
     assert!(c
-        .commit("u", &fast, &token("new", "r-new", 60_000))
+        .commit("u", &fast, &token("new", "r-new", 60_000), time::now_ms())
         .await
         .unwrap());
     assert!(
-        !c.commit("u", &slow, &token("stale", "r-stale", 90_000))
-            .await
-            .unwrap(),
+        !c.commit(
+            "u",
+            &slow,
+            &token("stale", "r-stale", 90_000),
+            time::now_ms()
+        )
+        .await
+        .unwrap(),
         "fenced out"
     );
     let Outcome::Shared { token: t, waited } = acquire(&c, "u", soon(1_000)).await.outcome else {
@@ -228,7 +240,12 @@ async fn a_late_result_with_nobody_after_it_is_still_kept() {
     };
     tokio::time::sleep(Duration::from_millis(250)).await;
     assert!(c
-        .commit("u", &lease, &token("late", "r-late", 60_000))
+        .commit(
+            "u",
+            &lease,
+            &token("late", "r-late", 60_000),
+            time::now_ms()
+        )
         .await
         .unwrap());
 }
@@ -258,7 +275,7 @@ async fn waiters_in_other_instances_take_the_published_token() {
     assert_eq!(a.watchdogs(), 1);
     let committed = Instant::now();
     assert!(a
-        .commit("u", &lease, &token("fresh", "r1", 60_000))
+        .commit("u", &lease, &token("fresh", "r1", 60_000), time::now_ms())
         .await
         .unwrap());
     assert_eq!(a.watchdogs(), 0);
@@ -343,7 +360,12 @@ async fn a_value_sealed_with_another_key_is_a_miss() {
         panic!("lead")
     };
     assert!(a
-        .commit("u", &lease, &token("sealed-with-a", "r", 60_000))
+        .commit(
+            "u",
+            &lease,
+            &token("sealed-with-a", "r", 60_000),
+            time::now_ms()
+        )
         .await
         .unwrap());
     let got = acquire(&b, "u", soon(5_000)).await;
@@ -356,7 +378,12 @@ async fn a_value_sealed_with_another_key_is_a_miss() {
         panic!("miss, then lock")
     };
     assert!(b
-        .commit("u", &lease, &token("sealed-with-b", "r", 60_000))
+        .commit(
+            "u",
+            &lease,
+            &token("sealed-with-b", "r", 60_000),
+            time::now_ms()
+        )
         .await
         .unwrap());
     let Outcome::Shared { token: t, .. } = acquire(&b, "u", soon(5_000)).await.outcome else {
@@ -373,13 +400,24 @@ async fn unusable_cached_tokens_are_refreshed_and_newer_refresh_tokens_handed_ov
         panic!("lead")
     };
     assert!(c
-        .commit("u", &lease, &token("revoked", "r-rotated", 60_000))
+        .commit(
+            "u",
+            &lease,
+            &token("revoked", "r-rotated", 60_000),
+            time::now_ms()
+        )
         .await
         .unwrap());
     // The caller's veto (e.g. it got a 401 with this token) forces a refresh,
     // which gets the newest refresh token from the cache.
     let got = c
-        .acquire("u", &old(), |t| t.access.expose() != "revoked", soon(5_000))
+        .acquire(
+            "u",
+            &old(),
+            |t, _| t.access.expose() != "revoked",
+            soon(5_000),
+            CallerNow::new(time::now_ms()),
+        )
         .await;
     let Outcome::Lead {
         lease,
@@ -391,7 +429,7 @@ async fn unusable_cached_tokens_are_refreshed_and_newer_refresh_tokens_handed_ov
     assert_eq!(r.expose(), "r-rotated");
     // Due (inside the buffer): not handed out either.
     assert!(c
-        .commit("u", &lease, &token("due", "r2", 500))
+        .commit("u", &lease, &token("due", "r2", 500), time::now_ms())
         .await
         .unwrap());
     let Outcome::Lead { .. } = acquire(&c, "v-other", soon(5_000)).await.outcome else {
@@ -420,7 +458,8 @@ async fn no_plaintext_token_or_user_id_at_rest_or_on_the_wire() {
         .commit(
             user,
             &lease,
-            &token("eyJ-secret-access", "secret-refresh", 60_000)
+            &token("eyJ-secret-access", "secret-refresh", 60_000),
+            time::now_ms()
         )
         .await
         .unwrap());
@@ -507,7 +546,7 @@ async fn invalidate_marks_the_stored_token_and_reaches_the_other_instances() {
     // Its refresh token is still the one to refresh with.
     assert_eq!(refresh.as_ref().map(SecretString::expose), Some("r"));
     assert!(b
-        .commit("u", &lease, &token("t2", "r2", 60_000))
+        .commit("u", &lease, &token("t2", "r2", 60_000), time::now_ms())
         .await
         .unwrap());
     let Outcome::Shared { token: t, .. } = acquire(&a, "u", soon(1_000)).await.outcome else {
@@ -736,4 +775,88 @@ fn options_are_validated_without_echoing_secrets() {
         ..ok()
     })
     .starts_with("options.redis.keyPrefix"));
+}
+
+#[tokio::test]
+async fn shared_tokens_are_judged_and_kept_on_the_callers_clock() {
+    // A test's fake clock, years away from the machine's.
+    const FAKE: i64 = 1_893_456_000_000; // 2030-01-01T00:00:00Z
+    let s = Server::start();
+    let c = coordinator_with(&s.url(), KEY_A, 5_000.0);
+    let presented = Presented {
+        access: "old".into(),
+        refresh: None,
+        expires_at: FAKE - 1,
+    };
+    let Outcome::Lead { lease, .. } = c
+        .acquire(
+            "u",
+            &presented,
+            |_, _| true,
+            soon(5_000),
+            CallerNow::new(FAKE),
+        )
+        .await
+        .outcome
+    else {
+        panic!("lead")
+    };
+    let token = SharedToken {
+        access: "new".into(),
+        refresh: Some("r1".into()),
+        expires_at: FAKE + 60_000,
+    };
+    assert!(c.commit("u", &lease, &token, FAKE).await.unwrap());
+    // Redis keeps it for its life on that clock plus retention, not for years.
+    let mut con = s.con().await;
+    let record = keys::Keys::new("t:").user("u").record;
+    let ttl: i64 = con.pttl(&record).await.unwrap();
+    let retention = policy().idle_ttl_ms as i64;
+    assert!(ttl > 0 && ttl <= 60_000 + retention, "PTTL {ttl}");
+    // Fresh at 30 s on the caller's clock, and the veto is asked at that time...
+    let seen = std::cell::Cell::new(0);
+    let usable = |_: &SharedToken, now| {
+        seen.set(now);
+        true
+    };
+    let Outcome::Shared { token: t, .. } = c
+        .acquire(
+            "u",
+            &presented,
+            usable,
+            soon(5_000),
+            CallerNow::new(FAKE + 30_000),
+        )
+        .await
+        .outcome
+    else {
+        panic!("fresh on the caller's clock")
+    };
+    assert_eq!(t.access.expose(), "new");
+    assert!((FAKE + 30_000..FAKE + 35_000).contains(&seen.get()));
+    // ...and due at 59.5 s (inside the 1 s buffer), though by the machine's
+    // clock it expires years from now.
+    let Outcome::Lead { lease, .. } = c
+        .acquire(
+            "u",
+            &presented,
+            |_, _| true,
+            soon(5_000),
+            CallerNow::new(FAKE + 59_500),
+        )
+        .await
+        .outcome
+    else {
+        panic!("due on the caller's clock")
+    };
+    assert!(c.release("u", &lease, false).await.unwrap());
+}
+
+#[tokio::test]
+async fn the_callers_clock_advances_with_the_real_time_waited() {
+    let clock = CallerNow::new(1_000);
+    assert!((1_000..1_050).contains(&clock.now()));
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let now = clock.now();
+    assert!((1_060..6_000).contains(&now), "{now}");
 }

@@ -109,17 +109,19 @@ impl Engine {
     }
 
     /// The hot path: can a token expiring at `expires_at` be handed back
-    /// as it is, without looking the user up? True when it outlives the
-    /// buffer. Counts a hit. Revocations are per user and this call has
-    /// none: a caller must send the users [`Engine::invalidate`] marked
-    /// (until the time it returned) to [`Engine::begin`], which checks them.
+    /// as it is at `now` (the caller's clock), without looking the user up?
+    /// True when it outlives the buffer. Counts a hit. Revocations are per
+    /// user and this call has none: a caller must send the users
+    /// [`Engine::invalidate`] marked (until the time it returned) to
+    /// [`Engine::begin`], which checks them.
     #[inline]
     pub fn is_fresh(&self, expires_at: EpochMs, now: EpochMs) -> bool {
         self.count_hit(self.fresh_at(expires_at, now))
     }
 
-    /// [`Engine::is_fresh`] at the current time, read as cheaply as the
-    /// answer allows (see [`time::at_now`]): the hot path's one call.
+    /// [`Engine::is_fresh`] on the system clock, read as cheaply as the
+    /// answer allows (see [`time::at_now`]): for a caller whose clock is
+    /// that one (an unreplaced `Date.now`; `time.rs`, "Clocks").
     #[inline]
     pub fn is_fresh_now(&self, expires_at: EpochMs) -> bool {
         self.count_hit(time::at_now(|now| self.fresh_at(expires_at, now)))

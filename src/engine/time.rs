@@ -1,4 +1,40 @@
-//! Turning the caller's expiry inputs into epoch milliseconds.
+//! Turning the caller's expiry inputs into epoch milliseconds, and the
+//! system clock for the one place that may read it.
+//!
+//! # Clocks
+//!
+//! Every decision made for a caller is made on the caller's clock: `Date.now()`
+//! as the app sees it when the call comes in or its refresh settles (or the
+//! manager's `now` option). `lib/manager.js` reads it and passes it in; the
+//! engine's entry points take `now` as an argument and keep no clock of their
+//! own. That covers the buffer rule, the double-check window, `expiresIn` to
+//! `expiresAt`, revocation marks and their expiry, idle eviction, serving a
+//! caller's own token after a failed refresh, and with Redis the rule for
+//! taking a shared token, the check of a result before it is shared, its
+//! write time and how long Redis keeps it (the token's remaining life on the
+//! caller's clock). So fake timers in an app's tests (vitest, jest and sinon
+//! replace `Date`) move all of them, as they moved the TypeScript module this
+//! package replaces, and the app's expiry times and ours agree on "now".
+//!
+//! One shortcut, for speed: when the function JavaScript would call is the
+//! engine's own `Date.now` (nothing replaced it), its answer is the system's
+//! real-time clock, so the hot path's `isFresh` reads that clock here
+//! ([`at_now`]: the coarse clock, the precise one only near the edge)
+//! instead of calling `Date.now()`, which costs as much as the rest of the
+//! hot path. Same clock, same answer. A replaced `Date.now` (fake timers, a
+//! spy) or any other `now` option is always called in JavaScript.
+//!
+//! Durations that run without a caller keep real time, because something
+//! outside JavaScript enforces them: Redis lock TTLs, lock extensions and
+//! waits on other instances (tokio's monotonic clock; Redis expires keys in
+//! real time, which no fake clock stops), and the native refreshers' HTTP
+//! timeouts, retry backoff and `Retry-After` dates (the last against the
+//! system clock, as the server wrote it). A Redis wait is bounded in real
+//! time but decides on the caller's clock advanced by the real time waited
+//! (`CallerNow` in `coordination/coordinator.rs`): the wall clock in
+//! production, the test's time plus the wait under a fake clock. The refresh
+//! timeout is a JavaScript `setTimeout`, so fake timers drive it like any
+//! timer of the app's.
 
 use super::error::EngineError;
 use super::policy::EpochMs;
@@ -8,7 +44,9 @@ use time::OffsetDateTime;
 /// JavaScript's Date range: ±8.64e15 ms around the epoch.
 const MAX_DATE_MS: f64 = 8.64e15;
 
-/// The wall clock in epoch milliseconds, the same scale as `Date.now()`.
+/// The system's real-time clock in epoch milliseconds: what an unreplaced
+/// `Date.now()` returns. Read only where the caller's clock is known to be
+/// it (see "Clocks" above).
 pub fn now_ms() -> EpochMs {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -83,6 +121,14 @@ pub fn from_js_ms(name: &'static str, ms: f64) -> Result<EpochMs, EngineError> {
             name,
             "must be a valid Date, epoch milliseconds or an ISO 8601 string",
         )
+    })
+}
+
+/// The caller's clock reading (`nowMs`, what `Date.now()` returned): epoch
+/// milliseconds a `Date` can hold, or `INVALID_ARGUMENT`.
+pub fn now_from_js(ms: f64) -> Result<EpochMs, EngineError> {
+    js_ms(ms).ok_or_else(|| {
+        EngineError::invalid_argument("nowMs", "must be epoch milliseconds a Date can hold")
     })
 }
 
@@ -184,6 +230,8 @@ mod tests {
         for bad in [1e300, -1e300, -8.64e15 - 1.0, f64::INFINITY, f64::NAN] {
             assert_eq!(js_ms(bad), None, "{bad}");
         }
+        assert_eq!(now_from_js(1_893_456_000_000.5).unwrap(), 1_893_456_000_000);
+        assert!(now_from_js(f64::NAN).is_err());
         assert_eq!(from_expires_in("x", 60.0, 1000).unwrap(), 61_000);
         assert!(from_expires_in("x", 0.0, 0).is_err());
         assert!(from_expires_in("x", -5.0, 0).is_err());
