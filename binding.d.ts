@@ -18,9 +18,11 @@ export declare class BindingCoordinator {
    * For the leader of a due refresh: a shared token, or the lock, waiting
    * on other instances for at most `waitMs` (real time). `nowMs`: the
    * caller's clock when it asked, which decides whether a shared token
-   * will do.
+   * will do. `refreshTokenUse`: whether the refresh would send a refresh
+   * token (`'sends'`: the caller's; `'if-handed-over'`: only one the cache
+   * hands over; `'never'`), which decides whether the restart guard applies.
    */
-  acquire(userId: string, accessToken: string, expiresAtMs: number, waitMs: number, nowMs: number): Promise<BindingAcquired>
+  acquire(userId: string, accessToken: string, expiresAtMs: number, waitMs: number, nowMs: number, refreshTokenUse: 'never' | 'if-handed-over' | 'sends'): Promise<BindingAcquired>
   /**
    * The lock holder's refresh returned this (JS types already checked):
    * store it fenced, announce it, unlock. An unusable result (as of

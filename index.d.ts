@@ -106,15 +106,30 @@ export interface RedisCommonOptions {
    */
   encryptionKey: string | readonly [string, ...string[]]
   /**
-   * Redis unreachable (or failing): `'local'` (default) coordinates refreshes
-   * in-process only, emits one `TTM_REDIS_UNAVAILABLE` warning (`logger`) per
-   * outage and counts `stats().redisFallbacks`; `'fail'` rejects refreshes
-   * with `code: 'COORDINATOR_UNAVAILABLE'` (a caller whose own token has not
-   * expired yet still gets it back, as after any failed refresh). Either way
-   * it reconnects in the background, and no call waits on Redis past
+   * What happens to a refresh Redis cannot coordinate (Redis down, a call
+   * unanswered for 1 s, or a restarted server whose locks may be lost):
+   *
+   * - `'auto'` (default): a refresh that would send a refresh token
+   *   (`ctx.refreshToken` not null; `oauth2Refresher`) does not run: a
+   *   caller whose own token has not expired gets it back (`shouldUpdate:
+   *   false`, counted in `stats().staleServed`), others get
+   *   `COORDINATOR_UNAVAILABLE`. After a restart or failover this lasts
+   *   `refreshTimeoutMs` + 1.5 s, until every refresh the old server locked
+   *   is over. Refreshes that send none (`tarabutRefresher`, client
+   *   credentials) run with in-process coordination, counted in
+   *   `stats().redisFallbacks`.
+   * - `'local'`: every such refresh runs with in-process coordination. With
+   *   rotating refresh tokens this can revoke grants (two instances send
+   *   the same refresh token): only for refresh functions that send none.
+   * - `'fail'`: none runs (`COORDINATOR_UNAVAILABLE`; an unexpired token is
+   *   still served).
+   *
+   * Either way one `TTM_REDIS_UNAVAILABLE` warning (`logger`) is emitted per
+   * outage, calls fail fast while Redis is down, and coordination resumes
+   * within a second of Redis answering. No call waits on Redis past
    * `refreshTimeoutMs`.
    */
-  onError?: 'local' | 'fail'
+  onError?: 'auto' | 'local' | 'fail'
 }
 
 export interface RedisTlsOptions {
@@ -241,8 +256,9 @@ export interface TokenManagerStats {
   staleServed: number
   /**
    * Refreshes coordinated in-process only because Redis was unavailable
-   * (`redis.onError: 'local'`), including refreshed tokens that could not be
-   * shared with the other instances. Always 0 without `redis`.
+   * (with `redis.onError` `'auto'`: those that send no refresh token; with
+   * `'local'`: all), including refreshed tokens that could not be shared
+   * with the other instances at once. Always 0 without `redis`.
    */
   redisFallbacks: number
 }
@@ -293,7 +309,7 @@ export type TokenRefreshErrorCode =
   | 'REAUTH_REQUIRED'
   /** The provider answered `401` or `invalid_client`: the client id or secret is wrong. */
   | 'INVALID_CLIENT'
-  /** With `redis.onError: 'fail'`: Redis could not be used, so no refresh ran (also after `close()`). */
+  /** With `redis`: Redis could not coordinate this refresh, so it did not run (see `RedisOptions.onError`; also after `close()`). */
   | 'COORDINATOR_UNAVAILABLE'
   | (string & {})
 

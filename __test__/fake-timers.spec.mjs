@@ -3,6 +3,7 @@
 // replace Date the same way) move every decision made for a caller, as they
 // did with the TypeScript module this package replaces. The same scenarios
 // then run on real timers, with managers made under fake ones.
+import dc from 'node:diagnostics_channel'
 import { createRequire } from 'node:module'
 
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest'
@@ -15,6 +16,8 @@ const HOUR = 3_600_000
 const at = (iso) => new Date(iso)
 const T0 = at('2030-01-01T00:00:00Z')
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
+/** Waits real time, even under fake timers (the timer is taken before they are installed). */
+const realSleep = ((realSetTimeout) => (ms) => new Promise((resolve) => realSetTimeout(resolve, ms)))(globalThis.setTimeout)
 
 /** A refresh function counting its runs, answering `expiresIn` seconds (default 1 h). */
 function refresher(expiresIn = 3600) {
@@ -131,6 +134,22 @@ describe('under fake timers (vi.useFakeTimers, vi.setSystemTime)', () => {
     expect(refreshFn).toHaveBeenCalledTimes(2)
   })
 
+  it('the background eviction keeps to the fake clock: users stamped at a fake 2020 are not years idle', async () => {
+    vi.setSystemTime(at('2020-01-01T00:00:00Z'))
+    const m = new TokenManager({ idleTtlMs: MIN })
+    const old = { accessToken: 'a0', refreshToken: 'r0', expiresAt: Date.now() - 1 }
+    const refreshFn = refresher()
+    await m.getValidToken('u', old, refreshFn)
+    // The background task runs on real time (every second at most): by the
+    // machine's date the user has been idle for years; by the app's, no.
+    await realSleep(1_500)
+    expect(m.stats().users).toBe(1)
+    expect(await m.getValidToken('u', old, refreshFn)).toMatchObject({ accessToken: 'a1', shouldUpdate: true })
+    vi.advanceTimersByTime(MIN + SECOND)
+    expect(m.stats().users).toBe(0)
+    expect(refreshFn).toHaveBeenCalledTimes(1)
+  })
+
   it('an invalidation lasts one idle TTL on the fake clock', async () => {
     const m = new TokenManager({ idleTtlMs: MIN })
     const fresh = { accessToken: 'a0', refreshToken: 'r0', expiresAt: at('2030-01-01T01:00:00Z') }
@@ -245,6 +264,22 @@ describe('a `now` option', () => {
     expect(m.stats().users).toBe(1)
     t += 2 * MIN
     expect(m.stats().users).toBe(0)
+  })
+
+  it('the refresh reason observers see is judged on it too', async () => {
+    const m = new TokenManager({ now: () => T0.getTime() })
+    const reasons = []
+    const handlers = { asyncEnd: (message) => reasons.push(message.reason) }
+    const tc = dc.tracingChannel('tarabut-token-manager:refresh')
+    tc.subscribe(handlers)
+    try {
+      // Expired by that clock, though years ahead of the machine's.
+      await m.getValidToken('u', { accessToken: 'a0', expiresAt: at('2029-12-31T23:00:00Z') }, refresher())
+      await m.getValidToken('v', { accessToken: 'b0', expiresAt: T0.getTime() + 4 * MIN }, refresher())
+    } finally {
+      tc.unsubscribe(handlers)
+    }
+    expect(reasons).toEqual(['expired', 'buffer'])
   })
 
   it('must be a function', () => {

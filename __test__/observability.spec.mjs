@@ -283,7 +283,8 @@ describe('with Redis', () => {
     const processWarnings = vi.fn()
     process.on('warning', processWarnings)
     try {
-      const m = new TokenManager({ refreshTimeoutMs: 5_000, logger, redis: { url, encryptionKey: secret(key) } })
+      // 'local': a refresh that spends a refresh token falls back too ('auto' would refuse it).
+      const m = new TokenManager({ refreshTimeoutMs: 5_000, logger, redis: { url, encryptionKey: secret(key), onError: 'local' } })
       managers.push(m)
       const user = uid()
       await m.getValidToken(user, expired(user), refresher())
@@ -318,7 +319,7 @@ describe('logger', () => {
       },
     })
     const logger = pino({ level: 'warn' }, stream)
-    const m = new TokenManager({ logger, refreshTimeoutMs: 5_000, redis: { url: `redis://127.0.0.1:${await freePort()}`, encryptionKey: newKey() } })
+    const m = new TokenManager({ logger, refreshTimeoutMs: 5_000, redis: { url: `redis://127.0.0.1:${await freePort()}`, encryptionKey: newKey(), onError: 'local' } })
     try {
       const user = uid()
       await m.getValidToken(user, expired(user), refresher())

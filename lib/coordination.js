@@ -16,6 +16,14 @@
 // - a call that found a newer token already cached when it asked gets true:
 //   its copy is stale (a lost write heals), as with the in-process engine's
 //   held tokens.
+//
+// When Redis cannot coordinate (down, or a new server that may have lost
+// the locks: src/coordination/health.rs), `onError` decides: 'auto' (the
+// default) refuses a refresh that would send a refresh token, since an
+// uncoordinated one may spend a token another instance is spending (with
+// rotation, the provider then revokes the grant), and runs the others
+// in-process; 'local' runs every refresh in-process; 'fail' none. A refused
+// caller whose own token has not expired gets it back (lib/manager.js).
 
 const { BindingCoordinator } = require('../binding.js')
 const { TokenRefreshError, argError } = require('./errors.js')
@@ -24,7 +32,7 @@ const SHARED = Symbol('sharedToken')
 const FROM_COORDINATOR = Symbol('fromCoordinator')
 /** The native wait outlasts the manager's timer, so the timer decides timeouts. */
 const WAIT_SLACK_MS = 25
-const ON_ERROR = ['local', 'fail']
+const ON_ERROR = ['auto', 'local', 'fail']
 
 /**
  * `options.redis`: types and presence are checked here (TypeError); values
@@ -66,7 +74,7 @@ function checkOptions(options) {
   if (o.keyPrefix !== undefined && typeof o.keyPrefix !== 'string') throw argError('options.redis.keyPrefix', 'must be a string')
   if (o.lockTtlMs !== undefined && typeof o.lockTtlMs !== 'number') throw argError('options.redis.lockTtlMs', 'must be a number')
   if (o.onError !== undefined && !ON_ERROR.includes(o.onError)) {
-    throw argError('options.redis.onError', "must be 'local' or 'fail'", typeof o.onError === 'string' ? RangeError : TypeError)
+    throw argError('options.redis.onError', "must be 'auto', 'local' or 'fail'", typeof o.onError === 'string' ? RangeError : TypeError)
   }
   return o
 }
@@ -106,7 +114,7 @@ class Coordinator {
       lockTtlMs: options.lockTtlMs,
       encryptionKeys: Array.isArray(options.encryptionKey) ? options.encryptionKey : [options.encryptionKey],
     })
-    this.#onError = options.onError ?? 'local'
+    this.#onError = options.onError ?? 'auto'
     this.#observer = observer
   }
 
@@ -121,13 +129,18 @@ class Coordinator {
    * instance produced (marked; see `sharedToken`). Rejects with a coordinator
    * error (`coordinatorError`) or with the refresh function's own rejection.
    * `nowMs`: the caller's clock, which decides whether a shared token will do.
+   * `mayUseRefreshToken`: false for refresh functions that never send one
+   * (client credentials).
    */
-  obtain(ctx, accessToken, expiresAtMs, refresh, waitMs, nowMs) {
+  obtain(ctx, accessToken, expiresAtMs, refresh, waitMs, nowMs, mayUseRefreshToken) {
     const userId = ctx.userId
     if (this.#closed) return Promise.reject(this.#error('COORDINATOR_UNAVAILABLE', userId, 'the token manager is closed'))
+    // Whether this refresh would send a refresh token: the caller's, or only
+    // one the cache hands over. 'local' accepts the risk: no guard.
+    const use = this.#onError === 'local' || !mayUseRefreshToken ? 'never' : ctx.refreshToken != null ? 'sends' : 'if-handed-over'
     let acquiring
     try {
-      acquiring = this.#native.acquire(userId, accessToken, expiresAtMs, waitMs + WAIT_SLACK_MS, nowMs)
+      acquiring = this.#native.acquire(userId, accessToken, expiresAtMs, waitMs + WAIT_SLACK_MS, nowMs, use)
     } catch (e) {
       // Never throw synchronously: the manager has a timer running.
       return Promise.reject(e)
@@ -149,7 +162,7 @@ class Coordinator {
         case 'timeout':
           throw this.#error('REFRESH_TIMEOUT', userId, 'another instance was still refreshing at the refresh timeout')
         default:
-          return this.#unavailable(userId, a.reason, refresh)
+          return this.#unavailable(userId, a.reason, refresh, use === 'sends')
       }
     })
   }
@@ -219,11 +232,14 @@ class Coordinator {
     } catch {}
   }
 
-  #unavailable(userId, reason, refresh) {
+  #unavailable(userId, reason, refresh, sendsRefreshToken) {
     if (this.#closed) throw this.#error('COORDINATOR_UNAVAILABLE', userId, 'the token manager is closed')
     this.#warnDown(reason)
     if (this.#onError === 'fail') {
       throw this.#error('COORDINATOR_UNAVAILABLE', userId, `cannot coordinate the refresh: ${reason}`)
+    }
+    if (this.#onError === 'auto' && sendsRefreshToken) {
+      throw this.#error('COORDINATOR_UNAVAILABLE', userId, `a refresh that spends a refresh token runs only under a Redis lock: ${reason}`)
     }
     this.#fallbacks++
     this.#observer.redisFallback(userId, reason, 'refresh')
@@ -262,8 +278,12 @@ class Coordinator {
   #warnDown(reason) {
     if (this.#warnedDown) return
     this.#warnedDown = true
-    const then = this.#onError === 'fail' ? 'refreshes fail with COORDINATOR_UNAVAILABLE' : 'refreshes are coordinated in-process only'
-    this.#observer.warn('TTM_REDIS_UNAVAILABLE', `tarabut-token-manager: ${reason}; ${then} until it is back`)
+    const then = {
+      auto: 'refreshes that would spend a refresh token fail with COORDINATOR_UNAVAILABLE (callers whose token has not expired keep it), others are coordinated in-process only',
+      local: 'refreshes are coordinated in-process only',
+      fail: 'refreshes fail with COORDINATOR_UNAVAILABLE (callers whose token has not expired keep it)',
+    }[this.#onError]
+    this.#observer.warn('TTM_REDIS_UNAVAILABLE', `tarabut-token-manager: ${reason}. Until coordination resumes, ${then}.`)
   }
 
   #warnUndecryptable() {

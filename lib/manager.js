@@ -19,7 +19,7 @@ const coordination = require('./coordination.js')
 const { TokenRefreshError, argError, callerError, fromNative, internalError, quietly } = require('./errors.js')
 const observability = require('./observability.js')
 const { bindProtocol } = require('./protocol.js')
-const { NATIVE_REFRESHER, nativeRefresh } = require('./refreshers.js')
+const { CLIENT_CREDENTIALS, NATIVE_REFRESHER, nativeRefresh } = require('./refreshers.js')
 
 // Date.prototype.getTime as it was when this module loaded: it reads the
 // Date's own time value, so a Date whose `getTime` was replaced (or a Proxy
@@ -421,7 +421,7 @@ class TokenManager {
     // The context carries the refresh token, which Redis coordination may
     // replace with a newer one.
     const ctx = new RefreshContext(userId, refreshToken)
-    const trace = this.#observer.lead(flightId, userId, accessToken, exp, refreshFn)
+    const trace = this.#observer.lead(flightId, userId, accessToken, exp, refreshFn, now)
     let resolveFlight
     let rejectFlight
     const flight = new Promise((resolve, reject) => {
@@ -456,7 +456,10 @@ class TokenManager {
     // Past this point nothing may throw: the timer is running.
     let obtained
     try {
-      obtained = this.#coordinator === null ? refresh() : this.#coordinator.obtain(ctx, accessToken, exp, refresh, this.#timeoutMs, now)
+      obtained =
+        this.#coordinator === null
+          ? refresh()
+          : this.#coordinator.obtain(ctx, accessToken, exp, refresh, this.#timeoutMs, now, !CLIENT_CREDENTIALS.has(refreshFn))
     } catch (e) {
       obtained = Promise.reject(e)
     }

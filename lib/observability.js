@@ -60,10 +60,10 @@ function checkOptions(o) {
   }
 }
 
-/** Why the leader's call refreshed, from the token it presented. */
-function refreshReason(noToken, expiresAtMs, bufferMs) {
+/** Why the leader's call refreshed, from the token it presented and the caller's clock then. */
+function refreshReason(noToken, expiresAtMs, bufferMs, nowMs) {
   if (noToken) return 'no-token'
-  const left = expiresAtMs - Date.now()
+  const left = expiresAtMs - nowMs
   if (left <= 0) return 'expired'
   // The core led although the token outlives the buffer: it was invalidated.
   return left > bufferMs ? 'invalidated' : 'buffer'
@@ -268,12 +268,13 @@ function promRegistry(tally, snapshot) {
 
 /** One flight this manager leads: who asked, why, and (once it runs) its refresh. */
 class RefreshTrace {
-  constructor(flightId, userId, noToken, expiresAtMs, refresher) {
+  constructor(flightId, userId, noToken, expiresAtMs, refresher, nowMs) {
     this.flightId = flightId
     this.userId = userId
-    /** The leader's token, for `reason` (worked out only for whoever will see it). */
+    /** The leader's token and the caller's clock when it led, for `reason` (worked out only for whoever will see it). */
     this.noToken = noToken
     this.expiresAtMs = expiresAtMs
+    this.nowMs = nowMs
     this.reason = null
     this.refresher = refresher
     /** Callers this flight serves: the leader's and every joiner's (counted when `tracked`). */
@@ -335,10 +336,10 @@ class Observer {
 
   // --- hooks: lib/manager.js ---
 
-  /** This manager leads flight `flightId` (its refresh may run now, later or elsewhere). */
-  lead(flightId, userId, accessToken, expiresAtMs, refreshFn) {
+  /** This manager leads flight `flightId`, decided at `nowMs` on the caller's clock (its refresh may run now, later or elsewhere). */
+  lead(flightId, userId, accessToken, expiresAtMs, refreshFn, nowMs) {
     this.#attach()
-    const trace = new RefreshTrace(flightId, userId, accessToken.length === 0, expiresAtMs, refreshFn[REFRESHER_KIND] ?? 'custom')
+    const trace = new RefreshTrace(flightId, userId, accessToken.length === 0, expiresAtMs, refreshFn[REFRESHER_KIND] ?? 'custom', nowMs)
     // Joiners are counted only for whoever will see `waiters` (a span, a
     // subscriber): most refreshes skip the bookkeeping.
     if (this.#tracer !== null || refreshChannel.hasSubscribers) {
@@ -365,7 +366,7 @@ class Observer {
     trace.startedAt = performance.now()
     let traced = refresh
     try {
-      if (this.#tracer !== null || refreshChannel.hasSubscribers) trace.reason = refreshReason(trace.noToken, trace.expiresAtMs, this.#bufferMs)
+      if (this.#tracer !== null || refreshChannel.hasSubscribers) trace.reason = refreshReason(trace.noToken, trace.expiresAtMs, this.#bufferMs, trace.nowMs)
       if (this.#tracer !== null) traced = this.#startSpan(trace, refresh)
       if (refreshChannel.hasSubscribers) traced = this.#startChannel(trace, traced)
     } catch (e) {

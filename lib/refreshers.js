@@ -10,6 +10,12 @@ const { TokenRefreshError, argError, callerError, fromNative, quietly } = requir
 const { REFRESHER_KIND } = require('./observability.js')
 
 const NATIVE_REFRESHER = Symbol('tarabut-token-manager.nativeRefresher')
+/**
+ * Refresh functions that never send a refresh token (client credentials):
+ * with Redis, they may still refresh in-process while Redis is unavailable,
+ * and need no restart guard (lib/coordination.js).
+ */
+const CLIENT_CREDENTIALS = new WeakSet()
 
 let lastAbortId = 0
 function nextAbortId() {
@@ -144,7 +150,9 @@ const TARABUT_OPTIONS = {
  * refreshFn, or call it as one.
  */
 function tarabutRefresher(options) {
-  return buildRefresher((o) => BindingRefresher.tarabut(o), 'tarabutRefresher', options, TARABUT_OPTIONS, 'tarabut')
+  const refresh = buildRefresher((o) => BindingRefresher.tarabut(o), 'tarabutRefresher', options, TARABUT_OPTIONS, 'tarabut')
+  CLIENT_CREDENTIALS.add(refresh)
+  return refresh
 }
 
 const OAUTH2_OPTIONS = {
@@ -166,4 +174,4 @@ function oauth2Refresher(options) {
   return buildRefresher((o) => BindingRefresher.oauth2(o), 'oauth2Refresher', options, OAUTH2_OPTIONS, 'oauth2')
 }
 
-module.exports = { NATIVE_REFRESHER, nativeRefresh, tarabutRefresher, oauth2Refresher }
+module.exports = { NATIVE_REFRESHER, CLIENT_CREDENTIALS, nativeRefresh, tarabutRefresher, oauth2Refresher }

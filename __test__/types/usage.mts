@@ -84,5 +84,6 @@ new TokenManager({ redis: { encryptionKey: 'k' } })
 new TokenManager({ redis: { url: 'redis://h', encryptionKey: [] } })
 // @ts-expect-error there is no switch to skip certificate checks
 new TokenManager({ redis: { url: 'rediss://h', tls: { insecureSkipVerify: true }, encryptionKey: 'k' } })
-// @ts-expect-error onError is 'local' or 'fail'
+for (const onError of ['auto', 'local', 'fail'] as const) new TokenManager({ redis: { url: 'redis://h', encryptionKey: 'k', onError } })
+// @ts-expect-error onError is 'auto', 'local' or 'fail'
 new TokenManager({ redis: { url: 'redis://h', encryptionKey: 'k', onError: 'retry' } })

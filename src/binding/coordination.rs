@@ -22,7 +22,7 @@ use super::errors::{guard, to_js, Code, Result};
 use super::manager::{BindingManager, TokenArg, UserIdArg};
 use super::strings::{BoundedString, MAX_OPTION_BYTES};
 use crate::coordination::{
-    self, CallerNow, Coordinator, Endpoint, Outcome, SharedToken, Unavailable,
+    self, Coordinator, Endpoint, Outcome, RefreshTokenUse, SharedToken, Unavailable,
 };
 use crate::engine::flight::validate_refreshed;
 use crate::engine::{time, Engine, Presented, Refreshed, SecretString};
@@ -144,11 +144,12 @@ impl BindingCoordinator {
                 engine.policy(),
             )
             .map_err(to_js)?;
-            // Another instance's invalidate: as if called here (the manager
-            // takes the mark over with `takeRemoteMarks`).
+            // Another instance's invalidate: as if called here, on the
+            // callers' clock as last seen (no caller asks for this one); the
+            // manager takes the mark over with `takeRemoteMarks`.
             let hears = engine.clone();
             inner.on_invalidated(move |user, token| {
-                let _ = hears.invalidate_from_elsewhere(user, token, time::now_ms());
+                let _ = hears.invalidate_from_elsewhere(user, token, hears.app_now());
             });
             let inner = Arc::new(inner);
             // In the background: construction never waits on Redis.
@@ -169,7 +170,9 @@ impl BindingCoordinator {
     /// For the leader of a due refresh: a shared token, or the lock, waiting
     /// on other instances for at most `waitMs` (real time). `nowMs`: the
     /// caller's clock when it asked, which decides whether a shared token
-    /// will do.
+    /// will do. `refreshTokenUse`: whether the refresh would send a refresh
+    /// token (`'sends'`: the caller's; `'if-handed-over'`: only one the cache
+    /// hands over; `'never'`), which decides whether the restart guard applies.
     #[napi]
     pub async fn acquire(
         &self,
@@ -178,6 +181,8 @@ impl BindingCoordinator {
         expires_at_ms: f64,
         wait_ms: f64,
         now_ms: f64,
+        #[napi(ts_arg_type = "'never' | 'if-handed-over' | 'sends'")]
+        refresh_token_use: BoundedString<16>,
     ) -> BindingAcquired {
         let work = async {
             let (user_id, access_token, expires_at) = match (
@@ -194,10 +199,17 @@ impl BindingCoordinator {
                     }
                 }
             };
+            // Anything else is taken as the safest answer: the refresh sends
+            // the caller's refresh token.
+            let refresh_token_use = match refresh_token_use.required("refreshTokenUse").as_deref() {
+                Ok("never") => RefreshTokenUse::Never,
+                Ok("if-handed-over") => RefreshTokenUse::IfHandedOver,
+                _ => RefreshTokenUse::Sends,
+            };
             let deadline =
                 Instant::now() + Duration::from_millis(wait_ms.clamp(0.0, 86_400_000.0) as u64);
             let now = match time::now_from_js(now_ms) {
-                Ok(now) => CallerNow::new(now),
+                Ok(now) => time::CallerNow::new(now),
                 Err(e) => {
                     return BindingAcquired {
                         kind: "unavailable".into(),
@@ -215,7 +227,14 @@ impl BindingCoordinator {
             let usable = |t: &SharedToken, now| !engine.is_revoked(&user_id, &t.access, now);
             let got = self
                 .inner
-                .acquire(&user_id, &presented, usable, deadline, now)
+                .acquire(
+                    &user_id,
+                    &presented,
+                    usable,
+                    deadline,
+                    now,
+                    refresh_token_use,
+                )
                 .await;
             let mut a = BindingAcquired {
                 undecryptable: got.undecryptable,

@@ -23,18 +23,33 @@ use super::keys::UserKeys;
 use super::record::{self, Lease, Notice, Record};
 use crate::engine::EpochMs;
 
+/// A record that is not a hash (garbled) is replaced, not a script error;
+/// a write fenced out still frees the lock and says so (`Released`), so the
+/// waiters ask again at once and find the newer token.
 static COMMIT: Lazy<Script> = Lazy::new(|| {
     Script::new(
         r"
-local cur = tonumber(redis.call('HGET', KEYS[1], 'f'))
+local cur = redis.pcall('HGET', KEYS[1], 'f')
+if type(cur) == 'table' then
+  redis.call('DEL', KEYS[1])
+  cur = false
+end
+cur = tonumber(cur)
+local fence = tonumber(ARGV[2])
 local written = 0
-if not cur or tonumber(ARGV[2]) > cur then
+if not cur or fence > cur then
   redis.call('HSET', KEYS[1], 'f', ARGV[2], 'e', ARGV[3], 'w', ARGV[4], 't', ARGV[5], 'h', ARGV[9])
+  -- Later grants draw newer fences, also on a server that lost the counter.
+  local n = tonumber(redis.call('HGET', KEYS[1], 'n'))
+  if not n or n < fence then redis.call('HSET', KEYS[1], 'n', ARGV[2]) end
   if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[6]) then redis.call('PEXPIRE', KEYS[1], ARGV[6]) end
   redis.call('PUBLISH', ARGV[7], ARGV[8])
   written = 1
 end
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+if redis.pcall('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+  if written == 0 then redis.call('PUBLISH', ARGV[7], ARGV[10]) end
+end
 return written
 ",
     )
@@ -43,7 +58,8 @@ return written
 static INVALIDATE: Lazy<Script> = Lazy::new(|| {
     Script::new(
         r"
-local r = redis.call('HMGET', KEYS[1], 'f', 'h')
+local r = redis.pcall('HMGET', KEYS[1], 'f', 'h')
+if r.err then r = {} end
 local marked = 0
 if r[1] and (ARGV[1] == '' or r[2] == ARGV[1]) then
   redis.call('HSET', KEYS[1], 'x', r[1])
@@ -86,6 +102,7 @@ pub async fn commit(
             &Notice::Committed(record.clone()),
         ))
         .arg(fingerprint)
+        .arg(record::encode_notice(&keys.id, &Notice::Released))
         .invoke_async(con)
         .await?;
     Ok(n == 1)

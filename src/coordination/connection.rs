@@ -1,28 +1,28 @@
 //! One RESP3 link per coordinator (`link.rs`: a node's `ConnectionManager`
 //! or a cluster connection, both reconnecting by themselves), carrying both
-//! commands and the pub/sub channel, plus a breaker: after a failure, calls
-//! fail fast (no Redis round trip, no waiting) while a background probe
-//! reconnects.
+//! commands and the pub/sub channel, plus a breaker: after a connection-level
+//! failure, calls fail fast (no Redis round trip, no waiting) while a
+//! background probe reconnects. What counts as such a failure, and the
+//! restart guard, are `health.rs`'s.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use redis::aio::ConnectionManagerConfig;
-use redis::RedisResult;
+use redis::{PushKind, RedisError, RedisResult};
 use tokio::task::AbortHandle;
 
+use super::health::{self, Breaker, Epoch, Fault};
 use super::link::{self, Endpoint, Link, Target};
 use super::pubsub::Waiters;
 use crate::engine::EngineError;
 
-/// Longest a single Redis call may take before Redis counts as unavailable.
-/// Every call is in-memory work on the server: a second is an outage.
+/// How long a call may go unanswered before a ping decides whether Redis is
+/// away (`Connection::run`). Every call is in-memory work on the server.
 pub const OP_TIMEOUT: Duration = Duration::from_millis(1_000);
-const PROBE_FIRST: Duration = Duration::from_millis(100);
-const PROBE_MAX: Duration = Duration::from_millis(2_000);
 
 /// Why a call could not use Redis. Messages name a category, never the URL.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,6 +39,20 @@ pub enum Unavailable {
     /// What failed, in words (`link::describe`).
     #[error("{0}")]
     Failed(String),
+    /// An odd reply to this one call (`link::describe`): the breaker stays
+    /// closed.
+    #[error("{0}")]
+    Rejected(String),
+    /// The restart guard (`health.rs`): this server may have lost locks.
+    #[error("Redis restarted, failed over or lost its keys: refreshes that spend a refresh token wait {resumes_in_ms} ms more for locks it may have lost")]
+    NewServer { resumes_in_ms: u64 },
+}
+
+impl Unavailable {
+    /// Worth another try shortly (a write that must land).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Down(_) | Self::TimedOut | Self::Failed(_))
+    }
 }
 
 pub struct Connection {
@@ -51,9 +65,12 @@ pub struct Connection {
     /// What the last failure was, in words: what `Unavailable::Down` says.
     failure: Mutex<String>,
     subscribed: AtomicBool,
-    down: AtomicBool,
+    breaker: Breaker,
+    epoch: Epoch,
     closed: AtomicBool,
     probe: Mutex<Option<AbortHandle>>,
+    /// This connection, for the push handler (set by `started`).
+    me: Arc<OnceLock<Weak<Connection>>>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -61,7 +78,7 @@ impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
             .field("channel", &self.channel)
-            .field("down", &self.down)
+            .field("breaker", &self.breaker)
             .field("closed", &self.closed)
             .finish_non_exhaustive()
     }
@@ -77,7 +94,17 @@ impl Connection {
     ) -> Result<Self, EngineError> {
         let waiters = Arc::<Waiters>::default();
         let weak = Arc::downgrade(&waiters);
+        let me = Arc::<OnceLock<Weak<Connection>>>::default();
+        let conn = me.clone();
         let push: link::PushHandler = Arc::new(move |info| {
+            // A dropped connection: have a ping say whether Redis is gone
+            // (the probe then reconnects promptly and touches the restart
+            // markers) rather than wait for a call to fail.
+            if info.kind == PushKind::Disconnection {
+                if let Some(c) = conn.get().and_then(Weak::upgrade) {
+                    c.check();
+                }
+            }
             if let Some(w) = weak.upgrade() {
                 w.on_push(info);
             }
@@ -91,10 +118,17 @@ impl Connection {
             connecting: tokio::sync::Mutex::new(()),
             failure: Mutex::new("Redis is unreachable".to_owned()),
             subscribed: AtomicBool::new(false),
-            down: AtomicBool::new(false),
+            breaker: Breaker::default(),
+            epoch: Epoch::default(),
             closed: AtomicBool::new(false),
             probe: Mutex::new(None),
+            me,
         })
+    }
+
+    /// Called once the connection is shared: lets the push handler reach it.
+    pub fn started(self: &Arc<Self>) {
+        let _ = self.me.set(Arc::downgrade(self));
     }
 
     pub fn waiters(&self) -> &Arc<Waiters> {
@@ -107,12 +141,49 @@ impl Connection {
 
     /// Whether calls are failing fast until the probe reconnects.
     pub fn is_down(&self) -> bool {
-        self.down.load(Relaxed)
+        self.breaker.is_open()
     }
 
-    /// Runs one Redis call within `budget` (at most [`OP_TIMEOUT`]).
-    /// A failure opens the breaker; while it is open this returns at once.
+    /// Which servers this connection used (the restart guard).
+    pub fn epoch(&self) -> &Epoch {
+        &self.epoch
+    }
+
+    /// Runs one Redis call within `budget`. A connection-level failure
+    /// opens the breaker (while it is open this returns at once); an odd
+    /// reply is this call's alone (`health::classify`). A call unanswered
+    /// after [`OP_TIMEOUT`] has a ping decide: if the ping goes unanswered
+    /// too, the breaker opens and the call gives up at once; otherwise it
+    /// keeps waiting, up to `budget` (a loaded server is slow, not gone).
     pub async fn run<T, F, Fut>(self: &Arc<Self>, budget: Duration, f: F) -> Result<T, Unavailable>
+    where
+        F: FnOnce(Link) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        self.call(budget, f, true).await
+    }
+
+    /// [`Connection::run`] even while the breaker is open: for a call that
+    /// must follow one already sent (giving back a lock granted to a call
+    /// that gave up), which a stalled server will run, breaker or not.
+    pub async fn run_anyway<T, F, Fut>(
+        self: &Arc<Self>,
+        budget: Duration,
+        f: F,
+    ) -> Result<T, Unavailable>
+    where
+        F: FnOnce(Link) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        self.call(budget, f, false).await
+    }
+
+    async fn call<T, F, Fut>(
+        self: &Arc<Self>,
+        budget: Duration,
+        f: F,
+        gated: bool,
+    ) -> Result<T, Unavailable>
     where
         F: FnOnce(Link) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
@@ -120,32 +191,56 @@ impl Connection {
         if self.closed.load(Relaxed) {
             return Err(Unavailable::Closed);
         }
-        if self.is_down() {
+        // Armed before the check, so a trip in between is not missed.
+        let opened = self.breaker.opened();
+        tokio::pin!(opened);
+        opened.as_mut().enable();
+        if gated && self.is_down() {
             return Err(Unavailable::Down(self.failure.lock().clone()));
         }
-        let budget = budget.min(OP_TIMEOUT);
         let call = async {
             let manager = self.manager().await?;
             self.subscribe(&manager).await?;
             f(manager).await
         };
-        match tokio::time::timeout(budget, call).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                let failure = link::describe(&e);
-                *self.failure.lock() = failure.clone();
-                self.mark_down();
-                Err(Unavailable::Failed(failure))
+        tokio::pin!(call);
+        let first = budget.min(OP_TIMEOUT);
+        let answered = match tokio::time::timeout(first, &mut call).await {
+            Ok(answered) => answered,
+            Err(_) if budget <= OP_TIMEOUT => {
+                // A short budget (the caller's deadline is near) says nothing
+                // about Redis; a full one may.
+                if budget == OP_TIMEOUT {
+                    self.check();
+                }
+                return Err(Unavailable::TimedOut);
             }
             Err(_) => {
-                // A short budget (the caller's deadline is near) says nothing
-                // about Redis; a full one does.
-                if budget == OP_TIMEOUT {
-                    *self.failure.lock() = Unavailable::TimedOut.to_string();
-                    self.mark_down();
+                self.check();
+                // Sent and unanswered either way: `TimedOut`, not `Down`.
+                tokio::select! {
+                    answered = &mut call => answered,
+                    _ = tokio::time::sleep(budget - first) => return Err(Unavailable::TimedOut),
+                    _ = &mut opened => return Err(Unavailable::TimedOut),
                 }
-                Err(Unavailable::TimedOut)
             }
+        };
+        answered.map_err(|e| self.fault(&e))
+    }
+
+    fn fault(self: &Arc<Self>, e: &RedisError) -> Unavailable {
+        match health::classify(e) {
+            Fault::Connection => {
+                let failure = link::describe(e);
+                *self.failure.lock() = failure.clone();
+                self.mark_down();
+                Unavailable::Failed(failure)
+            }
+            Fault::Slow => {
+                self.check();
+                Unavailable::TimedOut
+            }
+            Fault::Reply => Unavailable::Rejected(link::describe(e)),
         }
     }
 
@@ -168,7 +263,8 @@ impl Connection {
         }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(OP_TIMEOUT))
-            .set_response_timeout(Some(OP_TIMEOUT))
+            // Every call has its own budget (`run`).
+            .set_response_timeout(None)
             // Few, quick retries: the breaker and its probe handle outages.
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
@@ -195,33 +291,83 @@ impl Connection {
     }
 
     fn mark_down(self: &Arc<Self>) {
-        if self.down.swap(true, Relaxed) || self.closed.load(Relaxed) {
+        if !self.breaker.trip() || self.closed.load(Relaxed) {
             return;
         }
         let weak = Arc::downgrade(self);
-        *self.probe.lock() = Some(tokio::spawn(probe(weak)).abort_handle());
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            *self.probe.lock() = Some(handle.spawn(probe(weak)).abort_handle());
+        }
+    }
+
+    /// One unanswered call is not an outage: ping once (in the background)
+    /// and open the breaker only if that goes unanswered too.
+    fn check(self: &Arc<Self>) {
+        if self.closed.load(Relaxed) || !self.breaker.begin_check() {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            self.breaker.end_check();
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        handle.spawn(async move {
+            let Some(c) = weak.upgrade() else { return };
+            let alive = c.ping().await;
+            c.breaker.end_check();
+            if !alive {
+                c.mark_down();
+            }
+        });
+    }
+
+    /// Pings, and touches the restart markers this instance used recently
+    /// (`health::touch`), so a grace starts as soon as it is back on a new
+    /// server.
+    async fn ping(self: &Arc<Self>) -> bool {
+        let ping = async {
+            let manager = self.manager().await?;
+            self.subscribe(&manager).await?;
+            redis::cmd("PING")
+                .query_async::<()>(&mut manager.clone())
+                .await?;
+            Ok::<_, RedisError>(manager)
+        };
+        let manager = match tokio::time::timeout(OP_TIMEOUT, ping).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                *self.failure.lock() = link::describe(&e);
+                return false;
+            }
+            Err(_) => {
+                *self.failure.lock() = Unavailable::TimedOut.to_string();
+                return false;
+            }
+        };
+        for (marker, known) in self.epoch.recent() {
+            let mut m = manager.clone();
+            let touched = health::touch(&mut m, &marker, &known);
+            // Redis answered: a failed touch (an ACL refusing scripts) only
+            // means the next grant does the detection itself.
+            if let Ok(Ok(identity)) = tokio::time::timeout(OP_TIMEOUT, touched).await {
+                self.epoch.saw(&marker, &identity);
+            }
+        }
+        true
     }
 }
 
-/// Pings with a growing pause until Redis answers, then closes the breaker.
+/// Pings with a growing pause (`health::retry_pause`) until Redis answers,
+/// then closes the breaker.
 async fn probe(conn: Weak<Connection>) {
-    let mut pause = PROBE_FIRST;
-    loop {
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(PROBE_MAX);
+    for n in 0.. {
+        tokio::time::sleep(health::retry_pause(n)).await;
         let Some(c) = conn.upgrade() else { return };
         if c.closed.load(Relaxed) {
             return;
         }
-        let ping = async {
-            let manager = c.manager().await?;
-            c.subscribe(&manager).await?;
-            redis::cmd("PING")
-                .query_async::<()>(&mut manager.clone())
-                .await
-        };
-        if let Ok(Ok(())) = tokio::time::timeout(OP_TIMEOUT, ping).await {
-            c.down.store(false, Relaxed);
+        if c.ping().await {
+            c.breaker.reset();
             c.probe.lock().take();
             return;
         }

@@ -13,7 +13,14 @@
 //!    then asking again. Nothing waits past the caller's deadline.
 //!
 //! Redis failing at any step yields [`Outcome::Unavailable`]; what to do
-//! then (refresh locally or fail) is the caller's policy.
+//! then (refresh locally or fail) is the caller's policy. A refresh that
+//! spends a refresh token is also held back by the restart guard
+//! (`health.rs`) on a server that may have lost the fleet's locks: if the
+//! guard ends while at least half its budget is left, it waits, holding the
+//! lock meanwhile (callers after it queue behind it), then asks again;
+//! else it is `Unavailable` (`NewServer`) too. A result that could not be
+//! written is written again in the background as soon as Redis answers,
+//! within the guard's grace.
 //!
 //! [`Coordinator::invalidate`] marks a stored token bad and tells the other
 //! instances, whose [`Coordinator::on_invalidated`] listener hears it.
@@ -28,10 +35,12 @@ use tokio::time::Instant;
 
 use super::cache;
 use super::connection::{Connection, Unavailable, OP_TIMEOUT};
+use super::health;
 use super::keys::{Keys, UserKeys};
-use super::lock::{self, Acquire, Want};
+use super::lock::{self, Acquire, Answer, Extended, Guard, Want};
 use super::record::{self, Invalidation, Lease, Notice, Record};
 use super::seal::{self, SealKeys, SharedToken};
+use crate::engine::time::CallerNow;
 use crate::engine::{EpochMs, Presented, SecretString};
 
 /// Timing the coordinator shares with the engine's policy.
@@ -50,29 +59,17 @@ pub struct Timing {
     pub refresh_timeout_ms: u64,
 }
 
-/// The caller's clock, carried into a wait: its reading when it asked plus
-/// the real time waited since. Equal to the wall clock in production; under
-/// a test's fake clock it starts at the fake time. The engine has no clock
-/// of its own (`engine/time.rs`, "Clocks").
-#[derive(Debug, Clone, Copy)]
-pub struct CallerNow {
-    at: EpochMs,
-    read: Instant,
-}
-
-impl CallerNow {
-    /// The caller read `at` just now.
-    pub fn new(at: EpochMs) -> Self {
-        Self {
-            at,
-            read: Instant::now(),
-        }
-    }
-
-    pub fn now(&self) -> EpochMs {
-        let waited = self.read.elapsed().as_millis().min(i64::MAX as u128) as i64;
-        self.at.saturating_add(waited)
-    }
+/// Whether the refresh a lock is asked for would send a refresh token,
+/// which decides whether the restart guard (`health.rs`) applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshTokenUse {
+    /// Never (client credentials), or the caller's policy accepts the risk
+    /// (`onError: 'local'`): no guard.
+    Never,
+    /// Only one the cache hands over: while guarded, none is.
+    IfHandedOver,
+    /// The caller's own: no lock while guarded.
+    Sends,
 }
 
 #[derive(Debug)]
@@ -122,8 +119,12 @@ fn invalidation_aad(id: &str) -> Vec<u8> {
 
 impl Coordinator {
     pub fn new(conn: Connection, keys: Keys, seal: SealKeys, timing: Timing) -> Self {
+        conn.epoch()
+            .configure(health::memory_ms(timing.refresh_timeout_ms));
+        let conn = Arc::new(conn);
+        conn.started();
         Self {
-            conn: Arc::new(conn),
+            conn,
             keys,
             seal: Arc::new(seal),
             timing,
@@ -154,7 +155,8 @@ impl Coordinator {
     /// Finds a usable shared token or the lock for `user_id`, waiting on other
     /// instances' refreshes until `deadline`. `usable` adds the caller's own
     /// veto (a token it knows was revoked at the given time); `clock` is the
-    /// caller's, which every "is it fresh" here is decided on.
+    /// caller's, which every "is it fresh" here is decided on;
+    /// `refresh_token` says whether the restart guard applies.
     pub async fn acquire(
         &self,
         user_id: &str,
@@ -162,12 +164,21 @@ impl Coordinator {
         usable: impl Fn(&SharedToken, EpochMs) -> bool,
         deadline: Instant,
         clock: CallerNow,
+        refresh_token: RefreshTokenUse,
     ) -> Acquired {
         let keys = self.keys.user(user_id);
+        let marker = self.keys.epoch_marker(&keys);
         let t = self.timing;
+        let (grace_ms, settle_ms) = match refresh_token {
+            RefreshTokenUse::Never => (0, 0),
+            _ => (health::grace_ms(t.refresh_timeout_ms), health::SETTLE_MS),
+        };
+        let budget = deadline.saturating_duration_since(Instant::now());
         let mut undecryptable = false;
         let mut waited = false;
         let mut skip_fence = 0;
+        // The owner holding the lock through a restart guard, if any.
+        let mut held: Option<String> = None;
         let outcome = loop {
             let started = Instant::now();
             if started >= deadline {
@@ -183,33 +194,113 @@ impl Coordinator {
                 now,
                 skip_fence,
             };
-            let owner = lock::new_owner();
-            let counter_ttl = 2 * (t.refresh_timeout_ms + t.lock_ttl_ms);
-            let (k, o) = (&keys, &owner);
-            let found = self
+            let owner = held.clone().unwrap_or_else(lock::new_owner);
+            let counter_ttl = self.counter_ttl_ms();
+            let known = self.conn.epoch().known(&marker);
+            // Waiting out a restart guard must leave at least half the
+            // budget to the refresh itself: one cut short by its timeout may
+            // have spent its refresh token.
+            let can_wait = (deadline - started).saturating_sub(budget / 2);
+            let guard = Guard {
+                marker: &marker,
+                known: &known,
+                grace_ms,
+                settle_ms,
+                sends_refresh_token: refresh_token == RefreshTokenUse::Sends,
+                can_wait_ms: can_wait.as_millis() as u64,
+                reclaim: held.is_some(),
+            };
+            let (k, o, c) = (&keys, &owner, self.conn.channel());
+            let answer = self
                 .conn
                 .run(deadline - started, |mut m| async move {
-                    lock::acquire(&mut m, k, o, t.lock_ttl_ms, counter_ttl, want).await
+                    lock::acquire(&mut m, k, c, o, t.lock_ttl_ms, counter_ttl, want, guard).await
                 })
                 .await;
+            // The lock held through a guard is ours only if this answer
+            // says so again (the script let it go otherwise).
+            let was_held = held.is_some();
+            if was_held
+                && !matches!(
+                    answer,
+                    Ok(Answer {
+                        found: Acquire::HeldThroughGuard | Acquire::Locked { .. },
+                        ..
+                    })
+                )
+            {
+                held = None;
+                self.unwatch(&owner);
+            }
+            let found = match answer {
+                Ok(Answer {
+                    found,
+                    server,
+                    guard_ms,
+                }) => {
+                    if !server.is_empty() {
+                        self.conn.epoch().saw(&marker, &server);
+                    }
+                    Ok((found, guard_ms))
+                }
+                Err(e) => {
+                    // The script may still run (a stalled server answers
+                    // later): give the lock back if it granted it, so nobody
+                    // waits out its TTL for a refresh that will not happen.
+                    // (A lock held through a guard is given back either way.)
+                    if !matches!(e, Unavailable::Closed)
+                        && (was_held || !matches!(e, Unavailable::Down(_)))
+                    {
+                        self.abandon(keys.clone(), owner.clone());
+                    }
+                    Err(e)
+                }
+            };
             match found {
                 Err(e) => break Outcome::Unavailable(e),
-                Ok(Acquire::Cached(record)) => {
+                Ok((Acquire::Guarded, left_ms)) => {
+                    break Outcome::Unavailable(Unavailable::NewServer {
+                        resumes_in_ms: left_ms,
+                    });
+                }
+                Ok((Acquire::HeldThroughGuard, left_ms)) => {
+                    // Ours while the guard lasts, so callers after this one
+                    // queue behind it; then ask again (a token the old
+                    // server's holder wrote meanwhile answers instead).
+                    drop(waiting);
+                    if held.is_none() {
+                        let lease = Lease {
+                            owner: owner.clone(),
+                            fence: 0,
+                        };
+                        self.watch(keys.clone(), lease, deadline);
+                        held = Some(owner);
+                    }
+                    tokio::time::sleep(Duration::from_millis(left_ms + 5)).await;
+                    continue;
+                }
+                Ok((Acquire::Cached(record), _)) => {
                     match self.accept(&keys, &record, presented, &usable, now, &mut undecryptable) {
                         Some(token) => break Outcome::Shared { token, waited },
                         None => skip_fence = record.fence,
                     }
                 }
-                Ok(Acquire::Locked { lease, stale }) => {
+                Ok((Acquire::Locked { lease, stale }, guard_ms)) => {
                     drop(waiting);
+                    if held.take().is_some() {
+                        self.unwatch(&lease.owner);
+                    }
                     self.watch(keys.clone(), lease.clone(), deadline);
+                    // While guarded, no cached refresh token is handed over:
+                    // the refresh that last spent it may still be running.
                     let refresh = stale
+                        .filter(|_| guard_ms == 0)
                         .and_then(|r| self.open(&keys, &r, &mut undecryptable))
                         .filter(|s| s.expires_at > presented.expires_at)
                         .and_then(|s| s.refresh);
                     break Outcome::Lead { lease, refresh };
                 }
-                Ok(Acquire::Busy { lock_ttl_ms }) => {
+                Ok((Acquire::Busy { lock_ttl_ms }, _)) => {
                     waited = true;
                     // A dead holder announces nothing: its lock's TTL bounds the wait.
                     let wait = Duration::from_millis(lock_ttl_ms.saturating_add(5))
@@ -266,23 +357,70 @@ impl Coordinator {
             sealed,
         };
         let ttl = (token.expires_at.saturating_sub(now)).max(0) as u64 + self.timing.retention_ms;
-        let channel = self.conn.channel();
         let fingerprint = seal::fingerprint(&keys.id, &token.access);
-        self.conn
-            .run(OP_TIMEOUT, |mut m| async move {
-                cache::commit(
-                    &mut m,
-                    &keys,
-                    channel,
-                    lease,
-                    token.expires_at,
-                    &record,
-                    &fingerprint,
-                    ttl,
-                )
-                .await
-            })
-            .await
+        let write = Write {
+            keys,
+            lease: lease.clone(),
+            expires_at: token.expires_at,
+            record,
+            fingerprint,
+            ttl_ms: ttl,
+        };
+        let first = write.once(&self.conn).await;
+        if let Err(e) = &first {
+            if e.is_transient() {
+                self.rewrite(write);
+            }
+        }
+        first
+    }
+
+    /// Writes again, in the background, until Redis takes it or the
+    /// restart guard's grace is over: the token this refresh got is known
+    /// only here (and to its caller) until it is in Redis, and after a
+    /// restart the next lock holder must find it there. The grace is long
+    /// enough for it to land (`health.rs`).
+    fn rewrite(&self, write: Write) {
+        let conn = self.conn.clone();
+        let until = Instant::now()
+            + Duration::from_millis(health::grace_ms(self.timing.refresh_timeout_ms));
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            for n in 0.. {
+                tokio::time::sleep(health::retry_pause(n)).await;
+                if Instant::now() >= until {
+                    return;
+                }
+                match write.once(&conn).await {
+                    Err(e) if e.is_transient() => {}
+                    _ => return,
+                }
+            }
+        });
+    }
+
+    /// Best effort: frees `owner`'s lock if a call that gave up on Redis
+    /// took it after all (`lock::abandon`).
+    fn abandon(&self, keys: UserKeys, owner: String) {
+        let conn = self.conn.clone();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let channel = conn.channel().to_owned();
+            let (k, o, c) = (&keys, &owner, &channel);
+            let _ = conn
+                .run_anyway(OP_TIMEOUT, |mut m| async move {
+                    lock::abandon(&mut m, k, c, o).await
+                })
+                .await;
+        });
+    }
+
+    fn counter_ttl_ms(&self) -> u64 {
+        2 * (self.timing.refresh_timeout_ms + self.timing.lock_ttl_ms)
     }
 
     /// `invalidate` for every instance: marks the stored token bad when it
@@ -410,30 +548,46 @@ impl Coordinator {
         ok.then_some(token)
     }
 
-    /// Extends the lock every third of its TTL while the refresh may still
-    /// run (until `deadline`). A holder that dies stops extending, so the
-    /// others wait at most one TTL.
+    /// Extends the lock every third of its TTL for as long as the refresh
+    /// may still run (until `deadline`). A failed extension (Redis slow or
+    /// away) is retried soon, not taken as the end: giving up would let the
+    /// lock lapse under a refresh still in flight, and a second instance run
+    /// the same user's refresh. Only another holder having the lock stops
+    /// it. A holder that dies stops extending, so the others wait at most
+    /// one TTL.
     fn watch(&self, keys: UserKeys, lease: Lease, deadline: Instant) {
         let conn = self.conn.clone();
         let ttl = self.timing.lock_ttl_ms;
+        let counter_ttl = self.counter_ttl_ms();
         let dogs = self.watchdogs.clone();
         let mut map = self.watchdogs.lock();
         let owner = lease.owner.clone();
         let task = tokio::spawn(async move {
             let period = Duration::from_millis((ttl / 3).max(1));
             let (k, l) = (&keys, &lease);
+            let mut pause = period;
+            let mut failed = 0;
             loop {
-                tokio::time::sleep(period).await;
+                tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now())))
+                    .await;
                 if Instant::now() >= deadline {
                     break;
                 }
                 let extended = conn
                     .run(period, |mut m| async move {
-                        lock::extend(&mut m, k, l, ttl).await
+                        lock::extend(&mut m, k, l, ttl, counter_ttl).await
                     })
                     .await;
-                if extended != Ok(true) {
-                    break;
+                match extended {
+                    Ok(Extended::Held | Extended::Retaken) => {
+                        failed = 0;
+                        pause = period;
+                    }
+                    Ok(Extended::Lost) | Err(Unavailable::Closed) => break,
+                    Err(_) => {
+                        pause = health::retry_pause(failed).min(period);
+                        failed += 1;
+                    }
                 }
             }
             dogs.lock().remove(&lease.owner);
@@ -450,6 +604,36 @@ impl Coordinator {
     #[cfg(test)]
     pub(crate) fn watchdogs(&self) -> usize {
         self.watchdogs.lock().len()
+    }
+}
+
+/// A token write (`cache::commit`), kept for retries.
+struct Write {
+    keys: UserKeys,
+    lease: Lease,
+    expires_at: i64,
+    record: Record,
+    fingerprint: String,
+    ttl_ms: u64,
+}
+
+impl Write {
+    async fn once(&self, conn: &Arc<Connection>) -> Result<bool, Unavailable> {
+        let channel = conn.channel();
+        conn.run(OP_TIMEOUT, |mut m| async move {
+            cache::commit(
+                &mut m,
+                &self.keys,
+                channel,
+                &self.lease,
+                self.expires_at,
+                &self.record,
+                &self.fingerprint,
+                self.ttl_ms,
+            )
+            .await
+        })
+        .await
     }
 }
 

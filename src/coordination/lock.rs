@@ -6,11 +6,13 @@
 //! Taking the lock is folded into one script with reading the cache: a
 //! fresh token there is returned instead, so "read the cache, else lock"
 //! costs one round trip, and no token can land between the read and the lock.
+//! The same script applies the restart guard (`health.rs`) before granting.
 
 use once_cell::sync::Lazy;
 use redis::aio::ConnectionLike;
 use redis::{RedisResult, Script, Value};
 
+use super::health;
 use super::keys::UserKeys;
 use super::record::{self, Lease, Notice, Record};
 use crate::engine::EpochMs;
@@ -31,6 +33,26 @@ pub enum Acquire {
     Locked { lease: Lease, stale: Option<Record> },
     /// Someone else holds the lock for this many more ms.
     Busy { lock_ttl_ms: u64 },
+    /// The restart guard (`health.rs`) holds refresh-token locks back on
+    /// this server for [`Answer::guard_ms`] more, longer than the caller
+    /// can wait.
+    Guarded,
+    /// The guard ends within what the caller can wait: the lock is held
+    /// for it meanwhile (so callers after it queue behind it, as for any
+    /// lock). Ask again with [`Guard::reclaim`] after [`Answer::guard_ms`].
+    HeldThroughGuard,
+}
+
+/// The script's answer, with what it learnt about the server.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub found: Acquire,
+    /// The restart marker's identity (`health::Epoch::saw`), when the
+    /// script checked it (only before a grant); else empty.
+    pub server: String,
+    /// How long the restart guard still holds refresh-token locks back (ms);
+    /// 0 when it does not, or when the call asked for no guard.
+    pub guard_ms: u64,
 }
 
 /// Which cached token the script may return rather than lock: newer than
@@ -47,62 +69,144 @@ pub struct Want {
     pub skip_fence: u64,
 }
 
+/// The restart guard's part of a lock request (`health.rs`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Guard<'a> {
+    /// The marker key.
+    pub marker: &'a str,
+    /// The marker identity this instance saw last (`health::Epoch::known`), or "".
+    pub known: &'a str,
+    /// The grace and settle this refresh observes (0, 0: none).
+    pub grace_ms: u64,
+    pub settle_ms: u64,
+    /// The refresh sends the caller's refresh token: no lock while guarded
+    /// (held through the guard, if it ends within `can_wait_ms`). Otherwise
+    /// the lock is granted and `guard_ms` tells the caller not to hand a
+    /// cached refresh token over.
+    pub sends_refresh_token: bool,
+    pub can_wait_ms: u64,
+    /// The owner already holds the lock through a guard: asking again.
+    pub reclaim: bool,
+}
+
+/// Every field read defensively: a record garbled by hand, by another
+/// program or by an older version (a field missing or not a number, the key
+/// not a hash) is a miss for that user, never a script error, which would
+/// read as "Redis failed" for every user.
 static ACQUIRE: Lazy<Script> = Lazy::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{}{}",
+        health::EPOCH_LUA,
         r"
-local r = redis.call('HMGET', KEYS[1], 'f', 'e', 'w', 't', 'x')
-local f, e, w = tonumber(r[1]), tonumber(r[2]), tonumber(r[3])
-if r[4] and e and f ~= tonumber(ARGV[7]) and f ~= tonumber(r[5]) and e > tonumber(ARGV[3])
+-- The lock is already ours: held through the restart guard, asked again.
+local mine = ARGV[14] == '1' and redis.pcall('GET', KEYS[2]) == ARGV[1]
+local function letgo()
+  if mine then
+    redis.call('DEL', KEYS[2])
+    redis.call('PUBLISH', ARGV[15], ARGV[16])
+  end
+end
+local r = redis.pcall('HMGET', KEYS[1], 'f', 'e', 'w', 't', 'n', 'x')
+if r.err then redis.call('DEL', KEYS[1]) r = {} end
+local f, e, w, t, n = tonumber(r[1]), tonumber(r[2]), tonumber(r[3]), r[4], tonumber(r[5])
+if type(t) ~= 'string' then t = nil end
+if t and f and e and f ~= tonumber(ARGV[7]) and f ~= tonumber(r[6]) and e > tonumber(ARGV[3])
   and (e > tonumber(ARGV[4]) or (w and w > tonumber(ARGV[5]) and e > tonumber(ARGV[6]))) then
-  return {1, f, w or 0, r[4]}
+  letgo()
+  return {1, '', 0, f, w or 0, t}
 end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
-  -- The fence counter must outlive every holder still refreshing.
-  if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[8]) then redis.call('PEXPIRE', KEYS[1], ARGV[8]) end
-  if r[4] and f then return {2, n, f, w or 0, r[4]} end
-  return {2, n}
+if not mine then
+  local held = redis.call('PTTL', KEYS[2])
+  -- A lock without an expiry was not set by a holder (ours always have
+  -- one): it lapses like theirs would, rather than block the user for good.
+  if held == -1 then
+    redis.call('PEXPIRE', KEYS[2], ARGV[2])
+    held = tonumber(ARGV[2])
+  end
+  if held >= 0 then return {3, '', 0, held} end
 end
-return {3, redis.call('PTTL', KEYS[2])}
-",
-    )
+-- Only a grant needs the restart guard (and pays for its INFO).
+local server, left = epoch(KEYS[3], ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[6])
+if left > 0 and ARGV[12] == '1' then
+  if left <= tonumber(ARGV[13]) then
+    redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+    return {5, server, left}
+  end
+  letgo()
+  return {4, server, left}
+end
+if mine then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+elseif not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {3, server, left, 0}
+end
+-- The next fence: above the counter and above the record's own fence (a
+-- counter lost with a restart, or garbled, must not hand out an old one).
+if not n or n < 0 or n ~= math.floor(n) then n = 0 end
+if f and f > n then n = math.floor(f) end
+n = n + 1
+redis.call('HSET', KEYS[1], 'n', n)
+-- The fence counter must outlive every holder still refreshing.
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[8]) then redis.call('PEXPIRE', KEYS[1], ARGV[8]) end
+if t then return {2, server, left, n, f or 0, w or 0, t} end
+return {2, server, left, n}
+"
+    ))
 });
 
+/// Extends the lock if it is still ours. If it is gone (lost with a
+/// restart, or lapsed while Redis was unreachable) and nobody took it, it
+/// is taken back, and the fence counter raised to ours so that later grants
+/// still draw newer fences.
 static EXTEND: Lazy<Script> = Lazy::new(|| {
     Script::new(
         r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
+local cur = redis.pcall('GET', KEYS[1])
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if redis.call('PTTL', KEYS[1]) ~= -2 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local n = redis.pcall('HGET', KEYS[2], 'n')
+if type(n) ~= 'table' and (tonumber(n) or 0) < tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[2], 'n', ARGV[3])
+  if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
+end
+return 2
 ",
     )
 });
 
-static RELEASE: Lazy<Script> = Lazy::new(|| {
-    Script::new(
-        r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+const RELEASE_LUA: &str = r"
+if redis.pcall('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   redis.call('PUBLISH', ARGV[2], ARGV[3])
   return 1
 end
 return 0
-",
-    )
-});
+";
 
-/// Returns a usable cached token, or takes the lock, or says who has it.
-/// `counter_ttl_ms` keeps the fence counter alive at least that long.
+static RELEASE: Lazy<Script> = Lazy::new(|| Script::new(RELEASE_LUA));
+
+/// Returns a usable cached token, or takes the lock, or says who has it, or
+/// that the restart guard holds the lock back. `counter_ttl_ms` keeps the
+/// fence counter alive at least that long.
+#[allow(clippy::too_many_arguments)]
 pub async fn acquire(
     con: &mut impl ConnectionLike,
     keys: &UserKeys,
+    channel: &str,
     owner: &str,
     lock_ttl_ms: u64,
     counter_ttl_ms: u64,
     want: Want,
-) -> RedisResult<Acquire> {
+    guard: Guard<'_>,
+) -> RedisResult<Answer> {
     let v: Vec<Value> = ACQUIRE
         .key(&keys.record)
         .key(&keys.lock)
+        .key(guard.marker)
         .arg(owner)
         .arg(lock_ttl_ms)
         .arg(want.min_expires_at)
@@ -111,6 +215,14 @@ pub async fn acquire(
         .arg(want.now)
         .arg(want.skip_fence)
         .arg(counter_ttl_ms)
+        .arg(guard.known)
+        .arg(guard.grace_ms)
+        .arg(guard.settle_ms)
+        .arg(if guard.sends_refresh_token { "1" } else { "0" })
+        .arg(guard.can_wait_ms)
+        .arg(if guard.reclaim { "1" } else { "0" })
+        .arg(channel)
+        .arg(record::encode_notice(&keys.id, &Notice::Released))
         .invoke_async(con)
         .await?;
     let bad = || {
@@ -133,34 +245,97 @@ pub async fn acquire(
             _ => Err(bad()),
         }
     };
-    match int(0)? {
-        1 => Ok(Acquire::Cached(record(1)?)),
-        2 => Ok(Acquire::Locked {
+    let server = match v.get(1) {
+        Some(Value::BulkString(identity)) => String::from_utf8_lossy(identity).into_owned(),
+        _ => return Err(bad()),
+    };
+    let guard_ms = int(2)?.max(0) as u64;
+    let found = match int(0)? {
+        1 => Acquire::Cached(record(3)?),
+        2 => Acquire::Locked {
             lease: Lease {
                 owner: owner.to_owned(),
-                fence: int(1)?.max(0) as u64,
+                fence: int(3)?.max(0) as u64,
             },
-            stale: if v.len() > 2 { Some(record(2)?) } else { None },
-        }),
-        3 => Ok(Acquire::Busy {
-            lock_ttl_ms: int(1)?.max(0) as u64,
-        }),
-        _ => Err(bad()),
-    }
+            stale: if v.len() > 4 { Some(record(4)?) } else { None },
+        },
+        3 => Acquire::Busy {
+            lock_ttl_ms: int(3)?.max(0) as u64,
+        },
+        4 => Acquire::Guarded,
+        5 => Acquire::HeldThroughGuard,
+        _ => return Err(bad()),
+    };
+    Ok(Answer {
+        found,
+        server,
+        guard_ms,
+    })
 }
 
-/// Pushes the lock's expiry out by `ttl_ms` if `lease` still holds it.
+/// What an extension found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extended {
+    /// Still ours: its expiry was pushed out.
+    Held,
+    /// It was gone and nobody had it: ours again.
+    Retaken,
+    /// Someone else holds it.
+    Lost,
+}
+
+/// Pushes the lock's expiry out by `ttl_ms` if `lease` still holds it, or
+/// takes it back if it is free (see [`EXTEND`]). `counter_ttl_ms` as for
+/// [`acquire`].
 pub async fn extend(
     con: &mut impl ConnectionLike,
     keys: &UserKeys,
     lease: &Lease,
     ttl_ms: u64,
-) -> RedisResult<bool> {
+    counter_ttl_ms: u64,
+) -> RedisResult<Extended> {
     let n: i64 = EXTEND
         .key(&keys.lock)
+        .key(&keys.record)
         .arg(&lease.owner)
         .arg(ttl_ms)
+        .arg(lease.fence)
+        .arg(counter_ttl_ms)
         .invoke_async(con)
+        .await?;
+    Ok(match n {
+        1 => Extended::Held,
+        2 => Extended::Retaken,
+        _ => Extended::Lost,
+    })
+}
+
+/// Gives up a lock a call that gave up on Redis (a stall) may still be
+/// granted: sent right behind that call, so a stalled server runs it right
+/// after the grant. The script is loaded in the same pipeline: a bare
+/// `EVALSHA` that meets a server without it needs a second round trip,
+/// which a stalled server would not answer before the caller stopped
+/// waiting. (`SCRIPT LOAD` has no key: on a cluster the pipeline goes where
+/// the lock's key does.)
+pub async fn abandon(
+    con: &mut impl ConnectionLike,
+    keys: &UserKeys,
+    channel: &str,
+    owner: &str,
+) -> RedisResult<bool> {
+    let (n,): (i64,) = redis::pipe()
+        .cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(RELEASE_LUA)
+        .ignore()
+        .cmd("EVALSHA")
+        .arg(RELEASE.get_hash())
+        .arg(1)
+        .arg(&keys.lock)
+        .arg(owner)
+        .arg(channel)
+        .arg(record::encode_notice(&keys.id, &Notice::Released))
+        .query_async(con)
         .await?;
     Ok(n == 1)
 }

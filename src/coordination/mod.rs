@@ -12,6 +12,8 @@
 //! - [`link`]: where Redis is (a node or a cluster, TCP or TLS) and the
 //!   connection to it;
 //! - [`connection`]: that connection with a breaker and reconnect probe;
+//! - [`health`]: the breaker's policy and the restart guard (a new server
+//!   may have lost the locks: refresh-token refreshes wait);
 //! - [`coordinator`]: the flow tying them together.
 //!
 //! The hot path never gets here: only a refresh that is due does.
@@ -19,6 +21,7 @@
 pub mod cache;
 pub mod connection;
 pub mod coordinator;
+pub mod health;
 pub mod keys;
 pub mod link;
 pub mod lock;
@@ -27,7 +30,7 @@ pub mod record;
 pub mod seal;
 
 pub use connection::{Connection, Unavailable};
-pub use coordinator::{Acquired, CallerNow, Coordinator, Outcome, Timing};
+pub use coordinator::{Acquired, Coordinator, Outcome, RefreshTokenUse, Timing};
 pub use link::Endpoint;
 pub use seal::{SealKeys, SharedToken};
 
@@ -92,7 +95,9 @@ pub fn coordinator(o: CoordinationOptions, policy: &Policy) -> Result<Coordinato
         };
         EngineError::invalid_argument(name, format!("{at}{e} (32 random bytes, base64)"))
     })?;
-    let k = keys::Keys::new(prefix);
+    // A cluster script touches one hash slot: one restart marker per slot.
+    let k =
+        keys::Keys::new(prefix).with_marker_per_slot(matches!(o.endpoint, Endpoint::Cluster(_)));
     let conn = Connection::open(&o.endpoint, o.tls_ca.as_deref(), k.channel())?;
     let timing = Timing {
         lock_ttl_ms,
@@ -104,5 +109,7 @@ pub fn coordinator(o: CoordinationOptions, policy: &Policy) -> Result<Coordinato
     Ok(Coordinator::new(conn, k, seal, timing))
 }
 
+#[cfg(test)]
+mod outage_tests;
 #[cfg(test)]
 mod tests;

@@ -97,9 +97,24 @@ impl Waiters {
         self.map.lock().values().map(Vec::len).sum()
     }
 
+    /// Wakes every waiter as if its lock had been released: they ask again.
+    pub fn wake_all(&self) {
+        let all = std::mem::take(&mut *self.map.lock());
+        for (_, tx) in all.into_values().flatten() {
+            let _ = tx.send(Notice::Released);
+        }
+    }
+
     /// The connection's push handler: a channel message becomes a dispatch.
-    /// Anything else (subscribe confirmations, disconnects) is ignored.
+    /// A dropped connection wakes every waiter: an announcement sent while
+    /// it was down is lost, so they ask again rather than sleep out the
+    /// lock's TTL (and then get "unavailable" at once, or the new state).
+    /// Anything else (subscribe confirmations) is ignored.
     pub fn on_push(&self, info: PushInfo) {
+        if info.kind == PushKind::Disconnection {
+            self.wake_all();
+            return;
+        }
         if info.kind != PushKind::Message {
             return;
         }
@@ -134,6 +149,20 @@ mod tests {
         drop(a);
         assert_eq!(w.waiting(), 1);
         drop(other);
+        assert_eq!(w.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_connection_wakes_every_waiter() {
+        let w = Arc::new(Waiters::default());
+        let mut a = w.register("u");
+        let mut b = w.register("v");
+        w.on_push(PushInfo {
+            kind: PushKind::Disconnection,
+            data: vec![],
+        });
+        assert_eq!((&mut a.rx).await.unwrap(), Notice::Released);
+        assert_eq!((&mut b.rx).await.unwrap(), Notice::Released);
         assert_eq!(w.waiting(), 0);
     }
 }

@@ -8,25 +8,43 @@ use std::time::Duration;
 use redis::AsyncCommands;
 use tokio::time::Instant;
 
-use super::lock::{self, Acquire, Want};
+use super::lock::{self, Acquire, Guard, Want};
 use super::*;
-use crate::engine::{time, Policy, Presented};
+use crate::engine::time::{self, CallerNow};
+use crate::engine::{Policy, Presented};
 
-const KEY_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+pub(super) const KEY_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const KEY_B: &str = "HxwdHhsaGRgXFhUUExIREA8ODQwLCgkIBwYFBAMCAQA=";
 
-struct Server {
+pub(super) struct Server {
     child: Child,
-    port: u16,
+    pub(super) port: u16,
 }
 
 impl Server {
-    fn start() -> Self {
+    pub(super) fn start() -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
+        Self::start_on(port)
+    }
+
+    /// Kills the server (like a crash) and starts an empty one on its port.
+    pub(super) fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let fresh = Self::start_on(self.port);
+        *self = fresh;
+    }
+
+    pub(super) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub(super) fn start_on(port: u16) -> Self {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -54,11 +72,11 @@ impl Server {
         s
     }
 
-    fn url(&self) -> String {
+    pub(super) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    async fn con(&self) -> redis::aio::MultiplexedConnection {
+    pub(super) async fn con(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.url())
             .unwrap()
             .get_multiplexed_async_connection()
@@ -74,7 +92,7 @@ impl Drop for Server {
     }
 }
 
-fn policy() -> Policy {
+pub(super) fn policy() -> Policy {
     Policy {
         buffer_ms: 1_000,
         double_check_window_ms: 0,
@@ -82,7 +100,7 @@ fn policy() -> Policy {
     }
 }
 
-fn coordinator_with(url: &str, key: &str, lock_ttl_ms: f64) -> Coordinator {
+pub(super) fn coordinator_with(url: &str, key: &str, lock_ttl_ms: f64) -> Coordinator {
     coordinator_keys(url, &[key], lock_ttl_ms)
 }
 
@@ -111,7 +129,7 @@ async fn store(c: &Coordinator, user: &str, access: &str) {
         .unwrap());
 }
 
-fn token(access: &str, refresh: &str, ttl_ms: i64) -> SharedToken {
+pub(super) fn token(access: &str, refresh: &str, ttl_ms: i64) -> SharedToken {
     SharedToken {
         access: access.into(),
         refresh: Some(refresh.into()),
@@ -119,7 +137,7 @@ fn token(access: &str, refresh: &str, ttl_ms: i64) -> SharedToken {
     }
 }
 
-fn old() -> Presented {
+pub(super) fn old() -> Presented {
     Presented {
         access: "old-access".into(),
         refresh: None,
@@ -127,7 +145,7 @@ fn old() -> Presented {
     }
 }
 
-fn soon(ms: u64) -> Instant {
+pub(super) fn soon(ms: u64) -> Instant {
     Instant::now() + Duration::from_millis(ms)
 }
 
@@ -138,6 +156,7 @@ async fn acquire(c: &Coordinator, user: &str, deadline: Instant) -> Acquired {
         |_, _| true,
         deadline,
         CallerNow::new(time::now_ms()),
+        RefreshTokenUse::Never,
     )
     .await
 }
@@ -154,17 +173,24 @@ async fn lock_is_exclusive_and_released_only_by_its_owner() {
         now: 0,
         skip_fence: 0,
     };
+    let guard = Guard {
+        marker: "t:epoch",
+        ..Guard::default()
+    };
     let Acquire::Locked { lease, stale: None } =
-        lock::acquire(&mut con, &keys, "a", 5_000, 60_000, want)
+        lock::acquire(&mut con, &keys, "ch", "a", 5_000, 60_000, want, guard)
             .await
             .unwrap()
+            .found
     else {
         panic!("first caller locks")
     };
     assert_eq!(lease.fence, 1);
-    let Acquire::Busy { lock_ttl_ms } = lock::acquire(&mut con, &keys, "b", 5_000, 60_000, want)
-        .await
-        .unwrap()
+    let Acquire::Busy { lock_ttl_ms } =
+        lock::acquire(&mut con, &keys, "ch", "b", 5_000, 60_000, want, guard)
+            .await
+            .unwrap()
+            .found
     else {
         panic!("second caller waits")
     };
@@ -178,18 +204,28 @@ async fn lock_is_exclusive_and_released_only_by_its_owner() {
             .await
             .unwrap()
     );
-    assert!(lock::extend(&mut con, &keys, &lease, 5_000).await.unwrap());
-    assert!(!lock::extend(&mut con, &keys, &intruder, 5_000)
-        .await
-        .unwrap());
+    assert_eq!(
+        lock::extend(&mut con, &keys, &lease, 5_000, 60_000)
+            .await
+            .unwrap(),
+        lock::Extended::Held
+    );
+    assert_eq!(
+        lock::extend(&mut con, &keys, &intruder, 5_000, 60_000)
+            .await
+            .unwrap(),
+        lock::Extended::Lost
+    );
     assert!(
         lock::release(&mut con, &keys, "ch", &lease, &record::Notice::Released)
             .await
             .unwrap()
     );
-    let Acquire::Locked { lease, .. } = lock::acquire(&mut con, &keys, "b", 5_000, 60_000, want)
-        .await
-        .unwrap()
+    let Acquire::Locked { lease, .. } =
+        lock::acquire(&mut con, &keys, "ch", "b", 5_000, 60_000, want, guard)
+            .await
+            .unwrap()
+            .found
     else {
         panic!("free again")
     };
@@ -417,6 +453,7 @@ async fn unusable_cached_tokens_are_refreshed_and_newer_refresh_tokens_handed_ov
             |t, _| t.access.expose() != "revoked",
             soon(5_000),
             CallerNow::new(time::now_ms()),
+            RefreshTokenUse::Never,
         )
         .await;
     let Outcome::Lead {
@@ -795,6 +832,7 @@ async fn shared_tokens_are_judged_and_kept_on_the_callers_clock() {
             |_, _| true,
             soon(5_000),
             CallerNow::new(FAKE),
+            RefreshTokenUse::Never,
         )
         .await
         .outcome
@@ -826,6 +864,7 @@ async fn shared_tokens_are_judged_and_kept_on_the_callers_clock() {
             usable,
             soon(5_000),
             CallerNow::new(FAKE + 30_000),
+            RefreshTokenUse::Never,
         )
         .await
         .outcome
@@ -843,6 +882,7 @@ async fn shared_tokens_are_judged_and_kept_on_the_callers_clock() {
             |_, _| true,
             soon(5_000),
             CallerNow::new(FAKE + 59_500),
+            RefreshTokenUse::Never,
         )
         .await
         .outcome

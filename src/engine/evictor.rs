@@ -2,14 +2,15 @@
 //! idle users' memory soon after `idleTtlMs`, in bounded slices (the rules
 //! are in `table.rs`). It never touches the hot path, which does not lock.
 //!
-//! Clock: there is no caller to say what time it is, so the task reads the
-//! wall clock ([`time::now_ms`], the clock `Date.now()` reads). Callers'
-//! slices use the `now` they are given.
+//! Clock: there is no caller to say what time it is, so the task uses the
+//! callers' clock as last seen ([`Engine::app_now`]: the wall clock in
+//! production, a test's fake clock moving at real speed from its last call;
+//! `time.rs`, "Clocks"). Callers' slices use the `now` they are given.
 
 use std::sync::Weak;
 use std::time::Duration;
 
-use super::{time, Engine, EpochMs};
+use super::{Engine, EpochMs};
 
 /// Entries one background slice visits at most. The lock is held only to
 /// unlink them (tens of µs); they are freed after it is released.
@@ -32,7 +33,7 @@ pub async fn run(engine: Weak<Engine>) {
             let Some(engine) = engine.upgrade() else {
                 return;
             };
-            let now = time::now_ms();
+            let now = engine.app_now();
             let cap = MAX_NAP.min(Duration::from_millis(engine.policy().idle_ttl_ms.max(10)));
             let slice = engine.evict(now, SLICE);
             freed += slice.evicted;

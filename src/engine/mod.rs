@@ -227,6 +227,16 @@ impl Engine {
         done
     }
 
+    /// "Now" for work no caller asks for (the background evictor, another
+    /// instance's invalidation): the callers' clock as last seen, advanced
+    /// by the real time since; the system clock before any call passed one
+    /// (`time.rs`, "Clocks").
+    pub fn app_now(&self) -> EpochMs {
+        self.table()
+            .seen()
+            .map_or_else(time::now_ms, |seen| seen.now())
+    }
+
     /// Signs of callers for the background task: calls answered on the hot
     /// path so far, and when the table was last used by a call.
     pub fn activity(&self) -> (u64, Option<EpochMs>) {

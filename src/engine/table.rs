@@ -30,6 +30,7 @@ use lru::LruCache;
 
 use super::policy::{EpochMs, Policy};
 use super::secret::{Fingerprint, SecretString};
+use super::time::CallerNow;
 use super::token::Held;
 
 /// Entries a caller's slice of eviction visits at most: above the one entry
@@ -152,6 +153,8 @@ pub(crate) struct Table {
     lapses: BinaryHeap<Reverse<(EpochMs, Box<str>)>>,
     /// The most entries held since the map last gave room back.
     peak: usize,
+    /// The latest clock reading a call passed in (`time.rs`, "Clocks").
+    seen: Option<CallerNow>,
 }
 
 impl Default for Table {
@@ -162,6 +165,7 @@ impl Default for Table {
             revoking: 0,
             lapses: BinaryHeap::new(),
             peak: 0,
+            seen: None,
         }
     }
 }
@@ -184,6 +188,19 @@ impl Table {
         self.entries.len()
     }
 
+    /// The latest clock reading a call passed in, if any.
+    pub fn seen(&self) -> Option<CallerNow> {
+        self.seen
+    }
+
+    /// A call passed `now`. The real time is read only when the reading
+    /// changes: at most once a millisecond under traffic.
+    fn saw(&mut self, now: EpochMs) {
+        if self.seen.is_none_or(|s| s.at() != now) {
+            self.seen = Some(CallerNow::new(now));
+        }
+    }
+
     /// When a call last used an entry.
     pub fn last_use(&self) -> Option<EpochMs> {
         self.entries.peek_mru().map(|(_, e)| e.last_used)
@@ -197,6 +214,7 @@ impl Table {
         now: EpochMs,
         f: impl FnOnce(&mut Entry, &mut usize) -> R,
     ) -> R {
+        self.saw(now);
         if let Some(e) = self.entries.get_mut(user) {
             return Books::of(&mut self.in_flight, &mut self.revoking, &mut self.lapses)
                 .apply(user, e, now, f);
@@ -216,6 +234,7 @@ impl Table {
         now: EpochMs,
         f: impl FnOnce(&mut Entry, &mut usize) -> R,
     ) -> Option<R> {
+        self.saw(now);
         let e = self.entries.get_mut(user)?;
         Some(
             Books::of(&mut self.in_flight, &mut self.revoking, &mut self.lapses)
@@ -226,6 +245,7 @@ impl Table {
     /// A caller's slice of eviction: [`EVICT_PER_CALL`] entries at most,
     /// dropped in place.
     pub fn evict_on_call(&mut self, policy: &Policy, now: EpochMs) {
+        self.saw(now);
         self.evict(policy, now, EVICT_PER_CALL, |_, _| {});
     }
 

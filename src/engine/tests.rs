@@ -649,6 +649,40 @@ async fn the_background_task_evicts_with_no_call_and_ends_with_its_engine() {
         .unwrap();
 }
 
+#[tokio::test]
+async fn work_no_caller_asks_for_runs_on_the_callers_clock_as_last_seen() {
+    use crate::engine::{evictor, time};
+    // A test's fake clock, years before the machine's.
+    const PAST: i64 = 1_577_836_800_000; // 2020-01-01T00:00:00Z
+    let e = Arc::new(Engine::new(Policy {
+        idle_ttl_ms: 60_000,
+        ..Policy::default()
+    }));
+    let before = time::now_ms();
+    assert!(
+        (before..before + 5_000).contains(&e.app_now()),
+        "no call yet: the system clock"
+    );
+    e.begin_with("u", &token("a", PAST + 60 * MIN), PAST)
+        .unwrap();
+    let seen = e.app_now();
+    assert!((PAST..PAST + 5_000).contains(&seen), "{seen}");
+    // The background task evicts nothing stamped a minute ago by that clock,
+    // though by the machine's date the user is years idle.
+    let task = tokio::spawn(evictor::run(Arc::downgrade(&e)));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(e.table().len(), 1);
+    // Another instance's invalidation is stamped the same way: it lasts one
+    // TTL on the callers' clock.
+    e.invalidate("u", None, e.app_now()).unwrap();
+    assert!(e.is_revoked("u", &"a".into(), PAST + 1_000));
+    assert!(!e.is_revoked("u", &"a".into(), PAST + 70_000));
+    // Once the callers' clock passes the TTL, the next call's slice drops it.
+    assert_eq!(e.stats(PAST + 200_000).users, 0);
+    drop(e);
+    task.await.unwrap();
+}
+
 #[test]
 fn bad_arguments_are_typed_errors_and_leave_no_state() {
     let e = engine();

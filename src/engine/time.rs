@@ -27,14 +27,23 @@
 //! Durations that run without a caller keep real time, because something
 //! outside JavaScript enforces them: Redis lock TTLs, lock extensions and
 //! waits on other instances (tokio's monotonic clock; Redis expires keys in
-//! real time, which no fake clock stops), and the native refreshers' HTTP
-//! timeouts, retry backoff and `Retry-After` dates (the last against the
-//! system clock, as the server wrote it). A Redis wait is bounded in real
-//! time but decides on the caller's clock advanced by the real time waited
-//! (`CallerNow` in `coordination/coordinator.rs`): the wall clock in
-//! production, the test's time plus the wait under a fake clock. The refresh
-//! timeout is a JavaScript `setTimeout`, so fake timers drive it like any
-//! timer of the app's.
+//! real time, which no fake clock stops), the background evictor's naps,
+//! and the native refreshers' HTTP timeouts, retry backoff and
+//! `Retry-After` dates (the last against the system clock, as the server
+//! wrote it). The refresh timeout is a JavaScript `setTimeout`, so fake
+//! timers drive it like any timer of the app's.
+//!
+//! Where a decision outlives its call or has no caller, it is made on a
+//! caller's reading advanced by the real time since ([`CallerNow`]): a Redis
+//! wait decides on its caller's clock plus the time waited; the background
+//! evictor and invalidations announced by other instances use the callers'
+//! clock as last seen ([`Engine::app_now`](super::Engine::app_now): the
+//! latest reading any call passed in, plus the real time since; the system
+//! clock before the first). That is the wall clock in production; under a
+//! fake clock it is the fake time moving at real speed from the last call,
+//! so a user stamped at a fake date is evicted after `idleTtlMs` on that
+//! clock (or of real time with no call at all), never at once because the
+//! machine's date is years away.
 
 use super::error::EngineError;
 use super::policy::EpochMs;
@@ -104,6 +113,38 @@ fn decide(
         }
     }
     at(precise())
+}
+
+/// A caller's clock reading carried past its call: the reading plus the
+/// real (monotonic) time since it was taken. Equal to the wall clock in
+/// production; under a test's fake clock it starts at the fake time. For
+/// work that outlives a call (a wait on another instance) or that no caller
+/// asks for ([`Engine::app_now`](super::Engine::app_now)).
+#[derive(Debug, Clone, Copy)]
+pub struct CallerNow {
+    at: EpochMs,
+    read: std::time::Instant,
+}
+
+impl CallerNow {
+    /// The caller read `at` just now.
+    pub fn new(at: EpochMs) -> Self {
+        Self {
+            at,
+            read: std::time::Instant::now(),
+        }
+    }
+
+    /// The reading as the caller gave it.
+    pub fn at(&self) -> EpochMs {
+        self.at
+    }
+
+    /// The reading, advanced by the real time since.
+    pub fn now(&self) -> EpochMs {
+        let since = self.read.elapsed().as_millis().min(i64::MAX as u128) as i64;
+        self.at.saturating_add(since)
+    }
 }
 
 /// A number of epoch milliseconds from JavaScript (a number or
