@@ -276,7 +276,11 @@ impl Coordinator {
                         self.watch(keys.clone(), lease, deadline);
                         held = Some(owner);
                     }
-                    tokio::time::sleep(Duration::from_millis(left_ms + 5)).await;
+                    // The script grants this only for a guard that ends in
+                    // time; the deadline bounds an odd reply all the same.
+                    let wait = Duration::from_millis(left_ms.saturating_add(5))
+                        .min(deadline.saturating_duration_since(Instant::now()));
+                    tokio::time::sleep(wait).await;
                     continue;
                 }
                 Ok((Acquire::Cached(record), _)) => {
