@@ -3,18 +3,16 @@
 // one invalidate() slowing everyone, a Retry-After no Instant can hold.
 // Each case failed before the hardening that made it pass.
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest'
-import { spawn } from 'node:child_process'
 import { createRequire } from 'node:module'
-import { fileURLToPath } from 'node:url'
 
 import { TokenManager, TokenRefreshError, tarabutRefresher } from '../index.mjs'
+import { PKG, runNode } from './helpers/node.mjs'
 import { newKey, sleep, startRedis } from './helpers/redis.mjs'
 import { startTarabutServer } from './helpers/tarabut-server.mjs'
 
 const require = createRequire(import.meta.url)
 const { MAX_TOKEN_BYTES, MAX_USER_ID_BYTES } = require('../binding.js')
 
-const pkg = fileURLToPath(new URL('..', import.meta.url))
 const MIN = 60_000
 const HOUR = 60 * MIN
 const later = (ms) => new Date(Date.now() + ms)
@@ -24,18 +22,6 @@ const expired = () => ({ accessToken: 'old', refreshToken: 'rt-0', expiresAt: Da
 const good = () => vi.fn(async () => ({ accessToken: `fresh-${++seq}`, refreshToken: `rt-${seq}`, expiresIn: 3600 }))
 /** An object that says it is a time, with whatever value. */
 const claims = (ms) => ({ getTime: () => ms })
-
-function runNode(args) {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, args, { cwd: pkg, stdio: ['ignore', 'pipe', 'pipe'] })
-    let out = ''
-    let err = ''
-    child.stdout.on('data', (d) => (out += d))
-    child.stderr.on('data', (d) => (err += d))
-    child.on('error', reject)
-    child.on('exit', (code, signal) => resolve({ code, signal, out, err }))
-  })
-}
 
 const outOfRange = [
   ['getTime() 1e300', () => claims(1e300)],
@@ -168,7 +154,7 @@ describe('3. strings are measured before they are copied', () => {
     // copying the 64 MB string into Rust would raise it by 64 MB.
     const script = `
       const fs = require('node:fs')
-      const { TokenManager } = require(${JSON.stringify(pkg)})
+      const { TokenManager } = require(${JSON.stringify(PKG)})
       const peak = () => Number(/VmHWM:\\s+(\\d+)/.exec(fs.readFileSync('/proc/self/status', 'utf8'))[1]) * 1024
       // Flat (not a rope), as a string read from a request is.
       const huge = Buffer.alloc(64 * 1024 * 1024, 'x').toString('latin1')
@@ -335,7 +321,7 @@ describe('6. a Retry-After no clock can hold', () => {
   it('Retry-After: 10000000000000000000 fails the refresh (REFRESH_FAILED, 429) without a panic; a still-valid token is served', async () => {
     server.inject({ status: 429, retryAfter: '10000000000000000000' }, { times: 2 })
     const script = `
-      const { TokenManager, tarabutRefresher } = require(${JSON.stringify(pkg)})
+      const { TokenManager, tarabutRefresher } = require(${JSON.stringify(PKG)})
       const r = tarabutRefresher(${JSON.stringify({ clientId: server.clientId, clientSecret: server.clientSecret, tokenUrl: server.tokenUrl })})
       const m = new TokenManager({ refreshTimeoutMs: 5000 })
       ;(async () => {
