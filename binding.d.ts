@@ -73,7 +73,19 @@ export declare class BindingManager {
   fail(userId: string, flightId: number, timedOut: boolean, nowMs: number): void
   /** After a failed refresh: may this caller keep its own token? */
   serveStale(userId: string, accessToken: string, expiresAtMs: number, nowMs: number): boolean
-  invalidate(userId: string, accessToken: string | undefined | null, nowMs: number): void
+  /**
+   * Marks `accessToken` (or, without one, whatever the user holds) bad.
+   * Returns until when (epoch ms) the user's calls must go to `begin`:
+   * `isFresh` does not know users.
+   */
+  invalidate(userId: string, accessToken: string | undefined | null, nowMs: number): number
+  /**
+   * Users other instances' `invalidate` marked since the last call, and
+   * until when: the manager sends their calls to `begin` (as after its
+   * own `invalidate`). Null when there are none. While any wait here,
+   * `isFresh` answers false, so the first call that comes takes them.
+   */
+  takeRemoteMarks(): Array<BindingMark> | null
   /** Counters and sizes; idle users (as of `nowMs`) are dropped first. */
   stats(nowMs: number): BindingStats
 }
@@ -103,7 +115,10 @@ export declare class BindingRefresher {
  */
 export declare function __panicForTest(): void
 
-/** What `acquire` found. */
+/**
+ * What `acquire` found. Fields are defined, never assigned (absent ones
+ * are `null`): a setter on `Object.prototype` never sees a token.
+ */
 export interface BindingAcquired {
   /**
    * `'shared'`: use the token below; `'lead'`: refresh, then commit or
@@ -112,20 +127,20 @@ export interface BindingAcquired {
    * Redis could not be used (`reason`).
    */
   kind: 'shared' | 'lead' | 'failed' | 'timeout' | 'unavailable'
-  accessToken?: string
+  accessToken: string | null
   /**
    * `'shared'`: the token's refresh token; `'lead'`: a newer refresh
    * token than the caller's, to refresh with.
    */
-  refreshToken?: string
-  expiresAtMs?: number
+  refreshToken: string | null
+  expiresAtMs: number | null
   /**
    * `'shared'`: written while this call waited (another instance's caller
    * persists it) rather than found already there.
    */
   waited: boolean
-  lease?: BindingLease
-  reason?: string
+  lease: BindingLease | null
+  reason: string | null
   /** A cached value did not open with this key (rotated?): it was a miss. */
   undecryptable: boolean
 }
@@ -145,10 +160,14 @@ export interface BindingCoordinationOptions {
   encryptionKeys: Array<string>
 }
 
-/** A token as the core issued it. */
+/**
+ * A token as the core issued it. Every field is defined on the object
+ * (`use_nullable`: an absent one is `null`), none assigned, so a setter on
+ * `Object.prototype` never sees a token.
+ */
 export interface BindingIssuedToken {
   accessToken: string
-  refreshToken?: string
+  refreshToken: string | null
   expiresAtMs: number
   shouldUpdate: boolean
 }
@@ -171,6 +190,12 @@ export interface BindingManagerOptions {
   idleTtlMs?: number
 }
 
+/** A user marked by another instance's `invalidate`, until `untilMs`. */
+export interface BindingMark {
+  userId: string
+  untilMs: number
+}
+
 /** Options for `BindingRefresher.oauth2`. */
 export interface BindingOAuth2Options {
   tokenUrl: string
@@ -183,24 +208,28 @@ export interface BindingOAuth2Options {
   timeoutMs?: number
 }
 
-/** What `refresh` resolves to: the token, or (with `code` set) why not. */
+/**
+ * What `refresh` resolves to: the token, or (with `code` set) why not.
+ * Fields are defined, never assigned (absent ones are `null`): a setter on
+ * `Object.prototype` never sees a token.
+ */
 export interface BindingRefreshOutcome {
-  accessToken?: string
+  accessToken: string | null
   /** A rotated refresh token: the caller must persist it. */
-  refreshToken?: string
+  refreshToken: string | null
   /** Seconds. */
-  expiresIn?: number
+  expiresIn: number | null
   /**
    * Set on failure: a stable code (`REAUTH_REQUIRED`, `INVALID_CLIENT`,
    * `REFRESH_FAILED`, `REFRESH_TIMEOUT`, `INVALID_ARGUMENT`).
    */
-  code?: string
+  code: string | null
   /** On failure: a message safe to log (no token, secret or body). */
-  message?: string
+  message: string | null
   /** On failure: the token endpoint's HTTP status, when it answered. */
-  status?: number
+  status: number | null
   /** On failure: the provider's `error` field, when it sent one. */
-  error?: string
+  error: string | null
 }
 
 /** What `commit` and `release` did. */
@@ -211,7 +240,7 @@ export interface BindingSettled {
    */
   done: boolean
   /** Set when Redis could not be used. */
-  unavailable?: string
+  unavailable: string | null
 }
 
 /** Counters and sizes, as `TokenManager.stats()` reports them. */
@@ -238,6 +267,9 @@ export interface BindingTarabutOptions {
   /** Retries of connection failures, 429 and 5xx. Default 3. */
   maxRetries?: number
 }
+
+/** The longest access or refresh token accepted, in UTF-8 bytes. */
+export declare const MAX_TOKEN_BYTES: number
 
 /** The longest user id accepted, in UTF-8 bytes. */
 export declare const MAX_USER_ID_BYTES: number

@@ -782,5 +782,6 @@ module.exports.BindingCoordinator = nativeBinding.BindingCoordinator
 module.exports.BindingManager = nativeBinding.BindingManager
 module.exports.BindingRefresher = nativeBinding.BindingRefresher
 module.exports.__panicForTest = nativeBinding.__panicForTest
+module.exports.MAX_TOKEN_BYTES = nativeBinding.MAX_TOKEN_BYTES
 module.exports.MAX_USER_ID_BYTES = nativeBinding.MAX_USER_ID_BYTES
 module.exports.parseIsoTime = nativeBinding.parseIsoTime

@@ -268,16 +268,18 @@ export declare class TokenManager {
   /**
    * Resolves with a token valid beyond the buffer. Concurrent calls for one
    * user share one refresh. Never throws: bad arguments reject with a
-   * `TypeError` (`code: 'INVALID_ARGUMENT'`), failed refreshes with a
-   * `TokenRefreshError`.
+   * `TypeError` (`code: 'INVALID_ARGUMENT'`: a `userId` over 512 bytes, a
+   * token over 65536 bytes, an `expiresAt` no `Date` can hold, a getter
+   * that throws), failed refreshes with a `TokenRefreshError`.
    */
   getValidToken(userId: string, token: StoredToken, refreshFn: RefreshFn): Promise<ValidToken>
   /**
    * The API answered 401 with this token (or, without one, with the user's
-   * token): the next call presenting it refreshes. With `redis`, every
-   * instance sharing the Redis hears it too (pub/sub, milliseconds), and the
-   * shared copy is marked so no instance hands it out again, even one that
-   * was disconnected at the time.
+   * token): the next call presenting it refreshes. The mark lasts
+   * `idleTtlMs`; only this user's calls are looked up meanwhile. With
+   * `redis`, every instance sharing the Redis hears it too (pub/sub,
+   * milliseconds), and the shared copy is marked so no instance hands it
+   * out again, even one that was disconnected at the time.
    */
   invalidate(userId: string, accessToken?: string | null): void
   /** Counters kept as they change: constant time however many users are held. */

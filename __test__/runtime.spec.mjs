@@ -1,26 +1,12 @@
 // The addon in the places a Next.js server runs it: worker threads, and
 // short scripts that must exit by themselves when nothing is pending.
 import { describe, expect, it } from 'vitest'
-import { spawn } from 'node:child_process'
 import { Worker } from 'node:worker_threads'
-import { fileURLToPath } from 'node:url'
 
-const pkg = fileURLToPath(new URL('..', import.meta.url))
-
-function runNode(args) {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, args, { cwd: pkg, stdio: ['ignore', 'pipe', 'pipe'] })
-    let out = ''
-    let err = ''
-    child.stdout.on('data', (d) => (out += d))
-    child.stderr.on('data', (d) => (err += d))
-    child.on('error', reject)
-    child.on('exit', (code, signal) => resolve({ code, signal, out, err }))
-  })
-}
+import { PKG, runNode } from './helpers/node.mjs'
 
 const script = `
-  const { getValidToken, tokenManager, TokenManager } = require(${JSON.stringify(pkg)})
+  const { getValidToken, tokenManager, TokenManager } = require(${JSON.stringify(PKG)})
   ;(async () => {
     const fresh = await getValidToken('u', { accessToken: 'a', expiresAt: Date.now() + 3600e3 }, () => { throw new Error('unused') })
     const refreshed = await getValidToken('u', { accessToken: 'a', expiresAt: 0 }, async () => ({ accessToken: 'b', expiresIn: 60 }))
@@ -54,7 +40,7 @@ describe('process lifetime', () => {
   it('a refresh that never settles ends with REFRESH_TIMEOUT, then the script exits', async () => {
     const r = await runNode([
       '-e',
-      `const { TokenManager } = require(${JSON.stringify(pkg)})
+      `const { TokenManager } = require(${JSON.stringify(PKG)})
        new TokenManager({ refreshTimeoutMs: 200 })
          .getValidToken('u', { accessToken: 'a', expiresAt: 0 }, () => new Promise(() => {}))
          .catch((e) => console.log(e.code))`,
@@ -67,8 +53,8 @@ describe('process lifetime', () => {
     const r = await runNode([
       '--input-type=module',
       '-e',
-      `import { getValidToken, tokenManager } from ${JSON.stringify(pkg + 'index.mjs')}
-       import cjs from ${JSON.stringify(pkg + 'index.js')}
+      `import { getValidToken, tokenManager } from ${JSON.stringify(PKG + 'index.mjs')}
+       import cjs from ${JSON.stringify(PKG + 'index.js')}
        const t = await getValidToken('u', { accessToken: 'a', expiresAt: new Date(Date.now() + 3600e3) }, async () => ({}))
        console.log(t.accessToken, cjs.tokenManager === tokenManager)`,
     ])

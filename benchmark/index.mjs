@@ -83,6 +83,33 @@ function hotRow(id, title, measure, metric) {
   return { id, title, run, metrics: [metric], rounds: ctx.microRounds }
 }
 
+// The hot path after one invalidate() (the Next.js example calls it on every
+// 401): another user's revoked token must not slow this user's calls.
+// Compares the addon with itself, before and after.
+function afterInvalidateRow(id) {
+  const measure = (make) => async (c) => {
+    const m = make()
+    return { v: await awaitedNsPerCall(() => m.getValidToken('user-1', hotToken, noRefresh), n.awaited, c.bench) }
+  }
+  return {
+    id,
+    title: 'hot path after one invalidate (of another user), awaited one by one',
+    // Twice the rounds of row 1: a ratio of two near-equal costs on a noisy
+    // machine needs them.
+    rounds: 2 * ctx.microRounds,
+    ratio: ['after invalidate', 'addon'],
+    run: {
+      addon: measure(addon),
+      'after invalidate': measure(() => {
+        const m = addon()
+        m.invalidate('user-401', 'a-token-the-api-refused')
+        return m
+      }),
+    },
+    metrics: [{ key: 'v', label: 'ns per call', format: fmt.int, target: '≤ 1.2×', met: ({ ratio }) => ratio <= 1.2 }],
+  }
+}
+
 /** Subscribes a counter to every channel of the package; returns { events(), off() }. */
 function subscribeAll() {
   let events = 0
@@ -305,6 +332,7 @@ const rows = [
     target: '≥ 1.0×',
     met: ({ ratio }) => ratio >= 1.0,
   }),
+  afterInvalidateRow('2b'),
   subscribedHotRow('1s', 'hot path, awaited one by one', (call, c) => awaitedNsPerCall(call, n.awaited, c.bench), {
     key: 'v',
     label: 'ns per call',
@@ -355,7 +383,7 @@ const cpu = os.cpus()
 console.log(`# tarabut-token-manager benchmarks${quick ? ' (quick: smoke run, numbers not meaningful)' : ''}\n`)
 console.log(
   `${cpu.length} × ${cpu[0]?.model ?? 'unknown CPU'}, Node ${process.version}, ${new Date(started).toISOString().slice(0, 10)}; ` +
-    `medians of interleaved rounds (${ctx.microRounds} for rows 1-3s, ${ctx.coldRounds} for row 7, ${ctx.rounds} for the rest), access tokens ${tokenBytes} B; ` +
+    `medians of interleaved rounds (${ctx.microRounds} for rows 1-3s, ${2 * ctx.microRounds} for row 2b, ${ctx.coldRounds} for row 7, ${ctx.rounds} for the rest), access tokens ${tokenBytes} B; ` +
     `load average ${load0.toFixed(2)} → ${load1.toFixed(2)}; ${((Date.now() - started) / 1000).toFixed(0)} s\n`,
 )
 console.log(table(results))

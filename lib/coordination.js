@@ -37,9 +37,14 @@ const ON_ERROR = ['auto', 'local', 'fail']
 /**
  * `options.redis`: types and presence are checked here (TypeError); values
  * (URLs, keys, CA, prefix length, lock TTL) by the native side (RangeError).
+ * Returns the options as read: each once (a getter may answer differently
+ * each time), into plain objects and arrays.
  */
-function checkOptions(o) {
-  if (o === null || typeof o !== 'object') throw argError('options.redis', 'must be an object { url, encryptionKey, ... }')
+function checkOptions(options) {
+  if (options === null || typeof options !== 'object') throw argError('options.redis', 'must be an object { url, encryptionKey, ... }')
+  const { url, cluster, tls, keyPrefix, lockTtlMs, encryptionKey, onError } = options
+  const copy = (v) => (Array.isArray(v) ? [...v] : v)
+  const o = { url, cluster: copy(cluster), tls, keyPrefix, lockTtlMs, encryptionKey: copy(encryptionKey), onError }
   if (o.url !== undefined && o.cluster !== undefined) throw argError('options.redis', 'takes url (one node) or cluster (node URLs), not both')
   if (o.cluster !== undefined) {
     if (!Array.isArray(o.cluster) || o.cluster.length === 0 || !o.cluster.every((u) => typeof u === 'string' && u.length > 0)) {
@@ -64,12 +69,14 @@ function checkOptions(o) {
     if (ca !== undefined && typeof ca !== 'string' && !(ca instanceof Uint8Array)) {
       throw argError('options.redis.tls.ca', 'must be PEM certificates, as a string or a Buffer')
     }
+    o.tls = { ca }
   }
   if (o.keyPrefix !== undefined && typeof o.keyPrefix !== 'string') throw argError('options.redis.keyPrefix', 'must be a string')
   if (o.lockTtlMs !== undefined && typeof o.lockTtlMs !== 'number') throw argError('options.redis.lockTtlMs', 'must be a number')
   if (o.onError !== undefined && !ON_ERROR.includes(o.onError)) {
     throw argError('options.redis.onError', "must be 'auto', 'local' or 'fail'", typeof o.onError === 'string' ? RangeError : TypeError)
   }
+  return o
 }
 
 /** `tls.ca` as the Buffer the native side takes, or undefined. */
@@ -95,7 +102,7 @@ class Coordinator {
 
   /**
    * @param bindingManager the manager's BindingManager (its engine checks revocations)
-   * @param options `options.redis`, already checked by `checkOptions`
+   * @param options `options.redis` as `checkOptions` returned it
    * @param observer the manager's Observer (lib/observability.js)
    */
   constructor(bindingManager, options, observer) {

@@ -16,8 +16,39 @@ class TokenRefreshError extends Error {
 }
 
 /** A bad argument: `name` starts the message, so the caller knows which. */
-function argError(name, problem, Kind = TypeError) {
-  return Object.assign(new Kind(`${name} ${problem}`), { code: 'INVALID_ARGUMENT' })
+function argError(name, problem, Kind = TypeError, cause = undefined) {
+  return Object.assign(new Kind(`${name} ${problem}`, cause === undefined ? undefined : { cause }), { code: 'INVALID_ARGUMENT' })
+}
+
+/** Codes this package puts on what it throws (README: Errors). */
+const CODES = new Set([
+  'INVALID_ARGUMENT',
+  'REFRESH_FAILED',
+  'REFRESH_TIMEOUT',
+  'INVALID_REFRESH_RESULT',
+  'REAUTH_REQUIRED',
+  'INVALID_CLIENT',
+  'COORDINATOR_UNAVAILABLE',
+  'INTERNAL',
+])
+
+/**
+ * What reading the caller's `name` argument threw, as the caller should see
+ * it: our own errors (they carry a stable code) as `fromNative` has them;
+ * anything else came from the caller's own getter or Proxy, and becomes a
+ * TypeError (`INVALID_ARGUMENT`) naming `name`, the thrown value as its
+ * cause.
+ */
+function callerError(e, name) {
+  try {
+    if (e instanceof Error && CODES.has(/** @type {{ code?: string }} */ (e).code ?? '')) return fromNative(e)
+  } catch {}
+  return argError(name, 'could not be read: a getter or Proxy threw (see cause)', TypeError, e)
+}
+
+/** A bug in this package, with the stable code `INTERNAL`. */
+function internalError(message) {
+  return Object.assign(new Error(`internal: ${message}`), { code: 'INTERNAL' })
 }
 
 /**
@@ -41,4 +72,4 @@ function quietly(fn) {
   } catch {}
 }
 
-module.exports = { TokenRefreshError, argError, fromNative, quietly }
+module.exports = { TokenRefreshError, argError, callerError, fromNative, internalError, quietly }

@@ -14,12 +14,17 @@
 // native side read the system clock when that is what `Date.now` is
 // (src/engine/time.rs, "Clocks").
 
-const { BindingManager, parseIsoTime } = require('../binding.js')
+const { BindingManager, MAX_TOKEN_BYTES, parseIsoTime } = require('../binding.js')
 const coordination = require('./coordination.js')
-const { TokenRefreshError, argError, fromNative, quietly } = require('./errors.js')
+const { TokenRefreshError, argError, callerError, fromNative, internalError, quietly } = require('./errors.js')
 const observability = require('./observability.js')
 const { bindProtocol } = require('./protocol.js')
 const { CLIENT_CREDENTIALS, NATIVE_REFRESHER, nativeRefresh } = require('./refreshers.js')
+
+// Date.prototype.getTime as it was when this module loaded: it reads the
+// Date's own time value, so a Date whose `getTime` was replaced (or a Proxy
+// of one: it throws) cannot hand back a value other than the Date's own.
+const dateGetTime = Date.prototype.getTime
 
 /**
  * `Date | number | string` to epoch ms, or a TypeError naming `name`. Only
@@ -45,6 +50,10 @@ const ABORT = Symbol('abort')
 
 /** What a refresh function receives. `signal` is created on first use. */
 class RefreshContext {
+  // Declared fields are defined on the instance, so a setter someone put on
+  // Object.prototype never receives the refresh token.
+  userId
+  refreshToken
   #controller = null
   #abortedWith = undefined
   constructor(userId, refreshToken) {
@@ -72,8 +81,20 @@ function invoke(refreshFn, ctx) {
   }
 }
 
-/** Refresh results, type-checked here; the core checks what they mean. */
+/**
+ * Refresh results, type-checked here; the core checks what they mean. Each
+ * field is read once (a getter may answer differently each time), and a
+ * getter or Proxy that throws makes the result unusable.
+ */
 function refreshedFields(result) {
+  try {
+    return readRefreshed(result)
+  } catch {
+    return null
+  }
+}
+
+function readRefreshed(result) {
   if (result === null || typeof result !== 'object') return null
   const { accessToken, refreshToken, expiresAt, expiresIn } = result
   if (typeof accessToken !== 'string') return null
@@ -87,7 +108,8 @@ function refreshedFields(result) {
       return null
     }
   }
-  return { accessToken, refreshToken: refreshToken ?? null, expiresAtMs, expiresIn: expiresIn ?? null }
+  const shared = coordination.sharedToken(result)
+  return { accessToken, refreshToken: refreshToken ?? null, expiresAtMs, expiresIn: expiresIn ?? null, shared }
 }
 
 /**
@@ -130,16 +152,27 @@ class TokenManager {
   #coordinator = null
   /** flightId -> promise of the core's issued token, for callers that join. */
   #flights = new Map()
+  /**
+   * userId -> until when (epoch ms, on the app's clock) `invalidate` marked
+   * it: these users' calls go to the core's `begin`, which knows their
+   * revoked tokens. `isFresh` knows no users, so everyone else keeps the
+   * hot path.
+   */
+  #revoked = new Map()
+  /** Size at which `invalidate` next drops expired marks. */
+  #pruneAt = 64
   /** Channels, metrics, spans and warnings (lib/observability.js). */
   #observer
 
   constructor(options) {
-    if (options != null && typeof options !== 'object') throw argError('options', 'must be an object')
-    const o = options ?? {}
-    for (const name of OPTION_NAMES) {
-      if (o[name] !== undefined && typeof o[name] !== 'number') throw argError(`options.${name}`, 'must be a number')
+    let o
+    let redis
+    try {
+      ;[o, redis] = readOptions(options)
+      observability.checkOptions(o)
+    } catch (e) {
+      throw callerError(e, 'options')
     }
-    observability.checkOptions(o)
     if (o.now !== undefined && typeof o.now !== 'function') throw argError('options.now', 'must be a function returning epoch milliseconds, like Date.now')
     this.#now = o.now ?? null
     this.#nowName = o.now === undefined ? 'Date.now()' : 'options.now()'
@@ -159,10 +192,9 @@ class TokenManager {
     this.#complete = protocol.complete
     this.#timeoutMs = this.#native.refreshTimeoutMs
     this.#observer = new observability.Observer(o, () => this.stats(), this.#native.bufferTimeMs)
-    if (o.redis !== undefined && o.redis !== null) {
-      coordination.checkOptions(o.redis)
+    if (redis !== undefined && redis !== null) {
       try {
-        this.#coordinator = new coordination.Coordinator(this.#native, o.redis, this.#observer)
+        this.#coordinator = new coordination.Coordinator(this.#native, redis, this.#observer)
       } catch (e) {
         throw fromNative(e, RangeError)
       }
@@ -184,21 +216,33 @@ class TokenManager {
       // A Date (what the seed's callers pass) is read here, once; any other
       // form in toEpochMs.
       const isDate = expiresAt instanceof Date
-      const exp = isDate ? expiresAt.getTime() : toEpochMs(expiresAt, 'token.expiresAt')
+      const exp = isDate ? dateGetTime.call(expiresAt) : toEpochMs(expiresAt, 'token.expiresAt')
       if (typeof refreshFn !== 'function') throw argError('refreshFn', 'must be a function')
       // The app's clock, looked up now: fake timers replace `Date.now`.
       const clock = this.#now ?? Date.now
-      // Hot path: one native call on numbers; an empty token is never
-      // served. The unreplaced `Date.now` is the system clock: the native
-      // side reads that itself, for less than calling it costs.
-      if (accessToken.length !== 0 && (clock === SYSTEM_DATE_NOW ? this.#isFresh(exp) : this.#isFreshOn(clock, exp))) {
+      // Hot path: one native call on numbers. An empty token, or one longer
+      // than the limit (in UTF-16 units here; `begin` refuses it, in UTF-8
+      // bytes), is never served; users `invalidate` marked go to `begin`.
+      // The unreplaced `Date.now` is the system clock: the native side reads
+      // that itself, for less than calling it costs.
+      const length = accessToken.length
+      if (
+        length !== 0 &&
+        length <= MAX_TOKEN_BYTES &&
+        (this.#revoked.size === 0 || !this.#isRevoked(userId, clock)) &&
+        (clock === SYSTEM_DATE_NOW ? this.#isFresh(exp) : this.#isFreshOn(clock, exp))
+      ) {
         return { accessToken, shouldUpdate: false, expiresAt: isDate ? expiresAt : new Date(exp) }
       }
+      // Marks other instances' invalidate made here wait for us to take
+      // them (until then isFresh answers false to every call).
+      if (this.#coordinator !== null) this.#takeRemoteMarks()
       const refreshToken = token.refreshToken
       if (refreshToken != null && typeof refreshToken !== 'string') throw argError('token.refreshToken', 'must be a string or null')
-      return this.#slow(userId, accessToken, refreshToken ?? null, exp, expiresAt, refreshFn, this.#read(clock))
+      return this.#slow(userId, accessToken, refreshToken ?? null, exp, expiresAt, refreshFn, this.#read(clock), false)
     } catch (e) {
-      throw fromNative(e)
+      // A getter or Proxy of the caller's that threw is a bad argument too.
+      throw callerError(e, 'token')
     }
   }
 
@@ -212,13 +256,41 @@ class TokenManager {
       throw argError('accessToken', 'must be a string or undefined')
     }
     const now = this.#clock()
+    let until
     try {
-      this.#native.invalidate(userId, accessToken ?? null, now)
+      until = this.#native.invalidate(userId, accessToken ?? null, now)
     } catch (e) {
       throw fromNative(e)
     }
+    this.#mark(userId, until, now)
     this.#coordinator?.invalidate(userId, accessToken)
     this.#observer.invalidated(userId, accessToken == null ? 'user' : 'token')
+  }
+
+  /** Sends `userId`'s calls to `begin` until `until` (epoch ms). */
+  #mark(userId, until, now) {
+    if (!(this.#revoked.get(userId) >= until)) this.#revoked.set(userId, until)
+    if (this.#revoked.size >= this.#pruneAt) {
+      // Drops lapsed marks, amortised over the calls that grow the map.
+      for (const [user, u] of this.#revoked) if (u <= now) this.#revoked.delete(user)
+      this.#pruneAt = Math.max(64, 2 * this.#revoked.size)
+    }
+  }
+
+  #takeRemoteMarks() {
+    const marks = this.#native.takeRemoteMarks()
+    if (marks === null) return
+    const now = this.#clockOr(Date.now())
+    for (const m of marks) this.#mark(m.userId, m.untilMs, now)
+  }
+
+  /** Whether `invalidate` marked `userId` and the mark still holds at `clock()`. */
+  #isRevoked(userId, clock) {
+    const until = this.#revoked.get(userId)
+    if (until === undefined) return false
+    if (until > this.#read(clock)) return true
+    this.#revoked.delete(userId)
+    return false
   }
 
   stats() {
@@ -288,7 +360,7 @@ class TokenManager {
     }
   }
 
-  #slow(userId, accessToken, refreshToken, exp, expiresAt, refreshFn, now) {
+  #slow(userId, accessToken, refreshToken, exp, expiresAt, refreshFn, now, retried) {
     const plan = this.#begin(userId, accessToken, refreshToken, exp, now)
     switch (plan.kind) {
       case 'presented':
@@ -298,8 +370,14 @@ class TokenManager {
     }
     const leader = plan.kind === 'lead'
     const flightId = plan.flightId
-    const flight = leader ? this.#lead(userId, flightId, plan.refreshToken, refreshFn, accessToken, exp, now) : this.#flights.get(flightId)
-    if (flight === undefined) throw new Error('internal: joined a refresh this manager does not know')
+    const flight = leader ? this.#startLead(userId, flightId, plan.refreshToken, refreshFn, accessToken, exp, now) : this.#flights.get(flightId)
+    if (flight === undefined) {
+      // The core has a flight this manager lost (a bug): close it and lead
+      // a new one, rather than leave the user stuck until it is overdue.
+      quietly(() => this.#native.fail(userId, flightId, false, now))
+      if (retried) throw internalError('joined a refresh this manager does not know')
+      return this.#slow(userId, accessToken, refreshToken, exp, expiresAt, refreshFn, now, true)
+    }
     if (!leader) this.#observer.joined(flightId)
     return flight.then(
       // A leader handed a token another instance refreshed may still be told
@@ -318,13 +396,30 @@ class TokenManager {
     )
   }
 
+  /**
+   * `#lead`, for a flight the core just opened: whatever throws before the
+   * refresh starts (a Proxy refreshFn whose property read throws) closes the
+   * flight and fails this call, so the user's next call refreshes anew.
+   */
+  #startLead(userId, flightId, refreshToken, refreshFn, accessToken, exp, now) {
+    let refresher
+    try {
+      // A native refresher runs in Rust with the manager's timeout as its
+      // budget (the timeout drops its HTTP request).
+      refresher = refreshFn[NATIVE_REFRESHER]
+      return this.#lead(userId, flightId, refreshToken, refreshFn, refresher, accessToken, exp, now)
+    } catch (cause) {
+      quietly(() => this.#native.fail(userId, flightId, false, now))
+      this.#flights.delete(flightId)
+      return Promise.reject(new TokenRefreshError('REFRESH_FAILED', userId, 'the refresh could not be started', { cause }))
+    }
+  }
+
   /** Runs the refresh for `flightId` (begun at `now`); settles with the core's issued token. */
-  #lead(userId, flightId, refreshToken, refreshFn, accessToken, exp, now) {
+  #lead(userId, flightId, refreshToken, refreshFn, refresher, accessToken, exp, now) {
     const native = this.#native
-    // A native refresher runs in Rust with the manager's timeout as its
-    // budget (the timeout drops its HTTP request). The context still carries
-    // the refresh token, which Redis coordination may replace with a newer one.
-    const refresher = refreshFn[NATIVE_REFRESHER]
+    // The context carries the refresh token, which Redis coordination may
+    // replace with a newer one.
     const ctx = new RefreshContext(userId, refreshToken)
     const trace = this.#observer.lead(flightId, userId, accessToken, exp, refreshFn, now)
     let resolveFlight
@@ -358,10 +453,16 @@ class TokenManager {
       this.#observer.run(trace, how, () =>
         refresher === undefined ? invoke(refreshFn, ctx) : nativeRefresh(refresher, userId, ctx.refreshToken, this.#timeoutMs),
       )
-    const obtained =
-      this.#coordinator === null
-        ? refresh()
-        : this.#coordinator.obtain(ctx, accessToken, exp, refresh, this.#timeoutMs, now, !CLIENT_CREDENTIALS.has(refreshFn))
+    // Past this point nothing may throw: the timer is running.
+    let obtained
+    try {
+      obtained =
+        this.#coordinator === null
+          ? refresh()
+          : this.#coordinator.obtain(ctx, accessToken, exp, refresh, this.#timeoutMs, now, !CLIENT_CREDENTIALS.has(refreshFn))
+    } catch (e) {
+      obtained = Promise.reject(e)
+    }
     obtained.then(
       (result) => {
         const late = settled
@@ -380,14 +481,9 @@ class TokenManager {
       },
       (cause) => {
         if (settled) return
-        // Errors that already carry a stable code keep it: a native
-        // refresher's (with `status` and the provider's `error`, or a
-        // TypeError for a userId Tarabut refuses), a TokenRefreshError thrown
-        // by a refresh function that wraps one, and the coordinator's own
-        // (COORDINATOR_UNAVAILABLE, a wait on another instance that timed out).
-        const own = refresher !== undefined || cause instanceof TokenRefreshError ? cause : coordination.coordinatorError(cause)
-        quietly(() => native.fail(userId, flightId, own?.code === 'REFRESH_TIMEOUT', this.#clockOr(now)))
-        settle(own ?? new TokenRefreshError('REFRESH_FAILED', userId, 'refresh function failed', { cause, status: cause?.status, error: cause?.error }))
+        const error = refreshError(userId, cause, refresher !== undefined)
+        quietly(() => native.fail(userId, flightId, error.code === 'REFRESH_TIMEOUT', this.#clockOr(now)))
+        settle(error)
       },
     )
     this.#flights.set(flightId, flight)
@@ -404,7 +500,7 @@ class TokenManager {
     try {
       // A late result is still handed over: with rotating refresh tokens it
       // may hold the only live one.
-      const fromShared = coordination.sharedToken(result)
+      const fromShared = fields.shared
       if (fromShared !== undefined) {
         return this.#native.adopt(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fromShared.shouldUpdate, now)
       }
@@ -415,10 +511,55 @@ class TokenManager {
   }
 }
 
+/**
+ * Why a refresh failed, as the callers see it. Errors that already carry a
+ * stable code keep it: a native refresher's (with `status` and the
+ * provider's `error`, or a TypeError for a userId Tarabut refuses), a
+ * TokenRefreshError thrown by a refresh function that wraps one, and the
+ * coordinator's own (COORDINATOR_UNAVAILABLE, a wait on another instance
+ * that timed out). Anything else becomes REFRESH_FAILED with the cause; a
+ * cause whose properties throw when read (a Proxy) still does.
+ */
+function refreshError(userId, cause, native) {
+  let own = null
+  let status
+  let error
+  try {
+    own = native || cause instanceof TokenRefreshError ? cause : coordination.coordinatorError(cause)
+    if (own == null && cause !== null && typeof cause === 'object') {
+      status = cause.status
+      error = cause.error
+    }
+  } catch {}
+  if (own != null) return own
+  return new TokenRefreshError('REFRESH_FAILED', userId, 'refresh function failed', { cause, status, error })
+}
+
+/**
+ * Options, each read once (types checked: TypeError; values are the
+ * core's), into a plain object; and `redis` as `checkOptions` copied it.
+ */
+function readOptions(options) {
+  if (options != null && typeof options !== 'object') throw argError('options', 'must be an object')
+  const o = options ?? {}
+  const { logger, openTelemetry, now } = o
+  const picked = { logger, openTelemetry, now }
+  for (const name of OPTION_NAMES) {
+    const value = o[name]
+    if (value !== undefined && typeof value !== 'number') throw argError(`options.${name}`, 'must be a number')
+    picked[name] = value
+  }
+  const redis = o.redis
+  return [picked, redis === undefined || redis === null ? redis : coordination.checkOptions(redis)]
+}
+
+// Object literals: their properties are defined, so a setter on
+// Object.prototype for `refreshToken` never sees the token.
 function validToken(t, shouldUpdate) {
-  const v = { accessToken: t.accessToken, shouldUpdate, expiresAt: new Date(t.expiresAtMs) }
-  if (shouldUpdate && t.refreshToken != null) v.refreshToken = t.refreshToken
-  return v
+  const expiresAt = new Date(t.expiresAtMs)
+  return shouldUpdate && t.refreshToken != null
+    ? { accessToken: t.accessToken, shouldUpdate, expiresAt, refreshToken: t.refreshToken }
+    : { accessToken: t.accessToken, shouldUpdate, expiresAt }
 }
 
 module.exports = { TokenManager }

@@ -6,7 +6,7 @@
 // runs in Rust with the manager's timeout as its budget.
 
 const { BindingRefresher } = require('../binding.js')
-const { TokenRefreshError, argError, fromNative, quietly } = require('./errors.js')
+const { TokenRefreshError, argError, callerError, fromNative, quietly } = require('./errors.js')
 const { REFRESHER_KIND } = require('./observability.js')
 
 const NATIVE_REFRESHER = Symbol('tarabut-token-manager.nativeRefresher')
@@ -26,13 +26,15 @@ function nextAbortId() {
 /** A failed native outcome as the error a caller switches on. */
 function refresherError(userId, outcome) {
   if (outcome.code === 'INVALID_ARGUMENT') return Object.assign(new TypeError(outcome.message), { code: 'INVALID_ARGUMENT' })
-  return new TokenRefreshError(outcome.code, userId, outcome.message, { status: outcome.status, error: outcome.error })
+  return new TokenRefreshError(outcome.code, userId, outcome.message, { status: outcome.status ?? undefined, error: outcome.error ?? undefined })
 }
 
+// Object literals: their properties are defined, so a setter on
+// Object.prototype for `refreshToken` never sees the token.
 function refreshedToken(outcome) {
-  const t = { accessToken: outcome.accessToken, expiresIn: outcome.expiresIn }
-  if (outcome.refreshToken != null) t.refreshToken = outcome.refreshToken
-  return t
+  return outcome.refreshToken != null
+    ? { accessToken: outcome.accessToken, expiresIn: outcome.expiresIn, refreshToken: outcome.refreshToken }
+    : { accessToken: outcome.accessToken, expiresIn: outcome.expiresIn }
 }
 
 /** The manager's call: its refresh timeout is the whole budget. */
@@ -41,7 +43,9 @@ function nativeRefresh(refresher, userId, refreshToken, timeoutMs) {
   try {
     pending = refresher.refresh(userId, refreshToken, timeoutMs, null)
   } catch (e) {
-    return Promise.reject(e) // only a caught Rust panic (code INTERNAL)
+    // An argument over its length limit (INVALID_ARGUMENT), or a caught
+    // Rust panic (INTERNAL).
+    return Promise.reject(fromNative(e))
   }
   return pending.then((outcome) => {
     if (outcome.code != null) throw refresherError(userId, outcome)
@@ -62,16 +66,17 @@ function makeRefresher(refresher, name, kind) {
       if (refreshToken !== null && typeof refreshToken !== 'string') throw argError('ctx.refreshToken', 'must be a string or null')
       const signal = ctx.signal
       if (signal == null) return nativeRefresh(refresher, userId, refreshToken, null)
-      if (typeof signal.addEventListener !== 'function') throw argError('ctx.signal', 'must be an AbortSignal')
+      if (!(signal instanceof AbortSignal)) throw argError('ctx.signal', 'must be an AbortSignal')
       if (signal.aborted) return Promise.reject(signal.reason)
       const abortId = nextAbortId()
+      const pending = refresher.refresh(userId, refreshToken, null, abortId)
       return new Promise((resolve, reject) => {
         const onAbort = () => {
           quietly(() => refresher.abort(abortId))
           reject(signal.reason)
         }
         signal.addEventListener('abort', onAbort, { once: true })
-        refresher.refresh(userId, refreshToken, null, abortId).then(
+        pending.then(
           (outcome) => {
             signal.removeEventListener('abort', onAbort)
             if (outcome.code != null) reject(refresherError(userId, outcome))
@@ -84,7 +89,8 @@ function makeRefresher(refresher, name, kind) {
         )
       })
     } catch (e) {
-      return Promise.reject(e)
+      // A getter or Proxy on ctx that threw is a bad argument too.
+      return Promise.reject(callerError(e, 'ctx'))
     }
   }
   Object.defineProperty(refresh, 'name', { value: name })
@@ -112,14 +118,20 @@ function pickOptions(fn, options, types) {
   return picked
 }
 
-function buildRefresher(factory, options, name, kind) {
+function buildRefresher(factory, fn, options, types, kind) {
+  let picked
+  try {
+    picked = pickOptions(fn, options, types)
+  } catch (e) {
+    throw callerError(e, 'options')
+  }
   let refresher
   try {
-    refresher = factory(options)
+    refresher = factory(picked)
   } catch (e) {
     throw fromNative(e)
   }
-  return makeRefresher(refresher, name, kind)
+  return makeRefresher(refresher, fn, kind)
 }
 
 const TARABUT_OPTIONS = {
@@ -138,7 +150,7 @@ const TARABUT_OPTIONS = {
  * refreshFn, or call it as one.
  */
 function tarabutRefresher(options) {
-  const refresh = buildRefresher((o) => BindingRefresher.tarabut(o), pickOptions('tarabutRefresher', options, TARABUT_OPTIONS), 'tarabutRefresher', 'tarabut')
+  const refresh = buildRefresher((o) => BindingRefresher.tarabut(o), 'tarabutRefresher', options, TARABUT_OPTIONS, 'tarabut')
   CLIENT_CREDENTIALS.add(refresh)
   return refresh
 }
@@ -159,7 +171,7 @@ const OAUTH2_OPTIONS = {
  * resent.
  */
 function oauth2Refresher(options) {
-  return buildRefresher((o) => BindingRefresher.oauth2(o), pickOptions('oauth2Refresher', options, OAUTH2_OPTIONS), 'oauth2Refresher', 'oauth2')
+  return buildRefresher((o) => BindingRefresher.oauth2(o), 'oauth2Refresher', options, OAUTH2_OPTIONS, 'oauth2')
 }
 
 module.exports = { NATIVE_REFRESHER, CLIENT_CREDENTIALS, nativeRefresh, tarabutRefresher, oauth2Refresher }

@@ -19,7 +19,8 @@ use napi_derive::napi;
 use tokio::time::Instant;
 
 use super::errors::{guard, to_js, Code, Result};
-use super::manager::BindingManager;
+use super::manager::{BindingManager, TokenArg, UserIdArg};
+use super::strings::{BoundedString, MAX_OPTION_BYTES};
 use crate::coordination::{
     self, Coordinator, Endpoint, Outcome, RefreshTokenUse, SharedToken, Unavailable,
 };
@@ -31,16 +32,23 @@ const INTERNAL: &str = "internal error in tarabut-token-manager (a bug: please r
 /// `TokenManager`'s `redis` option, types already checked (and one
 /// encryption key made a list of one, `tls.ca` a Buffer) by
 /// `lib/coordination.js`.
-#[napi(object)]
+#[napi(object, object_to_js = false)]
 pub struct BindingCoordinationOptions {
     /// Exactly one of `url` and `cluster`.
-    pub url: Option<String>,
-    pub cluster: Option<Vec<String>>,
+    #[napi(ts_type = "string")]
+    pub url: Option<OptionArg>,
+    #[napi(ts_type = "Array<string>")]
+    pub cluster: Option<Vec<OptionArg>>,
     pub tls_ca: Option<Buffer>,
-    pub key_prefix: Option<String>,
+    #[napi(ts_type = "string")]
+    pub key_prefix: Option<OptionArg>,
     pub lock_ttl_ms: Option<f64>,
-    pub encryption_keys: Vec<String>,
+    #[napi(ts_type = "Array<string>")]
+    pub encryption_keys: Vec<OptionArg>,
 }
+
+/// A string option, refused over [`MAX_OPTION_BYTES`] before any copy.
+type OptionArg = BoundedString<MAX_OPTION_BYTES>;
 
 /// A held lock, handed back to `commit` or `release`.
 #[napi(object)]
@@ -49,8 +57,9 @@ pub struct BindingLease {
     pub fence: f64,
 }
 
-/// What `acquire` found.
-#[napi(object)]
+/// What `acquire` found. Fields are defined, never assigned (absent ones
+/// are `null`): a setter on `Object.prototype` never sees a token.
+#[napi(object, use_nullable = true)]
 #[derive(Default)]
 pub struct BindingAcquired {
     /// `'shared'`: use the token below; `'lead'`: refresh, then commit or
@@ -74,7 +83,7 @@ pub struct BindingAcquired {
 }
 
 /// What `commit` and `release` did.
-#[napi(object)]
+#[napi(object, use_nullable = true)]
 pub struct BindingSettled {
     /// `commit`: the token was stored (false: a later holder's is newer, or
     /// the result was unusable). `release`: the lock was still ours.
@@ -99,11 +108,16 @@ impl BindingCoordinator {
     ) -> Result<Self, Code> {
         guard(|| {
             let engine = manager.engine.clone();
+            let secret =
+                |s: OptionArg, name| s.required(name).map(SecretString::new).map_err(to_js);
             let endpoint = match (options.url, options.cluster) {
-                (Some(url), None) => Endpoint::Node(SecretString::new(url)),
-                (None, Some(nodes)) => {
-                    Endpoint::Cluster(nodes.into_iter().map(SecretString::new).collect())
-                }
+                (Some(url), None) => Endpoint::Node(secret(url, "options.redis.url")?),
+                (None, Some(nodes)) => Endpoint::Cluster(
+                    nodes
+                        .into_iter()
+                        .map(|n| secret(n, "options.redis.cluster"))
+                        .collect::<Result<_, _>>()?,
+                ),
                 _ => {
                     return Err(to_js(crate::engine::EngineError::invalid_argument(
                         "options.redis",
@@ -115,22 +129,27 @@ impl BindingCoordinator {
                 coordination::CoordinationOptions {
                     endpoint,
                     tls_ca: options.tls_ca.map(|b| b.to_vec()),
-                    key_prefix: options.key_prefix,
+                    key_prefix: options
+                        .key_prefix
+                        .map(|p| p.required("options.redis.keyPrefix"))
+                        .transpose()
+                        .map_err(to_js)?,
                     lock_ttl_ms: options.lock_ttl_ms,
                     encryption_keys: options
                         .encryption_keys
                         .into_iter()
-                        .map(SecretString::new)
-                        .collect(),
+                        .map(|k| secret(k, "options.redis.encryptionKey"))
+                        .collect::<Result<_, _>>()?,
                 },
                 engine.policy(),
             )
             .map_err(to_js)?;
             // Another instance's invalidate: as if called here, on the
-            // callers' clock as last seen (no caller asks for this one).
+            // callers' clock as last seen (no caller asks for this one); the
+            // manager takes the mark over with `takeRemoteMarks`.
             let hears = engine.clone();
             inner.on_invalidated(move |user, token| {
-                let _ = hears.invalidate(user, token, hears.app_now());
+                let _ = hears.invalidate_from_elsewhere(user, token, hears.app_now());
             });
             let inner = Arc::new(inner);
             // In the background: construction never waits on Redis.
@@ -157,17 +176,34 @@ impl BindingCoordinator {
     #[napi]
     pub async fn acquire(
         &self,
-        user_id: String,
-        access_token: String,
+        #[napi(ts_arg_type = "string")] user_id: UserIdArg,
+        #[napi(ts_arg_type = "string")] access_token: TokenArg,
         expires_at_ms: f64,
         wait_ms: f64,
         now_ms: f64,
-        #[napi(ts_arg_type = "'never' | 'if-handed-over' | 'sends'")] refresh_token_use: String,
+        #[napi(ts_arg_type = "'never' | 'if-handed-over' | 'sends'")]
+        refresh_token_use: BoundedString<16>,
     ) -> BindingAcquired {
         let work = async {
-            let refresh_token_use = match refresh_token_use.as_str() {
-                "never" => RefreshTokenUse::Never,
-                "if-handed-over" => RefreshTokenUse::IfHandedOver,
+            let (user_id, access_token, expires_at) = match (
+                user_id.required("userId"),
+                access_token.required("accessToken"),
+                time::from_js_ms("expiresAtMs", expires_at_ms),
+            ) {
+                (Ok(u), Ok(a), Ok(e)) => (u, a, e),
+                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                    return BindingAcquired {
+                        kind: "unavailable".into(),
+                        reason: Some(e.to_string()),
+                        ..BindingAcquired::default()
+                    }
+                }
+            };
+            // Anything else is taken as the safest answer: the refresh sends
+            // the caller's refresh token.
+            let refresh_token_use = match refresh_token_use.required("refreshTokenUse").as_deref() {
+                Ok("never") => RefreshTokenUse::Never,
+                Ok("if-handed-over") => RefreshTokenUse::IfHandedOver,
                 _ => RefreshTokenUse::Sends,
             };
             let deadline =
@@ -185,7 +221,7 @@ impl BindingCoordinator {
             let presented = Presented {
                 access: SecretString::new(access_token),
                 refresh: None,
-                expires_at: expires_at_ms as i64,
+                expires_at,
             };
             let engine = &self.engine;
             let usable = |t: &SharedToken, now| !engine.is_revoked(&user_id, &t.access, now);
@@ -246,19 +282,25 @@ impl BindingCoordinator {
     #[allow(clippy::too_many_arguments)] // one per value JS hands over
     pub async fn commit(
         &self,
-        user_id: String,
+        #[napi(ts_arg_type = "string")] user_id: UserIdArg,
         lease: BindingLease,
-        access_token: Option<String>,
-        refresh_token: Option<String>,
+        #[napi(ts_arg_type = "string | undefined | null")] access_token: Option<TokenArg>,
+        #[napi(ts_arg_type = "string | undefined | null")] refresh_token: Option<TokenArg>,
         expires_at_ms: Option<f64>,
         expires_in: Option<f64>,
         now_ms: f64,
     ) -> BindingSettled {
         let work = async {
             let lease = core_lease(lease);
+            let Ok(user_id) = user_id.required("userId") else {
+                return settled(Ok(false));
+            };
+            // An unreadable or oversized token is an unusable result: the
+            // lock is released as failed below.
+            let token = |t: Option<TokenArg>| t.and_then(|t| t.required("token").ok());
             let refreshed = Refreshed {
-                access: access_token.map(SecretString::new),
-                refresh: refresh_token.map(SecretString::new),
+                access: token(access_token).map(SecretString::new),
+                refresh: token(refresh_token).map(SecretString::new),
                 expires_at: expires_at_ms,
                 expires_in,
             };
@@ -289,11 +331,14 @@ impl BindingCoordinator {
     #[napi]
     pub async fn release(
         &self,
-        user_id: String,
+        #[napi(ts_arg_type = "string")] user_id: UserIdArg,
         lease: BindingLease,
         failed: bool,
     ) -> BindingSettled {
         let work = async {
+            let Ok(user_id) = user_id.required("userId") else {
+                return settled(Ok(false));
+            };
             settled(
                 self.inner
                     .release(&user_id, &core_lease(lease), failed)
@@ -309,11 +354,17 @@ impl BindingCoordinator {
     #[napi]
     pub async fn invalidate(
         &self,
-        user_id: String,
-        access_token: Option<String>,
+        #[napi(ts_arg_type = "string")] user_id: UserIdArg,
+        #[napi(ts_arg_type = "string | undefined | null")] access_token: Option<TokenArg>,
     ) -> BindingSettled {
         let work = async {
-            let token = access_token.map(SecretString::new);
+            let (Ok(user_id), Ok(token)) = (
+                user_id.required("userId"),
+                access_token.map(|t| t.required("accessToken")).transpose(),
+            ) else {
+                return settled(Ok(false));
+            };
+            let token = token.map(SecretString::new);
             settled(self.inner.invalidate(&user_id, token.as_ref()).await)
         };
         unwinding(work, internal).await

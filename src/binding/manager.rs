@@ -21,10 +21,18 @@ use napi_derive::napi;
 
 use super::errors::{guard, to_js, Code, Result};
 use super::protocol::{self, JsRaw};
+use super::strings::BoundedString;
 use crate::engine::{
     self, evictor, time, Engine, Failure, Issued, Policy, PolicyOptions, Presented, Refreshed,
     SecretString,
 };
+
+/// A user id argument, refused over [`engine::MAX_USER_ID_BYTES`] before
+/// any copy.
+pub type UserIdArg = BoundedString<{ engine::MAX_USER_ID_BYTES }>;
+/// A token argument, refused over [`engine::MAX_TOKEN_BYTES`] before any
+/// copy.
+pub type TokenArg = BoundedString<{ engine::MAX_TOKEN_BYTES }>;
 
 /// Options for a token manager. All in milliseconds.
 #[napi(object)]
@@ -40,13 +48,22 @@ pub struct BindingManagerOptions {
     pub idle_ttl_ms: Option<f64>,
 }
 
-/// A token as the core issued it.
-#[napi(object)]
+/// A token as the core issued it. Every field is defined on the object
+/// (`use_nullable`: an absent one is `null`), none assigned, so a setter on
+/// `Object.prototype` never sees a token.
+#[napi(object, use_nullable = true)]
 pub struct BindingIssuedToken {
     pub access_token: String,
     pub refresh_token: Option<String>,
     pub expires_at_ms: f64,
     pub should_update: bool,
+}
+
+/// A user marked by another instance's `invalidate`, until `untilMs`.
+#[napi(object)]
+pub struct BindingMark {
+    pub user_id: String,
+    pub until_ms: f64,
 }
 
 /// Counters and sizes, as `TokenManager.stats()` reports them.
@@ -88,15 +105,15 @@ impl BindingManager {
 
     /// The effective refresh timeout, for `lib/manager.js`'s timer.
     #[napi(getter)]
-    pub fn refresh_timeout_ms(&self) -> f64 {
-        self.engine.policy().refresh_timeout_ms as f64
+    pub fn refresh_timeout_ms(&self) -> Result<f64, Code> {
+        guard(|| Ok(self.engine.policy().refresh_timeout_ms as f64))
     }
 
     /// The effective buffer, for `lib/observability.js` to say why a
     /// refresh ran (a presented token outside it was invalidated).
     #[napi(getter)]
-    pub fn buffer_time_ms(&self) -> f64 {
-        self.engine.policy().buffer_ms as f64
+    pub fn buffer_time_ms(&self) -> Result<f64, Code> {
+        guard(|| Ok(self.engine.policy().buffer_ms as f64))
     }
 
     /// `isFresh`, `begin` and `complete` bound to this manager's engine
@@ -116,19 +133,26 @@ impl BindingManager {
     #[allow(clippy::too_many_arguments)] // one per value JS hands over
     pub fn adopt(
         &self,
-        user_id: String,
+        #[napi(ts_arg_type = "string")] user_id: UserIdArg,
         flight_id: u32,
-        access_token: String,
-        refresh_token: Option<String>,
+        #[napi(ts_arg_type = "string")] access_token: TokenArg,
+        #[napi(ts_arg_type = "string | undefined | null")] refresh_token: Option<TokenArg>,
         expires_at_ms: f64,
         should_update: bool,
         now_ms: f64,
     ) -> Result<BindingIssuedToken, Code> {
         guard(|| {
             let now = time::now_from_js(now_ms).map_err(to_js)?;
+            let user_id = user_id.required("userId").map_err(to_js)?;
             let shared = Refreshed {
-                access: Some(SecretString::new(access_token)),
-                refresh: refresh_token.map(SecretString::new),
+                access: Some(SecretString::new(
+                    access_token.required("accessToken").map_err(to_js)?,
+                )),
+                refresh: refresh_token
+                    .map(|r| r.required("refreshToken"))
+                    .transpose()
+                    .map_err(to_js)?
+                    .map(SecretString::new),
                 expires_at: Some(expires_at_ms),
                 expires_in: None,
             };
@@ -144,7 +168,7 @@ impl BindingManager {
     #[napi]
     pub fn fail(
         &self,
-        user_id: String,
+        #[napi(ts_arg_type = "string")] user_id: UserIdArg,
         flight_id: u32,
         timed_out: bool,
         now_ms: f64,
@@ -156,6 +180,7 @@ impl BindingManager {
         };
         guard(|| {
             let now = time::now_from_js(now_ms).map_err(to_js)?;
+            let user_id = user_id.required("userId").map_err(to_js)?;
             self.engine.fail(&user_id, flight_id, failure, now);
             Ok(())
         })
@@ -165,30 +190,63 @@ impl BindingManager {
     #[napi]
     pub fn serve_stale(
         &self,
-        user_id: String,
-        access_token: String,
+        #[napi(ts_arg_type = "string")] user_id: UserIdArg,
+        #[napi(ts_arg_type = "string")] access_token: TokenArg,
         expires_at_ms: f64,
         now_ms: f64,
     ) -> Result<bool, Code> {
         guard(|| {
             let now = time::now_from_js(now_ms).map_err(to_js)?;
+            let user_id = user_id.required("userId").map_err(to_js)?;
+            let access_token = access_token.required("accessToken").map_err(to_js)?;
             let p = presented(access_token, None, expires_at_ms)?;
             Ok(self.engine.serve_stale(&user_id, &p, now))
         })
     }
 
+    /// Marks `accessToken` (or, without one, whatever the user holds) bad.
+    /// Returns until when (epoch ms) the user's calls must go to `begin`:
+    /// `isFresh` does not know users.
     #[napi]
     pub fn invalidate(
         &self,
-        user_id: String,
-        access_token: Option<String>,
+        #[napi(ts_arg_type = "string")] user_id: UserIdArg,
+        #[napi(ts_arg_type = "string | undefined | null")] access_token: Option<TokenArg>,
         now_ms: f64,
-    ) -> Result<(), Code> {
-        let token = access_token.map(SecretString::new);
-        let now = time::now_from_js(now_ms).map_err(to_js)?;
-        self.engine
-            .invalidate(&user_id, token.as_ref(), now)
-            .map_err(to_js)
+    ) -> Result<f64, Code> {
+        guard(|| {
+            let user_id = user_id.required("userId").map_err(to_js)?;
+            let token = access_token
+                .map(|t| t.required("accessToken"))
+                .transpose()
+                .map_err(to_js)?
+                .map(SecretString::new);
+            let now = time::now_from_js(now_ms).map_err(to_js)?;
+            self.engine
+                .invalidate(&user_id, token.as_ref(), now)
+                .map(|until| until as f64)
+                .map_err(to_js)
+        })
+    }
+
+    /// Users other instances' `invalidate` marked since the last call, and
+    /// until when: the manager sends their calls to `begin` (as after its
+    /// own `invalidate`). Null when there are none. While any wait here,
+    /// `isFresh` answers false, so the first call that comes takes them.
+    #[napi]
+    pub fn take_remote_marks(&self) -> Result<Option<Vec<BindingMark>>, Code> {
+        guard(|| {
+            let marks = self.engine.take_remote_marks();
+            Ok((!marks.is_empty()).then(|| {
+                marks
+                    .into_iter()
+                    .map(|(user, until)| BindingMark {
+                        user_id: user.into(),
+                        until_ms: until as f64,
+                    })
+                    .collect()
+            }))
+        })
     }
 
     /// Counters and sizes; idle users (as of `nowMs`) are dropped first.
@@ -227,13 +285,20 @@ fn evict_in_background(engine: &Arc<Engine>) {
     }));
 }
 
+/// Longest ISO 8601 string read: `2026-01-25T21:14:28.123456789+01:00` is
+/// 35 bytes; the margin allows surrounding whitespace.
+const ISO_TIME_MAX_BYTES: usize = 128;
+
 /// Parses an ISO 8601 date-time (with zone) into epoch milliseconds.
 // Free #[napi] items are only referenced by the registration napi-derive
 // generates outside `cargo test`.
 #[cfg_attr(test, allow(dead_code))]
 #[napi]
-pub fn parse_iso_time(value: String) -> Result<f64, Code> {
+pub fn parse_iso_time(
+    #[napi(ts_arg_type = "string")] value: BoundedString<ISO_TIME_MAX_BYTES>,
+) -> Result<f64, Code> {
     guard(|| {
+        let value = value.required("expiresAt").map_err(to_js)?;
         time::parse_iso8601("expiresAt", &value)
             .map(|v| v as f64)
             .map_err(to_js)
@@ -252,6 +317,11 @@ pub fn panic_for_test() -> Result<(), Code> {
 #[cfg_attr(test, allow(dead_code))]
 #[napi]
 pub const MAX_USER_ID_BYTES: u32 = engine::MAX_USER_ID_BYTES as u32;
+
+/// The longest access or refresh token accepted, in UTF-8 bytes.
+#[cfg_attr(test, allow(dead_code))]
+#[napi]
+pub const MAX_TOKEN_BYTES: u32 = engine::MAX_TOKEN_BYTES as u32;
 
 fn presented(
     access_token: String,

@@ -12,3 +12,4 @@ mod errors;
 mod manager;
 mod protocol;
 mod refreshers;
+mod strings;

@@ -43,28 +43,27 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 use std::sync::Arc;
 
+use super::errors::Code;
+use super::strings::{self, type_of, Text};
+use crate::engine::{
+    time, validate_user, Engine, EngineError, ErrorCode, IssuedBrief, Plan, Refreshed,
+    SecretString, MAX_TOKEN_BYTES, MAX_USER_ID_BYTES,
+};
 use napi::bindgen_prelude::{ToNapiValue, TypeName};
 use napi::sys::{self, napi_callback_info, napi_env, napi_value};
 use napi::ValueType;
-use zeroize::Zeroize;
-
-use super::errors::Code;
-use crate::engine::{
-    time, Engine, EngineError, ErrorCode, IssuedBrief, Plan, Refreshed, SecretString,
-};
 
 /// `{ isFresh, begin, complete }`, each bound to `engine`.
 pub fn bind(env: napi_env, engine: &Arc<Engine>) -> Result<JsRaw, napi::Error<Code>> {
     type Callback = unsafe extern "C" fn(napi_env, napi_callback_info) -> napi_value;
-    let fns: [(&CStr, Callback); 3] = [
+    let fns: [(&'static CStr, Callback); 3] = [
         (c"isFresh", is_fresh),
         (c"begin", begin),
         (c"complete", complete),
     ];
     // SAFETY: `env` is the live environment of the calling napi export.
     unsafe {
-        let mut obj = ptr::null_mut();
-        ok(sys::napi_create_object(env, &mut obj))?;
+        let mut obj = Object::default();
         for (name, cb) in fns {
             let data = Arc::into_raw(engine.clone()) as *mut c_void;
             let mut f = ptr::null_mut();
@@ -92,8 +91,11 @@ pub fn bind(env: napi_env, engine: &Arc<Engine>) -> Result<JsRaw, napi::Error<Co
                 drop(Arc::from_raw(data as *const Engine));
                 return Err(internal("could not create the native functions"));
             }
-            ok(sys::napi_set_named_property(env, obj, name.as_ptr(), f))?;
+            obj.field(name, f);
         }
+        let obj = obj
+            .build(env)
+            .map_err(|_| internal("could not create the native functions"))?;
         Ok(JsRaw(obj))
     }
 }
@@ -152,16 +154,21 @@ unsafe extern "C" fn is_fresh(env: napi_env, info: napi_callback_info) -> napi_v
 unsafe extern "C" fn begin(env: napi_env, info: napi_callback_info) -> napi_value {
     unsafe {
         call::<5>(env, info, |engine, a| {
-            let user = string(env, a[0], "userId")?;
-            let (access, access_len) = string_len(env, a[1], "token.accessToken")?;
-            let refresh = opt_string(env, a[2], "token.refreshToken")?.map(SecretString::new);
+            let user = user_id(env, a[0])?;
+            // Measured, not copied: the access token crosses only if the
+            // engine needs to compare it (a held token, revocations),
+            // rarely on a refresh.
+            let access_units = strings::measure(env, a[1], MAX_TOKEN_BYTES).map_err(|t| {
+                t.required("token.accessToken")
+                    .err()
+                    .unwrap_or_else(unreadable)
+            })?;
+            let refresh = token(env, a[2], "token.refreshToken")?.map(SecretString::new);
             let expires_at =
                 time::from_js_ms("token.expiresAt", number(env, a[3], "token.expiresAt")?)?;
             let now = now_ms(env, a[4])?;
-            // The access token crosses only if the engine needs to compare
-            // it (a held token, revocations): rarely on a refresh.
             let fingerprint = || {
-                let token = opt_string(env, access, "token.accessToken")
+                let token = token(env, a[1], "token.accessToken")
                     .ok()
                     .flatten()
                     .map(SecretString::new)
@@ -172,7 +179,7 @@ unsafe extern "C" fn begin(env: napi_env, info: napi_callback_info) -> napi_valu
             };
             let plan = engine.begin(
                 &user,
-                access_len == 0,
+                access_units == 0,
                 refresh.as_ref(),
                 expires_at,
                 fingerprint,
@@ -199,24 +206,24 @@ unsafe fn encode_plan(
                 double(env, id as f64)
             }
             Plan::Lead { id, refresh_token } => {
-                let o = Object::new(env)?;
-                o.set(c"kind", string_value(env, "lead")?)?;
-                o.set(c"flightId", double(env, id as f64))?;
+                let mut o = Object::default();
+                o.field(c"kind", string_value(env, "lead")?);
+                o.field(c"flightId", double(env, id as f64));
                 if let Some(r) = &refresh_token {
-                    o.set(c"refreshToken", string_value(env, r.expose())?)?;
+                    o.field(c"refreshToken", string_value(env, r.expose())?);
                 }
-                o.0
+                o.build(env)?
             }
             Plan::UseHeld(t) => {
-                let o = Object::new(env)?;
-                o.set(c"kind", string_value(env, "held")?)?;
-                o.set(c"accessToken", string_value(env, t.access.expose())?)?;
+                let mut o = Object::default();
+                o.field(c"kind", string_value(env, "held")?);
+                o.field(c"accessToken", string_value(env, t.access.expose())?);
                 if let Some(r) = &t.refresh {
-                    o.set(c"refreshToken", string_value(env, r.expose())?)?;
+                    o.field(c"refreshToken", string_value(env, r.expose())?);
                 }
-                o.set(c"expiresAtMs", double(env, t.expires_at as f64))?;
-                o.set(c"shouldUpdate", boolean(env, t.should_update))?;
-                o.0
+                o.field(c"expiresAtMs", double(env, t.expires_at as f64));
+                o.field(c"shouldUpdate", boolean(env, t.should_update));
+                o.build(env)?
             }
         })
     }
@@ -229,14 +236,21 @@ unsafe fn encode_plan(
 unsafe extern "C" fn complete(env: napi_env, info: napi_callback_info) -> napi_value {
     unsafe {
         call::<7>(env, info, |engine, a| {
-            let user = string(env, a[0], "userId")?;
+            let user = user_id(env, a[0])?;
             let mut flight_id = 0u32;
             if sys::napi_get_value_uint32(env, a[1], &mut flight_id) != sys::Status::napi_ok {
                 return Err(EngineError::invalid_argument("flightId", "must be a number").into());
             }
+            // A token over the limit is an unusable refresh result.
+            let refreshed_token = |v, name| match strings::read(env, v, MAX_TOKEN_BYTES) {
+                Text::TooLong { .. } => Err(Thrown::from(EngineError::InvalidRefreshResult(
+                    "has a token longer than 65536 bytes",
+                ))),
+                t => t.optional(name).map_err(Thrown::from),
+            };
             let refreshed = Refreshed {
-                access: opt_string(env, a[2], "accessToken")?.map(SecretString::new),
-                refresh: opt_string(env, a[3], "refreshToken")?.map(SecretString::new),
+                access: refreshed_token(a[2], "accessToken")?.map(SecretString::new),
+                refresh: refreshed_token(a[3], "refreshToken")?.map(SecretString::new),
                 expires_at: opt_number(env, a[4], "expiresAtMs")?,
                 expires_in: opt_number(env, a[5], "expiresIn")?,
             };
@@ -338,80 +352,26 @@ fn napi_ok(status: sys::napi_status) -> Result<(), Thrown> {
     }
 }
 
-unsafe fn type_of(env: napi_env, v: napi_value) -> sys::napi_valuetype {
-    let mut t = sys::ValueType::napi_undefined;
-    unsafe { sys::napi_typeof(env, v, &mut t) };
-    t
+/// The user id argument: a string of at most [`MAX_USER_ID_BYTES`], read
+/// only if it fits.
+unsafe fn user_id(env: napi_env, v: napi_value) -> Result<String, Thrown> {
+    let user = unsafe { strings::read(env, v, MAX_USER_ID_BYTES) }.required("userId")?;
+    validate_user(&user)?;
+    Ok(user)
 }
 
-/// A string value, unread, and its length in UTF-16 units (O(1)).
-unsafe fn string_len(
-    env: napi_env,
-    v: napi_value,
-    name: &'static str,
-) -> Result<(napi_value, usize), Thrown> {
-    unsafe {
-        if type_of(env, v) != sys::ValueType::napi_string {
-            return Err(EngineError::invalid_argument(name, "must be a string").into());
-        }
-        let mut units = 0usize;
-        napi_ok(sys::napi_get_value_string_utf16(
-            env,
-            v,
-            ptr::null_mut(),
-            0,
-            &mut units,
-        ))?;
-        Ok((v, units))
-    }
-}
-
-unsafe fn string(env: napi_env, v: napi_value, name: &'static str) -> Result<String, Thrown> {
-    unsafe {
-        opt_string(env, v, name)?
-            .ok_or_else(|| EngineError::invalid_argument(name, "must be a string").into())
-    }
-}
-
-/// A string, or `None` for `null` / `undefined`.
-unsafe fn opt_string(
+/// A token argument: a string of at most [`MAX_TOKEN_BYTES`] read only if it
+/// fits, or `None` for `null` / `undefined`.
+unsafe fn token(
     env: napi_env,
     v: napi_value,
     name: &'static str,
 ) -> Result<Option<String>, Thrown> {
-    unsafe {
-        match type_of(env, v) {
-            sys::ValueType::napi_null | sys::ValueType::napi_undefined => return Ok(None),
-            sys::ValueType::napi_string => {}
-            _ => return Err(EngineError::invalid_argument(name, "must be a string").into()),
-        }
-        let mut len = 0usize;
-        napi_ok(sys::napi_get_value_string_utf8(
-            env,
-            v,
-            ptr::null_mut(),
-            0,
-            &mut len,
-        ))?;
-        let mut buf = Vec::<u8>::with_capacity(len + 1);
-        let mut written = 0usize;
-        napi_ok(sys::napi_get_value_string_utf8(
-            env,
-            v,
-            buf.as_mut_ptr() as *mut c_char,
-            len + 1,
-            &mut written,
-        ))?;
-        buf.set_len(written.min(len));
-        // Node writes valid UTF-8 (lone surrogates become U+FFFD).
-        match String::from_utf8(buf) {
-            Ok(s) => Ok(Some(s)),
-            Err(e) => {
-                e.into_bytes().zeroize();
-                Err(EngineError::invalid_argument(name, "must be valid UTF-16").into())
-            }
-        }
-    }
+    Ok(unsafe { strings::read(env, v, MAX_TOKEN_BYTES) }.optional(name)?)
+}
+
+fn unreadable() -> EngineError {
+    EngineError::invalid_argument("token.accessToken", "could not be read")
 }
 
 unsafe fn number(env: napi_env, v: napi_value, name: &'static str) -> Result<f64, Thrown> {
@@ -468,17 +428,41 @@ unsafe fn string_value(env: napi_env, s: &str) -> Result<napi_value, Thrown> {
     Ok(v)
 }
 
-struct Object(napi_value, napi_env);
+/// An answer object under construction. Its properties are defined, not
+/// assigned (`napi_define_properties`): a setter someone put on
+/// `Object.prototype` for `accessToken` never sees the token, and the
+/// answer keeps its own property.
+#[derive(Default)]
+struct Object(Vec<sys::napi_property_descriptor>);
 
 impl Object {
-    unsafe fn new(env: napi_env) -> Result<Self, Thrown> {
-        let mut o = ptr::null_mut();
-        napi_ok(unsafe { sys::napi_create_object(env, &mut o) })?;
-        Ok(Object(o, env))
+    fn field(&mut self, key: &'static CStr, value: napi_value) {
+        self.0.push(sys::napi_property_descriptor {
+            utf8name: key.as_ptr(),
+            name: ptr::null_mut(),
+            method: None,
+            getter: None,
+            setter: None,
+            value,
+            attributes: sys::PropertyAttributes::writable
+                | sys::PropertyAttributes::enumerable
+                | sys::PropertyAttributes::configurable,
+            data: ptr::null_mut(),
+        });
     }
 
-    unsafe fn set(&self, key: &CStr, value: napi_value) -> Result<(), Thrown> {
-        napi_ok(unsafe { sys::napi_set_named_property(self.1, self.0, key.as_ptr(), value) })
+    unsafe fn build(self, env: napi_env) -> Result<napi_value, Thrown> {
+        let mut o = ptr::null_mut();
+        unsafe {
+            napi_ok(sys::napi_create_object(env, &mut o))?;
+            napi_ok(sys::napi_define_properties(
+                env,
+                o,
+                self.0.len(),
+                self.0.as_ptr(),
+            ))?;
+        }
+        Ok(o)
     }
 }
 

@@ -22,20 +22,29 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::errors::{guard, Code, Result};
-use crate::engine::{ErrorCode, SecretString};
+use super::manager::{TokenArg, UserIdArg};
+use super::strings::{BoundedString, MAX_OPTION_BYTES};
+use crate::engine::{EngineError, ErrorCode, SecretString};
+
+/// A string option, refused over [`MAX_OPTION_BYTES`] before any copy.
+type OptionArg = BoundedString<MAX_OPTION_BYTES>;
 use crate::refreshers::{
     http, AuthMethod, OAuth2Config, OAuth2Refresher, RefreshError, Refresher, TarabutConfig,
     TarabutRefresher, Token,
 };
 
 /// Options for `BindingRefresher.tarabut`.
-#[napi(object)]
+#[napi(object, object_to_js = false)]
 pub struct BindingTarabutOptions {
-    pub client_id: String,
-    pub client_secret: String,
+    #[napi(ts_type = "string")]
+    pub client_id: OptionArg,
+    #[napi(ts_type = "string")]
+    pub client_secret: OptionArg,
     /// Default: Tarabut's sandbox token endpoint.
-    pub token_url: Option<String>,
-    pub scope: Option<String>,
+    #[napi(ts_type = "string")]
+    pub token_url: Option<OptionArg>,
+    #[napi(ts_type = "string")]
+    pub scope: Option<OptionArg>,
     /// Budget of one refresh, all attempts. Default 30000.
     pub timeout_ms: Option<f64>,
     /// Retries of connection failures, 429 and 5xx. Default 3.
@@ -43,20 +52,27 @@ pub struct BindingTarabutOptions {
 }
 
 /// Options for `BindingRefresher.oauth2`.
-#[napi(object)]
+#[napi(object, object_to_js = false)]
 pub struct BindingOAuth2Options {
-    pub token_url: String,
-    pub client_id: String,
-    pub client_secret: String,
+    #[napi(ts_type = "string")]
+    pub token_url: OptionArg,
+    #[napi(ts_type = "string")]
+    pub client_id: OptionArg,
+    #[napi(ts_type = "string")]
+    pub client_secret: OptionArg,
     /// `'client_secret_basic'` (default) or `'client_secret_post'`.
-    pub auth_method: Option<String>,
-    pub scope: Option<String>,
+    #[napi(ts_type = "string")]
+    pub auth_method: Option<OptionArg>,
+    #[napi(ts_type = "string")]
+    pub scope: Option<OptionArg>,
     /// Budget of one refresh. Default 30000.
     pub timeout_ms: Option<f64>,
 }
 
 /// What `refresh` resolves to: the token, or (with `code` set) why not.
-#[napi(object)]
+/// Fields are defined, never assigned (absent ones are `null`): a setter on
+/// `Object.prototype` never sees a token.
+#[napi(object, use_nullable = true)]
 pub struct BindingRefreshOutcome {
     pub access_token: Option<String>,
     /// A rotated refresh token: the caller must persist it.
@@ -91,10 +107,15 @@ impl BindingRefresher {
 
     fn tarabut_inner(options: BindingTarabutOptions) -> Result<Self, Code> {
         let config = TarabutConfig {
-            client_id: options.client_id,
-            client_secret: SecretString::new(options.client_secret),
-            token_url: options.token_url,
-            scope: options.scope,
+            client_id: options.client_id.required("clientId").map_err(arg)?,
+            client_secret: SecretString::new(
+                options
+                    .client_secret
+                    .required("clientSecret")
+                    .map_err(arg)?,
+            ),
+            token_url: optional(options.token_url, "tokenUrl")?,
+            scope: optional(options.scope, "scope")?,
             timeout_ms: options.timeout_ms,
             max_retries: options.max_retries,
         };
@@ -111,12 +132,18 @@ impl BindingRefresher {
     }
 
     fn oauth2_inner(options: BindingOAuth2Options) -> Result<Self, Code> {
+        let auth_method = optional(options.auth_method, "authMethod")?;
         let config = OAuth2Config {
-            token_url: options.token_url,
-            client_id: options.client_id,
-            client_secret: SecretString::new(options.client_secret),
-            auth_method: AuthMethod::parse(options.auth_method.as_deref()).map_err(to_js)?,
-            scope: options.scope,
+            token_url: options.token_url.required("tokenUrl").map_err(arg)?,
+            client_id: options.client_id.required("clientId").map_err(arg)?,
+            client_secret: SecretString::new(
+                options
+                    .client_secret
+                    .required("clientSecret")
+                    .map_err(arg)?,
+            ),
+            auth_method: AuthMethod::parse(auth_method.as_deref()).map_err(to_js)?,
+            scope: optional(options.scope, "scope")?,
             timeout_ms: options.timeout_ms,
         };
         let client = http::shared_client().map_err(to_js)?;
@@ -140,12 +167,16 @@ impl BindingRefresher {
     pub fn refresh<'env>(
         &self,
         env: &'env Env,
-        user_id: String,
-        refresh_token: Option<String>,
+        #[napi(ts_arg_type = "string")] user_id: UserIdArg,
+        #[napi(ts_arg_type = "string | undefined | null")] refresh_token: Option<TokenArg>,
         timeout_ms: Option<f64>,
         abort_id: Option<u32>,
     ) -> Result<PromiseRaw<'env, BindingRefreshOutcome>, Code> {
-        guard(|| self.start(env, user_id, refresh_token, timeout_ms, abort_id))
+        guard(|| {
+            let user_id = user_id.required("userId").map_err(arg)?;
+            let refresh_token = optional(refresh_token, "refreshToken")?;
+            self.start(env, user_id, refresh_token, timeout_ms, abort_id)
+        })
     }
 
     fn start<'env>(
@@ -242,4 +273,15 @@ fn failure(e: RefreshError) -> BindingRefreshOutcome {
 
 fn to_js(e: RefreshError) -> napi::Error<Code> {
     napi::Error::new(Code(e.code), e.to_string())
+}
+
+fn arg(e: EngineError) -> napi::Error<Code> {
+    napi::Error::new(Code(e.code()), e.to_string())
+}
+
+fn optional<const MAX: usize>(
+    v: Option<BoundedString<MAX>>,
+    name: &'static str,
+) -> Result<Option<String>, Code> {
+    v.map(|s| s.required(name)).transpose().map_err(arg)
 }

@@ -276,7 +276,11 @@ impl Coordinator {
                         self.watch(keys.clone(), lease, deadline);
                         held = Some(owner);
                     }
-                    tokio::time::sleep(Duration::from_millis(left_ms + 5)).await;
+                    // The script grants this only for a guard that ends in
+                    // time; the deadline bounds an odd reply all the same.
+                    let wait = Duration::from_millis(left_ms.saturating_add(5))
+                        .min(deadline.saturating_duration_since(Instant::now()));
+                    tokio::time::sleep(wait).await;
                     continue;
                 }
                 Ok((Acquire::Cached(record), _)) => {
@@ -303,7 +307,7 @@ impl Coordinator {
                 Ok((Acquire::Busy { lock_ttl_ms }, _)) => {
                     waited = true;
                     // A dead holder announces nothing: its lock's TTL bounds the wait.
-                    let wait = Duration::from_millis(lock_ttl_ms + 5)
+                    let wait = Duration::from_millis(lock_ttl_ms.saturating_add(5))
                         .min(deadline - Instant::now().min(deadline));
                     match tokio::time::timeout(wait, &mut waiting.rx).await {
                         Ok(Ok(Notice::Committed(record))) => {
@@ -345,12 +349,16 @@ impl Coordinator {
         token: &SharedToken,
         now: EpochMs,
     ) -> Result<bool, Unavailable> {
-        self.unwatch(&lease.owner);
         let keys = self.keys.user(user_id);
+        let Ok(sealed) = self.seal.seal(keys.id.as_bytes(), token) else {
+            // Too long to share (the engine refuses such tokens first).
+            return self.release(user_id, lease, true).await.map(|_| false);
+        };
+        self.unwatch(&lease.owner);
         let record = Record {
             fence: lease.fence,
             written_at: now,
-            sealed: self.seal.seal(keys.id.as_bytes(), token),
+            sealed,
         };
         let ttl = (token.expires_at.saturating_sub(now)).max(0) as u64 + self.timing.retention_ms;
         let fingerprint = seal::fingerprint(&keys.id, &token.access);

@@ -180,4 +180,36 @@ mod tests {
             }
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// A notice from the channel (any publisher can write there) is
+            /// decoded or ignored, never a panic.
+            #[test]
+            fn any_message_decodes_or_is_ignored(m in proptest::collection::vec(any::<u8>(), 0..128)) {
+                let _ = decode_notice(&m);
+            }
+
+            /// So is an invalidation once opened.
+            #[test]
+            fn any_invalidation_decodes_or_is_ignored(b in proptest::collection::vec(any::<u8>(), 0..128)) {
+                let _ = decode_invalidation(&b);
+            }
+
+            #[test]
+            fn committed_notices_round_trip(
+                id in "[0-9a-f]{1,64}",
+                fence in any::<u64>(),
+                written_at in any::<i64>(),
+                sealed in proptest::collection::vec(any::<u8>(), 0..64),
+            ) {
+                let n = Notice::Committed(Record { fence, written_at, sealed });
+                let m = encode_notice(&id, &n);
+                prop_assert_eq!(decode_notice(&m), Some((id.as_str(), n)));
+            }
+        }
+    }
 }

@@ -20,9 +20,16 @@ use crate::engine::{EpochMs, SecretString};
 
 const VERSION: u8 = 1;
 const NONCE_LEN: usize = 12;
-/// Longest token accepted into the cache, in bytes. JWTs are a few KB; more
-/// is a bug, and a bound keeps a corrupt length from allocating gigabytes.
-pub const MAX_TOKEN_BYTES: usize = 64 * 1024;
+/// Longest token sealed or opened, in bytes: the engine's limit on every
+/// token it accepts, so whatever one instance holds, the others can open.
+/// (A bound here also keeps a corrupt length from allocating gigabytes.)
+pub use crate::engine::MAX_TOKEN_BYTES;
+
+/// A token too long to seal (over [`MAX_TOKEN_BYTES`]): never written, so
+/// nothing is stored that the decoder would refuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a token longer than {MAX_TOKEN_BYTES} bytes is not shared")]
+pub struct SealError;
 /// Most encryption keys accepted at once: a rotation needs two.
 pub const MAX_KEYS: usize = 8;
 
@@ -85,8 +92,8 @@ impl SealKeys {
         Ok(Self(keys))
     }
 
-    pub fn seal(&self, aad: &[u8], token: &SharedToken) -> Vec<u8> {
-        self.seal_bytes(aad, &encode(token))
+    pub fn seal(&self, aad: &[u8], token: &SharedToken) -> Result<Vec<u8>, SealError> {
+        Ok(self.seal_bytes(aad, &encode(token).ok_or(SealError)?))
     }
 
     pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<SharedToken, OpenError> {
@@ -138,9 +145,13 @@ pub fn fingerprint(id: &str, access: &SecretString) -> String {
 }
 
 // `expires_at i64 BE | access len u32 BE | access | has refresh u8 | [len u32 BE | refresh]`
-fn encode(t: &SharedToken) -> Zeroizing<Vec<u8>> {
+// Refuses what `decode` would: a token over MAX_TOKEN_BYTES.
+fn encode(t: &SharedToken) -> Option<Zeroizing<Vec<u8>>> {
     let access = t.access.expose().as_bytes();
     let refresh = t.refresh.as_ref().map(|r| r.expose().as_bytes());
+    if access.len() > MAX_TOKEN_BYTES || refresh.is_some_and(|r| r.len() > MAX_TOKEN_BYTES) {
+        return None;
+    }
     let mut v = Zeroizing::new(Vec::with_capacity(
         17 + access.len() + refresh.map_or(0, <[u8]>::len),
     ));
@@ -155,7 +166,7 @@ fn encode(t: &SharedToken) -> Zeroizing<Vec<u8>> {
         }
         None => v.push(0),
     }
-    v
+    Some(v)
 }
 
 fn decode(mut b: &[u8]) -> Option<SharedToken> {
@@ -212,7 +223,7 @@ mod tests {
     fn seals_and_opens() {
         let k = SealKeys::from_base64(KEY_A).unwrap();
         for t in [token(Some("refresh-token-plain")), token(None)] {
-            let sealed = k.seal(b"user", &t);
+            let sealed = k.seal(b"user", &t).unwrap();
             assert_eq!(k.open(b"user", &sealed).unwrap(), t);
             let text = String::from_utf8_lossy(&sealed);
             assert!(!text.contains("access-token-plain") && !text.contains("refresh-token-plain"));
@@ -226,10 +237,26 @@ mod tests {
     }
 
     #[test]
+    fn the_encoder_refuses_what_the_decoder_would() {
+        let k = SealKeys::from_base64(KEY_A).unwrap();
+        let at_limit = "a".repeat(MAX_TOKEN_BYTES);
+        let over = "a".repeat(MAX_TOKEN_BYTES + 1);
+        let t = |access: &str, refresh: Option<&str>| SharedToken {
+            access: access.into(),
+            refresh: refresh.map(Into::into),
+            expires_at: 1,
+        };
+        let fits = t(&at_limit, Some(&at_limit));
+        assert_eq!(k.open(b"u", &k.seal(b"u", &fits).unwrap()).unwrap(), fits);
+        assert_eq!(k.seal(b"u", &t(&over, None)), Err(SealError));
+        assert_eq!(k.seal(b"u", &t("a", Some(&over))), Err(SealError));
+    }
+
+    #[test]
     fn wrong_key_user_or_bytes_do_not_open() {
         let a = SealKeys::from_base64(KEY_A).unwrap();
         let b = SealKeys::from_base64(KEY_B).unwrap();
-        let sealed = a.seal(b"user", &token(Some("r")));
+        let sealed = a.seal(b"user", &token(Some("r"))).unwrap();
         assert_eq!(b.open(b"user", &sealed), Err(OpenError));
         assert_eq!(a.open(b"other-user", &sealed), Err(OpenError));
         let mut flipped = sealed.clone();
@@ -266,10 +293,10 @@ mod tests {
         let back = SealKeys::from_base64_list(&[KEY_A, KEY_B]).unwrap();
         let t = token(Some("r"));
         // Written with the old key: every list holding it opens it.
-        let by_old = old.seal(b"u", &t);
+        let by_old = old.seal(b"u", &t).unwrap();
         assert_eq!(rolling.open(b"u", &by_old).unwrap(), t);
         // Written with the new key: an instance still on the old key alone cannot.
-        let by_new = rolling.seal(b"u", &t);
+        let by_new = rolling.seal(b"u", &t).unwrap();
         assert_eq!(back.open(b"u", &by_new).unwrap(), t);
         assert_eq!(old.open(b"u", &by_new), Err(OpenError));
         assert_eq!(
@@ -287,5 +314,54 @@ mod tests {
         assert_ne!(a, fingerprint("id1", &"token-b".into()));
         assert_ne!(a, fingerprint("id2", &"token-a".into()));
         assert!(!a.contains("token"));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn shared() -> impl Strategy<Value = SharedToken> {
+            (".{0,64}", proptest::option::of(".{0,64}"), any::<i64>()).prop_map(
+                |(access, refresh, expires_at)| SharedToken {
+                    access: access.into(),
+                    refresh: refresh.map(Into::into),
+                    expires_at,
+                },
+            )
+        }
+
+        proptest! {
+            /// Whatever bytes a record holds (a garbled value, another
+            /// version, a hostile writer), decoding answers and never panics.
+            #[test]
+            fn any_plaintext_decodes_or_is_refused(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+                let _ = decode(&bytes);
+            }
+
+            /// Lengths that claim more than there is, or more than the limit.
+            #[test]
+            fn any_length_prefix_is_safe(expires_at in any::<i64>(), len in any::<u32>(), tail in proptest::collection::vec(any::<u8>(), 0..64)) {
+                let mut b = expires_at.to_be_bytes().to_vec();
+                b.extend_from_slice(&len.to_be_bytes());
+                b.extend_from_slice(&tail);
+                let _ = decode(&b);
+            }
+
+            #[test]
+            fn what_is_encoded_decodes_to_itself(t in shared()) {
+                let plain = encode(&t).unwrap();
+                prop_assert_eq!(decode(&plain), Some(t));
+            }
+
+            #[test]
+            fn any_sealed_bytes_open_or_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+                let k = SealKeys::from_base64(KEY_A).unwrap();
+                let mut sealed = bytes;
+                if let Some(first) = sealed.first_mut() {
+                    *first = VERSION;
+                }
+                prop_assert_eq!(k.open(b"u", &sealed), Err(OpenError));
+            }
+        }
     }
 }

@@ -9,7 +9,7 @@ use super::policy::EpochMs;
 use super::secret::{Fingerprint, SecretString};
 use super::table::Flight;
 use super::token::{Held, Issued, IssuedBrief, Presented, Refreshed};
-use super::{time, validate_user, Engine};
+use super::{time, validate_user, Engine, MAX_TOKEN_BYTES};
 
 /// What the caller of [`Engine::begin`] should do.
 #[derive(Debug)]
@@ -88,7 +88,13 @@ impl Engine {
                 }
             }
             if let Some(f) = &e.flight {
-                return Ok(Plan::Join(f.id));
+                if !policy.is_overdue(f.started, now) {
+                    return Ok(Plan::Join(f.id));
+                }
+                // Its caller lost it: close it, as a timeout, and lead anew.
+                e.flight = None;
+                *in_flight -= 1;
+                self.counters.timeouts.fetch_add(1, Relaxed);
             }
             // Refresh with the newest refresh token known: a rotated one we
             // hold beats the caller's unless the caller's token is newer.
@@ -100,6 +106,7 @@ impl Engine {
             e.flight = Some(Box::new(Flight {
                 id,
                 refresh_token: refresh_token.clone(),
+                started: now,
             }));
             *in_flight += 1;
             Ok(Plan::Lead { id, refresh_token })
@@ -298,6 +305,9 @@ impl<F: FnOnce() -> Result<Fingerprint, EngineError>> OnceFingerprint<F> {
     }
 }
 
+// The message above names the limit.
+const _: () = assert!(MAX_TOKEN_BYTES == 65_536);
+
 pub(crate) fn validate_refreshed(
     r: Refreshed,
     now: EpochMs,
@@ -329,6 +339,12 @@ pub(crate) fn validate_refreshed(
         return Err(EngineError::InvalidRefreshResult("expires in the past"));
     }
     let refresh = r.refresh.filter(|s| !s.is_empty());
+    let too_long = |t: &SecretString| t.expose().len() > MAX_TOKEN_BYTES;
+    if too_long(&access) || refresh.as_ref().is_some_and(too_long) {
+        return Err(EngineError::InvalidRefreshResult(
+            "has a token longer than 65536 bytes",
+        ));
+    }
     Ok((access, refresh, expires_at))
 }
 

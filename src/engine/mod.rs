@@ -12,6 +12,7 @@
 pub mod error;
 pub mod evictor;
 pub mod flight;
+mod marks;
 pub mod policy;
 pub mod secret;
 pub mod table;
@@ -19,10 +20,11 @@ pub mod time;
 pub mod token;
 
 #[cfg(test)]
+mod properties;
+#[cfg(test)]
 mod tests;
 
-use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
 use parking_lot::{Mutex, MutexGuard};
 
@@ -32,12 +34,21 @@ pub use policy::{EpochMs, Policy, PolicyOptions};
 pub use secret::SecretString;
 pub use token::{Issued, IssuedBrief, Presented, Refreshed};
 
+use marks::RemoteMarks;
 pub use table::Eviction;
 use table::Table;
 
 /// Longest user id accepted, in UTF-8 bytes. Ids are map keys: an unbounded
 /// one would let one bad caller pin arbitrary memory.
 pub const MAX_USER_ID_BYTES: usize = 512;
+
+/// Longest access or refresh token accepted, in UTF-8 bytes: 64 KiB. Four
+/// times what fits in a default Node HTTP header (16 KiB), so a JWT with
+/// many claims passes; the same bound as a token endpoint's answer
+/// (`refreshers::http::MAX_BODY_BYTES`) and the Redis record
+/// (`coordination::seal`), so a token accepted here is one every instance
+/// can share.
+pub const MAX_TOKEN_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -76,11 +87,10 @@ pub struct Stats {
 pub struct Engine {
     policy: Policy,
     table: Mutex<Table>,
-    /// Mirrors `Table::revoking` so the hot path need not lock; written
-    /// only by [`LockedTable`]'s drop.
-    revoking: AtomicUsize,
     next_flight: AtomicU32,
     counters: Counters,
+    /// Marks other instances made, until the binding takes them.
+    remote: RemoteMarks,
 }
 
 impl Engine {
@@ -88,9 +98,9 @@ impl Engine {
         Self {
             policy,
             table: Mutex::new(Table::default()),
-            revoking: AtomicUsize::new(0),
             next_flight: AtomicU32::new(1),
             counters: Counters::default(),
+            remote: RemoteMarks::default(),
         }
     }
 
@@ -100,9 +110,10 @@ impl Engine {
 
     /// The hot path: can a token expiring at `expires_at` be handed back
     /// as it is at `now` (the caller's clock), without looking the user up?
-    /// True when it outlives the
-    /// buffer and no token anywhere is revoked (a revoked token must be
-    /// caught by [`Engine::begin`], which knows the user). Counts a hit.
+    /// True when it outlives the buffer. Counts a hit. Revocations are per
+    /// user and this call has none: a caller must send the users
+    /// [`Engine::invalidate`] marked (until the time it returned) to
+    /// [`Engine::begin`], which checks them.
     #[inline]
     pub fn is_fresh(&self, expires_at: EpochMs, now: EpochMs) -> bool {
         self.count_hit(self.fresh_at(expires_at, now))
@@ -118,7 +129,7 @@ impl Engine {
 
     #[inline]
     fn fresh_at(&self, expires_at: EpochMs, now: EpochMs) -> bool {
-        self.revoking.load(Relaxed) == 0 && self.policy.is_fresh(expires_at, now)
+        !self.remote.pending() && self.policy.is_fresh(expires_at, now)
     }
 
     #[inline]
@@ -131,13 +142,15 @@ impl Engine {
 
     /// The API answered 401 with `access_token` (or, without one, with
     /// whatever the user holds): the next call presenting it refreshes even
-    /// though it has not expired. The mark lasts one idle TTL.
+    /// though it has not expired. The mark lasts one idle TTL: returns when
+    /// it ends, until which the caller sends `user`'s calls to
+    /// [`Engine::begin`] rather than deciding them with [`Engine::is_fresh`].
     pub fn invalidate(
         &self,
         user: &str,
         access_token: Option<&SecretString>,
         now: EpochMs,
-    ) -> Result<(), EngineError> {
+    ) -> Result<EpochMs, EngineError> {
         validate_user(user)?;
         let until = now.saturating_add(self.policy.idle_ttl_ms as i64);
         let fp = access_token.map(SecretString::fingerprint);
@@ -152,7 +165,27 @@ impl Engine {
                 }
             }
         });
-        Ok(())
+        Ok(until)
+    }
+
+    /// [`Engine::invalidate`] made by another instance (Redis pub/sub): the
+    /// mark also waits for the binding ([`Engine::take_remote_marks`]), and
+    /// until taken the hot path answers "not fresh" to everyone.
+    pub fn invalidate_from_elsewhere(
+        &self,
+        user: &str,
+        access_token: Option<&SecretString>,
+        now: EpochMs,
+    ) -> Result<EpochMs, EngineError> {
+        let until = self.invalidate(user, access_token, now)?;
+        self.remote.push(user, until, now);
+        Ok(until)
+    }
+
+    /// The marks other instances made since the last call: users whose
+    /// calls the binding must send to [`Engine::begin`], until when.
+    pub fn take_remote_marks(&self) -> Vec<(Box<str>, EpochMs)> {
+        self.remote.take()
     }
 
     /// O(1): the table keeps its counts as entries come and go. Like any
@@ -211,38 +244,8 @@ impl Engine {
         (self.counters.hits.load(Relaxed), last_use)
     }
 
-    /// The table, locked. Every access goes through this guard, so the hot
-    /// path's copy of the revocation count is published on every unlock and
-    /// cannot drift from the table's.
-    fn table(&self) -> LockedTable<'_> {
-        LockedTable {
-            table: self.table.lock(),
-            revoking: &self.revoking,
-        }
-    }
-}
-
-struct LockedTable<'a> {
-    table: MutexGuard<'a, Table>,
-    revoking: &'a AtomicUsize,
-}
-
-impl Deref for LockedTable<'_> {
-    type Target = Table;
-    fn deref(&self) -> &Table {
-        &self.table
-    }
-}
-
-impl DerefMut for LockedTable<'_> {
-    fn deref_mut(&mut self) -> &mut Table {
-        &mut self.table
-    }
-}
-
-impl Drop for LockedTable<'_> {
-    fn drop(&mut self) {
-        self.revoking.store(self.table.revoking, Relaxed);
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.table.lock()
     }
 }
 

@@ -15,6 +15,13 @@ pub const DEFAULT_REFRESH_TIMEOUT_MS: u64 = 30_000;
 /// enough that 200k idle users do not pin memory for an hour.
 pub const DEFAULT_IDLE_TTL_MS: u64 = 600_000;
 
+/// How long past the refresh timeout a flight may stay open before the
+/// engine closes it itself. The binding's own timer closes it at the
+/// timeout; this only catches a flight its caller lost (a bug, or a throw
+/// between opening it and starting the refresh), so no user stays stuck.
+/// The margin covers a timer delayed by a busy event loop.
+pub const FLIGHT_GRACE_MS: u64 = 1_000;
+
 /// Largest duration option accepted: 2^31-1 ms (24.8 days), the longest
 /// timer Node can set; a longer `setTimeout` would fire at once.
 const MAX_OPTION_MS: u64 = 2_147_483_647;
@@ -83,6 +90,13 @@ impl Policy {
     #[inline]
     pub fn is_unexpired(&self, expires_at: EpochMs, now: EpochMs) -> bool {
         expires_at > now
+    }
+
+    /// A refresh started at `started` is overdue: nobody will report on it
+    /// any more (see [`FLIGHT_GRACE_MS`]).
+    #[inline]
+    pub fn is_overdue(&self, started: EpochMs, now: EpochMs) -> bool {
+        now.saturating_sub(started) > (self.refresh_timeout_ms + FLIGHT_GRACE_MS) as i64
     }
 
     /// A refresh ran recently enough that another one would be redundant.

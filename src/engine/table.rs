@@ -49,6 +49,9 @@ pub(crate) struct Flight {
     /// The refresh token the refresh was started with: kept when the
     /// provider does not rotate it.
     pub refresh_token: Option<SecretString>,
+    /// When it started: one running far past the refresh timeout was lost
+    /// by its caller (see `Policy::is_overdue`).
+    pub started: EpochMs,
 }
 
 #[derive(Debug)]
@@ -102,7 +105,7 @@ impl Entry {
         })
     }
 
-    /// Whether this entry makes the hot path look users up.
+    /// Whether this entry holds any revocation.
     pub fn is_revoking(&self) -> bool {
         self.revocations.is_some()
     }
@@ -142,8 +145,8 @@ pub(crate) struct Table {
     /// hasher keeps caller-chosen user ids from steering collisions.
     entries: LruCache<Box<str>, Entry, RandomState>,
     pub in_flight: usize,
-    /// Entries holding a revocation. While non-zero the hot path cannot
-    /// decide on the expiry alone.
+    /// Entries holding a revocation. (The hot path does not read it: the
+    /// binding sends only the users `invalidate` marked to `begin`.)
     pub revoking: usize,
     /// Revoking entries by the time their last revocation lapses, soonest
     /// first: lets a bounded slice prune them in order, never by a scan.

@@ -325,6 +325,79 @@ fn invalid_refresh_results_are_rejected_and_not_cached() {
 }
 
 #[test]
+fn expiries_a_date_cannot_hold_are_invalid_results_on_every_path_in() {
+    let e = engine();
+    let expiry = |at: f64| Refreshed {
+        access: Some("a".into()),
+        expires_at: Some(at),
+        ..Default::default()
+    };
+    for bad in [1e300, -1e300, 8.64e15 + 1.0, f64::INFINITY, f64::NAN] {
+        let (id, _) = lead(&e, "u", &token("old", NOW), NOW);
+        let err = e.complete_with("u", id, expiry(bad), NOW).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidRefreshResult, "{bad}");
+        let (id, _) = lead(&e, "u", &token("old", NOW), NOW);
+        let err = e.adopt("u", id, expiry(bad), true, NOW).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidRefreshResult, "{bad}");
+    }
+    // Nothing was kept: the next call still refreshes.
+    lead(&e, "u", &token("old", NOW), NOW);
+    // The largest a Date holds is fine.
+    let (id, _) = lead(&e, "v", &token("old", NOW), NOW);
+    let t = e.complete_with("v", id, expiry(8.64e15), NOW).unwrap();
+    assert_eq!(t.expires_at, 8_640_000_000_000_000);
+}
+
+#[test]
+fn tokens_over_the_limit_are_invalid_results() {
+    use crate::engine::MAX_TOKEN_BYTES;
+    let e = engine();
+    let long = "x".repeat(MAX_TOKEN_BYTES + 1);
+    for r in [
+        refreshed(&long, NOW + 60 * MIN),
+        Refreshed {
+            refresh: Some(long.as_str().into()),
+            ..refreshed("a", NOW + 60 * MIN)
+        },
+    ] {
+        let (id, _) = lead(&e, "u", &token("old", NOW), NOW);
+        let err = e.complete_with("u", id, r, NOW).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::InvalidRefreshResult);
+        assert!(err.to_string().contains("65536 bytes"), "{err}");
+    }
+    let (id, _) = lead(&e, "u", &token("old", NOW), NOW);
+    let at_limit = "x".repeat(MAX_TOKEN_BYTES);
+    assert!(e
+        .complete_with("u", id, refreshed(&at_limit, NOW + 60 * MIN), NOW)
+        .is_ok());
+}
+
+#[test]
+fn a_flight_its_caller_lost_is_closed_once_overdue() {
+    use crate::engine::policy::FLIGHT_GRACE_MS;
+    let e = engine();
+    let stale = token("old", NOW);
+    // The leader never reports (its caller threw before the refresh).
+    let (lost, _) = lead(&e, "u", &stale, NOW);
+    let overdue = Policy::default().refresh_timeout_ms as i64 + FLIGHT_GRACE_MS as i64;
+    match e.begin_with("u", &stale, NOW + overdue).unwrap() {
+        Plan::Join(id) => assert_eq!(id, lost, "within the grace: still joined"),
+        other => panic!("{other:?}"),
+    }
+    let later = NOW + overdue + 1;
+    let (id, _) = lead(&e, "u", &stale, later);
+    assert_ne!(id, lost);
+    let s = e.stats(later);
+    assert_eq!((s.in_flight, s.timeouts), (1, 1));
+    // The lost flight reporting after all changes nothing for the new one.
+    e.fail("u", lost, Failure::Rejected, later);
+    assert_eq!(e.stats(later).in_flight, 1);
+    e.complete_with("u", id, refreshed("new", later + 60 * MIN), later)
+        .unwrap();
+    assert_eq!(e.stats(later).in_flight, 0);
+}
+
+#[test]
 fn expires_in_counts_from_now() {
     let e = engine();
     let (id, _) = lead(&e, "u", &token("old", NOW), NOW);
@@ -348,9 +421,11 @@ fn an_invalidated_token_is_refreshed_before_it_expires() {
     let e = engine();
     let good = token("t1", NOW + 50 * MIN);
     assert!(e.is_fresh(good.expires_at, NOW));
-    e.invalidate("u", Some(&"t1".into()), NOW).unwrap();
-    // The hot path can no longer decide on the expiry alone.
-    assert!(!e.is_fresh(good.expires_at, NOW));
+    let until = e.invalidate("u", Some(&"t1".into()), NOW).unwrap();
+    // The mark lasts one idle TTL: until then the caller sends u's calls to
+    // begin. The hot path itself knows no users and stays as it was.
+    assert_eq!(until, NOW + Policy::default().idle_ttl_ms as i64);
+    assert!(e.is_fresh(good.expires_at, NOW));
     let (id, _) = lead(&e, "u", &good, NOW);
     e.complete_with("u", id, refreshed("t2", NOW + 60 * MIN), NOW)
         .unwrap();
@@ -364,10 +439,32 @@ fn an_invalidated_token_is_refreshed_before_it_expires() {
         Plan::UseHeld(t) => assert_eq!((t.access.expose(), t.should_update), ("t2", true)),
         other => panic!("{other:?}"),
     }
-    // The mark fades after one idle TTL: the hot path is unconditional again.
-    let after = NOW + Policy::default().idle_ttl_ms as i64 + 1;
-    e.stats(after);
-    assert!(e.is_fresh(after + 50 * MIN, after));
+    // The mark fades after one idle TTL: t1 is served again.
+    let after = until + 1;
+    assert!(matches!(
+        e.begin_with("u", &token("t1", after + 50 * MIN), after)
+            .unwrap(),
+        Plan::UsePresented
+    ));
+}
+
+#[test]
+fn another_instances_invalidate_stops_the_hot_path_until_its_marks_are_taken() {
+    let e = engine();
+    let good = token("t1", NOW + 50 * MIN);
+    assert!(e.is_fresh(good.expires_at, NOW));
+    let until = e
+        .invalidate_from_elsewhere("u", Some(&"t1".into()), NOW)
+        .unwrap();
+    // Nobody here has taken the mark yet: every caller goes to begin.
+    assert!(!e.is_fresh(good.expires_at, NOW));
+    assert!(matches!(
+        e.begin_with("u", &good, NOW).unwrap(),
+        Plan::Lead { .. }
+    ));
+    assert_eq!(e.take_remote_marks(), vec![("u".into(), until)]);
+    assert!(e.is_fresh(good.expires_at, NOW));
+    assert!(e.take_remote_marks().is_empty());
 }
 
 #[test]
@@ -400,7 +497,7 @@ fn evict_all(e: &Engine, now: i64, budget: usize) -> (usize, usize) {
 /// The revocation count the table keeps, and the one a scan finds.
 fn revoking(e: &Engine) -> (usize, usize) {
     let t = e.table();
-    (t.table.revoking, t.count_revoking())
+    (t.revoking, t.count_revoking())
 }
 
 #[test]
@@ -469,7 +566,7 @@ fn eviction_does_bounded_work_per_call_and_drops_every_idle_entry() {
 }
 
 #[test]
-fn lapsed_revocations_stop_slowing_the_hot_path_with_no_call() {
+fn lapsed_revocations_are_pruned_with_no_call() {
     let ttl = 1_000;
     let e = Engine::new(Policy {
         idle_ttl_ms: ttl as u64,
@@ -482,13 +579,16 @@ fn lapsed_revocations_stop_slowing_the_hot_path_with_no_call() {
     // Both users stay in use past their first mark's lapse.
     e.begin_with("u", &token("x", good), NOW + ttl - 1).unwrap();
     e.begin_with("v", &token("x", good), NOW + ttl - 1).unwrap();
-    assert!(!e.is_fresh(good, NOW + ttl - 1));
-    // u's mark lapses; v's later one still holds the hot path back.
+    assert_eq!(revoking(&e), (2, 2));
+    // The hot path knows no users (the binding sends u and v to begin).
+    assert!(e.is_fresh(good, NOW + ttl - 1));
+    // u's mark lapses; v's later one still holds.
     evict_all(&e, NOW + ttl, 1);
-    assert!(!e.is_fresh(good, NOW + ttl));
     assert_eq!(revoking(&e), (1, 1));
+    assert!(e.is_revoked("v", &"t2".into(), NOW + ttl));
+    assert!(!e.is_revoked("u", &"t1".into(), NOW + ttl));
     evict_all(&e, NOW + 500 + ttl, 1);
-    assert!(e.is_fresh(good, NOW + 500 + ttl));
+    assert_eq!(revoking(&e), (0, 0));
     assert_eq!(
         e.stats(NOW + 500 + ttl).users,
         2,

@@ -197,7 +197,7 @@ pub fn from_expires_in(
             "must be a positive number of seconds",
         ));
     }
-    Ok(now + (seconds * 1000.0) as i64)
+    Ok(now.saturating_add((seconds * 1000.0) as i64))
 }
 
 #[cfg(test)]

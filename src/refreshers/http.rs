@@ -5,11 +5,13 @@
 use std::future::Future;
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use once_cell::sync::OnceCell;
 use rand::Rng;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use reqwest::{Client, RequestBuilder, Url};
 use tokio::time::Instant;
+use zeroize::Zeroize;
 
 use super::RefreshError;
 use crate::engine::ErrorCode;
@@ -79,14 +81,78 @@ pub fn token_url(name: &str, value: &str) -> Result<Url, RefreshError> {
     Ok(url)
 }
 
-/// One HTTP exchange with the token endpoint.
+/// Bytes that may hold a secret: a request body with the client secret or a
+/// refresh token, a token endpoint's answer. Wiped when dropped; `Debug`
+/// shows the length only. (Copies inside the HTTP stack, such as hyper's
+/// write buffer and the chunks it reads into, are out of our reach.)
+#[derive(Default)]
+pub struct SecretBytes(Vec<u8>);
+
+impl SecretBytes {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Appends `more`. When the buffer must grow, the old one is wiped
+    /// before it is freed (a plain `Vec` would leave it behind).
+    pub fn extend(&mut self, more: &[u8]) {
+        let needed = self.0.len() + more.len();
+        if needed > self.0.capacity() {
+            let mut grown = Vec::with_capacity(needed.max(2 * self.0.capacity()).max(1024));
+            grown.extend_from_slice(&self.0);
+            let mut old = std::mem::replace(&mut self.0, grown);
+            old.zeroize();
+        }
+        self.0.extend_from_slice(more);
+    }
+
+    /// A request body over these bytes: attempts clone the handle (no
+    /// copy), and the bytes are wiped when the last handle drops.
+    pub fn into_body(self) -> Bytes {
+        Bytes::from_owner(self)
+    }
+}
+
+impl From<&str> for SecretBytes {
+    fn from(s: &str) -> Self {
+        Self(s.as_bytes().to_vec())
+    }
+}
+
+impl AsRef<[u8]> for SecretBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for SecretBytes {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl std::fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretBytes(<{} bytes redacted>)", self.0.len())
+    }
+}
+
+/// One HTTP exchange with the token endpoint. `Debug` never shows the body.
 #[derive(Debug)]
 pub enum Attempt {
     /// The server answered and the whole body was read.
     Answered {
         status: u16,
         retry_after: Option<Duration>,
-        body: Vec<u8>,
+        body: SecretBytes,
     },
     /// The server answered, but the body was too large or broke off.
     BrokenBody { status: u16 },
@@ -109,14 +175,14 @@ pub async fn send(request: RequestBuilder) -> Attempt {
     };
     let status = response.status().as_u16();
     let retry_after = retry_after(response.headers(), SystemTime::now());
-    let mut body = Vec::new();
+    let mut body = SecretBytes::default();
     loop {
         match response.chunk().await {
             Ok(Some(chunk)) => {
                 if body.len() + chunk.len() > MAX_BODY_BYTES {
                     return Attempt::BrokenBody { status };
                 }
-                body.extend_from_slice(&chunk);
+                body.extend(&chunk);
             }
             Ok(None) => {
                 return Attempt::Answered {
@@ -229,9 +295,12 @@ where
                 if retries >= max_retries {
                     return Err(error);
                 }
+                // A wait past the deadline (a Retry-After of 10^19 s, which
+                // would overflow an Instant) ends the retries at once.
                 let wait = backoff.delay(retries, after);
-                if Instant::now() + wait >= deadline {
-                    return Err(error);
+                match Instant::now().checked_add(wait) {
+                    Some(end) if end < deadline => {}
+                    _ => return Err(error),
                 }
                 tokio::time::sleep(wait).await;
                 retries += 1;
@@ -300,6 +369,55 @@ mod tests {
         assert_eq!(retry_after(&headers("soon"), now), None);
         assert_eq!(retry_after(&headers("-1"), now), None);
         assert_eq!(retry_after(&HeaderMap::new(), now), None);
+    }
+
+    #[test]
+    fn retry_after_beyond_any_instant_is_read_without_overflow() {
+        let now = SystemTime::now();
+        let huge = retry_after(&headers("10000000000000000000"), now).unwrap();
+        assert_eq!(huge, Duration::from_secs(10_000_000_000_000_000_000));
+        assert!(Instant::now().checked_add(huge).is_none());
+        assert_eq!(retry_after(&headers("99999999999999999999999"), now), None);
+    }
+
+    #[tokio::test]
+    async fn a_wait_past_the_deadline_ends_the_retries_without_panicking() {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut attempts = 0;
+        let started = Instant::now();
+        let r: Result<(), RefreshError> = with_retries(deadline, 3, Backoff::default(), || {
+            attempts += 1;
+            async {
+                Verdict::Retry {
+                    error: RefreshError::from_status(429, None),
+                    after: Some(Duration::from_secs(10_000_000_000_000_000_000)),
+                }
+            }
+        })
+        .await;
+        assert_eq!(r.unwrap_err().status, Some(429));
+        assert_eq!(attempts, 1);
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn secret_bytes_grow_keep_their_content_and_never_print_it() {
+        let mut b = SecretBytes::default();
+        for _ in 0..300 {
+            b.extend(b"client-secret=s3cr3t&");
+        }
+        assert_eq!(b.len(), 300 * 21);
+        assert!(b.as_ref().starts_with(b"client-secret=s3cr3t&client"));
+        let attempt = Attempt::Answered {
+            status: 200,
+            retry_after: None,
+            body: b,
+        };
+        let shown = format!("{attempt:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("6300 bytes redacted"), "{shown}");
+        let body = SecretBytes::from("refresh_token=rt-secret").into_body();
+        assert_eq!(&body[..], b"refresh_token=rt-secret");
     }
 
     #[test]

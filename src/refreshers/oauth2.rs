@@ -15,7 +15,7 @@ use reqwest::{Client, Url};
 use serde::Deserialize;
 use tokio::time::Instant;
 
-use super::http::{self, Attempt, Backoff, Verdict};
+use super::http::{self, Attempt, Backoff, SecretBytes, Verdict};
 use super::{required, RefreshError, Token};
 use crate::engine::{ErrorCode, SecretString};
 
@@ -79,8 +79,9 @@ pub struct OAuth2Refresher {
 }
 
 enum Auth {
-    /// The whole `Authorization: Basic ...` header value.
-    Basic(SecretString),
+    /// The whole `Authorization: Basic ...` header value, marked sensitive,
+    /// over a buffer wiped when the refresher and its last request are gone.
+    Basic(HeaderValue),
     Post {
         client_id: String,
         client_secret: SecretString,
@@ -128,7 +129,13 @@ impl OAuth2Refresher {
                 let encoded = SecretString::new(
                     base64::engine::general_purpose::STANDARD.encode(pair.expose()),
                 );
-                Auth::Basic(SecretString::new(format!("Basic {}", encoded.expose())))
+                let header = SecretBytes::from(format!("Basic {}", encoded.expose()).as_str());
+                let mut value =
+                    HeaderValue::from_maybe_shared(header.into_body()).map_err(|_| {
+                        RefreshError::invalid_argument("clientSecret", "could not be encoded")
+                    })?;
+                value.set_sensitive(true);
+                Auth::Basic(value)
             }
             AuthMethod::ClientSecretPost => Auth::Post {
                 client_id: config.client_id,
@@ -176,6 +183,8 @@ impl OAuth2Refresher {
             form.push(("client_id", client_id));
             form.push(("client_secret", client_secret.expose()));
         }
+        // Holds the refresh token (and with client_secret_post the client
+        // secret): one buffer for every attempt, wiped once the last is gone.
         let body = SecretString::new(serde_urlencoded::to_string(&form).map_err(|_| {
             RefreshError::new(
                 ErrorCode::RefreshFailed,
@@ -183,6 +192,7 @@ impl OAuth2Refresher {
             )
         })?);
         drop(form);
+        let body = SecretBytes::from(body.expose()).into_body();
         let backoff = Backoff::default();
         http::with_retries(deadline, CONNECT_RETRIES, backoff, || {
             let mut request = self
@@ -190,12 +200,9 @@ impl OAuth2Refresher {
                 .post(self.url.clone())
                 .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
                 .header(ACCEPT, "application/json")
-                .body(body.expose().to_owned());
+                .body(body.clone());
             if let Auth::Basic(value) = &self.auth {
-                if let Ok(mut v) = HeaderValue::from_str(value.expose()) {
-                    v.set_sensitive(true);
-                    request = request.header(AUTHORIZATION, v);
-                }
+                request = request.header(AUTHORIZATION, value.clone());
             }
             async move { judge(http::send(request).await) }
         })
@@ -220,11 +227,11 @@ fn judge(attempt: Attempt) -> Verdict<Token> {
             Verdict::Done(Err(RefreshError::from_status(status, None)))
         }
         Attempt::Answered { status, body, .. } if (200..300).contains(&status) => {
-            Verdict::Done(parse(status, &body))
+            Verdict::Done(parse(status, body.as_ref()))
         }
         Attempt::Answered { status, body, .. } => Verdict::Done(Err(RefreshError::from_status(
             status,
-            http::provider_error(&body),
+            http::provider_error(body.as_ref()),
         ))),
     }
 }

@@ -9,12 +9,13 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use reqwest::header::{HeaderValue, ACCEPT, CONTENT_TYPE};
 use reqwest::{Client, Url};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::http::{self, Attempt, Backoff, Verdict};
+use super::http::{self, Attempt, Backoff, SecretBytes, Verdict};
 use super::{required, RefreshError, Token};
 use crate::engine::SecretString;
 
@@ -55,8 +56,9 @@ pub struct TarabutRefresher {
     client: Client,
     url: Url,
     /// The request body is the same for every user: serialised once. It
-    /// holds the client secret, hence the SecretString.
-    body: SecretString,
+    /// holds the client secret: every attempt shares this buffer, which is
+    /// wiped when the refresher and its last request are gone.
+    body: Bytes,
     max_retries: u32,
     timeout: Duration,
     backoff: Backoff,
@@ -114,7 +116,7 @@ impl TarabutRefresher {
             }
         };
         let timeout = super::timeout_option("timeoutMs", config.timeout_ms)?;
-        let body = serde_json::to_string(&Request {
+        let body = serde_json::to_vec(&Request {
             client_id: &config.client_id,
             client_secret: config.client_secret.expose(),
             grant_type: "client_credentials",
@@ -124,7 +126,7 @@ impl TarabutRefresher {
         Ok(Self {
             client,
             url,
-            body: SecretString::new(body),
+            body: SecretBytes::new(body).into_body(),
             max_retries,
             timeout,
             backoff: Backoff::default(),
@@ -176,7 +178,7 @@ impl TarabutRefresher {
                 .header(CONTENT_TYPE, "application/json")
                 .header(ACCEPT, "application/json")
                 .header(USER_HEADER, user_header.clone())
-                .body(self.body.expose().to_owned());
+                .body(self.body.clone());
             async move { judge(http::send(request).await) }
         })
         .await
@@ -204,9 +206,9 @@ fn judge(attempt: Attempt) -> Verdict<Token> {
             body,
         } => {
             if (200..300).contains(&status) {
-                return Verdict::Done(parse(status, &body));
+                return Verdict::Done(parse(status, body.as_ref()));
             }
-            let error = RefreshError::from_status(status, http::provider_error(&body));
+            let error = RefreshError::from_status(status, http::provider_error(body.as_ref()));
             if status == 429 || status >= 500 {
                 Verdict::Retry {
                     error,
@@ -428,17 +430,20 @@ mod tests {
 
     #[tokio::test]
     async fn a_retry_after_past_the_deadline_ends_with_the_429() {
-        let server = MockServer::start().await;
-        Mock::given(method("POST"))
-            .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "3600"))
-            .mount(&server)
-            .await;
-        let e = refresher(&server, None)
-            .refresh("u", None, Some(Duration::from_secs(5)))
-            .await
-            .unwrap_err();
-        assert_eq!((e.code, e.status), (ErrorCode::RefreshFailed, Some(429)));
-        assert_eq!(requests(&server).await, 1);
+        // 10^19 s does not fit an Instant: it used to panic the worker.
+        for wait in ["3600", "10000000000000000000"] {
+            let server = MockServer::start().await;
+            Mock::given(method("POST"))
+                .respond_with(ResponseTemplate::new(429).insert_header("retry-after", wait))
+                .mount(&server)
+                .await;
+            let e = refresher(&server, None)
+                .refresh("u", None, Some(Duration::from_secs(5)))
+                .await
+                .unwrap_err();
+            assert_eq!((e.code, e.status), (ErrorCode::RefreshFailed, Some(429)));
+            assert_eq!(requests(&server).await, 1);
+        }
     }
 
     #[tokio::test]
