@@ -1,5 +1,5 @@
-// The engine's contract through the built addon: every numbered behaviour of
-// the token-engine issue, as a caller of getValidToken relies on it.
+// The engine's contract through the built addon: every numbered behaviour a
+// caller of getValidToken relies on (README: API, Errors).
 import { describe, expect, it, vi } from 'vitest'
 import { createRequire } from 'node:module'
 import { inspect } from 'node:util'

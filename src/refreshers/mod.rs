@@ -187,7 +187,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn codes_follow_the_issue_table() {
+    fn codes_follow_the_readme_errors_table() {
         assert_eq!(
             classify(400, Some("invalid_grant")),
             ErrorCode::ReauthRequired
