@@ -205,9 +205,29 @@ describe('3. strings are measured before they are copied', () => {
       expect(err).toBeInstanceOf(TypeError)
       expect(err.message).toBe('token.accessToken must be at most 65536 bytes long (UTF-8)')
     }
-    // Over the limit is never served, not even from the hot path.
-    const err = await m.getValidToken(uid(), { accessToken: over, expiresAt: later(HOUR) }, good()).catch((e) => e)
-    expect(err).toMatchObject({ code: 'INVALID_ARGUMENT' })
+    // Over the limit is never served, not even from the hot path, in units
+    // or only in bytes.
+    for (const bad of [over, overInBytes]) {
+      const err = await m.getValidToken(uid(), { accessToken: bad, expiresAt: later(HOUR) }, good()).catch((e) => e)
+      expect(err).toMatchObject({ code: 'INVALID_ARGUMENT', message: 'token.accessToken must be at most 65536 bytes long (UTF-8)' })
+    }
+  })
+
+  it('user ids: 512 bytes is the limit, in UTF-8 bytes, on the hot path as on every other', async () => {
+    expect(MAX_USER_ID_BYTES).toBe(512)
+    const m = new TokenManager()
+    const fresh = () => ({ accessToken: 'valid', expiresAt: later(HOUR) })
+    // 512 one-byte, 256 two-byte and 170 three-byte characters (+ 2 bytes) fit.
+    for (const id of ['a'.repeat(512), 'é'.repeat(256), '€'.repeat(170) + 'aa']) {
+      expect(await m.getValidToken(id, fresh(), good())).toMatchObject({ accessToken: 'valid', shouldUpdate: false })
+    }
+    // 513 units; 200 three-byte characters (under the limit in units, 600 bytes); 10^6 units.
+    for (const id of ['a'.repeat(513), '€'.repeat(200), 'x'.repeat(1_000_000)]) {
+      const err = await m.getValidToken(id, fresh(), good()).catch((e) => e)
+      expect(err).toBeInstanceOf(TypeError)
+      expect(err).toMatchObject({ code: 'INVALID_ARGUMENT', message: 'userId must be at most 512 bytes long (UTF-8)' })
+    }
+    expect(m.stats().users).toBe(0)
   })
 })
 

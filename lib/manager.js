@@ -14,7 +14,12 @@
 // native side read the system clock when that is what `Date.now` is
 // (src/engine/time.rs, "Clocks").
 
-const { BindingManager, MAX_TOKEN_BYTES, parseIsoTime } = require('../binding.js')
+const { BindingManager, MAX_TOKEN_BYTES, MAX_USER_ID_BYTES, parseIsoTime } = require('../binding.js')
+
+// A UTF-16 unit is at most 3 UTF-8 bytes, so strings this short (in units)
+// are within their limit without measuring.
+const SHORT_TOKEN = Math.floor(MAX_TOKEN_BYTES / 3)
+const SHORT_USER_ID = Math.floor(MAX_USER_ID_BYTES / 3)
 const coordination = require('./coordination.js')
 const { TokenRefreshError, argError, callerError, fromNative, internalError, quietly } = require('./errors.js')
 const observability = require('./observability.js')
@@ -220,15 +225,16 @@ class TokenManager {
       if (typeof refreshFn !== 'function') throw argError('refreshFn', 'must be a function')
       // The app's clock, looked up now: fake timers replace `Date.now`.
       const clock = this.#now ?? Date.now
-      // Hot path: one native call on numbers. An empty token, or one longer
-      // than the limit (in UTF-16 units here; `begin` refuses it, in UTF-8
-      // bytes), is never served; users `invalidate` marked go to `begin`.
+      // Hot path: one native call on numbers. An empty token, a token or user
+      // id that may be over its limit (`begin` refuses it, in UTF-8 bytes),
+      // is never served; users `invalidate` marked go to `begin`.
       // The unreplaced `Date.now` is the system clock: the native side reads
       // that itself, for less than calling it costs.
       const length = accessToken.length
       if (
         length !== 0 &&
-        length <= MAX_TOKEN_BYTES &&
+        (length <= SHORT_TOKEN || fitsUtf8(accessToken, MAX_TOKEN_BYTES)) &&
+        (userId.length <= SHORT_USER_ID || fitsUtf8(userId, MAX_USER_ID_BYTES)) &&
         (this.#revoked.size === 0 || !this.#isRevoked(userId, clock)) &&
         (clock === SYSTEM_DATE_NOW ? this.#isFresh(exp) : this.#isFreshOn(clock, exp))
       ) {
@@ -560,6 +566,11 @@ function validToken(t, shouldUpdate) {
   return shouldUpdate && t.refreshToken != null
     ? { accessToken: t.accessToken, shouldUpdate, expiresAt, refreshToken: t.refreshToken }
     : { accessToken: t.accessToken, shouldUpdate, expiresAt }
+}
+
+/** Whether `s` is at most `max` bytes in UTF-8 (the units are counted first: never a long scan). */
+function fitsUtf8(s, max) {
+  return s.length <= max && Buffer.byteLength(s, 'utf8') <= max
 }
 
 module.exports = { TokenManager }
