@@ -21,8 +21,10 @@ pub mod token;
 #[cfg(test)]
 mod tests;
 
+use std::hash::{BuildHasher, RandomState};
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::Instant;
 
 use parking_lot::{Mutex, MutexGuard};
 
@@ -34,6 +36,17 @@ pub use token::{Issued, IssuedBrief, Presented, Refreshed};
 
 pub use table::Eviction;
 use table::Table;
+
+/// Shards of the per-user table, each behind its own lock. A shard that
+/// grows rehashes only its 1/64 of the users (about 16,000 at a million:
+/// a millisecond or two, not a whole-table pause), and the background
+/// evictor holds one shard at a time, so a caller meets it 1 time in 64.
+const SHARDS: usize = 64;
+
+/// Entries a `stats()` call's slice visits at most in each shard: a small
+/// table is brought up to date on the caller's clock at once, and a big
+/// one costs no more than a few hundred entries.
+const EVICT_PER_SHARD_ON_STATS: usize = 4;
 
 /// Longest user id accepted, in UTF-8 bytes. Ids are map keys: an unbounded
 /// one would let one bad caller pin arbitrary memory.
@@ -71,24 +84,87 @@ pub struct Stats {
 }
 
 /// One token manager's state. Thread-safe; every method is short and
-/// non-blocking apart from one uncontended lock.
+/// non-blocking apart from one shard's lock, rarely contended.
 #[derive(Debug)]
 pub struct Engine {
     policy: Policy,
-    table: Mutex<Table>,
-    /// Mirrors `Table::revoking` so the hot path need not lock; written
-    /// only by [`LockedTable`]'s drop.
-    revoking: AtomicUsize,
+    shards: Box<[Mutex<Table>]>,
+    /// Keyed, so caller-chosen user ids cannot crowd one shard.
+    route: RandomState,
+    /// The shards' counts summed, so neither the hot path nor `stats()`
+    /// locks: written only by [`LockedTable`]'s drop, with what the shard
+    /// it held changed.
+    totals: Totals,
+    seen: Seen,
+    /// When a call last used an entry (`i64::MIN`: never).
+    last_use: AtomicI64,
     next_flight: AtomicU32,
     counters: Counters,
+}
+
+#[derive(Debug, Default)]
+struct Totals {
+    users: AtomicUsize,
+    in_flight: AtomicUsize,
+    /// Entries holding a revocation: while non-zero the hot path cannot
+    /// decide on the expiry alone.
+    revoking: AtomicUsize,
+}
+
+/// The latest clock reading a call passed in, kept as its offset from the
+/// engine's monotonic clock so one atomic holds it (`time.rs`, "Clocks":
+/// [`time::CallerNow`] with the reading and the instant folded together).
+#[derive(Debug)]
+struct Seen {
+    born: Instant,
+    /// The reading last stored, to skip storing it again.
+    at: AtomicI64,
+    /// The reading minus the monotonic milliseconds when it was read;
+    /// `i64::MIN` before any call.
+    offset: AtomicI64,
+}
+
+impl Seen {
+    fn new() -> Self {
+        Self {
+            born: Instant::now(),
+            at: AtomicI64::new(i64::MIN),
+            offset: AtomicI64::new(i64::MIN),
+        }
+    }
+
+    fn since_born(&self) -> i64 {
+        self.born.elapsed().as_millis().min(i64::MAX as u128) as i64
+    }
+
+    /// A call passed `now`. The monotonic clock is read only when the
+    /// reading changes: at most once a millisecond under traffic.
+    fn saw(&self, now: EpochMs) {
+        if self.at.load(Relaxed) != now {
+            self.offset.store(
+                now.saturating_sub(self.since_born()).max(i64::MIN + 1),
+                Relaxed,
+            );
+            self.at.store(now, Relaxed);
+        }
+    }
+
+    /// The latest reading advanced by the real time since, if any.
+    fn now(&self) -> Option<EpochMs> {
+        let offset = self.offset.load(Relaxed);
+        (offset != i64::MIN).then(|| offset.saturating_add(self.since_born()))
+    }
 }
 
 impl Engine {
     pub fn new(policy: Policy) -> Self {
         Self {
             policy,
-            table: Mutex::new(Table::default()),
-            revoking: AtomicUsize::new(0),
+            shards: (0..SHARDS).map(|_| Mutex::new(Table::default())).collect(),
+            route: RandomState::new(),
+            totals: Totals::default(),
+            seen: Seen::new(),
+            last_use: AtomicI64::new(i64::MIN),
             next_flight: AtomicU32::new(1),
             counters: Counters::default(),
         }
@@ -118,7 +194,7 @@ impl Engine {
 
     #[inline]
     fn fresh_at(&self, expires_at: EpochMs, now: EpochMs) -> bool {
-        self.revoking.load(Relaxed) == 0 && self.policy.is_fresh(expires_at, now)
+        self.totals.revoking.load(Relaxed) == 0 && self.policy.is_fresh(expires_at, now)
     }
 
     #[inline]
@@ -141,7 +217,7 @@ impl Engine {
         validate_user(user)?;
         let until = now.saturating_add(self.policy.idle_ttl_ms as i64);
         let fp = access_token.map(SecretString::fingerprint);
-        let mut t = self.table();
+        let mut t = self.table(user, now);
         t.evict_on_call(&self.policy, now);
         t.with_entry(user, now, |e, _| {
             e.revoke(fp, until);
@@ -155,17 +231,22 @@ impl Engine {
         Ok(())
     }
 
-    /// O(1): the table keeps its counts as entries come and go. Like any
-    /// call, it also runs one bounded slice of eviction at `now`.
+    /// Reads the kept totals; never visits a map nor waits for a lock.
+    /// First it brings each shard's old end up to date on the caller's
+    /// clock with a slice of at most [`EVICT_PER_SHARD_ON_STATS`] entries,
+    /// skipping a shard another thread holds (the evictor will get to it).
     pub fn stats(&self, now: EpochMs) -> Stats {
-        let mut t = self.table();
-        t.evict_on_call(&self.policy, now);
-        let (users, in_flight) = (t.len(), t.in_flight);
-        drop(t);
+        self.seen.saw(now);
+        for shard in self.shards.iter() {
+            if let Some(table) = shard.try_lock() {
+                let mut t = self.locked(table);
+                t.evict(&self.policy, now, EVICT_PER_SHARD_ON_STATS, |_, _| {});
+            }
+        }
         let c = &self.counters;
         Stats {
-            users,
-            in_flight,
+            users: self.totals.users.load(Relaxed),
+            in_flight: self.totals.in_flight.load(Relaxed),
             hits: c.hits.load(Relaxed),
             refreshes: c.refreshes.load(Relaxed),
             coalesced: c.coalesced.load(Relaxed),
@@ -177,12 +258,17 @@ impl Engine {
 }
 
 impl Engine {
-    /// One slice of eviction at `now`, visiting at most `budget` entries
-    /// (see `table.rs`). What it evicts is freed after the lock is released,
-    /// so a slice holds the lock only to unlink entries.
-    pub fn evict(&self, now: EpochMs, budget: usize) -> Eviction {
+    /// How many shards there are; [`Engine::evict`] takes one by index.
+    pub fn shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// One slice of eviction on shard `shard` at `now`, visiting at most
+    /// `budget` entries (see `table.rs`). What it evicts is freed after the
+    /// lock is released, so a slice holds the lock only to unlink entries.
+    pub fn evict(&self, shard: usize, now: EpochMs, budget: usize) -> Eviction {
         let mut evicted = Vec::new();
-        let mut t = self.table();
+        let mut t = self.locked(self.shards[shard].lock());
         let done = t.evict(&self.policy, now, budget, |user, entry| {
             evicted.push((user, entry))
         });
@@ -199,32 +285,74 @@ impl Engine {
     /// by the real time since; the system clock before any call passed one
     /// (`time.rs`, "Clocks").
     pub fn app_now(&self) -> EpochMs {
-        self.table()
-            .seen()
-            .map_or_else(time::now_ms, |seen| seen.now())
+        self.seen.now().unwrap_or_else(time::now_ms)
     }
 
     /// Signs of callers for the background task: calls answered on the hot
-    /// path so far, and when the table was last used by a call.
+    /// path so far, and when a call last used an entry.
     pub fn activity(&self) -> (u64, Option<EpochMs>) {
-        let last_use = self.table().last_use();
-        (self.counters.hits.load(Relaxed), last_use)
+        let last_use = self.last_use.load(Relaxed);
+        (
+            self.counters.hits.load(Relaxed),
+            (last_use != i64::MIN).then_some(last_use),
+        )
     }
 
-    /// The table, locked. Every access goes through this guard, so the hot
-    /// path's copy of the revocation count is published on every unlock and
-    /// cannot drift from the table's.
-    fn table(&self) -> LockedTable<'_> {
+    /// Which shard holds `user`.
+    pub(crate) fn shard_of(&self, user: &str) -> usize {
+        (self.route.hash_one(user) % self.shards.len() as u64) as usize
+    }
+
+    /// `user`'s shard, locked, for a call at `now`. Every access goes
+    /// through [`LockedTable`], so the totals are brought up to date on
+    /// every unlock and cannot drift from the shards' counts.
+    fn table(&self, user: &str, now: EpochMs) -> LockedTable<'_> {
+        self.seen.saw(now);
+        self.last_use.store(now, Relaxed);
+        self.locked(self.shards[self.shard_of(user)].lock())
+    }
+
+    fn locked<'a>(&'a self, table: MutexGuard<'a, Table>) -> LockedTable<'a> {
+        let before = Counts::of(&table);
         LockedTable {
-            table: self.table.lock(),
-            revoking: &self.revoking,
+            table,
+            totals: &self.totals,
+            before,
         }
+    }
+}
+
+/// A shard's counts, as the totals last saw them.
+#[derive(Clone, Copy)]
+struct Counts {
+    users: usize,
+    in_flight: usize,
+    revoking: usize,
+}
+
+impl Counts {
+    fn of(t: &Table) -> Self {
+        Self {
+            users: t.len(),
+            in_flight: t.in_flight,
+            revoking: t.revoking,
+        }
+    }
+}
+
+/// Moves `total` by what one shard's count did, from `was` to `is`.
+fn shift(total: &AtomicUsize, was: usize, is: usize) {
+    if is > was {
+        total.fetch_add(is - was, Relaxed);
+    } else if was > is {
+        total.fetch_sub(was - is, Relaxed);
     }
 }
 
 struct LockedTable<'a> {
     table: MutexGuard<'a, Table>,
-    revoking: &'a AtomicUsize,
+    totals: &'a Totals,
+    before: Counts,
 }
 
 impl Deref for LockedTable<'_> {
@@ -241,8 +369,13 @@ impl DerefMut for LockedTable<'_> {
 }
 
 impl Drop for LockedTable<'_> {
+    // Runs before the guard is released: the shard's change reaches the
+    // totals before anyone else can change that shard again.
     fn drop(&mut self) {
-        self.revoking.store(self.table.revoking, Relaxed);
+        let (was, is) = (self.before, Counts::of(&self.table));
+        shift(&self.totals.users, was.users, is.users);
+        shift(&self.totals.in_flight, was.in_flight, is.in_flight);
+        shift(&self.totals.revoking, was.revoking, is.revoking);
     }
 }
 

@@ -1,6 +1,11 @@
 //! Per-user state: the token a refresh produced, the refresh in flight,
 //! revoked tokens, and eviction of users nobody has asked about lately.
 //!
+//! A [`Table`] is one shard of the engine's users (`mod.rs` picks a user's
+//! shard by a keyed hash of the id), behind its own lock: growing one
+//! rehashes only its share of the users, and eviction holds one shard at a
+//! time, so a caller rarely meets a busy lock.
+//!
 //! Eviction. Entries live in least-recently-used order (`lru::LruCache`,
 //! unbounded: a hash map whose nodes are also a linked list), and every use
 //! moves an entry to the new end in O(1). The idle ones are therefore all
@@ -8,18 +13,18 @@
 //! most a given number of entries a call: it stops at the first entry used
 //! within `idleTtlMs`, never scans, and never evicts an entry with a refresh
 //! in flight (that one moves to the new end instead). Each slow-path call
-//! (`begin`, `invalidate`) and each `stats()` runs one slice of
-//! [`EVICT_PER_CALL`] entries with the caller's `now`: more than the one
-//! entry a call can add, so calls alone bound the table. A background task
-//! (`evictor.rs`) does the bulk with the real clock, in slices of
-//! [`evictor::SLICE`](super::evictor::SLICE) entries under a briefly held
-//! lock, so memory is returned soon after `idleTtlMs` even when no call
-//! comes; it frees what it evicts after unlocking. Revocations lapse on their
-//! own schedule (a user may stay active after its mark expires), so a small
-//! heap ordered by lapse time lets the same slices prune them in order and
-//! keep the hot path's revocation count exact. Counters (`users`,
-//! `inFlight`, the revocation count) change as entries come and go, so
-//! `stats()` reads them in O(1).
+//! (`begin`, `invalidate`) runs one slice of [`EVICT_PER_CALL`] entries on
+//! its user's shard with the caller's `now`: more than the one entry a call
+//! can add, so calls alone bound each shard. A background task
+//! (`evictor.rs`) does the bulk, a small slice per shard in turn under that
+//! shard's lock alone, so memory is returned soon after `idleTtlMs` even
+//! when no call comes; it frees what it evicts after unlocking.
+//! Revocations lapse on their own schedule (a user may stay active after
+//! its mark expires), so a small heap per shard ordered by lapse time lets
+//! the same slices prune them in order and keep the hot path's revocation
+//! count exact. Counts (`len`, `in_flight`, `revoking`) change as entries
+//! come and go; the engine sums them into global counters as each shard is
+//! unlocked, so `stats()` reads totals without visiting the shards' maps.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -30,7 +35,6 @@ use lru::LruCache;
 
 use super::policy::{EpochMs, Policy};
 use super::secret::{Fingerprint, SecretString};
-use super::time::CallerNow;
 use super::token::Held;
 
 /// Entries a caller's slice of eviction visits at most: above the one entry
@@ -38,9 +42,14 @@ use super::token::Held;
 /// and small enough that the call barely notices.
 pub const EVICT_PER_CALL: usize = 2;
 
-/// A table emptied down to at most this many entries gives its hash map's
-/// spare room back (rehashing what is left, so the work stays bounded).
-const SHRINK_MAX_LEN: usize = 16_384;
+/// A shard emptied down to at most this many entries gives its hash map's
+/// spare room back (rehashing what is left under its lock: kept small so
+/// a caller waiting on that shard waits well under a millisecond).
+const SHRINK_MAX_LEN: usize = 2_048;
+
+/// A shard gives room back only once it held more than 4× this many
+/// entries (or 4× what is left): small shards keep their room.
+const SHRINK_MIN_PEAK: usize = 256;
 
 /// The refresh currently running for a user.
 #[derive(Debug)]
@@ -134,7 +143,8 @@ impl Entry {
     }
 }
 
-/// All users' entries. Callers hold the engine's lock while using it.
+/// One shard of the users' entries. Callers hold the shard's lock while
+/// using it.
 #[derive(Debug)]
 pub(crate) struct Table {
     /// Least recently used first. Nodes are allocated one by one and the
@@ -150,8 +160,9 @@ pub(crate) struct Table {
     lapses: BinaryHeap<Reverse<(EpochMs, Box<str>)>>,
     /// The most entries held since the map last gave room back.
     peak: usize,
-    /// The latest clock reading a call passed in (`time.rs`, "Clocks").
-    seen: Option<CallerNow>,
+    /// Entries and lapses every slice so far visited, for tests to bound.
+    #[cfg(test)]
+    pub visits: usize,
 }
 
 impl Default for Table {
@@ -162,7 +173,8 @@ impl Default for Table {
             revoking: 0,
             lapses: BinaryHeap::new(),
             peak: 0,
-            seen: None,
+            #[cfg(test)]
+            visits: 0,
         }
     }
 }
@@ -185,24 +197,6 @@ impl Table {
         self.entries.len()
     }
 
-    /// The latest clock reading a call passed in, if any.
-    pub fn seen(&self) -> Option<CallerNow> {
-        self.seen
-    }
-
-    /// A call passed `now`. The real time is read only when the reading
-    /// changes: at most once a millisecond under traffic.
-    fn saw(&mut self, now: EpochMs) {
-        if self.seen.is_none_or(|s| s.at() != now) {
-            self.seen = Some(CallerNow::new(now));
-        }
-    }
-
-    /// When a call last used an entry.
-    pub fn last_use(&self) -> Option<EpochMs> {
-        self.entries.peek_mru().map(|(_, e)| e.last_used)
-    }
-
     /// Runs `f` on the user's entry, creating it if needed, moves it to the
     /// new end, and keeps the revocation count true whatever `f` changes.
     pub fn with_entry<R>(
@@ -211,7 +205,6 @@ impl Table {
         now: EpochMs,
         f: impl FnOnce(&mut Entry, &mut usize) -> R,
     ) -> R {
-        self.saw(now);
         if let Some(e) = self.entries.get_mut(user) {
             return Books::of(&mut self.in_flight, &mut self.revoking, &mut self.lapses)
                 .apply(user, e, now, f);
@@ -231,7 +224,6 @@ impl Table {
         now: EpochMs,
         f: impl FnOnce(&mut Entry, &mut usize) -> R,
     ) -> Option<R> {
-        self.saw(now);
         let e = self.entries.get_mut(user)?;
         Some(
             Books::of(&mut self.in_flight, &mut self.revoking, &mut self.lapses)
@@ -242,7 +234,6 @@ impl Table {
     /// A caller's slice of eviction: [`EVICT_PER_CALL`] entries at most,
     /// dropped in place.
     pub fn evict_on_call(&mut self, policy: &Policy, now: EpochMs) {
-        self.saw(now);
         self.evict(policy, now, EVICT_PER_CALL, |_, _| {});
     }
 
@@ -308,6 +299,10 @@ impl Table {
         if visited == budget {
             next_due = Some(now);
         }
+        #[cfg(test)]
+        {
+            self.visits += visited;
+        }
         Eviction {
             visited,
             evicted: dropped,
@@ -346,7 +341,7 @@ impl Table {
     /// what is left is small enough to rehash quickly.
     pub fn shrink_if_sparse(&mut self) {
         let len = self.entries.len();
-        if len <= SHRINK_MAX_LEN && self.peak > 4 * len.max(1024) {
+        if len <= SHRINK_MAX_LEN && self.peak > 4 * len.max(SHRINK_MIN_PEAK) {
             // lru shrinks its map only when the capacity changes: toggle
             // between two capacities no table reaches.
             let cap = if self.entries.cap().get() == usize::MAX {
