@@ -15,9 +15,9 @@ use std::time::Duration;
 use super::{Engine, EpochMs};
 
 /// Entries one background slice visits in one shard at most. The shard's
-/// lock is held only to unlink them (about 10 µs); they are freed after it
-/// is released. A round over the 64 shards visits up to 4,096.
-pub const SLICE: usize = 64;
+/// lock is held only to unlink them (a few µs); they are freed after it is
+/// released. A round over the 256 shards visits up to 8,192.
+pub const SLICE: usize = 32;
 
 /// The longest the task sleeps without looking: new entries go idle no
 /// sooner than `idleTtlMs` after they come, so this bounds how late an
@@ -41,9 +41,16 @@ pub async fn run(engine: Weak<Engine>) {
             let cap = MAX_NAP.min(Duration::from_millis(engine.policy().idle_ttl_ms.max(10)));
             let mut next_due: Option<EpochMs> = None;
             for shard in 0..engine.shards() {
-                let slice = engine.evict(shard, now, SLICE);
-                freed += slice.evicted;
-                next_due = match (next_due, slice.next_due) {
+                // A shard with nothing due is not locked.
+                let due = match engine.due(shard) {
+                    Some(due) if due <= now => {
+                        let slice = engine.evict(shard, now, SLICE);
+                        freed += slice.evicted;
+                        slice.next_due
+                    }
+                    due => due,
+                };
+                next_due = match (next_due, due) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 };
@@ -65,7 +72,7 @@ pub async fn run(engine: Weak<Engine>) {
 
 /// Between rounds while there is more due: leaves the CPU to the callers'
 /// thread on a busy machine, while eviction still runs at up to a round
-/// (64 × [`SLICE`] entries) a millisecond or two.
+/// (256 × [`SLICE`] entries) a millisecond or two.
 const PAUSE: Duration = Duration::from_millis(1);
 
 /// Entries evicted before the allocator is asked to return free pages.

@@ -38,15 +38,18 @@ pub use table::Eviction;
 use table::Table;
 
 /// Shards of the per-user table, each behind its own lock. A shard that
-/// grows rehashes only its 1/64 of the users (about 16,000 at a million:
-/// a millisecond or two, not a whole-table pause), and the background
-/// evictor holds one shard at a time, so a caller meets it 1 time in 64.
-const SHARDS: usize = 64;
+/// grows rehashes only its 1/256 of the users (about 4,000 at a million: a
+/// few ms, not a whole-table pause; shards fill evenly, so their growths
+/// come close together, and more shards spread them thinner), and the
+/// background evictor holds one shard at a time.
+const SHARDS: usize = 256;
 
-/// Entries a `stats()` call's slice visits at most in each shard: a small
-/// table is brought up to date on the caller's clock at once, and a big
-/// one costs no more than a few hundred entries.
-const EVICT_PER_SHARD_ON_STATS: usize = 4;
+/// Entries a `stats()` call evicts at most, over the shards with eviction
+/// due (at most [`EVICT_PER_SHARD_ON_STATS`] in each): a small table is
+/// brought up to date on the caller's clock at once, a big backlog is left
+/// to the background task.
+const EVICT_ON_STATS: usize = 64;
+const EVICT_PER_SHARD_ON_STATS: usize = 8;
 
 /// Longest user id accepted, in UTF-8 bytes. Ids are map keys: an unbounded
 /// one would let one bad caller pin arbitrary memory.
@@ -89,6 +92,11 @@ pub struct Stats {
 pub struct Engine {
     policy: Policy,
     shards: Box<[Mutex<Table>]>,
+    /// When each shard next has eviction work (`i64::MAX`: none), kept on
+    /// every unlock: `stats()` and the evictor lock only shards that do.
+    due: Box<[AtomicI64]>,
+    /// The shard the next `stats()` starts evicting at.
+    stats_cursor: AtomicUsize,
     /// Keyed, so caller-chosen user ids cannot crowd one shard.
     route: RandomState,
     /// The shards' counts summed, so neither the hot path nor `stats()`
@@ -161,6 +169,8 @@ impl Engine {
         Self {
             policy,
             shards: (0..SHARDS).map(|_| Mutex::new(Table::default())).collect(),
+            due: (0..SHARDS).map(|_| AtomicI64::new(i64::MAX)).collect(),
+            stats_cursor: AtomicUsize::new(0),
             route: RandomState::new(),
             totals: Totals::default(),
             seen: Seen::new(),
@@ -231,16 +241,28 @@ impl Engine {
         Ok(())
     }
 
-    /// Reads the kept totals; never visits a map nor waits for a lock.
-    /// First it brings each shard's old end up to date on the caller's
-    /// clock with a slice of at most [`EVICT_PER_SHARD_ON_STATS`] entries,
-    /// skipping a shard another thread holds (the evictor will get to it).
+    /// Reads the kept totals; never scans a map nor waits for a lock.
+    /// First it evicts up to [`EVICT_ON_STATS`] entries on the caller's
+    /// clock from shards with eviction due, starting where the last call
+    /// stopped and skipping a shard another thread holds (the evictor will
+    /// get to it).
     pub fn stats(&self, now: EpochMs) -> Stats {
         self.seen.saw(now);
-        for shard in self.shards.iter() {
-            if let Some(table) = shard.try_lock() {
-                let mut t = self.locked(table);
-                t.evict(&self.policy, now, EVICT_PER_SHARD_ON_STATS, |_, _| {});
+        let n = self.shards.len();
+        let start = self.stats_cursor.load(Relaxed);
+        let mut budget = EVICT_ON_STATS;
+        for i in (start..start + n).map(|i| i % n) {
+            if budget == 0 {
+                self.stats_cursor.store(i, Relaxed);
+                break;
+            }
+            if self.due[i].load(Relaxed) > now {
+                continue;
+            }
+            if let Some(table) = self.shards[i].try_lock() {
+                let mut t = self.locked(i, table);
+                let slice = budget.min(EVICT_PER_SHARD_ON_STATS);
+                budget -= t.evict(&self.policy, now, slice, |_, _| {}).visited;
             }
         }
         let c = &self.counters;
@@ -263,12 +285,19 @@ impl Engine {
         self.shards.len()
     }
 
+    /// When shard `shard` next has eviction work, as of its last unlock;
+    /// `None` when it has none (empty).
+    pub fn due(&self, shard: usize) -> Option<EpochMs> {
+        let due = self.due[shard].load(Relaxed);
+        (due != i64::MAX).then_some(due)
+    }
+
     /// One slice of eviction on shard `shard` at `now`, visiting at most
     /// `budget` entries (see `table.rs`). What it evicts is freed after the
     /// lock is released, so a slice holds the lock only to unlink entries.
     pub fn evict(&self, shard: usize, now: EpochMs, budget: usize) -> Eviction {
         let mut evicted = Vec::new();
-        let mut t = self.locked(self.shards[shard].lock());
+        let mut t = self.locked(shard, self.shards[shard].lock());
         let done = t.evict(&self.policy, now, budget, |user, entry| {
             evicted.push((user, entry))
         });
@@ -309,15 +338,18 @@ impl Engine {
     fn table(&self, user: &str, now: EpochMs) -> LockedTable<'_> {
         self.seen.saw(now);
         self.last_use.store(now, Relaxed);
-        self.locked(self.shards[self.shard_of(user)].lock())
+        let shard = self.shard_of(user);
+        self.locked(shard, self.shards[shard].lock())
     }
 
-    fn locked<'a>(&'a self, table: MutexGuard<'a, Table>) -> LockedTable<'a> {
+    fn locked<'a>(&'a self, shard: usize, table: MutexGuard<'a, Table>) -> LockedTable<'a> {
         let before = Counts::of(&table);
         LockedTable {
             table,
             totals: &self.totals,
             before,
+            due: &self.due[shard],
+            policy: &self.policy,
         }
     }
 }
@@ -353,6 +385,8 @@ struct LockedTable<'a> {
     table: MutexGuard<'a, Table>,
     totals: &'a Totals,
     before: Counts,
+    due: &'a AtomicI64,
+    policy: &'a Policy,
 }
 
 impl Deref for LockedTable<'_> {
@@ -370,12 +404,14 @@ impl DerefMut for LockedTable<'_> {
 
 impl Drop for LockedTable<'_> {
     // Runs before the guard is released: the shard's change reaches the
-    // totals before anyone else can change that shard again.
+    // totals and its due time before anyone else can change that shard.
     fn drop(&mut self) {
         let (was, is) = (self.before, Counts::of(&self.table));
         shift(&self.totals.users, was.users, is.users);
         shift(&self.totals.in_flight, was.in_flight, is.in_flight);
         shift(&self.totals.revoking, was.revoking, is.revoking);
+        let due = self.table.next_due(self.policy).unwrap_or(i64::MAX);
+        self.due.store(due, Relaxed);
     }
 }
 

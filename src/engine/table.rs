@@ -51,6 +51,79 @@ const SHRINK_MAX_LEN: usize = 2_048;
 /// entries (or 4× what is left): small shards keep their room.
 const SHRINK_MIN_PEAK: usize = 256;
 
+/// A user id as a map key: inline when short (most ids, UUIDs included),
+/// so hashing an entry's key reads only its node. When a shard's map grows
+/// it rehashes every key: one memory access per entry instead of two.
+#[derive(Debug, Clone)]
+pub(crate) enum UserKey {
+    Inline { len: u8, bytes: [u8; INLINE_ID] },
+    Heap(Box<str>),
+}
+
+/// Longest id kept inline: the key is 40 bytes either way.
+const INLINE_ID: usize = 38;
+
+impl UserKey {
+    fn new(user: &str) -> Self {
+        match user.len() {
+            len @ 0..=INLINE_ID => {
+                let mut bytes = [0; INLINE_ID];
+                bytes[..len].copy_from_slice(user.as_bytes());
+                Self::Inline {
+                    len: len as u8,
+                    bytes,
+                }
+            }
+            _ => Self::Heap(user.into()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            // SAFETY: the bytes were copied whole from a `&str` (`new`),
+            // so they are UTF-8; checking again would cost every hash.
+            Self::Inline { len, bytes } => unsafe {
+                std::str::from_utf8_unchecked(&bytes[..*len as usize])
+            },
+            Self::Heap(s) => s,
+        }
+    }
+}
+
+// Hashes and compares as the `str` it holds, so maps keyed by it are
+// looked up with a plain `&str` (the contract `Borrow` asks for).
+impl std::borrow::Borrow<str> for UserKey {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::hash::Hash for UserKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state)
+    }
+}
+
+impl PartialEq for UserKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for UserKey {}
+
+impl PartialOrd for UserKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for UserKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
 /// The refresh currently running for a user.
 #[derive(Debug)]
 pub(crate) struct Flight {
@@ -150,14 +223,14 @@ pub(crate) struct Table {
     /// Least recently used first. Nodes are allocated one by one and the
     /// map holds pointers to them, so growing it moves little; the std
     /// hasher keeps caller-chosen user ids from steering collisions.
-    entries: LruCache<Box<str>, Entry, RandomState>,
+    entries: LruCache<UserKey, Entry, RandomState>,
     pub in_flight: usize,
     /// Entries holding a revocation. While non-zero the hot path cannot
     /// decide on the expiry alone.
     pub revoking: usize,
     /// Revoking entries by the time their last revocation lapses, soonest
     /// first: lets a bounded slice prune them in order, never by a scan.
-    lapses: BinaryHeap<Reverse<(EpochMs, Box<str>)>>,
+    lapses: BinaryHeap<Reverse<(EpochMs, UserKey)>>,
     /// The most entries held since the map last gave room back.
     peak: usize,
     /// Entries and lapses every slice so far visited, for tests to bound.
@@ -212,7 +285,7 @@ impl Table {
         let mut e = Entry::new(now);
         let r = Books::of(&mut self.in_flight, &mut self.revoking, &mut self.lapses)
             .apply(user, &mut e, now, f);
-        self.entries.push(user.into(), e);
+        self.entries.push(UserKey::new(user), e);
         self.peak = self.peak.max(self.entries.len());
         r
     }
@@ -247,7 +320,7 @@ impl Table {
         policy: &Policy,
         now: EpochMs,
         budget: usize,
-        mut evicted: impl FnMut(Box<str>, Entry),
+        mut evicted: impl FnMut(UserKey, Entry),
     ) -> Eviction {
         let mut visited = 0;
         let mut dropped = 0;
@@ -313,9 +386,9 @@ impl Table {
     /// A revocation heap item fell due: prunes the entry it names (if it is
     /// still there and the item is its live one) and queues it again if a
     /// later revocation remains.
-    fn lapse(&mut self, due: EpochMs, user: Box<str>, now: EpochMs) {
+    fn lapse(&mut self, due: EpochMs, user: UserKey, now: EpochMs) {
         // Looked up without touching: a lapse is not a use.
-        let Some(e) = self.entries.peek_mut(&*user) else {
+        let Some(e) = self.entries.peek_mut(user.as_str()) else {
             return;
         };
         let Some(r) = e.revocations.as_mut() else {
@@ -334,6 +407,20 @@ impl Table {
                 }
                 self.lapses.push(Reverse((until, user)));
             }
+        }
+    }
+
+    /// When this shard next has eviction work: its oldest entry goes idle
+    /// or its next revocation lapses. `None` when it is empty.
+    pub fn next_due(&self, policy: &Policy) -> Option<EpochMs> {
+        let idle = self
+            .entries
+            .peek_lru()
+            .map(|(_, e)| e.last_used.saturating_add(policy.idle_ttl_ms as i64));
+        let lapse = self.lapses.peek().map(|Reverse((due, _))| *due);
+        match (idle, lapse) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -371,14 +458,14 @@ impl Table {
 struct Books<'a> {
     in_flight: &'a mut usize,
     revoking: &'a mut usize,
-    lapses: &'a mut BinaryHeap<Reverse<(EpochMs, Box<str>)>>,
+    lapses: &'a mut BinaryHeap<Reverse<(EpochMs, UserKey)>>,
 }
 
 impl<'a> Books<'a> {
     fn of(
         in_flight: &'a mut usize,
         revoking: &'a mut usize,
-        lapses: &'a mut BinaryHeap<Reverse<(EpochMs, Box<str>)>>,
+        lapses: &'a mut BinaryHeap<Reverse<(EpochMs, UserKey)>>,
     ) -> Self {
         Self {
             in_flight,
@@ -405,7 +492,7 @@ impl<'a> Books<'a> {
         if let Some(until) = entry.revoked_until() {
             if let Some(rv) = entry.revocations.as_mut().filter(|r| r.queued.is_none()) {
                 rv.queued = Some(until);
-                self.lapses.push(Reverse((until, user.into())));
+                self.lapses.push(Reverse((until, UserKey::new(user))));
             }
         }
         r

@@ -478,10 +478,10 @@ fn eviction_does_bounded_work_per_call_and_drops_every_idle_entry() {
     }
     let by_calls = held_before + 5_000 - held(&e);
     assert!(by_calls > 5_000, "calls evicted only {by_calls}");
-    // stats() looks at a few entries per shard, then reads kept totals.
+    // stats() looks at a few entries, then reads kept totals.
     let visited = visits(&e);
     let s = e.stats(idle);
-    assert!(visits(&e) - visited <= 64 * 4);
+    assert!(visits(&e) - visited <= 64);
     assert_eq!((s.users, s.in_flight), (held(&e), 1));
     // Without calls, slices evict everything idle, each visiting no more
     // than its budget, and each entry is visited once (busy moved aside).
@@ -547,12 +547,13 @@ fn state_is_bounded_by_eviction_during_normal_calls() {
             .unwrap();
         }
     }
-    // Each wave's calls evicted the wave before it, which had gone idle: a
-    // call evicts up to two in its user's shard for the one it adds, so
-    // at most a few are left, in a shard the last wave happened to visit
-    // less than the one before.
+    // Each wave's calls evicted the waves before it, which had gone idle:
+    // a call evicts up to two in its user's shard for the one it adds, so
+    // of the 9,000 idle users only a few are left (in shards the last wave
+    // happened to visit less than the one before; the next calls there, or
+    // the background task, take them).
     let n = held(&e);
-    assert!((1_000..1_050).contains(&n), "{n} held");
+    assert!((1_000..1_500).contains(&n), "{n} held");
 }
 
 #[tokio::test]
