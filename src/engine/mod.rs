@@ -38,10 +38,9 @@ pub use table::Eviction;
 use table::Table;
 
 /// Shards of the per-user table, each behind its own lock. A shard that
-/// grows rehashes only its 1/256 of the users (about 4,000 at a million: a
-/// few ms, not a whole-table pause; shards fill evenly, so their growths
-/// come close together, and more shards spread them thinner), and the
-/// background evictor holds one shard at a time.
+/// grows rehashes only its share of the users (at most about 5,500 at a
+/// million: a few ms, not a whole-table pause), and the background evictor
+/// holds one shard at a time.
 const SHARDS: usize = 256;
 
 /// Entries a `stats()` call evicts at most, over the shards with eviction
@@ -327,9 +326,17 @@ impl Engine {
         )
     }
 
-    /// Which shard holds `user`.
+    /// Which shard holds `user`. Shards take unequal shares on purpose:
+    /// shard `i` takes a share in proportion to 2^(i/n), so the shares
+    /// span a factor of two. Equal shards would reach their map's next
+    /// size together, and their rehashes would land on the same few calls;
+    /// these reach it one after another across each doubling of the users.
     pub(crate) fn shard_of(&self, user: &str) -> usize {
-        (self.route.hash_one(user) % self.shards.len() as u64) as usize
+        let n = self.shards.len();
+        // A uniform x in [0, 1) from the hash's top 53 bits; the inverse
+        // of the shares' cumulative sum, (2^(i/n) - 1), picks the shard.
+        let x = (self.route.hash_one(user) >> 11) as f64 / (1u64 << 53) as f64;
+        (((1.0 + x).log2() * n as f64) as usize).min(n - 1)
     }
 
     /// `user`'s shard, locked, for a call at `now`. Every access goes

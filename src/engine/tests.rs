@@ -683,3 +683,21 @@ fn one_leader_across_threads() {
     assert_eq!(leaders, 1);
     assert_eq!(e.stats(NOW).coalesced, 7_999);
 }
+
+#[test]
+fn shards_take_shares_spanning_a_factor_of_two() {
+    // Unequal on purpose, so shards do not all grow their maps at once.
+    let e = engine();
+    let mut counts = vec![0usize; e.shards()];
+    for i in 0..256_000 {
+        counts[e.shard_of(&format!("user-{i}"))] += 1;
+    }
+    let n = e.shards();
+    let (first, last) = (
+        counts[..n / 8].iter().sum::<usize>(),
+        counts[n - n / 8..].iter().sum::<usize>(),
+    );
+    let ratio = last as f64 / first as f64;
+    assert!((1.7..2.0).contains(&ratio), "{ratio}");
+    assert!(counts.iter().all(|&c| c > 500), "every shard used");
+}
