@@ -39,8 +39,9 @@ use table::Table;
 
 /// Shards of the per-user table, each behind its own lock. A shard that
 /// grows rehashes only its share of the users (at most about 5,500 at a
-/// million: a few ms, not a whole-table pause), and the background evictor
-/// holds one shard at a time.
+/// million: a few ms, not a whole-table pause; shares are unequal on
+/// purpose, see [`Engine::shard_of`]), and the background evictor holds
+/// one shard at a time.
 const SHARDS: usize = 256;
 
 /// Entries a `stats()` call evicts at most, over the shards with eviction
@@ -98,9 +99,9 @@ pub struct Engine {
     stats_cursor: AtomicUsize,
     /// Keyed, so caller-chosen user ids cannot crowd one shard.
     route: RandomState,
-    /// The shards' counts summed, so neither the hot path nor `stats()`
-    /// locks: written only by [`LockedTable`]'s drop, with what the shard
-    /// it held changed.
+    /// The shards' counts summed, so the hot path never locks and `stats()`
+    /// never waits: written only by [`LockedTable`]'s drop, with what the
+    /// shard it held changed.
     totals: Totals,
     seen: Seen,
     /// When a call last used an entry (`i64::MIN`: never).
