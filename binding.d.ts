@@ -74,7 +74,10 @@ export declare class BindingManager {
   /** After a failed refresh: may this caller keep its own token? */
   serveStale(userId: string, accessToken: string, expiresAtMs: number, nowMs: number): boolean
   invalidate(userId: string, accessToken: string | undefined | null, nowMs: number): void
-  /** Counters and sizes; idle users (as of `nowMs`) are dropped first. */
+  /**
+   * Counters and sizes; up to 64 idle users (as of `nowMs`) are dropped
+   * first, the background task drops the rest.
+   */
   stats(nowMs: number): BindingStats
 }
 
