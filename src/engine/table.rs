@@ -47,9 +47,10 @@ pub const EVICT_PER_CALL: usize = 2;
 /// a caller waiting on that shard waits well under a millisecond).
 const SHRINK_MAX_LEN: usize = 2_048;
 
-/// A shard gives room back only once it held more than 4× this many
-/// entries (or 4× what is left): small shards keep their room.
-const SHRINK_MIN_PEAK: usize = 256;
+/// A shard gives room back once it held more than 4× this many entries
+/// (or 4× what is left): with 256 shards, what a burst leaves behind in
+/// spare room stays under about 2 MB in all.
+const SHRINK_MIN_PEAK: usize = 64;
 
 /// A user id as a map key: inline when short (most ids, UUIDs included),
 /// so hashing an entry's key reads only its node. When a shard's map grows
