@@ -68,7 +68,7 @@ export async function evictionRows({ users = 1_000_000, idleTtlMs = 60_000, toke
       unit: 'ms',
       target: '≤ 1 ms',
       met: addon.statsMaxMs <= 1,
-      note: `max while they were evicted: ${ms(addon.statsDuringMaxMs)} ms; the seed has no stats()`,
+      note: `max of the calls every 100 slow-path calls in the idle phase, before any user was due: ${ms(addon.statsQuietMaxMs)} ms; while evicting: ${ms(addon.statsDuringMaxMs)} ms; the seed has no stats()`,
     },
     {
       name: `users held ${idleTtlMs / 1000 + 2} s after the last of ${n} went idle (idleTtlMs + 2 s)`,
