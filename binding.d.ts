@@ -86,7 +86,10 @@ export declare class BindingManager {
    * `isFresh` answers false, so the first call that comes takes them.
    */
   takeRemoteMarks(): Array<BindingMark> | null
-  /** Counters and sizes; idle users (as of `nowMs`) are dropped first. */
+  /**
+   * Counters and sizes; up to 64 idle users (as of `nowMs`) are dropped
+   * first, the background task drops the rest.
+   */
   stats(nowMs: number): BindingStats
 }
 

@@ -51,7 +51,7 @@ describe('eviction', () => {
     }
     const keptUntil = Date.now() + idleTtlMs
     // Nothing calls for the 200,000: the background task drops them, soon
-    // after idleTtlMs (stats() itself only ever evicts 2 entries a call).
+    // after idleTtlMs (stats() itself evicts at most 64 entries a call).
     expect(await until(() => m.stats().users <= 101, keptUntil - 500)).toBe(true)
     expect(Date.now()).toBeLessThan(keptUntil)
     expect(m.stats()).toMatchObject({ users: 101, inFlight: 1, refreshes: users + 100, hits: 100, failures: 0 })

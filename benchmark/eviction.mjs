@@ -34,6 +34,9 @@ export async function evictionRows({ users = 1_000_000, idleTtlMs = 60_000, toke
   const n = users.toLocaleString('en-US')
   const vs = (f, key) => `${f(addon[key])} vs ${f(seed[key])}`
   const note = `fill ${addon.fillSeconds.toFixed(1)} s / ${seed.fillSeconds.toFixed(1)} s (addon / seed), ${addon.calls.toLocaleString('en-US')} timed calls by ${addon.active} active users`
+  // The idle phase split where the first users fall due: before it nothing
+  // is evicted (the machine's and the runtime's own pauses).
+  const split = (quiet, during) => `before any user was due (nothing evicted yet): ${vs(ms, quiet)}; while evicting: ${during ? vs(ms, during) : '—'}`
   return [
     {
       name: `eviction, ${n} users left idle: max event-loop delay, idle phase`,
@@ -41,7 +44,7 @@ export async function evictionRows({ users = 1_000_000, idleTtlMs = 60_000, toke
       unit: 'ms (addon vs seed)',
       target: '≤ 20 ms',
       met: addon.evictLoopMaxMs <= 20,
-      note: `monitorEventLoopDelay, 1 ms resolution; ${note}`,
+      note: `monitorEventLoopDelay, 1 ms resolution; ${split('quietLoopMaxMs', 'evictingLoopMaxMs')}; ${note}`,
     },
     {
       name: `eviction, ${n} users: max event-loop delay, while filling`,
@@ -57,7 +60,7 @@ export async function evictionRows({ users = 1_000_000, idleTtlMs = 60_000, toke
       unit: 'ms (addon vs seed)',
       target: '≤ 5 ms',
       met: addon.slowestCallMs <= 5,
-      note: 'the synchronous part of each call (where it could wait for the table)',
+      note: `the synchronous part of each call (where it could wait for the table); ${split('quietSlowestCallMs', 'evictingSlowestCallMs')}`,
     },
     {
       name: `stats() with ${n} users held (max / median of 200)`,
@@ -65,7 +68,7 @@ export async function evictionRows({ users = 1_000_000, idleTtlMs = 60_000, toke
       unit: 'ms',
       target: '≤ 1 ms',
       met: addon.statsMaxMs <= 1,
-      note: `max while they were evicted: ${ms(addon.statsDuringMaxMs)} ms; the seed has no stats()`,
+      note: `max of the calls every 100 slow-path calls in the idle phase, before any user was due: ${ms(addon.statsQuietMaxMs)} ms; while evicting: ${ms(addon.statsDuringMaxMs)} ms; the seed has no stats()`,
     },
     {
       name: `users held ${idleTtlMs / 1000 + 2} s after the last of ${n} went idle (idleTtlMs + 2 s)`,

@@ -249,7 +249,8 @@ impl BindingManager {
         })
     }
 
-    /// Counters and sizes; idle users (as of `nowMs`) are dropped first.
+    /// Counters and sizes; up to 64 idle users (as of `nowMs`) are dropped
+    /// first, the background task drops the rest.
     #[napi]
     pub fn stats(&self, now_ms: f64) -> Result<BindingStats, Code> {
         guard(|| {

@@ -1,6 +1,8 @@
 //! Eviction when no call comes: a background task per engine that returns
 //! idle users' memory soon after `idleTtlMs`, in bounded slices (the rules
-//! are in `table.rs`). It never touches the hot path, which does not lock.
+//! are in `table.rs`). It walks the shards in turn, one slice each, holding
+//! one shard's lock at a time; callers on the other shards never wait for
+//! it. It never touches the hot path, which does not lock.
 //!
 //! Clock: there is no caller to say what time it is, so the task uses the
 //! callers' clock as last seen ([`Engine::app_now`]: the wall clock in
@@ -12,9 +14,10 @@ use std::time::Duration;
 
 use super::{Engine, EpochMs};
 
-/// Entries one background slice visits at most. The lock is held only to
-/// unlink them (tens of µs); they are freed after it is released.
-pub const SLICE: usize = 256;
+/// Entries one background slice visits in one shard at most. The shard's
+/// lock is held only to unlink them (a few µs); they are freed after it is
+/// released. A round over the 256 shards visits up to 8,192.
+pub const SLICE: usize = 32;
 
 /// The longest the task sleeps without looking: new entries go idle no
 /// sooner than `idleTtlMs` after they come, so this bounds how late an
@@ -22,9 +25,10 @@ pub const SLICE: usize = 256;
 /// the task last looked.
 const MAX_NAP: Duration = Duration::from_secs(1);
 
-/// Evicts `engine`'s idle entries until the engine is dropped: a slice,
-/// then at once another while there is more due, else a sleep until the
-/// next entry goes idle or revocation lapses (at most [`MAX_NAP`]).
+/// Evicts `engine`'s idle entries until the engine is dropped: a round of
+/// one slice per shard, then after [`PAUSE`] another while any shard has
+/// more due, else a sleep until the next entry goes idle or revocation
+/// lapses (at most [`MAX_NAP`]).
 pub async fn run(engine: Weak<Engine>) {
     let mut freed = 0;
     let mut calls = Activity::default();
@@ -35,9 +39,23 @@ pub async fn run(engine: Weak<Engine>) {
             };
             let now = engine.app_now();
             let cap = MAX_NAP.min(Duration::from_millis(engine.policy().idle_ttl_ms.max(10)));
-            let slice = engine.evict(now, SLICE);
-            freed += slice.evicted;
-            let nap = match slice.next_due {
+            let mut next_due: Option<EpochMs> = None;
+            for shard in 0..engine.shards() {
+                // A shard with nothing due is not locked.
+                let due = match engine.due(shard) {
+                    Some(due) if due <= now => {
+                        let slice = engine.evict(shard, now, SLICE);
+                        freed += slice.evicted;
+                        slice.next_due
+                    }
+                    due => due,
+                };
+                next_due = match (next_due, due) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            let nap = match next_due {
                 Some(due) if due <= now => PAUSE,
                 Some(due) => cap.min(Duration::from_millis((due - now) as u64)),
                 None => cap,
@@ -52,10 +70,9 @@ pub async fn run(engine: Weak<Engine>) {
     }
 }
 
-/// Between slices while there is more due: the lock stays free for callers
-/// most of the time, so a caller rarely waits behind a slice (nor behind
-/// one whose thread the OS has just preempted), while eviction still runs
-/// at up to [`SLICE`] entries a millisecond.
+/// Between rounds while there is more due: leaves the CPU to the callers'
+/// thread on a busy machine, while eviction still runs at up to a round
+/// (256 × [`SLICE`] entries) a millisecond or two.
 const PAUSE: Duration = Duration::from_millis(1);
 
 /// Entries evicted before the allocator is asked to return free pages.

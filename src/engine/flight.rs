@@ -66,7 +66,7 @@ impl Engine {
         validate_user(user)?;
         let policy = self.policy;
         let mut fp = OnceFingerprint::Pending(fingerprint);
-        let mut t = self.table();
+        let mut t = self.table(user, now);
         t.evict_on_call(&policy, now);
         let plan = t.with_entry(user, now, |e, in_flight| {
             let presented_revoked = e.is_revoking() && e.is_revoked(fp.get()?, now);
@@ -182,7 +182,7 @@ impl Engine {
     ) -> Result<T, EngineError> {
         validate_user(user)?;
         let checked = validate_refreshed(refreshed, now);
-        let mut t = self.table();
+        let mut t = self.table(user, now);
         let result = t.with_entry(user, now, |e, in_flight| {
             let ours = e.flight.as_ref().is_some_and(|f| f.id == id);
             let used = if ours {
@@ -243,7 +243,7 @@ impl Engine {
     /// Looks only; never creates an entry.
     pub fn is_revoked(&self, user: &str, token: &SecretString, now: EpochMs) -> bool {
         let fp = token.fingerprint();
-        self.table()
+        self.table(user, now)
             .with_existing(user, now, |e, _| e.is_revoked(fp, now))
             .unwrap_or(false)
     }
@@ -251,7 +251,7 @@ impl Engine {
     /// The refresh for flight `id` failed. Nothing is cached; the next call
     /// tries again.
     pub fn fail(&self, user: &str, id: u32, failure: Failure, now: EpochMs) {
-        let mut t = self.table();
+        let mut t = self.table(user, now);
         t.with_existing(user, now, |e, in_flight| {
             if e.flight.as_ref().is_some_and(|f| f.id == id) {
                 e.flight = None;
@@ -273,7 +273,7 @@ impl Engine {
         }
         let fp = presented.access.fingerprint();
         let revoked = self
-            .table()
+            .table(user, now)
             .with_existing(user, now, |e, _| e.is_revoked(fp, now))
             .unwrap_or(false);
         if !revoked {

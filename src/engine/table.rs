@@ -1,6 +1,11 @@
 //! Per-user state: the token a refresh produced, the refresh in flight,
 //! revoked tokens, and eviction of users nobody has asked about lately.
 //!
+//! A [`Table`] is one shard of the engine's users (`mod.rs` picks a user's
+//! shard by a keyed hash of the id), behind its own lock: growing one
+//! rehashes only its share of the users, and eviction holds one shard at a
+//! time, so a caller rarely meets a busy lock.
+//!
 //! Eviction. Entries live in least-recently-used order (`lru::LruCache`,
 //! unbounded: a hash map whose nodes are also a linked list), and every use
 //! moves an entry to the new end in O(1). The idle ones are therefore all
@@ -8,18 +13,18 @@
 //! most a given number of entries a call: it stops at the first entry used
 //! within `idleTtlMs`, never scans, and never evicts an entry with a refresh
 //! in flight (that one moves to the new end instead). Each slow-path call
-//! (`begin`, `invalidate`) and each `stats()` runs one slice of
-//! [`EVICT_PER_CALL`] entries with the caller's `now`: more than the one
-//! entry a call can add, so calls alone bound the table. A background task
-//! (`evictor.rs`) does the bulk with the real clock, in slices of
-//! [`evictor::SLICE`](super::evictor::SLICE) entries under a briefly held
-//! lock, so memory is returned soon after `idleTtlMs` even when no call
-//! comes; it frees what it evicts after unlocking. Revocations lapse on their
-//! own schedule (a user may stay active after its mark expires), so a small
-//! heap ordered by lapse time lets the same slices prune them in order and
-//! keep the hot path's revocation count exact. Counters (`users`,
-//! `inFlight`, the revocation count) change as entries come and go, so
-//! `stats()` reads them in O(1).
+//! (`begin`, `invalidate`) runs one slice of [`EVICT_PER_CALL`] entries on
+//! its user's shard with the caller's `now`: more than the one entry a call
+//! can add, so calls alone bound each shard. A background task
+//! (`evictor.rs`) does the bulk, a small slice per shard in turn under that
+//! shard's lock alone, so memory is returned soon after `idleTtlMs` even
+//! when no call comes; it frees what it evicts after unlocking.
+//! Revocations lapse on their own schedule (a user may stay active after
+//! its mark expires), so a small heap per shard ordered by lapse time lets
+//! the same slices prune them in order and keep the hot path's revocation
+//! count exact. Counts (`len`, `in_flight`, `revoking`) change as entries
+//! come and go; the engine sums them into global counters as each shard is
+//! unlocked, so `stats()` reads totals without visiting the shards' maps.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -30,7 +35,6 @@ use lru::LruCache;
 
 use super::policy::{EpochMs, Policy};
 use super::secret::{Fingerprint, SecretString};
-use super::time::CallerNow;
 use super::token::Held;
 
 /// Entries a caller's slice of eviction visits at most: above the one entry
@@ -38,9 +42,88 @@ use super::token::Held;
 /// and small enough that the call barely notices.
 pub const EVICT_PER_CALL: usize = 2;
 
-/// A table emptied down to at most this many entries gives its hash map's
-/// spare room back (rehashing what is left, so the work stays bounded).
-const SHRINK_MAX_LEN: usize = 16_384;
+/// A shard emptied down to at most this many entries gives its hash map's
+/// spare room back (rehashing what is left under its lock: kept small so
+/// a caller waiting on that shard waits well under a millisecond).
+const SHRINK_MAX_LEN: usize = 2_048;
+
+/// A shard gives room back once it held more than 4× this many entries
+/// (or 4× what is left): with 256 shards, what a burst leaves behind in
+/// spare room stays under about 2 MB in all.
+const SHRINK_MIN_PEAK: usize = 64;
+
+/// A user id as a map key: inline when short (most ids, UUIDs included),
+/// so hashing an entry's key reads only its node. When a shard's map grows
+/// it rehashes every key: one memory access per entry instead of two.
+#[derive(Debug, Clone)]
+pub(crate) enum UserKey {
+    Inline { len: u8, bytes: [u8; INLINE_ID] },
+    Heap(Box<str>),
+}
+
+/// Longest id kept inline: the key is 40 bytes either way.
+const INLINE_ID: usize = 38;
+
+impl UserKey {
+    fn new(user: &str) -> Self {
+        match user.len() {
+            len @ 0..=INLINE_ID => {
+                let mut bytes = [0; INLINE_ID];
+                bytes[..len].copy_from_slice(user.as_bytes());
+                Self::Inline {
+                    len: len as u8,
+                    bytes,
+                }
+            }
+            _ => Self::Heap(user.into()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            // SAFETY: the bytes were copied whole from a `&str` (`new`),
+            // so they are UTF-8; checking again would cost every hash.
+            Self::Inline { len, bytes } => unsafe {
+                std::str::from_utf8_unchecked(&bytes[..*len as usize])
+            },
+            Self::Heap(s) => s,
+        }
+    }
+}
+
+// Hashes and compares as the `str` it holds, so maps keyed by it are
+// looked up with a plain `&str` (the contract `Borrow` asks for).
+impl std::borrow::Borrow<str> for UserKey {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::hash::Hash for UserKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state)
+    }
+}
+
+impl PartialEq for UserKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for UserKey {}
+
+impl PartialOrd for UserKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for UserKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
 
 /// The refresh currently running for a user.
 #[derive(Debug)]
@@ -137,24 +220,26 @@ impl Entry {
     }
 }
 
-/// All users' entries. Callers hold the engine's lock while using it.
+/// One shard of the users' entries. Callers hold the shard's lock while
+/// using it.
 #[derive(Debug)]
 pub(crate) struct Table {
     /// Least recently used first. Nodes are allocated one by one and the
     /// map holds pointers to them, so growing it moves little; the std
     /// hasher keeps caller-chosen user ids from steering collisions.
-    entries: LruCache<Box<str>, Entry, RandomState>,
+    entries: LruCache<UserKey, Entry, RandomState>,
     pub in_flight: usize,
     /// Entries holding a revocation. (The hot path does not read it: the
     /// binding sends only the users `invalidate` marked to `begin`.)
     pub revoking: usize,
     /// Revoking entries by the time their last revocation lapses, soonest
     /// first: lets a bounded slice prune them in order, never by a scan.
-    lapses: BinaryHeap<Reverse<(EpochMs, Box<str>)>>,
+    lapses: BinaryHeap<Reverse<(EpochMs, UserKey)>>,
     /// The most entries held since the map last gave room back.
     peak: usize,
-    /// The latest clock reading a call passed in (`time.rs`, "Clocks").
-    seen: Option<CallerNow>,
+    /// Entries and lapses every slice so far visited, for tests to bound.
+    #[cfg(test)]
+    pub visits: usize,
 }
 
 impl Default for Table {
@@ -165,7 +250,8 @@ impl Default for Table {
             revoking: 0,
             lapses: BinaryHeap::new(),
             peak: 0,
-            seen: None,
+            #[cfg(test)]
+            visits: 0,
         }
     }
 }
@@ -188,24 +274,6 @@ impl Table {
         self.entries.len()
     }
 
-    /// The latest clock reading a call passed in, if any.
-    pub fn seen(&self) -> Option<CallerNow> {
-        self.seen
-    }
-
-    /// A call passed `now`. The real time is read only when the reading
-    /// changes: at most once a millisecond under traffic.
-    fn saw(&mut self, now: EpochMs) {
-        if self.seen.is_none_or(|s| s.at() != now) {
-            self.seen = Some(CallerNow::new(now));
-        }
-    }
-
-    /// When a call last used an entry.
-    pub fn last_use(&self) -> Option<EpochMs> {
-        self.entries.peek_mru().map(|(_, e)| e.last_used)
-    }
-
     /// Runs `f` on the user's entry, creating it if needed, moves it to the
     /// new end, and keeps the revocation count true whatever `f` changes.
     pub fn with_entry<R>(
@@ -214,7 +282,6 @@ impl Table {
         now: EpochMs,
         f: impl FnOnce(&mut Entry, &mut usize) -> R,
     ) -> R {
-        self.saw(now);
         if let Some(e) = self.entries.get_mut(user) {
             return Books::of(&mut self.in_flight, &mut self.revoking, &mut self.lapses)
                 .apply(user, e, now, f);
@@ -222,7 +289,7 @@ impl Table {
         let mut e = Entry::new(now);
         let r = Books::of(&mut self.in_flight, &mut self.revoking, &mut self.lapses)
             .apply(user, &mut e, now, f);
-        self.entries.push(user.into(), e);
+        self.entries.push(UserKey::new(user), e);
         self.peak = self.peak.max(self.entries.len());
         r
     }
@@ -234,7 +301,6 @@ impl Table {
         now: EpochMs,
         f: impl FnOnce(&mut Entry, &mut usize) -> R,
     ) -> Option<R> {
-        self.saw(now);
         let e = self.entries.get_mut(user)?;
         Some(
             Books::of(&mut self.in_flight, &mut self.revoking, &mut self.lapses)
@@ -245,7 +311,6 @@ impl Table {
     /// A caller's slice of eviction: [`EVICT_PER_CALL`] entries at most,
     /// dropped in place.
     pub fn evict_on_call(&mut self, policy: &Policy, now: EpochMs) {
-        self.saw(now);
         self.evict(policy, now, EVICT_PER_CALL, |_, _| {});
     }
 
@@ -259,7 +324,7 @@ impl Table {
         policy: &Policy,
         now: EpochMs,
         budget: usize,
-        mut evicted: impl FnMut(Box<str>, Entry),
+        mut evicted: impl FnMut(UserKey, Entry),
     ) -> Eviction {
         let mut visited = 0;
         let mut dropped = 0;
@@ -311,6 +376,10 @@ impl Table {
         if visited == budget {
             next_due = Some(now);
         }
+        #[cfg(test)]
+        {
+            self.visits += visited;
+        }
         Eviction {
             visited,
             evicted: dropped,
@@ -321,9 +390,9 @@ impl Table {
     /// A revocation heap item fell due: prunes the entry it names (if it is
     /// still there and the item is its live one) and queues it again if a
     /// later revocation remains.
-    fn lapse(&mut self, due: EpochMs, user: Box<str>, now: EpochMs) {
+    fn lapse(&mut self, due: EpochMs, user: UserKey, now: EpochMs) {
         // Looked up without touching: a lapse is not a use.
-        let Some(e) = self.entries.peek_mut(&*user) else {
+        let Some(e) = self.entries.peek_mut(user.as_str()) else {
             return;
         };
         let Some(r) = e.revocations.as_mut() else {
@@ -345,11 +414,25 @@ impl Table {
         }
     }
 
+    /// When this shard next has eviction work: its oldest entry goes idle
+    /// or its next revocation lapses. `None` when it is empty.
+    pub fn next_due(&self, policy: &Policy) -> Option<EpochMs> {
+        let idle = self
+            .entries
+            .peek_lru()
+            .map(|(_, e)| e.last_used.saturating_add(policy.idle_ttl_ms as i64));
+        let lapse = self.lapses.peek().map(|Reverse((due, _))| *due);
+        match (idle, lapse) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Gives the map's spare room back once a burst of users is gone and
     /// what is left is small enough to rehash quickly.
     pub fn shrink_if_sparse(&mut self) {
         let len = self.entries.len();
-        if len <= SHRINK_MAX_LEN && self.peak > 4 * len.max(1024) {
+        if len <= SHRINK_MAX_LEN && self.peak > 4 * len.max(SHRINK_MIN_PEAK) {
             // lru shrinks its map only when the capacity changes: toggle
             // between two capacities no table reaches.
             let cap = if self.entries.cap().get() == usize::MAX {
@@ -379,14 +462,14 @@ impl Table {
 struct Books<'a> {
     in_flight: &'a mut usize,
     revoking: &'a mut usize,
-    lapses: &'a mut BinaryHeap<Reverse<(EpochMs, Box<str>)>>,
+    lapses: &'a mut BinaryHeap<Reverse<(EpochMs, UserKey)>>,
 }
 
 impl<'a> Books<'a> {
     fn of(
         in_flight: &'a mut usize,
         revoking: &'a mut usize,
-        lapses: &'a mut BinaryHeap<Reverse<(EpochMs, Box<str>)>>,
+        lapses: &'a mut BinaryHeap<Reverse<(EpochMs, UserKey)>>,
     ) -> Self {
         Self {
             in_flight,
@@ -413,7 +496,7 @@ impl<'a> Books<'a> {
         if let Some(until) = entry.revoked_until() {
             if let Some(rv) = entry.revocations.as_mut().filter(|r| r.queued.is_none()) {
                 rv.queued = Some(until);
-                self.lapses.push(Reverse((until, user.into())));
+                self.lapses.push(Reverse((until, UserKey::new(user))));
             }
         }
         r

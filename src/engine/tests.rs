@@ -4,6 +4,7 @@
 
 use std::sync::{Arc, Barrier};
 
+use crate::engine::table::EVICT_PER_CALL;
 use crate::engine::{
     Engine, EngineError, ErrorCode, Failure, Issued, Plan, Policy, PolicyOptions, Presented,
     Refreshed, SecretString,
@@ -478,26 +479,41 @@ fn invalidate_without_a_token_refreshes_whatever_comes_next() {
     ));
 }
 
-/// Runs slices of `budget` until nothing more is due at `now`: (slices,
-/// entries and lapses visited). Bounded: panics rather than loop forever.
+/// Runs rounds of one slice of `budget` per shard, as the background task
+/// does, until no shard has more due at `now`: (slices, entries and lapses
+/// visited). Bounded: panics rather than loop forever.
 fn evict_all(e: &Engine, now: i64, budget: usize) -> (usize, usize) {
     let (mut slices, mut visited) = (0, 0);
     loop {
-        let slice = e.evict(now, budget);
-        assert!(slice.visited <= budget, "{slice:?}");
-        slices += 1;
-        visited += slice.visited;
-        if slice.next_due.is_none_or(|due| due > now) {
+        let mut more = false;
+        for shard in 0..e.shards() {
+            let slice = e.evict(shard, now, budget);
+            assert!(slice.visited <= budget, "{slice:?}");
+            slices += 1;
+            visited += slice.visited;
+            more |= slice.next_due.is_some_and(|due| due <= now);
+        }
+        if !more {
             return (slices, visited);
         }
         assert!(slices < 1_000_000, "eviction never finished");
     }
 }
 
-/// The revocation count the table keeps, and the one a scan finds.
+/// The revocation count the shards keep, and the one a scan finds.
 fn revoking(e: &Engine) -> (usize, usize) {
-    let t = e.table();
-    (t.revoking, t.count_revoking())
+    let (mut kept, mut scanned) = (0, 0);
+    for shard in e.shards.iter() {
+        let t = shard.lock();
+        kept += t.revoking;
+        scanned += t.count_revoking();
+    }
+    (kept, scanned)
+}
+
+/// Entries held, counted shard by shard (not from the kept total).
+fn held(e: &Engine) -> usize {
+    e.shards.iter().map(|s| s.lock().len()).sum()
 }
 
 #[test]
@@ -521,8 +537,13 @@ fn idle_users_are_dropped_but_not_while_refreshing() {
         "only the user with a refresh in flight stays"
     );
     // A refresh running counts as a use: it is not looked at again for a TTL.
-    let slice = e.evict(NOW + 1_999, 16);
+    let slice = e.evict(e.shard_of("busy"), NOW + 1_999, 16);
     assert_eq!((slice.visited, slice.next_due), (0, Some(NOW + 2_000)));
+}
+
+/// Entries and lapses visited by every slice of eviction so far.
+fn visits(e: &Engine) -> usize {
+    e.shards.iter().map(|s| s.lock().visits).sum()
 }
 
 #[test]
@@ -537,31 +558,35 @@ fn eviction_does_bounded_work_per_call_and_drops_every_idle_entry() {
         e.begin_with(&format!("old{i}"), &fresh, NOW).unwrap();
     }
     let (_busy, _) = lead(&e, "busy", &token("old", NOW), NOW);
-    assert_eq!(e.table().len(), 10_001);
-    // Once they are idle, each slow-path call evicts a small constant
-    // number of them, never the lot: calls alone drain the backlog, two
-    // for every new user they add.
+    assert_eq!((held(&e), e.stats(NOW).users), (10_001, 10_001));
+    // Once they are idle, each slow-path call visits a small constant
+    // number of them (in its user's shard), never the lot, and evicts
+    // what it visits: calls alone drain the backlog.
     let idle = NOW + ttl;
+    let held_before = held(&e);
     for i in 0..5_000 {
-        let before = e.table().len();
+        let (before, visited) = (held(&e), visits(&e));
         e.begin_with(&format!("new{i}"), &fresh, idle).unwrap();
-        let after = e.table().len();
-        assert!(
-            after + crate::engine::table::EVICT_PER_CALL > before,
-            "call {i} evicted {} entries",
-            before + 1 - after
-        );
+        let (after, visited) = (held(&e), visits(&e) - visited);
+        assert!(visited <= EVICT_PER_CALL, "call {i} visited {visited}");
+        assert!(before + 1 - after <= visited, "call {i}");
     }
+    let by_calls = held_before + 5_000 - held(&e);
+    assert!(by_calls > 5_000, "calls evicted only {by_calls}");
+    // stats() looks at a few entries, then reads kept totals.
+    let visited = visits(&e);
     let s = e.stats(idle);
-    assert_eq!((s.users, s.in_flight), (5_001, 1), "new users and busy");
+    assert!(visits(&e) - visited <= 64);
+    assert_eq!((s.users, s.in_flight), (held(&e), 1));
     // Without calls, slices evict everything idle, each visiting no more
-    // than its budget, and each entry is visited once.
+    // than its budget, and each entry is visited once (busy moved aside).
     let later = idle + ttl;
+    let left = held(&e);
     let (slices, visited) = evict_all(&e, later, 64);
-    assert_eq!(visited, 5_001, "every entry once (busy moved aside)");
-    assert!(slices >= 5_001 / 64, "{slices} slices");
+    assert_eq!(visited, left, "every entry once");
+    assert!(slices >= left / 64, "{slices} slices");
     let s = e.stats(later);
-    assert_eq!((s.users, s.in_flight), (1, 1));
+    assert_eq!((s.users, s.in_flight, held(&e)), (1, 1, 1));
     assert_eq!(revoking(&e), (0, 0));
 }
 
@@ -598,7 +623,7 @@ fn lapsed_revocations_are_pruned_with_no_call() {
     e.invalidate("w", None, NOW + 2 * ttl).unwrap();
     assert_eq!(revoking(&e), (1, 1));
     evict_all(&e, NOW + 4 * ttl, 8);
-    assert_eq!(e.table().len(), 0);
+    assert_eq!(held(&e), 0);
     assert_eq!(revoking(&e), (0, 0));
     assert!(e.is_fresh(good, NOW + 4 * ttl));
 }
@@ -620,8 +645,13 @@ fn state_is_bounded_by_eviction_during_normal_calls() {
             .unwrap();
         }
     }
-    // Each wave's calls evicted the wave before it, which had gone idle.
-    assert_eq!(e.table().len(), 1_000);
+    // Each wave's calls evicted the waves before it, which had gone idle:
+    // a call evicts up to two in its user's shard for the one it adds, so
+    // of the 9,000 idle users only a few are left (in shards the last wave
+    // happened to visit less than the one before; the next calls there, or
+    // the background task, take them).
+    let n = held(&e);
+    assert!((1_000..1_500).contains(&n), "{n} held");
 }
 
 #[tokio::test]
@@ -638,7 +668,7 @@ async fn the_background_task_evicts_with_no_call_and_ends_with_its_engine() {
     }
     let task = tokio::spawn(evictor::run(Arc::downgrade(&e)));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while e.table().len() > 0 {
+    while held(&e) > 0 {
         assert!(std::time::Instant::now() < deadline, "not evicted in 10 s");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
@@ -671,7 +701,7 @@ async fn work_no_caller_asks_for_runs_on_the_callers_clock_as_last_seen() {
     // though by the machine's date the user is years idle.
     let task = tokio::spawn(evictor::run(Arc::downgrade(&e)));
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert_eq!(e.table().len(), 1);
+    assert_eq!(held(&e), 1);
     // Another instance's invalidation is stamped the same way: it lasts one
     // TTL on the callers' clock.
     e.invalidate("u", None, e.app_now()).unwrap();
@@ -750,4 +780,22 @@ fn one_leader_across_threads() {
     let leaders: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
     assert_eq!(leaders, 1);
     assert_eq!(e.stats(NOW).coalesced, 7_999);
+}
+
+#[test]
+fn shards_take_shares_spanning_a_factor_of_two() {
+    // Unequal on purpose, so shards do not all grow their maps at once.
+    let e = engine();
+    let mut counts = vec![0usize; e.shards()];
+    for i in 0..256_000 {
+        counts[e.shard_of(&format!("user-{i}"))] += 1;
+    }
+    let n = e.shards();
+    let (first, last) = (
+        counts[..n / 8].iter().sum::<usize>(),
+        counts[n - n / 8..].iter().sum::<usize>(),
+    );
+    let ratio = last as f64 / first as f64;
+    assert!((1.7..2.0).contains(&ratio), "{ratio}");
+    assert!(counts.iter().all(|&c| c > 500), "every shard used");
 }
