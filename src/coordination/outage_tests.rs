@@ -83,22 +83,13 @@ async fn a_garbled_record_is_a_miss_for_its_user_alone() {
     let _: () = con.set(&wrong.record, "not a hash").await.unwrap();
 
     for user in ["garbled", "wrong-type"] {
-        let got = c
-            .acquire(
-                user,
-                &old(),
-                |_, _| true,
-                soon(5_000),
-                CallerNow::new(time::now_ms()),
-                RefreshTokenUse::Never,
-            )
-            .await;
+        let got = ask(&c, user, soon(5_000), RefreshTokenUse::Never).await;
         let Outcome::Lead {
             lease,
             refresh: None,
-        } = got.outcome
+        } = got
         else {
-            panic!("{user}: a miss, so the lock: {:?}", got.outcome)
+            panic!("{user}: a miss, so the lock: {got:?}")
         };
         assert!(lease.fence >= 1);
         assert!(
@@ -164,14 +155,7 @@ async fn one_slow_reply_does_not_open_the_breaker() {
         .unwrap());
     // The server stalls for 1.3 s: a call unanswered after 1 s has a ping
     // decide, the ping is answered, so the call waits on and gets its answer.
-    let mut admin = s.con().await;
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(1_300)
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    s.pause_all(1_300).await;
     let started = Instant::now();
     let c = std::sync::Arc::new(c);
     let slow = {
@@ -206,14 +190,7 @@ async fn a_stall_opens_the_breaker_and_it_closes_promptly_after() {
     let Outcome::Lead { .. } = ask(&c, "warm", soon(5_000), RefreshTokenUse::Never).await else {
         panic!("lead")
     };
-    let mut admin = s.con().await;
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(2_600)
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    s.pause_all(2_600).await;
     let paused = Instant::now();
     let Outcome::Unavailable(_) = ask(&c, "u", soon(10_000), RefreshTokenUse::Never).await else {
         panic!("unavailable")
@@ -244,14 +221,7 @@ async fn the_holder_keeps_its_lock_through_failed_extensions() {
         panic!("lead")
     };
     // The first extension (after 200 ms) meets a stalled server and times out.
-    let mut admin = s.con().await;
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(500)
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    s.pause_all(500).await;
     // Well past the lock's TTL: still held, since the refresh may still run.
     tokio::time::sleep(Duration::from_millis(2_000)).await;
     let got = ask(&other, "u", soon(400), RefreshTokenUse::Never).await;
@@ -481,14 +451,7 @@ async fn a_lock_granted_after_its_caller_gave_up_is_given_back() {
         .unwrap());
     // A stall longer than a call's budget and than the ping after it: the
     // grant happens well after the caller stopped waiting.
-    let mut admin = s.con().await;
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(2_300)
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    s.pause_all(2_300).await;
     let Outcome::Unavailable(_) = ask(&c, "u", soon(10_000), RefreshTokenUse::Never).await else {
         panic!("gave up")
     };

@@ -83,6 +83,17 @@ impl Server {
             .await
             .unwrap()
     }
+
+    /// Stalls every client of the server for `ms` (`CLIENT PAUSE ms ALL`).
+    pub(super) async fn pause_all(&self, ms: u64) {
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(ms)
+            .arg("ALL")
+            .query_async(&mut self.con().await)
+            .await
+            .unwrap();
+    }
 }
 
 impl Drop for Server {
