@@ -50,10 +50,7 @@ pub async fn run(engine: Weak<Engine>) {
                     }
                     due => due,
                 };
-                next_due = match (next_due, due) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
+                next_due = next_due.into_iter().chain(due).min();
             }
             let nap = match next_due {
                 Some(due) if due <= now => PAUSE,

@@ -422,10 +422,8 @@ impl Table {
             .peek_lru()
             .map(|(_, e)| e.last_used.saturating_add(policy.idle_ttl_ms as i64));
         let lapse = self.lapses.peek().map(|Reverse((due, _))| *due);
-        match (idle, lapse) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        // The earlier of the two that exist.
+        idle.into_iter().chain(lapse).min()
     }
 
     /// Gives the map's spare room back once a burst of users is gone and
