@@ -274,16 +274,13 @@ impl BindingManager {
     }
 }
 
-/// Starts the engine's background eviction (`engine/evictor.rs`) on
-/// napi's Tokio runtime. It holds the engine weakly, so it ends once the
-/// manager is collected, and keeps neither the event loop nor the process
-/// alive. Should the runtime be unavailable (torn down), callers' slices of
-/// eviction still bound the table.
+/// Starts the engine's background eviction (`engine/evictor.rs`, on its
+/// own low-priority thread). It holds the engine weakly, so it ends once
+/// the manager is collected, and keeps neither the event loop nor the
+/// process alive. Should it not start, callers' slices of eviction still
+/// bound the table.
 fn evict_in_background(engine: &Arc<Engine>) {
-    let engine = Arc::downgrade(engine);
-    let _ = catch_unwind(AssertUnwindSafe(|| {
-        napi::bindgen_prelude::spawn(evictor::run(engine))
-    }));
+    let _ = catch_unwind(AssertUnwindSafe(|| evictor::start(engine)));
 }
 
 /// Longest ISO 8601 string read: `2026-01-25T21:14:28.123456789+01:00` is

@@ -4,15 +4,56 @@
 //! one shard's lock at a time; callers on the other shards never wait for
 //! it. It never touches the hot path, which does not lock.
 //!
+//! Where it runs: every engine's task shares one thread, `ttm-evictor`,
+//! started on first use at the lowest priority the OS gives a normal
+//! thread (nice 19 on Linux). Eviction is housekeeping: the kernel runs it
+//! on a CPU nothing else wants and preempts it as soon as the JS thread (or
+//! a refresh on napi's runtime) needs one, so a burst falling due never
+//! keeps the event loop waiting for a CPU.
+//!
 //! Clock: there is no caller to say what time it is, so the task uses the
 //! callers' clock as last seen ([`Engine::app_now`]: the wall clock in
 //! production, a test's fake clock moving at real speed from its last call;
 //! `time.rs`, "Clocks"). Callers' slices use the `now` they are given.
 
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use once_cell::sync::Lazy;
+use tokio::runtime::{Builder, Handle};
+use tokio::task::JoinHandle;
+
 use super::{Engine, EpochMs};
+
+/// Starts `engine`'s background eviction on the shared low-priority
+/// thread. The task holds the engine weakly: it ends once the engine is
+/// dropped, and keeps no process alive. `None` if the thread could not be
+/// started; callers' slices of eviction still bound the table then.
+pub fn start(engine: &Arc<Engine>) -> Option<JoinHandle<()>> {
+    BACKGROUND
+        .as_ref()
+        .map(|handle| handle.spawn(run(Arc::downgrade(engine))))
+}
+
+/// The name of the thread every engine's eviction runs on.
+pub const THREAD_NAME: &str = "ttm-evictor";
+
+/// A single-threaded runtime (timers only) driven by a thread of its own.
+static BACKGROUND: Lazy<Option<Handle>> = Lazy::new(|| {
+    let runtime = Builder::new_current_thread().enable_time().build().ok()?;
+    let handle = runtime.handle().clone();
+    std::thread::Builder::new()
+        .name(THREAD_NAME.into())
+        .spawn(move || {
+            // Where the OS refuses (a sandbox), the thread runs at normal
+            // priority: eviction still works, it just competes fairly.
+            let _ =
+                thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Min);
+            runtime.block_on(std::future::pending::<()>());
+        })
+        .ok()?;
+    Some(handle)
+});
 
 /// Entries one background slice visits in one shard at most. The shard's
 /// lock is held only to unlink them (a few µs); they are freed after it is

@@ -666,17 +666,37 @@ async fn the_background_task_evicts_with_no_call_and_ends_with_its_engine() {
         e.begin_with(&format!("u{i}"), &token("a", now + 60 * MIN), now)
             .unwrap();
     }
-    let task = tokio::spawn(evictor::run(Arc::downgrade(&e)));
+    let task = evictor::start(&e).expect("the eviction thread starts");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while held(&e) > 0 {
         assert!(std::time::Instant::now() < deadline, "not evicted in 10 s");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+    // It ran on the shared thread, at the lowest normal priority: a burst
+    // falling due never keeps the JS thread waiting for a CPU.
+    #[cfg(target_os = "linux")]
+    assert_eq!(nice_of_thread(evictor::THREAD_NAME), Some(19));
     drop(e);
     tokio::time::timeout(std::time::Duration::from_secs(5), task)
         .await
         .expect("the task ends once the engine is gone")
         .unwrap();
+}
+
+/// The nice value of this process's thread named `name` (`/proc`).
+#[cfg(target_os = "linux")]
+fn nice_of_thread(name: &str) -> Option<i32> {
+    std::fs::read_dir("/proc/self/task").ok()?.find_map(|t| {
+        let dir = t.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+        if comm.trim_end() != name {
+            return None;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        // Fields after "(comm) ": state is the 3rd of stat(5), nice the 19th.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        rest.split(' ').nth(19 - 3)?.parse().ok()
+    })
 }
 
 #[tokio::test]
