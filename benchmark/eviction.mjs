@@ -1,7 +1,9 @@
 // Rows "evict": a million users refreshed once, then left idle past
 // `idleTtlMs` while an active set keeps calling. Each competitor runs in its
-// own child process (eviction-child.mjs), so the main bench stays lean; one
-// round each (a run takes the fill plus idleTtlMs plus 2 s).
+// own child process (eviction-child.mjs), so the main bench stays lean, in
+// `rounds` rounds taken in turn (a round takes the fill plus idleTtlMs plus
+// 5 s). A row's value is the median of the rounds: each is a maximum over a
+// minute, which a single pause of the shared machine decides.
 import { execFile } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
 import { promisify } from 'node:util'
@@ -14,7 +16,21 @@ async function measure(name, { users, idleTtlMs, tokenBytes }) {
     encoding: 'utf8',
     maxBuffer: 1 << 20,
   })
-  return JSON.parse(stdout.trim().split('\n').pop())
+  const r = JSON.parse(stdout.trim().split('\n').pop())
+  // Over the whole run: the fill and the idle phase.
+  r.runLoopMaxMs = Math.max(r.fillLoopMaxMs, r.evictLoopMaxMs)
+  r.runOwnMaxMs = Math.max(r.fillOwnMaxMs, r.quietOwnLoopMaxMs, r.evictingOwnLoopMaxMs)
+  return r
+}
+
+/** Per numeric field, the median of the rounds; `rounds` keeps them all. */
+function median(rounds) {
+  const out = { rounds }
+  for (const key of Object.keys(rounds[0])) {
+    const xs = rounds.map((r) => r[key]).sort((a, b) => a - b)
+    out[key] = xs.length % 2 ? xs[xs.length >> 1] : (xs[xs.length / 2 - 1] + xs[xs.length / 2]) / 2
+  }
+  return out
 }
 
 const ms = (v) => (Number.isFinite(v) ? v.toFixed(v < 10 ? 2 : 1) : '—')
@@ -24,43 +40,51 @@ const int = (v) => (Number.isFinite(v) ? Math.round(v).toLocaleString('en-US') :
  * @param {{ users?: number, idleTtlMs?: number, tokenBytes?: number, log?: (line: string) => void }} [o]
  * @returns {Promise<{ name: string, value: string, unit: string, target?: string, met?: boolean, note?: string }[]>}
  */
-export async function evictionRows({ users = 1_000_000, idleTtlMs = 60_000, tokenBytes = 1000, log = () => {} } = {}) {
+export async function evictionRows({ users = 1_000_000, idleTtlMs = 60_000, tokenBytes = 1000, rounds = 3, log = () => {} } = {}) {
   const o = { users, idleTtlMs, tokenBytes }
-  log(`eviction: ${users.toLocaleString('en-US')} users, idleTtlMs ${idleTtlMs}: addon...`)
-  const addon = await measure('addon', o)
-  log(`eviction: seed...`)
-  const seed = await measure('seed', o)
-  for (const r of [addon, seed]) if (r.errors !== 0) throw new Error(`eviction run: ${r.errors} calls rejected`)
+  const runs = { addon: [], seed: [] }
+  for (let i = 1; i <= rounds; i++) {
+    for (const name of ['addon', 'seed']) {
+      log(`eviction: ${users.toLocaleString('en-US')} users, idleTtlMs ${idleTtlMs}, round ${i} of ${rounds}: ${name}...`)
+      const r = await measure(name, o)
+      if (r.errors !== 0) throw new Error(`eviction run: ${r.errors} calls rejected`)
+      runs[name].push(r)
+    }
+  }
+  const addon = median(runs.addon)
+  const seed = median(runs.seed)
+  /** Each round's value of `key` for the addon, for the notes. */
+  const each = (key) => runs.addon.map((r) => ms(r[key])).join(', ')
   const n = users.toLocaleString('en-US')
   const vs = (f, key) => `${f(addon[key])} vs ${f(seed[key])}`
-  const note = `fill ${addon.fillSeconds.toFixed(1)} s / ${seed.fillSeconds.toFixed(1)} s (addon / seed), ${addon.calls.toLocaleString('en-US')} timed calls by ${addon.active} active users`
-  // The idle phase split where the first users fall due: before it nothing
-  // is evicted (the machine's and the runtime's own pauses).
-  const split = (quiet, during) => `before any user was due (nothing evicted yet): ${vs(ms, quiet)}; while evicting: ${during ? vs(ms, during) : '—'}`
+  const note = `median of ${rounds} rounds; fill ${addon.fillSeconds.toFixed(1)} s / ${seed.fillSeconds.toFixed(1)} s (addon / seed), ${int(addon.calls)} timed calls by ${addon.active} active users`
+  // Two figures per delay: the wall clock, which on a shared VM also holds
+  // the hypervisor's pauses (steal time), and the process's own part (the
+  // JS thread's run and run-queue time, which leave steal out; see
+  // eviction-child.mjs). The targets are on the own part: it is what the
+  // process can cause and fix.
+  const both = (r, wall, own) => `${ms(r[wall])} / ${ms(r[own])}`
+  const pair = (wall, own) => `${both(addon, wall, own)} vs ${both(seed, wall, own)}`
   return [
     {
-      name: `eviction, ${n} users left idle: max event-loop delay, idle phase`,
-      value: vs(ms, 'evictLoopMaxMs'),
-      unit: 'ms (addon vs seed)',
-      target: '≤ 20 ms',
-      met: addon.evictLoopMaxMs <= 20,
-      note: `monitorEventLoopDelay, 1 ms resolution; ${split('quietLoopMaxMs', 'evictingLoopMaxMs')}; ${note}`,
-    },
-    {
-      name: `eviction, ${n} users: max event-loop delay, while filling`,
-      value: vs(ms, 'fillLoopMaxMs'),
-      unit: 'ms (addon vs seed)',
-      target: '≤ 20 ms',
-      met: addon.fillLoopMaxMs <= 20,
-      note: 'batches of 200 concurrent refreshes, each user its own 1 KB tokens',
+      name: `eviction, ${n} users refreshed then left idle: max event-loop delay over the whole run`,
+      value: pair('runLoopMaxMs', 'runOwnMaxMs'),
+      unit: 'ms, wall / own (addon vs seed)',
+      target: '≤ 20 ms own',
+      met: addon.runOwnMaxMs <= 20,
+      note:
+        `wall: monitorEventLoopDelay, 1 ms resolution; own: the most the JS thread ran or waited for a CPU between two turns of a 1 ms timer (schedstat, which leaves the hypervisor's steal out); ` +
+        `filling (batches of 50 concurrent refreshes, each user its own 1 KB tokens): ${pair('fillLoopMaxMs', 'fillOwnMaxMs')}; ` +
+        `idle, before any user was due (nothing evicted yet): ${pair('quietLoopMaxMs', 'quietOwnLoopMaxMs')}; while evicting: ${pair('evictingLoopMaxMs', 'evictingOwnLoopMaxMs')}; ` +
+        `the addon's rounds, wall: ${each('runLoopMaxMs')}, own: ${each('runOwnMaxMs')}; ${note}`,
     },
     {
       name: `eviction, ${n} users: slowest single getValidToken while they are evicted`,
-      value: vs(ms, 'slowestCallMs'),
-      unit: 'ms (addon vs seed)',
-      target: '≤ 5 ms',
-      met: addon.slowestCallMs <= 5,
-      note: `the synchronous part of each call (where it could wait for the table); ${split('quietSlowestCallMs', 'evictingSlowestCallMs')}`,
+      value: pair('evictingSlowestCallMs', 'evictingOwnSlowestCallMs'),
+      unit: 'ms, wall / own (addon vs seed)',
+      target: '≤ 5 ms own',
+      met: addon.evictingOwnSlowestCallMs <= 5,
+      note: `the synchronous part of each call (where it could wait for the table); own: the JS thread's run and run-queue time during the call; before any user was due (nothing evicted yet): ${pair('quietSlowestCallMs', 'quietOwnSlowestCallMs')}; the addon's rounds, wall: ${each('evictingSlowestCallMs')}, own: ${each('evictingOwnSlowestCallMs')}; ${note}`,
     },
     {
       name: `stats() with ${n} users held (max / median of 200)`,

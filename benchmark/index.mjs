@@ -25,7 +25,7 @@ import { coldStartRow } from './cold-start.mjs'
 const HOOKS = [
   ['native', './native-refresher.mjs', async (m, c) => ratioRow(await m.benchNativeRefresher(c.quick ? { rounds: 2, refreshes: 200, concurrency: 16, log: c.log } : { log: c.log }))],
   ['redis', './redis.mjs', (m, c) => m.redisRows(c.quick ? { users: 200, rounds: 2, processes: 2, fleetUsers: 100, log: c.log } : { log: c.log })],
-  ['evict', './eviction.mjs', (m, c) => m.evictionRows(c.quick ? { users: 20_000, idleTtlMs: 2_000, tokenBytes: c.tokenBytes, log: c.log } : { tokenBytes: c.tokenBytes, log: c.log })],
+  ['evict', './eviction.mjs', (m, c) => m.evictionRows(c.quick ? { users: 20_000, idleTtlMs: 2_000, rounds: 1, tokenBytes: c.tokenBytes, log: c.log } : { tokenBytes: c.tokenBytes, log: c.log })],
 ]
 
 const { values: args } = parseArgs({
