@@ -1,27 +1,29 @@
 // The eviction rows, one competitor per process: `users` users refreshed
 // once, then left idle while an active set keeps calling (slow path: each
 // presents a due token) past `idleTtlMs`. Prints one JSON line.
-// Usage: node --expose-gc --import tsx eviction-child.mjs <seed|addon> <users> <idleTtlMs> <tokenBytes>
+// Usage: node --expose-gc --import tsx eviction-child.mjs <seed|addon|floor> <users> <idleTtlMs> <tokenBytes>
 import { openSync, readSync } from 'node:fs'
 import { monitorEventLoopDelay, performance } from 'node:perf_hooks'
 import { setImmediate as tick, setTimeout as sleep } from 'node:timers/promises'
 
 import { TokenManager } from '../index.mjs'
-import { fakeToken } from './competitors.mjs'
+import { fakeToken, floorRefresh } from './competitors.mjs'
 import { SeedTokenManager } from './seed-token-manager.ts'
 
 const [name, usersArg, ttlArg, bytesArg] = process.argv.slice(2)
 const users = Number(usersArg)
 const idleTtlMs = Number(ttlArg)
 const tokenBytes = Number(bytesArg)
-const make = { addon: () => new TokenManager({ idleTtlMs }), seed: () => new SeedTokenManager() }[name]
+// The floor holds nothing and calls refreshFn on every due token: what the
+// machine and the runtime pause with no manager's state at all.
+const make = { addon: () => new TokenManager({ idleTtlMs }), seed: () => new SeedTokenManager(), floor: () => ({ getValidToken: floorRefresh }) }[name]
 if (!make || !(users > 0) || !(idleTtlMs > 0) || !(tokenBytes > 0) || typeof globalThis.gc !== 'function') {
-  console.error('usage: node --expose-gc --import tsx eviction-child.mjs <seed|addon> <users> <idleTtlMs> <tokenBytes>')
+  console.error('usage: node --expose-gc --import tsx eviction-child.mjs <seed|addon|floor> <users> <idleTtlMs> <tokenBytes>')
   process.exit(2)
 }
 // Users the manager holds: the addon's count, the seed's map (it never
-// evicts; `mutexes` is private to TypeScript only).
-const held = (m) => (m instanceof TokenManager ? m.stats().users : m.mutexes.size)
+// evicts; `mutexes` is private to TypeScript only), none for the floor.
+const held = (m) => (m instanceof TokenManager ? m.stats().users : m instanceof SeedTokenManager ? m.mutexes.size : 0)
 
 /** Users who keep calling throughout, and calls per millisecond tick. */
 const ACTIVE = 1000
