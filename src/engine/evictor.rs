@@ -6,10 +6,10 @@
 //!
 //! Where it runs: every engine's task shares one thread, `ttm-evictor`,
 //! started on first use at the lowest priority the OS gives a normal
-//! thread (nice 19 on Linux). Eviction is housekeeping: the kernel runs it
-//! on a CPU nothing else wants and preempts it as soon as the JS thread (or
-//! a refresh on napi's runtime) needs one, so a burst falling due never
-//! keeps the event loop waiting for a CPU.
+//! thread (nice 19 on Linux). Eviction is housekeeping: the kernel gives
+//! it a CPU nothing else wants and preempts it when the JS thread (or a
+//! refresh on napi's runtime) wakes wanting one, so a burst falling due
+//! leaves the CPU to the event loop.
 //!
 //! Clock: there is no caller to say what time it is, so the task uses the
 //! callers' clock as last seen ([`Engine::app_now`]: the wall clock in
