@@ -156,31 +156,25 @@ const idleAt = filledAt + idleTtlMs
 const dueAt = fillStart + idleTtlMs
 const stopAt = idleAt + SLACK_MS
 const evicting = monitorEventLoopDelay({ resolution: 1 })
+// The two parts of the idle phase: the slowest call (wall and own time,
+// see ownMs) and the slowest stats() in each.
+const part = () => ({ callMs: 0, ownCallMs: 0, statsMs: 0 })
+const quiet = part()
+const evictingPart = part()
+let phase = quiet
 let quietLoopMaxMs = NaN
-let quietSlowestCallMs = NaN
-let evictingSlowestCallMs = 0
-let slowestCallMs = 0
-// The same on the JS thread's own time during each call (ownMs).
 let quietOwnLoopMaxMs = NaN
-let quietOwnSlowestCallMs = NaN
-let evictingOwnSlowestCallMs = 0
-let ownSlowestCallMs = 0
-let statsDuringMaxMs = 0
-let statsQuietMaxMs = NaN
 let calls = 0
 let errors = 0
 let goneAfterMs = NaN
 let next = 0
 const noRefresh = (i) => async () => refreshed(`x${i}`)
 while (Date.now() < stopAt) {
-  if (Number.isNaN(quietLoopMaxMs) && Date.now() >= dueAt) {
+  if (phase === quiet && Date.now() >= dueAt) {
     quietLoopMaxMs = loop.max / 1e6
-    quietSlowestCallMs = slowestCallMs
     quietOwnLoopMaxMs = own.take()
-    quietOwnSlowestCallMs = ownSlowestCallMs
-    statsQuietMaxMs = statsDuringMaxMs
-    statsDuringMaxMs = 0
     evicting.enable()
+    phase = evictingPart
   }
   for (let k = 0; k < CALLS_PER_TICK; k++) {
     const i = next++ % ACTIVE
@@ -188,18 +182,15 @@ while (Date.now() < stopAt) {
     const t = performance.now()
     const p = m.getValidToken(`active-${i}`, presented, noRefresh(i))
     const d = performance.now() - t
-    const ownD = Math.min(d, ownMs() - o)
-    if (ownD > ownSlowestCallMs) ownSlowestCallMs = ownD
-    if (!Number.isNaN(quietOwnLoopMaxMs) && ownD > evictingOwnSlowestCallMs) evictingOwnSlowestCallMs = ownD
-    if (d > slowestCallMs) slowestCallMs = d
-    if (!Number.isNaN(quietLoopMaxMs) && d > evictingSlowestCallMs) evictingSlowestCallMs = d
+    phase.callMs = Math.max(phase.callMs, d)
+    phase.ownCallMs = Math.max(phase.ownCallMs, Math.min(d, ownMs() - o))
     p.catch(() => errors++)
     calls++
   }
   if (next % 100 === 0) {
     const t = performance.now()
     const h = held(m)
-    statsDuringMaxMs = Math.max(statsDuringMaxMs, performance.now() - t)
+    phase.statsMs = Math.max(phase.statsMs, performance.now() - t)
     if (Number.isNaN(goneAfterMs) && h <= ACTIVE) goneAfterMs = Date.now() - idleAt
   }
   await sleep(1)
@@ -234,17 +225,16 @@ console.log(
     evictingLoopMaxMs,
     quietOwnLoopMaxMs,
     evictingOwnLoopMaxMs,
-    slowestCallMs,
-    quietSlowestCallMs,
-    evictingSlowestCallMs,
-    quietOwnSlowestCallMs,
-    evictingOwnSlowestCallMs,
+    quietSlowestCallMs: quiet.callMs,
+    evictingSlowestCallMs: evictingPart.callMs,
+    quietOwnSlowestCallMs: quiet.ownCallMs,
+    evictingOwnSlowestCallMs: evictingPart.ownCallMs,
     calls,
     errors,
     statsMaxMs,
     statsMedianMs,
-    statsQuietMaxMs,
-    statsDuringMaxMs,
+    statsQuietMaxMs: quiet.statsMs,
+    statsDuringMaxMs: evictingPart.statsMs,
     heldFull,
     heldAfter,
     goneAfterMs,

@@ -8,6 +8,8 @@ import { execFile } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
 import { promisify } from 'node:util'
 
+import { median } from './harness.mjs'
+
 const run = promisify(execFile)
 const child = fileURLToPath(new URL('./eviction-child.mjs', import.meta.url))
 
@@ -23,21 +25,14 @@ async function measure(name, { users, idleTtlMs, tokenBytes }) {
   return r
 }
 
-/** Per numeric field, the median of the rounds; `rounds` keeps them all. */
-function median(rounds) {
-  const out = { rounds }
-  for (const key of Object.keys(rounds[0])) {
-    const xs = rounds.map((r) => r[key]).sort((a, b) => a - b)
-    out[key] = xs.length % 2 ? xs[xs.length >> 1] : (xs[xs.length / 2 - 1] + xs[xs.length / 2]) / 2
-  }
-  return out
-}
+/** Per field, the median of the rounds. */
+const medianOfRounds = (rounds) => Object.fromEntries(Object.keys(rounds[0]).map((key) => [key, median(rounds.map((r) => r[key]))]))
 
 const ms = (v) => (Number.isFinite(v) ? v.toFixed(v < 10 ? 2 : 1) : '—')
 const int = (v) => (Number.isFinite(v) ? Math.round(v).toLocaleString('en-US') : '—')
 
 /**
- * @param {{ users?: number, idleTtlMs?: number, tokenBytes?: number, log?: (line: string) => void }} [o]
+ * @param {{ users?: number, idleTtlMs?: number, tokenBytes?: number, rounds?: number, log?: (line: string) => void }} [o]
  * @returns {Promise<{ name: string, value: string, unit: string, target?: string, met?: boolean, note?: string }[]>}
  */
 export async function evictionRows({ users = 1_000_000, idleTtlMs = 60_000, tokenBytes = 1000, rounds = 3, log = () => {} } = {}) {
@@ -51,9 +46,9 @@ export async function evictionRows({ users = 1_000_000, idleTtlMs = 60_000, toke
       runs[name].push(r)
     }
   }
-  const addon = median(runs.addon)
-  const seed = median(runs.seed)
-  const floor = median(runs.floor)
+  const addon = medianOfRounds(runs.addon)
+  const seed = medianOfRounds(runs.seed)
+  const floor = medianOfRounds(runs.floor)
   /** Each round's value of `key` for the addon, for the notes. */
   const each = (key) => runs.addon.map((r) => ms(r[key])).join(', ')
   const n = users.toLocaleString('en-US')

@@ -672,8 +672,8 @@ async fn the_background_task_evicts_with_no_call_and_ends_with_its_engine() {
         assert!(std::time::Instant::now() < deadline, "not evicted in 10 s");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    // It ran on the shared thread, at the lowest normal priority: a burst
-    // falling due never keeps the JS thread waiting for a CPU.
+    // It ran on the shared thread, at the lowest normal priority, which
+    // leaves the CPU to the JS thread when a burst falls due.
     #[cfg(target_os = "linux")]
     assert_eq!(nice_of_thread(evictor::THREAD_NAME), Some(19));
     drop(e);
