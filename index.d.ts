@@ -41,7 +41,7 @@ export interface ValidToken {
 /**
  * Cross-instance coordination on Redis: one refresh per user across every
  * process or pod sharing the Redis. Only a due refresh talks to Redis (one
- * round trip before it, one after, the second off the caller's path); a
+ * round trip before it, one after, both on the caller's path); a
  * token valid beyond the buffer never does. Needs Redis 6 or later (RESP3).
  * One node (`url`) or a Redis Cluster (`cluster`), each over TCP or TLS
  * (`rediss://`).

@@ -141,6 +141,29 @@ describe('one refresh per user across every instance', () => {
     expect(first).toHaveBeenCalledTimes(1)
   })
 
+  it('the refreshing caller is answered only once Redis holds the token and the lock is free', async () => {
+    // Redis holds writes for 500 ms from the moment the refresh returns: an
+    // answer before the write would leave the next caller elsewhere (or an
+    // invalidate) racing it.
+    const keyPrefix = `answered-${uid()}:`
+    const a = instance({ keyPrefix })
+    const user = uid()
+    const pausing = vi.fn(async (ctx) => {
+      await cli(redis.port, 'client', 'pause', '500', 'WRITE')
+      return { accessToken: `at-${ctx.userId}`, refreshToken: `rt-${ctx.userId}`, expiresIn: 3600 }
+    })
+    const t = await a.getValidToken(user, expired(user), pausing)
+    const scan = async (what) => (await cli(redis.port, '--scan', '--pattern', `${keyPrefix}${what}:*`)).split('\n').filter(Boolean)
+    expect(await scan('tok')).toHaveLength(1)
+    expect(await scan('lock')).toEqual([])
+    expect(t).toMatchObject({ accessToken: `at-${user}`, shouldUpdate: true })
+    const unused = refresher()
+    const b = instance({ keyPrefix })
+    expect(await b.getValidToken(user, expired(user), unused)).toMatchObject({ accessToken: t.accessToken, shouldUpdate: true })
+    expect(unused).not.toHaveBeenCalled()
+    expect(pausing).toHaveBeenCalledTimes(1)
+  })
+
   it('callers waiting on another instance get its token with shouldUpdate false, or its failure', async () => {
     const a = instance()
     const b = instance()

@@ -79,7 +79,7 @@ export async function redisRows({ users = 2_000, rounds = 4, processes = 4, flee
     row('refresh latency, local mode (p50 / p99)', `${f(l.p50)} / ${f(l.p99)}`, 'µs')
     for (const [i, m] of modes.entries()) {
       const r = summary(samples.modes[i])
-      row(`refresh latency, Redis ${m.name} (p50 / p99)`, `${f(r.p50)} / ${f(r.p99)}`, 'µs', '', `adds ${f(r.mean - l.mean)} µs (mean) over local: one awaited Redis round trip + napi async hop`)
+      row(`refresh latency, Redis ${m.name} (p50 / p99)`, `${f(r.p50)} / ${f(r.p99)}`, 'µs', '', `adds ${f(r.mean - l.mean)} µs (mean) over local: two awaited Redis round trips (read-or-lock, write-publish-unlock) + napi async hops`)
     }
 
     // 2. Commands per refresh and on the hot path, on every node.

@@ -6,8 +6,11 @@
 // another instance produced, or with the user's lock, in which case the
 // refresh runs here on the JS thread; once the manager has handed the result
 // to the core, the token the core kept is written back (fenced), announced
-// and unlocked in the background (`reported`). Only the slow path (a
-// refresh is due) comes here: the hot path never touches Redis.
+// and unlocked (`reported`), and only then does the manager answer its
+// callers: a call that comes after the answer, in any instance, finds the
+// token stored (or the lock free), and an `invalidate` sent after it cannot
+// reach Redis before the write it would undo. Only the slow path (a refresh
+// is due) comes here: the hot path never touches Redis.
 //
 // shouldUpdate across instances (the rule the manager applies to a shared token):
 // - the caller whose call ran the refresh gets true;
@@ -214,22 +217,23 @@ class Coordinator {
    * The manager handed the refresh result of `ctx` to the core: `issued` is the
    * token it kept (undefined: the result was unusable), at `nowMs` on the
    * caller's clock. Stores exactly that token for the other instances
-   * (fenced), announces it, unlocks. A no-op for flights that held no lease.
-   * Never throws.
+   * (fenced), announces it, unlocks. Returns a promise that fulfils once
+   * Redis answered or the attempt ended (at most one command timeout, about a
+   * second; a transient failure is retried in the background after that), or
+   * undefined for a flight that held no lease. Never throws or rejects.
    */
   reported(ctx, issued, nowMs) {
     try {
       const lease = this.#leases.get(ctx)
-      if (lease === undefined) return
+      if (lease === undefined) return undefined
       this.#leases.delete(ctx)
-      if (issued === undefined) {
-        this.#track(this.#native.release(ctx.userId, lease, true), ctx.userId)
-      } else {
-        // Not rotated: the refresh token it ran with stays the one to use.
-        const refreshToken = issued.refreshToken ?? ctx.refreshToken ?? null
-        this.#track(this.#native.commit(ctx.userId, lease, issued.accessToken, refreshToken, issued.expiresAtMs, null, nowMs), ctx.userId)
-      }
-    } catch {}
+      if (issued === undefined) return this.#track(this.#native.release(ctx.userId, lease, true), ctx.userId)
+      // Not rotated: the refresh token it ran with stays the one to use.
+      const refreshToken = issued.refreshToken ?? ctx.refreshToken ?? null
+      return this.#track(this.#native.commit(ctx.userId, lease, issued.accessToken, refreshToken, issued.expiresAtMs, null, nowMs), ctx.userId)
+    } catch {
+      return undefined
+    }
   }
 
   #unavailable(userId, reason, refresh, sendsRefreshToken) {
@@ -247,9 +251,9 @@ class Coordinator {
   }
 
   /**
-   * Background Redis work for `userId` nobody awaits: it must never reject.
-   * `afterRefresh`: it shares a refresh that already ran, so failing to
-   * counts as a fallback.
+   * Redis work for `userId` that `close()` waits for; returns a promise
+   * that never rejects, fulfilled once the work is over. `afterRefresh`: it
+   * shares a refresh that already ran, so failing to counts as a fallback.
    */
   #track(settling, userId, afterRefresh = true) {
     const p = settling
@@ -267,6 +271,7 @@ class Coordinator {
       .catch(() => {})
       .finally(() => this.#pending.delete(p))
     this.#pending.add(p)
+    return p
   }
 
   #error(code, userId, message) {

@@ -481,9 +481,16 @@ class TokenManager {
         } catch (e) {
           error = e
         }
-        // With Redis: share the token the core kept (or free the lock).
-        if (this.#coordinator !== null) this.#coordinator.reported(ctx, issued, at)
-        if (!late) settle(error, issued)
+        // With Redis: share the token the core kept (or free the lock), and
+        // answer once Redis has it, so that whatever the callers do next (a
+        // call in another instance, an invalidate) comes after it there. The
+        // result is in: the timer no longer applies, and the wait is bounded
+        // by the coordinator's command timeout.
+        const sharing = this.#coordinator === null ? undefined : this.#coordinator.reported(ctx, issued, at)
+        if (late) return
+        if (sharing === undefined) return settle(error, issued)
+        clearTimeout(timer)
+        sharing.then(() => settle(error, issued))
       },
       (cause) => {
         if (settled) return
