@@ -42,7 +42,7 @@ function summary(us) {
 async function commands(targets, work) {
   const mons = await Promise.all(targets.map(([port, args]) => monitor(port, args)))
   await work()
-  await sleep(200) // the write-back runs after the caller has its token
+  await sleep(200) // a background write, had there been one, counts too
   const seen = await Promise.all(mons.map((m) => m.stop()))
   return { sent: seen.flatMap((s) => s.sent), names: seen.flatMap((s) => s.names), scripted: seen.reduce((n, s) => n + s.scripted, 0) }
 }
