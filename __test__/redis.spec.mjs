@@ -210,7 +210,7 @@ describe('one refresh per user across every instance', () => {
     const user = uid()
     let mon = await monitor(redis.port)
     const t = await m.getValidToken(user, expired(user), refresher())
-    await sleep(100) // the write-back runs after the caller has its token
+    await sleep(100) // MONITOR output arrives on its own socket
     const refresh = await mon.stop()
     expect(refresh.names).toEqual(['evalsha', 'evalsha']) // read-or-lock, then write+publish+unlock
 
