@@ -164,6 +164,33 @@ describe('one refresh per user across every instance', () => {
     expect(pausing).toHaveBeenCalledTimes(1)
   })
 
+  it('a Redis that holds every command still answers the refreshing caller within about a second; the token reaches Redis once it is back', async () => {
+    const keyPrefix = `stalled-${uid()}:`
+    const w = warnings('TTM_REDIS_UNAVAILABLE')
+    try {
+      const a = instance({ keyPrefix })
+      await a.getValidToken(uid(), expired('warm'), refresher()) // connected
+      const user = uid()
+      let refreshedAt
+      const stalling = vi.fn(async (ctx) => {
+        await cli(redis.port, 'client', 'pause', '4000', 'ALL')
+        refreshedAt = Date.now()
+        return { accessToken: `at-${ctx.userId}`, refreshToken: `rt-${ctx.userId}`, expiresIn: 3600 }
+      })
+      const t = await a.getValidToken(user, expired(user), stalling)
+      const waited = Date.now() - refreshedAt
+      expect(t).toMatchObject({ accessToken: `at-${user}`, shouldUpdate: true, refreshToken: `rt-${user}` })
+      expect(waited).toBeLessThan(3_000) // the command timeout (1 s), not the pause (4 s)
+      while ((await cli(redis.port, '--scan', '--pattern', `${keyPrefix}tok:*`)).trim() === '') await sleep(100)
+      const unused = refresher()
+      const b = instance({ keyPrefix })
+      expect(await b.getValidToken(user, expired(user), unused)).toMatchObject({ accessToken: t.accessToken, shouldUpdate: true })
+      expect(unused).not.toHaveBeenCalled()
+    } finally {
+      w.off()
+    }
+  })
+
   it('callers waiting on another instance get its token with shouldUpdate false, or its failure', async () => {
     const a = instance()
     const b = instance()
