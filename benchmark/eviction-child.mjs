@@ -3,7 +3,7 @@
 // presents a due token) past `idleTtlMs`. Prints one JSON line.
 // Usage: node --expose-gc --import tsx eviction-child.mjs <seed|addon|floor> <users> <idleTtlMs> <tokenBytes>
 import { openSync, readSync } from 'node:fs'
-import { monitorEventLoopDelay, performance } from 'node:perf_hooks'
+import { PerformanceObserver, constants as perfConstants, monitorEventLoopDelay, performance } from 'node:perf_hooks'
 import { setImmediate as tick, setTimeout as sleep } from 'node:timers/promises'
 
 import { TokenManager } from '../index.mjs'
@@ -71,7 +71,8 @@ const rss = () => process.memoryUsage().rss
 // schedstat, Linux): work, GC, and waiting behind the process's other
 // threads count; the host's pauses do not. The kernel brings a running
 // thread's run time up to date only at a scheduler tick or switch, and on
-// getrusage: process.cpuUsage() is called first for that. Without the
+// getrusage: process.resourceUsage() is called first for that (and its
+// page faults, process-wide, go into a slow call's anatomy). Without the
 // file the figures are NaN.
 const schedstat = (() => {
   try {
@@ -81,12 +82,17 @@ const schedstat = (() => {
   }
 })()
 const statBuf = Buffer.alloc(64)
-function ownMs() {
-  if (schedstat === null) return NaN
-  process.cpuUsage()
+/** [ran, waited for a CPU] in ms, and the process's page faults, so far (see above). */
+function ownParts() {
+  const { minorPageFault, majorPageFault } = process.resourceUsage()
+  if (schedstat === null) return [NaN, NaN, minorPageFault, majorPageFault]
   const n = readSync(schedstat, statBuf, 0, statBuf.length, 0)
   const [runNs, waitNs] = statBuf.toString('latin1', 0, n).split(' ')
-  return (Number(runNs) + Number(waitNs)) / 1e6
+  return [Number(runNs) / 1e6, Number(waitNs) / 1e6, minorPageFault, majorPageFault]
+}
+function ownMs() {
+  const [run, wait] = ownParts()
+  return run + wait
 }
 
 /** The most own time (see ownMs) between two turns of a 1 ms timer: the
@@ -157,8 +163,23 @@ const dueAt = fillStart + idleTtlMs
 const stopAt = idleAt + SLACK_MS
 const evicting = monitorEventLoopDelay({ resolution: 1 })
 // The two parts of the idle phase: the slowest call (wall and own time,
-// see ownMs) and the slowest stats() in each.
-const part = () => ({ callMs: 0, ownCallMs: 0, statsMs: 0 })
+// see ownMs) and the slowest stats() in each. The slowest call by own time
+// also keeps what its own time was made of: running, waiting for a CPU,
+// and the GC that overlapped it (matched after the phase, from the gc
+// entries the observer below kept).
+const part = () => ({ callMs: 0, ownCallMs: 0, statsMs: 0, slowest: { at: 0, ms: 0, runMs: NaN, waitMs: NaN, faults: NaN, majorFaults: NaN } })
+const gcs = []
+const gcObserver = new PerformanceObserver((list) => {
+  for (const e of list.getEntries()) gcs.push({ start: e.startTime, end: e.startTime + e.duration, kind: e.detail?.kind })
+})
+gcObserver.observe({ entryTypes: ['gc'] })
+const GC_KINDS = { [perfConstants.NODE_PERFORMANCE_GC_MINOR]: 'scavenge', [perfConstants.NODE_PERFORMANCE_GC_MAJOR]: 'mark-compact', [perfConstants.NODE_PERFORMANCE_GC_INCREMENTAL]: 'incremental marking', [perfConstants.NODE_PERFORMANCE_GC_WEAKCB]: 'weak callbacks' }
+/** GC inside a part's slowest call: total ms and kinds. */
+function gcDuring({ at, ms }) {
+  const inside = gcs.filter((g) => g.start < at + ms && g.end > at)
+  const total = inside.reduce((sum, g) => sum + Math.min(g.end, at + ms) - Math.max(g.start, at), 0)
+  return { gcMs: total, gcKinds: [...new Set(inside.map((g) => GC_KINDS[g.kind] ?? 'other'))].join('+') || 'none' }
+}
 const quiet = part()
 const evictingPart = part()
 let phase = quiet
@@ -178,12 +199,17 @@ while (Date.now() < stopAt) {
   }
   for (let k = 0; k < CALLS_PER_TICK; k++) {
     const i = next++ % ACTIVE
-    const o = ownMs()
+    const [r0, w0, f0, mf0] = ownParts()
     const t = performance.now()
     const p = m.getValidToken(`active-${i}`, presented, noRefresh(i))
     const d = performance.now() - t
+    const [r1, w1, f1, mf1] = ownParts()
+    const o = Math.min(d, r1 - r0 + (w1 - w0))
     phase.callMs = Math.max(phase.callMs, d)
-    phase.ownCallMs = Math.max(phase.ownCallMs, Math.min(d, ownMs() - o))
+    if (o > phase.ownCallMs) {
+      phase.ownCallMs = o
+      phase.slowest = { at: t, ms: d, runMs: r1 - r0, waitMs: w1 - w0, faults: f1 - f0, majorFaults: mf1 - mf0 }
+    }
     p.catch(() => errors++)
     calls++
   }
@@ -203,6 +229,8 @@ loop.disable()
 evicting.disable()
 own.stop()
 await sleep(50)
+gcObserver.disconnect()
+const anatomy = ({ slowest: s }) => ({ runMs: s.runMs, waitMs: s.waitMs, faults: s.faults, majorFaults: s.majorFaults, ...gcDuring(s) })
 await settle()
 const busyAfter = rss()
 // Then no calls at all for a while: the addon returns free pages once
@@ -229,6 +257,8 @@ console.log(
     evictingSlowestCallMs: evictingPart.callMs,
     quietOwnSlowestCallMs: quiet.ownCallMs,
     evictingOwnSlowestCallMs: evictingPart.ownCallMs,
+    quietSlowestCallAnatomy: anatomy(quiet),
+    evictingSlowestCallAnatomy: anatomy(evictingPart),
     calls,
     errors,
     statsMaxMs,

@@ -25,8 +25,13 @@ async function measure(name, { users, idleTtlMs, tokenBytes }) {
   return r
 }
 
-/** Per field, the median of the rounds. */
-const medianOfRounds = (rounds) => Object.fromEntries(Object.keys(rounds[0]).map((key) => [key, median(rounds.map((r) => r[key]))]))
+/** Per numeric field, the median of the rounds. */
+const medianOfRounds = (rounds) =>
+  Object.fromEntries(
+    Object.keys(rounds[0])
+      .filter((key) => typeof rounds[0][key] === 'number')
+      .map((key) => [key, median(rounds.map((r) => r[key]))]),
+  )
 
 const ms = (v) => (Number.isFinite(v) ? v.toFixed(v < 10 ? 2 : 1) : '—')
 const int = (v) => (Number.isFinite(v) ? Math.round(v).toLocaleString('en-US') : '—')
@@ -64,6 +69,12 @@ export async function evictionRows({ users = 1_000_000, idleTtlMs = 60_000, toke
   const pair = (wall, own) => `${both(addon, wall, own)} vs ${both(seed, wall, own)} vs ${both(floor, wall, own)}`
   /** Each round's value of `key` for the floor, for the notes. */
   const eachFloor = (key) => runs.floor.map((r) => ms(r[key])).join(', ')
+  /** What each round's slowest call (by own time) in `part` was made of. */
+  const anatomy = (part) =>
+    runs.addon
+      .map((r) => r[part])
+      .map((a) => `ran ${ms(a.runMs)} + waited for a CPU ${ms(a.waitMs)}, GC inside ${ms(a.gcMs)} (${a.gcKinds}), page faults ${a.faults} (major ${a.majorFaults})`)
+      .join('; ')
   return [
     {
       name: `eviction, ${n} users refreshed then left idle: max event-loop delay over the whole run`,
@@ -83,7 +94,7 @@ export async function evictionRows({ users = 1_000_000, idleTtlMs = 60_000, toke
       unit: 'ms, wall / own (addon vs seed vs floor)',
       target: '≤ 5 ms own',
       met: addon.evictingOwnSlowestCallMs <= 5,
-      note: `the synchronous part of each call (where it could wait for the table); own: the JS thread's run and run-queue time during the call; before any user was due (nothing evicted yet): ${pair('quietSlowestCallMs', 'quietOwnSlowestCallMs')}; the addon's rounds, wall: ${each('evictingSlowestCallMs')}, own: ${each('evictingOwnSlowestCallMs')}; the floor's rounds, own: ${eachFloor('evictingOwnSlowestCallMs')}; ${note}`,
+      note: `the synchronous part of each call (where it could wait for the table); own: the JS thread's run and run-queue time during the call; before any user was due (nothing evicted yet): ${pair('quietSlowestCallMs', 'quietOwnSlowestCallMs')}; the addon's rounds, wall: ${each('evictingSlowestCallMs')}, own: ${each('evictingOwnSlowestCallMs')}; the floor's rounds, own: ${eachFloor('evictingOwnSlowestCallMs')}; the addon's slowest calls by own time, per round, while evicting: ${anatomy('evictingSlowestCallAnatomy')}; before any user was due: ${anatomy('quietSlowestCallAnatomy')}; ${note}`,
     },
     {
       name: `stats() with ${n} users held (max / median of 200)`,
