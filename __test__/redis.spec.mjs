@@ -164,6 +164,30 @@ describe('one refresh per user across every instance', () => {
     expect(pausing).toHaveBeenCalledTimes(1)
   })
 
+  it('an invalidate from a caller served while the write was on its way comes after the write: no instance adopts the token', async () => {
+    const keyPrefix = `served-${uid()}:`
+    const a = instance({ keyPrefix })
+    const user = uid()
+    let refreshed
+    const inside = new Promise((resolve) => (refreshed = resolve))
+    const pausing = vi.fn(async (ctx) => {
+      await cli(redis.port, 'client', 'pause', '500', 'WRITE')
+      setTimeout(refreshed, 50)
+      return { accessToken: `at-${ctx.userId}`, refreshToken: `rt-${ctx.userId}`, expiresIn: 3600 }
+    })
+    const leading = a.getValidToken(user, expired(user), pausing)
+    await inside // the engine holds the token; its write waits on Redis
+    const served = await a.getValidToken(user, expired(user), refresher())
+    expect(served.accessToken).toBe(`at-${user}`)
+    a.invalidate(user, served.accessToken) // its API answered 401
+    await leading
+    await a.close() // waits for its Redis work
+    const fresh = refresher()
+    const later = instance({ keyPrefix })
+    expect((await later.getValidToken(user, expired(user), fresh)).accessToken).not.toBe(served.accessToken)
+    expect(fresh).toHaveBeenCalledTimes(1)
+  })
+
   it('a Redis that holds every command still answers the refreshing caller within about a second; the token reaches Redis once it is back', async () => {
     const keyPrefix = `stalled-${uid()}:`
     const w = warnings('TTM_REDIS_UNAVAILABLE')

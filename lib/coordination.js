@@ -100,6 +100,8 @@ class Coordinator {
   #warnedUndecryptable = false
   /** Commits and releases still running: `close()` waits for them. */
   #pending = new Set()
+  /** userId -> its commit still running: an invalidate waits for it. */
+  #committing = new Map()
   /** RefreshContext -> the lease its refresh ran under, until `reported`. */
   #leases = new WeakMap()
 
@@ -173,12 +175,17 @@ class Coordinator {
   /**
    * The manager's `invalidate`, for the other instances: marks the stored
    * token bad (so none adopts it later) and announces it (so each marks it
-   * as this one did). In the background; never throws.
+   * as this one did). In the background, after this instance's commit
+   * for the user if one is running: a caller served from the engine while
+   * that write was on its way must not have its invalidate overtake it.
+   * Never throws.
    */
   invalidate(userId, accessToken) {
     if (this.#closed) return
     try {
-      this.#track(this.#native.invalidate(userId, accessToken ?? null), userId, false)
+      const send = () => this.#native.invalidate(userId, accessToken ?? null)
+      const committing = this.#committing.get(userId)
+      this.#track(committing === undefined ? send() : committing.then(send), userId, false)
     } catch {}
   }
 
@@ -230,7 +237,13 @@ class Coordinator {
       if (issued === undefined) return this.#track(this.#native.release(ctx.userId, lease, true), ctx.userId)
       // Not rotated: the refresh token it ran with stays the one to use.
       const refreshToken = issued.refreshToken ?? ctx.refreshToken ?? null
-      return this.#track(this.#native.commit(ctx.userId, lease, issued.accessToken, refreshToken, issued.expiresAtMs, null, nowMs), ctx.userId)
+      const userId = ctx.userId
+      const committed = this.#track(this.#native.commit(userId, lease, issued.accessToken, refreshToken, issued.expiresAtMs, null, nowMs), userId)
+      this.#committing.set(userId, committed)
+      committed.then(() => {
+        if (this.#committing.get(userId) === committed) this.#committing.delete(userId)
+      })
+      return committed
     } catch {
       return undefined
     }
