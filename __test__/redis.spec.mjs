@@ -43,6 +43,22 @@ function refresher({ delayMs = 0, fail } = {}) {
   return fn
 }
 
+/**
+ * A refresh function that has Redis hold `mode` commands ('WRITE' or 'ALL')
+ * for `ms` from the moment it returns (CLIENT PAUSE), then calls `returning`.
+ */
+function holdingRedis(ms, mode, returning = () => {}) {
+  return vi.fn(async (ctx) => {
+    await cli(redis.port, 'client', 'pause', String(ms), mode)
+    returning()
+    return { accessToken: `at-${ctx.userId}`, refreshToken: `rt-${ctx.userId}`, expiresIn: 3600 }
+  })
+}
+/** Keys under `keyPrefix` of one kind ('tok' or 'lock'). */
+async function keysOf(keyPrefix, kind) {
+  return (await cli(redis.port, '--scan', '--pattern', `${keyPrefix}${kind}:*`)).split('\n').filter(Boolean)
+}
+
 beforeAll(async () => {
   redis = await startRedis()
   key = newKey()
@@ -148,14 +164,10 @@ describe('one refresh per user across every instance', () => {
     const keyPrefix = `answered-${uid()}:`
     const a = instance({ keyPrefix })
     const user = uid()
-    const pausing = vi.fn(async (ctx) => {
-      await cli(redis.port, 'client', 'pause', '500', 'WRITE')
-      return { accessToken: `at-${ctx.userId}`, refreshToken: `rt-${ctx.userId}`, expiresIn: 3600 }
-    })
+    const pausing = holdingRedis(500, 'WRITE')
     const t = await a.getValidToken(user, expired(user), pausing)
-    const scan = async (what) => (await cli(redis.port, '--scan', '--pattern', `${keyPrefix}${what}:*`)).split('\n').filter(Boolean)
-    expect(await scan('tok')).toHaveLength(1)
-    expect(await scan('lock')).toEqual([])
+    expect(await keysOf(keyPrefix, 'tok')).toHaveLength(1)
+    expect(await keysOf(keyPrefix, 'lock')).toEqual([])
     expect(t).toMatchObject({ accessToken: `at-${user}`, shouldUpdate: true })
     const unused = refresher()
     const b = instance({ keyPrefix })
@@ -170,12 +182,7 @@ describe('one refresh per user across every instance', () => {
     const user = uid()
     let refreshed
     const inside = new Promise((resolve) => (refreshed = resolve))
-    const pausing = vi.fn(async (ctx) => {
-      await cli(redis.port, 'client', 'pause', '500', 'WRITE')
-      setTimeout(refreshed, 50)
-      return { accessToken: `at-${ctx.userId}`, refreshToken: `rt-${ctx.userId}`, expiresIn: 3600 }
-    })
-    const leading = a.getValidToken(user, expired(user), pausing)
+    const leading = a.getValidToken(user, expired(user), holdingRedis(500, 'WRITE', () => setTimeout(refreshed, 50)))
     await inside // the engine holds the token; its write waits on Redis
     const served = await a.getValidToken(user, expired(user), refresher())
     expect(served.accessToken).toBe(`at-${user}`)
@@ -196,16 +203,11 @@ describe('one refresh per user across every instance', () => {
       await a.getValidToken(uid(), expired('warm'), refresher()) // connected
       const user = uid()
       let refreshedAt
-      const stalling = vi.fn(async (ctx) => {
-        await cli(redis.port, 'client', 'pause', '4000', 'ALL')
-        refreshedAt = Date.now()
-        return { accessToken: `at-${ctx.userId}`, refreshToken: `rt-${ctx.userId}`, expiresIn: 3600 }
-      })
-      const t = await a.getValidToken(user, expired(user), stalling)
+      const t = await a.getValidToken(user, expired(user), holdingRedis(4000, 'ALL', () => (refreshedAt = Date.now())))
       const waited = Date.now() - refreshedAt
       expect(t).toMatchObject({ accessToken: `at-${user}`, shouldUpdate: true, refreshToken: `rt-${user}` })
       expect(waited).toBeLessThan(3_000) // the command timeout (1 s), not the pause (4 s)
-      while ((await cli(redis.port, '--scan', '--pattern', `${keyPrefix}tok:*`)).trim() === '') await sleep(100)
+      while ((await keysOf(keyPrefix, 'tok')).length === 0) await sleep(100)
       const unused = refresher()
       const b = instance({ keyPrefix })
       expect(await b.getValidToken(user, expired(user), unused)).toMatchObject({ accessToken: t.accessToken, shouldUpdate: true })

@@ -167,7 +167,7 @@ const evicting = monitorEventLoopDelay({ resolution: 1 })
 // also keeps what its own time was made of: running, waiting for a CPU,
 // and the GC that overlapped it (matched after the phase, from the gc
 // entries the observer below kept).
-const part = () => ({ callMs: 0, ownCallMs: 0, statsMs: 0, slowest: { at: 0, ms: 0, runMs: NaN, waitMs: NaN, faults: NaN, majorFaults: NaN } })
+const part = () => ({ callMs: 0, statsMs: 0, slowest: { ownMs: 0, at: 0, ms: 0, runMs: NaN, waitMs: NaN, faults: NaN, majorFaults: NaN } })
 const gcs = []
 const gcObserver = new PerformanceObserver((list) => {
   for (const e of list.getEntries()) gcs.push({ start: e.startTime, end: e.startTime + e.duration, kind: e.detail?.kind })
@@ -206,10 +206,7 @@ while (Date.now() < stopAt) {
     const [r1, w1, f1, mf1] = ownParts()
     const o = Math.min(d, r1 - r0 + (w1 - w0))
     phase.callMs = Math.max(phase.callMs, d)
-    if (o > phase.ownCallMs) {
-      phase.ownCallMs = o
-      phase.slowest = { at: t, ms: d, runMs: r1 - r0, waitMs: w1 - w0, faults: f1 - f0, majorFaults: mf1 - mf0 }
-    }
+    if (o > phase.slowest.ownMs) phase.slowest = { ownMs: o, at: t, ms: d, runMs: r1 - r0, waitMs: w1 - w0, faults: f1 - f0, majorFaults: mf1 - mf0 }
     p.catch(() => errors++)
     calls++
   }
@@ -255,8 +252,8 @@ console.log(
     evictingOwnLoopMaxMs,
     quietSlowestCallMs: quiet.callMs,
     evictingSlowestCallMs: evictingPart.callMs,
-    quietOwnSlowestCallMs: quiet.ownCallMs,
-    evictingOwnSlowestCallMs: evictingPart.ownCallMs,
+    quietOwnSlowestCallMs: quiet.slowest.ownMs,
+    evictingOwnSlowestCallMs: evictingPart.slowest.ownMs,
     quietSlowestCallAnatomy: anatomy(quiet),
     evictingSlowestCallAnatomy: anatomy(evictingPart),
     calls,

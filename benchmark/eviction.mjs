@@ -54,8 +54,8 @@ export async function evictionRows({ users = 1_000_000, idleTtlMs = 60_000, toke
   const addon = medianOfRounds(runs.addon)
   const seed = medianOfRounds(runs.seed)
   const floor = medianOfRounds(runs.floor)
-  /** Each round's value of `key` for the addon, for the notes. */
-  const each = (key) => runs.addon.map((r) => ms(r[key])).join(', ')
+  /** Each round's value of `key` for competitor `name`, for the notes. */
+  const each = (name, key) => runs[name].map((r) => ms(r[key])).join(', ')
   const n = users.toLocaleString('en-US')
   const vs = (f, key) => `${f(addon[key])} vs ${f(seed[key])}`
   const note = `median of ${rounds} rounds; fill ${addon.fillSeconds.toFixed(1)} / ${seed.fillSeconds.toFixed(1)} / ${floor.fillSeconds.toFixed(1)} s (addon / seed / floor), ${int(addon.calls)} timed calls by ${addon.active} active users`
@@ -67,8 +67,6 @@ export async function evictionRows({ users = 1_000_000, idleTtlMs = 60_000, toke
   // due token) shows what the machine and the runtime pause by themselves.
   const both = (r, wall, own) => `${ms(r[wall])} / ${ms(r[own])}`
   const pair = (wall, own) => `${both(addon, wall, own)} vs ${both(seed, wall, own)} vs ${both(floor, wall, own)}`
-  /** Each round's value of `key` for the floor, for the notes. */
-  const eachFloor = (key) => runs.floor.map((r) => ms(r[key])).join(', ')
   /** What each round's slowest call (by own time) in `part` was made of. */
   const anatomy = (part) =>
     runs.addon
@@ -86,7 +84,7 @@ export async function evictionRows({ users = 1_000_000, idleTtlMs = 60_000, toke
         `wall: monitorEventLoopDelay, 1 ms resolution; own: the most the JS thread ran or waited for a CPU between two turns of a 1 ms timer (schedstat, which leaves the hypervisor's steal out); ` +
         `filling (batches of 50 concurrent refreshes, each user its own 1 KB tokens): ${pair('fillLoopMaxMs', 'fillOwnMaxMs')}; ` +
         `idle, before any user was due (nothing evicted yet): ${pair('quietLoopMaxMs', 'quietOwnLoopMaxMs')}; while evicting: ${pair('evictingLoopMaxMs', 'evictingOwnLoopMaxMs')}; ` +
-        `the addon's rounds, wall: ${each('runLoopMaxMs')}, own: ${each('runOwnMaxMs')}; the floor's rounds, own: ${eachFloor('runOwnMaxMs')}; ${note}`,
+        `the addon's rounds, wall: ${each('addon', 'runLoopMaxMs')}, own: ${each('addon', 'runOwnMaxMs')}; the floor's rounds, own: ${each('floor', 'runOwnMaxMs')}; ${note}`,
     },
     {
       name: `eviction, ${n} users: slowest single getValidToken while they are evicted`,
@@ -94,7 +92,7 @@ export async function evictionRows({ users = 1_000_000, idleTtlMs = 60_000, toke
       unit: 'ms, wall / own (addon vs seed vs floor)',
       target: '≤ 5 ms own',
       met: addon.evictingOwnSlowestCallMs <= 5,
-      note: `the synchronous part of each call (where it could wait for the table); own: the JS thread's run and run-queue time during the call; before any user was due (nothing evicted yet): ${pair('quietSlowestCallMs', 'quietOwnSlowestCallMs')}; the addon's rounds, wall: ${each('evictingSlowestCallMs')}, own: ${each('evictingOwnSlowestCallMs')}; the floor's rounds, own: ${eachFloor('evictingOwnSlowestCallMs')}; the addon's slowest calls by own time, per round, while evicting: ${anatomy('evictingSlowestCallAnatomy')}; before any user was due: ${anatomy('quietSlowestCallAnatomy')}; ${note}`,
+      note: `the synchronous part of each call (where it could wait for the table); own: the JS thread's run and run-queue time during the call; before any user was due (nothing evicted yet): ${pair('quietSlowestCallMs', 'quietOwnSlowestCallMs')}; the addon's rounds, wall: ${each('addon', 'evictingSlowestCallMs')}, own: ${each('addon', 'evictingOwnSlowestCallMs')}; the floor's rounds, own: ${each('floor', 'evictingOwnSlowestCallMs')}; the addon's slowest calls by own time, per round, while evicting: ${anatomy('evictingSlowestCallAnatomy')}; before any user was due: ${anatomy('quietSlowestCallAnatomy')}; ${note}`,
     },
     {
       name: `stats() with ${n} users held (max / median of 200)`,
