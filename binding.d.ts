@@ -11,7 +11,7 @@ export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-was
 
 export declare class BindingCoordinator {
   /** Validates the options (`INVALID_ARGUMENT`); connects in the background. */
-  constructor(manager: BindingManager, options: BindingCoordinationOptions)
+  constructor(manager: BindingManager, options: BindingCoordinationOptions, onRemoteMarks: () => void)
   /** Whether Redis calls fail fast until the background probe reconnects. */
   get isDown(): boolean
   /**
@@ -58,11 +58,20 @@ export declare class BindingManager {
    */
   get bufferTimeMs(): number
   /**
-   * `isFresh`, `begin` and `complete` bound to this manager's engine
-   * (`protocol.rs` has every answer): the same engine decisions at a
-   * fraction of a method call's cost.
+   * The core's buffer rule ([`Policy::is_fresh`]) on `expiresAtMs` at
+   * `nowMs`; a value no `Date` can hold is not fresh. The hot path runs
+   * the same rule in `lib/policy.js` without a native call; a property
+   * test holds the two equal. Counts nothing.
    */
-  bindProtocol(): { isFresh(expiresAtMs: number, nowMs?: number): boolean; begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number, nowMs: number): null | number | { kind: 'lead'; flightId: number; refreshToken?: string } | { kind: 'held'; accessToken: string; refreshToken?: string; expiresAtMs: number; shouldUpdate: boolean }; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null, nowMs: number): number }
+  isFresh(expiresAtMs: number, nowMs: number): boolean
+  /**
+   * `{ begin, complete }`, each a function bound to this manager's
+   * engine (the table on [`begin`] has their answers). Bound functions,
+   * not methods: a napi-rs method pays for its `&self` borrow bookkeeping
+   * (a process-wide lock and map) on every call, several times what
+   * these calls do, and these run on every refresh.
+   */
+  bindProtocol(): { begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number, nowMs: number): null | number | BindingPlan; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null, nowMs: number): number }
   /**
    * Flight `flightId` was answered by a token another instance's refresh
    * produced (the shared Redis cache): kept like a refresh result, but
@@ -71,19 +80,23 @@ export declare class BindingManager {
   adopt(userId: string, flightId: number, accessToken: string, refreshToken: string | undefined | null, expiresAtMs: number, shouldUpdate: boolean, nowMs: number): BindingIssuedToken
   /** The refresh for `flightId` failed (`timedOut`: it did not settle). */
   fail(userId: string, flightId: number, timedOut: boolean, nowMs: number): void
-  /** After a failed refresh: may this caller keep its own token? */
-  serveStale(userId: string, accessToken: string, expiresAtMs: number, nowMs: number): boolean
+  /**
+   * After a refresh failed with `code` (the error's stable code; any
+   * other string is not ours): may this caller keep its own token? The
+   * engine decides ([`Engine::serve_stale`]).
+   */
+  serveStale(userId: string, accessToken: string, expiresAtMs: number, code: string, nowMs: number): boolean
   /**
    * Marks `accessToken` (or, without one, whatever the user holds) bad.
    * Returns until when (epoch ms) the user's calls must go to `begin`:
-   * `isFresh` does not know users.
+   * the hot path decides on the expiry alone.
    */
   invalidate(userId: string, accessToken: string | undefined | null, nowMs: number): number
   /**
    * Users other instances' `invalidate` marked since the last call, and
    * until when: the manager sends their calls to `begin` (as after its
-   * own `invalidate`). Null when there are none. While any wait here,
-   * `isFresh` answers false, so the first call that comes takes them.
+   * own `invalidate`). Null when there are none. The coordinator calls
+   * the manager back when the first of a burst arrives.
    */
   takeRemoteMarks(): Array<BindingMark> | null
   /**
@@ -209,6 +222,26 @@ export interface BindingOAuth2Options {
   scope?: string
   /** Budget of one refresh. Default 30000. */
   timeoutMs?: number
+}
+
+/**
+ * A plan `begin` cannot say with a number (the table on
+ * [`BindingManager::begin`]). Every field is defined (absent ones are
+ * `null`), none assigned.
+ */
+export interface BindingPlan {
+  kind: 'lead' | 'held'
+  /** `'lead'`: the flight to lead. */
+  flightId: number | null
+  /** `'held'`: the token a refresh produced. */
+  accessToken: string | null
+  /**
+   * `'lead'`: the newer refresh token to refresh with; `'held'`: the
+   * refresh token the caller is handed (rotated), if any.
+   */
+  refreshToken: string | null
+  expiresAtMs: number | null
+  shouldUpdate: boolean | null
 }
 
 /**

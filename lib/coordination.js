@@ -109,8 +109,10 @@ class Coordinator {
    * @param bindingManager the manager's BindingManager (its engine checks revocations)
    * @param options `options.redis` as `checkOptions` returned it
    * @param observer the manager's Observer (lib/observability.js)
+   * @param onRemoteMarks called (on this thread) when other instances'
+   *   invalidations wait to be taken (`bindingManager.takeRemoteMarks()`)
    */
-  constructor(bindingManager, options, observer) {
+  constructor(bindingManager, options, observer, onRemoteMarks) {
     this.#native = new BindingCoordinator(bindingManager, {
       url: options.url,
       cluster: options.cluster,
@@ -118,7 +120,7 @@ class Coordinator {
       keyPrefix: options.keyPrefix,
       lockTtlMs: options.lockTtlMs,
       encryptionKeys: Array.isArray(options.encryptionKey) ? options.encryptionKey : [options.encryptionKey],
-    })
+    }, onRemoteMarks)
     this.#onError = options.onError ?? 'auto'
     this.#observer = observer
   }

@@ -1,30 +1,30 @@
 'use strict'
-// TokenManager: sequences promises around the Rust core on the JS thread,
-// because promise plumbing here is far cheaper than crossing into tokio
-// (a #[napi] async call costs 40-65 µs; a bound function about 50 ns).
-// Decisions (the buffer rule, single flight, what to cache, eviction) are
-// the core's (src/engine, through lib/protocol.js and BindingManager):
-// - the hot path is one native call on numbers (`isFresh`), then a
-//   resolved promise;
-// - a refresh calls the refresh function right here and reports its result
-//   to the core, which says who gets what.
+// TokenManager: the JavaScript half of the token manager. JavaScript does
+// what it is fastest at; the core (src/engine, through BindingManager)
+// holds the per-user state and decides:
+// - the hot path (a token valid beyond the buffer) makes no native call:
+//   argument checks, the buffer rule (lib/policy.js, the core's rule), a Map
+//   of users `invalidate` marked, a hit counted here, a resolved promise;
+// - a call whose token is due asks the core for a plan (`begin`): use a
+//   token, join a flight or lead one. A led refresh runs as a `Flight`
+//   (below) on this thread, and its result goes back to the core
+//   (`complete`), which says who gets what.
 // The core has no clock: "now" is read here, from `options.now` (default
-// `Date.now()`, looked up on every call so an app's fake timers apply), and
-// passed with every call that decides something; the hot path lets the
-// native side read the system clock when that is what `Date.now` is
-// (src/engine/time.rs, "Clocks").
+// `Date.now()`, looked up on every call so an app's fake timers apply),
+// and passed with every call that decides something (src/engine/time.rs,
+// "Clocks").
 
 const { BindingManager, MAX_TOKEN_BYTES, MAX_USER_ID_BYTES, parseIsoTime } = require('../binding.js')
+const coordination = require('./coordination.js')
+const { TokenRefreshError, argError, callerError, fromNative, internalError, quietly } = require('./errors.js')
+const observability = require('./observability.js')
+const { isFresh, MAX_DATE_MS } = require('./policy.js')
+const { CLIENT_CREDENTIALS, NATIVE_REFRESHER, nativeRefresh } = require('./refreshers.js')
 
 // A UTF-16 unit is at most 3 UTF-8 bytes, so strings this short (in units)
 // are within their limit without measuring.
 const SHORT_TOKEN = Math.floor(MAX_TOKEN_BYTES / 3)
 const SHORT_USER_ID = Math.floor(MAX_USER_ID_BYTES / 3)
-const coordination = require('./coordination.js')
-const { TokenRefreshError, argError, callerError, fromNative, internalError, quietly } = require('./errors.js')
-const observability = require('./observability.js')
-const { bindProtocol } = require('./protocol.js')
-const { CLIENT_CREDENTIALS, NATIVE_REFRESHER, nativeRefresh } = require('./refreshers.js')
 
 // Date.prototype.getTime as it was when this module loaded: it reads the
 // Date's own time value, so a Date whose `getTime` was replaced (or a Proxy
@@ -78,6 +78,248 @@ class RefreshContext {
   }
 }
 
+/**
+ * One `getValidToken` call past the hot path: what it presented (read
+ * once, checked), and its clock reading.
+ */
+class Call {
+  // Declared fields are defined on the instance: a setter someone put on
+  // Object.prototype never receives a token.
+  userId
+  accessToken
+  /** string | null */
+  refreshToken
+  expiresAtMs
+  /** As the caller passed it: handed back as is when it was a Date. */
+  expiresAt
+  refreshFn
+  /** The caller's clock when the call came. */
+  now
+  constructor(userId, accessToken, refreshToken, expiresAtMs, expiresAt, refreshFn, now) {
+    this.userId = userId
+    this.accessToken = accessToken
+    this.refreshToken = refreshToken
+    this.expiresAtMs = expiresAtMs
+    this.expiresAt = expiresAt
+    this.refreshFn = refreshFn
+    this.now = now
+  }
+
+  /** The caller's own token, `shouldUpdate: false`. */
+  presented() {
+    const expiresAt = this.expiresAt instanceof Date ? this.expiresAt : new Date(this.expiresAtMs)
+    return { accessToken: this.accessToken, shouldUpdate: false, expiresAt }
+  }
+}
+
+/** @typedef {{ accessToken: string, refreshToken: string | null, expiresAtMs: number, shouldUpdate: boolean }} Issued */
+/**
+ * @typedef {{ kind: 'presented' }
+ *   | { kind: 'held', token: Issued }
+ *   | { kind: 'join', flightId: number }
+ *   | { kind: 'lead', flightId: number, refreshToken: string | null }} Plan
+ */
+
+/**
+ * `begin`'s answer as a Plan (the table on `begin` in
+ * src/binding/manager.rs). `refreshToken`: the one the caller passed.
+ * @returns {Plan}
+ */
+function decodePlan(answer, refreshToken) {
+  if (answer === null) return PRESENTED
+  if (typeof answer === 'number') {
+    return answer >= 0 ? { kind: 'lead', flightId: answer, refreshToken } : { kind: 'join', flightId: -answer - 1 }
+  }
+  if (answer.kind === 'lead') return { kind: 'lead', flightId: answer.flightId, refreshToken: answer.refreshToken }
+  return {
+    kind: 'held',
+    token: { accessToken: answer.accessToken, refreshToken: answer.refreshToken, expiresAtMs: answer.expiresAtMs, shouldUpdate: answer.shouldUpdate },
+  }
+}
+/** @type {Plan} */
+const PRESENTED = Object.freeze({ kind: 'presented' })
+
+/** Where a flight is. Each state names what the flight waits for. */
+const LEADING = 'leading' // opened by the core; its refresh not started yet
+const WAITING = 'waiting' // on Redis: another instance's token, or the user's lock
+const REFRESHING = 'refreshing' // the refresh function or native refresher runs
+const COMMITTING = 'committing' // the core kept the result; its Redis write is on its way
+const SETTLED = 'settled' // callers answered; a late result still reaches the core
+
+/**
+ * One refresh this manager leads, from the core's `begin` to its callers'
+ * answer: LEADING → (WAITING →) REFRESHING → (COMMITTING →) SETTLED, or
+ * straight to SETTLED on a failure or the timeout. `promise` settles once,
+ * with the core's issued token or the error every caller of the flight
+ * sees. A result that comes after the timeout (SETTLED) is still handed to
+ * the core and shared: with rotating refresh tokens it may hold the only
+ * live one.
+ */
+class Flight {
+  state = LEADING
+  /** Settles once: the core's issued token, or the error every caller sees. */
+  promise
+  /** The observer's record of this refresh (lib/observability.js). */
+  trace = undefined
+  /** A native refresher behind the refresh function, if any. */
+  refresher = undefined
+  #host
+  #call
+  #id
+  #ctx
+  #timer = undefined
+  #resolve
+  #reject
+
+  /**
+   * @param host the manager's parts a flight uses (`TokenManager#host`)
+   * @param call the leading call
+   * @param id the core's flight id
+   * @param refreshToken the refresh token the core said to refresh with
+   */
+  constructor(host, call, id, refreshToken) {
+    this.#host = host
+    this.#call = call
+    this.#id = id
+    // Carries the refresh token, which Redis coordination may replace with
+    // a newer one.
+    this.#ctx = new RefreshContext(call.userId, refreshToken)
+    this.promise = new Promise((resolve, reject) => {
+      this.#resolve = resolve
+      this.#reject = reject
+    })
+  }
+
+  /**
+   * Starts the refresh. Whatever throws before it runs (a Proxy refresh
+   * function whose property read throws) closes the flight in the core and
+   * fails it, so the user's next call refreshes anew.
+   */
+  start() {
+    const host = this.#host
+    const call = this.#call
+    try {
+      // A native refresher runs in Rust with the manager's timeout as its
+      // budget (the timeout drops its HTTP request).
+      this.refresher = call.refreshFn[NATIVE_REFRESHER]
+      this.trace = host.observer.lead(this.#id, call.userId, call.accessToken, call.expiresAtMs, call.refreshFn, call.now)
+    } catch (cause) {
+      quietly(() => host.native.fail(call.userId, this.#id, false, call.now))
+      this.state = SETTLED
+      this.#reject(new TokenRefreshError('REFRESH_FAILED', call.userId, 'the refresh could not be started', { cause }))
+      return
+    }
+    host.flights.set(this.#id, this)
+    this.#timer = setTimeout(() => this.#timedOut(), host.timeoutMs)
+    // Past this point nothing may throw: the timer is running.
+    let obtained
+    try {
+      if (host.coordinator === null) {
+        obtained = this.#refresh('local')
+      } else {
+        // The refresh runs only under the user's cross-instance lock, or a
+        // token another instance refreshed answers instead; `how` says
+        // which: 'redis' or 'redis-fallback'.
+        this.state = WAITING
+        const mayUseRefreshToken = !CLIENT_CREDENTIALS.has(call.refreshFn)
+        obtained = host.coordinator.obtain(this.#ctx, call.accessToken, call.expiresAtMs, (how) => this.#refresh(how), host.timeoutMs, call.now, mayUseRefreshToken)
+      }
+    } catch (e) {
+      obtained = Promise.reject(e)
+    }
+    obtained.then(
+      (result) => this.#obtained(result),
+      (cause) => this.#failed(cause),
+    )
+  }
+
+  #refresh(how) {
+    if (this.state !== SETTLED) this.state = REFRESHING
+    const call = this.#call
+    const refresher = this.refresher
+    return this.#host.observer.run(this.trace, how, () =>
+      refresher === undefined ? invoke(call.refreshFn, this.#ctx) : nativeRefresh(refresher, call.userId, this.#ctx.refreshToken, this.#host.timeoutMs),
+    )
+  }
+
+  /** The refresh gave `result` (or another instance's token came). Never throws. */
+  #obtained(result) {
+    const host = this.#host
+    const late = this.state === SETTLED
+    // `expiresIn` is dated from when the result came.
+    const at = host.clockOr(this.#call.now)
+    let issued
+    let error
+    try {
+      issued = this.#report(result, late, at)
+    } catch (e) {
+      error = e
+    }
+    // With Redis: share the token the core kept (or free the lock), and
+    // answer once Redis has it, so that whatever the callers do next (a call
+    // in another instance, an invalidate) comes after it there. The result
+    // is in: the timer no longer applies, and the wait is bounded by the
+    // coordinator's command timeout.
+    const sharing = host.coordinator === null ? undefined : host.coordinator.reported(this.#ctx, issued, at)
+    if (late) return
+    if (sharing === undefined) return this.#settle(error, issued)
+    this.state = COMMITTING
+    clearTimeout(this.#timer)
+    sharing.then(() => this.#settle(error, issued))
+  }
+
+  /** Hands a refresh result to the core (at `now`); returns its issued token or throws. */
+  #report(result, late, now) {
+    const { native } = this.#host
+    const { userId } = this.#call
+    const fields = refreshedFields(result)
+    if (fields === null) {
+      if (!late) native.fail(userId, this.#id, false, now)
+      throw new TokenRefreshError('INVALID_REFRESH_RESULT', userId, 'refresh result is not an object with a string accessToken and a valid expiresAt or expiresIn')
+    }
+    try {
+      const shared = fields.shared
+      if (shared !== undefined) {
+        return native.adopt(userId, this.#id, fields.accessToken, fields.refreshToken, fields.expiresAtMs, shared.shouldUpdate, now)
+      }
+      const expiry = this.#host.complete(userId, this.#id, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fields.expiresIn, now)
+      // The sign says whether the leader is handed the refresh token it passed.
+      return { accessToken: fields.accessToken, refreshToken: expiry > 0 ? fields.refreshToken : null, expiresAtMs: Math.abs(expiry), shouldUpdate: true }
+    } catch (e) {
+      throw e?.code === 'INVALID_REFRESH_RESULT' ? new TokenRefreshError(e.code, userId, e.message) : e
+    }
+  }
+
+  /** The refresh rejected (or the coordinator did). Never throws. */
+  #failed(cause) {
+    if (this.state === SETTLED) return
+    const host = this.#host
+    const { userId, now } = this.#call
+    const error = refreshError(userId, cause, this.refresher !== undefined)
+    quietly(() => host.native.fail(userId, this.#id, error.code === 'REFRESH_TIMEOUT', host.clockOr(now)))
+    this.#settle(error)
+  }
+
+  #timedOut() {
+    const host = this.#host
+    const { userId, now } = this.#call
+    const error = new TokenRefreshError('REFRESH_TIMEOUT', userId, `refresh did not settle within ${host.timeoutMs} ms`)
+    quietly(() => host.native.fail(userId, this.#id, true, host.clockOr(now)))
+    this.#ctx[ABORT](error)
+    this.#settle(error)
+  }
+
+  /** Ends the flight once. Nothing here may throw: it runs in a timer or a promise callback. */
+  #settle(error, issued) {
+    this.state = SETTLED
+    clearTimeout(this.#timer)
+    this.#host.flights.delete(this.#id)
+    this.#host.observer.settled(this.trace, error)
+    if (error !== undefined) this.#reject(error)
+    else this.#resolve(issued)
+  }
+}
+
 function invoke(refreshFn, ctx) {
   try {
     return Promise.resolve(refreshFn(ctx))
@@ -117,55 +359,33 @@ function readRefreshed(result) {
   return { accessToken, refreshToken: refreshToken ?? null, expiresAtMs, expiresIn: expiresIn ?? null, shared }
 }
 
-/**
- * Outages, after which a caller's own unexpired token is served instead.
- * (COORDINATOR_UNAVAILABLE too: serving a token runs no refresh, which is
- * all `onError: 'fail'` forbids.)
- */
-const RIDE_OUT = new Set(['REFRESH_FAILED', 'REFRESH_TIMEOUT', 'COORDINATOR_UNAVAILABLE'])
-
 const OPTION_NAMES = ['bufferTimeMs', 'doubleCheckWindowMs', 'refreshTimeoutMs', 'idleTtlMs']
-
-/** JavaScript's Date range: ±8.64e15 ms around the epoch. */
-const MAX_DATE_MS = 8.64e15
-
-/**
- * `Date.now` as it was when this module loaded, if it was the engine's own
- * (a native function named `now`, not bound: fake timers and spies are
- * JavaScript functions), else null. Its answer is the system clock, which
- * the native `isFresh` reads for less than a call to it costs.
- */
-const SYSTEM_DATE_NOW = isEngineDateNow(Date.now) ? Date.now : null
-
-function isEngineDateNow(fn) {
-  return typeof fn === 'function' && fn.name === 'now' && /^function now\(\) \{\s*\[native code\]\s*\}$/.test(Function.prototype.toString.call(fn))
-}
 
 class TokenManager {
   #native
-  // The engine's isFresh / begin / complete as functions bound to it
-  // (lib/protocol.js): the calls every getValidToken makes.
-  #isFresh
+  /** The engine's `begin`, bound to it (BindingManager#bindProtocol). */
   #begin
-  #complete
-  #timeoutMs
+  /** The effective buffer, for the hot path's rule. */
+  #bufferMs
   /** `options.now`, or null: `Date.now` as it is at each call. */
   #now
   /** The clock's name in errors. */
   #nowName
-  /** Cross-instance coordination (`options.redis`), or null: in-process only. */
-  #coordinator = null
-  /** flightId -> promise of the core's issued token, for callers that join. */
-  #flights = new Map()
+  /**
+   * What a Flight uses: { native, complete, coordinator, observer, flights,
+   * timeoutMs, clockOr }. `flights`: flightId -> Flight, for callers that join.
+   */
+  #host
   /**
    * userId -> until when (epoch ms, on the app's clock) `invalidate` marked
    * it: these users' calls go to the core's `begin`, which knows their
-   * revoked tokens. `isFresh` knows no users, so everyone else keeps the
-   * hot path.
+   * revoked tokens. Everyone else keeps the hot path.
    */
   #revoked = new Map()
-  /** Size at which `invalidate` next drops expired marks. */
+  /** Size at which `#mark` next drops expired marks. */
   #pruneAt = 64
+  /** Calls the hot path answered (the core counts the rest). */
+  #hits = 0
   /** Channels, metrics, spans and warnings (lib/observability.js). */
   #observer
 
@@ -181,8 +401,9 @@ class TokenManager {
     if (o.now !== undefined && typeof o.now !== 'function') throw argError('options.now', 'must be a function returning epoch milliseconds, like Date.now')
     this.#now = o.now ?? null
     this.#nowName = o.now === undefined ? 'Date.now()' : 'options.now()'
+    let native
     try {
-      this.#native = new BindingManager({
+      native = new BindingManager({
         bufferTimeMs: o.bufferTimeMs,
         doubleCheckWindowMs: o.doubleCheckWindowMs,
         refreshTimeoutMs: o.refreshTimeoutMs,
@@ -191,18 +412,33 @@ class TokenManager {
     } catch (e) {
       throw fromNative(e, RangeError)
     }
-    const protocol = bindProtocol(this.#native)
-    this.#isFresh = protocol.isFresh
+    this.#native = native
+    const protocol = native.bindProtocol()
     this.#begin = protocol.begin
-    this.#complete = protocol.complete
-    this.#timeoutMs = this.#native.refreshTimeoutMs
-    this.#observer = new observability.Observer(o, () => this.stats(), this.#native.bufferTimeMs)
+    this.#bufferMs = native.bufferTimeMs
+    this.#observer = new observability.Observer(o, () => this.stats(), this.#bufferMs)
+    let coordinator = null
     if (redis !== undefined && redis !== null) {
+      // Other instances' invalidations reach this manager as they arrive;
+      // held weakly, so a manager nobody uses can still be collected.
+      const self = new WeakRef(this)
       try {
-        this.#coordinator = new coordination.Coordinator(this.#native, redis, this.#observer)
+        coordinator = new coordination.Coordinator(native, redis, this.#observer, () => {
+          const manager = self.deref()
+          if (manager !== undefined) manager.#takeRemoteMarks()
+        })
       } catch (e) {
         throw fromNative(e, RangeError)
       }
+    }
+    this.#host = {
+      native,
+      complete: protocol.complete,
+      coordinator,
+      observer: this.#observer,
+      flights: new Map(),
+      timeoutMs: native.refreshTimeoutMs,
+      clockOr: (fallback) => this.#clockOr(fallback),
     }
   }
 
@@ -224,28 +460,24 @@ class TokenManager {
       const exp = isDate ? dateGetTime.call(expiresAt) : toEpochMs(expiresAt, 'token.expiresAt')
       if (typeof refreshFn !== 'function') throw argError('refreshFn', 'must be a function')
       // The app's clock, looked up now: fake timers replace `Date.now`.
-      const clock = this.#now ?? Date.now
-      // Hot path: one native call on numbers. An empty token, a token or user
-      // id that may be over its limit (`begin` refuses it, in UTF-8 bytes),
-      // is never served; users `invalidate` marked go to `begin`.
-      // The unreplaced `Date.now` is the system clock: the native side reads
-      // that itself, for less than calling it costs.
+      const now = this.#read(this.#now ?? Date.now)
+      // Hot path. An empty token, a token or user id that may be over its
+      // limit (`begin` refuses it, in UTF-8 bytes), is never served; users
+      // `invalidate` marked go to `begin`.
       const length = accessToken.length
       if (
         length !== 0 &&
         (length <= SHORT_TOKEN || fitsUtf8(accessToken, MAX_TOKEN_BYTES)) &&
         (userId.length <= SHORT_USER_ID || fitsUtf8(userId, MAX_USER_ID_BYTES)) &&
-        (this.#revoked.size === 0 || !this.#isRevoked(userId, clock)) &&
-        (clock === SYSTEM_DATE_NOW ? this.#isFresh(exp) : this.#isFreshOn(clock, exp))
+        (this.#revoked.size === 0 || !this.#isRevoked(userId, now)) &&
+        isFresh(exp, now, this.#bufferMs)
       ) {
+        this.#hits++
         return { accessToken, shouldUpdate: false, expiresAt: isDate ? expiresAt : new Date(exp) }
       }
-      // Marks other instances' invalidate made here wait for us to take
-      // them (until then isFresh answers false to every call).
-      if (this.#coordinator !== null) this.#takeRemoteMarks()
       const refreshToken = token.refreshToken
       if (refreshToken != null && typeof refreshToken !== 'string') throw argError('token.refreshToken', 'must be a string or null')
-      return this.#slow(userId, accessToken, refreshToken ?? null, exp, expiresAt, refreshFn, this.#read(clock), false)
+      return this.#slow(new Call(userId, accessToken, refreshToken ?? null, exp, expiresAt, refreshFn, now), false)
     } catch (e) {
       // A getter or Proxy of the caller's that threw is a bad argument too.
       throw callerError(e, 'token')
@@ -269,7 +501,7 @@ class TokenManager {
       throw fromNative(e)
     }
     this.#mark(userId, until, now)
-    this.#coordinator?.invalidate(userId, accessToken)
+    this.#host.coordinator?.invalidate(userId, accessToken)
     this.#observer.invalidated(userId, accessToken == null ? 'user' : 'token')
   }
 
@@ -283,24 +515,29 @@ class TokenManager {
     }
   }
 
+  /** Marks other instances' `invalidate` made here (the binding calls this as they arrive). */
   #takeRemoteMarks() {
-    const marks = this.#native.takeRemoteMarks()
-    if (marks === null) return
-    const now = this.#clockOr(Date.now())
-    for (const m of marks) this.#mark(m.userId, m.untilMs, now)
+    try {
+      const marks = this.#native.takeRemoteMarks()
+      if (marks === null) return
+      const now = this.#clockOr(Date.now())
+      for (const m of marks) this.#mark(m.userId, m.untilMs, now)
+    } catch {}
   }
 
-  /** Whether `invalidate` marked `userId` and the mark still holds at `clock()`. */
-  #isRevoked(userId, clock) {
+  /** Whether `invalidate` marked `userId` and the mark still holds at `now`. */
+  #isRevoked(userId, now) {
     const until = this.#revoked.get(userId)
     if (until === undefined) return false
-    if (until > this.#read(clock)) return true
+    if (until > now) return true
     this.#revoked.delete(userId)
     return false
   }
 
   stats() {
-    return { ...this.#native.stats(this.#clock()), redisFallbacks: this.#coordinator === null ? 0 : this.#coordinator.fallbacks }
+    const coordinator = this.#host.coordinator
+    const s = this.#native.stats(this.#clock())
+    return { ...s, hits: s.hits + this.#hits, redisFallbacks: coordinator === null ? 0 : coordinator.fallbacks }
   }
 
   /**
@@ -318,18 +555,8 @@ class TokenManager {
    * Without `redis` there is nothing to close.
    */
   close() {
-    return this.#coordinator === null ? Promise.resolve() : this.#coordinator.close()
-  }
-
-  /**
-   * `isFresh` on a clock JavaScript must call (a replaced `Date.now`, or
-   * `options.now`). A method of its own: written out in the hot path's
-   * condition, this branch cost the system-clock path ~10% more
-   * instructions though it never ran (BENCHMARKS.md). The slow path reads
-   * the clock again.
-   */
-  #isFreshOn(clock, exp) {
-    return this.#isFresh(exp, this.#read(clock))
+    const coordinator = this.#host.coordinator
+    return coordinator === null ? Promise.resolve() : coordinator.close()
   }
 
   /** The caller's "now" on the app's clock (see `#read`). */
@@ -366,161 +593,47 @@ class TokenManager {
     }
   }
 
-  #slow(userId, accessToken, refreshToken, exp, expiresAt, refreshFn, now, retried) {
-    const plan = this.#begin(userId, accessToken, refreshToken, exp, now)
+  /** A call whose token is not fresh (or whose user is marked): the core's plan. */
+  #slow(call, retried) {
+    const native = this.#native
+    const plan = decodePlan(this.#begin(call.userId, call.accessToken, call.refreshToken, call.expiresAtMs, call.now), call.refreshToken)
     switch (plan.kind) {
       case 'presented':
-        return Promise.resolve({ accessToken, shouldUpdate: false, expiresAt: expiresAt instanceof Date ? expiresAt : new Date(exp) })
+        return Promise.resolve(call.presented())
       case 'held':
         return Promise.resolve(validToken(plan.token, plan.token.shouldUpdate))
     }
     const leader = plan.kind === 'lead'
-    const flightId = plan.flightId
-    const flight = leader ? this.#startLead(userId, flightId, plan.refreshToken, refreshFn, accessToken, exp, now) : this.#flights.get(flightId)
-    if (flight === undefined) {
-      // The core has a flight this manager lost (a bug): close it and lead
-      // a new one, rather than leave the user stuck until it is overdue.
-      quietly(() => this.#native.fail(userId, flightId, false, now))
-      if (retried) throw internalError('joined a refresh this manager does not know')
-      return this.#slow(userId, accessToken, refreshToken, exp, expiresAt, refreshFn, now, true)
+    let flight
+    if (leader) {
+      flight = new Flight(this.#host, call, plan.flightId, plan.refreshToken)
+      flight.start()
+    } else {
+      flight = this.#host.flights.get(plan.flightId)
+      if (flight === undefined) {
+        // The core has a flight this manager lost (a bug): close it and lead
+        // a new one, rather than leave the user stuck until it is overdue.
+        quietly(() => native.fail(call.userId, plan.flightId, false, call.now))
+        if (retried) throw internalError('joined a refresh this manager does not know')
+        return this.#slow(call, true)
+      }
+      this.#observer.joined(plan.flightId)
     }
-    if (!leader) this.#observer.joined(flightId)
-    return flight.then(
+    return flight.promise.then(
       // A leader handed a token another instance refreshed may still be told
       // not to persist it (issued.shouldUpdate: see lib/coordination.js).
       (issued) => validToken(issued, leader && issued.shouldUpdate),
       (err) => {
-        // An outage need not fail a caller whose own token still works. A
-        // verdict (reconnect, bad credentials, a buggy result) is not ridden
-        // out: hiding it would only delay the fix.
-        if (RIDE_OUT.has(err?.code) && this.#native.serveStale(userId, accessToken, exp, this.#clockOr(now))) {
-          this.#observer.staleServed(userId, err.code)
-          return { accessToken, shouldUpdate: false, expiresAt: new Date(exp) }
+        // An outage need not fail a caller whose own token still works: the
+        // core says whether this failure is one to ride out (Engine::serve_stale).
+        const code = typeof err?.code === 'string' ? err.code : ''
+        if (native.serveStale(call.userId, call.accessToken, call.expiresAtMs, code, this.#clockOr(call.now))) {
+          this.#observer.staleServed(call.userId, err.code)
+          return { accessToken: call.accessToken, shouldUpdate: false, expiresAt: new Date(call.expiresAtMs) }
         }
         throw err
       },
     )
-  }
-
-  /**
-   * `#lead`, for a flight the core just opened: whatever throws before the
-   * refresh starts (a Proxy refreshFn whose property read throws) closes the
-   * flight and fails this call, so the user's next call refreshes anew.
-   */
-  #startLead(userId, flightId, refreshToken, refreshFn, accessToken, exp, now) {
-    let refresher
-    try {
-      // A native refresher runs in Rust with the manager's timeout as its
-      // budget (the timeout drops its HTTP request).
-      refresher = refreshFn[NATIVE_REFRESHER]
-      return this.#lead(userId, flightId, refreshToken, refreshFn, refresher, accessToken, exp, now)
-    } catch (cause) {
-      quietly(() => this.#native.fail(userId, flightId, false, now))
-      this.#flights.delete(flightId)
-      return Promise.reject(new TokenRefreshError('REFRESH_FAILED', userId, 'the refresh could not be started', { cause }))
-    }
-  }
-
-  /** Runs the refresh for `flightId` (begun at `now`); settles with the core's issued token. */
-  #lead(userId, flightId, refreshToken, refreshFn, refresher, accessToken, exp, now) {
-    const native = this.#native
-    // The context carries the refresh token, which Redis coordination may
-    // replace with a newer one.
-    const ctx = new RefreshContext(userId, refreshToken)
-    const trace = this.#observer.lead(flightId, userId, accessToken, exp, refreshFn, now)
-    let resolveFlight
-    let rejectFlight
-    const flight = new Promise((resolve, reject) => {
-      resolveFlight = resolve
-      rejectFlight = reject
-    })
-    let settled = false
-    // Ends the flight once. What comes later (a result after the timeout)
-    // only feeds the core. Nothing here may throw: it runs in a timer or a
-    // promise callback nobody awaits, where a throw would crash the process.
-    const settle = (error, issued) => {
-      settled = true
-      clearTimeout(timer)
-      this.#flights.delete(flightId)
-      this.#observer.settled(trace, error)
-      if (error !== undefined) rejectFlight(error)
-      else resolveFlight(issued)
-    }
-    const timer = setTimeout(() => {
-      const err = new TokenRefreshError('REFRESH_TIMEOUT', userId, `refresh did not settle within ${this.#timeoutMs} ms`)
-      quietly(() => native.fail(userId, flightId, true, this.#clockOr(now)))
-      ctx?.[ABORT](err)
-      settle(err)
-    }, this.#timeoutMs)
-    // With Redis, the refresh runs only under the user's cross-instance lock,
-    // or a token another instance refreshed answers instead (lib/coordination.js),
-    // which says how it was coordinated: 'redis' or 'redis-fallback'.
-    const refresh = (how = 'local') =>
-      this.#observer.run(trace, how, () =>
-        refresher === undefined ? invoke(refreshFn, ctx) : nativeRefresh(refresher, userId, ctx.refreshToken, this.#timeoutMs),
-      )
-    // Past this point nothing may throw: the timer is running.
-    let obtained
-    try {
-      obtained =
-        this.#coordinator === null
-          ? refresh()
-          : this.#coordinator.obtain(ctx, accessToken, exp, refresh, this.#timeoutMs, now, !CLIENT_CREDENTIALS.has(refreshFn))
-    } catch (e) {
-      obtained = Promise.reject(e)
-    }
-    obtained.then(
-      (result) => {
-        const late = settled
-        // `expiresIn` is dated from when the result came.
-        const at = this.#clockOr(now)
-        let issued
-        let error
-        try {
-          issued = this.#report(userId, flightId, result, late, at)
-        } catch (e) {
-          error = e
-        }
-        // With Redis: share the token the core kept (or free the lock), and
-        // answer once Redis has it, so that whatever the callers do next (a
-        // call in another instance, an invalidate) comes after it there. The
-        // result is in: the timer no longer applies, and the wait is bounded
-        // by the coordinator's command timeout.
-        const sharing = this.#coordinator === null ? undefined : this.#coordinator.reported(ctx, issued, at)
-        if (late) return
-        if (sharing === undefined) return settle(error, issued)
-        clearTimeout(timer)
-        sharing.then(() => settle(error, issued))
-      },
-      (cause) => {
-        if (settled) return
-        const error = refreshError(userId, cause, refresher !== undefined)
-        quietly(() => native.fail(userId, flightId, error.code === 'REFRESH_TIMEOUT', this.#clockOr(now)))
-        settle(error)
-      },
-    )
-    this.#flights.set(flightId, flight)
-    return flight
-  }
-
-  /** Hands a refresh result to the core (at `now`); returns its issued token or throws. */
-  #report(userId, flightId, result, late, now) {
-    const fields = refreshedFields(result)
-    if (fields === null) {
-      if (!late) this.#native.fail(userId, flightId, false, now)
-      throw new TokenRefreshError('INVALID_REFRESH_RESULT', userId, 'refresh result is not an object with a string accessToken and a valid expiresAt or expiresIn')
-    }
-    try {
-      // A late result is still handed over: with rotating refresh tokens it
-      // may hold the only live one.
-      const fromShared = fields.shared
-      if (fromShared !== undefined) {
-        return this.#native.adopt(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fromShared.shouldUpdate, now)
-      }
-      return this.#complete(userId, flightId, fields.accessToken, fields.refreshToken, fields.expiresAtMs, fields.expiresIn, now)
-    } catch (e) {
-      throw e?.code === 'INVALID_REFRESH_RESULT' ? new TokenRefreshError(e.code, userId, e.message) : e
-    }
   }
 }
 

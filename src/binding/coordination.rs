@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use napi::bindgen_prelude::Buffer;
+use napi::bindgen_prelude::{Buffer, Function};
+use napi::threadsafe_function::ThreadsafeFunctionCallMode;
 use napi_derive::napi;
 use tokio::time::Instant;
 
@@ -25,7 +26,7 @@ use crate::coordination::{
     self, Coordinator, Endpoint, Outcome, RefreshTokenUse, SharedToken, Unavailable,
 };
 use crate::engine::flight::validate_refreshed;
-use crate::engine::{time, Engine, Presented, Refreshed, SecretString};
+use crate::engine::{time, Engine, ErrorCode, Presented, Refreshed, SecretString};
 
 const INTERNAL: &str = "internal error in tarabut-token-manager (a bug: please report it)";
 
@@ -105,9 +106,19 @@ impl BindingCoordinator {
     pub fn new(
         manager: &BindingManager,
         options: BindingCoordinationOptions,
+        #[napi(ts_arg_type = "() => void")] on_remote_marks: Function<(), ()>,
     ) -> Result<Self, Code> {
         guard(|| {
             let engine = manager.engine.clone();
+            // Weak: a manager waiting for marks keeps neither the event loop
+            // nor the process alive.
+            let notify = on_remote_marks
+                .build_threadsafe_function::<()>()
+                .weak::<true>()
+                .build()
+                .map_err(|_| {
+                    napi::Error::new(Code(ErrorCode::Internal), "could not create a callback")
+                })?;
             let secret =
                 |s: OptionArg, name| s.required(name).map(SecretString::new).map_err(to_js);
             let endpoint = match (options.url, options.cluster) {
@@ -145,11 +156,14 @@ impl BindingCoordinator {
             )
             .map_err(to_js)?;
             // Another instance's invalidate: as if called here, on the
-            // callers' clock as last seen (no caller asks for this one); the
-            // manager takes the mark over with `takeRemoteMarks`.
+            // callers' clock as last seen (no caller asks for this one). The
+            // manager's hot path never asks the core, so the first mark of a
+            // burst calls it back to take them (`takeRemoteMarks`).
             let hears = engine.clone();
             inner.on_invalidated(move |user, token| {
-                let _ = hears.invalidate_from_elsewhere(user, token, hears.app_now());
+                if let Ok(true) = hears.invalidate_from_elsewhere(user, token, hears.app_now()) {
+                    notify.call((), ThreadsafeFunctionCallMode::NonBlocking);
+                }
             });
             let inner = Arc::new(inner);
             // In the background: construction never waits on Redis.

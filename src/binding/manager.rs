@@ -1,11 +1,15 @@
 //! `BindingManager`: the native half of `TokenManager` (`lib/manager.js`).
 //!
 //! Rust <-> JS, as `lib/manager.js` uses it:
-//! - the calls every `getValidToken` makes (`isFresh`, `begin`, `complete`)
-//!   come from `bindProtocol()`: plain functions whose answers are
-//!   tabulated in `protocol.rs` and decoded by `lib/protocol.js`;
+//! - the hot path (a token valid beyond the buffer) never comes here: the
+//!   buffer rule is one comparison in `lib/policy.js`, held equal to
+//!   [`Policy::is_fresh`] by a property test through [`BindingManager::is_fresh`];
+//! - a call whose token is due asks `begin` for a plan and its leader reports
+//!   with `complete`: functions bound to the engine (`bindProtocol()`), which
+//!   answer with a number where one will do (the table on [`begin`]),
+//!   decoded in `lib/manager.js`;
 //! - the rarer calls (`adopt`, `fail`, `serveStale`, `invalidate`, `stats`)
-//!   are methods here, with `#[napi(object)]` values;
+//!   answer with `#[napi(object)]` values;
 //! - times cross as epoch milliseconds (`number`); `lib/manager.js` turns
 //!   `Date | number | string` into them and back into `Date`;
 //! - every call that decides something for a caller takes `nowMs`, the
@@ -16,15 +20,15 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use napi::Env;
+use napi::bindgen_prelude::{Either, FunctionCallContext, Object};
+use napi::{Env, JsString};
 use napi_derive::napi;
 
 use super::errors::{guard, to_js, Code, Result};
-use super::protocol::{self, JsRaw};
-use super::strings::BoundedString;
+use super::strings::{self, BoundedString, Text};
 use crate::engine::{
-    self, evictor, time, Engine, Failure, Issued, Policy, PolicyOptions, Presented, Refreshed,
-    SecretString,
+    self, evictor, time, Engine, EngineError, ErrorCode, Failure, Issued, IssuedBrief, Plan,
+    Policy, PolicyOptions, Presented, Refreshed, SecretString,
 };
 
 /// A user id argument, refused over [`engine::MAX_USER_ID_BYTES`] before
@@ -57,6 +61,24 @@ pub struct BindingIssuedToken {
     pub refresh_token: Option<String>,
     pub expires_at_ms: f64,
     pub should_update: bool,
+}
+
+/// A plan `begin` cannot say with a number (the table on
+/// [`BindingManager::begin`]). Every field is defined (absent ones are
+/// `null`), none assigned.
+#[napi(object, use_nullable = true)]
+pub struct BindingPlan {
+    #[napi(ts_type = "'lead' | 'held'")]
+    pub kind: String,
+    /// `'lead'`: the flight to lead.
+    pub flight_id: Option<u32>,
+    /// `'held'`: the token a refresh produced.
+    pub access_token: Option<String>,
+    /// `'lead'`: the newer refresh token to refresh with; `'held'`: the
+    /// refresh token the caller is handed (rotated), if any.
+    pub refresh_token: Option<String>,
+    pub expires_at_ms: Option<f64>,
+    pub should_update: Option<bool>,
 }
 
 /// A user marked by another instance's `invalidate`, until `untilMs`.
@@ -116,14 +138,44 @@ impl BindingManager {
         guard(|| Ok(self.engine.policy().buffer_ms as f64))
     }
 
-    /// `isFresh`, `begin` and `complete` bound to this manager's engine
-    /// (`protocol.rs` has every answer): the same engine decisions at a
-    /// fraction of a method call's cost.
+    /// The core's buffer rule ([`Policy::is_fresh`]) on `expiresAtMs` at
+    /// `nowMs`; a value no `Date` can hold is not fresh. The hot path runs
+    /// the same rule in `lib/policy.js` without a native call; a property
+    /// test holds the two equal. Counts nothing.
+    #[napi]
+    pub fn is_fresh(&self, expires_at_ms: f64, now_ms: f64) -> Result<bool, Code> {
+        guard(|| {
+            Ok(match (time::js_ms(expires_at_ms), time::js_ms(now_ms)) {
+                (Some(expires_at), Some(now)) => self.engine.policy().is_fresh(expires_at, now),
+                _ => false,
+            })
+        })
+    }
+
+    /// `{ begin, complete }`, each a function bound to this manager's
+    /// engine (the table on [`begin`] has their answers). Bound functions,
+    /// not methods: a napi-rs method pays for its `&self` borrow bookkeeping
+    /// (a process-wide lock and map) on every call, several times what
+    /// these calls do, and these run on every refresh.
     #[napi(
-        ts_return_type = "{ isFresh(expiresAtMs: number, nowMs?: number): boolean; begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number, nowMs: number): null | number | { kind: 'lead'; flightId: number; refreshToken?: string } | { kind: 'held'; accessToken: string; refreshToken?: string; expiresAtMs: number; shouldUpdate: boolean }; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null, nowMs: number): number }"
+        ts_return_type = "{ begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number, nowMs: number): null | number | BindingPlan; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null, nowMs: number): number }"
     )]
-    pub fn bind_protocol(&self, env: Env) -> Result<JsRaw, Code> {
-        guard(|| protocol::bind(env.raw(), &self.engine))
+    pub fn bind_protocol<'env>(&self, env: &'env Env) -> Result<Object<'env>, Code> {
+        let engine = self.engine.clone();
+        let begin = env.create_function_from_closure::<(), _, _>("begin", move |ctx| {
+            Ok(answer(ctx.env, || begin(&engine, &ctx)))
+        });
+        let engine = self.engine.clone();
+        let complete = env.create_function_from_closure::<(), _, _>("complete", move |ctx| {
+            Ok(answer(ctx.env, || complete(&engine, &ctx)))
+        });
+        let bound = (|| {
+            let mut o = Object::new(env)?;
+            o.set("begin", begin?)?;
+            o.set("complete", complete?)?;
+            Ok::<_, napi::Error>(o)
+        })();
+        bound.map_err(|_| napi::Error::new(Code(ErrorCode::Internal), "could not bind the engine"))
     }
 
     /// Flight `flightId` was answered by a token another instance's refresh
@@ -186,27 +238,38 @@ impl BindingManager {
         })
     }
 
-    /// After a failed refresh: may this caller keep its own token?
+    /// After a refresh failed with `code` (the error's stable code; any
+    /// other string is not ours): may this caller keep its own token? The
+    /// engine decides ([`Engine::serve_stale`]).
     #[napi]
     pub fn serve_stale(
         &self,
         #[napi(ts_arg_type = "string")] user_id: UserIdArg,
         #[napi(ts_arg_type = "string")] access_token: TokenArg,
         expires_at_ms: f64,
+        #[napi(ts_arg_type = "string")] code: BoundedString<32>,
         now_ms: f64,
     ) -> Result<bool, Code> {
         guard(|| {
+            let Some(code) = code
+                .optional("code")
+                .ok()
+                .flatten()
+                .and_then(|c| ErrorCode::parse(&c))
+            else {
+                return Ok(false);
+            };
             let now = time::now_from_js(now_ms).map_err(to_js)?;
             let user_id = user_id.required("userId").map_err(to_js)?;
             let access_token = access_token.required("accessToken").map_err(to_js)?;
             let p = presented(access_token, None, expires_at_ms)?;
-            Ok(self.engine.serve_stale(&user_id, &p, now))
+            Ok(self.engine.serve_stale(&user_id, &p, code, now))
         })
     }
 
     /// Marks `accessToken` (or, without one, whatever the user holds) bad.
     /// Returns until when (epoch ms) the user's calls must go to `begin`:
-    /// `isFresh` does not know users.
+    /// the hot path decides on the expiry alone.
     #[napi]
     pub fn invalidate(
         &self,
@@ -231,8 +294,8 @@ impl BindingManager {
 
     /// Users other instances' `invalidate` marked since the last call, and
     /// until when: the manager sends their calls to `begin` (as after its
-    /// own `invalidate`). Null when there are none. While any wait here,
-    /// `isFresh` answers false, so the first call that comes takes them.
+    /// own `invalidate`). Null when there are none. The coordinator calls
+    /// the manager back when the first of a burst arrives.
     #[napi]
     pub fn take_remote_marks(&self) -> Result<Option<Vec<BindingMark>>, Code> {
         guard(|| {
@@ -339,5 +402,172 @@ fn issued_to_js(t: Issued) -> BindingIssuedToken {
         refresh_token: t.refresh.as_ref().map(|s| s.expose().to_owned()),
         expires_at_ms: t.expires_at as f64,
         should_update: t.should_update,
+    }
+}
+
+/// `begin(userId, accessToken, refreshToken, expiresAtMs, nowMs)`: the
+/// engine's plan for a call whose token is not fresh ([`Engine::begin`]).
+/// The common plans cross as a number, so JS builds the caller's object:
+///
+/// | answer | plan |
+/// |---|---|
+/// | `null` | [`Plan::UsePresented`]: hand the presented token back |
+/// | `n >= 0` | [`Plan::Lead`] flight `n` with the presented refresh token |
+/// | `n < 0` | [`Plan::Join`] flight `-n - 1` |
+/// | `BindingPlan { kind: 'lead', flightId, refreshToken }` | lead with a newer refresh token the engine holds |
+/// | `BindingPlan { kind: 'held', accessToken, refreshToken, expiresAtMs, shouldUpdate }` | [`Plan::UseHeld`] |
+///
+/// The access token is measured, and copied only if the engine must
+/// compare it (a held token, revocations): rarely on a refresh.
+fn begin(engine: &Engine, ctx: &FunctionCallContext) -> Answer<Option<Either<f64, BindingPlan>>> {
+    let user = ctx
+        .get::<UserIdArg>(0)
+        .map_err(unreadable("userId"))?
+        .required("userId")?;
+    let access_token = ctx
+        .get::<JsString>(1)
+        .map_err(unreadable("token.accessToken"))?;
+    let access_is_empty =
+        strings::measure(&access_token, engine::MAX_TOKEN_BYTES).map_err(|t| {
+            t.required("token.accessToken")
+                .err()
+                .unwrap_or_else(|| unreadable("token.accessToken")(()))
+        })? == 0;
+    let refresh = ctx
+        .get::<TokenArg>(2)
+        .map_err(unreadable("token.refreshToken"))?
+        .optional("token.refreshToken")?
+        .map(SecretString::new);
+    let expires_at = time::from_js_ms("token.expiresAt", number(ctx, 3, "token.expiresAt")?)?;
+    let now = time::now_from_js(number(ctx, 4, "nowMs")?)?;
+    let fingerprint = || {
+        strings::bounded(access_token, engine::MAX_TOKEN_BYTES)
+            .required("token.accessToken")
+            .map(|t| SecretString::new(t).fingerprint())
+    };
+    let plan = engine.begin(
+        &user,
+        access_is_empty,
+        refresh.as_ref(),
+        expires_at,
+        fingerprint,
+        now,
+    )?;
+    Ok(encode_plan(plan, refresh.as_ref()))
+}
+
+/// `complete(userId, flightId, accessToken, refreshToken, expiresAtMs,
+/// expiresIn, nowMs)`: the leader's refresh result ([`Engine::complete`]).
+/// Answers the issued expiry, positive when the leader is handed the
+/// refresh token it passed (it rotated), negative when not (an issued
+/// expiry is after `now`, so never 0). An unusable result throws
+/// `INVALID_REFRESH_RESULT`.
+fn complete(engine: &Engine, ctx: &FunctionCallContext) -> Answer<f64> {
+    let user = ctx
+        .get::<UserIdArg>(0)
+        .map_err(unreadable("userId"))?
+        .required("userId")?;
+    let flight_id = ctx
+        .get::<u32>(1)
+        .map_err(|_| EngineError::invalid_argument("flightId", "must be a number"))?;
+    let token = |i, name| {
+        ctx.get::<TokenArg>(i)
+            .map_err(unreadable(name))
+            .and_then(|t| refreshed_token(t, name))
+    };
+    let refreshed = Refreshed {
+        access: token(2, "accessToken")?,
+        refresh: token(3, "refreshToken")?,
+        expires_at: ctx
+            .get::<Option<f64>>(4)
+            .map_err(unreadable("expiresAtMs"))?,
+        expires_in: ctx.get::<Option<f64>>(5).map_err(unreadable("expiresIn"))?,
+    };
+    let now = time::now_from_js(number(ctx, 6, "nowMs")?)?;
+    Ok(encode_brief(
+        engine.complete(&user, flight_id, refreshed, now)?,
+    ))
+}
+
+/// What a bound function's body gives: its answer, or the error it throws.
+type Answer<T> = std::result::Result<T, EngineError>;
+
+/// Runs a bound function's body: its error is thrown with its stable code,
+/// a panic as `INTERNAL` (never unwinding into Node).
+fn answer<T>(env: &Env, f: impl FnOnce() -> Answer<T>) -> Option<T> {
+    let thrown = match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => return Some(v),
+        Ok(Err(e)) => env.throw_error(&e.to_string(), Some(e.code().as_str())),
+        Err(_) => env.throw_error(
+            "internal error in tarabut-token-manager (a bug: please report it)",
+            Some(ErrorCode::Internal.as_str()),
+        ),
+    };
+    let _ = thrown;
+    None
+}
+
+fn number(ctx: &FunctionCallContext, i: usize, name: &'static str) -> Answer<f64> {
+    ctx.get::<f64>(i)
+        .map_err(|_| EngineError::invalid_argument(name, "must be a number"))
+}
+
+fn unreadable<T>(name: &'static str) -> impl Fn(T) -> EngineError {
+    move |_| EngineError::invalid_argument(name, "could not be read")
+}
+
+/// A [`Plan`] as `begin` answers it. `presented_refresh`: the refresh token
+/// the caller passed; a lead with that one needs no object.
+fn encode_plan(
+    plan: Plan,
+    presented_refresh: Option<&SecretString>,
+) -> Option<Either<f64, BindingPlan>> {
+    let plan = match plan {
+        Plan::UsePresented => return None,
+        Plan::Join(id) => Either::A(-f64::from(id) - 1.0),
+        Plan::Lead { id, refresh_token } if refresh_token.as_ref() == presented_refresh => {
+            Either::A(f64::from(id))
+        }
+        Plan::Lead { id, refresh_token } => Either::B(BindingPlan {
+            kind: "lead".into(),
+            flight_id: Some(id),
+            access_token: None,
+            refresh_token: refresh_token.map(|r| r.expose().to_owned()),
+            expires_at_ms: None,
+            should_update: None,
+        }),
+        Plan::UseHeld(t) => {
+            let t = issued_to_js(t);
+            Either::B(BindingPlan {
+                kind: "held".into(),
+                flight_id: None,
+                access_token: Some(t.access_token),
+                refresh_token: t.refresh_token,
+                expires_at_ms: Some(t.expires_at_ms),
+                should_update: Some(t.should_update),
+            })
+        }
+    };
+    Some(plan)
+}
+
+/// `complete`'s answer: the issued expiry, its sign saying whether the
+/// leader is handed the refresh token it passed.
+fn encode_brief(issued: IssuedBrief) -> f64 {
+    let expires = issued.expires_at as f64;
+    if issued.hands_refresh {
+        expires
+    } else {
+        -expires
+    }
+}
+
+/// A token of a refresh result: one over the limit makes the result unusable.
+fn refreshed_token(t: TokenArg, name: &'static str) -> Answer<Option<SecretString>> {
+    match t.into_text() {
+        Text::TooLong { .. } => Err(EngineError::InvalidRefreshResult(
+            "has a token longer than 65536 bytes",
+        )),
+        t => Ok(t.optional(name)?.map(SecretString::new)),
     }
 }

@@ -10,6 +10,5 @@
 mod coordination;
 mod errors;
 mod manager;
-mod protocol;
 mod refreshers;
 mod strings;

@@ -8,13 +8,9 @@
 //! measured (a scan, no copy) before deciding. A string that is read is
 //! then copied into a buffer of its exact UTF-8 size.
 
-use std::ffi::c_char;
-use std::ptr;
-
 use napi::bindgen_prelude::{FromNapiValue, TypeName, ValidateNapiValue};
-use napi::sys::{self, napi_env, napi_value};
-use napi::ValueType;
-use zeroize::Zeroize;
+use napi::sys::{napi_env, napi_value};
+use napi::{JsString, Unknown, ValueType};
 
 use crate::engine::EngineError;
 
@@ -61,94 +57,29 @@ pub fn too_long(name: &'static str, max: usize) -> EngineError {
     EngineError::invalid_argument(name, format!("must be at most {max} bytes long (UTF-8)"))
 }
 
-/// The value's type, read without side effects.
-pub(super) unsafe fn type_of(env: napi_env, v: napi_value) -> sys::napi_valuetype {
-    let mut t = sys::ValueType::napi_undefined;
-    unsafe { sys::napi_typeof(env, v, &mut t) };
-    t
-}
-
-/// Checks that `v` is a string of at most `max` UTF-8 bytes without copying
-/// it; returns its length in UTF-16 units. `Err` holds what was wrong
-/// (`Absent` for `null` / `undefined`).
-pub(super) unsafe fn measure(env: napi_env, v: napi_value, max: usize) -> Result<usize, Text> {
-    unsafe { measured(env, v, max).map(|(units, _)| units) }
-}
-
-/// [`measure`], and the UTF-8 length when it had to be measured.
-unsafe fn measured(
-    env: napi_env,
-    v: napi_value,
-    max: usize,
-) -> Result<(usize, Option<usize>), Text> {
-    unsafe {
-        match type_of(env, v) {
-            sys::ValueType::napi_string => {}
-            sys::ValueType::napi_null | sys::ValueType::napi_undefined => return Err(Text::Absent),
-            _ => return Err(Text::NotString),
-        }
-        let mut units = 0usize;
-        if sys::napi_get_value_string_utf16(env, v, ptr::null_mut(), 0, &mut units)
-            != sys::Status::napi_ok
-        {
-            return Err(Text::Unreadable);
-        }
-        if units > max {
-            return Err(Text::TooLong { max });
-        }
-        if units.saturating_mul(3) <= max {
-            return Ok((units, None));
-        }
-        let bytes = utf8_len(env, v).ok_or(Text::Unreadable)?;
-        if bytes > max {
-            return Err(Text::TooLong { max });
-        }
-        Ok((units, Some(bytes)))
+/// Checks that `s` is at most `max` UTF-8 bytes without copying it;
+/// returns its length in UTF-16 units.
+pub(super) fn measure(s: &JsString<'_>, max: usize) -> Result<usize, Text> {
+    let units = s.utf16_len().map_err(|_| Text::Unreadable)?;
+    if units > max {
+        return Err(Text::TooLong { max });
     }
-}
-
-/// Reads `v` as a string of at most `max` UTF-8 bytes, copying only one
-/// that fits, into a buffer of exactly its size (a held token costs its
-/// length, not three times it).
-pub(super) unsafe fn read(env: napi_env, v: napi_value, max: usize) -> Text {
-    unsafe {
-        let len = match measured(env, v, max) {
-            Ok((_, Some(bytes))) => bytes,
-            Ok((_, None)) => match utf8_len(env, v) {
-                Some(bytes) => bytes,
-                None => return Text::Unreadable,
-            },
-            Err(problem) => return problem,
-        };
-        let mut buf = Vec::<u8>::with_capacity(len + 1);
-        let mut written = 0usize;
-        if sys::napi_get_value_string_utf8(
-            env,
-            v,
-            buf.as_mut_ptr() as *mut c_char,
-            len + 1,
-            &mut written,
-        ) != sys::Status::napi_ok
-        {
-            return Text::Unreadable;
-        }
-        buf.set_len(written.min(len));
-        // Node writes valid UTF-8 (lone surrogates become U+FFFD).
-        match String::from_utf8(buf) {
-            Ok(s) => Text::Present(s),
-            Err(e) => {
-                e.into_bytes().zeroize();
-                Text::Unreadable
-            }
-        }
+    if units.saturating_mul(3) > max && s.utf8_len().map_err(|_| Text::Unreadable)? > max {
+        return Err(Text::TooLong { max });
     }
+    Ok(units)
 }
 
-/// The UTF-8 length of a string value: a scan, no copy.
-unsafe fn utf8_len(env: napi_env, v: napi_value) -> Option<usize> {
-    let mut len = 0usize;
-    let status = unsafe { sys::napi_get_value_string_utf8(env, v, ptr::null_mut(), 0, &mut len) };
-    (status == sys::Status::napi_ok).then_some(len)
+/// Reads `s` if it is at most `max` UTF-8 bytes, into a buffer of its exact
+/// size (a held token costs its length, not three times it).
+pub(super) fn bounded(s: JsString<'_>, max: usize) -> Text {
+    if let Err(problem) = measure(&s, max) {
+        return problem;
+    }
+    match s.into_utf8().and_then(|u| u.into_owned()) {
+        Ok(s) => Text::Present(s),
+        Err(_) => Text::Unreadable,
+    }
 }
 
 /// A string argument of a napi-rs export, read with its length checked
@@ -159,6 +90,10 @@ unsafe fn utf8_len(env: napi_env, v: napi_value) -> Option<usize> {
 pub struct BoundedString<const MAX: usize>(Text);
 
 impl<const MAX: usize> BoundedString<MAX> {
+    pub(super) fn into_text(self) -> Text {
+        self.0
+    }
+
     pub fn required(self, name: &'static str) -> Result<String, EngineError> {
         self.0.required(name)
     }
@@ -170,7 +105,17 @@ impl<const MAX: usize> BoundedString<MAX> {
 
 impl<const MAX: usize> FromNapiValue for BoundedString<MAX> {
     unsafe fn from_napi_value(env: napi_env, v: napi_value) -> napi::Result<Self> {
-        Ok(Self(unsafe { read(env, v, MAX) }))
+        // SAFETY: napi-rs hands over a live value of the calling export's
+        // environment; it is read as a string only once its type says so.
+        let text = unsafe {
+            match Unknown::from_raw_unchecked(env, v).get_type() {
+                Ok(ValueType::String) => bounded(JsString::from_napi_value(env, v)?, MAX),
+                Ok(ValueType::Null | ValueType::Undefined) => Text::Absent,
+                Ok(_) => Text::NotString,
+                Err(_) => Text::Unreadable,
+            }
+        };
+        Ok(Self(text))
     }
 }
 

@@ -25,6 +25,23 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in the order the README's Errors table lists them.
+    pub const ALL: [ErrorCode; 8] = [
+        ErrorCode::InvalidArgument,
+        ErrorCode::RefreshFailed,
+        ErrorCode::RefreshTimeout,
+        ErrorCode::InvalidRefreshResult,
+        ErrorCode::ReauthRequired,
+        ErrorCode::InvalidClient,
+        ErrorCode::CoordinatorUnavailable,
+        ErrorCode::Internal,
+    ];
+
+    /// The code `s` names, if it is one of ours.
+    pub fn parse(s: &str) -> Option<ErrorCode> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidArgument => "INVALID_ARGUMENT",

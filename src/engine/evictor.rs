@@ -72,7 +72,6 @@ const MAX_NAP: Duration = Duration::from_secs(1);
 /// lapses (at most [`MAX_NAP`]).
 pub async fn run(engine: Weak<Engine>) {
     let mut freed = 0;
-    let mut calls = Activity::default();
     loop {
         let nap = {
             let Some(engine) = engine.upgrade() else {
@@ -98,7 +97,7 @@ pub async fn run(engine: Weak<Engine>) {
                 Some(due) => cap.min(Duration::from_millis((due - now) as u64)),
                 None => cap,
             };
-            if calls.quiet(&engine, now) && nap > PAUSE && freed >= TRIM_AFTER {
+            if quiet(&engine, now) && nap > PAUSE && freed >= TRIM_AFTER {
                 release_free_memory();
                 freed = 0;
             }
@@ -119,23 +118,13 @@ const TRIM_AFTER: usize = 16_384;
 /// How long no call may have come before free pages are returned.
 const QUIET_MS: i64 = 1_000;
 
-/// When the manager last saw a call: the hot path's hit count (the hot path
-/// never touches the table) and the table's most recent use.
-#[derive(Default)]
-struct Activity {
-    hits: u64,
-    changed_at: EpochMs,
-}
-
-impl Activity {
-    fn quiet(&mut self, engine: &Engine, now: EpochMs) -> bool {
-        let (hits, last_use) = engine.activity();
-        if hits != self.hits || self.changed_at == 0 {
-            (self.hits, self.changed_at) = (hits, now);
-        }
-        let since = |t: EpochMs| now.saturating_sub(t) >= QUIET_MS;
-        since(self.changed_at) && last_use.is_none_or(since)
-    }
+/// Whether no call used the table for [`QUIET_MS`]. Hot-path calls never
+/// reach the core and allocate nothing from its heap, so a trim cannot
+/// stall them.
+fn quiet(engine: &Engine, now: EpochMs) -> bool {
+    engine
+        .last_use()
+        .is_none_or(|t| now.saturating_sub(t) >= QUIET_MS)
 }
 
 /// glibc keeps what is freed for reuse and returns only the top of its

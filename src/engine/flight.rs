@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use super::error::EngineError;
+use super::error::{EngineError, ErrorCode};
 use super::policy::EpochMs;
 use super::secret::{Fingerprint, SecretString};
 use super::table::Flight;
@@ -265,10 +265,29 @@ impl Engine {
         };
     }
 
-    /// After a failed refresh: may this caller keep using its own token? Yes
-    /// while it has not expired and was not revoked. Counts `staleServed`.
-    pub fn serve_stale(&self, user: &str, presented: &Presented, now: EpochMs) -> bool {
-        if presented.access.is_empty() || !self.policy.is_unexpired(presented.expires_at, now) {
+    /// After a refresh failed with `code`: may this caller keep using its
+    /// own token? Only after an outage (the refresh failed or timed out, or
+    /// Redis could not coordinate it: serving a token runs no refresh), and
+    /// only while the token has not expired and was not revoked. A verdict
+    /// (reconnect, bad credentials, a buggy result) is never ridden out:
+    /// hiding it would only delay the fix. Counts `staleServed`.
+    pub fn serve_stale(
+        &self,
+        user: &str,
+        presented: &Presented,
+        code: ErrorCode,
+        now: EpochMs,
+    ) -> bool {
+        let outage = matches!(
+            code,
+            ErrorCode::RefreshFailed
+                | ErrorCode::RefreshTimeout
+                | ErrorCode::CoordinatorUnavailable
+        );
+        if !outage
+            || presented.access.is_empty()
+            || !self.policy.is_unexpired(presented.expires_at, now)
+        {
             return false;
         }
         let fp = presented.access.fingerprint();

@@ -1,16 +1,14 @@
 //! Users another instance's `invalidate` marked, waiting for the binding.
 //!
-//! The hot path (`Engine::is_fresh`) knows no users, so the binding keeps
-//! its own list of marked users and sends only their calls to `begin`
+//! The hot path runs in JavaScript and knows no core state, so the manager
+//! keeps its own list of marked users and sends only their calls to `begin`
 //! (`Engine::invalidate` returns until when a mark holds). A mark made here
 //! by another instance (Redis pub/sub, on another thread) must reach that
-//! list too: it waits in [`RemoteMarks`], and while anything waits the hot
-//! path answers "not fresh" for everyone, so every call goes to `begin`
-//! (which knows the revocation) and the first one takes the marks over
-//! (`Engine::take_remote_marks`). One relaxed load on the hot path.
+//! list too: it waits in [`RemoteMarks`] until the manager takes it
+//! (`Engine::take_remote_marks`), which the binding asks it to do as soon
+//! as the first mark of a burst arrives (a threadsafe function).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use parking_lot::Mutex;
 
@@ -19,32 +17,25 @@ use super::policy::EpochMs;
 #[derive(Debug, Default)]
 pub(crate) struct RemoteMarks {
     waiting: Mutex<VecDeque<(Box<str>, EpochMs)>>,
-    /// `waiting` is not empty. Written under its lock, read without.
-    pending: AtomicBool,
 }
 
 impl RemoteMarks {
-    #[inline]
-    pub fn pending(&self) -> bool {
-        self.pending.load(Relaxed)
-    }
-
     /// `user` is marked until `until`. Marks that lapsed while nobody took
     /// them are dropped, so what waits is bounded by one idle TTL of marks.
-    pub fn push(&self, user: &str, until: EpochMs, now: EpochMs) {
+    /// True when nothing was waiting before (the manager must be told).
+    pub fn push(&self, user: &str, until: EpochMs, now: EpochMs) -> bool {
         let mut w = self.waiting.lock();
         while w.front().is_some_and(|(_, u)| *u <= now) {
             w.pop_front();
         }
+        let first = w.is_empty();
         w.push_back((user.into(), until));
-        self.pending.store(true, Relaxed);
+        first
     }
 
     /// Everything waiting, oldest first; nothing waits afterwards.
     pub fn take(&self) -> Vec<(Box<str>, EpochMs)> {
-        let mut w = self.waiting.lock();
-        self.pending.store(false, Relaxed);
-        w.drain(..).collect()
+        self.waiting.lock().drain(..).collect()
     }
 }
 
@@ -55,14 +46,16 @@ mod tests {
     #[test]
     fn marks_wait_until_taken_and_lapsed_ones_are_dropped() {
         let m = RemoteMarks::default();
-        assert!(!m.pending());
-        m.push("a", 100, 0);
-        m.push("b", 200, 50);
-        assert!(m.pending());
+        assert!(m.push("a", 100, 0), "the first mark tells the manager");
+        assert!(!m.push("b", 200, 50), "later ones wait with it");
         // "a" lapsed before anyone took it.
-        m.push("c", 300, 150);
+        assert!(!m.push("c", 300, 150));
         let taken: Vec<(Box<str>, EpochMs)> = vec![("b".into(), 200), ("c".into(), 300)];
         assert_eq!(m.take(), taken);
-        assert!(!m.pending() && m.take().is_empty());
+        assert!(m.take().is_empty());
+        assert!(
+            m.push("d", 400, 200),
+            "after a take, the next mark tells again"
+        );
     }
 }

@@ -84,7 +84,9 @@ pub struct Stats {
     pub users: usize,
     /// Refreshes running now.
     pub in_flight: usize,
-    /// Calls answered without a refresh.
+    /// Calls the core answered without a refresh (a held or presented
+    /// token, a token another instance shared); the binding adds the hot
+    /// path's, which never reach the core.
     pub hits: u64,
     /// Refreshes that produced a token.
     pub refreshes: u64,
@@ -195,43 +197,11 @@ impl Engine {
         &self.policy
     }
 
-    /// The hot path: can a token expiring at `expires_at` be handed back
-    /// as it is at `now` (the caller's clock), without looking the user up?
-    /// True when it outlives the buffer. Counts a hit. Revocations are per
-    /// user and this call has none: a caller must send the users
-    /// [`Engine::invalidate`] marked (until the time it returned) to
-    /// [`Engine::begin`], which checks them.
-    #[inline]
-    pub fn is_fresh(&self, expires_at: EpochMs, now: EpochMs) -> bool {
-        self.count_hit(self.fresh_at(expires_at, now))
-    }
-
-    /// [`Engine::is_fresh`] on the system clock, read as cheaply as the
-    /// answer allows (see [`time::at_now`]): for a caller whose clock is
-    /// that one (an unreplaced `Date.now`; `time.rs`, "Clocks").
-    #[inline]
-    pub fn is_fresh_now(&self, expires_at: EpochMs) -> bool {
-        self.count_hit(time::at_now(|now| self.fresh_at(expires_at, now)))
-    }
-
-    #[inline]
-    fn fresh_at(&self, expires_at: EpochMs, now: EpochMs) -> bool {
-        !self.remote.pending() && self.policy.is_fresh(expires_at, now)
-    }
-
-    #[inline]
-    fn count_hit(&self, fresh: bool) -> bool {
-        if fresh {
-            self.counters.hits.fetch_add(1, Relaxed);
-        }
-        fresh
-    }
-
     /// The API answered 401 with `access_token` (or, without one, with
     /// whatever the user holds): the next call presenting it refreshes even
     /// though it has not expired. The mark lasts one idle TTL: returns when
     /// it ends, until which the caller sends `user`'s calls to
-    /// [`Engine::begin`] rather than deciding them with [`Engine::is_fresh`].
+    /// [`Engine::begin`] rather than deciding them on the buffer rule alone.
     pub fn invalidate(
         &self,
         user: &str,
@@ -256,17 +226,17 @@ impl Engine {
     }
 
     /// [`Engine::invalidate`] made by another instance (Redis pub/sub): the
-    /// mark also waits for the binding ([`Engine::take_remote_marks`]), and
-    /// until taken the hot path answers "not fresh" to everyone.
+    /// mark also waits for the binding ([`Engine::take_remote_marks`]).
+    /// True when nothing waited before it: the binding then tells its
+    /// manager to take them (once for a burst).
     pub fn invalidate_from_elsewhere(
         &self,
         user: &str,
         access_token: Option<&SecretString>,
         now: EpochMs,
-    ) -> Result<EpochMs, EngineError> {
+    ) -> Result<bool, EngineError> {
         let until = self.invalidate(user, access_token, now)?;
-        self.remote.push(user, until, now);
-        Ok(until)
+        Ok(self.remote.push(user, until, now))
     }
 
     /// The marks other instances made since the last call: users whose
@@ -351,14 +321,11 @@ impl Engine {
         self.seen.now().unwrap_or_else(time::now_ms)
     }
 
-    /// Signs of callers for the background task: calls answered on the hot
-    /// path so far, and when a call last used an entry.
-    pub fn activity(&self) -> (u64, Option<EpochMs>) {
+    /// When a call last used an entry, for the background task (the hot
+    /// path never reaches the core, and allocates nothing here).
+    pub fn last_use(&self) -> Option<EpochMs> {
         let last_use = self.last_use.load(Relaxed);
-        (
-            self.counters.hits.load(Relaxed),
-            (last_use != i64::MIN).then_some(last_use),
-        )
+        (last_use != i64::MIN).then_some(last_use)
     }
 
     /// Which shard holds `user`. Shards take unequal shares on purpose:

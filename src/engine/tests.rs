@@ -97,14 +97,14 @@ fn lead(e: &Engine, user: &str, p: &Presented, now: i64) -> (u32, Option<SecretS
 #[test]
 fn a_token_beyond_the_buffer_is_used_as_it_is() {
     let e = engine();
-    assert!(e.is_fresh(NOW + 6 * MIN, NOW));
-    assert!(!e.is_fresh(NOW + 4 * MIN, NOW));
+    assert!(e.policy().is_fresh(NOW + 6 * MIN, NOW));
+    assert!(!e.policy().is_fresh(NOW + 4 * MIN, NOW));
     assert!(matches!(
         e.begin_with("u", &token("a", NOW + 6 * MIN), NOW).unwrap(),
         Plan::UsePresented
     ));
     let s = e.stats(NOW);
-    assert_eq!((s.hits, s.refreshes, s.in_flight), (2, 0, 0));
+    assert_eq!((s.hits, s.refreshes, s.in_flight), (1, 0, 0));
 }
 
 #[test]
@@ -243,12 +243,24 @@ fn a_failed_refresh_caches_nothing_and_the_next_call_retries() {
         Plan::Join(_)
     ));
     e.fail("u", id, Failure::Rejected, NOW);
-    // Still valid for a minute: the caller may keep it.
-    assert!(e.serve_stale("u", &stale, NOW));
+    // Still valid for a minute: the caller may keep it, after an outage.
+    assert!(e.serve_stale("u", &stale, ErrorCode::RefreshFailed, NOW));
     assert!(
-        !e.serve_stale("u", &token("old", NOW - 1), NOW),
+        !e.serve_stale("u", &token("old", NOW - 1), ErrorCode::RefreshTimeout, NOW),
         "an expired token is never served"
     );
+    for verdict in [
+        ErrorCode::ReauthRequired,
+        ErrorCode::InvalidClient,
+        ErrorCode::InvalidRefreshResult,
+        ErrorCode::InvalidArgument,
+        ErrorCode::Internal,
+    ] {
+        assert!(
+            !e.serve_stale("u", &stale, verdict, NOW),
+            "{verdict:?} is a verdict, not an outage: never ridden out"
+        );
+    }
     assert!(matches!(
         e.begin_with("u", &stale, NOW + 1).unwrap(),
         Plan::Lead { .. }
@@ -421,12 +433,10 @@ fn expires_in_counts_from_now() {
 fn an_invalidated_token_is_refreshed_before_it_expires() {
     let e = engine();
     let good = token("t1", NOW + 50 * MIN);
-    assert!(e.is_fresh(good.expires_at, NOW));
     let until = e.invalidate("u", Some(&"t1".into()), NOW).unwrap();
     // The mark lasts one idle TTL: until then the caller sends u's calls to
-    // begin. The hot path itself knows no users and stays as it was.
+    // begin, whatever the buffer rule says.
     assert_eq!(until, NOW + Policy::default().idle_ttl_ms as i64);
-    assert!(e.is_fresh(good.expires_at, NOW));
     let (id, _) = lead(&e, "u", &good, NOW);
     e.complete_with("u", id, refreshed("t2", NOW + 60 * MIN), NOW)
         .unwrap();
@@ -450,21 +460,29 @@ fn an_invalidated_token_is_refreshed_before_it_expires() {
 }
 
 #[test]
-fn another_instances_invalidate_stops_the_hot_path_until_its_marks_are_taken() {
+fn another_instances_invalidate_waits_for_the_manager_to_take_its_marks() {
     let e = engine();
     let good = token("t1", NOW + 50 * MIN);
-    assert!(e.is_fresh(good.expires_at, NOW));
-    let until = e
+    let first = e
         .invalidate_from_elsewhere("u", Some(&"t1".into()), NOW)
         .unwrap();
-    // Nobody here has taken the mark yet: every caller goes to begin.
-    assert!(!e.is_fresh(good.expires_at, NOW));
+    assert!(
+        first,
+        "the first mark of a burst asks the binding to notify"
+    );
+    assert!(!e
+        .invalidate_from_elsewhere("v", Some(&"t9".into()), NOW)
+        .unwrap());
+    // The core knows the revocation at once.
     assert!(matches!(
         e.begin_with("u", &good, NOW).unwrap(),
         Plan::Lead { .. }
     ));
-    assert_eq!(e.take_remote_marks(), vec![("u".into(), until)]);
-    assert!(e.is_fresh(good.expires_at, NOW));
+    let until = NOW + Policy::default().idle_ttl_ms as i64;
+    assert_eq!(
+        e.take_remote_marks(),
+        vec![("u".into(), until), ("v".into(), until)]
+    );
     assert!(e.take_remote_marks().is_empty());
 }
 
@@ -605,8 +623,6 @@ fn lapsed_revocations_are_pruned_with_no_call() {
     e.begin_with("u", &token("x", good), NOW + ttl - 1).unwrap();
     e.begin_with("v", &token("x", good), NOW + ttl - 1).unwrap();
     assert_eq!(revoking(&e), (2, 2));
-    // The hot path knows no users (the binding sends u and v to begin).
-    assert!(e.is_fresh(good, NOW + ttl - 1));
     // u's mark lapses; v's later one still holds.
     evict_all(&e, NOW + ttl, 1);
     assert_eq!(revoking(&e), (1, 1));
@@ -625,7 +641,7 @@ fn lapsed_revocations_are_pruned_with_no_call() {
     evict_all(&e, NOW + 4 * ttl, 8);
     assert_eq!(held(&e), 0);
     assert_eq!(revoking(&e), (0, 0));
-    assert!(e.is_fresh(good, NOW + 4 * ttl));
+    assert!(e.policy().is_fresh(good, NOW + 4 * ttl));
 }
 
 #[test]

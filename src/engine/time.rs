@@ -16,13 +16,9 @@
 //! replace `Date`) move all of them, as they moved the TypeScript module this
 //! package replaces, and the app's expiry times and ours agree on "now".
 //!
-//! One shortcut, for speed: when the function JavaScript would call is the
-//! engine's own `Date.now` (nothing replaced it), its answer is the system's
-//! real-time clock, so the hot path's `isFresh` reads that clock here
-//! ([`at_now`]: the coarse clock, the precise one only near the edge)
-//! instead of calling `Date.now()`, which costs as much as the rest of the
-//! hot path. Same clock, same answer. A replaced `Date.now` (fake timers, a
-//! spy) or any other `now` option is always called in JavaScript.
+//! The hot path (a token valid beyond the buffer) decides in JavaScript
+//! (`lib/policy.js`, the same rule as [`Policy::is_fresh`](super::Policy::is_fresh))
+//! on that same reading, and never comes here.
 //!
 //! Durations that run without a caller keep real time, because something
 //! outside JavaScript enforces them: Redis lock TTLs, lock extensions and
@@ -54,65 +50,13 @@ use time::OffsetDateTime;
 const MAX_DATE_MS: f64 = 8.64e15;
 
 /// The system's real-time clock in epoch milliseconds: what an unreplaced
-/// `Date.now()` returns. Read only where the caller's clock is known to be
-/// it (see "Clocks" above).
+/// `Date.now()` returns. Read only where no caller's clock is at hand
+/// (see "Clocks" above).
 pub fn now_ms() -> EpochMs {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-/// How far the kernel's coarse clock may trail [`now_ms`], with a wide
-/// margin: it is updated every scheduler tick (1-10 ms).
-pub const COARSE_LAG_MAX_MS: EpochMs = 1_000;
-
-/// The wall clock as of the last scheduler tick: `<= now_ms()` and more than
-/// [`COARSE_LAG_MAX_MS`] behind it never. A few ns to read where a precise
-/// read costs ~40 ns (VMs); `None` where the platform has no such clock.
-#[cfg(any(target_os = "linux", target_os = "android"))]
-#[allow(clippy::unnecessary_cast)] // time_t and c_long are i32 on 32-bit targets
-pub fn coarse_now_ms() -> Option<EpochMs> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec.
-    let ok = unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) } == 0;
-    ok.then(|| ts.tv_sec as i64 * 1000 + ts.tv_nsec as i64 / 1_000_000)
-}
-
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-pub fn coarse_now_ms() -> Option<EpochMs> {
-    None
-}
-
-/// `at(now_ms())` for a test `at` that can only turn from true to false as
-/// time passes (such as [`Policy::is_fresh`](super::Policy::is_fresh)), deciding
-/// from the coarse clock when it can: if `at` holds even at the latest
-/// instant the coarse reading allows, or fails already at the earliest, the
-/// precise clock cannot change the answer. Only within
-/// [`COARSE_LAG_MAX_MS`] of the turning point is the precise clock read.
-#[inline]
-pub fn at_now(at: impl Fn(EpochMs) -> bool) -> bool {
-    decide(coarse_now_ms(), now_ms, at)
-}
-
-#[inline]
-fn decide(
-    coarse: Option<EpochMs>,
-    precise: impl FnOnce() -> EpochMs,
-    at: impl Fn(EpochMs) -> bool,
-) -> bool {
-    if let Some(c) = coarse {
-        if at(c.saturating_add(COARSE_LAG_MAX_MS)) {
-            return true;
-        }
-        if !at(c) {
-            return false;
-        }
-    }
-    at(precise())
 }
 
 /// A caller's clock reading carried past its call: the reading plus the
@@ -223,42 +167,6 @@ mod tests {
         ] {
             let e = parse_iso8601("token.expiresAt", bad).unwrap_err();
             assert!(e.to_string().starts_with("token.expiresAt"), "{e}");
-        }
-    }
-
-    #[test]
-    fn coarse_decisions_match_the_precise_clock() {
-        let coarse = 1_000_000;
-        // Every expiry around the edge, every precise time the coarse
-        // reading allows: the answer is the precise one.
-        for precise in [
-            coarse,
-            coarse + 1,
-            coarse + 4,
-            coarse + COARSE_LAG_MAX_MS - 1,
-        ] {
-            for expires_at in (coarse - 5)..(coarse + COARSE_LAG_MAX_MS + 5) {
-                let fresh = |now: EpochMs| expires_at - now > 0;
-                assert_eq!(
-                    decide(Some(coarse), || precise, fresh),
-                    fresh(precise),
-                    "{expires_at} at {precise}"
-                );
-            }
-        }
-        assert!(decide(None, || 10, |now| now < 11));
-        assert!(!decide(None, || 10, |now| now < 10));
-    }
-
-    #[test]
-    fn the_coarse_clock_trails_the_precise_one_within_the_margin() {
-        for _ in 0..1000 {
-            let Some(c) = coarse_now_ms() else { return };
-            let p = now_ms();
-            assert!(
-                c <= p && p - c < COARSE_LAG_MAX_MS,
-                "coarse {c}, precise {p}"
-            );
         }
     }
 
