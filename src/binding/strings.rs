@@ -8,9 +8,12 @@
 //! measured (a scan, no copy) before deciding. A string that is read is
 //! then copied into a buffer of its exact UTF-8 size.
 
+use std::ffi::c_char;
+
 use napi::bindgen_prelude::{FromNapiValue, TypeName, ValidateNapiValue};
-use napi::sys::{napi_env, napi_value};
-use napi::{JsString, Unknown, ValueType};
+use napi::sys::{self, napi_env, napi_value};
+use napi::{JsString, JsValue, Unknown, ValueType};
+use zeroize::Zeroize;
 
 use crate::engine::EngineError;
 
@@ -71,14 +74,44 @@ pub(super) fn measure(s: &JsString<'_>, max: usize) -> Result<usize, Text> {
 }
 
 /// Reads `s` if it is at most `max` UTF-8 bytes, into a buffer of its exact
-/// size (a held token costs its length, not three times it).
+/// size (a held token costs its length, not three times it), with no other
+/// copy left behind: napi-rs's own conversion copies out of a buffer it
+/// frees without wiping, which would leave a token in freed memory.
 pub(super) fn bounded(s: JsString<'_>, max: usize) -> Text {
-    if let Err(problem) = measure(&s, max) {
-        return problem;
+    let len = match measure(&s, max).and_then(|_| s.utf8_len().map_err(|_| Text::Unreadable)) {
+        Ok(len) => len,
+        Err(problem) => return problem,
+    };
+    let mut buf = Vec::<u8>::with_capacity(len + 1);
+    let mut written = 0usize;
+    let value = s.value();
+    // SAFETY: `value` is a live string of the calling export's environment;
+    // Node writes at most `len + 1` bytes (the string and a NUL) into
+    // `buf`'s capacity and, once it succeeded, `written` says how many of
+    // them are the string.
+    let read = unsafe {
+        let status = sys::napi_get_value_string_utf8(
+            value.env,
+            value.value,
+            buf.as_mut_ptr().cast::<c_char>(),
+            len + 1,
+            &mut written,
+        );
+        if status == sys::Status::napi_ok {
+            buf.set_len(written.min(len));
+        }
+        status == sys::Status::napi_ok
+    };
+    if !read {
+        return Text::Unreadable;
     }
-    match s.into_utf8().and_then(|u| u.into_owned()) {
+    // Node writes valid UTF-8 (lone surrogates become U+FFFD).
+    match String::from_utf8(buf) {
         Ok(s) => Text::Present(s),
-        Err(_) => Text::Unreadable,
+        Err(e) => {
+            e.into_bytes().zeroize();
+            Text::Unreadable
+        }
     }
 }
 
