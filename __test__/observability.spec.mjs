@@ -518,6 +518,23 @@ describe('OpenTelemetry, through the global providers', () => {
     expect(http.parentSpanContext?.spanId ?? http.parentSpanId).toBe(refresh.spanContext().spanId)
     expect(http.spanContext().traceId).toBe(refresh.spanContext().traceId)
   })
+
+  it('a provider registered after some refreshes gets their counts too (from the manager’s start, as metrics() has them)', async () => {
+    const m = new TokenManager()
+    for (const fail of [undefined, new Error('down')]) {
+      const u = uid()
+      await m.getValidToken(u, expired(u), refresher({ fail })).catch(() => {})
+    }
+    mp = meterProvider()
+    metrics.setGlobalMeterProvider(mp.provider)
+    const u = uid()
+    await m.getValidToken(u, expired(u), refresher())
+    const got = await mp.read()
+    expect(point(got['tarabut_token_manager.refreshes'], { outcome: 'ok', refresher: 'custom' }).value).toBe(2)
+    expect(point(got['tarabut_token_manager.refreshes'], { outcome: 'REFRESH_FAILED', refresher: 'custom' }).value).toBe(1)
+    // Durations only of what it saw.
+    expect(point(got['tarabut_token_manager.refresh.duration'], { outcome: 'ok', refresher: 'custom' }).value.count).toBe(1)
+  })
 })
 
 // --- Prometheus ------------------------------------------------------------
@@ -685,7 +702,7 @@ async function inChild(code, { hide } = {}) {
 }
 
 describe('nothing is loaded until it is needed, and @opentelemetry/api is optional', () => {
-  it('the hot path loads neither @opentelemetry/api nor prom-client; the first refresh loads the API (to ask for a registered provider), not prom-client; the first metrics() loads prom-client', async () => {
+  it('the hot path loads neither @opentelemetry/api nor prom-client; a refresh loads the API after its answer (to ask for a registered provider), never prom-client; the first metrics() loads prom-client', async () => {
     const out = await inChild(`
       import { createRequire } from 'node:module'
       const require = createRequire(process.cwd() + '/')
@@ -695,13 +712,14 @@ describe('nothing is loaded until it is needed, and @opentelemetry/api is option
       for (let i = 0; i < 100; i++) await m.getValidToken('u', { accessToken: 'a', expiresAt: Date.now() + 3_600_000 }, () => {})
       const hot = { otel: loaded('@opentelemetry/api'), prom: loaded('prom-client') }
       await m.getValidToken('v', { accessToken: 'a', expiresAt: 0 }, async () => ({ accessToken: 'b', expiresIn: 3600 }))
+      const answered = loaded('@opentelemetry/api')
       await new Promise((r) => setImmediate(r))
       const refreshed = { otel: loaded('@opentelemetry/api'), prom: loaded('prom-client') }
       await m.metrics()
       const scraped = { otel: loaded('@opentelemetry/api'), prom: loaded('prom-client') }
-      console.log(JSON.stringify({ hot, refreshed, scraped }))
+      console.log(JSON.stringify({ hot, answered, refreshed, scraped }))
     `)
-    expect(out).toEqual({ hot: { otel: false, prom: false }, refreshed: { otel: true, prom: false }, scraped: { otel: true, prom: true } })
+    expect(out).toEqual({ hot: { otel: false, prom: false }, answered: false, refreshed: { otel: true, prom: false }, scraped: { otel: true, prom: true } })
   })
 
   it('without @opentelemetry/api installed (and a provider registered by someone): refreshes, channels and metrics() work, nothing is logged', async () => {

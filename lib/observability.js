@@ -6,8 +6,8 @@
 //   process runs, plain channels for stale serves, Redis fallbacks and
 //   invalidations, each published only when it has subscribers;
 // - OpenTelemetry through `@opentelemetry/api` (an optional peer
-//   dependency), loaded at the first refresh and used once the application
-//   registered a provider (or passed its own);
+//   dependency, looked for from the first refresh on, never at startup),
+//   used once the application registered a provider (or passed its own);
 // - Prometheus text (`metrics()`) through prom-client, loaded at the first
 //   scrape;
 // - the logger every warning goes through.
@@ -18,6 +18,7 @@
 // Redis URL: they carry a user id, why, how and what came of it.
 
 const dc = require('node:diagnostics_channel')
+const { setImmediate } = require('node:timers')
 const { argError } = require('./errors.js')
 
 const NAME = 'tarabut-token-manager'
@@ -97,20 +98,44 @@ function codeOf(error) {
 
 // --- OpenTelemetry --------------------------------------------------------
 
-/** The API: undefined until wanted, null if it is not installed. */
+/**
+ * The API (with the no-op tracer provider, which the global one delegates to
+ * while no SDK is registered): undefined until looked for, null if it is not
+ * installed, PENDING while its load waits.
+ */
 let otel
+const PENDING = Symbol('loading')
 function loadOtel() {
-  if (otel === undefined) {
+  try {
+    const api = require('@opentelemetry/api')
+    otel = { api, noTracers: new api.ProxyTracerProvider().getDelegate() }
+  } catch {
+    otel = null
+  }
+}
+
+/**
+ * @opentelemetry/api, if installed: at once if something loaded it already
+ * (as registering an SDK does) or `now` (providers were passed in), else
+ * after the current task (timers' own setImmediate, which fake timers leave
+ * alone), so that a process's first refresh does not wait for its sixty
+ * files. A provider that copy cannot see yet (a bundled copy registered it)
+ * is seen from then on, and gets the refresh counts so far (`#attach`).
+ */
+function otelApi(now) {
+  if (otel === undefined || (now && otel === PENDING)) {
+    let path = null
     try {
-      const api = require('@opentelemetry/api')
-      // The global tracer provider while no SDK is registered: what a
-      // provider with no delegate delegates to.
-      otel = { api, noTracers: new api.ProxyTracerProvider().getDelegate() }
-    } catch {
-      otel = null
+      path = require.resolve('@opentelemetry/api')
+    } catch {}
+    if (path === null) otel = null
+    else if (now || require.cache[path] !== undefined) loadOtel()
+    else if (otel !== PENDING) {
+      otel = PENDING
+      setImmediate(loadOtel).unref()
     }
   }
-  return otel
+  return otel === PENDING ? null : otel
 }
 
 let version
@@ -255,7 +280,7 @@ class Observer {
     this.#stats = stats
     this.#bufferMs = bufferMs
     // Providers passed in are used at once; the global ones are looked for
-    // at the first refresh, so that startup loads nothing.
+    // from the first refresh on, so that startup loads nothing.
     if (this.#otelOption !== null) this.#attach()
   }
 
@@ -460,7 +485,7 @@ class Observer {
   #attach() {
     const option = this.#otelOption
     if (option === false) return
-    const o = loadOtel()
+    const o = otelApi(option !== null)
     if (o === null) return
     try {
       const meters = option?.meterProvider ?? o.api.metrics.getMeterProvider()
@@ -469,8 +494,11 @@ class Observer {
         this.#instruments?.observers.delete(this.#ref)
         this.#instruments = null
         if (option?.meterProvider != null || meters.getMeter(NAME, packageVersion()) !== o.api.createNoopMeter()) {
-          this.#instruments = instrumentsFor(meters)
-          this.#instruments.observers.add(this.#ref)
+          const ins = instrumentsFor(meters)
+          ins.observers.add(this.#ref)
+          // Counted from the manager's start, as metrics() does.
+          for (const [refresher, byOutcome] of this.#counts) for (const [outcome, n] of byOutcome) ins.refreshes.add(n, { outcome, refresher })
+          this.#instruments = ins
         }
       }
       const tracers = option?.tracerProvider ?? o.api.trace.getTracerProvider().getDelegate()
