@@ -518,6 +518,23 @@ describe('OpenTelemetry, through the global providers', () => {
     expect(http.parentSpanContext?.spanId ?? http.parentSpanId).toBe(refresh.spanContext().spanId)
     expect(http.spanContext().traceId).toBe(refresh.spanContext().traceId)
   })
+
+  it('a provider registered after some refreshes gets their counts too (from the manager’s start, as metrics() has them)', async () => {
+    const m = new TokenManager()
+    for (const fail of [undefined, new Error('down')]) {
+      const u = uid()
+      await m.getValidToken(u, expired(u), refresher({ fail })).catch(() => {})
+    }
+    mp = meterProvider()
+    metrics.setGlobalMeterProvider(mp.provider)
+    const u = uid()
+    await m.getValidToken(u, expired(u), refresher())
+    const got = await mp.read()
+    expect(point(got['tarabut_token_manager.refreshes'], { outcome: 'ok', refresher: 'custom' }).value).toBe(2)
+    expect(point(got['tarabut_token_manager.refreshes'], { outcome: 'REFRESH_FAILED', refresher: 'custom' }).value).toBe(1)
+    // Durations only of what it saw.
+    expect(point(got['tarabut_token_manager.refresh.duration'], { outcome: 'ok', refresher: 'custom' }).value.count).toBe(1)
+  })
 })
 
 // --- Prometheus ------------------------------------------------------------
@@ -551,6 +568,8 @@ function histogramSeries(text, name, labels) {
 describe('metrics(): Prometheus text exposition format', () => {
   it('every metric with HELP and TYPE; refreshes by outcome and refresher; durations in 5 ms to 30 s buckets; values as stats() says', async () => {
     const m = new TokenManager()
+    // Scraped from the start, as Prometheus does: durations are recorded from the first metrics() on.
+    await m.metrics()
     const api = await startTarabutServer()
     try {
       const tarabut = tarabutRefresher({ clientId: api.clientId, clientSecret: secret(api.clientSecret), tokenUrl: api.tokenUrl })
@@ -639,6 +658,25 @@ describe('metrics(): Prometheus text exposition format', () => {
     expect({ status: checked.status, out: checked.stdout + checked.stderr }).toEqual({ status: 0, out: '' })
   })
 
+  it('refreshes before the first metrics() are counted, not timed; later ones are timed too', async () => {
+    const m = new TokenManager()
+    for (let i = 0; i < 2; i++) {
+      const u = uid()
+      await m.getValidToken(u, expired(u), refresher())
+    }
+    const ok = (f) => Number(f.tarabut_token_manager_refreshes_total.metrics.find((s) => s.labels.outcome === 'ok')?.value)
+    const first = await scrape(m)
+    expect(ok(first)).toBe(2)
+    expect(first.tarabut_token_manager_refresh_duration_seconds.metrics).toHaveLength(0)
+    const u = uid()
+    await m.getValidToken(u, expired(u), refresher({ delayMs: 10 }))
+    const second = await scrape(m)
+    expect(ok(second)).toBe(3)
+    const timed = second.series('tarabut_token_manager_refresh_duration_seconds', { outcome: 'ok', refresher: 'custom' })
+    expect(Number(timed.count)).toBe(1)
+    expect(Number(timed.sum)).toBeGreaterThanOrEqual(0.005)
+  })
+
   it('each manager has its own registry; a fresh one scrapes zeros', async () => {
     const a = new TokenManager()
     const b = new TokenManager()
@@ -664,7 +702,7 @@ async function inChild(code, { hide } = {}) {
 }
 
 describe('nothing is loaded until it is needed, and @opentelemetry/api is optional', () => {
-  it('neither the hot path nor a refresh loads @opentelemetry/api (no provider registered) or prom-client; the first metrics() loads prom-client, not its index', async () => {
+  it('the hot path loads neither @opentelemetry/api nor prom-client; a refresh loads the API after its answer (to ask for a registered provider), never prom-client; the first metrics() loads prom-client', async () => {
     const out = await inChild(`
       import { createRequire } from 'node:module'
       const require = createRequire(process.cwd() + '/')
@@ -674,13 +712,14 @@ describe('nothing is loaded until it is needed, and @opentelemetry/api is option
       for (let i = 0; i < 100; i++) await m.getValidToken('u', { accessToken: 'a', expiresAt: Date.now() + 3_600_000 }, () => {})
       const hot = { otel: loaded('@opentelemetry/api'), prom: loaded('prom-client') }
       await m.getValidToken('v', { accessToken: 'a', expiresAt: 0 }, async () => ({ accessToken: 'b', expiresIn: 3600 }))
+      const answered = loaded('@opentelemetry/api')
       await new Promise((r) => setImmediate(r))
       const refreshed = { otel: loaded('@opentelemetry/api'), prom: loaded('prom-client') }
       await m.metrics()
-      const scraped = { otel: loaded('@opentelemetry/api'), prom: loaded('prom-client'), index: Object.keys(require.cache).some((k) => k.endsWith('/prom-client/index.js')) }
-      console.log(JSON.stringify({ hot, refreshed, scraped }))
+      const scraped = { otel: loaded('@opentelemetry/api'), prom: loaded('prom-client') }
+      console.log(JSON.stringify({ hot, answered, refreshed, scraped }))
     `)
-    expect(out).toEqual({ hot: { otel: false, prom: false }, refreshed: { otel: false, prom: false }, scraped: { otel: false, prom: true, index: false } })
+    expect(out).toEqual({ hot: { otel: false, prom: false }, answered: false, refreshed: { otel: true, prom: false }, scraped: { otel: true, prom: true } })
   })
 
   it('without @opentelemetry/api installed (and a provider registered by someone): refreshes, channels and metrics() work, nothing is logged', async () => {

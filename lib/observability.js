@@ -6,17 +6,19 @@
 //   process runs, plain channels for stale serves, Redis fallbacks and
 //   invalidations, each published only when it has subscribers;
 // - OpenTelemetry through `@opentelemetry/api` (an optional peer
-//   dependency): loaded only once the application has registered a global
-//   provider (or passed its own), never at startup;
-// - Prometheus text (`metrics()`) through prom-client's Registry and metric
-//   classes, loaded at the first scrape;
+//   dependency, looked for from the first refresh on, never at startup),
+//   used once the application registered a provider (or passed its own);
+// - Prometheus text (`metrics()`) through prom-client, loaded at the first
+//   scrape;
 // - the logger every warning goes through.
-// Only the slow path comes here. The hot path (a token valid beyond the
-// buffer) is untouched: its hits are read from the core's counter when
-// metrics are collected. No message, metric or span holds a token, a
-// secret or a Redis URL: they carry a user id, why, how and what came of it.
+// Both metric outputs come from one table (METRICS). Nobody listening costs
+// a refresh one small object and a count: no clock read, no closure. The hot
+// path is untouched: its hits are read from the core's counter when metrics
+// are collected. No message, metric or span holds a token, a secret or a
+// Redis URL: they carry a user id, why, how and what came of it.
 
 const dc = require('node:diagnostics_channel')
+const { setImmediate } = require('node:timers')
 const { argError } = require('./errors.js')
 
 const NAME = 'tarabut-token-manager'
@@ -31,12 +33,32 @@ const DURATION_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 1
 /** Where a refresh function comes from: lib/refreshers.js marks its own. */
 const REFRESHER_KIND = Symbol('tarabut-token-manager.refresherKind')
 
+/**
+ * Every metric, for both outputs. `name` is OpenTelemetry's after
+ * `tarabut_token_manager.`; Prometheus's is the same with underscores,
+ * `_seconds` for a unit of seconds and `_total` for a counter. `stat`: read
+ * from `stats()` when collected (observable); otherwise recorded per refresh
+ * run here, labelled by outcome (ok or the error code) and refresher.
+ */
+const METRICS = [
+  { name: 'refreshes', type: 'counter', unit: '{refresh}', help: 'Refreshes this process ran, by outcome (ok or the error code) and refresher' },
+  { name: 'refresh.duration', type: 'histogram', unit: 's', help: 'Duration of the refreshes this process ran, by outcome and refresher' },
+  { name: 'users', type: 'gauge', unit: '{user}', help: 'Users the token manager holds state for', stat: 'users' },
+  { name: 'in_flight', type: 'gauge', unit: '{refresh}', help: 'Refreshes running now', stat: 'inFlight' },
+  { name: 'hits', type: 'counter', unit: '{call}', help: 'Calls answered without a refresh', stat: 'hits' },
+  { name: 'coalesced', type: 'counter', unit: '{call}', help: "Calls that waited on another call's refresh", stat: 'coalesced' },
+  { name: 'stale_served', type: 'counter', unit: '{call}', help: 'Calls served their own still-valid token after a refresh failed', stat: 'staleServed' },
+  { name: 'redis.fallbacks', type: 'counter', unit: '{refresh}', help: 'Refreshes coordinated in-process only because Redis was unavailable', stat: 'redisFallbacks' },
+]
+const LABELS = ['outcome', 'refresher']
+const promName = (m) => `tarabut_token_manager_${m.name.replaceAll('.', '_')}${m.unit === 's' ? '_seconds' : ''}${m.type === 'counter' ? '_total' : ''}`
+const OBSERVED = METRICS.filter((m) => m.stat !== undefined)
+
 /** Warnings go where they always went: process warnings with a stable code. */
 const processWarnings = {
   warn: (fields, message) => process.emitWarning(message, { code: fields.code }),
   error: (fields, message) => process.emitWarning(message, { code: fields.code }),
 }
-
 
 /** `options.logger` and `options.openTelemetry`: TypeError on a bad one. */
 function checkOptions(o) {
@@ -76,19 +98,44 @@ function codeOf(error) {
 
 // --- OpenTelemetry --------------------------------------------------------
 
-/** @opentelemetry/api keeps its globals here (any copy of major version 1). */
-const OTEL_GLOBAL = Symbol.for('opentelemetry.js.api.1')
-/** The API module: undefined until wanted, null if it is not installed. */
-let otelApi
-function loadOtelApi() {
-  if (otelApi === undefined) {
+/**
+ * The API (with the no-op tracer provider, which the global one delegates to
+ * while no SDK is registered): undefined until looked for, null if it is not
+ * installed, PENDING while its load waits.
+ */
+let otel
+const PENDING = Symbol('loading')
+function loadOtel() {
+  try {
+    const api = require('@opentelemetry/api')
+    otel = { api, noTracers: new api.ProxyTracerProvider().getDelegate() }
+  } catch {
+    otel = null
+  }
+}
+
+/**
+ * @opentelemetry/api, if installed: at once if something loaded it already
+ * (as registering an SDK does) or `now` (providers were passed in), else
+ * after the current task (timers' own setImmediate, which fake timers leave
+ * alone), so that a process's first refresh does not wait for its sixty
+ * files. A provider that copy cannot see yet (a bundled copy registered it)
+ * is seen from then on, and gets the refresh counts so far (`#attach`).
+ */
+function otelApi(now) {
+  if (otel === undefined || (now && otel === PENDING)) {
+    let path = null
     try {
-      otelApi = require('@opentelemetry/api')
-    } catch {
-      otelApi = null
+      path = require.resolve('@opentelemetry/api')
+    } catch {}
+    if (path === null) otel = null
+    else if (now || require.cache[path] !== undefined) loadOtel()
+    else if (otel !== PENDING) {
+      otel = PENDING
+      setImmediate(loadOtel).unref()
     }
   }
-  return otelApi
+  return otel === PENDING ? null : otel
 }
 
 let version
@@ -109,51 +156,28 @@ function instrumentsFor(meterProvider) {
   let ins = instrumentsByProvider.get(meterProvider)
   if (ins !== undefined) return ins
   const meter = meterProvider.getMeter(NAME, packageVersion())
-  /** WeakRefs to the Observers reporting here: a dropped manager is not kept alive. */
-  const observers = new Set()
-  ins = {
-    observers,
-    refreshes: meter.createCounter('tarabut_token_manager.refreshes', {
-      description: 'Refreshes this process ran, by outcome (ok or the error code) and refresher',
-      unit: '{refresh}',
-    }),
-    duration: meter.createHistogram('tarabut_token_manager.refresh.duration', {
-      description: 'Duration of the refreshes this process ran, by outcome and refresher',
-      unit: 's',
-      advice: { explicitBucketBoundaries: DURATION_BUCKETS },
-    }),
+  const make = { counter: 'createCounter', histogram: 'createHistogram' }
+  const observe = { counter: 'createObservableCounter', gauge: 'createObservableGauge' }
+  ins = { observers: new Set() }
+  for (const m of METRICS) {
+    const create = m.stat === undefined ? make[m.type] : observe[m.type]
+    const advice = m.type === 'histogram' ? { explicitBucketBoundaries: DURATION_BUCKETS } : undefined
+    ins[m.name] = meter[create](`tarabut_token_manager.${m.name}`, { description: m.help, unit: m.unit, advice })
   }
-  const observed = {
-    users: meter.createObservableGauge('tarabut_token_manager.users', { description: 'Users the token manager holds state for', unit: '{user}' }),
-    inFlight: meter.createObservableGauge('tarabut_token_manager.in_flight', { description: 'Refreshes running now', unit: '{refresh}' }),
-    hits: meter.createObservableCounter('tarabut_token_manager.hits', { description: 'Calls answered without a refresh', unit: '{call}' }),
-    coalesced: meter.createObservableCounter('tarabut_token_manager.coalesced', {
-      description: "Calls that waited on another call's refresh",
-      unit: '{call}',
-    }),
-    staleServed: meter.createObservableCounter('tarabut_token_manager.stale_served', {
-      description: "Calls served their own still-valid token after a refresh failed",
-      unit: '{call}',
-    }),
-    redisFallbacks: meter.createObservableCounter('tarabut_token_manager.redis.fallbacks', {
-      description: 'Refreshes coordinated in-process only because Redis was unavailable',
-      unit: '{refresh}',
-    }),
-  }
-  const keys = Object.keys(observed)
-  meter.addBatchObservableCallback((result) => {
-    const sum = { users: 0, inFlight: 0, hits: 0, coalesced: 0, staleServed: 0, redisFallbacks: 0 }
-    for (const ref of observers) {
-      const o = ref.deref()
-      const s = o === undefined ? undefined : o.statsFor(meterProvider)
-      if (s === undefined) {
-        observers.delete(ref)
-        continue
+  // WeakRefs to the Observers reporting here: a dropped manager is not kept alive.
+  const observers = ins.observers
+  meter.addBatchObservableCallback(
+    (result) => {
+      const sums = OBSERVED.map(() => 0)
+      for (const ref of observers) {
+        const s = ref.deref()?.statsFor(meterProvider)
+        if (s === undefined) observers.delete(ref)
+        else OBSERVED.forEach((m, i) => (sums[i] += s[m.stat]))
       }
-      for (const k of keys) sum[k] += s[k]
-    }
-    for (const k of keys) result.observe(observed[k], sum[k])
-  }, Object.values(observed))
+      OBSERVED.forEach((m, i) => result.observe(ins[m.name], sums[i]))
+    },
+    OBSERVED.map((m) => ins[m.name]),
+  )
   instrumentsByProvider.set(meterProvider, ins)
   return ins
 }
@@ -161,134 +185,61 @@ function instrumentsFor(meterProvider) {
 // --- Prometheus -------------------------------------------------------------
 
 /**
- * Refresh outcomes and durations for `metrics()`, counted as they happen at
- * a few nanoseconds each (a prom-client observation costs about a
- * microsecond, and prom-client need not be loaded until someone scrapes).
+ * A manager's prom-client Registry: refresh counts read from `counts`
+ * (refresher -> outcome -> count, kept since the manager was made), the
+ * core's counters from `snapshot()` (its stats() at scrape time). Returns it
+ * with the durations histogram, which the manager observes from then on.
  */
-class RefreshTally {
-  /** refresher -> outcome -> { count, sum, buckets } (buckets[i]: durations in (bound i-1, bound i]; the last: above 30 s). */
-  #byRefresher = new Map()
-
-  record(refresher, outcome, seconds) {
-    let byOutcome = this.#byRefresher.get(refresher)
-    if (byOutcome === undefined) this.#byRefresher.set(refresher, (byOutcome = new Map()))
-    let s = byOutcome.get(outcome)
-    if (s === undefined) byOutcome.set(outcome, (s = { count: 0, sum: 0, buckets: new Float64Array(DURATION_BUCKETS.length + 1) }))
-    s.count++
-    s.sum += seconds
-    let i = 0
-    while (i < DURATION_BUCKETS.length && seconds > DURATION_BUCKETS[i]) i++
-    s.buckets[i]++
-  }
-
-  /** Every series: { labels: { outcome, refresher }, count, sum, buckets }. */
-  *series() {
-    for (const [refresher, byOutcome] of this.#byRefresher) {
-      for (const [outcome, s] of byOutcome) yield { labels: { outcome, refresher }, ...s }
+function promRegistry(counts, snapshot) {
+  const { Registry, Counter, Gauge, Histogram } = require('prom-client')
+  const registry = new Registry()
+  let durations
+  for (const m of METRICS) {
+    const config = { name: promName(m), help: m.help, registers: [registry] }
+    if (m.type === 'histogram') {
+      durations = new Histogram({ ...config, labelNames: LABELS, buckets: DURATION_BUCKETS })
+    } else if (m.stat === undefined) {
+      new Counter({
+        ...config,
+        labelNames: LABELS,
+        collect() {
+          this.reset()
+          for (const [refresher, byOutcome] of counts) for (const [outcome, n] of byOutcome) this.inc({ outcome, refresher }, n)
+        },
+      })
+    } else if (m.type === 'gauge') {
+      new Gauge({
+        ...config,
+        collect() {
+          this.set(snapshot()[m.stat])
+        },
+      })
+    } else {
+      new Counter({
+        ...config,
+        collect() {
+          this.reset()
+          this.inc(snapshot()[m.stat])
+        },
+      })
     }
   }
-}
-
-/**
- * A manager's prom-client Registry over its tally and `snapshot()` (its
- * stats() at scrape time). Loads prom-client's Registry and metric classes,
- * not its index, which also loads its default process metrics and
- * @opentelemetry/api.
- */
-function promRegistry(tally, snapshot) {
-  const Registry = require('prom-client/lib/registry')
-  const Counter = require('prom-client/lib/counter')
-  const Gauge = require('prom-client/lib/gauge')
-  const registers = [new Registry()]
-  new Counter({
-    name: 'tarabut_token_manager_refreshes_total',
-    help: 'Refreshes this process ran, by outcome (ok or the error code) and refresher.',
-    labelNames: ['outcome', 'refresher'],
-    registers,
-    collect() {
-      this.reset()
-      for (const s of tally.series()) this.inc(s.labels, s.count)
-    },
-  })
-  // prom-client's Histogram takes observations one by one; this one is
-  // read from the tally. The Registry formats it like any other metric
-  // (what it reads: name, help, type, aggregator and get()'s values).
-  const name = 'tarabut_token_manager_refresh_duration_seconds'
-  const help = 'Duration of the refreshes this process ran, by outcome and refresher.'
-  registers[0].registerMetric({
-    name,
-    help,
-    type: 'histogram',
-    aggregator: 'sum',
-    async get() {
-      const values = []
-      for (const s of tally.series()) {
-        let cumulative = 0
-        DURATION_BUCKETS.forEach((le, i) => {
-          cumulative += s.buckets[i]
-          values.push({ metricName: `${name}_bucket`, labels: { le, ...s.labels }, value: cumulative })
-        })
-        values.push({ metricName: `${name}_bucket`, labels: { le: '+Inf', ...s.labels }, value: s.count })
-        values.push({ metricName: `${name}_sum`, labels: s.labels, value: s.sum })
-        values.push({ metricName: `${name}_count`, labels: s.labels, value: s.count })
-      }
-      return { name, help, type: 'histogram', aggregator: 'sum', values }
-    },
-  })
-  // The core's counters, the ones stats() reports.
-  const gauge = (name, help, key) =>
-    new Gauge({
-      name,
-      help,
-      registers,
-      collect() {
-        this.set(snapshot()[key])
-      },
-    })
-  const counter = (name, help, key) =>
-    new Counter({
-      name,
-      help,
-      registers,
-      collect() {
-        this.reset()
-        this.inc(snapshot()[key])
-      },
-    })
-  gauge('tarabut_token_manager_users', 'Users the token manager holds state for.', 'users')
-  gauge('tarabut_token_manager_in_flight', 'Refreshes running now.', 'inFlight')
-  counter('tarabut_token_manager_hits_total', 'Calls answered without a refresh.', 'hits')
-  counter('tarabut_token_manager_coalesced_total', "Calls that waited on another call's refresh.", 'coalesced')
-  counter('tarabut_token_manager_stale_served_total', 'Calls served their own still-valid token after a refresh failed.', 'staleServed')
-  counter('tarabut_token_manager_redis_fallbacks_total', 'Refreshes coordinated in-process only because Redis was unavailable.', 'redisFallbacks')
-  return registers[0]
+  return { registry, durations }
 }
 
 // --- One manager's observer -------------------------------------------------
 
-/** One flight this manager leads: who asked, why, and (once it runs) its refresh. */
+/** One flight this manager leads. */
 class RefreshTrace {
-  constructor(flightId, userId, noToken, expiresAtMs, refresher, nowMs) {
-    this.flightId = flightId
-    this.userId = userId
-    /** The leader's token and the caller's clock when it led, for `reason` (worked out only for whoever will see it). */
-    this.noToken = noToken
-    this.expiresAtMs = expiresAtMs
-    this.nowMs = nowMs
-    this.reason = null
+  constructor(refresher, detail) {
     this.refresher = refresher
-    /** Callers this flight serves: the leader's and every joiner's (counted when `tracked`). */
-    this.waiters = 1
-    this.tracked = false
-    /** performance.now() when its refresh started; 0 while none ran. */
-    this.startedAt = 0
-    this.coordination = 'local'
-    /** The flight settled (a refresh starting later ends on its own). */
+    /** Its refresh started here (a flight with Redis may end without one). */
+    this.ran = false
     this.settled = false
-    this.finished = false
-    /** The tracing channel's context, when it had subscribers. */
-    this.channelContext = null
-    this.span = null
+    /** performance.now() when its refresh started, if anyone wants its duration; else 0. */
+    this.startedAt = 0
+    /** What spans and channel subscribers see; null when neither listened as it was led. */
+    this.detail = detail
   }
 }
 
@@ -301,16 +252,20 @@ class Observer {
   #otelOption
   #stats
   #bufferMs
+  /** The flights a span or a subscriber sees, for `joined`. */
   #flights = new Map()
-  #tally = new RefreshTally()
-  /** prom-client's Registry, from the first scrape on. */
+  /** refresher -> outcome -> refreshes run here that ended so. */
+  #counts = new Map()
+  // Prometheus, from the first scrape on.
   #registry = null
+  #durations = null
   #snapshot = null
   #reportedFailure = false
-  // OpenTelemetry, once attached.
+  // OpenTelemetry: the providers last seen, and what this manager uses of them.
   #ref = new WeakRef(this)
-  #meterProvider = null
+  #meters = null
   #instruments = null
+  #tracers = null
   #tracer = null
 
   /**
@@ -324,7 +279,9 @@ class Observer {
     this.#otelOption = otel === false ? false : otel == null ? null : { meterProvider: otel.meterProvider ?? null, tracerProvider: otel.tracerProvider ?? null }
     this.#stats = stats
     this.#bufferMs = bufferMs
-    this.#attach()
+    // Providers passed in are used at once; the global ones are looked for
+    // from the first refresh on, so that startup loads nothing.
+    if (this.#otelOption !== null) this.#attach()
   }
 
   /** A warning with a stable code, through the logger (pino's argument order). */
@@ -339,40 +296,36 @@ class Observer {
   /** This manager leads flight `flightId`, decided at `nowMs` on the caller's clock (its refresh may run now, later or elsewhere). */
   lead(flightId, userId, accessToken, expiresAtMs, refreshFn, nowMs) {
     this.#attach()
-    const trace = new RefreshTrace(flightId, userId, accessToken.length === 0, expiresAtMs, refreshFn[REFRESHER_KIND] ?? 'custom', nowMs)
-    // Joiners are counted only for whoever will see `waiters` (a span, a
-    // subscriber): most refreshes skip the bookkeeping.
-    if (this.#tracer !== null || refreshChannel.hasSubscribers) {
-      trace.tracked = true
-      this.#flights.set(flightId, trace)
-    }
+    const refresher = refreshFn[REFRESHER_KIND] ?? 'custom'
+    if (this.#tracer === null && !refreshChannel.hasSubscribers) return new RefreshTrace(refresher, null)
+    const detail = { flightId, userId, noToken: accessToken.length === 0, expiresAtMs, nowMs, waiters: 1, span: null, channelContext: null }
+    const trace = new RefreshTrace(refresher, detail)
+    this.#flights.set(flightId, trace)
     return trace
   }
 
   /** A caller joined flight `flightId`. */
   joined(flightId) {
     const trace = this.#flights.get(flightId)
-    if (trace !== undefined) trace.waiters++
+    if (trace !== undefined) trace.detail.waiters++
   }
 
   /**
-   * Runs `refresh` (the refresh of `trace`'s flight) as traced: inside the
-   * tracing channel's start and an OpenTelemetry span, both active while
-   * `refresh` runs (so spans of a refresh function's own calls are children).
+   * Runs `refresh` (the refresh of `trace`'s flight): as it is when nobody
+   * listens; else timed, and inside the tracing channel's start and an
+   * OpenTelemetry span, both active while it runs (so spans of a refresh
+   * function's own calls are children).
    */
   run(trace, coordination, refresh) {
-    if (trace.startedAt !== 0) return refresh()
-    trace.coordination = coordination
-    trace.startedAt = performance.now()
-    let traced = refresh
-    try {
-      if (this.#tracer !== null || refreshChannel.hasSubscribers) trace.reason = refreshReason(trace.noToken, trace.expiresAtMs, this.#bufferMs, trace.nowMs)
-      if (this.#tracer !== null) traced = this.#startSpan(trace, refresh)
-      if (refreshChannel.hasSubscribers) traced = this.#startChannel(trace, traced)
-    } catch (e) {
-      this.#failed(e)
+    if (trace.ran) return refresh()
+    trace.ran = true
+    let call = refresh
+    const detail = trace.detail
+    if (detail !== null || this.#durations !== null || this.#instruments !== null) {
+      trace.startedAt = performance.now()
+      if (detail !== null) call = this.#traced(trace, detail, coordination, refresh)
     }
-    const p = traced()
+    const p = call()
     // The flight already gave up (its timeout passed while waiting for
     // Redis): this refresh ends on its own.
     if (trace.settled) p.then(() => this.#finish(trace, undefined), (e) => this.#finish(trace, e))
@@ -382,8 +335,8 @@ class Observer {
   /** Flight of `trace` settled: `error` or undefined. */
   settled(trace, error) {
     trace.settled = true
-    if (trace.tracked) this.#flights.delete(trace.flightId)
-    if (trace.startedAt !== 0) this.#finish(trace, error)
+    if (trace.detail !== null) this.#flights.delete(trace.detail.flightId)
+    if (trace.ran) this.#finish(trace, error)
   }
 
   /** A caller got its own still-valid token back after `code` failed its refresh. */
@@ -411,12 +364,19 @@ class Observer {
 
   // --- manager.metrics() ---
 
-  /** The manager's metrics in the Prometheus text exposition format. */
+  /**
+   * The manager's metrics in the Prometheus text exposition format. Refresh
+   * counts go back to the manager's start; durations to the first call.
+   */
   metrics() {
     try {
       this.#attach()
       this.#snapshot = this.#stats()
-      this.#registry ??= promRegistry(this.#tally, () => this.#snapshot)
+      if (this.#registry === null) {
+        const made = promRegistry(this.#counts, () => this.#snapshot)
+        this.#registry = made.registry
+        this.#durations = made.durations
+      }
       return this.#registry.metrics()
     } catch (e) {
       return Promise.reject(e)
@@ -425,7 +385,7 @@ class Observer {
 
   /** OpenTelemetry's collection: this manager's stats, if it still reports to `meterProvider`. */
   statsFor(meterProvider) {
-    if (meterProvider !== this.#meterProvider) return undefined
+    if (meterProvider !== this.#meters || this.#instruments === null) return undefined
     try {
       return this.#stats()
     } catch (e) {
@@ -434,14 +394,25 @@ class Observer {
     }
   }
 
-  #startSpan(trace, refresh) {
-    const api = otelApi
-    const span = this.#tracer.startSpan('tarabut_token_manager.refresh', {
-      kind: api.SpanKind.INTERNAL,
-      attributes: { 'user.id': trace.userId, reason: trace.reason, refresher: trace.refresher, coordination: trace.coordination },
-    })
-    trace.span = span
-    return () => api.context.with(api.trace.setSpan(api.context.active(), span), refresh)
+  /** `refresh` inside a span and the tracing channel's start, for whoever listens. */
+  #traced(trace, detail, coordination, refresh) {
+    let call = refresh
+    try {
+      const reason = refreshReason(detail.noToken, detail.expiresAtMs, this.#bufferMs, detail.nowMs)
+      if (this.#tracer !== null) {
+        const { api } = otel
+        const span = this.#tracer.startSpan('tarabut_token_manager.refresh', {
+          kind: api.SpanKind.INTERNAL,
+          attributes: { 'user.id': detail.userId, reason, refresher: trace.refresher, coordination },
+        })
+        detail.span = span
+        call = () => api.context.with(api.trace.setSpan(api.context.active(), span), refresh)
+      }
+      if (refreshChannel.hasSubscribers) call = this.#startChannel(detail, { userId: detail.userId, reason, refresher: trace.refresher, coordination }, call)
+    } catch (e) {
+      this.#failed(e)
+    }
+    return call
   }
 
   /**
@@ -451,9 +422,8 @@ class Observer {
    * `#finish`, when its flight settles or times out (not when the refresh
    * function's promise does).
    */
-  #startChannel(trace, refresh) {
-    const ctx = { userId: trace.userId, reason: trace.reason, refresher: trace.refresher, coordination: trace.coordination }
-    trace.channelContext = ctx
+  #startChannel(detail, ctx, refresh) {
+    detail.channelContext = ctx
     return () => {
       try {
         return refreshChannel.start.runStores(ctx, refresh)
@@ -463,35 +433,38 @@ class Observer {
     }
   }
 
-
   #finish(trace, error) {
-    if (trace.finished) return
-    trace.finished = true
-    const durationMs = performance.now() - trace.startedAt
     const outcome = error === undefined ? 'ok' : codeOf(error)
+    const refresher = trace.refresher
+    let byOutcome = this.#counts.get(refresher)
+    if (byOutcome === undefined) this.#counts.set(refresher, (byOutcome = new Map()))
+    byOutcome.set(outcome, (byOutcome.get(outcome) ?? 0) + 1)
+    const ins = this.#instruments
+    if (trace.startedAt === 0 && ins === null) return
+    const durationMs = trace.startedAt === 0 ? 0 : performance.now() - trace.startedAt
+    const detail = trace.detail
     try {
-      this.#tally.record(trace.refresher, outcome, durationMs / 1000)
-      const ins = this.#instruments
-      if (ins !== null) {
-        const attributes = { outcome, refresher: trace.refresher }
-        ins.refreshes.add(1, attributes)
-        ins.duration.record(durationMs / 1000, attributes)
+      const labels = { outcome, refresher }
+      ins?.refreshes.add(1, labels)
+      if (trace.startedAt !== 0) {
+        ins?.['refresh.duration'].record(durationMs / 1000, labels)
+        this.#durations?.observe(labels, durationMs / 1000)
       }
-      const span = trace.span
+      const span = detail?.span ?? null
       if (span !== null) {
-        span.setAttributes({ outcome, waiters: trace.waiters })
+        span.setAttributes({ outcome, waiters: detail.waiters })
         if (error !== undefined) {
           span.setAttribute('error.type', outcome)
-          span.setStatus({ code: otelApi.SpanStatusCode.ERROR, message: outcome })
+          span.setStatus({ code: otel.api.SpanStatusCode.ERROR, message: outcome })
         }
         span.end()
       }
     } catch (e) {
       this.#failed(e)
     }
-    const ctx = trace.channelContext
+    const ctx = detail?.channelContext ?? null
     if (ctx !== null) {
-      ctx.waiters = trace.waiters
+      ctx.waiters = detail.waiters
       ctx.durationMs = durationMs
       if (error !== undefined) {
         ctx.code = outcome
@@ -504,28 +477,35 @@ class Observer {
   }
 
   /**
-   * Attaches to OpenTelemetry when there is something to attach to: the
-   * providers passed in, or global ones some copy of the API registered.
-   * Before that the API is not even loaded. Runs on the slow path only, so
-   * an SDK registered after the manager was made is picked up.
+   * Attaches to the OpenTelemetry providers passed in, else to the global
+   * ones an SDK registered (none: nothing to record to). Runs on the slow
+   * path only, so an SDK registered or replaced after the manager was made
+   * is picked up at its next refresh.
    */
   #attach() {
     const option = this.#otelOption
     if (option === false) return
-    if (option === null && globalThis[OTEL_GLOBAL] === undefined && this.#meterProvider === null) return
+    const o = otelApi(option !== null)
+    if (o === null) return
     try {
-      const api = loadOtelApi()
-      if (api === null) return
-      const meterProvider = option?.meterProvider ?? api.metrics.getMeterProvider()
-      if (meterProvider !== this.#meterProvider) {
-        if (this.#instruments !== null) this.#instruments.observers.delete(this.#ref)
-        this.#instruments = instrumentsFor(meterProvider)
-        this.#instruments.observers.add(this.#ref)
-        this.#meterProvider = meterProvider
+      const meters = option?.meterProvider ?? o.api.metrics.getMeterProvider()
+      if (meters !== this.#meters) {
+        this.#meters = meters
+        this.#instruments?.observers.delete(this.#ref)
+        this.#instruments = null
+        if (option?.meterProvider != null || meters.getMeter(NAME, packageVersion()) !== o.api.createNoopMeter()) {
+          const ins = instrumentsFor(meters)
+          ins.observers.add(this.#ref)
+          // Counted from the manager's start, as metrics() does.
+          for (const [refresher, byOutcome] of this.#counts) for (const [outcome, n] of byOutcome) ins.refreshes.add(n, { outcome, refresher })
+          this.#instruments = ins
+        }
       }
-      // The global tracer provider is a proxy: a tracer from it follows a
-      // later registration.
-      this.#tracer ??= (option?.tracerProvider ?? api.trace.getTracerProvider()).getTracer(NAME, packageVersion())
+      const tracers = option?.tracerProvider ?? o.api.trace.getTracerProvider().getDelegate()
+      if (tracers !== this.#tracers) {
+        this.#tracers = tracers
+        this.#tracer = tracers === o.noTracers ? null : tracers.getTracer(NAME, packageVersion())
+      }
     } catch (e) {
       this.#failed(e)
     }
