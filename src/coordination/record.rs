@@ -181,6 +181,25 @@ mod tests {
         }
     }
 
+    /// The layout other instances (older versions included) read.
+    #[test]
+    fn the_invalidation_layout_is_unchanged() {
+        let mut i = Invalidation {
+            origin: 0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10,
+            user_id: "u1".into(),
+            access: Some(SecretString::new("tok".into())),
+        };
+        let origin = b"\x01\x02\x03\x04\x05\x06\x07\x08\x09\x0a\x0b\x0c\x0d\x0e\x0f\x10";
+        let mut expected = origin.to_vec();
+        expected.extend_from_slice(b"\0\0\0\x02u1\x01\0\0\0\x03tok");
+        assert_eq!(encode_invalidation(&i).as_slice(), expected);
+        i.access = None;
+        let mut expected = origin.to_vec();
+        expected.extend_from_slice(b"\0\0\0\x02u1\0");
+        assert_eq!(encode_invalidation(&i).as_slice(), expected);
+        assert_eq!(decode_invalidation(&expected), Some(i));
+    }
+
     mod properties {
         use super::*;
         use proptest::prelude::*;

@@ -252,6 +252,23 @@ mod tests {
         assert_eq!(k.seal(b"u", &t("a", Some(&over))), Err(SealError));
     }
 
+    /// The plaintext layout other instances (older versions included) read:
+    /// changing it strands every token already in Redis.
+    #[test]
+    fn the_plaintext_layout_is_unchanged() {
+        let t = SharedToken {
+            access: "ab".into(),
+            refresh: Some("xyz".into()),
+            expires_at: 0x0102_0304_0506_0708,
+        };
+        let with_refresh = b"\x01\x02\x03\x04\x05\x06\x07\x08\0\0\0\x02ab\x01\0\0\0\x03xyz";
+        assert_eq!(encode(&t).unwrap().as_slice(), with_refresh);
+        let t = SharedToken { refresh: None, ..t };
+        let without = b"\x01\x02\x03\x04\x05\x06\x07\x08\0\0\0\x02ab\0";
+        assert_eq!(encode(&t).unwrap().as_slice(), without);
+        assert_eq!(decode(without), Some(t));
+    }
+
     #[test]
     fn wrong_key_user_or_bytes_do_not_open() {
         let a = SealKeys::from_base64(KEY_A).unwrap();
