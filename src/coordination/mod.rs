@@ -3,6 +3,7 @@
 //! types; `src/binding/redis.rs` exposes it to JavaScript.
 //!
 //! - [`keys`]: key names (a SHA-256 of the user id, never the id);
+//! - `codec`: the length-prefixed layout of every sealed plaintext;
 //! - [`seal`]: AES-256-GCM for every value at rest or on the wire, under
 //!   one or more keys (rotation);
 //! - [`record`]: the shared values (record, lease, notices) and their encoding;
@@ -19,6 +20,7 @@
 //! The hot path never gets here: only a refresh that is due does.
 
 pub mod cache;
+mod codec;
 pub mod connection;
 pub mod coordinator;
 pub mod health;
