@@ -1,6 +1,6 @@
 //! Cross-instance coordination on Redis: one refresh per user across every
 //! process sharing a Redis (`TokenManager({ redis })`). Pure Rust, no napi
-//! types; `src/binding/redis.rs` exposes it to JavaScript.
+//! types; `src/binding/coordination.rs` exposes it to JavaScript.
 //!
 //! - [`keys`]: key names (a SHA-256 of the user id, never the id);
 //! - `codec`: the length-prefixed layout of every sealed plaintext;
