@@ -51,11 +51,11 @@ pub fn error_codes() -> Result<Vec<&'static str>, Code> {
 
 #[cfg(test)]
 mod tests {
+    // A napi error is never dropped here (`ManuallyDrop`): its drop glue
+    // needs Node-API, which a `cargo test` binary does not link.
     use std::mem::ManuallyDrop;
 
     use super::*;
-    // A napi error is never dropped here: its drop glue needs Node-API,
-    // which a `cargo test` binary does not link.
     use crate::engine::{Engine, Plan, Policy, SecretString};
 
     /// What the JavaScript tests cannot show without a panicking export in
