@@ -126,12 +126,6 @@ export declare class BindingRefresher {
 }
 
 /**
- * Test hook: panics inside the guard every export runs in, so the tests
- * can show a Rust panic reaches JavaScript as an `INTERNAL` error.
- */
-export declare function __panicForTest(): void
-
-/**
  * What `acquire` found. Fields are defined, never assigned (absent ones
  * are `null`): a setter on `Object.prototype` never sees a token.
  */
@@ -303,6 +297,12 @@ export interface BindingTarabutOptions {
   /** Retries of connection failures, 429 and 5xx. Default 3. */
   maxRetries?: number
 }
+
+/**
+ * Every stable `code`, in the order README's Errors table lists them:
+ * `lib/errors.js` knows the package's own errors by them.
+ */
+export declare function errorCodes(): Array<string>
 
 /** The longest access or refresh token accepted, in UTF-8 bytes. */
 export declare const MAX_TOKEN_BYTES: number

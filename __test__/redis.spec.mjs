@@ -1,6 +1,6 @@
-// Cross-instance coordination on Redis (the redis-coordination issue), with
-// a real redis-server on a random loopback port, started and stopped here.
-// "Instances" are worker processes (fixtures/redis-worker.mjs) or, where a
+// Cross-instance coordination on Redis (README: Several instances), with a real
+// redis-server on a random loopback port, started and stopped here.
+// "Instances" are worker processes (helpers/redis-worker.mjs) or, where a
 // process boundary adds nothing, separate TokenManagers in this process:
 // each has its own engine and its own Redis connection.
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest'

@@ -12,7 +12,7 @@ import { TokenManager } from '../index.mjs'
 export const seed = () => new SeedTokenManager()
 export const addon = () => new TokenManager()
 
-/** Hot path floor, exactly as the issue defines it. */
+/** Hot path floor: the bare answer described above, nothing checked. */
 export const floorHot = async (userId, token) => ({ accessToken: token.accessToken, shouldUpdate: false, expiresAt: token.expiresAt })
 
 /** Refresh floor for distinct users: one refreshFn call per call, nothing else. */

@@ -106,7 +106,7 @@ function afterInvalidateRow(id) {
         return m
       }),
     },
-    metrics: [{ key: 'v', label: 'ns per call', format: fmt.int, target: '≤ 1.2×', met: ({ ratio }) => ratio <= 1.2 }],
+    metrics: [{ key: 'v', label: 'ns per call', format: fmt.int, target: '≤ 1.1×', met: ({ ratio }) => ratio <= 1.1 }],
   }
 }
 
@@ -288,7 +288,14 @@ function memoryRow(id, bytes) {
     title: `memory: ${n.memoryUsers.toLocaleString('en-US')} users refreshed once, ${bytes} B access tokens`,
     run: { seed: measure('seed'), addon: measure('addon'), floor: measure('floor') },
     metrics: [
-      { key: 'rssPerUser', label: 'resident bytes per user', format: fmt.int, target: '≤ 0.5×', met: ({ ratio }) => ratio <= 0.5 },
+      { key: 'rssPerUser', label: 'resident bytes per user', format: fmt.int },
+      {
+        key: 'overheadPerUser',
+        label: 'resident bytes per user beyond the token bytes it holds',
+        format: fmt.int,
+        target: '≤ 0.5×',
+        met: ({ ratio }) => ratio <= 0.5,
+      },
       { key: 'heapPerUser', label: 'JS heap bytes per user', format: fmt.int },
     ],
   }
@@ -322,15 +329,15 @@ const rows = [
     key: 'v',
     label: 'ns per call',
     format: fmt.int,
-    target: '≤ 1.0×',
-    met: ({ ratio }) => ratio <= 1.0,
+    target: '≤ 0.8× seed, ≤ 1.5× floor',
+    met: ({ ratio, values }) => ratio <= 0.8 && values.addon <= 1.5 * values.floor,
   }),
   hotRow('2', 'hot path, 1,000 in flight', (call, c) => concurrentCallsPerSec(call, n.inFlight, c.bench), {
     key: 'v',
     label: 'calls/s',
     format: fmt.int,
-    target: '≥ 1.0×',
-    met: ({ ratio }) => ratio >= 1.0,
+    target: '≥ 1.2×',
+    met: ({ ratio }) => ratio >= 1.2,
   }),
   afterInvalidateRow('2b'),
   subscribedHotRow('1s', 'hot path, awaited one by one', (call, c) => awaitedNsPerCall(call, n.awaited, c.bench), {

@@ -3,6 +3,8 @@
 // (README: Errors): `INVALID_ARGUMENT` on a TypeError or RangeError for bad
 // input, the refresh outcomes on a TokenRefreshError, `INTERNAL` for a bug.
 
+const { errorCodes } = require('../binding.js')
+
 /** Error for a refresh that did not produce a token; `code` is stable. */
 class TokenRefreshError extends Error {
   constructor(code, userId, message, options) {
@@ -20,17 +22,8 @@ function argError(name, problem, Kind = TypeError, cause = undefined) {
   return Object.assign(new Kind(`${name} ${problem}`, cause === undefined ? undefined : { cause }), { code: 'INVALID_ARGUMENT' })
 }
 
-/** Codes this package puts on what it throws (README: Errors). */
-const CODES = new Set([
-  'INVALID_ARGUMENT',
-  'REFRESH_FAILED',
-  'REFRESH_TIMEOUT',
-  'INVALID_REFRESH_RESULT',
-  'REAUTH_REQUIRED',
-  'INVALID_CLIENT',
-  'COORDINATOR_UNAVAILABLE',
-  'INTERNAL',
-])
+/** Codes this package puts on what it throws (README: Errors): the core's list. */
+const CODES = new Set(errorCodes())
 
 /**
  * What reading the caller's `name` argument threw, as the caller should see

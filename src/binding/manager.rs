@@ -366,14 +366,6 @@ pub fn parse_iso_time(
     })
 }
 
-/// Test hook: panics inside the guard every export runs in, so the tests
-/// can show a Rust panic reaches JavaScript as an `INTERNAL` error.
-#[cfg_attr(test, allow(dead_code))]
-#[napi(js_name = "__panicForTest")]
-pub fn panic_for_test() -> Result<(), Code> {
-    guard(|| panic!("deliberate panic for the panic-guard test"))
-}
-
 /// The longest user id accepted, in UTF-8 bytes.
 #[cfg_attr(test, allow(dead_code))]
 #[napi]

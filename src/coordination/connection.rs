@@ -15,14 +15,11 @@ use redis::aio::ConnectionManagerConfig;
 use redis::{PushKind, RedisError, RedisResult};
 use tokio::task::AbortHandle;
 
+pub use super::health::OP_TIMEOUT;
 use super::health::{self, Breaker, Epoch, Fault};
 use super::link::{self, Endpoint, Link, Target};
 use super::pubsub::Waiters;
 use crate::engine::EngineError;
-
-/// How long a call may go unanswered before a ping decides whether Redis is
-/// away (`Connection::run`). Every call is in-memory work on the server.
-pub const OP_TIMEOUT: Duration = Duration::from_millis(1_000);
 
 /// Why a call could not use Redis. Messages name a category, never the URL.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

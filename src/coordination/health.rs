@@ -82,8 +82,9 @@ use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::connection::OP_TIMEOUT;
-
+/// How long a call may go unanswered before a ping decides whether Redis is
+/// away (`Connection::run`). Every call is in-memory work on the server.
+pub const OP_TIMEOUT: Duration = Duration::from_millis(1_000);
 /// First pause of the reconnect probe; it doubles up to [`PROBE_MAX`].
 pub const PROBE_FIRST: Duration = Duration::from_millis(50);
 /// Longest pause between probes: Redis answering again is noticed within

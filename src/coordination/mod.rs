@@ -1,8 +1,9 @@
 //! Cross-instance coordination on Redis: one refresh per user across every
 //! process sharing a Redis (`TokenManager({ redis })`). Pure Rust, no napi
-//! types; `src/binding/redis.rs` exposes it to JavaScript.
+//! types; `src/binding/coordination.rs` exposes it to JavaScript.
 //!
 //! - [`keys`]: key names (a SHA-256 of the user id, never the id);
+//! - `codec`: the length-prefixed layout of every sealed plaintext;
 //! - [`seal`]: AES-256-GCM for every value at rest or on the wire, under
 //!   one or more keys (rotation);
 //! - [`record`]: the shared values (record, lease, notices) and their encoding;
@@ -19,6 +20,7 @@
 //! The hot path never gets here: only a refresh that is due does.
 
 pub mod cache;
+mod codec;
 pub mod connection;
 pub mod coordinator;
 pub mod health;
@@ -34,6 +36,7 @@ pub use coordinator::{Acquired, Coordinator, Outcome, RefreshTokenUse, Timing};
 pub use link::Endpoint;
 pub use seal::{SealKeys, SharedToken};
 
+use crate::engine::policy::whole_ms;
 use crate::engine::{EngineError, Policy, SecretString};
 
 pub const DEFAULT_LOCK_TTL_MS: u64 = 15_000;
@@ -68,15 +71,12 @@ pub fn coordinator(o: CoordinationOptions, policy: &Policy) -> Result<Coordinato
     }
     let lock_ttl_ms = match o.lock_ttl_ms {
         None => DEFAULT_LOCK_TTL_MS,
-        Some(v) if v.is_finite() && v.fract() == 0.0 && (MIN_LOCK_TTL_MS as f64..=MAX_LOCK_TTL_MS as f64).contains(&v) => {
-            v as u64
-        }
-        Some(_) => {
-            return Err(EngineError::invalid_argument(
-                "options.redis.lockTtlMs",
-                format!("must be a whole number of milliseconds from {MIN_LOCK_TTL_MS} to {MAX_LOCK_TTL_MS}"),
-            ))
-        }
+        Some(v) => whole_ms(
+            "options.redis.lockTtlMs",
+            v,
+            MIN_LOCK_TTL_MS,
+            MAX_LOCK_TTL_MS,
+        )?,
     };
     let name = "options.redis.encryptionKey";
     let n = o.encryption_keys.len();

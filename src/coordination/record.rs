@@ -1,11 +1,12 @@
 //! The values every Redis file shares, and their wire encoding: the token
 //! record (one hash per user, see `cache.rs` for its fields), the lease a
-//! lock grant hands out, and the notices announced on the channel. A leaf:
-//! it depends on nothing else in this module, so `lock`, `cache` and
+//! lock grant hands out, and the notices announced on the channel. Depends
+//! on nothing else in this module but `codec`, so `lock`, `cache` and
 //! `pubsub` read in one direction.
 
 use zeroize::Zeroizing;
 
+use super::codec;
 use crate::engine::{EpochMs, SecretString};
 
 /// A record as read from Redis or from an announcement.
@@ -49,54 +50,20 @@ pub struct Invalidation {
     pub access: Option<SecretString>,
 }
 
-/// `origin u128 BE | user len u32 BE | user | has token u8 | [len u32 BE | token]`
+/// `codec.rs` with the origin (`u128 BE`) as head, the user id, then the
+/// access token if any.
 pub fn encode_invalidation(i: &Invalidation) -> Zeroizing<Vec<u8>> {
-    let user = i.user_id.as_bytes();
-    let token = i.access.as_ref().map(|a| a.expose().as_bytes());
-    let mut v = Zeroizing::new(Vec::with_capacity(
-        25 + user.len() + token.map_or(0, <[u8]>::len),
-    ));
-    v.extend_from_slice(&i.origin.to_be_bytes());
-    v.extend_from_slice(&(user.len() as u32).to_be_bytes());
-    v.extend_from_slice(user);
-    match token {
-        Some(t) => {
-            v.push(1);
-            v.extend_from_slice(&(t.len() as u32).to_be_bytes());
-            v.extend_from_slice(t);
-        }
-        None => v.push(0),
-    }
-    v
+    let access = i.access.as_ref().map(SecretString::expose);
+    codec::encode(i.origin.to_be_bytes(), &i.user_id, access)
 }
 
-pub fn decode_invalidation(mut b: &[u8]) -> Option<Invalidation> {
-    let origin = u128::from_be_bytes(take(&mut b, 16)?.try_into().ok()?);
-    let user_id = text(&mut b)?;
-    let access = match take(&mut b, 1)?[0] {
-        0 => None,
-        1 => Some(SecretString::new(text(&mut b)?)),
-        _ => return None,
-    };
-    b.is_empty().then_some(Invalidation {
-        origin,
-        user_id,
-        access,
+pub fn decode_invalidation(b: &[u8]) -> Option<Invalidation> {
+    let (origin, user_id, access) = codec::decode(b)?;
+    Some(Invalidation {
+        origin: u128::from_be_bytes(origin),
+        user_id: user_id.to_owned(),
+        access: access.map(|a| SecretString::new(a.to_owned())),
     })
-}
-
-fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-    if b.len() < n {
-        return None;
-    }
-    let (head, rest) = b.split_at(n);
-    *b = rest;
-    Some(head)
-}
-
-fn text(b: &mut &[u8]) -> Option<String> {
-    let len = u32::from_be_bytes(take(b, 4)?.try_into().ok()?) as usize;
-    String::from_utf8(take(b, len)?.to_vec()).ok()
 }
 
 const SEP: u8 = b'|';
@@ -179,6 +146,25 @@ mod tests {
                 assert_eq!(decode_invalidation(&b[..n]), None);
             }
         }
+    }
+
+    /// The layout other instances (older versions included) read.
+    #[test]
+    fn the_invalidation_layout_is_unchanged() {
+        let mut i = Invalidation {
+            origin: 0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10,
+            user_id: "u1".into(),
+            access: Some(SecretString::new("tok".into())),
+        };
+        let origin = b"\x01\x02\x03\x04\x05\x06\x07\x08\x09\x0a\x0b\x0c\x0d\x0e\x0f\x10";
+        let mut expected = origin.to_vec();
+        expected.extend_from_slice(b"\0\0\0\x02u1\x01\0\0\0\x03tok");
+        assert_eq!(encode_invalidation(&i).as_slice(), expected);
+        i.access = None;
+        let mut expected = origin.to_vec();
+        expected.extend_from_slice(b"\0\0\0\x02u1\0");
+        assert_eq!(encode_invalidation(&i).as_slice(), expected);
+        assert_eq!(decode_invalidation(&expected), Some(i));
     }
 
     mod properties {

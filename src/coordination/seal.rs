@@ -15,6 +15,7 @@ use base64::Engine as _;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use super::codec;
 use super::keys::hex;
 use crate::engine::{EpochMs, SecretString};
 
@@ -144,64 +145,25 @@ pub fn fingerprint(id: &str, access: &SecretString) -> String {
     hex(&h.finalize()[..16])
 }
 
-// `expires_at i64 BE | access len u32 BE | access | has refresh u8 | [len u32 BE | refresh]`
-// Refuses what `decode` would: a token over MAX_TOKEN_BYTES.
+// `codec.rs` with the expiry (`i64 BE`) as head, the access token, then the
+// refresh token if any. Refuses what `decode` would: a token over
+// MAX_TOKEN_BYTES.
 fn encode(t: &SharedToken) -> Option<Zeroizing<Vec<u8>>> {
-    let access = t.access.expose().as_bytes();
-    let refresh = t.refresh.as_ref().map(|r| r.expose().as_bytes());
+    let access = t.access.expose();
+    let refresh = t.refresh.as_ref().map(SecretString::expose);
     if access.len() > MAX_TOKEN_BYTES || refresh.is_some_and(|r| r.len() > MAX_TOKEN_BYTES) {
         return None;
     }
-    let mut v = Zeroizing::new(Vec::with_capacity(
-        17 + access.len() + refresh.map_or(0, <[u8]>::len),
-    ));
-    v.extend_from_slice(&t.expires_at.to_be_bytes());
-    v.extend_from_slice(&(access.len() as u32).to_be_bytes());
-    v.extend_from_slice(access);
-    match refresh {
-        Some(r) => {
-            v.push(1);
-            v.extend_from_slice(&(r.len() as u32).to_be_bytes());
-            v.extend_from_slice(r);
-        }
-        None => v.push(0),
-    }
-    Some(v)
+    Some(codec::encode(t.expires_at.to_be_bytes(), access, refresh))
 }
 
-fn decode(mut b: &[u8]) -> Option<SharedToken> {
-    let expires_at = i64::from_be_bytes(take(&mut b, 8)?.try_into().ok()?);
-    let access = string(&mut b)?;
-    let refresh = match take(&mut b, 1)?[0] {
-        0 => None,
-        1 => Some(string(&mut b)?),
-        _ => return None,
-    };
-    b.is_empty().then_some(SharedToken {
-        access,
-        refresh,
-        expires_at,
+fn decode(b: &[u8]) -> Option<SharedToken> {
+    let (expires_at, access, refresh) = codec::decode(b)?;
+    Some(SharedToken {
+        access: SecretString::new(access.to_owned()),
+        refresh: refresh.map(|r| SecretString::new(r.to_owned())),
+        expires_at: i64::from_be_bytes(expires_at),
     })
-}
-
-fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-    if b.len() < n {
-        return None;
-    }
-    let (head, rest) = b.split_at(n);
-    *b = rest;
-    Some(head)
-}
-
-fn string(b: &mut &[u8]) -> Option<SecretString> {
-    let len = u32::from_be_bytes(take(b, 4)?.try_into().ok()?) as usize;
-    if len > MAX_TOKEN_BYTES {
-        return None;
-    }
-    let bytes = take(b, len)?;
-    Some(SecretString::new(
-        std::str::from_utf8(bytes).ok()?.to_owned(),
-    ))
 }
 
 #[cfg(test)]
@@ -250,6 +212,23 @@ mod tests {
         assert_eq!(k.open(b"u", &k.seal(b"u", &fits).unwrap()).unwrap(), fits);
         assert_eq!(k.seal(b"u", &t(&over, None)), Err(SealError));
         assert_eq!(k.seal(b"u", &t("a", Some(&over))), Err(SealError));
+    }
+
+    /// The plaintext layout other instances (older versions included) read:
+    /// changing it strands every token already in Redis.
+    #[test]
+    fn the_plaintext_layout_is_unchanged() {
+        let t = SharedToken {
+            access: "ab".into(),
+            refresh: Some("xyz".into()),
+            expires_at: 0x0102_0304_0506_0708,
+        };
+        let with_refresh = b"\x01\x02\x03\x04\x05\x06\x07\x08\0\0\0\x02ab\x01\0\0\0\x03xyz";
+        assert_eq!(encode(&t).unwrap().as_slice(), with_refresh);
+        let t = SharedToken { refresh: None, ..t };
+        let without = b"\x01\x02\x03\x04\x05\x06\x07\x08\0\0\0\x02ab\0";
+        assert_eq!(encode(&t).unwrap().as_slice(), without);
+        assert_eq!(decode(without), Some(t));
     }
 
     #[test]

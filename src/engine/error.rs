@@ -3,57 +3,52 @@
 
 use thiserror::Error;
 
-/// Stable error codes, as they reach JavaScript in `error.code`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
-    /// A caller passed a bad argument (surfaces as a `TypeError`).
-    InvalidArgument,
-    /// The refresh function (or provider) failed.
-    RefreshFailed,
-    /// The refresh did not settle within `refreshTimeoutMs`.
-    RefreshTimeout,
-    /// The refresh answered without a usable token or expiry.
-    InvalidRefreshResult,
-    /// The provider rejected the refresh grant: the user must reconnect.
-    ReauthRequired,
-    /// The provider rejected our client credentials.
-    InvalidClient,
-    /// Redis coordination was required (`onError: 'fail'`) but unavailable.
-    CoordinatorUnavailable,
-    /// A bug in this package (a caught Rust panic). Never expected.
-    Internal,
+/// Writes the codes once: the enum, its strings and [`ErrorCode::ALL`],
+/// which the binding hands to JavaScript (`errorCodes()`, read by
+/// `lib/errors.js`; a test keeps README and `index.d.ts` in step with it).
+macro_rules! codes {
+    ($($(#[$doc:meta])* $variant:ident = $code:literal,)*) => {
+        /// Stable error codes, as they reach JavaScript in `error.code`.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum ErrorCode {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl ErrorCode {
+            /// Every code, in the order README's Errors table lists them.
+            pub const ALL: &[ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $code,)*
+                }
+            }
+
+            /// The code `s` names, if it is one of ours.
+            pub fn parse(s: &str) -> Option<ErrorCode> {
+                Self::ALL.iter().copied().find(|c| c.as_str() == s)
+            }
+        }
+    };
 }
 
-impl ErrorCode {
-    /// Every code, in the order the README's Errors table lists them.
-    pub const ALL: [ErrorCode; 8] = [
-        ErrorCode::InvalidArgument,
-        ErrorCode::RefreshFailed,
-        ErrorCode::RefreshTimeout,
-        ErrorCode::InvalidRefreshResult,
-        ErrorCode::ReauthRequired,
-        ErrorCode::InvalidClient,
-        ErrorCode::CoordinatorUnavailable,
-        ErrorCode::Internal,
-    ];
-
-    /// The code `s` names, if it is one of ours.
-    pub fn parse(s: &str) -> Option<ErrorCode> {
-        Self::ALL.into_iter().find(|c| c.as_str() == s)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::InvalidArgument => "INVALID_ARGUMENT",
-            ErrorCode::RefreshFailed => "REFRESH_FAILED",
-            ErrorCode::RefreshTimeout => "REFRESH_TIMEOUT",
-            ErrorCode::InvalidRefreshResult => "INVALID_REFRESH_RESULT",
-            ErrorCode::ReauthRequired => "REAUTH_REQUIRED",
-            ErrorCode::InvalidClient => "INVALID_CLIENT",
-            ErrorCode::CoordinatorUnavailable => "COORDINATOR_UNAVAILABLE",
-            ErrorCode::Internal => "INTERNAL",
-        }
-    }
+codes! {
+    /// A caller passed a bad argument (surfaces as a `TypeError`).
+    InvalidArgument = "INVALID_ARGUMENT",
+    /// The refresh function (or provider) failed.
+    RefreshFailed = "REFRESH_FAILED",
+    /// The refresh did not settle within `refreshTimeoutMs`.
+    RefreshTimeout = "REFRESH_TIMEOUT",
+    /// The refresh answered without a usable token or expiry.
+    InvalidRefreshResult = "INVALID_REFRESH_RESULT",
+    /// The provider rejected the refresh grant: the user must reconnect.
+    ReauthRequired = "REAUTH_REQUIRED",
+    /// The provider rejected our client credentials.
+    InvalidClient = "INVALID_CLIENT",
+    /// Redis coordination was required (`onError: 'fail'`) but unavailable.
+    CoordinatorUnavailable = "COORDINATOR_UNAVAILABLE",
+    /// A bug in this package (a caught Rust panic). Never expected.
+    Internal = "INTERNAL",
 }
 
 /// An error from the core. `Display` is safe to show: it names arguments and

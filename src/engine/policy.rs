@@ -113,14 +113,24 @@ fn duration(
     default: u64,
     min: u64,
 ) -> Result<u64, EngineError> {
-    let Some(v) = value else { return Ok(default) };
-    if !v.is_finite() || v.fract() != 0.0 || v < min as f64 || v > MAX_OPTION_MS as f64 {
-        return Err(EngineError::invalid_argument(
+    value.map_or(Ok(default), |v| whole_ms(name, v, min, MAX_OPTION_MS))
+}
+
+/// `v` (a JavaScript number) as a whole number from `min` to `max`: the one
+/// check every numeric option passes (durations here, in `coordination` and
+/// `refreshers`, and counts).
+pub fn whole(v: f64, min: u64, max: u64) -> Option<u64> {
+    (v.is_finite() && v.fract() == 0.0 && v >= min as f64 && v <= max as f64).then_some(v as u64)
+}
+
+/// [`whole`] for a duration option: otherwise `INVALID_ARGUMENT` naming it.
+pub fn whole_ms(name: &'static str, v: f64, min: u64, max: u64) -> Result<u64, EngineError> {
+    whole(v, min, max).ok_or_else(|| {
+        EngineError::invalid_argument(
             name,
-            format!("must be a whole number of milliseconds from {min} to {MAX_OPTION_MS}"),
-        ));
-    }
-    Ok(v as u64)
+            format!("must be a whole number of milliseconds from {min} to {max}"),
+        )
+    })
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ pub struct Issued {
     pub should_update: bool,
 }
 
-/// What [`Engine::complete_brief`] tells a caller that has the tokens.
+/// What [`Engine::complete`](super::Engine::complete) tells a caller that has the tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IssuedBrief {
     pub expires_at: EpochMs,

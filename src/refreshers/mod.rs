@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::engine::policy::whole_ms;
 use crate::engine::{ErrorCode, SecretString};
 
 pub use oauth2::{AuthMethod, OAuth2Config, OAuth2Refresher};
@@ -158,17 +159,13 @@ impl Refresher {
 }
 
 /// `timeoutMs` as it arrives from JavaScript.
-pub fn timeout_option(name: &str, value: Option<f64>) -> Result<Duration, RefreshError> {
-    let Some(v) = value else {
-        return Ok(Duration::from_millis(DEFAULT_TIMEOUT_MS));
+pub fn timeout_option(name: &'static str, value: Option<f64>) -> Result<Duration, RefreshError> {
+    let ms = match value {
+        None => DEFAULT_TIMEOUT_MS,
+        Some(v) => whole_ms(name, v, 1, MAX_TIMEOUT_MS)
+            .map_err(|e| RefreshError::new(e.code(), e.to_string()))?,
     };
-    if !v.is_finite() || v.fract() != 0.0 || v < 1.0 || v > MAX_TIMEOUT_MS as f64 {
-        return Err(RefreshError::invalid_argument(
-            name,
-            &format!("must be a whole number of milliseconds from 1 to {MAX_TIMEOUT_MS}"),
-        ));
-    }
-    Ok(Duration::from_millis(v as u64))
+    Ok(Duration::from_millis(ms))
 }
 
 /// A required non-empty string option (client ids and secrets).

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use super::http::{self, Attempt, Backoff, SecretBytes, Verdict};
 use super::{required, RefreshError, Token};
+use crate::engine::policy::whole;
 use crate::engine::SecretString;
 
 /// Tarabut's sandbox token endpoint; production is set with `tokenUrl`.
@@ -101,19 +102,12 @@ impl TarabutRefresher {
         let scope = config.scope.as_deref().filter(|s| !s.is_empty());
         let max_retries = match config.max_retries {
             None => DEFAULT_MAX_RETRIES,
-            Some(v)
-                if v.is_finite()
-                    && v.fract() == 0.0
-                    && (0.0..=MAX_RETRIES_LIMIT as f64).contains(&v) =>
-            {
-                v as u32
-            }
-            Some(_) => {
-                return Err(RefreshError::invalid_argument(
+            Some(v) => whole(v, 0, MAX_RETRIES_LIMIT.into()).ok_or_else(|| {
+                RefreshError::invalid_argument(
                     "maxRetries",
                     &format!("must be a whole number from 0 to {MAX_RETRIES_LIMIT}"),
-                ))
-            }
+                )
+            })? as u32,
         };
         let timeout = super::timeout_option("timeoutMs", config.timeout_ms)?;
         let body = serde_json::to_vec(&Request {
