@@ -26,11 +26,6 @@ const { CLIENT_CREDENTIALS, NATIVE_REFRESHER, nativeRefresh } = require('./refre
 const SHORT_TOKEN = Math.floor(MAX_TOKEN_BYTES / 3)
 const SHORT_USER_ID = Math.floor(MAX_USER_ID_BYTES / 3)
 
-// Date.prototype.getTime as it was when this module loaded: it reads the
-// Date's own time value, so a Date whose `getTime` was replaced (or a Proxy
-// of one: it throws) cannot hand back a value other than the Date's own.
-const dateGetTime = Date.prototype.getTime
-
 /**
  * `Date | number | string` to epoch ms, or a TypeError naming `name`. Only
  * the type is checked here: the range (a valid Date's) is the core's
@@ -50,6 +45,11 @@ function toEpochMs(value, name) {
   }
   throw argError(name, 'must be a valid Date, epoch milliseconds or an ISO 8601 string')
 }
+
+// Date.prototype.getTime as it was when this module loaded: it reads the
+// Date's own time value, so a Date whose `getTime` was replaced (or a Proxy
+// of one: it throws) cannot hand back a value other than the Date's own.
+const dateGetTime = Date.prototype.getTime
 
 const ABORT = Symbol('abort')
 
@@ -447,20 +447,25 @@ class TokenManager {
    * per user however many calls arrive together. Never throws: bad
    * arguments and failures reject.
    */
-  async getValidToken(userId, token, refreshFn) {
+  getValidToken(userId, token, refreshFn) {
+    // Not an `async` function: its promise and frame would cost the hot
+    // path more than the rest of it. Nothing throws out of here: every
+    // failure is a rejected promise.
     try {
       if (typeof userId !== 'string' || userId.length === 0) throw argError('userId', 'must be a non-empty string')
       if (token === null || typeof token !== 'object') throw argError('token', 'must be an object { accessToken, expiresAt }')
       const accessToken = token.accessToken
       if (typeof accessToken !== 'string') throw argError('token.accessToken', 'must be a string')
       const expiresAt = token.expiresAt
-      // A Date (what the seed's callers pass) is read here, once; any other
-      // form in toEpochMs.
+      // A Date (what the seed's callers pass) is read here, once, by its
+      // own time value; any other form in toEpochMs.
       const isDate = expiresAt instanceof Date
       const exp = isDate ? dateGetTime.call(expiresAt) : toEpochMs(expiresAt, 'token.expiresAt')
       if (typeof refreshFn !== 'function') throw argError('refreshFn', 'must be a function')
-      // The app's clock, looked up now: fake timers replace `Date.now`.
-      const now = this.#read(this.#now ?? Date.now)
+      // The app's clock, looked up now: fake timers replace `Date.now`. A
+      // direct call where nothing else was asked for (the engine inlines it).
+      let now = this.#now === null ? Date.now() : this.#read(this.#now)
+      if (typeof now !== 'number' || !(now >= -MAX_DATE_MS && now <= MAX_DATE_MS)) now = this.#read(Date.now)
       // Hot path. An empty token, a token or user id that may be over its
       // limit (`begin` refuses it, in UTF-8 bytes), is never served; users
       // `invalidate` marked go to `begin`.
@@ -473,14 +478,14 @@ class TokenManager {
         isFresh(exp, now, this.#bufferMs)
       ) {
         this.#hits++
-        return { accessToken, shouldUpdate: false, expiresAt: isDate ? expiresAt : new Date(exp) }
+        return Promise.resolve({ accessToken, shouldUpdate: false, expiresAt: isDate ? expiresAt : new Date(exp) })
       }
       const refreshToken = token.refreshToken
       if (refreshToken != null && typeof refreshToken !== 'string') throw argError('token.refreshToken', 'must be a string or null')
       return this.#slow(new Call(userId, accessToken, refreshToken ?? null, exp, expiresAt, refreshFn, now), false)
     } catch (e) {
       // A getter or Proxy of the caller's that threw is a bad argument too.
-      throw callerError(e, 'token')
+      return Promise.reject(callerError(e, 'token'))
     }
   }
 
