@@ -146,13 +146,7 @@ class Coordinator {
     // Whether this refresh would send a refresh token: the caller's, or only
     // one the cache hands over. 'local' accepts the risk: no guard.
     const use = this.#onError === 'local' || !mayUseRefreshToken ? 'never' : ctx.refreshToken != null ? 'sends' : 'if-handed-over'
-    let acquiring
-    try {
-      acquiring = this.#ask((t) => this.#native.acquire(t, userId, accessToken, expiresAtMs, waitMs + WAIT_SLACK_MS, nowMs, use))
-    } catch (e) {
-      // Never throw synchronously: the manager has a timer running.
-      return Promise.reject(e)
-    }
+    const acquiring = this.#ask((t) => this.#native.acquire(t, userId, accessToken, expiresAtMs, waitMs + WAIT_SLACK_MS, nowMs, use))
     return acquiring.then((a) => {
       if (a.undecryptable) this.#warnUndecryptable()
       if (a.kind !== 'unavailable') this.#warnedDown = false
@@ -258,7 +252,8 @@ class Coordinator {
   /**
    * A promise of the answer to the native call `send(ticket)` makes (it
    * answers through the constructor's callback, `#answered`). Node is kept
-   * alive while any answer is due. Throws what `send` throws.
+   * alive while any answer is due. Never throws (the manager has a timer
+   * running): rejects with what `send` throws.
    */
   #ask(send) {
     const ticket = (this.#ticket = (this.#ticket + 1) >>> 0)
