@@ -10,8 +10,19 @@
 export declare const __napiBindingTarget: 'native' | 'wasm32-wasi' | 'wasm32-wasip1'
 
 export declare class BindingCoordinator {
-  /** Validates the options (`INVALID_ARGUMENT`); connects in the background. */
-  constructor(manager: BindingManager, options: BindingCoordinationOptions, onRemoteMarks: () => void)
+  /**
+   * Validates the options (`INVALID_ARGUMENT`); connects in the
+   * background. `answer(ticket, answer)` hears every call's answer, on
+   * the JS thread; it must not throw. `onRemoteMarks()` is called, on the
+   * JS thread, when other instances' invalidations wait for the manager
+   * (`BindingManager::take_remote_marks`).
+   */
+  constructor(manager: BindingManager, options: BindingCoordinationOptions, answer: (ticket: number, answer: BindingAcquired | BindingSettled) => void, onRemoteMarks: () => void)
+  /**
+   * Whether answers are due (`true` from the first call pending, `false`
+   * once none is): keeps Node alive meanwhile, as pending promises would.
+   */
+  hold(due: boolean): void
   /** Whether Redis calls fail fast until the background probe reconnects. */
   get isDown(): boolean
   /**
@@ -21,26 +32,28 @@ export declare class BindingCoordinator {
    * will do. `refreshTokenUse`: whether the refresh would send a refresh
    * token (`'sends'`: the caller's; `'if-handed-over'`: only one the cache
    * hands over; `'never'`), which decides whether the restart guard applies.
+   * Answers `ticket` with a `BindingAcquired`.
    */
-  acquire(userId: string, accessToken: string, expiresAtMs: number, waitMs: number, nowMs: number, refreshTokenUse: 'never' | 'if-handed-over' | 'sends'): Promise<BindingAcquired>
+  acquire(ticket: number, userId: string, accessToken: string, expiresAtMs: number, waitMs: number, nowMs: number, refreshTokenUse: 'never' | 'if-handed-over' | 'sends'): void
   /**
    * The lock holder's refresh returned this (JS types already checked):
    * store it fenced, announce it, unlock. An unusable result (as of
    * `nowMs`, the caller's clock when the result came) releases the lock
-   * as failed instead.
+   * as failed instead. Answers `ticket` with a `BindingSettled`, as do
+   * `release` and `invalidate`.
    */
-  commit(userId: string, lease: BindingLease, accessToken: string | undefined | null, refreshToken: string | undefined | null, expiresAtMs: number | undefined | null, expiresIn: number | undefined | null, nowMs: number): Promise<BindingSettled>
+  commit(ticket: number, userId: string, lease: BindingLease, accessToken: string | undefined | null, refreshToken: string | undefined | null, expiresAtMs: number | undefined | null, expiresIn: number | undefined | null, nowMs: number): void
   /**
    * The lock holder gives up: `failed` (its refresh failed: waiters fail
    * too) or not (it will not refresh: waiters retry at once).
    */
-  release(userId: string, lease: BindingLease, failed: boolean): Promise<BindingSettled>
+  release(ticket: number, userId: string, lease: BindingLease, failed: boolean): void
   /**
    * `invalidate` for the other instances (the engine's own mark is the
    * manager's): marks the stored token bad if it is `accessToken` (any
    * stored token: null) and announces it. `done`: a stored token was marked.
    */
-  invalidate(userId: string, accessToken?: string | undefined | null): Promise<BindingSettled>
+  invalidate(ticket: number, userId: string, accessToken?: string | undefined | null): void
   /**
    * Drops the connection and stops lock watchdogs. Later calls answer
    * `'unavailable'`.

@@ -2,7 +2,10 @@
 // - refresh latency, Redis mode against local mode (a refresh function that
 //   answers at once, so the difference is the coordination's cost), on one
 //   plaintext node, over TLS and on a three-master Redis Cluster, measured
-//   in interleaved rounds;
+//   in interleaved rounds, beside the loopback round trip measured in the
+//   same rounds (a PING on a plain socket: the floor of each of the two
+//   round trips a refresh makes);
+// - refreshes per second with 1,000 in flight, Redis one node against local;
 // - Redis commands a refresh adds (target ≤ 2) and the hot path adds (0),
 //   counted with redis-cli MONITOR (on every node of the cluster);
 // - how long `invalidate` in one instance takes to reach another;
@@ -10,6 +13,7 @@
 //   token at once, counted at a token endpoint (target exactly 1,000).
 // Starts its own servers on random loopback ports (certificates made with
 // openssl). Run alone with `node benchmark/redis.mjs`, or import { redisRows }.
+import net from 'node:net'
 import { fileURLToPath } from 'node:url'
 
 import { TokenManager } from '../index.mjs'
@@ -33,6 +37,36 @@ async function refreshLatency(manager, prefix, count, into = []) {
   return into
 }
 
+/** Round trips of `PING` on one plain socket to `port`, one at a time; µs each. */
+export async function pingRoundTrips(port, count, into = []) {
+  const socket = net.connect({ port, host: '127.0.0.1', noDelay: true })
+  await new Promise((resolve, reject) => socket.once('connect', resolve).once('error', reject))
+  try {
+    for (let i = 0; i < count; i++) {
+      const t0 = process.hrtime.bigint()
+      await new Promise((resolve) => {
+        socket.once('data', resolve)
+        socket.write('PING\r\n')
+      })
+      into.push(Number(process.hrtime.bigint() - t0) / 1e3)
+    }
+  } finally {
+    socket.destroy()
+  }
+  return into
+}
+
+/** `count` refreshes of distinct users all at once; refreshes per second. */
+export async function refreshRate(manager, prefix, count) {
+  const t0 = process.hrtime.bigint()
+  await Promise.all(Array.from({ length: count }, (_, i) => manager.getValidToken(`${prefix}${i}`, expired(`${prefix}${i}`), instant)))
+  return count / (Number(process.hrtime.bigint() - t0) / 1e9)
+}
+
+function median(xs) {
+  return percentile([...xs].sort((a, b) => a - b), 50)
+}
+
 function summary(us) {
   us.sort((a, b) => a - b)
   return { p50: percentile(us, 50), p99: percentile(us, 99), mean: us.reduce((a, b) => a + b, 0) / us.length }
@@ -47,7 +81,7 @@ async function commands(targets, work) {
   return { sent: seen.flatMap((s) => s.sent), names: seen.flatMap((s) => s.names), scripted: seen.reduce((n, s) => n + s.scripted, 0) }
 }
 
-export async function redisRows({ users = 2_000, rounds = 4, processes = 4, fleetUsers = 1_000, log = () => {} } = {}) {
+export async function redisRows({ users = 2_000, rounds = 4, inFlight = 1_000, processes = 4, fleetUsers = 1_000, log = () => {} } = {}) {
   const redis = await startRedis()
   const certs = await makeCertificates()
   const tls = await startRedis(undefined, { tls: certs })
@@ -69,18 +103,42 @@ export async function redisRows({ users = 2_000, rounds = 4, processes = 4, flee
     await refreshLatency(local, 'warm-l-', 200)
     for (const [i, m] of modes.entries()) await refreshLatency(m.manager, `warm-${i}-`, 200)
     log(`refresh latency over ${users} users × ${modes.length + 1} modes`)
-    const samples = { local: [], modes: modes.map(() => []) }
+    const samples = { local: [], modes: modes.map(() => []), ping: [] }
     const per = Math.ceil(users / rounds)
     for (let r = 0; r < rounds; r++) {
+      await pingRoundTrips(redis.port, per, samples.ping)
       await refreshLatency(local, `lat-l-${r}-`, per, samples.local)
       for (const [i, m] of modes.entries()) await refreshLatency(m.manager, `lat-${i}-${r}-`, per, samples.modes[i])
     }
     const l = summary(samples.local)
+    const ping = summary(samples.ping)
+    row('loopback round trip, PING from Node (p50 / p99)', `${f(ping.p50)} / ${f(ping.p99)}`, 'µs', '', 'one node, measured in the same rounds')
     row('refresh latency, local mode (p50 / p99)', `${f(l.p50)} / ${f(l.p99)}`, 'µs')
     for (const [i, m] of modes.entries()) {
       const r = summary(samples.modes[i])
-      row(`refresh latency, Redis ${m.name} (p50 / p99)`, `${f(r.p50)} / ${f(r.p99)}`, 'µs', '', `adds ${f(r.mean - l.mean)} µs (mean) over local: two awaited Redis round trips (read-or-lock, write-publish-unlock) + napi async hops`)
+      row(
+        `refresh latency, Redis ${m.name} (p50 / p99)`,
+        `${f(r.p50)} / ${f(r.p99)}`,
+        'µs',
+        i === 0 ? '≤ 150 µs added p50' : '',
+        `adds ${f(r.p50 - l.p50)} µs p50 (${f(r.mean - l.mean)} mean) over local, loopback round trip ${f(ping.p50)} µs p50: two awaited round trips (read-or-lock, write-publish-unlock) + a JS → tokio → JS hop each`,
+      )
     }
+    // Throughput with `inFlight` refreshes of distinct users at once.
+    log(`${inFlight} refreshes in flight × ${rounds} rounds`)
+    const rate = { local: [], redis: [] }
+    for (let r = 0; r < rounds; r++) {
+      rate.local.push(await refreshRate(local, `fl-l-${r}-`, inFlight))
+      rate.redis.push(await refreshRate(modes[0].manager, `fl-r-${r}-`, inFlight))
+    }
+    const [lr, rr] = [median(rate.local), median(rate.redis)]
+    row(
+      `refreshes/s, ${inFlight.toLocaleString('en')} in flight, Redis one node / local`,
+      `${Math.round(rr).toLocaleString('en')} / ${Math.round(lr).toLocaleString('en')}`,
+      'refreshes/s',
+      '',
+      `ratio Redis/local ${(rr / lr).toFixed(2)} (median of ${rounds} interleaved rounds)`,
+    )
 
     // 2. Commands per refresh and on the hot path, on every node.
     await sleep(200)

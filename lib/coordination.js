@@ -104,6 +104,9 @@ class Coordinator {
   #committing = new Map()
   /** RefreshContext -> the lease its refresh ran under, until `reported`. */
   #leases = new WeakMap()
+  /** Ticket -> the resolve of a native call whose answer is due (`#ask`). */
+  #due = new Map()
+  #ticket = 0
 
   /**
    * @param bindingManager the manager's BindingManager (its engine checks revocations)
@@ -113,6 +116,9 @@ class Coordinator {
    *   invalidations wait to be taken (`bindingManager.takeRemoteMarks()`)
    */
   constructor(bindingManager, options, observer, onRemoteMarks) {
+    // The native side holds its callbacks for as long as it lives: held
+    // weakly here, so a manager nobody uses can still be collected.
+    const self = new WeakRef(this)
     this.#native = new BindingCoordinator(bindingManager, {
       url: options.url,
       cluster: options.cluster,
@@ -120,6 +126,9 @@ class Coordinator {
       keyPrefix: options.keyPrefix,
       lockTtlMs: options.lockTtlMs,
       encryptionKeys: Array.isArray(options.encryptionKey) ? options.encryptionKey : [options.encryptionKey],
+    }, (ticket, answer) => {
+      const coordinator = self.deref()
+      if (coordinator !== undefined) coordinator.#answered(ticket, answer)
     }, onRemoteMarks)
     this.#onError = options.onError ?? 'auto'
     this.#observer = observer
@@ -145,13 +154,7 @@ class Coordinator {
     // Whether this refresh would send a refresh token: the caller's, or only
     // one the cache hands over. 'local' accepts the risk: no guard.
     const use = this.#onError === 'local' || !mayUseRefreshToken ? 'never' : ctx.refreshToken != null ? 'sends' : 'if-handed-over'
-    let acquiring
-    try {
-      acquiring = this.#native.acquire(userId, accessToken, expiresAtMs, waitMs + WAIT_SLACK_MS, nowMs, use)
-    } catch (e) {
-      // Never throw synchronously: the manager has a timer running.
-      return Promise.reject(e)
-    }
+    const acquiring = this.#ask((t) => this.#native.acquire(t, userId, accessToken, expiresAtMs, waitMs + WAIT_SLACK_MS, nowMs, use))
     return acquiring.then((a) => {
       if (a.undecryptable) this.#warnUndecryptable()
       if (a.kind !== 'unavailable') this.#warnedDown = false
@@ -185,7 +188,7 @@ class Coordinator {
   invalidate(userId, accessToken) {
     if (this.#closed) return
     try {
-      const send = () => this.#native.invalidate(userId, accessToken ?? null)
+      const send = () => this.#ask((t) => this.#native.invalidate(t, userId, accessToken ?? null))
       const committing = this.#committing.get(userId)
       this.#track(committing === undefined ? send() : committing.then(send), userId, false)
     } catch {}
@@ -203,7 +206,7 @@ class Coordinator {
     const lease = a.lease
     if (ctx.signal.aborted) {
       // The manager gave up (timeout) before the lock came: let others go now.
-      this.#track(this.#native.release(userId, lease, false), userId)
+      this.#track(this.#ask((t) => this.#native.release(t, userId, lease, false)), userId)
       throw ctx.signal.reason
     }
     // The cache had a newer refresh token than the caller's (rotated by a
@@ -216,7 +219,7 @@ class Coordinator {
         return result
       },
       (err) => {
-        this.#track(this.#native.release(userId, lease, true), userId)
+        this.#track(this.#ask((t) => this.#native.release(t, userId, lease, true)), userId)
         throw err
       },
     )
@@ -236,11 +239,14 @@ class Coordinator {
       const lease = this.#leases.get(ctx)
       if (lease === undefined) return undefined
       this.#leases.delete(ctx)
-      if (issued === undefined) return this.#track(this.#native.release(ctx.userId, lease, true), ctx.userId)
+      if (issued === undefined) return this.#track(this.#ask((t) => this.#native.release(t, ctx.userId, lease, true)), ctx.userId)
       // Not rotated: the refresh token it ran with stays the one to use.
       const refreshToken = issued.refreshToken ?? ctx.refreshToken ?? null
       const userId = ctx.userId
-      const committed = this.#track(this.#native.commit(userId, lease, issued.accessToken, refreshToken, issued.expiresAtMs, null, nowMs), userId)
+      const committed = this.#track(
+        this.#ask((t) => this.#native.commit(t, userId, lease, issued.accessToken, refreshToken, issued.expiresAtMs, null, nowMs)),
+        userId,
+      )
       this.#committing.set(userId, committed)
       committed.then(() => {
         if (this.#committing.get(userId) === committed) this.#committing.delete(userId)
@@ -249,6 +255,34 @@ class Coordinator {
     } catch {
       return undefined
     }
+  }
+
+  /**
+   * A promise of the answer to the native call `send(ticket)` makes (it
+   * answers through the constructor's callback, `#answered`). Node is kept
+   * alive while any answer is due. Never throws (the manager has a timer
+   * running): rejects with what `send` throws.
+   */
+  #ask(send) {
+    const ticket = (this.#ticket = (this.#ticket + 1) >>> 0)
+    return new Promise((resolve) => {
+      send(ticket)
+      this.#due.set(ticket, resolve)
+      if (this.#due.size === 1) this.#native.hold(true)
+    })
+  }
+
+  /** The native side's answer to `#ask`'s call `ticket`. Never throws. */
+  #answered(ticket, answer) {
+    const resolve = this.#due.get(ticket)
+    if (resolve === undefined) return
+    this.#due.delete(ticket)
+    if (this.#due.size === 0) {
+      try {
+        this.#native.hold(false)
+      } catch {}
+    }
+    resolve(answer)
   }
 
   #unavailable(userId, reason, refresh, sendsRefreshToken) {

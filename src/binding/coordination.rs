@@ -1,12 +1,18 @@
 //! `BindingCoordinator`: the native half of the `redis` option
 //! (`lib/coordination.js`).
 //!
-//! Methods that talk to Redis are async on napi's tokio runtime: ~50 µs of
-//! promise plumbing each, paid only when a refresh is due. They never
-//! reject: outcomes, including "Redis is unavailable", come back as values
-//! and `lib/coordination.js` applies the `onError` policy. The refresh function itself
-//! still runs on the JS thread: `acquire` answers "use this token" or "you
-//! hold the lock", and JS reports back with `commit` or `release`.
+//! Methods that talk to Redis take a ticket, run on napi's tokio runtime and
+//! hand `(ticket, answer)` to the one callback given to the constructor,
+//! through one threadsafe function made once. A napi `async fn` makes a
+//! promise, a threadsafe function and an error object (a stack trace) per
+//! call and spawns twice; this way a call costs little beyond its two thread
+//! hops (`benchmark/redis-stages.mjs` times them). `hold` keeps Node alive
+//! while answers are due, as a pending promise of an `async fn` would.
+//! Answers never carry an error: outcomes, including "Redis is
+//! unavailable", come back as values and `lib/coordination.js` applies the
+//! `onError` policy. The refresh function itself still runs on the JS
+//! thread: `acquire` answers "use this token" or "you hold the lock", and JS
+//! reports back with `commit` or `release`.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -14,9 +20,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use napi::bindgen_prelude::{Buffer, Function};
-use napi::threadsafe_function::ThreadsafeFunctionCallMode;
+use napi::bindgen_prelude::{Buffer, Either, FnArgs, Function};
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
+use napi::{Env, Status};
 use napi_derive::napi;
+use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::errors::{guard, to_js, Code, Result};
@@ -93,22 +101,43 @@ pub struct BindingSettled {
     pub unavailable: Option<String>,
 }
 
+/// What a call answers: `acquire` a `BindingAcquired`, the others a `BindingSettled`.
+type Answer = Either<BindingAcquired, BindingSettled>;
+type Answered = FnArgs<(u32, Answer)>;
+/// Weak (it does not keep Node alive) but while `hold` says answers are due.
+type Answers = ThreadsafeFunction<Answered, (), Answered, Status, false, true>;
+
 #[napi]
 pub struct BindingCoordinator {
     inner: Arc<Coordinator>,
     engine: Arc<Engine>,
+    answers: Arc<Mutex<Answers>>,
 }
 
 #[napi]
 impl BindingCoordinator {
-    /// Validates the options (`INVALID_ARGUMENT`); connects in the background.
+    /// Validates the options (`INVALID_ARGUMENT`); connects in the
+    /// background. `answer(ticket, answer)` hears every call's answer, on
+    /// the JS thread; it must not throw. `onRemoteMarks()` is called, on the
+    /// JS thread, when other instances' invalidations wait for the manager
+    /// (`BindingManager::take_remote_marks`).
     #[napi(constructor)]
     pub fn new(
         manager: &BindingManager,
         options: BindingCoordinationOptions,
+        #[napi(ts_arg_type = "(ticket: number, answer: BindingAcquired | BindingSettled) => void")]
+        answer: Function<Answered, ()>,
         #[napi(ts_arg_type = "() => void")] on_remote_marks: Function<(), ()>,
     ) -> Result<Self, Code> {
         guard(|| {
+            let answers = answer
+                .build_threadsafe_function::<Answered>()
+                .callee_handled::<false>()
+                .weak::<true>()
+                .build()
+                .map_err(|e| {
+                    napi::Error::new(Code(crate::engine::ErrorCode::Internal), e.reason)
+                })?;
             let engine = manager.engine.clone();
             // Weak: a manager waiting for marks keeps neither the event loop
             // nor the process alive.
@@ -171,7 +200,49 @@ impl BindingCoordinator {
             napi::bindgen_prelude::spawn(async move {
                 let _ = connecting.connect().await;
             });
-            Ok(Self { inner, engine })
+            Ok(Self {
+                inner,
+                engine,
+                answers: Arc::new(Mutex::new(answers)),
+            })
+        })
+    }
+
+    /// Whether answers are due (`true` from the first call pending, `false`
+    /// once none is): keeps Node alive meanwhile, as pending promises would.
+    #[napi]
+    #[allow(deprecated)] // the one way to ref a threadsafe function that lives on
+    pub fn hold(&self, env: Env, due: bool) -> Result<(), Code> {
+        guard(|| {
+            let mut answers = self.answers.lock();
+            let held = if due {
+                answers.refer(&env)
+            } else {
+                answers.unref(&env)
+            };
+            held.map_err(|e| napi::Error::new(Code(crate::engine::ErrorCode::Internal), e.reason))
+        })
+    }
+
+    /// Runs `work` on tokio and hands its answer (or `fallback`'s, if it
+    /// panicked) to JS with `ticket`.
+    fn answer(
+        &self,
+        ticket: u32,
+        work: impl Future<Output = Answer> + Send + 'static,
+        fallback: fn() -> Answer,
+    ) -> Result<(), Code> {
+        guard(|| {
+            let answers = self.answers.clone();
+            napi::bindgen_prelude::spawn(async move {
+                let answer = unwinding(work, fallback).await;
+                // Fails only once Node is tearing down: nobody is listening.
+                let _ = answers.lock().call(
+                    FnArgs::from((ticket, answer)),
+                    ThreadsafeFunctionCallMode::NonBlocking,
+                );
+            });
+            Ok(())
         })
     }
 
@@ -187,9 +258,12 @@ impl BindingCoordinator {
     /// will do. `refreshTokenUse`: whether the refresh would send a refresh
     /// token (`'sends'`: the caller's; `'if-handed-over'`: only one the cache
     /// hands over; `'never'`), which decides whether the restart guard applies.
+    /// Answers `ticket` with a `BindingAcquired`.
     #[napi]
-    pub async fn acquire(
+    #[allow(clippy::too_many_arguments)] // one per value JS hands over
+    pub fn acquire(
         &self,
+        ticket: u32,
         #[napi(ts_arg_type = "string")] user_id: UserIdArg,
         #[napi(ts_arg_type = "string")] access_token: TokenArg,
         expires_at_ms: f64,
@@ -197,8 +271,9 @@ impl BindingCoordinator {
         now_ms: f64,
         #[napi(ts_arg_type = "'never' | 'if-handed-over' | 'sends'")]
         refresh_token_use: BoundedString<16>,
-    ) -> BindingAcquired {
-        let work = async {
+    ) -> Result<(), Code> {
+        let (inner, engine) = (self.inner.clone(), self.engine.clone());
+        let work = async move {
             let (user_id, access_token, expires_at) = match (
                 user_id.required("userId"),
                 access_token.required("accessToken"),
@@ -206,11 +281,11 @@ impl BindingCoordinator {
             ) {
                 (Ok(u), Ok(a), Ok(e)) => (u, a, e),
                 (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
-                    return BindingAcquired {
+                    return Either::A(BindingAcquired {
                         kind: "unavailable".into(),
                         reason: Some(e.to_string()),
                         ..BindingAcquired::default()
-                    }
+                    })
                 }
             };
             // Anything else is taken as the safest answer: the refresh sends
@@ -225,11 +300,11 @@ impl BindingCoordinator {
             let now = match time::now_from_js(now_ms) {
                 Ok(now) => time::CallerNow::new(now),
                 Err(e) => {
-                    return BindingAcquired {
+                    return Either::A(BindingAcquired {
                         kind: "unavailable".into(),
                         reason: Some(e.to_string()),
                         ..BindingAcquired::default()
-                    }
+                    })
                 }
             };
             let presented = Presented {
@@ -237,10 +312,8 @@ impl BindingCoordinator {
                 refresh: None,
                 expires_at,
             };
-            let engine = &self.engine;
             let usable = |t: &SharedToken, now| !engine.is_revoked(&user_id, &t.access, now);
-            let got = self
-                .inner
+            let got = inner
                 .acquire(
                     &user_id,
                     &presented,
@@ -278,24 +351,27 @@ impl BindingCoordinator {
                 }
             }
             .into();
-            a
+            Either::A(a)
         };
-        unwinding(work, || BindingAcquired {
-            kind: "unavailable".into(),
-            reason: Some(INTERNAL.into()),
-            ..BindingAcquired::default()
+        self.answer(ticket, work, || {
+            Either::A(BindingAcquired {
+                kind: "unavailable".into(),
+                reason: Some(INTERNAL.into()),
+                ..BindingAcquired::default()
+            })
         })
-        .await
     }
 
     /// The lock holder's refresh returned this (JS types already checked):
     /// store it fenced, announce it, unlock. An unusable result (as of
     /// `nowMs`, the caller's clock when the result came) releases the lock
-    /// as failed instead.
+    /// as failed instead. Answers `ticket` with a `BindingSettled`, as do
+    /// `release` and `invalidate`.
     #[napi]
     #[allow(clippy::too_many_arguments)] // one per value JS hands over
-    pub async fn commit(
+    pub fn commit(
         &self,
+        ticket: u32,
         #[napi(ts_arg_type = "string")] user_id: UserIdArg,
         lease: BindingLease,
         #[napi(ts_arg_type = "string | undefined | null")] access_token: Option<TokenArg>,
@@ -303,8 +379,9 @@ impl BindingCoordinator {
         expires_at_ms: Option<f64>,
         expires_in: Option<f64>,
         now_ms: f64,
-    ) -> BindingSettled {
-        let work = async {
+    ) -> Result<(), Code> {
+        let inner = self.inner.clone();
+        let work = async move {
             let lease = core_lease(lease);
             let Ok(user_id) = user_id.required("userId") else {
                 return settled(Ok(false));
@@ -327,51 +404,47 @@ impl BindingCoordinator {
                         refresh,
                         expires_at,
                     };
-                    self.inner.commit(&user_id, &lease, &token, now).await
+                    inner.commit(&user_id, &lease, &token, now).await
                 }
-                Err(_) => self
-                    .inner
-                    .release(&user_id, &lease, true)
-                    .await
-                    .map(|_| false),
+                Err(_) => inner.release(&user_id, &lease, true).await.map(|_| false),
             };
             settled(result)
         };
-        unwinding(work, internal).await
+        self.answer(ticket, work, internal)
     }
 
     /// The lock holder gives up: `failed` (its refresh failed: waiters fail
     /// too) or not (it will not refresh: waiters retry at once).
     #[napi]
-    pub async fn release(
+    pub fn release(
         &self,
+        ticket: u32,
         #[napi(ts_arg_type = "string")] user_id: UserIdArg,
         lease: BindingLease,
         failed: bool,
-    ) -> BindingSettled {
-        let work = async {
+    ) -> Result<(), Code> {
+        let inner = self.inner.clone();
+        let work = async move {
             let Ok(user_id) = user_id.required("userId") else {
                 return settled(Ok(false));
             };
-            settled(
-                self.inner
-                    .release(&user_id, &core_lease(lease), failed)
-                    .await,
-            )
+            settled(inner.release(&user_id, &core_lease(lease), failed).await)
         };
-        unwinding(work, internal).await
+        self.answer(ticket, work, internal)
     }
 
     /// `invalidate` for the other instances (the engine's own mark is the
     /// manager's): marks the stored token bad if it is `accessToken` (any
     /// stored token: null) and announces it. `done`: a stored token was marked.
     #[napi]
-    pub async fn invalidate(
+    pub fn invalidate(
         &self,
+        ticket: u32,
         #[napi(ts_arg_type = "string")] user_id: UserIdArg,
         #[napi(ts_arg_type = "string | undefined | null")] access_token: Option<TokenArg>,
-    ) -> BindingSettled {
-        let work = async {
+    ) -> Result<(), Code> {
+        let inner = self.inner.clone();
+        let work = async move {
             let (Ok(user_id), Ok(token)) = (
                 user_id.required("userId"),
                 access_token.map(|t| t.required("accessToken")).transpose(),
@@ -379,9 +452,9 @@ impl BindingCoordinator {
                 return settled(Ok(false));
             };
             let token = token.map(SecretString::new);
-            settled(self.inner.invalidate(&user_id, token.as_ref()).await)
+            settled(inner.invalidate(&user_id, token.as_ref()).await)
         };
-        unwinding(work, internal).await
+        self.answer(ticket, work, internal)
     }
 
     /// Drops the connection and stops lock watchdogs. Later calls answer
@@ -411,8 +484,8 @@ fn core_lease(l: BindingLease) -> coordination::record::Lease {
     }
 }
 
-fn settled(r: std::result::Result<bool, Unavailable>) -> BindingSettled {
-    match r {
+fn settled(r: std::result::Result<bool, Unavailable>) -> Answer {
+    Either::B(match r {
         Ok(done) => BindingSettled {
             done,
             unavailable: None,
@@ -421,12 +494,9 @@ fn settled(r: std::result::Result<bool, Unavailable>) -> BindingSettled {
             done: false,
             unavailable: Some(e.to_string()),
         },
-    }
+    })
 }
 
-fn internal() -> BindingSettled {
-    BindingSettled {
-        done: false,
-        unavailable: Some(INTERNAL.into()),
-    }
+fn internal() -> Answer {
+    settled(Err(Unavailable::Failed(INTERNAL.into())))
 }

@@ -189,7 +189,10 @@ fn parse(url: &SecretString, name: &'static str, at: &str) -> Result<ConnectionI
         .redis_settings()
         .clone()
         .set_protocol(ProtocolVersion::RESP3);
-    Ok(info.set_redis_settings(settings))
+    // No Nagle: a command written while another's bytes are unacknowledged
+    // (many refreshes in flight) goes out at once, not after an ACK.
+    let tcp = info.tcp_settings().clone().set_nodelay(true);
+    Ok(info.set_redis_settings(settings).set_tcp_settings(tcp))
 }
 
 fn need_tls(info: &ConnectionInfo, name: &'static str) -> Result<(), EngineError> {
