@@ -29,12 +29,15 @@ export declare class BindingCoordinator {
    * For the leader of a due refresh: a shared token, or the lock, waiting
    * on other instances for at most `waitMs` (real time). `nowMs`: the
    * caller's clock when it asked, which decides whether a shared token
-   * will do. `refreshTokenUse`: whether the refresh would send a refresh
-   * token (`'sends'`: the caller's; `'if-handed-over'`: only one the cache
-   * hands over; `'never'`), which decides whether the restart guard applies.
-   * Answers `ticket` with a `BindingAcquired`.
+   * will do. `mayUseRefreshToken`: the refresh function may send a
+   * refresh token (false for client credentials); `presentsRefreshToken`:
+   * the caller has one. From these and `onError` the core decides whether
+   * the restart guard applies and, should Redis be unavailable, whether
+   * the refresh runs in-process (`'fallback'`) or not at all
+   * (`'refused'`). A bad argument throws `INVALID_ARGUMENT`: it is not an
+   * outage. Answers `ticket` with a `BindingAcquired`.
    */
-  acquire(ticket: number, userId: string, accessToken: string, expiresAtMs: number, waitMs: number, nowMs: number, refreshTokenUse: 'never' | 'if-handed-over' | 'sends'): void
+  acquire(ticket: number, userId: string, accessToken: string, expiresAtMs: number, waitMs: number, nowMs: number, mayUseRefreshToken: boolean, presentsRefreshToken: boolean): void
   /**
    * The lock holder's refresh returned this (JS types already checked):
    * store it fenced, announce it, unlock. An unusable result (as of
@@ -146,10 +149,11 @@ export interface BindingAcquired {
   /**
    * `'shared'`: use the token below; `'lead'`: refresh, then commit or
    * release `lease`; `'failed'`: the refresh waited on failed elsewhere;
-   * `'timeout'`: still held elsewhere at the deadline; `'unavailable'`:
-   * Redis could not be used (`reason`).
+   * `'timeout'`: still held elsewhere at the deadline. Redis could not be
+   * used (`reason`): `'fallback'`, refresh in this process only, or
+   * `'refused'`, do not refresh (`message` says why: `onError`).
    */
-  kind: 'shared' | 'lead' | 'failed' | 'timeout' | 'unavailable'
+  kind: 'shared' | 'lead' | 'failed' | 'timeout' | 'fallback' | 'refused'
   accessToken: string | null
   /**
    * `'shared'`: the token's refresh token; `'lead'`: a newer refresh
@@ -164,6 +168,8 @@ export interface BindingAcquired {
   waited: boolean
   lease: BindingLease | null
   reason: string | null
+  /** `'refused'`: the error message for the caller. */
+  message: string | null
   /** A cached value did not open with this key (rotated?): it was a miss. */
   undecryptable: boolean
 }
@@ -181,6 +187,8 @@ export interface BindingCoordinationOptions {
   keyPrefix?: string
   lockTtlMs?: number
   encryptionKeys: Array<string>
+  /** What a refresh Redis cannot coordinate does ([`OnError`]); default `'auto'`. */
+  onError?: 'auto' | 'local' | 'fail'
 }
 
 /**

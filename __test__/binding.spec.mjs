@@ -136,3 +136,30 @@ describe('complete answers, as encoded', () => {
     expect(raw.complete('u', id, 'b', null, null, 3600, fake)).toBe(-(fake + HOUR))
   })
 })
+
+describe('BindingCoordinator', () => {
+  it('a bad argument throws INVALID_ARGUMENT at once: it is not taken for Redis being down', () => {
+    const { BindingCoordinator } = require('../binding.js')
+    // Nothing listens on port 1: construction never waits on Redis.
+    const c = new BindingCoordinator(
+      new BindingManager({}),
+      { url: 'redis://127.0.0.1:1', encryptionKeys: [Buffer.alloc(32, 7).toString('base64')] },
+      () => {},
+      () => {},
+    )
+    const now = Date.now()
+    expect(() => c.acquire(1, 'u', 'a', 1e300, 1_000, now, true, true)).toThrow(
+      expect.objectContaining({ code: 'INVALID_ARGUMENT', message: expect.stringMatching(/^expiresAtMs /) }),
+    )
+    expect(() => c.acquire(2, 'u', 'a', now + HOUR, 1_000, Number.NaN, true, true)).toThrow(expect.objectContaining({ code: 'INVALID_ARGUMENT' }))
+    expect(
+      () =>
+        new BindingCoordinator(
+          new BindingManager({}),
+          { url: 'redis://127.0.0.1:1', encryptionKeys: [Buffer.alloc(32, 7).toString('base64')], onError: 'sometimes' },
+          () => {},
+          () => {},
+        ),
+    ).toThrow(expect.objectContaining({ code: 'INVALID_ARGUMENT', message: expect.stringMatching(/^options\.redis\.onError /) }))
+  })
+})

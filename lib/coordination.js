@@ -21,21 +21,20 @@
 //   held tokens.
 //
 // When Redis cannot coordinate (down, or a new server that may have lost
-// the locks: src/coordination/health.rs), `onError` decides: 'auto' (the
-// default) refuses a refresh that would send a refresh token, since an
-// uncoordinated one may spend a token another instance is spending (with
-// rotation, the provider then revokes the grant), and runs the others
-// in-process; 'local' runs every refresh in-process; 'fail' none. A refused
-// caller whose own token has not expired gets it back (lib/manager.js).
+// the locks: src/coordination/health.rs), the core applies `onError`
+// (`OnError` in src/coordination/coordinator.rs) and `acquire` answers
+// 'fallback' (refresh in this process only) or 'refused'
+// (COORDINATOR_UNAVAILABLE); this file carries that out. A refused caller
+// whose own token has not expired gets it back (the core decides that too:
+// Engine::serve_stale).
 
 const { BindingCoordinator } = require('../binding.js')
-const { TokenRefreshError, argError } = require('./errors.js')
+const { TokenRefreshError, argError, fromNative } = require('./errors.js')
 
 const SHARED = Symbol('sharedToken')
 const FROM_COORDINATOR = Symbol('fromCoordinator')
 /** The native wait outlasts the manager's timer, so the timer decides timeouts. */
 const WAIT_SLACK_MS = 25
-const ON_ERROR = ['auto', 'local', 'fail']
 
 /**
  * `options.redis`: types and presence are checked here (TypeError); values
@@ -76,9 +75,8 @@ function checkOptions(options) {
   }
   if (o.keyPrefix !== undefined && typeof o.keyPrefix !== 'string') throw argError('options.redis.keyPrefix', 'must be a string')
   if (o.lockTtlMs !== undefined && typeof o.lockTtlMs !== 'number') throw argError('options.redis.lockTtlMs', 'must be a number')
-  if (o.onError !== undefined && !ON_ERROR.includes(o.onError)) {
-    throw argError('options.redis.onError', "must be 'auto', 'local' or 'fail'", typeof o.onError === 'string' ? RangeError : TypeError)
-  }
+  // Which strings are valid is the core's (OnError in src/coordination).
+  if (o.onError !== undefined && typeof o.onError !== 'string') throw argError('options.redis.onError', "must be 'auto', 'local' or 'fail'")
   return o
 }
 
@@ -91,6 +89,7 @@ function caBuffer(tls) {
 
 class Coordinator {
   #native
+  /** `onError`, for the warning's words only: the core decides (OnError in src/coordination). */
   #onError
   /** Warnings and fallback events (lib/observability.js). */
   #observer
@@ -126,6 +125,7 @@ class Coordinator {
       keyPrefix: options.keyPrefix,
       lockTtlMs: options.lockTtlMs,
       encryptionKeys: Array.isArray(options.encryptionKey) ? options.encryptionKey : [options.encryptionKey],
+      onError: options.onError,
     }, (ticket, answer) => {
       const coordinator = self.deref()
       if (coordinator !== undefined) coordinator.#answered(ticket, answer)
@@ -151,13 +151,13 @@ class Coordinator {
   obtain(ctx, accessToken, expiresAtMs, refresh, waitMs, nowMs, mayUseRefreshToken) {
     const userId = ctx.userId
     if (this.#closed) return Promise.reject(this.#error('COORDINATOR_UNAVAILABLE', userId, 'the token manager is closed'))
-    // Whether this refresh would send a refresh token: the caller's, or only
-    // one the cache hands over. 'local' accepts the risk: no guard.
-    const use = this.#onError === 'local' || !mayUseRefreshToken ? 'never' : ctx.refreshToken != null ? 'sends' : 'if-handed-over'
-    const acquiring = this.#ask((t) => this.#native.acquire(t, userId, accessToken, expiresAtMs, waitMs + WAIT_SLACK_MS, nowMs, use))
+    // The core weighs these with `onError` (OnError in src/coordination):
+    // whether the restart guard applies, and what happens if Redis is down.
+    const presents = ctx.refreshToken != null
+    const acquiring = this.#ask((t) => this.#native.acquire(t, userId, accessToken, expiresAtMs, waitMs + WAIT_SLACK_MS, nowMs, mayUseRefreshToken, presents))
     return acquiring.then((a) => {
       if (a.undecryptable) this.#warnUndecryptable()
-      if (a.kind !== 'unavailable') this.#warnedDown = false
+      if (a.kind !== 'fallback' && a.kind !== 'refused') this.#warnedDown = false
       switch (a.kind) {
         case 'shared': {
           const token = { accessToken: a.accessToken, refreshToken: a.refreshToken ?? null, expiresAt: a.expiresAtMs }
@@ -171,8 +171,13 @@ class Coordinator {
           throw new Error('the refresh this call waited on failed in another instance')
         case 'timeout':
           throw this.#error('REFRESH_TIMEOUT', userId, 'another instance was still refreshing at the refresh timeout')
+        case 'fallback':
+          return this.#fallback(userId, a.reason, refresh)
         default:
-          return this.#unavailable(userId, a.reason, refresh, use === 'sends')
+          // 'refused': `onError` forbids running this refresh uncoordinated.
+          if (this.#closed) throw this.#error('COORDINATOR_UNAVAILABLE', userId, 'the token manager is closed')
+          this.#warnDown(a.reason)
+          throw this.#error('COORDINATOR_UNAVAILABLE', userId, a.message)
       }
     })
   }
@@ -265,8 +270,16 @@ class Coordinator {
    */
   #ask(send) {
     const ticket = (this.#ticket = (this.#ticket + 1) >>> 0)
-    return new Promise((resolve) => {
-      send(ticket)
+    return new Promise((resolve, reject) => {
+      try {
+        send(ticket)
+      } catch (e) {
+        // A bad argument (INVALID_ARGUMENT) or a caught panic (INTERNAL):
+        // the caller sees it with its code, never as an outage.
+        const error = fromNative(e)
+        if (error !== null && typeof error === 'object') error[FROM_COORDINATOR] = true
+        return reject(error)
+      }
       this.#due.set(ticket, resolve)
       if (this.#due.size === 1) this.#native.hold(true)
     })
@@ -285,15 +298,10 @@ class Coordinator {
     resolve(answer)
   }
 
-  #unavailable(userId, reason, refresh, sendsRefreshToken) {
+  /** Redis could not coordinate the refresh, and `onError` lets it run here alone. */
+  #fallback(userId, reason, refresh) {
     if (this.#closed) throw this.#error('COORDINATOR_UNAVAILABLE', userId, 'the token manager is closed')
     this.#warnDown(reason)
-    if (this.#onError === 'fail') {
-      throw this.#error('COORDINATOR_UNAVAILABLE', userId, `cannot coordinate the refresh: ${reason}`)
-    }
-    if (this.#onError === 'auto' && sendsRefreshToken) {
-      throw this.#error('COORDINATOR_UNAVAILABLE', userId, `a refresh that spends a refresh token runs only under a Redis lock: ${reason}`)
-    }
     this.#fallbacks++
     this.#observer.redisFallback(userId, reason, 'refresh')
     return refresh('redis-fallback')

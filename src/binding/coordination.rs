@@ -31,7 +31,7 @@ use super::errors::{guard, to_js, Code, Result};
 use super::manager::{BindingManager, TokenArg, UserIdArg};
 use super::strings::{BoundedString, MAX_OPTION_BYTES};
 use crate::coordination::{
-    self, Coordinator, Endpoint, Outcome, RefreshTokenUse, SharedToken, Unavailable,
+    self, Coordinator, Endpoint, OnError, Outcome, SharedToken, Unavailable, WhenUnavailable,
 };
 use crate::engine::flight::validate_refreshed;
 use crate::engine::{time, Engine, ErrorCode, Presented, Refreshed, SecretString};
@@ -54,6 +54,9 @@ pub struct BindingCoordinationOptions {
     pub lock_ttl_ms: Option<f64>,
     #[napi(ts_type = "Array<string>")]
     pub encryption_keys: Vec<OptionArg>,
+    /// What a refresh Redis cannot coordinate does ([`OnError`]); default `'auto'`.
+    #[napi(ts_type = "'auto' | 'local' | 'fail'")]
+    pub on_error: Option<OptionArg>,
 }
 
 /// A string option, refused over [`MAX_OPTION_BYTES`] before any copy.
@@ -73,9 +76,10 @@ pub struct BindingLease {
 pub struct BindingAcquired {
     /// `'shared'`: use the token below; `'lead'`: refresh, then commit or
     /// release `lease`; `'failed'`: the refresh waited on failed elsewhere;
-    /// `'timeout'`: still held elsewhere at the deadline; `'unavailable'`:
-    /// Redis could not be used (`reason`).
-    #[napi(ts_type = "'shared' | 'lead' | 'failed' | 'timeout' | 'unavailable'")]
+    /// `'timeout'`: still held elsewhere at the deadline. Redis could not be
+    /// used (`reason`): `'fallback'`, refresh in this process only, or
+    /// `'refused'`, do not refresh (`message` says why: `onError`).
+    #[napi(ts_type = "'shared' | 'lead' | 'failed' | 'timeout' | 'fallback' | 'refused'")]
     pub kind: String,
     pub access_token: Option<String>,
     /// `'shared'`: the token's refresh token; `'lead'`: a newer refresh
@@ -87,6 +91,8 @@ pub struct BindingAcquired {
     pub waited: bool,
     pub lease: Option<BindingLease>,
     pub reason: Option<String>,
+    /// `'refused'`: the error message for the caller.
+    pub message: Option<String>,
     /// A cached value did not open with this key (rotated?): it was a miss.
     pub undecryptable: bool,
 }
@@ -112,6 +118,7 @@ pub struct BindingCoordinator {
     inner: Arc<Coordinator>,
     engine: Arc<Engine>,
     answers: Arc<Mutex<Answers>>,
+    on_error: OnError,
 }
 
 #[napi]
@@ -148,6 +155,18 @@ impl BindingCoordinator {
                 .map_err(|_| {
                     napi::Error::new(Code(ErrorCode::Internal), "could not create a callback")
                 })?;
+            let on_error = match options
+                .on_error
+                .map(|o| o.required("options.redis.onError"))
+            {
+                None => OnError::default(),
+                Some(o) => o.ok().as_deref().and_then(OnError::parse).ok_or_else(|| {
+                    to_js(crate::engine::EngineError::invalid_argument(
+                        "options.redis.onError",
+                        "must be 'auto', 'local' or 'fail'",
+                    ))
+                })?,
+            };
             let secret =
                 |s: OptionArg, name| s.required(name).map(SecretString::new).map_err(to_js);
             let endpoint = match (options.url, options.cluster) {
@@ -204,6 +223,7 @@ impl BindingCoordinator {
                 inner,
                 engine,
                 answers: Arc::new(Mutex::new(answers)),
+                on_error,
             })
         })
     }
@@ -255,10 +275,13 @@ impl BindingCoordinator {
     /// For the leader of a due refresh: a shared token, or the lock, waiting
     /// on other instances for at most `waitMs` (real time). `nowMs`: the
     /// caller's clock when it asked, which decides whether a shared token
-    /// will do. `refreshTokenUse`: whether the refresh would send a refresh
-    /// token (`'sends'`: the caller's; `'if-handed-over'`: only one the cache
-    /// hands over; `'never'`), which decides whether the restart guard applies.
-    /// Answers `ticket` with a `BindingAcquired`.
+    /// will do. `mayUseRefreshToken`: the refresh function may send a
+    /// refresh token (false for client credentials); `presentsRefreshToken`:
+    /// the caller has one. From these and `onError` the core decides whether
+    /// the restart guard applies and, should Redis be unavailable, whether
+    /// the refresh runs in-process (`'fallback'`) or not at all
+    /// (`'refused'`). A bad argument throws `INVALID_ARGUMENT`: it is not an
+    /// outage. Answers `ticket` with a `BindingAcquired`.
     #[napi]
     #[allow(clippy::too_many_arguments)] // one per value JS hands over
     pub fn acquire(
@@ -269,44 +292,25 @@ impl BindingCoordinator {
         expires_at_ms: f64,
         wait_ms: f64,
         now_ms: f64,
-        #[napi(ts_arg_type = "'never' | 'if-handed-over' | 'sends'")]
-        refresh_token_use: BoundedString<16>,
+        may_use_refresh_token: bool,
+        presents_refresh_token: bool,
     ) -> Result<(), Code> {
+        let (user_id, access_token, expires_at, now) = guard(|| {
+            Ok((
+                user_id.required("userId").map_err(to_js)?,
+                access_token.required("accessToken").map_err(to_js)?,
+                time::from_js_ms("expiresAtMs", expires_at_ms).map_err(to_js)?,
+                time::CallerNow::new(time::now_from_js(now_ms).map_err(to_js)?),
+            ))
+        })?;
+        let refresh_token_use = self
+            .on_error
+            .refresh_token_use(may_use_refresh_token, presents_refresh_token);
+        let on_error = self.on_error;
         let (inner, engine) = (self.inner.clone(), self.engine.clone());
         let work = async move {
-            let (user_id, access_token, expires_at) = match (
-                user_id.required("userId"),
-                access_token.required("accessToken"),
-                time::from_js_ms("expiresAtMs", expires_at_ms),
-            ) {
-                (Ok(u), Ok(a), Ok(e)) => (u, a, e),
-                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
-                    return Either::A(BindingAcquired {
-                        kind: "unavailable".into(),
-                        reason: Some(e.to_string()),
-                        ..BindingAcquired::default()
-                    })
-                }
-            };
-            // Anything else is taken as the safest answer: the refresh sends
-            // the caller's refresh token.
-            let refresh_token_use = match refresh_token_use.required("refreshTokenUse").as_deref() {
-                Ok("never") => RefreshTokenUse::Never,
-                Ok("if-handed-over") => RefreshTokenUse::IfHandedOver,
-                _ => RefreshTokenUse::Sends,
-            };
             let deadline =
                 Instant::now() + Duration::from_millis(wait_ms.clamp(0.0, 86_400_000.0) as u64);
-            let now = match time::now_from_js(now_ms) {
-                Ok(now) => time::CallerNow::new(now),
-                Err(e) => {
-                    return Either::A(BindingAcquired {
-                        kind: "unavailable".into(),
-                        reason: Some(e.to_string()),
-                        ..BindingAcquired::default()
-                    })
-                }
-            };
             let presented = Presented {
                 access: SecretString::new(access_token),
                 refresh: None,
@@ -346,8 +350,18 @@ impl BindingCoordinator {
                 Outcome::Failed => "failed",
                 Outcome::TimedOut => "timeout",
                 Outcome::Unavailable(e) => {
-                    a.reason = Some(e.to_string());
-                    "unavailable"
+                    let reason = e.to_string();
+                    match on_error.when_unavailable(refresh_token_use) {
+                        WhenUnavailable::Fallback => {
+                            a.reason = Some(reason);
+                            "fallback"
+                        }
+                        WhenUnavailable::Refuse(why) => {
+                            a.message = Some(format!("{why}: {reason}"));
+                            a.reason = Some(reason);
+                            "refused"
+                        }
+                    }
                 }
             }
             .into();
@@ -355,8 +369,9 @@ impl BindingCoordinator {
         };
         self.answer(ticket, work, || {
             Either::A(BindingAcquired {
-                kind: "unavailable".into(),
+                kind: "refused".into(),
                 reason: Some(INTERNAL.into()),
+                message: Some(INTERNAL.into()),
                 ..BindingAcquired::default()
             })
         })

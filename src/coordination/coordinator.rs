@@ -72,6 +72,70 @@ pub enum RefreshTokenUse {
     Sends,
 }
 
+/// What to do when Redis cannot coordinate a refresh: the `onError`
+/// option. The one place its rules live; `lib/coordination.js` carries out
+/// the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnError {
+    /// Refuse a refresh that would send the caller's refresh token (an
+    /// uncoordinated one may spend a token another instance is spending:
+    /// with rotation, the provider then revokes the grant); run the others
+    /// in-process.
+    #[default]
+    Auto,
+    /// Run every refresh in-process: the application accepts the risk.
+    Local,
+    /// Run none.
+    Fail,
+}
+
+/// What a refresh Redis could not coordinate does instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenUnavailable {
+    /// Runs in this process only.
+    Fallback,
+    /// Does not run: the caller gets `COORDINATOR_UNAVAILABLE` (or keeps
+    /// its own unexpired token), with this reason.
+    Refuse(&'static str),
+}
+
+impl OnError {
+    /// `'auto' | 'local' | 'fail'`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(Self::Auto),
+            "local" => Some(Self::Local),
+            "fail" => Some(Self::Fail),
+            _ => None,
+        }
+    }
+
+    /// Whether a refresh would send a refresh token, as the restart guard
+    /// weighs it: never for refresh functions that send none (client
+    /// credentials, `may_use` false) or when the application accepts the
+    /// risk (`Local`); else the caller's own if it presented one, or only
+    /// one the shared cache hands over.
+    pub fn refresh_token_use(self, may_use: bool, presented: bool) -> RefreshTokenUse {
+        match (self, may_use, presented) {
+            (OnError::Local, _, _) | (_, false, _) => RefreshTokenUse::Never,
+            (_, true, true) => RefreshTokenUse::Sends,
+            (_, true, false) => RefreshTokenUse::IfHandedOver,
+        }
+    }
+
+    /// What a refresh that would use refresh tokens as `uses` says does
+    /// when Redis cannot coordinate it.
+    pub fn when_unavailable(self, uses: RefreshTokenUse) -> WhenUnavailable {
+        match (self, uses) {
+            (OnError::Fail, _) => WhenUnavailable::Refuse("cannot coordinate the refresh"),
+            (OnError::Auto, RefreshTokenUse::Sends) => WhenUnavailable::Refuse(
+                "a refresh that spends a refresh token runs only under a Redis lock",
+            ),
+            _ => WhenUnavailable::Fallback,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub enum Outcome {
     /// Use this token without refreshing. `waited`: it was written while this

@@ -32,7 +32,9 @@ pub mod record;
 pub mod seal;
 
 pub use connection::{Connection, Unavailable};
-pub use coordinator::{Acquired, Coordinator, Outcome, RefreshTokenUse, Timing};
+pub use coordinator::{
+    Acquired, Coordinator, OnError, Outcome, RefreshTokenUse, Timing, WhenUnavailable,
+};
 pub use link::Endpoint;
 pub use seal::{SealKeys, SharedToken};
 

@@ -911,3 +911,29 @@ async fn the_callers_clock_advances_with_the_real_time_waited() {
     let now = clock.now();
     assert!((1_060..6_000).contains(&now), "{now}");
 }
+
+#[test]
+fn on_error_decides_the_guard_and_what_an_uncoordinated_refresh_does() {
+    use super::{OnError, RefreshTokenUse as Use, WhenUnavailable};
+    // (onError, may the refresh send a refresh token, does the caller have
+    // one) -> what the restart guard weighs, and whether the refresh still
+    // runs in-process while Redis is unavailable.
+    for (on_error, may_use, presented, uses, runs) in [
+        (OnError::Auto, true, true, Use::Sends, false),
+        (OnError::Auto, true, false, Use::IfHandedOver, true),
+        (OnError::Auto, false, true, Use::Never, true),
+        (OnError::Local, true, true, Use::Never, true),
+        (OnError::Local, false, false, Use::Never, true),
+        (OnError::Fail, true, true, Use::Sends, false),
+        (OnError::Fail, false, false, Use::Never, false),
+    ] {
+        let got = on_error.refresh_token_use(may_use, presented);
+        assert_eq!(got, uses, "{on_error:?} {may_use} {presented}");
+        let fallback = on_error.when_unavailable(got) == WhenUnavailable::Fallback;
+        assert_eq!(fallback, runs, "{on_error:?} {may_use} {presented}");
+    }
+    assert_eq!(OnError::parse("auto"), Some(OnError::Auto));
+    assert_eq!(OnError::parse("local"), Some(OnError::Local));
+    assert_eq!(OnError::parse("fail"), Some(OnError::Fail));
+    assert_eq!(OnError::parse("Auto"), None);
+}
