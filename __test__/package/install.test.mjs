@@ -34,10 +34,13 @@ beforeAll(async () => {
   project = newTempDir('ttm-install-')
   writeFileSync(path.join(project, 'package.json'), JSON.stringify({ name: 'ttm-smoke', private: true }))
   for (const f of ['smoke.mjs', 'smoke.cjs']) copyFileSync(new URL(f, FIXTURES), path.join(project, f))
-  // --offline: the main package's dependencies come from npm's cache (this
-  // repository's npm ci put them there), and the other platforms' packages
-  // (optional, not for this machine) are skipped.
-  npm(['install', '--offline', '--no-audit', '--no-fund', packed.main, packed.platform], {
+  // --prefer-offline: the main package's dependencies come from npm's cache
+  // where it has them (this repository's npm ci put their tarballs there)
+  // and from the registry where it does not (npm ci caches no full
+  // packument, which resolving a range from a tarball needs); the other
+  // platforms' packages (optional, unpublished, not for this machine) are
+  // skipped.
+  npm(['install', '--prefer-offline', '--no-audit', '--no-fund', packed.main, packed.platform], {
     cwd: project,
     env: toolchainFreeEnv(path.dirname(process.execPath)),
     stdio: ['ignore', 'ignore', 'pipe'],
