@@ -579,6 +579,33 @@ mod tests {
     }
 
     #[test]
+    fn the_rare_box_lasts_while_a_flight_or_a_revocation_does() {
+        let flight = |id| Flight {
+            id,
+            refresh_token: None,
+            started: 0,
+        };
+        let mut e = Entry::new(0);
+        e.start_flight(flight(1));
+        assert_eq!(e.flight().map(|f| f.id), Some(1));
+        assert!(!e.is_revoking());
+        assert_eq!(e.take_flight().map(|f| f.id), Some(1));
+        assert!(e.rare.is_none(), "no flight, no revocation: no box");
+        e.start_flight(flight(2));
+        e.revoke(None, 100);
+        e.take_flight();
+        assert!(
+            e.is_revoking() && e.flight().is_none(),
+            "the revocation stays"
+        );
+        e.start_flight(flight(3));
+        e.clear_revoke_all();
+        assert!(!e.is_revoking() && e.flight().is_some(), "the flight stays");
+        e.take_flight();
+        assert!(e.rare.is_none());
+    }
+
+    #[test]
     fn revocations_live_out_of_line_only_while_they_last() {
         let (a, b) = (Fingerprint::of("a"), Fingerprint::of("b"));
         let mut e = Entry::new(0);
