@@ -8,7 +8,7 @@ use super::error::{EngineError, ErrorCode};
 use super::policy::EpochMs;
 use super::secret::{Fingerprint, SecretString};
 use super::table::Flight;
-use super::token::{Held, Issued, IssuedBrief, Presented, Refreshed};
+use super::token::{Held, HeldTokens, Issued, IssuedBrief, Presented, Refreshed};
 use super::{time, validate_user, Engine, MAX_TOKEN_BYTES};
 
 /// What the caller of [`Engine::begin`] should do.
@@ -77,9 +77,7 @@ impl Engine {
             // refresh already produced may do: it is fresh, or the refresh
             // was so recent that another would be redundant.
             if let Some(h) = &e.held {
-                let recent = e
-                    .last_refresh
-                    .is_some_and(|at| policy.within_double_check(at, now));
+                let recent = policy.within_double_check(h.refreshed_at, now);
                 let usable = !e.is_revoked(h.fingerprint, now)
                     && (policy.is_fresh(h.expires_at, now)
                         || (recent && policy.is_unexpired(h.expires_at, now)));
@@ -87,27 +85,29 @@ impl Engine {
                     return Ok(Plan::UseHeld(h.issue(h.fingerprint != fp.get()?)));
                 }
             }
-            if let Some(f) = &e.flight {
-                if !policy.is_overdue(f.started, now) {
-                    return Ok(Plan::Join(f.id));
+            if let Some((id, started)) = e.flight().map(|f| (f.id, f.started)) {
+                if !policy.is_overdue(started, now) {
+                    return Ok(Plan::Join(id));
                 }
                 // Its caller lost it: close it, as a timeout, and lead anew.
-                e.flight = None;
+                e.take_flight();
                 *in_flight -= 1;
                 self.counters.timeouts.fetch_add(1, Relaxed);
             }
             // Refresh with the newest refresh token known: a rotated one we
             // hold beats the caller's unless the caller's token is newer.
             let refresh_token = match &e.held {
-                Some(h) if h.refresh.is_some() && h.expires_at >= expires_at => h.refresh.clone(),
+                Some(h) if h.expires_at >= expires_at && h.tokens.refresh().is_some() => {
+                    h.tokens.refresh().map(SecretString::from)
+                }
                 _ => refresh.cloned(),
             };
             let id = self.next_flight.fetch_add(1, Relaxed);
-            e.flight = Some(Box::new(Flight {
+            e.start_flight(Flight {
                 id,
                 refresh_token: refresh_token.clone(),
                 started: now,
-            }));
+            });
             *in_flight += 1;
             Ok(Plan::Lead { id, refresh_token })
         });
@@ -184,21 +184,31 @@ impl Engine {
         let checked = validate_refreshed(refreshed, now);
         let mut t = self.table(user, now);
         let result = t.with_entry(user, now, |e, in_flight| {
-            let ours = e.flight.as_ref().is_some_and(|f| f.id == id);
+            let ours = e.flight().is_some_and(|f| f.id == id);
             let used = if ours {
                 *in_flight -= 1;
-                e.flight.take().and_then(|f| f.refresh_token)
+                e.take_flight().and_then(|f| f.refresh_token)
             } else {
                 None
             };
             let (access, refresh, expires_at) = checked?;
             let refresh_is_new = refresh.is_some();
+            let refresh = refresh.or(used);
+            // Copied into one buffer; `access` and `refresh` wipe
+            // themselves as they drop.
+            let tokens = HeldTokens::new(
+                access.expose(),
+                refresh.as_ref().map(SecretString::expose),
+                refresh_is_new,
+            )
+            .ok_or(EngineError::InvalidRefreshResult(
+                "has a token longer than 65536 bytes",
+            ))?;
             let held = Held {
                 fingerprint: access.fingerprint(),
-                access,
-                refresh: refresh.or(used),
+                tokens,
                 expires_at,
-                refresh_is_new,
+                refreshed_at: now,
             };
             let issued = issue(
                 &held,
@@ -213,7 +223,6 @@ impl Engine {
                 .is_none_or(|h| h.expires_at <= held.expires_at);
             if ours || newer {
                 e.held = Some(held);
-                e.last_refresh = Some(now);
                 e.clear_revoke_all();
             }
             Ok(issued)
@@ -253,8 +262,8 @@ impl Engine {
     pub fn fail(&self, user: &str, id: u32, failure: Failure, now: EpochMs) {
         let mut t = self.table(user, now);
         t.with_existing(user, now, |e, in_flight| {
-            if e.flight.as_ref().is_some_and(|f| f.id == id) {
-                e.flight = None;
+            if e.flight().is_some_and(|f| f.id == id) {
+                e.take_flight();
                 *in_flight -= 1;
             }
         });

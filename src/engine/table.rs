@@ -143,7 +143,7 @@ struct Revocation {
     until: EpochMs,
 }
 
-/// An entry's revocations; rare, so kept out of line.
+/// An entry's revocations.
 #[derive(Debug, Default)]
 struct Revocations {
     tokens: Vec<Revocation>,
@@ -152,19 +152,31 @@ struct Revocations {
     all_until: Option<EpochMs>,
     /// When this entry is due in [`Table`]'s lapse heap: one live item per
     /// revoking entry (an item that does not match is left over from an
-    /// earlier revocation and is skipped).
+    /// earlier revocation and is skipped). `None` while nothing is revoked.
     queued: Option<EpochMs>,
 }
 
-/// One user's state. Rarely used parts (a refresh in flight, revocations)
-/// are boxed: every user has an entry.
+impl Revocations {
+    fn is_empty(&self) -> bool {
+        self.tokens.is_empty() && self.all_until.is_none()
+    }
+}
+
+/// What few entries have at a time: a refresh in flight, revocations.
+#[derive(Debug, Default)]
+struct Rare {
+    flight: Option<Flight>,
+    revocations: Revocations,
+}
+
+/// One user's state. Every user has one, in its own node of the shard's
+/// list, so it is kept to 64 bytes: with the 40-byte key and the list's
+/// two pointers a node is 120 bytes, one 128-byte malloc chunk. The rarely
+/// used parts share one box, absent (never empty) when neither is there.
 #[derive(Debug)]
 pub(crate) struct Entry {
     pub held: Option<Held>,
-    pub flight: Option<Box<Flight>>,
-    pub last_refresh: Option<EpochMs>,
-    /// `None` when nothing is revoked (never an empty box).
-    revocations: Option<Box<Revocations>>,
+    rare: Option<Box<Rare>>,
     last_used: EpochMs,
 }
 
@@ -172,15 +184,35 @@ impl Entry {
     fn new(now: EpochMs) -> Self {
         Self {
             held: None,
-            flight: None,
-            last_refresh: None,
-            revocations: None,
+            rare: None,
             last_used: now,
         }
     }
 
+    pub fn flight(&self) -> Option<&Flight> {
+        self.rare.as_ref()?.flight.as_ref()
+    }
+
+    pub fn start_flight(&mut self, flight: Flight) {
+        self.rare.get_or_insert_with(Box::default).flight = Some(flight);
+    }
+
+    pub fn take_flight(&mut self) -> Option<Flight> {
+        let flight = self.rare.as_mut()?.flight.take();
+        self.drop_empty_rare();
+        flight
+    }
+
+    fn revocations(&self) -> Option<&Revocations> {
+        self.rare.as_ref().map(|r| &r.revocations)
+    }
+
+    fn revocations_mut(&mut self) -> Option<&mut Revocations> {
+        self.rare.as_mut().map(|r| &mut r.revocations)
+    }
+
     pub fn is_revoked(&self, fp: Fingerprint, now: EpochMs) -> bool {
-        self.revocations.as_ref().is_some_and(|r| {
+        self.revocations().is_some_and(|r| {
             r.all_until.is_some_and(|u| u > now)
                 || r.tokens
                     .iter()
@@ -190,32 +222,35 @@ impl Entry {
 
     /// Whether this entry holds any revocation.
     pub fn is_revoking(&self) -> bool {
-        self.revocations.is_some()
+        self.revocations().is_some_and(|r| !r.is_empty())
     }
 
     /// When the last of this entry's revocations lapses.
     fn revoked_until(&self) -> Option<EpochMs> {
-        let r = self.revocations.as_ref()?;
+        let r = self.revocations()?;
         r.tokens.iter().map(|t| t.until).chain(r.all_until).max()
     }
 
     fn prune(&mut self, now: EpochMs) {
-        if let Some(r) = &mut self.revocations {
+        if let Some(r) = self.revocations_mut() {
             r.tokens.retain(|t| t.until > now);
             if r.all_until.is_some_and(|u| u <= now) {
                 r.all_until = None;
             }
-            self.drop_empty_revocations();
+            self.drop_empty_rare();
         }
     }
 
-    fn drop_empty_revocations(&mut self) {
-        if self
-            .revocations
-            .as_ref()
-            .is_some_and(|r| r.tokens.is_empty() && r.all_until.is_none())
-        {
-            self.revocations = None;
+    /// Forgets revocations that are all gone (and their lapse item), and
+    /// the box once nothing is left in it.
+    fn drop_empty_rare(&mut self) {
+        if let Some(r) = &mut self.rare {
+            if r.revocations.is_empty() {
+                r.revocations = Revocations::default();
+                if r.flight.is_none() {
+                    self.rare = None;
+                }
+            }
         }
     }
 }
@@ -360,7 +395,7 @@ impl Table {
             let Some((user, mut e)) = self.entries.pop_lru() else {
                 break;
             };
-            if e.flight.is_some() {
+            if e.flight().is_some() {
                 // Never evicted mid-refresh. A refresh running counts as a
                 // use: the entry moves to the new end, out of the way of
                 // the idle ones behind it, and is not looked at again for
@@ -395,7 +430,7 @@ impl Table {
         let Some(e) = self.entries.peek_mut(user.as_str()) else {
             return;
         };
-        let Some(r) = e.revocations.as_mut() else {
+        let Some(r) = e.revocations_mut() else {
             return;
         };
         if r.queued != Some(due) {
@@ -406,7 +441,7 @@ impl Table {
         match e.revoked_until() {
             None => self.revoking -= 1,
             Some(until) => {
-                if let Some(r) = e.revocations.as_mut() {
+                if let Some(r) = e.revocations_mut() {
                     r.queued = Some(until);
                 }
                 self.lapses.push(Reverse((until, user)));
@@ -492,7 +527,7 @@ impl<'a> Books<'a> {
         let is = entry.is_revoking();
         *self.revoking = *self.revoking + is as usize - was as usize;
         if let Some(until) = entry.revoked_until() {
-            if let Some(rv) = entry.revocations.as_mut().filter(|r| r.queued.is_none()) {
+            if let Some(rv) = entry.revocations_mut().filter(|r| r.queued.is_none()) {
                 rv.queued = Some(until);
                 self.lapses.push(Reverse((until, UserKey::new(user))));
             }
@@ -504,7 +539,7 @@ impl<'a> Books<'a> {
 impl Entry {
     /// Marks a token bad until `until`, or every token when `fp` is `None`.
     pub fn revoke(&mut self, fp: Option<Fingerprint>, until: EpochMs) {
-        let r = self.revocations.get_or_insert_with(Box::default);
+        let r = &mut self.rare.get_or_insert_with(Box::default).revocations;
         match fp {
             Some(fp) => {
                 if let Some(t) = r.tokens.iter_mut().find(|t| t.fingerprint == fp) {
@@ -522,9 +557,9 @@ impl Entry {
 
     /// A refresh completed: a blanket revocation has done its job.
     pub fn clear_revoke_all(&mut self) {
-        if let Some(r) = &mut self.revocations {
+        if let Some(r) = self.revocations_mut() {
             r.all_until = None;
-            self.drop_empty_revocations();
+            self.drop_empty_rare();
         }
     }
 }
@@ -536,8 +571,38 @@ mod tests {
     #[test]
     fn entries_stay_small() {
         // Every user has one and the table moves them all when it grows.
+        // 64 bytes keeps a node (key, entry, two list pointers) in one
+        // 128-byte malloc chunk; 8 more would take a 144-byte one.
         let size = std::mem::size_of::<Entry>();
-        assert!(size <= 112, "Entry is {size} bytes");
+        assert!(size <= 64, "Entry is {size} bytes");
+        assert_eq!(std::mem::size_of::<UserKey>(), 40);
+    }
+
+    #[test]
+    fn the_rare_box_lasts_while_a_flight_or_a_revocation_does() {
+        let flight = |id| Flight {
+            id,
+            refresh_token: None,
+            started: 0,
+        };
+        let mut e = Entry::new(0);
+        e.start_flight(flight(1));
+        assert_eq!(e.flight().map(|f| f.id), Some(1));
+        assert!(!e.is_revoking());
+        assert_eq!(e.take_flight().map(|f| f.id), Some(1));
+        assert!(e.rare.is_none(), "no flight, no revocation: no box");
+        e.start_flight(flight(2));
+        e.revoke(None, 100);
+        e.take_flight();
+        assert!(
+            e.is_revoking() && e.flight().is_none(),
+            "the revocation stays"
+        );
+        e.start_flight(flight(3));
+        e.clear_revoke_all();
+        assert!(!e.is_revoking() && e.flight().is_some(), "the flight stays");
+        e.take_flight();
+        assert!(e.rare.is_none());
     }
 
     #[test]
