@@ -288,7 +288,10 @@ export declare class TokenManager {
    * This manager's metrics in the Prometheus text exposition format
    * (`text/plain; version=0.0.4`): refreshes by outcome and refresher, their
    * durations (histogram, 5 ms to 30 s), users, in-flight refreshes, hits,
-   * coalesced calls, stale serves and Redis fallbacks.
+   * coalesced calls, stale serves and Redis fallbacks. Counts go back to the
+   * manager's start; durations to the first `metrics()` call (or the first
+   * subscriber or OpenTelemetry provider): a refresh nobody observes is not
+   * timed.
    */
   metrics(): Promise<string>
   /**
