@@ -204,6 +204,17 @@ describe('under fake timers (vi.useFakeTimers, vi.setSystemTime)', () => {
         code: 'INVALID_ARGUMENT',
         message: expect.stringMatching(/^Date\.now\(\) must return a number/),
       })
+      // One that throws is named too, with what it threw as the cause.
+      const broken = new Error('clock broken')
+      spy.mockImplementation(() => {
+        throw broken
+      })
+      await expect(m.getValidToken('w', token, refresher())).rejects.toMatchObject({
+        name: 'TypeError',
+        code: 'INVALID_ARGUMENT',
+        message: 'Date.now() threw (see cause)',
+        cause: broken,
+      })
     } finally {
       spy.mockRestore()
     }

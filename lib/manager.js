@@ -462,10 +462,8 @@ class TokenManager {
       const isDate = expiresAt instanceof Date
       const exp = isDate ? dateGetTime.call(expiresAt) : toEpochMs(expiresAt, 'token.expiresAt')
       if (typeof refreshFn !== 'function') throw argError('refreshFn', 'must be a function')
-      // The app's clock, looked up now: fake timers replace `Date.now`. A
-      // direct call where nothing else was asked for (the engine inlines it).
-      let now = this.#now === null ? Date.now() : this.#read(this.#now)
-      if (typeof now !== 'number' || !(now >= -MAX_DATE_MS && now <= MAX_DATE_MS)) now = this.#read(Date.now)
+      // The app's clock, looked up now: fake timers replace `Date.now`.
+      const now = this.#read(this.#now ?? Date.now)
       // Hot path. An empty token, a token or user id that may be over its
       // limit (`begin` refuses it, in UTF-8 bytes), is never served; users
       // `invalidate` marked go to `begin`.
