@@ -27,7 +27,7 @@ use napi_derive::napi;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use super::errors::{guard, to_js, Code, Result};
+use super::errors::{guard, to_js, Code, Result, INTERNAL};
 use super::manager::{BindingManager, TokenArg, UserIdArg};
 use super::strings::{BoundedString, MAX_OPTION_BYTES};
 use crate::coordination::{
@@ -35,8 +35,6 @@ use crate::coordination::{
 };
 use crate::engine::flight::validate_refreshed;
 use crate::engine::{time, Engine, ErrorCode, Presented, Refreshed, SecretString};
-
-const INTERNAL: &str = "internal error in tarabut-token-manager (a bug: please report it)";
 
 /// `TokenManager`'s `redis` option, types already checked (and one
 /// encryption key made a list of one, `tls.ca` a Buffer) by

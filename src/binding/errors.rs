@@ -25,6 +25,9 @@ impl AsRef<str> for Code {
     }
 }
 
+/// What a caught panic says: a bug in this package, never the caller's.
+pub const INTERNAL: &str = "internal error in tarabut-token-manager (a bug: please report it)";
+
 pub fn to_js(e: EngineError) -> napi::Error<Code> {
     napi::Error::new(Code(e.code()), e.to_string())
 }
@@ -33,12 +36,8 @@ pub fn to_js(e: EngineError) -> napi::Error<Code> {
 /// out of an `extern "C"` callback would abort the whole Node process.
 /// parking_lot locks do not poison, so the engine stays usable afterwards.
 pub fn guard<T>(f: impl FnOnce() -> Result<T, Code>) -> Result<T, Code> {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
-        Err(napi::Error::new(
-            Code(ErrorCode::Internal),
-            "internal error in tarabut-token-manager (a bug: please report it)",
-        ))
-    })
+    catch_unwind(AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err(napi::Error::new(Code(ErrorCode::Internal), INTERNAL)))
 }
 
 /// Every stable `code`, in the order README's Errors table lists them:

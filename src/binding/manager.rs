@@ -24,7 +24,7 @@ use napi::bindgen_prelude::{Either, FunctionCallContext, Object};
 use napi::{Env, JsString};
 use napi_derive::napi;
 
-use super::errors::{guard, to_js, Code, Result};
+use super::errors::{guard, to_js, Code, Result, INTERNAL};
 use super::strings::{self, BoundedString, Text};
 use crate::engine::{
     self, evictor, time, Engine, EngineError, ErrorCode, Failure, Issued, IssuedBrief, Plan,
@@ -412,10 +412,7 @@ fn issued_to_js(t: Issued) -> BindingIssuedToken {
 /// The access token is measured, and copied only if the engine must
 /// compare it (a held token, revocations): rarely on a refresh.
 fn begin(engine: &Engine, ctx: &FunctionCallContext) -> Answer<Option<Either<f64, BindingPlan>>> {
-    let user = ctx
-        .get::<UserIdArg>(0)
-        .map_err(unreadable("userId"))?
-        .required("userId")?;
+    let user = user_arg(ctx, 0)?;
     let access_token = ctx
         .get::<JsString>(1)
         .map_err(unreadable("token.accessToken"))?;
@@ -455,10 +452,7 @@ fn begin(engine: &Engine, ctx: &FunctionCallContext) -> Answer<Option<Either<f64
 /// expiry is after `now`, so never 0). An unusable result throws
 /// `INVALID_REFRESH_RESULT`.
 fn complete(engine: &Engine, ctx: &FunctionCallContext) -> Answer<f64> {
-    let user = ctx
-        .get::<UserIdArg>(0)
-        .map_err(unreadable("userId"))?
-        .required("userId")?;
+    let user = user_arg(ctx, 0)?;
     let flight_id = ctx
         .get::<u32>(1)
         .map_err(|_| EngineError::invalid_argument("flightId", "must be a number"))?;
@@ -487,16 +481,20 @@ type Answer<T> = std::result::Result<T, EngineError>;
 /// Runs a bound function's body: its error is thrown with its stable code,
 /// a panic as `INTERNAL` (never unwinding into Node).
 fn answer<T>(env: &Env, f: impl FnOnce() -> Answer<T>) -> Option<T> {
-    let thrown = match catch_unwind(AssertUnwindSafe(f)) {
+    // A failed throw leaves nothing better to do: the call answers null.
+    let _ = match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(v)) => return Some(v),
         Ok(Err(e)) => env.throw_error(&e.to_string(), Some(e.code().as_str())),
-        Err(_) => env.throw_error(
-            "internal error in tarabut-token-manager (a bug: please report it)",
-            Some(ErrorCode::Internal.as_str()),
-        ),
+        Err(_) => env.throw_error(INTERNAL, Some(ErrorCode::Internal.as_str())),
     };
-    let _ = thrown;
     None
+}
+
+/// Argument `i`, the user id, read only if it fits its limit.
+fn user_arg(ctx: &FunctionCallContext, i: usize) -> Answer<String> {
+    ctx.get::<UserIdArg>(i)
+        .map_err(unreadable("userId"))?
+        .required("userId")
 }
 
 fn number(ctx: &FunctionCallContext, i: usize, name: &'static str) -> Answer<f64> {
