@@ -74,6 +74,11 @@ export declare class BindingManager {
    */
   get bufferTimeMs(): number
   /**
+   * The effective idle TTL: `lib/lifecycle.js` drops users idle this long
+   * and refreshes ahead those active within it (by default).
+   */
+  get idleTtlMs(): number
+  /**
    * The core's buffer rule ([`Policy::is_fresh`]) on `expiresAtMs` at
    * `nowMs`; a value no `Date` can hold is not fresh. The hot path runs
    * the same rule in `lib/policy.js` without a native call; a property
@@ -87,7 +92,7 @@ export declare class BindingManager {
    * (a process-wide lock and map) on every call, several times what
    * these calls do, and these run on every refresh.
    */
-  bindProtocol(): { begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number, nowMs: number): null | number | BindingPlan; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null, nowMs: number): number }
+  bindProtocol(): { begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number, nowMs: number, aheadMs?: number): null | number | BindingPlan; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null, nowMs: number): number }
   /**
    * Flight `flightId` was answered by a token another instance's refresh
    * produced (the shared Redis cache): kept like a refresh result, but
@@ -108,6 +113,12 @@ export declare class BindingManager {
    * the hot path decides on the expiry alone.
    */
   invalidate(userId: string, accessToken: string | undefined | null, nowMs: number): number
+  /**
+   * Drops what the engine holds for the user and marks their tokens bad
+   * (`Engine::forget`). Returns until when the user's calls must go to
+   * `begin`, as `invalidate` does.
+   */
+  forget(userId: string, nowMs: number): number
   /**
    * Users other instances' `invalidate` marked since the last call, and
    * until when: the manager sends their calls to `begin` (as after its

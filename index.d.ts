@@ -174,6 +174,63 @@ export interface TokenManagerOptions {
    * those instead, or `false` to leave OpenTelemetry alone.
    */
   openTelemetry?: false | OpenTelemetryProviders | null
+  /**
+   * The app's own storage of each user's token (its database), for
+   * `getToken`, `fetch`, `forget` and `revoke`: the manager loads the row,
+   * and saves every token it refreshes before anyone is handed it.
+   */
+  store?: TokenStore | null
+  /** The refresh `getToken` and `fetch` use: a refresh function or a native refresher (`oauth2Refresher`, `tarabutRefresher`). */
+  refresher?: RefreshFn | NativeRefreshFn | null
+  /**
+   * Refresh users who called `getToken` or `fetch` within `activeWindowMs`
+   * (default: `idleTtlMs`) before their token enters its buffer, at a
+   * random moment in the last 20% of its fresh period (ending 5% before the
+   * buffer), so no request waits on a refresh. Default: on when `store` and
+   * `refresher` are set. Idle users are not refreshed.
+   */
+  refreshAhead?: boolean | { activeWindowMs?: number } | null
+  /** The `fetch` that `manager.fetch` sends with. Default: the global `fetch`, looked up at each call. */
+  fetch?: ((input: string | URL | Request, init?: RequestInit) => Promise<Response>) | null
+}
+
+/** A token as `store.save` receives it. */
+export interface TokenToSave {
+  accessToken: string
+  /** The refresh token to use next: the rotated one, or the one it was refreshed with. */
+  refreshToken: string | null
+  expiresAt: Date
+}
+
+/** The row as the manager last loaded or saved it: what `save` replaces. */
+export interface PreviousToken {
+  accessToken: string
+  expiresAt: Date
+}
+
+/** The app's own storage of each user's token (its database). */
+export interface TokenStore {
+  /** The user's token, or null when there is none (never connected, or forgotten). */
+  load(userId: string): Promise<StoredToken | null> | StoredToken | null
+  /**
+   * Persist a refreshed token in place of `previous` (the token as the
+   * manager last loaded or saved it; null when none). Return `false` when
+   * the row no longer holds `previous` (someone else wrote it): the manager
+   * loads again and keeps whichever token expires later. Throw or reject
+   * for a failed write: the token is kept (and served) and the save
+   * retried with backoff, each failure reported (`stats().saveFailures`,
+   * the `tarabut-token-manager:save-failed` channel, one
+   * `TTM_STORE_SAVE_FAILED` warning per outage).
+   */
+  save(userId: string, token: TokenToSave, previous: PreviousToken | null): Promise<boolean | void> | boolean | void
+  /** Drop the user's row (`forget`, `revoke`). */
+  delete?(userId: string): Promise<void> | void
+}
+
+/** What `getToken` resolves with. */
+export interface ManagedToken {
+  accessToken: string
+  expiresAt: Date
 }
 
 /** pino, console, or anything with these two methods. */
@@ -261,6 +318,12 @@ export interface TokenManagerStats {
    * with the other instances at once. Always 0 without `redis`.
    */
   redisFallbacks: number
+  /** Refreshes ahead of need started for active users (`store` and `refresher`). */
+  backgroundRefreshes: number
+  /** Failed attempts to save a refreshed token to `store` (each retried). */
+  saveFailures: number
+  /** Refreshed tokens held until their save to `store` succeeds. */
+  unsavedTokens: number
 }
 
 export declare class TokenManager {
@@ -282,6 +345,34 @@ export declare class TokenManager {
    * out again, even one that was disconnected at the time.
    */
   invalidate(userId: string, accessToken?: string | null): void
+  /**
+   * A token valid beyond the buffer, loaded from `store` when this manager
+   * holds none, refreshed and saved as needed. Needs `store` and
+   * `refresher` (else rejects with a `TypeError`). A user without a row
+   * rejects with `NOT_CONNECTED`; a `store.load` that fails, `STORE_FAILED`.
+   */
+  getToken(userId: string): Promise<ManagedToken>
+  /**
+   * `fetch` with `Authorization: Bearer <token>` (a request that sets its
+   * own Authorization is sent as is). On a 401 the token is invalidated, in
+   * every instance, and the request sent once more with a fresh token,
+   * unless its body is a stream that cannot be sent again (then the 401 is
+   * returned). Any other status is returned as is.
+   */
+  fetch(userId: string, input: string | URL | Request, init?: RequestInit): Promise<Response>
+  /**
+   * Forgets the user: here, in Redis and (through it) in every instance,
+   * and deletes their row (`store.delete`). Afterwards `getToken` rejects
+   * with `NOT_CONNECTED` until the store holds a new row.
+   */
+  forget(userId: string): Promise<void>
+  /**
+   * RFC 7009: revokes the user's refresh token at the provider (a refresher
+   * with a revocation endpoint: `oauth2Refresher` with `revocationUrl`,
+   * else a `TypeError`), then `forget`s them. If the provider cannot be
+   * reached the promise rejects and nothing is forgotten, so it can be tried again.
+   */
+  revoke(userId: string): Promise<void>
   /** Counters kept as they change: constant time however many users are held. */
   stats(): TokenManagerStats
   /**
@@ -310,6 +401,10 @@ export type TokenRefreshErrorCode =
   | 'INVALID_REFRESH_RESULT'
   /** The provider answered `400 invalid_grant`: the user must reconnect (not retried). */
   | 'REAUTH_REQUIRED'
+  /** `getToken`/`fetch`: the store holds no token for the user (never connected, or forgotten): they must connect their bank first. */
+  | 'NOT_CONNECTED'
+  /** `getToken`/`fetch`: `store.load` threw or rejected (`cause`). */
+  | 'STORE_FAILED'
   /** The provider answered `401` or `invalid_client`: the client id or secret is wrong. */
   | 'INVALID_CLIENT'
   /** With `redis`: Redis could not coordinate this refresh, so it did not run (see `RedisOptions.onError`; also after `close()`). */

@@ -99,10 +99,11 @@ describe('under fake timers (vi.useFakeTimers, vi.setSystemTime)', () => {
   })
 
   it('the double-check window runs on the fake clock', async () => {
-    // Short-lived tokens (2 min: always inside the buffer) are still handed
-    // out without another refresh within 10 s of the last one.
+    // Short-lived tokens (15 s: past half their lifetime, their buffer,
+    // after 7.5 s) are still handed out without another refresh within 10 s
+    // of the last one.
     const m = new TokenManager({ doubleCheckWindowMs: 10 * SECOND })
-    const refreshFn = refresher(120)
+    const refreshFn = refresher(15)
     const old = { accessToken: 'a0', refreshToken: 'r0', expiresAt: T0 }
     const first = await m.getValidToken('u', old, refreshFn)
     expect(first).toMatchObject({ accessToken: 'a1', shouldUpdate: true })
@@ -380,13 +381,14 @@ describe('on real timers again (vi.useRealTimers)', () => {
   })
 
   it('the double-check window, idle eviction and the timeout run on real time', async () => {
+    // 1 s tokens: past half their lifetime (their buffer) after 500 ms.
     const m = new TokenManager({ doubleCheckWindowMs: 150, idleTtlMs: 300, refreshTimeoutMs: 50 })
-    const refreshFn = refresher(120)
+    const refreshFn = refresher(1)
     const old = { accessToken: 'a0', refreshToken: 'r0', expiresAt: Date.now() - 1 }
     const first = await m.getValidToken('u', old, refreshFn)
     const held = { accessToken: first.accessToken, refreshToken: 'r1', expiresAt: first.expiresAt }
     expect((await m.getValidToken('u', held, refreshFn)).accessToken).toBe('a1')
-    await sleep(200)
+    await sleep(550)
     expect((await m.getValidToken('u', held, refreshFn)).accessToken).toBe('a2')
     expect(m.stats().users).toBe(1)
     await sleep(400)

@@ -594,6 +594,9 @@ describe('metrics(): Prometheus text exposition format', () => {
       const stats = m.stats()
       expect(Object.keys(f).sort()).toEqual(
         [
+          'tarabut_token_manager_background_refreshes_total',
+          'tarabut_token_manager_store_save_failures_total',
+          'tarabut_token_manager_store_unsaved_tokens',
           'tarabut_token_manager_coalesced_total',
           'tarabut_token_manager_hits_total',
           'tarabut_token_manager_in_flight',

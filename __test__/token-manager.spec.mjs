@@ -119,13 +119,14 @@ describe('3. after a refresh', () => {
   it('doubleCheckWindowMs stops a second refresh within the window', async () => {
     const m = new TokenManager({ doubleCheckWindowMs: 300 })
     const user = uid()
-    // The provider answers with tokens that already sit inside the buffer.
-    const refreshFn = refresher({ expiresIn: 120 })
+    // The provider answers with 1 s tokens: inside the 5-minute buffer, and
+    // past half their lifetime (the buffer for them) after 500 ms.
+    const refreshFn = refresher({ expiresIn: 1 })
     const first = await m.getValidToken(user, { accessToken: 'old', expiresAt: 0 }, refreshFn)
     const within = await m.getValidToken(user, { accessToken: first.accessToken, expiresAt: first.expiresAt }, refreshFn)
     expect(refreshFn).toHaveBeenCalledTimes(1)
     expect(within).toMatchObject({ accessToken: first.accessToken, shouldUpdate: false })
-    await sleep(350)
+    await sleep(550)
     const after = await m.getValidToken(user, { accessToken: first.accessToken, expiresAt: first.expiresAt }, refreshFn)
     expect(refreshFn).toHaveBeenCalledTimes(2)
     expect(after).toMatchObject({ accessToken: 'fresh-token-2', shouldUpdate: true })

@@ -188,15 +188,18 @@ class Coordinator {
    * as this one did). In the background, after this instance's commit
    * for the user if one is running: a caller served from the engine while
    * that write was on its way must not have its invalidate overtake it.
-   * Never throws.
+   * Never throws; the promise (never rejecting) fulfils once Redis has it
+   * or the attempt ended (`forget` waits for it).
    */
   invalidate(userId, accessToken) {
-    if (this.#closed) return
+    if (this.#closed) return Promise.resolve()
     try {
       const send = () => this.#ask((t) => this.#native.invalidate(t, userId, accessToken ?? null))
       const committing = this.#committing.get(userId)
-      this.#track(committing === undefined ? send() : committing.then(send), userId, false)
-    } catch {}
+      return this.#track(committing === undefined ? send() : committing.then(send), userId, false)
+    } catch {
+      return Promise.resolve()
+    }
   }
 
   /** Waits for pending writes, then drops the connection. Idempotent. */

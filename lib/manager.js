@@ -20,6 +20,7 @@ const { TokenRefreshError, argError, callerError, fromNative, internalError, qui
 const observability = require('./observability.js')
 const { isFresh, MAX_DATE_MS } = require('./policy.js')
 const { CLIENT_CREDENTIALS, NATIVE_REFRESHER, nativeRefresh } = require('./refreshers.js')
+const { Lifecycle, checkLifecycleOptions } = require('./lifecycle.js')
 
 // A UTF-16 unit is at most 3 UTF-8 bytes, so strings this short (in units)
 // are within their limit without measuring.
@@ -95,6 +96,12 @@ class Call {
   refreshFn
   /** The caller's clock when the call came. */
   now
+  /**
+   * `(token, healing) => Promise<void>`: saves a token this call's flight
+   * obtained before anyone is answered (lib/lifecycle.js), or undefined
+   * (`getValidToken`: its caller persists on `shouldUpdate`).
+   */
+  persist = undefined
   constructor(userId, accessToken, refreshToken, expiresAtMs, expiresAt, refreshFn, now) {
     this.userId = userId
     this.accessToken = accessToken
@@ -143,12 +150,13 @@ const PRESENTED = Object.freeze({ kind: 'presented' })
 const LEADING = 'leading' // opened by the core; its refresh not started yet
 const WAITING = 'waiting' // on Redis: another instance's token, or the user's lock
 const REFRESHING = 'refreshing' // the refresh function or native refresher runs
+const SAVING = 'saving' // the result is in the core; the store's save runs (lib/lifecycle.js)
 const COMMITTING = 'committing' // the core kept the result; its Redis write is on its way
 const SETTLED = 'settled' // callers answered; a late result still reaches the core
 
 /**
  * One refresh this manager leads, from the core's `begin` to its callers'
- * answer: LEADING → (WAITING →) REFRESHING → (COMMITTING →) SETTLED, or
+ * answer: LEADING → (WAITING →) REFRESHING → (SAVING →) (COMMITTING →) SETTLED, or
  * straight to SETTLED on a failure or the timeout. `promise` settles once,
  * with the core's issued token or the error every caller of the flight
  * sees. A result that comes after the timeout (SETTLED) is still handed to
@@ -255,11 +263,32 @@ class Flight {
     } catch (e) {
       error = e
     }
-    // With Redis: share the token the core kept (or free the lock), and
-    // answer once Redis has it, so that whatever the callers do next (a call
-    // in another instance, an invalidate) comes after it there. The result
-    // is in: the timer no longer applies, and the wait is bounded by the
-    // coordinator's command timeout.
+    // A token the app's store must hold (getToken, fetch): saved before
+    // anyone is answered and before Redis's lock is released, late results
+    // too (with rotating refresh tokens a late one may be the only live one).
+    const persist = issued !== undefined && issued.shouldUpdate ? this.#call.persist : undefined
+    if (persist === undefined) return this.#share(issued, error, late, at)
+    if (!late) this.state = SAVING
+    clearTimeout(this.#timer)
+    const token = { accessToken: issued.accessToken, refreshToken: issued.refreshToken ?? this.#ctx.refreshToken ?? null, expiresAtMs: issued.expiresAtMs }
+    let saved
+    try {
+      saved = persist(token, result !== null && typeof result === 'object' && coordination.sharedToken(result) !== undefined)
+    } catch {
+      saved = Promise.resolve()
+    }
+    saved.then(() => this.#share(issued, error, late, at))
+  }
+
+  /**
+   * With Redis: share the token the core kept (or free the lock), and
+   * answer once Redis has it, so that whatever the callers do next (a call
+   * in another instance, an invalidate) comes after it there. The result
+   * is in: the timer no longer applies, and the wait is bounded by the
+   * coordinator's command timeout. Never throws.
+   */
+  #share(issued, error, late, at) {
+    const host = this.#host
     const sharing = host.coordinator === null ? undefined : host.coordinator.reported(this.#ctx, issued, at)
     if (late) return
     if (sharing === undefined) return this.#settle(error, issued)
@@ -360,6 +389,7 @@ function readRefreshed(result) {
 }
 
 const OPTION_NAMES = ['bufferTimeMs', 'doubleCheckWindowMs', 'refreshTimeoutMs', 'idleTtlMs']
+const LIFECYCLE_OPTION_NAMES = ['store', 'refresher', 'refreshAhead', 'fetch']
 
 class TokenManager {
   #native
@@ -388,6 +418,8 @@ class TokenManager {
   #hits = 0
   /** Channels, metrics, spans and warnings (lib/observability.js). */
   #observer
+  /** `getToken`, `fetch`, `forget`, `revoke` (lib/lifecycle.js). */
+  #lifecycle
 
   constructor(options) {
     let o
@@ -440,6 +472,60 @@ class TokenManager {
       timeoutMs: native.refreshTimeoutMs,
       clockOr: (fallback) => this.#clockOr(fallback),
     }
+    let lifecycleOptions
+    try {
+      lifecycleOptions = checkLifecycleOptions(o, native.idleTtlMs)
+    } catch (e) {
+      throw callerError(e, 'options')
+    }
+    this.#lifecycle = new Lifecycle(lifecycleOptions, {
+      plan: (userId, accessToken, refreshToken, expiresAtMs, now, aheadMs, persist) => {
+        const call = new Call(userId, accessToken, refreshToken, expiresAtMs, expiresAtMs, lifecycleOptions.refresher, now)
+        call.persist = persist
+        return this.#issue(call, aheadMs)
+      },
+      now: () => this.#clock(),
+      isRevoked: (userId, now) => this.#revoked.size !== 0 && this.#isRevoked(userId, now),
+      invalidate: (userId, accessToken) => this.invalidate(userId, accessToken),
+      forget: (userId) => {
+        const now = this.#clock()
+        this.#mark(userId, native.forget(userId, now), now)
+        this.#observer.invalidated(userId, 'user')
+      },
+      coordinatorForget: (userId) => coordinator?.invalidate(userId, null),
+      bufferMs: this.#bufferMs,
+      timeoutMs: native.refreshTimeoutMs,
+      idleTtlMs: native.idleTtlMs,
+      observer: this.#observer,
+    })
+  }
+
+  /**
+   * A token valid beyond the buffer for `userId`, from the store when this
+   * manager holds none, refreshed and saved as needed (needs `store` and
+   * `refresher`). A user without a row rejects with NOT_CONNECTED.
+   */
+  getToken(userId) {
+    return this.#lifecycle.getToken(userId)
+  }
+
+  /**
+   * `fetch` with the user's token as `Authorization: Bearer`; on a 401 the
+   * token is invalidated (in every instance) and the request sent once
+   * more with a fresh one, unless its body is a one-shot stream.
+   */
+  fetch(userId, input, init) {
+    return this.#lifecycle.fetch(userId, input, init)
+  }
+
+  /** Forgets the user here, in Redis and in every instance, and deletes their row (`store.delete`). */
+  forget(userId) {
+    return this.#lifecycle.forget(userId)
+  }
+
+  /** Revokes the user's refresh token at the provider (RFC 7009), then `forget`s them. */
+  revoke(userId) {
+    return this.#lifecycle.revoke(userId, revokeRefreshToken)
   }
 
   /**
@@ -524,7 +610,10 @@ class TokenManager {
       const marks = this.#native.takeRemoteMarks()
       if (marks === null) return
       const now = this.#clockOr(Date.now())
-      for (const m of marks) this.#mark(m.userId, m.untilMs, now)
+      for (const m of marks) {
+        this.#mark(m.userId, m.untilMs, now)
+        this.#lifecycle.markStale(m.userId)
+      }
     } catch {}
   }
 
@@ -540,7 +629,15 @@ class TokenManager {
   stats() {
     const coordinator = this.#host.coordinator
     const s = this.#native.stats(this.#clock())
-    return { ...s, hits: s.hits + this.#hits, redisFallbacks: coordinator === null ? 0 : coordinator.fallbacks }
+    const l = this.#lifecycle.counts()
+    return {
+      ...s,
+      hits: s.hits + this.#hits + l.hits,
+      redisFallbacks: coordinator === null ? 0 : coordinator.fallbacks,
+      backgroundRefreshes: l.backgroundRefreshes,
+      saveFailures: l.saveFailures,
+      unsavedTokens: l.unsavedTokens,
+    }
   }
 
   /**
@@ -559,7 +656,8 @@ class TokenManager {
    */
   close() {
     const coordinator = this.#host.coordinator
-    return coordinator === null ? Promise.resolve() : coordinator.close()
+    const flushed = this.#lifecycle.flush()
+    return coordinator === null ? flushed : flushed.then(() => coordinator.close())
   }
 
   /** The caller's "now" on the app's clock (see `#read`). */
@@ -598,8 +696,7 @@ class TokenManager {
 
   /** A call whose token is not fresh (or whose user is marked): the core's plan. */
   #slow(call, retried) {
-    const native = this.#native
-    const plan = decodePlan(this.#begin(call.userId, call.accessToken, call.refreshToken, call.expiresAtMs, call.now), call.refreshToken)
+    const plan = this.#plan(call, retried, undefined)
     switch (plan.kind) {
       case 'presented':
         return Promise.resolve(call.presented())
@@ -607,8 +704,65 @@ class TokenManager {
         return Promise.resolve(validToken(plan.token, plan.token.shouldUpdate))
     }
     const leader = plan.kind === 'lead'
+    return plan.flight.promise.then(
+      // A leader handed a token another instance refreshed may still be told
+      // not to persist it (issued.shouldUpdate: see lib/coordination.js).
+      (issued) => validToken(issued, leader && issued.shouldUpdate),
+      (err) => {
+        if (this.#rideOut(call, err)) return { accessToken: call.accessToken, shouldUpdate: false, expiresAt: new Date(call.expiresAtMs) }
+        throw err
+      },
+    )
+  }
+
+  /**
+   * `#slow` for the lifecycle (lib/lifecycle.js): a promise of the token to
+   * use (Issued, with `shouldUpdate` only for the leader) or of null when
+   * the presented token stands. `aheadMs`: a refresh ahead of need.
+   */
+  #issue(call, aheadMs) {
+    try {
+      const plan = this.#plan(call, false, aheadMs === 0 ? undefined : aheadMs)
+      switch (plan.kind) {
+        case 'presented':
+          return Promise.resolve(null)
+        case 'held':
+          return Promise.resolve(plan.token)
+      }
+      const leader = plan.kind === 'lead'
+      return plan.flight.promise.then(
+        (issued) => (leader ? issued : { ...issued, shouldUpdate: false }),
+        (err) => {
+          if (this.#rideOut(call, err)) return null
+          throw err
+        },
+      )
+    } catch (e) {
+      return Promise.reject(e)
+    }
+  }
+
+  /**
+   * An outage need not fail a caller whose own token still works: the core
+   * says whether this failure is one to ride out (Engine::serve_stale).
+   */
+  #rideOut(call, err) {
+    const code = typeof err?.code === 'string' ? err.code : ''
+    if (!this.#native.serveStale(call.userId, call.accessToken, call.expiresAtMs, code, this.#clockOr(call.now))) return false
+    this.#observer.staleServed(call.userId, err.code)
+    return true
+  }
+
+  /**
+   * The core's plan for `call`, a led flight started: `{ kind: 'presented' }`,
+   * `{ kind: 'held', token }`, or `{ kind: 'lead' | 'join', flight }`.
+   */
+  #plan(call, retried, aheadMs) {
+    const native = this.#native
+    const plan = decodePlan(this.#begin(call.userId, call.accessToken, call.refreshToken, call.expiresAtMs, call.now, aheadMs), call.refreshToken)
+    if (plan.kind === 'presented' || plan.kind === 'held') return plan
     let flight
-    if (leader) {
+    if (plan.kind === 'lead') {
       flight = new Flight(this.#host, call, plan.flightId, plan.refreshToken)
       flight.start()
     } else {
@@ -618,26 +772,21 @@ class TokenManager {
         // a new one, rather than leave the user stuck until it is overdue.
         quietly(() => native.fail(call.userId, plan.flightId, false, call.now))
         if (retried) throw internalError('joined a refresh this manager does not know')
-        return this.#slow(call, true)
+        return this.#plan(call, true, aheadMs)
       }
       this.#observer.joined(plan.flightId)
     }
-    return flight.promise.then(
-      // A leader handed a token another instance refreshed may still be told
-      // not to persist it (issued.shouldUpdate: see lib/coordination.js).
-      (issued) => validToken(issued, leader && issued.shouldUpdate),
-      (err) => {
-        // An outage need not fail a caller whose own token still works: the
-        // core says whether this failure is one to ride out (Engine::serve_stale).
-        const code = typeof err?.code === 'string' ? err.code : ''
-        if (native.serveStale(call.userId, call.accessToken, call.expiresAtMs, code, this.#clockOr(call.now))) {
-          this.#observer.staleServed(call.userId, err.code)
-          return { accessToken: call.accessToken, shouldUpdate: false, expiresAt: new Date(call.expiresAtMs) }
-        }
-        throw err
-      },
-    )
+    return { kind: plan.kind, flight }
   }
+}
+
+/** `revoke`'s call to the refresher's revocation endpoint (lib/refreshers.js). */
+function revokeRefreshToken(refresher, userId, refreshToken, timeoutMs) {
+  const { canRevoke, nativeRevoke } = require('./refreshers.js')
+  if (typeof canRevoke !== 'function' || !canRevoke(refresher)) {
+    return Promise.reject(argError('TokenManager.revoke()', 'needs a refresher with a revocation endpoint (oauth2Refresher with revocationUrl)'))
+  }
+  return nativeRevoke(refresher, userId, refreshToken, timeoutMs)
 }
 
 /**
@@ -673,6 +822,7 @@ function readOptions(options) {
   const o = options ?? {}
   const { logger, openTelemetry, now } = o
   const picked = { logger, openTelemetry, now }
+  for (const name of LIFECYCLE_OPTION_NAMES) picked[name] = o[name]
   for (const name of OPTION_NAMES) {
     const value = o[name]
     if (value !== undefined && typeof value !== 'number') throw argError(`options.${name}`, 'must be a number')

@@ -26,6 +26,7 @@ const refreshChannel = dc.tracingChannel(`${NAME}:refresh`)
 const staleServedChannel = dc.channel(`${NAME}:stale-served`)
 const redisFallbackChannel = dc.channel(`${NAME}:redis-fallback`)
 const invalidateChannel = dc.channel(`${NAME}:invalidate`)
+const saveFailedChannel = dc.channel(`${NAME}:save-failed`)
 
 /** Refresh duration buckets in seconds, for token calls: 5 ms to 30 s. */
 const DURATION_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
@@ -49,6 +50,9 @@ const METRICS = [
   { name: 'coalesced', type: 'counter', unit: '{call}', help: "Calls that waited on another call's refresh", stat: 'coalesced' },
   { name: 'stale_served', type: 'counter', unit: '{call}', help: 'Calls served their own still-valid token after a refresh failed', stat: 'staleServed' },
   { name: 'redis.fallbacks', type: 'counter', unit: '{refresh}', help: 'Refreshes coordinated in-process only because Redis was unavailable', stat: 'redisFallbacks' },
+  { name: 'background_refreshes', type: 'counter', unit: '{refresh}', help: 'Refreshes ahead of need started for active users (options.store and options.refresher)', stat: 'backgroundRefreshes' },
+  { name: 'store.save_failures', type: 'counter', unit: '{save}', help: 'Failed attempts to save a refreshed token to options.store (each retried)', stat: 'saveFailures' },
+  { name: 'store.unsaved_tokens', type: 'gauge', unit: '{token}', help: 'Refreshed tokens held until their save to options.store succeeds', stat: 'unsavedTokens' },
 ]
 const LABELS = ['outcome', 'refresher']
 const promName = (m) => `tarabut_token_manager_${m.name.replaceAll('.', '_')}${m.unit === 's' ? '_seconds' : ''}${m.type === 'counter' ? '_total' : ''}`
@@ -348,6 +352,23 @@ class Observer {
   /** `invalidate(userId, token?)`: `scope` 'token' (one token) or 'user' (whatever the user holds). */
   invalidated(userId, scope) {
     if (invalidateChannel.hasSubscribers) invalidateChannel.publish({ userId, scope })
+  }
+
+  // --- hooks: lib/lifecycle.js ---
+
+  /**
+   * A save of `userId`'s refreshed token to `options.store` failed (it is
+   * kept and retried). Warns once per outage: `first` is the first failure
+   * since saves last worked.
+   */
+  saveFailed(userId, cause, first) {
+    if (saveFailedChannel.hasSubscribers) saveFailedChannel.publish({ userId, error: cause })
+    if (first) {
+      this.warn(
+        'TTM_STORE_SAVE_FAILED',
+        'tarabut-token-manager: options.store.save failed; refreshed tokens are kept in memory (and, with redis, sealed in Redis) and their saves retried with backoff',
+      )
+    }
   }
 
   // --- hooks: lib/coordination.js ---

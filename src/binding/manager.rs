@@ -138,6 +138,13 @@ impl BindingManager {
         guard(|| Ok(self.engine.policy().buffer_ms as f64))
     }
 
+    /// The effective idle TTL: `lib/lifecycle.js` drops users idle this long
+    /// and refreshes ahead those active within it (by default).
+    #[napi(getter)]
+    pub fn idle_ttl_ms(&self) -> Result<f64, Code> {
+        guard(|| Ok(self.engine.policy().idle_ttl_ms as f64))
+    }
+
     /// The core's buffer rule ([`Policy::is_fresh`]) on `expiresAtMs` at
     /// `nowMs`; a value no `Date` can hold is not fresh. The hot path runs
     /// the same rule in `lib/policy.js` without a native call; a property
@@ -158,7 +165,7 @@ impl BindingManager {
     /// (a process-wide lock and map) on every call, several times what
     /// these calls do, and these run on every refresh.
     #[napi(
-        ts_return_type = "{ begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number, nowMs: number): null | number | BindingPlan; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null, nowMs: number): number }"
+        ts_return_type = "{ begin(userId: string, accessToken: string, refreshToken: string | null, expiresAtMs: number, nowMs: number, aheadMs?: number): null | number | BindingPlan; complete(userId: string, flightId: number, accessToken: string, refreshToken: string | null, expiresAtMs: number | null, expiresIn: number | null, nowMs: number): number }"
     )]
     pub fn bind_protocol<'env>(&self, env: &'env Env) -> Result<Object<'env>, Code> {
         let engine = self.engine.clone();
@@ -292,6 +299,25 @@ impl BindingManager {
         })
     }
 
+    /// Drops what the engine holds for the user and marks their tokens bad
+    /// (`Engine::forget`). Returns until when the user's calls must go to
+    /// `begin`, as `invalidate` does.
+    #[napi]
+    pub fn forget(
+        &self,
+        #[napi(ts_arg_type = "string")] user_id: UserIdArg,
+        now_ms: f64,
+    ) -> Result<f64, Code> {
+        guard(|| {
+            let user_id = user_id.required("userId").map_err(to_js)?;
+            let now = time::now_from_js(now_ms).map_err(to_js)?;
+            self.engine
+                .forget(&user_id, now)
+                .map(|until| until as f64)
+                .map_err(to_js)
+        })
+    }
+
     /// Users other instances' `invalidate` marked since the last call, and
     /// until when: the manager sends their calls to `begin` (as after its
     /// own `invalidate`). Null when there are none. The coordinator calls
@@ -397,8 +423,9 @@ fn issued_to_js(t: Issued) -> BindingIssuedToken {
     }
 }
 
-/// `begin(userId, accessToken, refreshToken, expiresAtMs, nowMs)`: the
-/// engine's plan for a call whose token is not fresh ([`Engine::begin`]).
+/// `begin(userId, accessToken, refreshToken, expiresAtMs, nowMs, aheadMs?)`:
+/// the engine's plan for a call whose token is not fresh ([`Engine::begin`]),
+/// or, with `aheadMs`, for a refresh ahead of need ([`Engine::begin_ahead`]).
 /// The common plans cross as a number, so JS builds the caller's object:
 ///
 /// | answer | plan |
@@ -434,13 +461,24 @@ fn begin(engine: &Engine, ctx: &FunctionCallContext) -> Answer<Option<Either<f64
             .required("token.accessToken")
             .map(|t| SecretString::new(t).fingerprint())
     };
-    let plan = engine.begin(
+    // Optional: absent (fewer arguments) reads as undefined.
+    let ahead = match (ctx.length() > 5).then(|| ctx.get::<Option<f64>>(5)) {
+        None | Some(Ok(None)) => 0,
+        Some(Ok(Some(ms))) => {
+            crate::engine::policy::whole(ms, 0, i64::MAX as u64).ok_or_else(|| {
+                EngineError::invalid_argument("aheadMs", "must be whole milliseconds, 0 or more")
+            })? as i64
+        }
+        Some(Err(_)) => return Err(EngineError::invalid_argument("aheadMs", "must be a number")),
+    };
+    let plan = engine.begin_ahead(
         &user,
         access_is_empty,
         refresh.as_ref(),
         expires_at,
         fingerprint,
         now,
+        ahead,
     )?;
     Ok(encode_plan(plan, refresh.as_ref()))
 }

@@ -43,6 +43,11 @@ codes! {
     InvalidRefreshResult = "INVALID_REFRESH_RESULT",
     /// The provider rejected the refresh grant: the user must reconnect.
     ReauthRequired = "REAUTH_REQUIRED",
+    /// The store holds no token for the user (never connected, or
+    /// forgotten): they must connect their bank first.
+    NotConnected = "NOT_CONNECTED",
+    /// `options.store` failed to load the user's token.
+    StoreFailed = "STORE_FAILED",
     /// The provider rejected our client credentials.
     InvalidClient = "INVALID_CLIENT",
     /// Redis coordination was required (`onError: 'fail'`) but unavailable.

@@ -63,23 +63,64 @@ impl Engine {
         fingerprint: impl FnOnce() -> Result<Fingerprint, EngineError>,
         now: EpochMs,
     ) -> Result<Plan, EngineError> {
+        self.begin_ahead(
+            user,
+            access_is_empty,
+            refresh,
+            expires_at,
+            fingerprint,
+            now,
+            0,
+        )
+    }
+
+    /// [`Engine::begin`] for a refresh ahead of need: tokens are judged
+    /// fresh or not as of `ahead_ms` after `now` (the moment the caller's
+    /// token enters its buffer), so a token still fresh now can be
+    /// refreshed early, once, under the same single flight. A held token
+    /// is used only if it is fresh then; the double-check window does not
+    /// apply (the refresh is not redundant, it is early on purpose).
+    #[allow(clippy::too_many_arguments)]
+    pub fn begin_ahead(
+        &self,
+        user: &str,
+        access_is_empty: bool,
+        refresh: Option<&SecretString>,
+        expires_at: EpochMs,
+        fingerprint: impl FnOnce() -> Result<Fingerprint, EngineError>,
+        now: EpochMs,
+        ahead_ms: EpochMs,
+    ) -> Result<Plan, EngineError> {
         validate_user(user)?;
         let policy = self.policy;
+        let at = now.saturating_add(ahead_ms.max(0));
         let mut fp = OnceFingerprint::Pending(fingerprint);
         let mut t = self.table(user, now);
         t.evict_on_call(&policy, now);
         let plan = t.with_entry(user, now, |e, in_flight| {
             let presented_revoked = e.is_revoking() && e.is_revoked(fp.get()?, now);
-            if !access_is_empty && !presented_revoked && policy.is_fresh(expires_at, now) {
-                return Ok(Plan::UsePresented);
+            if !access_is_empty && !presented_revoked {
+                if policy.is_fresh(expires_at, at) {
+                    return Ok(Plan::UsePresented);
+                }
+                // The token this engine issued, whose lifetime it knows:
+                // measured against its own buffer (Policy::buffer_for).
+                if let Some(h) = &e.held {
+                    if h.expires_at == expires_at
+                        && policy.is_fresh_for(expires_at, h.lifetime(), at)
+                        && h.fingerprint == fp.get()?
+                    {
+                        return Ok(Plan::UsePresented);
+                    }
+                }
             }
             // The presented token is due, expired or revoked. A token a
             // refresh already produced may do: it is fresh, or the refresh
             // was so recent that another would be redundant.
             if let Some(h) = &e.held {
-                let recent = policy.within_double_check(h.refreshed_at, now);
+                let recent = ahead_ms <= 0 && policy.within_double_check(h.refreshed_at, now);
                 let usable = !e.is_revoked(h.fingerprint, now)
-                    && (policy.is_fresh(h.expires_at, now)
+                    && (policy.is_fresh_for(h.expires_at, h.lifetime(), at)
                         || (recent && policy.is_unexpired(h.expires_at, now)));
                 if usable {
                     return Ok(Plan::UseHeld(h.issue(h.fingerprint != fp.get()?)));

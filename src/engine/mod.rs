@@ -225,6 +225,18 @@ impl Engine {
         Ok(until)
     }
 
+    /// The user signed out or disconnected their bank: drops the token
+    /// this engine holds for `user` (its bytes are wiped) and marks every
+    /// token of the user's as [`Engine::invalidate`] does, so a call still
+    /// presenting one refreshes rather than is served. A refresh in flight
+    /// is left to finish: its caller decides what to do with the result.
+    pub fn forget(&self, user: &str, now: EpochMs) -> Result<EpochMs, EngineError> {
+        let until = self.invalidate(user, None, now)?;
+        let mut t = self.table(user, now);
+        t.with_existing(user, now, |e, _| e.held = None);
+        Ok(until)
+    }
+
     /// [`Engine::invalidate`] made by another instance (Redis pub/sub): the
     /// mark also waits for the binding ([`Engine::take_remote_marks`]).
     /// True when nothing waited before it: the binding then tells its

@@ -86,6 +86,21 @@ impl Policy {
         expires_at.saturating_sub(now) > self.buffer_ms as i64
     }
 
+    /// The buffer for a token whose lifetime (expiry minus when it was
+    /// issued) is known: at most half of it, so a token living two minutes
+    /// under a five-minute buffer is not due the moment it arrives.
+    #[inline]
+    pub fn buffer_for(&self, lifetime_ms: i64) -> i64 {
+        (self.buffer_ms as i64).min(lifetime_ms.max(0) / 2)
+    }
+
+    /// [`Policy::is_fresh`] with the buffer [`Policy::buffer_for`] gives a
+    /// token of `lifetime_ms`.
+    #[inline]
+    pub fn is_fresh_for(&self, expires_at: EpochMs, lifetime_ms: i64, now: EpochMs) -> bool {
+        expires_at.saturating_sub(now) > self.buffer_for(lifetime_ms)
+    }
+
     /// The token still works, even if a refresh is due. Used to serve a
     /// caller's own token when a refresh fails.
     #[inline]
@@ -152,6 +167,25 @@ mod tests {
         assert!(!p.is_fresh(now - 1, now));
         assert!(p.is_unexpired(now + 1, now));
         assert!(!p.is_unexpired(now, now));
+    }
+
+    #[test]
+    fn a_short_lived_token_gets_half_its_lifetime_as_buffer() {
+        let p = Policy::default();
+        assert_eq!(p.buffer_for(120_000), 60_000);
+        assert_eq!(
+            p.buffer_for(3_600_000),
+            300_000,
+            "long lives keep the buffer"
+        );
+        assert_eq!(p.buffer_for(-5), 0);
+        let now = 1_000_000_000;
+        assert!(p.is_fresh_for(now + 60_001, 120_000, now));
+        assert!(!p.is_fresh_for(now + 60_000, 120_000, now));
+        assert!(
+            !p.is_fresh(now + 60_001, now),
+            "the plain rule would refresh it"
+        );
     }
 
     #[test]

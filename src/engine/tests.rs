@@ -212,11 +212,12 @@ fn a_refresh_that_keeps_the_refresh_token_keeps_it_for_the_next_one() {
 fn the_double_check_window_stops_a_second_refresh() {
     let e = engine(); // 10 s window, 5 min buffer
     let (id, _) = lead(&e, "u", &token("old", NOW), NOW);
-    // The provider hands out a token already inside the buffer.
-    e.complete_with("u", id, refreshed("short", NOW + 2 * MIN), NOW)
+    // The provider hands out a token living 15 s: past half its lifetime
+    // (its buffer, Policy::buffer_for) after 7.5 s.
+    e.complete_with("u", id, refreshed("short", NOW + 15_000), NOW)
         .unwrap();
     match e
-        .begin_with("u", &token("short", NOW + 2 * MIN), NOW + 5_000)
+        .begin_with("u", &token("short", NOW + 15_000), NOW + 8_000)
         .unwrap()
     {
         Plan::UseHeld(t) => {
@@ -226,7 +227,7 @@ fn the_double_check_window_stops_a_second_refresh() {
         other => panic!("{other:?}"),
     }
     assert!(matches!(
-        e.begin_with("u", &token("short", NOW + 2 * MIN), NOW + 11_000)
+        e.begin_with("u", &token("short", NOW + 15_000), NOW + 11_000)
             .unwrap(),
         Plan::Lead { .. }
     ));
@@ -834,4 +835,105 @@ fn shards_take_shares_spanning_a_factor_of_two() {
     let ratio = last as f64 / first as f64;
     assert!((1.7..2.0).contains(&ratio), "{ratio}");
     assert!(counts.iter().all(|&c| c > 500), "every shard used");
+}
+
+#[test]
+fn a_short_lived_token_this_engine_issued_is_not_due_at_once() {
+    // Two-minute tokens under the default five-minute buffer: the engine
+    // knows their lifetime, so it measures them against half of it.
+    let e = engine();
+    let (id, _) = lead(&e, "u", &with_refresh("old", "rt1", NOW - 1), NOW);
+    let issued = e
+        .complete_with("u", id, refreshed("new", NOW + 2 * MIN), NOW)
+        .unwrap();
+    let held = token(issued.access.expose(), issued.expires_at);
+    for later in [0, 30_000, MIN - 1] {
+        assert!(
+            matches!(
+                e.begin_with("u", &held, NOW + later).unwrap(),
+                Plan::UsePresented
+            ),
+            "{later} ms after it came, the token is fresh for its lifetime"
+        );
+    }
+    assert!(
+        matches!(
+            e.begin_with("u", &held, NOW + MIN).unwrap(),
+            Plan::Lead { .. }
+        ),
+        "half its lifetime left: due"
+    );
+    // Another token with the same expiry, not the one issued: the plain rule.
+    let e2 = engine();
+    assert!(matches!(
+        e2.begin_with("u", &token("other", NOW + 2 * MIN), NOW)
+            .unwrap(),
+        Plan::Lead { .. }
+    ));
+    assert_eq!(e.stats(NOW).refreshes, 1);
+}
+
+#[test]
+fn a_refresh_ahead_leads_once_while_the_token_is_still_fresh() {
+    let e = engine();
+    let fresh = with_refresh("a", "rt1", NOW + 10 * MIN);
+    let ahead = |p: &Presented, ahead_ms: i64| {
+        e.begin_ahead(
+            "u",
+            false,
+            p.refresh.as_ref(),
+            p.expires_at,
+            || Ok(p.access.fingerprint()),
+            NOW,
+            ahead_ms,
+        )
+        .unwrap()
+    };
+    assert!(
+        matches!(ahead(&fresh, 4 * MIN), Plan::UsePresented),
+        "not yet at the buffer as of then"
+    );
+    let Plan::Lead { id, refresh_token } = ahead(&fresh, 5 * MIN) else {
+        panic!("as of the buffer's start, it is due");
+    };
+    assert_eq!(refresh_token.unwrap().expose(), "rt1");
+    // A foreground call meanwhile is served its fresh token, not held up.
+    assert!(matches!(
+        e.begin_with("u", &fresh, NOW).unwrap(),
+        Plan::UsePresented
+    ));
+    // A second refresh ahead joins the first.
+    assert!(matches!(ahead(&fresh, 5 * MIN), Plan::Join(j) if j == id));
+    e.complete_with("u", id, refreshed("b", NOW + 70 * MIN), NOW)
+        .unwrap();
+    // Once refreshed, the old token asking ahead is handed the new one.
+    match ahead(&fresh, 5 * MIN) {
+        Plan::UseHeld(t) => assert_eq!(t.access.expose(), "b"),
+        other => panic!("expected the held token, got {other:?}"),
+    }
+    assert_eq!(e.stats(NOW).refreshes, 1);
+}
+
+#[test]
+fn forget_drops_the_held_token_and_refuses_the_old_one() {
+    let e = engine();
+    let (id, _) = lead(&e, "u", &with_refresh("old", "rt1", NOW - 1), NOW);
+    let issued = e
+        .complete_with("u", id, refreshed("new", NOW + 60 * MIN), NOW)
+        .unwrap();
+    e.forget("u", NOW).unwrap();
+    // Presenting the old (still valid) token does not get it served, nor
+    // the held one handed out: the caller must refresh (or has no row).
+    let p = token(issued.access.expose(), issued.expires_at);
+    assert!(matches!(
+        e.begin_with("u", &p, NOW).unwrap(),
+        Plan::Lead {
+            refresh_token: None,
+            ..
+        }
+    ));
+    assert!(matches!(
+        e.forget("", NOW),
+        Err(EngineError::InvalidArgument { .. })
+    ));
 }

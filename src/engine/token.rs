@@ -61,6 +61,12 @@ pub(crate) struct Held {
 }
 
 impl Held {
+    /// How long the token was good for when it came: the lifetime the
+    /// buffer is measured against ([`Policy::buffer_for`](super::Policy::buffer_for)).
+    pub(crate) fn lifetime(&self) -> i64 {
+        self.expires_at.saturating_sub(self.refreshed_at)
+    }
+
     /// Whether a caller issued this token is handed its refresh token too:
     /// only a rotated refresh token is news to the caller.
     pub(crate) fn hands_refresh(&self, should_update: bool) -> bool {
