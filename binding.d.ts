@@ -145,6 +145,15 @@ export declare class BindingRefresher {
    * can be cut short by `abort(abortId)`.
    */
   refresh(userId: string, refreshToken?: string | undefined | null, timeoutMs?: number | undefined | null, abortId?: number | undefined | null): Promise<BindingRefreshOutcome>
+  /** Whether `revoke` can run (an OAuth2 refresher with a revocation URL). */
+  canRevoke(): boolean
+  /**
+   * RFC 7009: revokes `refreshToken` at the provider, within
+   * `min(timeoutMs, the refresher's own timeoutMs)`. Never rejects for a
+   * failed revocation: the outcome carries `code` (`REVOKE_FAILED`);
+   * success is an outcome with every field null.
+   */
+  revoke(refreshToken: string, timeoutMs?: number | undefined | null): Promise<BindingRefreshOutcome>
   /**
    * Aborts the call started with `abortId` (drops its HTTP request). A
    * call already settled is left alone.
@@ -248,6 +257,8 @@ export interface BindingOAuth2Options {
   scope?: string
   /** Budget of one refresh. Default 30000. */
   timeoutMs?: number
+  /** The RFC 7009 revocation endpoint. */
+  revocationUrl?: string
 }
 
 /**

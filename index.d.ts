@@ -407,6 +407,8 @@ export type TokenRefreshErrorCode =
   | 'STORE_FAILED'
   /** The provider answered `401` or `invalid_client`: the client id or secret is wrong. */
   | 'INVALID_CLIENT'
+  /** The provider's revocation endpoint (RFC 7009) did not answer 2xx, or no answer came in time. */
+  | 'REVOKE_FAILED'
   /** With `redis`: Redis could not coordinate this refresh, so it did not run (see `RedisOptions.onError`; also after `close()`). */
   | 'COORDINATOR_UNAVAILABLE'
   | (string & {})
@@ -485,8 +487,14 @@ export interface OAuth2RefresherOptions {
   authMethod?: 'client_secret_basic' | 'client_secret_post'
   /** Sent as `scope` with each refresh, to narrow it. */
   scope?: string
-  /** Budget of one refresh in ms; the manager's `refreshTimeoutMs` caps it. Default 30000. */
+  /** Budget of one refresh (or revocation) in ms; the manager's `refreshTimeoutMs` caps it. Default 30000. */
   timeoutMs?: number
+  /**
+   * The provider's RFC 7009 revocation endpoint (its metadata's
+   * `revocation_endpoint`), to revoke a user's refresh token on sign-out with
+   * the same client authentication. https only (http for loopback hosts).
+   */
+  revocationUrl?: string
 }
 
 /**

@@ -3,10 +3,14 @@
 // presented again. If any caller ever resent a refresh token, a grant would
 // die here and later refreshes would fail with invalid_grant.
 import http from 'node:http'
+import { createRequire } from 'node:module'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import Provider from 'oidc-provider'
 
-import { TokenManager, TokenRefreshError, oauth2Refresher } from '../index.mjs'
+import { TokenManager, TokenRefreshError, oauth2Refresher, tarabutRefresher } from '../index.mjs'
+
+// What TokenManager.revoke calls: not public API of their own.
+const { canRevoke, nativeRevoke } = createRequire(import.meta.url)('../lib/refreshers.js')
 
 const USERS = 20
 const CALLERS = 100
@@ -16,6 +20,7 @@ const ACCESS_TTL_S = 2
 let server
 let provider
 let tokenUrl
+let revocationUrl
 const refreshGrants = { count: 0 }
 const grantErrors = []
 
@@ -37,7 +42,7 @@ beforeAll(async () => {
     rotateRefreshToken: true,
     ttl: { AccessToken: ACCESS_TTL_S, RefreshToken: 300, Grant: 300 },
     findAccount: (ctx, sub) => ({ accountId: sub, claims: async () => ({ sub }) }),
-    features: { devInteractions: { enabled: false } },
+    features: { devInteractions: { enabled: false }, revocation: { enabled: true } },
   })
   provider.on('grant.success', (ctx) => {
     if (ctx.oidc.params.grant_type === 'refresh_token') refreshGrants.count++
@@ -45,6 +50,7 @@ beforeAll(async () => {
   provider.on('grant.error', (ctx, err) => grantErrors.push(err.error))
   server.on('request', provider.callback())
   tokenUrl = `${issuer}/token`
+  revocationUrl = `${issuer}/token/revocation`
 })
 
 afterAll(async () => {
@@ -134,5 +140,56 @@ describe('oauth2Refresher with oidc-provider (rotateRefreshToken: true)', () => 
     // The refresh token was not spent by the rejected call.
     const again = await good({ userId: 'post-user', refreshToken: t.refreshToken })
     expect(again.accessToken).not.toBe(t.accessToken)
+  })
+})
+
+describe('oauth2Refresher revocation (RFC 7009) with oidc-provider', () => {
+  it('a revoked refresh token is refused afterwards (REAUTH_REQUIRED), and so is its grant', async () => {
+    const refresher = oauth2Refresher({ tokenUrl, revocationUrl, clientId: 'basic-app', clientSecret: 'basic-secret' })
+    expect(canRevoke(refresher)).toBe(true)
+    const { grantId, refreshToken } = await connect('revoke-user', 'basic-app')
+    const t = await refresher({ userId: 'revoke-user', refreshToken })
+
+    await expect(nativeRevoke(refresher, 'revoke-user', t.refreshToken, 5000)).resolves.toBeUndefined()
+    expect(await provider.Grant.find(grantId)).toBeUndefined()
+    const e = await refresher({ userId: 'revoke-user', refreshToken: t.refreshToken }).catch((err) => err)
+    expect(e).toBeInstanceOf(TokenRefreshError)
+    expect(e).toMatchObject({ code: 'REAUTH_REQUIRED', status: 400, error: 'invalid_grant' })
+
+    // RFC 7009 section 2.2: a token the server does not know (already
+    // revoked, or never issued) is answered 200, which is success.
+    await expect(nativeRevoke(refresher, 'revoke-user', t.refreshToken, null)).resolves.toBeUndefined()
+    await expect(nativeRevoke(refresher, 'revoke-user', 'never-issued', null)).resolves.toBeUndefined()
+  })
+
+  it('client_secret_post authenticates the revocation too; a wrong secret is REVOKE_FAILED and revokes nothing', async () => {
+    const options = { tokenUrl, revocationUrl, clientId: 'post-app', authMethod: 'client_secret_post' }
+    const good = oauth2Refresher({ ...options, clientSecret: 'post-secret' })
+    const bad = oauth2Refresher({ ...options, clientSecret: 'not-the-secret' })
+    const { grantId, refreshToken } = await connect('revoke-post-user', 'post-app')
+
+    const e = await nativeRevoke(bad, 'revoke-post-user', refreshToken, null).catch((err) => err)
+    expect(e).toBeInstanceOf(TokenRefreshError)
+    expect(e).toMatchObject({ code: 'REVOKE_FAILED', status: 401, error: 'invalid_client', userId: 'revoke-post-user' })
+    expect(e.message).not.toContain(refreshToken)
+    expect(await provider.Grant.find(grantId)).toBeDefined()
+
+    await nativeRevoke(good, 'revoke-post-user', refreshToken, null)
+    expect(await provider.Grant.find(grantId)).toBeUndefined()
+  })
+
+  it('only an oauth2Refresher with a revocationUrl revokes; anything else is a TypeError before any request', async () => {
+    const plain = oauth2Refresher({ tokenUrl, clientId: 'basic-app', clientSecret: 'basic-secret' })
+    const tarabut = tarabutRefresher({ clientId: 'c', clientSecret: 's', tokenUrl })
+    const custom = async () => ({ accessToken: 'a', expiresIn: 60 })
+    for (const r of [plain, tarabut, custom, null]) {
+      expect(canRevoke(r)).toBe(false)
+      await expect(nativeRevoke(r, 'u', 'rt', null)).rejects.toMatchObject({ name: 'TypeError', code: 'INVALID_ARGUMENT' })
+    }
+    const r = oauth2Refresher({ tokenUrl, revocationUrl, clientId: 'basic-app', clientSecret: 'basic-secret' })
+    await expect(nativeRevoke(r, 'u', '', null)).rejects.toMatchObject({ name: 'TypeError', message: expect.stringMatching(/^refreshToken /) })
+    expect(() => oauth2Refresher({ tokenUrl, revocationUrl: 'http://idp.example/revoke', clientId: 'c', clientSecret: 's' })).toThrow(
+      expect.objectContaining({ name: 'TypeError', code: 'INVALID_ARGUMENT', message: expect.stringMatching(/^revocationUrl /) }),
+    )
   })
 })

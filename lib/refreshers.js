@@ -53,6 +53,41 @@ function nativeRefresh(refresher, userId, refreshToken, timeoutMs) {
   })
 }
 
+/** The native half of `refreshFn`, if it is one of ours. */
+function nativeOf(refreshFn) {
+  return typeof refreshFn === 'function' ? (refreshFn[NATIVE_REFRESHER] ?? null) : null
+}
+
+/** Whether `refreshFn` can revoke: a native refresher with a revocation endpoint. */
+function canRevoke(refreshFn) {
+  const native = nativeOf(refreshFn)
+  return native !== null && native.canRevoke()
+}
+
+/**
+ * RFC 7009: revokes `refreshToken` at the provider of `refreshFn` (see
+ * `canRevoke`), within `timeoutMs` (null: the refresher's own). Resolves
+ * once the provider answered 2xx (also for a token it no longer knows);
+ * else rejects with a TokenRefreshError `REVOKE_FAILED` (with `status` and
+ * `error` when it answered). A refresher that cannot revoke, or a bad
+ * argument, rejects with a TypeError.
+ */
+function nativeRevoke(refreshFn, userId, refreshToken, timeoutMs) {
+  let pending
+  try {
+    if (!canRevoke(refreshFn)) throw argError('refresher', 'cannot revoke: only oauth2Refresher with a revocationUrl can')
+    if (typeof userId !== 'string' || userId.length === 0) throw argError('userId', 'must be a non-empty string')
+    if (typeof refreshToken !== 'string' || refreshToken.length === 0) throw argError('refreshToken', 'must be a non-empty string')
+    if (timeoutMs != null && typeof timeoutMs !== 'number') throw argError('timeoutMs', 'must be a number')
+    pending = nativeOf(refreshFn).revoke(refreshToken, timeoutMs ?? null)
+  } catch (e) {
+    return Promise.reject(fromNative(e))
+  }
+  return pending.then((outcome) => {
+    if (outcome.code != null) throw refresherError(userId, outcome)
+  })
+}
+
 function makeRefresher(refresher, name, kind) {
   // A RefreshFn: (ctx) => Promise<{ accessToken, refreshToken?, expiresIn }>.
   // It honours ctx.signal: an abort drops the HTTP request and rejects
@@ -162,6 +197,7 @@ const OAUTH2_OPTIONS = {
   authMethod: { type: 'string' },
   scope: { type: 'string' },
   timeoutMs: { type: 'number' },
+  revocationUrl: { type: 'string' },
 }
 
 /**
@@ -174,4 +210,4 @@ function oauth2Refresher(options) {
   return buildRefresher((o) => BindingRefresher.oauth2(o), 'oauth2Refresher', options, OAUTH2_OPTIONS, 'oauth2')
 }
 
-module.exports = { NATIVE_REFRESHER, CLIENT_CREDENTIALS, nativeRefresh, tarabutRefresher, oauth2Refresher }
+module.exports = { NATIVE_REFRESHER, CLIENT_CREDENTIALS, nativeRefresh, canRevoke, nativeRevoke, tarabutRefresher, oauth2Refresher }

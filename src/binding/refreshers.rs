@@ -67,6 +67,9 @@ pub struct BindingOAuth2Options {
     pub scope: Option<OptionArg>,
     /// Budget of one refresh. Default 30000.
     pub timeout_ms: Option<f64>,
+    /// The RFC 7009 revocation endpoint.
+    #[napi(ts_type = "string")]
+    pub revocation_url: Option<OptionArg>,
 }
 
 /// What `refresh` resolves to: the token, or (with `code` set) why not.
@@ -145,6 +148,7 @@ impl BindingRefresher {
             auth_method: AuthMethod::parse(auth_method.as_deref()).map_err(to_js)?,
             scope: optional(options.scope, "scope")?,
             timeout_ms: options.timeout_ms,
+            revocation_url: optional(options.revocation_url, "revocationUrl")?,
         };
         let client = http::shared_client().map_err(to_js)?;
         Ok(Self::wrap(Refresher::OAuth2(
@@ -189,14 +193,7 @@ impl BindingRefresher {
     ) -> Result<PromiseRaw<'env, BindingRefreshOutcome>, Code> {
         let inner = self.inner.clone();
         let refresh_token = refresh_token.map(SecretString::new);
-        let timeout = match timeout_ms {
-            None => Ok(None),
-            Some(ms) if ms.is_finite() && ms >= 1.0 => Ok(Some(Duration::from_millis(ms as u64))),
-            Some(_) => Err(RefreshError::invalid_argument(
-                "timeoutMs",
-                "must be a positive number of milliseconds",
-            )),
-        };
+        let timeout = timeout_arg(timeout_ms);
         // Registered before the future starts, so an abort that comes
         // before tokio polls it is not lost.
         let abort = abort_id.map(|id| {
@@ -223,15 +220,49 @@ impl BindingRefresher {
                 }
             };
             Ok(match result {
-                Ok(Ok(token)) => success(token),
+                Ok(Ok(token)) => outcome(Some(token)),
                 Ok(Err(e)) => failure(e),
-                Err(_) => failure(RefreshError::new(
-                    ErrorCode::Internal,
-                    "internal error in the native refresher (a bug: please report it)",
-                )),
+                Err(_) => panicked(),
             })
         })
         .map_err(|_| napi::Error::new(Code(ErrorCode::Internal), "could not start the refresh"))
+    }
+
+    /// Whether `revoke` can run (an OAuth2 refresher with a revocation URL).
+    #[napi]
+    pub fn can_revoke(&self) -> Result<bool, Code> {
+        guard(|| Ok(self.inner.can_revoke()))
+    }
+
+    /// RFC 7009: revokes `refreshToken` at the provider, within
+    /// `min(timeoutMs, the refresher's own timeoutMs)`. Never rejects for a
+    /// failed revocation: the outcome carries `code` (`REVOKE_FAILED`);
+    /// success is an outcome with every field null.
+    #[napi(ts_return_type = "Promise<BindingRefreshOutcome>")]
+    pub fn revoke<'env>(
+        &self,
+        env: &'env Env,
+        #[napi(ts_arg_type = "string")] refresh_token: TokenArg,
+        timeout_ms: Option<f64>,
+    ) -> Result<PromiseRaw<'env, BindingRefreshOutcome>, Code> {
+        guard(|| {
+            let refresh_token =
+                SecretString::new(refresh_token.required("refreshToken").map_err(arg)?);
+            let timeout = timeout_arg(timeout_ms);
+            let inner = self.inner.clone();
+            env.spawn_future(async move {
+                let run = async { inner.revoke(&refresh_token, timeout?).await };
+                let result = AssertUnwindSafe(run).catch_unwind().await;
+                Ok(match result {
+                    Ok(Ok(())) => outcome(None),
+                    Ok(Err(e)) => failure(e),
+                    Err(_) => panicked(),
+                })
+            })
+            .map_err(|_| {
+                napi::Error::new(Code(ErrorCode::Internal), "could not start the revocation")
+            })
+        })
     }
 
     /// Aborts the call started with `abortId` (drops its HTTP request). A
@@ -247,16 +278,39 @@ impl BindingRefresher {
     }
 }
 
-fn success(t: Token) -> BindingRefreshOutcome {
+/// The caller's budget, checked before the call starts.
+fn timeout_arg(timeout_ms: Option<f64>) -> std::result::Result<Option<Duration>, RefreshError> {
+    match timeout_ms {
+        None => Ok(None),
+        Some(ms) if ms.is_finite() && ms >= 1.0 => Ok(Some(Duration::from_millis(ms as u64))),
+        Some(_) => Err(RefreshError::invalid_argument(
+            "timeoutMs",
+            "must be a positive number of milliseconds",
+        )),
+    }
+}
+
+/// A success: the token, or (a revocation) none.
+fn outcome(t: Option<Token>) -> BindingRefreshOutcome {
     BindingRefreshOutcome {
-        access_token: Some(t.access.expose().to_owned()),
-        refresh_token: t.refresh.as_ref().map(|r| r.expose().to_owned()),
-        expires_in: Some(t.expires_in),
+        access_token: t.as_ref().map(|t| t.access.expose().to_owned()),
+        refresh_token: t
+            .as_ref()
+            .and_then(|t| t.refresh.as_ref())
+            .map(|r| r.expose().to_owned()),
+        expires_in: t.as_ref().map(|t| t.expires_in),
         code: None,
         message: None,
         status: None,
         error: None,
     }
+}
+
+fn panicked() -> BindingRefreshOutcome {
+    failure(RefreshError::new(
+        ErrorCode::Internal,
+        "internal error in the native refresher (a bug: please report it)",
+    ))
 }
 
 fn failure(e: RefreshError) -> BindingRefreshOutcome {

@@ -50,6 +50,8 @@ codes! {
     StoreFailed = "STORE_FAILED",
     /// The provider rejected our client credentials.
     InvalidClient = "INVALID_CLIENT",
+    /// The provider's revocation endpoint (RFC 7009) did not confirm.
+    RevokeFailed = "REVOKE_FAILED",
     /// Redis coordination was required (`onError: 'fail'`) but unavailable.
     CoordinatorUnavailable = "COORDINATOR_UNAVAILABLE",
     /// A bug in this package (a caught Rust panic). Never expected.

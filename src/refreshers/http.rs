@@ -161,15 +161,21 @@ pub enum Attempt {
     Failed { sent: bool, error: RefreshError },
 }
 
-/// Sends `request` and reads at most [`MAX_BODY_BYTES`] of the answer.
-/// Dropping the future aborts the request.
+/// Sends `request` to a token endpoint and reads at most
+/// [`MAX_BODY_BYTES`] of the answer. Dropping the future aborts the request.
 pub async fn send(request: RequestBuilder) -> Attempt {
+    send_to(request, "token").await
+}
+
+/// [`send`] to the `endpoint` its transport errors name ("token",
+/// "revocation").
+pub async fn send_to(request: RequestBuilder, endpoint: &'static str) -> Attempt {
     let mut response = match request.send().await {
         Ok(r) => r,
         Err(e) => {
             return Attempt::Failed {
                 sent: !e.is_connect(),
-                error: transport_error(&e),
+                error: transport_error(&e, endpoint),
             }
         }
     };
@@ -198,14 +204,14 @@ pub async fn send(request: RequestBuilder) -> Attempt {
 
 /// A transport failure, described without the URL (reqwest's own message
 /// includes it) or anything the server sent.
-fn transport_error(e: &reqwest::Error) -> RefreshError {
+fn transport_error(e: &reqwest::Error, endpoint: &str) -> RefreshError {
     let kind = io_kind(e).map(|k| format!(" ({k:?})")).unwrap_or_default();
     let what = if e.is_connect() {
-        "could not connect to the token endpoint"
+        format!("could not connect to the {endpoint} endpoint")
     } else if e.is_timeout() {
-        "the token request timed out"
+        format!("the {endpoint} request timed out")
     } else {
-        "the token request failed before an answer arrived"
+        format!("the {endpoint} request failed before an answer arrived")
     };
     RefreshError::new(ErrorCode::RefreshFailed, format!("{what}{kind}"))
 }

@@ -99,6 +99,28 @@ impl RefreshError {
         }
     }
 
+    /// The revocation endpoint answered with a status other than success.
+    pub fn revocation_status(status: u16, provider_error: Option<String>) -> Self {
+        let message = match &provider_error {
+            Some(e) => format!("revocation endpoint answered HTTP {status} ({e})"),
+            None => format!("revocation endpoint answered HTTP {status}"),
+        };
+        Self {
+            code: ErrorCode::RevokeFailed,
+            status: Some(status),
+            provider_error,
+            message,
+        }
+    }
+
+    /// The same failure, reported as a failed revocation.
+    pub fn revoke_failed(self) -> Self {
+        Self {
+            code: ErrorCode::RevokeFailed,
+            ..self
+        }
+    }
+
     /// A success status with a body we cannot use. `problem` is ours, never
     /// a piece of the body.
     pub fn malformed(status: u16, problem: &str) -> Self {
@@ -154,6 +176,38 @@ impl Refresher {
         match tokio::time::timeout_at(deadline, call).await {
             Ok(result) => result,
             Err(_) => Err(RefreshError::timeout(budget)),
+        }
+    }
+
+    /// Whether [`Refresher::revoke`] can run: an OAuth2 refresher with a
+    /// `revocationUrl`.
+    pub fn can_revoke(&self) -> bool {
+        matches!(self, Refresher::OAuth2(o) if o.can_revoke())
+    }
+
+    /// Revokes `refresh_token` at the provider (RFC 7009) within the same
+    /// budget rule as [`Refresher::refresh`]. Every failure is
+    /// `REVOKE_FAILED`, but a refresher that cannot revoke, which is
+    /// `INVALID_ARGUMENT`.
+    pub async fn revoke(
+        &self,
+        refresh_token: &SecretString,
+        timeout: Option<Duration>,
+    ) -> Result<(), RefreshError> {
+        let Refresher::OAuth2(o) = self else {
+            return Err(RefreshError::invalid_argument(
+                "refresher",
+                "cannot revoke: only oauth2Refresher with a revocationUrl can",
+            ));
+        };
+        let budget = timeout.map_or(o.timeout(), |t| t.min(o.timeout()));
+        let deadline = tokio::time::Instant::now() + budget;
+        match tokio::time::timeout_at(deadline, o.revoke(refresh_token, deadline)).await {
+            Ok(result) => result,
+            Err(_) => Err(RefreshError::new(
+                ErrorCode::RevokeFailed,
+                format!("revocation did not settle within {} ms", budget.as_millis()),
+            )),
         }
     }
 }

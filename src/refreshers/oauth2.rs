@@ -1,6 +1,7 @@
 //! The RFC 6749 section 6 refresh: `grant_type=refresh_token`, form-urlencoded,
 //! client authentication by `client_secret_basic` (the default, which every
-//! server must support) or `client_secret_post`.
+//! server must support) or `client_secret_post`; and the RFC 7009
+//! revocation of a refresh token, with the same client authentication.
 //!
 //! With refresh-token rotation a refresh token works once, and a server that
 //! sees it twice revokes the whole grant. So a request is repeated only when
@@ -10,8 +11,9 @@
 use std::time::Duration;
 
 use base64::Engine as _;
+use bytes::Bytes;
 use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
-use reqwest::{Client, Url};
+use reqwest::{Client, RequestBuilder, Url};
 use serde::Deserialize;
 use tokio::time::Instant;
 
@@ -55,11 +57,14 @@ pub struct OAuth2Config {
     pub auth_method: AuthMethod,
     pub scope: Option<String>,
     pub timeout_ms: Option<f64>,
+    /// The RFC 7009 revocation endpoint, if the provider has one.
+    pub revocation_url: Option<String>,
 }
 
 impl Default for OAuth2Config {
     fn default() -> Self {
         Self {
+            revocation_url: None,
             token_url: String::new(),
             client_id: String::new(),
             client_secret: SecretString::new(String::new()),
@@ -73,6 +78,7 @@ impl Default for OAuth2Config {
 pub struct OAuth2Refresher {
     client: Client,
     url: Url,
+    revocation_url: Option<Url>,
     auth: Auth,
     scope: Option<String>,
     timeout: Duration,
@@ -114,6 +120,11 @@ impl OAuth2Refresher {
             return Err(RefreshError::invalid_argument("tokenUrl", "is required"));
         }
         let url = http::token_url("tokenUrl", &config.token_url)?;
+        let revocation_url = config
+            .revocation_url
+            .as_deref()
+            .map(|u| http::token_url("revocationUrl", u))
+            .transpose()?;
         required("clientId", &config.client_id)?;
         required("clientSecret", config.client_secret.expose())?;
         let timeout = super::timeout_option("timeoutMs", config.timeout_ms)?;
@@ -145,6 +156,7 @@ impl OAuth2Refresher {
         Ok(Self {
             client,
             url,
+            revocation_url,
             auth,
             scope: config.scope.filter(|s| !s.is_empty()),
             timeout,
@@ -175,6 +187,55 @@ impl OAuth2Refresher {
         if let Some(scope) = &self.scope {
             form.push(("scope", scope));
         }
+        let body = self.body(form)?;
+        let backoff = Backoff::default();
+        http::with_retries(deadline, CONNECT_RETRIES, backoff, || {
+            let request = self.request(&self.url, body.clone());
+            async move { judge(http::send(request).await) }
+        })
+        .await
+    }
+
+    pub fn can_revoke(&self) -> bool {
+        self.revocation_url.is_some()
+    }
+
+    /// RFC 7009: asks the provider to revoke `refresh_token` (and, as most
+    /// do, the grant it belongs to). A 2xx answer is success, also for a
+    /// token the provider no longer knows (RFC 7009 section 2.2). Resent
+    /// only when the request certainly never left, as a refresh is.
+    pub async fn revoke(
+        &self,
+        refresh_token: &SecretString,
+        deadline: Instant,
+    ) -> Result<(), RefreshError> {
+        let Some(url) = &self.revocation_url else {
+            return Err(RefreshError::invalid_argument(
+                "revocationUrl",
+                "is not set: this refresher cannot revoke",
+            ));
+        };
+        if refresh_token.is_empty() {
+            return Err(RefreshError::invalid_argument(
+                "refreshToken",
+                "must be a non-empty string",
+            ));
+        }
+        let body = self.body(vec![
+            ("token", refresh_token.expose()),
+            ("token_type_hint", "refresh_token"),
+        ])?;
+        http::with_retries(deadline, CONNECT_RETRIES, Backoff::default(), || {
+            let request = self.request(url, body.clone());
+            async move { judge_revocation(http::send_to(request, "revocation").await) }
+        })
+        .await
+    }
+
+    /// The form body with the client's credentials when they go in it
+    /// (`client_secret_post`). It holds a refresh token (and maybe the
+    /// secret): one buffer for every attempt, wiped once the last is gone.
+    fn body<'a>(&'a self, mut form: Vec<(&'a str, &'a str)>) -> Result<Bytes, RefreshError> {
         if let Auth::Post {
             client_id,
             client_secret,
@@ -183,30 +244,25 @@ impl OAuth2Refresher {
             form.push(("client_id", client_id));
             form.push(("client_secret", client_secret.expose()));
         }
-        // Holds the refresh token (and with client_secret_post the client
-        // secret): one buffer for every attempt, wiped once the last is gone.
         let body = SecretString::new(serde_urlencoded::to_string(&form).map_err(|_| {
-            RefreshError::new(
-                ErrorCode::RefreshFailed,
-                "could not encode the refresh request",
-            )
+            RefreshError::new(ErrorCode::RefreshFailed, "could not encode the request")
         })?);
         drop(form);
-        let body = SecretBytes::from(body.expose()).into_body();
-        let backoff = Backoff::default();
-        http::with_retries(deadline, CONNECT_RETRIES, backoff, || {
-            let mut request = self
-                .client
-                .post(self.url.clone())
-                .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
-                .header(ACCEPT, "application/json")
-                .body(body.clone());
-            if let Auth::Basic(value) = &self.auth {
-                request = request.header(AUTHORIZATION, value.clone());
-            }
-            async move { judge(http::send(request).await) }
-        })
-        .await
+        Ok(SecretBytes::from(body.expose()).into_body())
+    }
+
+    /// A POST of `body` to `url` with the client's authentication header.
+    fn request(&self, url: &Url, body: Bytes) -> RequestBuilder {
+        let mut request = self
+            .client
+            .post(url.clone())
+            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(ACCEPT, "application/json")
+            .body(body);
+        if let Auth::Basic(value) = &self.auth {
+            request = request.header(AUTHORIZATION, value.clone());
+        }
+        request
     }
 }
 
@@ -233,6 +289,28 @@ fn judge(attempt: Attempt) -> Verdict<Token> {
             status,
             http::provider_error(body.as_ref()),
         ))),
+    }
+}
+
+fn judge_revocation(attempt: Attempt) -> Verdict<()> {
+    match attempt {
+        Attempt::Failed { sent: false, error } => Verdict::Retry {
+            error: error.revoke_failed(),
+            after: None,
+        },
+        Attempt::Failed { sent: true, error } => Verdict::Done(Err(error.revoke_failed())),
+        // The status is the answer; a body is neither needed nor promised.
+        Attempt::Answered { status, .. } | Attempt::BrokenBody { status }
+            if (200..300).contains(&status) =>
+        {
+            Verdict::Done(Ok(()))
+        }
+        Attempt::Answered { status, body, .. } => Verdict::Done(Err(
+            RefreshError::revocation_status(status, http::provider_error(body.as_ref())),
+        )),
+        Attempt::BrokenBody { status } => {
+            Verdict::Done(Err(RefreshError::revocation_status(status, None)))
+        }
     }
 }
 
@@ -472,6 +550,147 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    fn revoking(url: String, revocation_url: Option<String>, auth_method: AuthMethod) -> Refresher {
+        let config = OAuth2Config {
+            token_url: url,
+            revocation_url,
+            client_id: "my app".into(),
+            client_secret: SECRET.into(),
+            auth_method,
+            ..Default::default()
+        };
+        Refresher::OAuth2(OAuth2Refresher::new(config, http::new_client().unwrap()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn revoke_sends_the_rfc_7009_request_with_the_client_authentication() {
+        let server = MockServer::start().await;
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("my+app:s3cr3t%3Awith%26odd%3Dchars")
+        );
+        Mock::given(method("POST"))
+            .and(path("/revoke"))
+            .and(header("content-type", "application/x-www-form-urlencoded"))
+            .and(header("authorization", expected.as_str()))
+            .and(body_string(format!(
+                "token={RT}&token_type_hint=refresh_token"
+            )))
+            .respond_with(ResponseTemplate::new(200))
+            .expect(1)
+            .mount(&server)
+            .await;
+        let r = revoking(
+            format!("{}/token", server.uri()),
+            Some(format!("{}/revoke", server.uri())),
+            AuthMethod::ClientSecretBasic,
+        );
+        assert!(r.can_revoke());
+        r.revoke(&rt(), BUDGET).await.unwrap();
+
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(body_string(format!(
+                "token={RT}&token_type_hint=refresh_token&client_id=my+app&client_secret=s3cr3t%3Awith%26odd%3Dchars"
+            )))
+            .respond_with(ResponseTemplate::new(200).set_body_string("{}"))
+            .expect(1)
+            .mount(&server)
+            .await;
+        revoking(
+            server.uri(),
+            Some(server.uri()),
+            AuthMethod::ClientSecretPost,
+        )
+        .revoke(&rt(), BUDGET)
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_refused_or_lost_revocation_is_revoke_failed_and_never_resent() {
+        for (status, error) in [
+            (401, Some("invalid_client")),
+            (503, None),
+            (400, Some("unsupported_token_type")),
+        ] {
+            let server = MockServer::start().await;
+            let body = error.map_or(
+                json!({}),
+                |e| json!({ "error": e, "error_description": RT }),
+            );
+            Mock::given(method("POST"))
+                .respond_with(
+                    ResponseTemplate::new(status)
+                        .set_body_json(body)
+                        .insert_header("retry-after", "0"),
+                )
+                .mount(&server)
+                .await;
+            let e = revoking(
+                server.uri(),
+                Some(server.uri()),
+                AuthMethod::ClientSecretBasic,
+            )
+            .revoke(&rt(), BUDGET)
+            .await
+            .unwrap_err();
+            assert_eq!(
+                (e.code, e.status, e.provider_error.as_deref()),
+                (ErrorCode::RevokeFailed, Some(status), error)
+            );
+            assert!(
+                e.to_string().starts_with("revocation endpoint answered"),
+                "{e}"
+            );
+            assert!(!e.to_string().contains(RT), "{e}");
+            assert_eq!(requests(&server).await.len(), 1, "HTTP {status} was resent");
+        }
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).set_delay(Duration::from_secs(5)))
+            .mount(&server)
+            .await;
+        let e = revoking(
+            server.uri(),
+            Some(server.uri()),
+            AuthMethod::ClientSecretBasic,
+        )
+        .revoke(&rt(), Some(Duration::from_millis(300)))
+        .await
+        .unwrap_err();
+        assert_eq!((e.code, e.status), (ErrorCode::RevokeFailed, None));
+        assert_eq!(requests(&server).await.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn only_a_refresher_with_a_revocation_url_revokes() {
+        let server = MockServer::start().await;
+        let r = revoking(server.uri(), None, AuthMethod::ClientSecretBasic);
+        assert!(!r.can_revoke());
+        let e = r.revoke(&rt(), BUDGET).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
+        assert!(e.to_string().starts_with("revocationUrl "), "{e}");
+        let r = revoking(
+            server.uri(),
+            Some(server.uri()),
+            AuthMethod::ClientSecretBasic,
+        );
+        let e = r.revoke(&SecretString::from(""), BUDGET).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
+        assert!(requests(&server).await.is_empty());
+        let config = OAuth2Config {
+            token_url: "https://idp.example/token".into(),
+            revocation_url: Some("http://idp.example/revoke".into()),
+            client_id: "c".into(),
+            client_secret: SECRET.into(),
+            ..Default::default()
+        };
+        let e = OAuth2Refresher::new(config, http::new_client().unwrap()).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
+        assert!(e.to_string().starts_with("revocationUrl "), "{e}");
     }
 
     #[test]
