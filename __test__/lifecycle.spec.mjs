@@ -365,6 +365,20 @@ describe('forget', () => {
 })
 
 describe('revoke', () => {
+  it('revokes the refresh token at the provider (RFC 7009), then forgets the user', async () => {
+    const revoking = oauth2Refresher({ tokenUrl: oidc.tokenUrl, revocationUrl: oidc.revocationUrl, clientId: 'app', clientSecret: 'app-secret' })
+    const store = memoryStore()
+    const manager = new TokenManager({ store, refresher: revoking, refreshAhead: false })
+    await connected(store, 'revoker')
+    await manager.getToken('revoker')
+    const saved = store.rows.get('revoker').refreshToken
+    await manager.revoke('revoker')
+    expect(store.rows.has('revoker')).toBe(false)
+    await expect(manager.getToken('revoker')).rejects.toMatchObject({ code: 'NOT_CONNECTED' })
+    // The provider no longer honours the refresh token.
+    await expect(revoking({ userId: 'revoker', refreshToken: saved })).rejects.toMatchObject({ code: 'REAUTH_REQUIRED' })
+  })
+
   it('needs a refresher with a revocation endpoint', async () => {
     const store = memoryStore()
     await connected(store, 'no-revocation')

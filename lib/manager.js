@@ -19,7 +19,7 @@ const coordination = require('./coordination.js')
 const { TokenRefreshError, argError, callerError, fromNative, internalError, quietly } = require('./errors.js')
 const observability = require('./observability.js')
 const { isFresh, MAX_DATE_MS } = require('./policy.js')
-const { CLIENT_CREDENTIALS, NATIVE_REFRESHER, nativeRefresh } = require('./refreshers.js')
+const { CLIENT_CREDENTIALS, NATIVE_REFRESHER, canRevoke, nativeRefresh, nativeRevoke } = require('./refreshers.js')
 const { Lifecycle, checkLifecycleOptions } = require('./lifecycle.js')
 
 // A UTF-16 unit is at most 3 UTF-8 bytes, so strings this short (in units)
@@ -782,8 +782,7 @@ class TokenManager {
 
 /** `revoke`'s call to the refresher's revocation endpoint (lib/refreshers.js). */
 function revokeRefreshToken(refresher, userId, refreshToken, timeoutMs) {
-  const { canRevoke, nativeRevoke } = require('./refreshers.js')
-  if (typeof canRevoke !== 'function' || !canRevoke(refresher)) {
+  if (!canRevoke(refresher)) {
     return Promise.reject(argError('TokenManager.revoke()', 'needs a refresher with a revocation endpoint (oauth2Refresher with revocationUrl)'))
   }
   return nativeRevoke(refresher, userId, refreshToken, timeoutMs)
