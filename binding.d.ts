@@ -42,10 +42,12 @@ export declare class BindingCoordinator {
    * The lock holder's refresh returned this (JS types already checked):
    * store it fenced, announce it, unlock. An unusable result (as of
    * `nowMs`, the caller's clock when the result came) releases the lock
-   * as failed instead. Answers `ticket` with a `BindingSettled`, as do
-   * `release` and `invalidate`.
+   * as failed instead. With `keepLock` (`Coordinator::stash`) it only
+   * stores the token, keeping the lock, and an unusable result leaves
+   * the lock alone; the commit follows. Answers `ticket` with a
+   * `BindingSettled`, as do `release` and `invalidate`.
    */
-  commit(ticket: number, userId: string, lease: BindingLease, accessToken: string | undefined | null, refreshToken: string | undefined | null, expiresAtMs: number | undefined | null, expiresIn: number | undefined | null, nowMs: number): void
+  commit(ticket: number, userId: string, lease: BindingLease, accessToken: string | undefined | null, refreshToken: string | undefined | null, expiresAtMs: number | undefined | null, expiresIn: number | undefined | null, nowMs: number, keepLock?: boolean | undefined | null): void
   /**
    * The lock holder gives up: `failed` (its refresh failed: waiters fail
    * too) or not (it will not refresh: waiters retry at once).

@@ -266,6 +266,29 @@ class Coordinator {
   }
 
   /**
+   * Before `reported`, for a token the app's store must save: writes it to
+   * Redis (sealed, fenced) keeping the lock, so that if this process dies
+   * while saving, the next lock holder finds it rather than spending a
+   * refresh token already spent. A promise that never rejects, or undefined
+   * for a flight that holds no lease.
+   */
+  stash(ctx, issued, nowMs) {
+    try {
+      const lease = this.#leases.get(ctx)
+      if (lease === undefined) return undefined
+      const refreshToken = issued.refreshToken ?? ctx.refreshToken ?? null
+      const userId = ctx.userId
+      return this.#track(
+        this.#ask((t) => this.#native.commit(t, userId, lease, issued.accessToken, refreshToken, issued.expiresAtMs, null, nowMs, true)),
+        userId,
+        false,
+      )
+    } catch {
+      return undefined
+    }
+  }
+
+  /**
    * A promise of the answer to the native call `send(ticket)` makes (it
    * answers through the constructor's callback, `#answered`). Node is kept
    * alive while any answer is due. Never throws (the manager has a timer

@@ -142,6 +142,9 @@ class Lifecycle {
   #loading = new Map()
   /** userId -> a `forget` running now */
   #forgetting = new Map()
+  /** Refreshes ahead running now (`flush` waits for them). */
+  #running = new Set()
+  #closed = false
   #hits = 0
   #backgroundRefreshes = 0
   #saveFailures = 0
@@ -247,17 +250,27 @@ class Lifecycle {
     return this.forget(userId)
   }
 
-  /** Waits (bounded) for saves still running or due, for `close()`. */
+  /**
+   * For `close()`: stops refreshing ahead, waits for the refreshes ahead
+   * running (each ends within the refresh timeout), then makes one more
+   * attempt at every save still due.
+   */
   flush() {
-    const pending = []
-    for (const [userId, e] of this.#entries) {
-      if (e.saved || e.gone) continue
-      clearTimeout(e.retryTimer)
-      e.retryTimer = undefined
-      pending.push(e.saving ?? this.#save(userId, e))
+    this.#closed = true
+    for (const e of this.#entries.values()) {
+      clearTimeout(e.aheadTimer)
+      e.aheadTimer = undefined
     }
-    for (const e of this.#entries.values()) clearTimeout(e.aheadTimer)
-    return Promise.allSettled(pending).then(() => undefined)
+    return Promise.allSettled([...this.#running]).then(() => {
+      const pending = []
+      for (const [userId, e] of this.#entries) {
+        if (e.saved || e.gone) continue
+        clearTimeout(e.retryTimer)
+        e.retryTimer = undefined
+        pending.push(e.saving ?? this.#save(userId, e))
+      }
+      return Promise.allSettled(pending).then(() => undefined)
+    })
   }
 
   /**
@@ -271,6 +284,8 @@ class Lifecycle {
     let e = this.#entries.get(userId)
     if (e !== undefined && e.gone) return Promise.resolve()
     if (e !== undefined && e.expiresAtMs > token.expiresAtMs && !e.saved) return Promise.resolve()
+    // Already the row (a token another instance saved, handed back).
+    if (e !== undefined && e.saved && e.row !== null && e.row.accessToken === token.accessToken) return Promise.resolve()
     const lifetime = healing ? 0 : token.expiresAtMs - now
     if (e === undefined) {
       e = new Entry(token.accessToken, token.refreshToken, token.expiresAtMs, lifetime, now, null)
@@ -462,7 +477,7 @@ class Lifecycle {
   #scheduleAhead(userId, e, now) {
     clearTimeout(e.aheadTimer)
     e.aheadTimer = undefined
-    if (e.gone) return
+    if (e.gone || this.#closed) return
     const bufferStart = e.expiresAtMs - this.#bufferOf(e)
     const fresh = bufferStart - e.since
     let at
@@ -498,7 +513,7 @@ class Lifecycle {
     this.#backgroundRefreshes++
     const before = e.expiresAtMs
     e.refreshingAhead = true
-    this.#renew(userId, e, now, bufferStart - now + 1).then(
+    const running = this.#renew(userId, e, now, bufferStart - now + 1).then(
       () => {
         e.refreshingAhead = false
         // Nothing new came (the core answered with the same token): try
@@ -510,11 +525,13 @@ class Lifecycle {
         this.#retryAhead(userId, e, bufferStart)
       },
     )
+    this.#running.add(running)
+    running.then(() => this.#running.delete(running))
   }
 
   /** A refresh ahead failed: once more halfway to the buffer, if there is time. */
   #retryAhead(userId, e, bufferStart) {
-    if (e.gone || this.#entries.get(userId) !== e) return
+    if (e.gone || this.#closed || this.#entries.get(userId) !== e) return
     let now
     try {
       now = this.#hooks.now()
@@ -530,6 +547,7 @@ class Lifecycle {
 
   #scheduleIdle(userId, e, now) {
     clearTimeout(e.aheadTimer)
+    if (this.#closed) return
     const delay = Math.min(MAX_TIMER_MS, Math.max(1000, this.#hooks.idleTtlMs - (now - e.usedAt)))
     e.aheadTimer = setTimeout(() => this.#ahead(userId, e), delay)
     e.aheadTimer.unref?.()

@@ -271,13 +271,14 @@ class Flight {
     if (!late) this.state = SAVING
     clearTimeout(this.#timer)
     const token = { accessToken: issued.accessToken, refreshToken: issued.refreshToken ?? this.#ctx.refreshToken ?? null, expiresAtMs: issued.expiresAtMs }
-    let saved
-    try {
-      saved = persist(token, result !== null && typeof result === 'object' && coordination.sharedToken(result) !== undefined)
-    } catch {
-      saved = Promise.resolve()
-    }
-    saved.then(() => this.#share(issued, error, late, at))
+    const healing = result !== null && typeof result === 'object' && coordination.sharedToken(result) !== undefined
+    // With Redis, the token is sealed there first (the lock kept): a crash
+    // mid-save leaves it for the next holder.
+    const stashed = host.coordinator === null ? undefined : host.coordinator.stash(this.#ctx, issued, at)
+    ;(stashed ?? Promise.resolve())
+      .then(() => persist(token, healing))
+      .catch(() => {})
+      .then(() => this.#share(issued, error, late, at))
   }
 
   /**

@@ -20,9 +20,13 @@ export async function startOidc({ accessTtlS = 2 } = {}) {
     findAccount: (ctx, sub) => ({ accountId: sub, claims: async () => ({ sub }) }),
     features: { devInteractions: { enabled: false }, revocation: { enabled: true } },
   })
-  const counts = { refreshes: 0, grantErrors: [] }
+  /** `newest`: each user's latest access token from a refresh. */
+  const counts = { refreshes: 0, grantErrors: [], newest: new Map() }
   provider.on('grant.success', (ctx) => {
-    if (ctx.oidc.params.grant_type === 'refresh_token') counts.refreshes++
+    if (ctx.oidc.params.grant_type !== 'refresh_token') return
+    counts.refreshes++
+    const user = ctx.oidc.entities.Account?.accountId
+    if (user !== undefined) counts.newest.set(user, ctx.body?.access_token)
   })
   provider.on('grant.error', (ctx, err) => counts.grantErrors.push(err.error))
   server.on('request', provider.callback())

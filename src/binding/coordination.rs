@@ -378,8 +378,10 @@ impl BindingCoordinator {
     /// The lock holder's refresh returned this (JS types already checked):
     /// store it fenced, announce it, unlock. An unusable result (as of
     /// `nowMs`, the caller's clock when the result came) releases the lock
-    /// as failed instead. Answers `ticket` with a `BindingSettled`, as do
-    /// `release` and `invalidate`.
+    /// as failed instead. With `keepLock` (`Coordinator::stash`) it only
+    /// stores the token, keeping the lock, and an unusable result leaves
+    /// the lock alone; the commit follows. Answers `ticket` with a
+    /// `BindingSettled`, as do `release` and `invalidate`.
     #[napi]
     #[allow(clippy::too_many_arguments)] // one per value JS hands over
     pub fn commit(
@@ -392,7 +394,9 @@ impl BindingCoordinator {
         expires_at_ms: Option<f64>,
         expires_in: Option<f64>,
         now_ms: f64,
+        keep_lock: Option<bool>,
     ) -> Result<(), Code> {
+        let keep_lock = keep_lock.unwrap_or(false);
         let inner = self.inner.clone();
         let work = async move {
             let lease = core_lease(lease);
@@ -417,8 +421,13 @@ impl BindingCoordinator {
                         refresh,
                         expires_at,
                     };
-                    inner.commit(&user_id, &lease, &token, now).await
+                    if keep_lock {
+                        inner.stash(&user_id, &lease, &token, now).await
+                    } else {
+                        inner.commit(&user_id, &lease, &token, now).await
+                    }
                 }
+                Err(_) if keep_lock => Ok(false),
                 Err(_) => inner.release(&user_id, &lease, true).await.map(|_| false),
             };
             settled(result)

@@ -13,6 +13,9 @@
 //! A write is fenced: it lands only if its fence is above the record's, so
 //! a holder whose lock expired mid-refresh cannot overwrite the token of the
 //! holder after it. The write, the announcement and the unlock are one script.
+//! A holder may also write first and keep the lock (`keep_lock`: the token
+//! is safe in Redis while its app saves it), then commit with the same
+//! fence: an equal fence is its own write.
 //! So are marking a token bad and announcing it (`invalidate`).
 
 use once_cell::sync::Lazy;
@@ -37,16 +40,17 @@ end
 cur = tonumber(cur)
 local fence = tonumber(ARGV[2])
 local written = 0
-if not cur or fence > cur then
+local keep = ARGV[11] == '1'
+if not cur or fence >= cur then
   redis.call('HSET', KEYS[1], 'f', ARGV[2], 'e', ARGV[3], 'w', ARGV[4], 't', ARGV[5], 'h', ARGV[9])
   -- Later grants draw newer fences, also on a server that lost the counter.
   local n = tonumber(redis.call('HGET', KEYS[1], 'n'))
   if not n or n < fence then redis.call('HSET', KEYS[1], 'n', ARGV[2]) end
   if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[6]) then redis.call('PEXPIRE', KEYS[1], ARGV[6]) end
-  redis.call('PUBLISH', ARGV[7], ARGV[8])
+  if not keep then redis.call('PUBLISH', ARGV[7], ARGV[8]) end
   written = 1
 end
-if redis.pcall('GET', KEYS[2]) == ARGV[1] then
+if not keep and redis.pcall('GET', KEYS[2]) == ARGV[1] then
   redis.call('DEL', KEYS[2])
   if written == 0 then redis.call('PUBLISH', ARGV[7], ARGV[10]) end
 end
@@ -73,8 +77,9 @@ return marked
 
 /// Writes `record` (a token expiring at `expires_at`, whose access token
 /// has `fingerprint`) if `lease`'s fence is the newest, announces it, and
-/// releases the lock if `lease` still holds it. The record lives `ttl_ms`
-/// (at least). Returns whether it was written.
+/// releases the lock if `lease` still holds it; with `keep_lock`, only
+/// writes. The record lives `ttl_ms` (at least). Returns whether it was
+/// written.
 #[allow(clippy::too_many_arguments)]
 pub async fn commit(
     con: &mut impl ConnectionLike,
@@ -85,6 +90,7 @@ pub async fn commit(
     record: &Record,
     fingerprint: &str,
     ttl_ms: u64,
+    keep_lock: bool,
 ) -> RedisResult<bool> {
     debug_assert_eq!(record.fence, lease.fence);
     let n: i64 = COMMIT
@@ -103,6 +109,7 @@ pub async fn commit(
         ))
         .arg(fingerprint)
         .arg(record::encode_notice(&keys.id, &Notice::Released))
+        .arg(if keep_lock { "1" } else { "0" })
         .invoke_async(con)
         .await?;
     Ok(n == 1)

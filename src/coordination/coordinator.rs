@@ -243,6 +243,13 @@ impl Coordinator {
         let mut skip_fence = 0;
         // The owner holding the lock through a restart guard, if any.
         let mut held: Option<String> = None;
+        // The cached token may be the one presented: fresh by its lifetime
+        // when this caller, not knowing it, took it for due.
+        let presented_fp = if presented.access.is_empty() {
+            String::new()
+        } else {
+            seal::fingerprint(&keys.id, &presented.access)
+        };
         let outcome = loop {
             let started = Instant::now();
             if started >= deadline {
@@ -252,6 +259,7 @@ impl Coordinator {
             let mut waiting = self.conn.waiters().register(&keys.id);
             let now = clock.now();
             let want = Want {
+                presented: &presented_fp,
                 min_expires_at: presented.expires_at,
                 fresh_after: now.saturating_add(t.buffer_ms as i64),
                 recent_after: now.saturating_sub(t.double_check_window_ms as i64),
@@ -413,12 +421,43 @@ impl Coordinator {
         token: &SharedToken,
         now: EpochMs,
     ) -> Result<bool, Unavailable> {
+        self.write(user_id, lease, token, now, false).await
+    }
+
+    /// Stores the token like [`Coordinator::commit`] but keeps the lock and
+    /// announces nothing: the app saves the token meanwhile (a store), and
+    /// if this process dies before it commits, the next lock holder finds
+    /// the token in Redis instead of spending a refresh token already
+    /// spent. A commit with the same lease follows.
+    pub async fn stash(
+        &self,
+        user_id: &str,
+        lease: &Lease,
+        token: &SharedToken,
+        now: EpochMs,
+    ) -> Result<bool, Unavailable> {
+        self.write(user_id, lease, token, now, true).await
+    }
+
+    async fn write(
+        &self,
+        user_id: &str,
+        lease: &Lease,
+        token: &SharedToken,
+        now: EpochMs,
+        keep_lock: bool,
+    ) -> Result<bool, Unavailable> {
         let keys = self.keys.user(user_id);
         let Ok(sealed) = self.seal.seal(keys.id.as_bytes(), token) else {
             // Too long to share (the engine refuses such tokens first).
+            if keep_lock {
+                return Ok(false);
+            }
             return self.release(user_id, lease, true).await.map(|_| false);
         };
-        self.unwatch(&lease.owner);
+        if !keep_lock {
+            self.unwatch(&lease.owner);
+        }
         let record = Record {
             fence: lease.fence,
             written_at: now,
@@ -433,10 +472,12 @@ impl Coordinator {
             record,
             fingerprint,
             ttl_ms: ttl,
+            keep_lock,
         };
         let first = write.once(&self.conn).await;
         if let Err(e) = &first {
-            if e.is_transient() {
+            // The commit after a kept lock writes it again.
+            if e.is_transient() && !keep_lock {
                 self.rewrite(write);
             }
         }
@@ -605,13 +646,19 @@ impl Coordinator {
     ) -> Option<SharedToken> {
         let token = self.open(keys, record, undecryptable)?;
         let t = self.timing;
-        let fresh = token.expires_at.saturating_sub(now) > t.buffer_ms as i64;
+        // The engine's buffer rule (Policy::buffer_for): half the token's
+        // lifetime, from when it was written, when that is shorter.
+        let lifetime = token.expires_at.saturating_sub(record.written_at);
+        let buffer = (t.buffer_ms as i64).min(lifetime.max(0) / 2);
+        let fresh = token.expires_at.saturating_sub(now) > buffer;
         let recent = now.saturating_sub(record.written_at) < t.double_check_window_ms as i64
             && token.expires_at > now;
+        // A newer token, or the presented one itself when the caller took
+        // it for due without knowing its lifetime.
+        let newer = token.expires_at > presented.expires_at && token.access != presented.access;
+        let same = token.access == presented.access && token.expires_at == presented.expires_at;
         let ok = !token.access.is_empty()
-            && token.expires_at > presented.expires_at
-            && token.access != presented.access
-            && (fresh || recent)
+            && ((newer && (fresh || recent)) || (same && fresh))
             && usable(&token, now);
         ok.then_some(token)
     }
@@ -683,6 +730,7 @@ struct Write {
     record: Record,
     fingerprint: String,
     ttl_ms: u64,
+    keep_lock: bool,
 }
 
 impl Write {
@@ -698,6 +746,7 @@ impl Write {
                 &self.record,
                 &self.fingerprint,
                 self.ttl_ms,
+                self.keep_lock,
             )
             .await
         })

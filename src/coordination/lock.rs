@@ -58,10 +58,16 @@ pub struct Answer {
 /// Which cached token the script may return rather than lock: newer than
 /// `min_expires_at`, not the one fenced `skip_fence` (found unusable) nor
 /// one `invalidate` marked, and
-/// either fresh (`expires_at > fresh_after`) or written after `recent_after`
-/// and unexpired at `now` (the engine's double-check rule).
+/// either fresh (`expires_at > fresh_after`, or beyond half its lifetime
+/// from when it was written when that is less: the engine's buffer rule) or
+/// written after `recent_after` and unexpired at `now` (the engine's
+/// double-check rule).
 #[derive(Debug, Clone, Copy)]
-pub struct Want {
+pub struct Want<'a> {
+    /// The presented token's fingerprint (`seal::fingerprint`), or "": the
+    /// cached token may be that same token, and do if it is fresh by its
+    /// lifetime (the caller did not know it).
+    pub presented: &'a str,
     pub min_expires_at: EpochMs,
     pub fresh_after: EpochMs,
     pub recent_after: EpochMs,
@@ -106,12 +112,21 @@ local function letgo()
     redis.call('PUBLISH', ARGV[15], ARGV[16])
   end
 end
-local r = redis.pcall('HMGET', KEYS[1], 'f', 'e', 'w', 't', 'n', 'x')
+local r = redis.pcall('HMGET', KEYS[1], 'f', 'e', 'w', 't', 'n', 'x', 'h')
 if r.err then redis.call('DEL', KEYS[1]) r = {} end
 local f, e, w, t, n = tonumber(r[1]), tonumber(r[2]), tonumber(r[3]), r[4], tonumber(r[5])
 if type(t) ~= 'string' then t = nil end
-if t and f and e and f ~= tonumber(ARGV[7]) and f ~= tonumber(r[6]) and e > tonumber(ARGV[3])
-  and (e > tonumber(ARGV[4]) or (w and w > tonumber(ARGV[5]) and e > tonumber(ARGV[6]))) then
+-- Fresh: beyond the buffer, or beyond half its lifetime (expiry minus when
+-- it was written) when that is shorter (Policy::buffer_for).
+local now = tonumber(ARGV[6])
+local function fresh()
+  if e > tonumber(ARGV[4]) then return true end
+  return w ~= nil and e - now > math.min(tonumber(ARGV[4]) - now, math.floor((e - w) / 2))
+end
+local same = ARGV[17] ~= '' and r[7] == ARGV[17]
+if t and f and e and f ~= tonumber(ARGV[7]) and f ~= tonumber(r[6])
+  and ((e > tonumber(ARGV[3]) and (fresh() or (w and w > tonumber(ARGV[5]) and e > now)))
+    or (same and fresh())) then
   letgo()
   return {1, '', 0, f, w or 0, t}
 end
@@ -200,7 +215,7 @@ pub async fn acquire(
     owner: &str,
     lock_ttl_ms: u64,
     counter_ttl_ms: u64,
-    want: Want,
+    want: Want<'_>,
     guard: Guard<'_>,
 ) -> RedisResult<Answer> {
     let v: Vec<Value> = ACQUIRE
@@ -223,6 +238,7 @@ pub async fn acquire(
         .arg(if guard.reclaim { "1" } else { "0" })
         .arg(channel)
         .arg(record::encode_notice(&keys.id, &Notice::Released))
+        .arg(want.presented)
         .invoke_async(con)
         .await?;
     let bad = || {

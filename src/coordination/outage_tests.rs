@@ -370,8 +370,9 @@ async fn after_a_restart_no_refresh_token_lock_until_the_old_refreshes_are_over(
     else {
         panic!("lead")
     };
+    // Due: past half its lifetime (written 1 s ago, 0.5 s left).
     assert!(fresh
-        .commit("x", &l2, &token("x1", "rx", 500), time::now_ms())
+        .commit("x", &l2, &token("x1", "rx", 500), time::now_ms() - 1_000)
         .await
         .unwrap());
     let Outcome::Lead {
@@ -395,7 +396,7 @@ async fn after_a_restart_no_refresh_token_lock_until_the_old_refreshes_are_over(
         panic!("lead")
     };
     assert!(fresh
-        .commit("y", &l4, &token("y1", "ry", 500), time::now_ms())
+        .commit("y", &l4, &token("y1", "ry", 500), time::now_ms() - 1_000)
         .await
         .unwrap());
     let Outcome::Lead {

@@ -178,6 +178,7 @@ async fn lock_is_exclusive_and_released_only_by_its_owner() {
     let mut con = s.con().await;
     let keys = keys::Keys::new("t:").user("alice");
     let want = Want {
+        presented: "",
         min_expires_at: 0,
         fresh_after: 0,
         recent_after: 0,
@@ -475,9 +476,15 @@ async fn unusable_cached_tokens_are_refreshed_and_newer_refresh_tokens_handed_ov
         panic!("lead")
     };
     assert_eq!(r.expose(), "r-rotated");
-    // Due (inside the buffer): not handed out either.
+    // Due (inside the buffer, and past half its lifetime: written 1 s
+    // ago, 0.5 s left): not handed out either.
     assert!(c
-        .commit("u", &lease, &token("due", "r2", 500), time::now_ms())
+        .commit(
+            "u",
+            &lease,
+            &token("due", "r2", 500),
+            time::now_ms() - 1_000
+        )
         .await
         .unwrap());
     let Outcome::Lead { .. } = acquire(&c, "v-other", soon(5_000)).await.outcome else {
@@ -936,4 +943,121 @@ fn on_error_decides_the_guard_and_what_an_uncoordinated_refresh_does() {
     assert_eq!(OnError::parse("local"), Some(OnError::Local));
     assert_eq!(OnError::parse("fail"), Some(OnError::Fail));
     assert_eq!(OnError::parse("Auto"), None);
+}
+
+#[tokio::test]
+async fn a_stashed_token_survives_its_holder_and_a_commit_after_it_lands() {
+    let s = Server::start();
+    let a = coordinator_with(&s.url(), KEY_A, 600.0);
+    let b = coordinator_with(&s.url(), KEY_A, 600.0);
+    // Stash, then commit with the same lease: the commit writes and frees.
+    let Outcome::Lead { lease, .. } = acquire(&a, "u", soon(10_000)).await.outcome else {
+        panic!("lead")
+    };
+    assert!(a
+        .stash("u", &lease, &token("kept", "r1", 60_000), time::now_ms())
+        .await
+        .unwrap());
+    assert!(a
+        .commit("u", &lease, &token("kept", "r1", 60_000), time::now_ms())
+        .await
+        .unwrap());
+    let Outcome::Shared { token: t, .. } = acquire(&b, "u", soon(10_000)).await.outcome else {
+        panic!("committed")
+    };
+    assert_eq!(t.access.expose(), "kept");
+
+    // A holder that stashes and then dies (its app was saving): the next
+    // holder finds the token in Redis once the lock lapses, instead of
+    // refreshing with a refresh token already spent.
+    let c = coordinator_with(&s.url(), KEY_A, 600.0);
+    let Outcome::Lead { lease, .. } = acquire(&c, "v", soon(10_000)).await.outcome else {
+        panic!("lead")
+    };
+    assert!(c
+        .stash(
+            "v",
+            &lease,
+            &token("only-copy", "r-new", 60_000),
+            time::now_ms()
+        )
+        .await
+        .unwrap());
+    drop(c);
+    let Outcome::Shared { token: t, .. } = acquire(&b, "v", soon(10_000)).await.outcome else {
+        panic!("the stashed token")
+    };
+    assert_eq!(t.access.expose(), "only-copy");
+    assert_eq!(t.refresh.as_ref().map(SecretString::expose), Some("r-new"));
+}
+
+#[tokio::test]
+async fn a_short_lived_token_in_redis_is_fresh_for_half_its_lifetime() {
+    // Two-minute tokens under the default five-minute buffer: another
+    // instance takes the cached one rather than refresh again.
+    let s = Server::start();
+    let with_default_buffer = || {
+        coordinator(
+            CoordinationOptions {
+                endpoint: Endpoint::Node(s.url().into()),
+                tls_ca: None,
+                key_prefix: Some("t:".into()),
+                lock_ttl_ms: Some(5_000.0),
+                encryption_keys: vec![KEY_A.into()],
+            },
+            &Policy::default(),
+        )
+        .unwrap()
+    };
+    let (a, b) = (with_default_buffer(), with_default_buffer());
+    let Outcome::Lead { lease, .. } = acquire(&a, "u", soon(10_000)).await.outcome else {
+        panic!("lead")
+    };
+    assert!(a
+        .commit(
+            "u",
+            &lease,
+            &token("two-minutes", "r1", 120_000),
+            time::now_ms()
+        )
+        .await
+        .unwrap());
+    let Outcome::Shared { token: t, .. } = acquire(&b, "u", soon(10_000)).await.outcome else {
+        panic!("the cached token is fresh for its lifetime")
+    };
+    assert_eq!(t.access.expose(), "two-minutes");
+    // A caller presenting that very token (from its database, not knowing
+    // its lifetime) is handed it back rather than refreshing.
+    let presented = Presented {
+        access: "two-minutes".into(),
+        refresh: None,
+        expires_at: t.expires_at,
+    };
+    let again = b
+        .acquire(
+            "u",
+            &presented,
+            |_, _| true,
+            soon(10_000),
+            CallerNow::new(time::now_ms()),
+            RefreshTokenUse::Never,
+        )
+        .await;
+    let Outcome::Shared { token: same, .. } = again.outcome else {
+        panic!("the presented token, fresh for its lifetime")
+    };
+    assert_eq!(same.access.expose(), "two-minutes");
+    // Past half its lifetime it is due: 50 s left of 120 s.
+    let Outcome::Lead { lease, .. } = acquire(&a, "v", soon(10_000)).await.outcome else {
+        panic!("lead")
+    };
+    let written = time::now_ms() - 70_000;
+    assert!(a
+        .commit("v", &lease, &token("half-gone", "r1", 50_000), written)
+        .await
+        .unwrap());
+    assert!(matches!(
+        acquire(&b, "v", soon(10_000)).await.outcome,
+        Outcome::Lead { .. }
+    ));
 }
