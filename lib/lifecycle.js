@@ -261,7 +261,7 @@ class Lifecycle {
       clearTimeout(e.aheadTimer)
       e.aheadTimer = undefined
     }
-    return Promise.allSettled([...this.#running]).then(() => {
+    return Promise.allSettled(this.#running).then(() => {
       const pending = []
       for (const [userId, e] of this.#entries) {
         if (e.saved || e.gone) continue
