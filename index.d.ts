@@ -316,9 +316,33 @@ export type TokenRefreshErrorCode =
   | 'COORDINATOR_UNAVAILABLE'
   | (string & {})
 
+/** What a `TokenRefreshError` carries besides its code and message. */
+export interface TokenRefreshErrorOptions {
+  /** The user whose refresh failed. */
+  userId?: string
+  /** What caused it (the standard `Error` option). */
+  cause?: unknown
+  /** The token endpoint's HTTP status, when it answered. */
+  status?: number
+  /** The provider's `error` field (e.g. `'invalid_grant'`). */
+  error?: string
+}
+
+/**
+ * A refresh that did not produce a token. `code` is stable: switch on it.
+ * A refresh function may throw one itself (say, `REAUTH_REQUIRED` when the
+ * bank revoked the consent): callers then get it as thrown, code and all.
+ */
 export declare class TokenRefreshError extends Error {
+  /**
+   * `new TokenRefreshError('REAUTH_REQUIRED', 'the bank revoked the consent', { userId, cause })`.
+   * The older `(code, userId, message, options?)` form still works at run
+   * time (a string third argument says which), for code written against it.
+   */
+  constructor(code: TokenRefreshErrorCode, message?: string, options?: TokenRefreshErrorOptions)
   readonly name: 'TokenRefreshError'
   code: TokenRefreshErrorCode
+  /** The user whose refresh failed (`''` when built without `userId`). */
   userId: string
   /** The token endpoint's HTTP status, when it answered (native refreshers). */
   status?: number

@@ -176,7 +176,18 @@ impl Target {
 
 fn parse(url: &SecretString, name: &'static str, at: &str) -> Result<ConnectionInfo, EngineError> {
     let info = url.expose().into_connection_info().map_err(|_| {
-        EngineError::invalid_argument(name, format!("{at}is not a valid Redis URL ({URL_FORMAT})"))
+        // The usual cause: a password holding a character the URL syntax
+        // uses. Said without repeating any of the URL.
+        let u = url.expose();
+        let hint = if (u.starts_with("redis://") || u.starts_with("rediss://")) && u.contains('@') {
+            "; a user name or password holding @ : / ? # or % must be URL-encoded (encodeURIComponent)"
+        } else {
+            ""
+        };
+        EngineError::invalid_argument(
+            name,
+            format!("{at}is not a valid Redis URL ({URL_FORMAT}){hint}"),
+        )
     })?;
     if let ConnectionAddr::TcpTls { insecure: true, .. } = info.addr() {
         return Err(EngineError::invalid_argument(
@@ -386,6 +397,30 @@ mod tests {
 
     fn io_error(kind: io::ErrorKind) -> RedisError {
         RedisError::from(io::Error::from(kind))
+    }
+
+    #[test]
+    fn a_password_that_breaks_the_url_is_named_without_being_repeated() {
+        let push: PushHandler = Arc::new(|_| {});
+        for url in [
+            "redis://:p@ss/w0rd@127.0.0.1:6379",
+            "redis://ttm:s3cr#t@host:6379",
+        ] {
+            let Err(e) = Target::new(
+                &Endpoint::Node(url.into()),
+                None,
+                Duration::from_secs(1),
+                push.clone(),
+            ) else {
+                panic!("{url} parsed")
+            };
+            let m = e.to_string();
+            assert!(
+                m.contains("must be URL-encoded (encodeURIComponent)"),
+                "{m}"
+            );
+            assert!(!m.contains("w0rd") && !m.contains("s3cr"), "{m}");
+        }
     }
 
     #[test]
