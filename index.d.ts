@@ -133,7 +133,12 @@ export interface RedisCommonOptions {
 }
 
 export interface RedisTlsOptions {
-  /** PEM certificates to trust instead of the system's roots (a private CA). */
+  /**
+   * PEM certificates to trust instead of the system's roots: a private CA,
+   * or (with `url`) the server's own self-signed certificate, which is then
+   * accepted as it is (pinned; still checked for its dates and host name),
+   * as `openssl req -x509` makes it (`CA:TRUE`) or not.
+   */
   ca?: string | Uint8Array
 }
 

@@ -30,6 +30,7 @@ pub mod lock;
 pub mod pubsub;
 pub mod record;
 pub mod seal;
+pub mod tls;
 
 pub use connection::{Connection, Unavailable};
 pub use coordinator::{
