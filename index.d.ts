@@ -173,7 +173,7 @@ export interface TokenManagerOptions {
    */
   logger?: TokenManagerLogger | null
   /**
-   * OpenTelemetry metrics and spans (README: Observability). Default: the
+   * OpenTelemetry metrics and spans (docs/observability.md). Default: the
    * global providers of `@opentelemetry/api` (an optional peer dependency),
    * no-ops until the application registers an SDK. Pass providers to use
    * those instead, or `false` to leave OpenTelemetry alone.

@@ -258,7 +258,7 @@ describe('TLS (rediss://)', () => {
 })
 
 const password = 's3cret-pw!'
-// The least an ACL user needs: the README lists the same (plus cluster|slots on a cluster).
+// The least an ACL user needs: docs/redis.md lists the same (plus cluster|slots on a cluster).
 const acl = ['ttm', 'on', `>${password}`, 'resetchannels', '~ttm:*', '&ttm:*', '-@all', '+hello', '+ping', '+evalsha', '+script|load', '+subscribe', '+publish',
   '+hmget', '+hget', '+hset', '+pttl', '+pexpire', '+set', '+get', '+del', '+info', '+time']
 

@@ -1,4 +1,4 @@
-// Cross-instance coordination on Redis (README: Several instances), with a real
+// Cross-instance coordination on Redis (docs/redis.md), with a real
 // redis-server on a random loopback port, started and stopped here.
 // "Instances" are worker processes (helpers/redis-worker.mjs) or, where a
 // process boundary adds nothing, separate TokenManagers in this process:

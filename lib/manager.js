@@ -584,7 +584,7 @@ class TokenManager {
   }
 
   /**
-   * The metrics (README: Observability) in the Prometheus text exposition
+   * The metrics (docs/observability.md) in the Prometheus text exposition
    * format, for a `/metrics` route.
    */
   metrics() {

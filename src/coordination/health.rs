@@ -100,7 +100,7 @@ pub const SETTLE_MS: u64 = (PROBE_MAX.as_millis() + OP_TIMEOUT.as_millis() + 250
 pub const SETTLE_FLOOR_MS: u64 = 250;
 
 /// How long a caller with `left` of its `budget` may wait for a guard to
-/// end. The rule (README, "When Redis fails"): it waits when the guard ends
+/// end. The rule (docs/redis.md, "When Redis fails"): it waits when the guard ends
 /// with at least half the budget left, or, for a guard of at most
 /// [`SETTLE_MS`] (a fresh stack's), with at least [`SETTLE_FLOOR_MS`] left;
 /// else its refresh is refused at once.

@@ -309,7 +309,7 @@ pub fn describe(e: &RedisError) -> String {
 
 const CREDENTIALS: &str = "Redis refused the credentials (wrong user name or password)";
 const PERMISSION: &str =
-    "the Redis user lacks a permission the coordination needs (see the README for the ACL)";
+    "the Redis user lacks a permission the coordination needs (see docs/redis.md for the ACL)";
 
 fn certificate(problem: &str) -> String {
     let advice = if problem == UNKNOWN_ISSUER {
