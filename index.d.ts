@@ -1,38 +1,60 @@
 /** `Date`, epoch milliseconds (`number`) or an ISO 8601 date-time with a zone (`string`). */
 export type TimeInput = Date | number | string
 
-/** The token as the caller stores it. */
+/**
+ * The token as the caller stores it. On a user's first call, with nothing
+ * stored yet, pass `{ accessToken: '', expiresAt: 0 }`: an empty token is
+ * always refreshed.
+ */
 export interface StoredToken {
+  /** The access token; `''` for none yet. */
   accessToken: string
+  /** The refresh token, if the provider issued one (OAuth2). */
   refreshToken?: string | null
+  /**
+   * When the access token expires: a `Date`, epoch **milliseconds**, or an
+   * ISO 8601 string with a zone. A number from 1e9 to 1e11 (epoch seconds)
+   * is refused with a `TypeError` saying so.
+   */
   expiresAt: TimeInput
 }
 
 /** What a refresh function receives. */
 export interface RefreshContext {
+  /** The user whose token is refreshed. */
   userId: string
   /** The newest refresh token known: one a previous refresh rotated in (with `redis`: in any instance), else the caller's. */
   refreshToken: string | null
-  /** Aborted when the refresh times out (`refreshTimeoutMs`). */
+  /** Aborted when the refresh times out (`refreshTimeoutMs`). An own property: `{ ...ctx }` keeps it. */
   signal: AbortSignal
 }
 
 /** What a refresh function returns: an expiry as `expiresAt` or `expiresIn` seconds. */
 export interface RefreshedToken {
+  /** The new access token (camelCase: map a provider's `access_token`). */
   accessToken: string
+  /** A new (rotated) refresh token, if the provider sent one; else the old one is kept. */
   refreshToken?: string | null
+  /** When it expires: a `Date`, epoch milliseconds or an ISO 8601 string. */
   expiresAt?: TimeInput
   /** Seconds from now. */
   expiresIn?: number
 }
 
+/**
+ * Your refresh: called once per due token however many callers wait, with
+ * the newest refresh token known. Throw a {@link TokenRefreshError} to give
+ * callers a code of your choosing; anything else thrown is `REFRESH_FAILED`.
+ */
 export type RefreshFn = (ctx: RefreshContext) => Promise<RefreshedToken> | RefreshedToken
 
 /** A token valid beyond the buffer. */
 export interface ValidToken {
+  /** Valid for at least `bufferTimeMs` more. */
   accessToken: string
   /** True for exactly one caller per refresh (and for callers whose copy is stale): persist this token. */
   shouldUpdate: boolean
+  /** When `accessToken` expires. */
   expiresAt: Date
   /** Present with `shouldUpdate` when a refresh returned (rotated) a refresh token: persist it too. */
   refreshToken?: string | null
@@ -66,6 +88,7 @@ export type RedisOptions = RedisCommonOptions &
          * appears in an error, a warning or a log.
          */
         url: string
+        /** Give `url` or `cluster`, not both. */
         cluster?: undefined
       }
     | {
@@ -76,10 +99,12 @@ export type RedisOptions = RedisCommonOptions &
          * are followed.
          */
         cluster: readonly string[]
+        /** Give `url` or `cluster`, not both. */
         url?: undefined
       }
   )
 
+/** The options of {@link RedisOptions} that do not say where Redis is. */
 export interface RedisCommonOptions {
   /**
    * For `rediss://`. The server's certificate is verified against the
@@ -132,11 +157,18 @@ export interface RedisCommonOptions {
   onError?: 'auto' | 'local' | 'fail'
 }
 
+/** TLS to Redis (`rediss://`): whom to trust. */
 export interface RedisTlsOptions {
-  /** PEM certificates to trust instead of the system's roots (a private CA). */
+  /**
+   * PEM certificates to trust instead of the system's roots: a private CA,
+   * or (with `url`) the server's own self-signed certificate, which is then
+   * accepted as it is (pinned; still checked for its dates and host name),
+   * as `openssl req -x509` makes it (`CA:TRUE`) or not.
+   */
   ca?: string | Uint8Array
 }
 
+/** What `new TokenManager(options)` takes; every option has a default. */
 export interface TokenManagerOptions {
   /** Refresh when fewer than this many ms remain. Default 300000 (5 min). */
   bufferTimeMs?: number
@@ -168,7 +200,7 @@ export interface TokenManagerOptions {
    */
   logger?: TokenManagerLogger | null
   /**
-   * OpenTelemetry metrics and spans (README: Observability). Default: the
+   * OpenTelemetry metrics and spans (docs/observability.md). Default: the
    * global providers of `@opentelemetry/api` (an optional peer dependency),
    * no-ops until the application registers an SDK. Pass providers to use
    * those instead, or `false` to leave OpenTelemetry alone.
@@ -235,14 +267,24 @@ export interface ManagedToken {
 
 /** pino, console, or anything with these two methods. */
 export interface TokenManagerLogger {
+  /** A warning: `fields.code` is stable (`TTM_REDIS_UNAVAILABLE`, ...). */
   warn(fields: { code: string }, message: string): void
+  /** An error the manager recovered from; `fields.code` is stable. */
   error(fields: { code: string }, message: string): void
 }
 
 /** `@opentelemetry/api` providers (a `MeterProvider`, a `TracerProvider`). */
 export interface OpenTelemetryProviders {
-  meterProvider?: { getMeter(name: string, version?: string, options?: object): unknown }
-  tracerProvider?: { getTracer(name: string, version?: string, options?: object): unknown }
+  /** Where metrics go. */
+  meterProvider?: {
+    /** `MeterProvider.getMeter`. */
+    getMeter(name: string, version?: string, options?: object): unknown
+  }
+  /** Where spans go. */
+  tracerProvider?: {
+    /** `TracerProvider.getTracer`. */
+    getTracer(name: string, version?: string, options?: object): unknown
+  }
 }
 
 /** How a refresh was coordinated: in-process, under the user's Redis lock, or in-process because Redis was unavailable. */
@@ -255,11 +297,13 @@ export type RefreshCoordination = 'local' | 'redis' | 'redis-fallback'
  * (after `error` on failure) when the refresh is over.
  */
 export interface RefreshChannelContext {
+  /** The user refreshed. */
   userId: string
   /** Why it ran: the leader's token had expired, was inside the buffer, was invalidated, or was empty. */
   reason: 'expired' | 'buffer' | 'invalidated' | 'no-token'
   /** `tarabutRefresher`, `oauth2Refresher`, or any other function (including one wrapping those). */
   refresher: 'tarabut' | 'oauth2' | 'custom'
+  /** How it was coordinated. */
   coordination: RefreshCoordination
   /** When over: the callers this refresh served (its leader's and every caller that joined it here). */
   waiters?: number
@@ -273,7 +317,9 @@ export interface RefreshChannelContext {
 
 /** `tarabut-token-manager:stale-served`: a caller got its own still-valid token back after a refresh failed with `code`. */
 export interface StaleServedMessage {
+  /** The user served. */
   userId: string
+  /** What the refresh failed with. */
   code: TokenRefreshErrorCode
 }
 
@@ -283,17 +329,23 @@ export interface StaleServedMessage {
  * could not be shared with the other instances. `reason` never holds the URL.
  */
 export interface RedisFallbackMessage {
+  /** The user whose refresh it was. */
   userId: string
+  /** Why Redis could not be used, in words. */
   reason: string
+  /** What went without Redis: the refresh itself, or sharing its token. */
   phase: 'refresh' | 'share'
 }
 
 /** `tarabut-token-manager:invalidate`: `invalidate(userId, token)` ('token') or `invalidate(userId)` ('user'). */
 export interface InvalidateMessage {
+  /** The user invalidated. */
   userId: string
+  /** One token, or whatever the user holds. */
   scope: 'token' | 'user'
 }
 
+/** `manager.stats()`: counters kept as they change. */
 export interface TokenManagerStats {
   /** Live per-user entries (users seen within about `idleTtlMs`). */
   users: number
@@ -326,7 +378,13 @@ export interface TokenManagerStats {
   unsavedTokens: number
 }
 
+/**
+ * Keeps per-user tokens valid: one refresh per user at a time, however many
+ * callers (and, with `redis`, instances) ask together. The package exports a
+ * process-wide one as {@link tokenManager}; make your own for other options.
+ */
 export declare class TokenManager {
+  /** Throws a `TypeError` or `RangeError` (`code: 'INVALID_ARGUMENT'`) for bad options; never waits on Redis. */
   constructor(options?: TokenManagerOptions)
   /**
    * Resolves with a token valid beyond the buffer. Concurrent calls for one
@@ -395,6 +453,7 @@ export declare class TokenManager {
   close(): Promise<void>
 }
 
+/** The stable codes of a {@link TokenRefreshError} (any other string is your own). */
 export type TokenRefreshErrorCode =
   | 'REFRESH_FAILED'
   | 'REFRESH_TIMEOUT'
@@ -413,19 +472,47 @@ export type TokenRefreshErrorCode =
   | 'COORDINATOR_UNAVAILABLE'
   | (string & {})
 
+/** What a `TokenRefreshError` carries besides its code and message. */
+export interface TokenRefreshErrorOptions {
+  /** The user whose refresh failed. */
+  userId?: string
+  /** What caused it (the standard `Error` option). */
+  cause?: unknown
+  /** The token endpoint's HTTP status, when it answered. */
+  status?: number
+  /** The provider's `error` field (e.g. `'invalid_grant'`). */
+  error?: string
+}
+
+/**
+ * A refresh that did not produce a token. `code` is stable: switch on it.
+ * A refresh function may throw one itself (say, `REAUTH_REQUIRED` when the
+ * bank revoked the consent): callers then get it as thrown, code and all.
+ */
 export declare class TokenRefreshError extends Error {
+  /**
+   * `new TokenRefreshError('REAUTH_REQUIRED', 'the bank revoked the consent', { userId, cause })`.
+   * The older `(code, userId, message, options?)` form still works at run
+   * time (a string third argument says which), for code written against it.
+   */
+  constructor(code: TokenRefreshErrorCode, message?: string, options?: TokenRefreshErrorOptions)
+  /** Always `'TokenRefreshError'`. */
   readonly name: 'TokenRefreshError'
+  /** Stable: switch on it (the README's Errors table). */
   code: TokenRefreshErrorCode
+  /** The user whose refresh failed (`''` when built without `userId`). */
   userId: string
   /** The token endpoint's HTTP status, when it answered (native refreshers). */
   status?: number
   /** The provider's `error` field (e.g. `'invalid_grant'`), when it sent one. */
   error?: string
+  /** What caused it: what a refresh function threw, say. */
   cause?: unknown
 }
 
 /** What a native refresher needs from its caller; a `RefreshContext` fits. */
 export interface RefresherContext {
+  /** The user; Tarabut's `X-TG-CustomerUserId` (at most 40 characters). */
   userId: string
   /** Required by `oauth2Refresher`; ignored by `tarabutRefresher`. */
   refreshToken?: string | null
@@ -435,6 +522,7 @@ export interface RefresherContext {
 
 /** The token a native refresher obtained. */
 export interface RefresherToken {
+  /** The new access token. */
   accessToken: string
   /** A rotated refresh token (OAuth2): persist it, the old one may be spent. */
   refreshToken?: string
@@ -456,10 +544,13 @@ export interface NativeRefreshFn {
   (ctx: RefresherContext): Promise<RefresherToken>
 }
 
+/** What {@link tarabutRefresher} takes. Unknown keys are a `TypeError`. */
 export interface TarabutRefresherOptions {
+  /** Your Tarabut client id. */
   clientId: string
+  /** Your Tarabut client secret: never in an error, a log or `Debug`. */
   clientSecret: string
-  /** Default: Tarabut's sandbox token endpoint. Set the production one here. https only (http for loopback hosts). */
+  /** Default: Tarabut's sandbox token endpoint, `https://oauth.tarabutgateway.io/sandbox/token`. Set the production one here. https only (http for loopback hosts). */
   tokenUrl?: string
   /** Space-separated scopes, to narrow what the token may do. */
   scope?: string
@@ -478,10 +569,13 @@ export interface TarabutRefresherOptions {
  */
 export declare function tarabutRefresher(options: TarabutRefresherOptions): NativeRefreshFn
 
+/** What {@link oauth2Refresher} takes. Unknown keys are a `TypeError`. */
 export interface OAuth2RefresherOptions {
   /** The token endpoint. https only (http for loopback hosts). */
   tokenUrl: string
+  /** Your client id at the provider. */
   clientId: string
+  /** Your client secret: never in an error, a log or `Debug`. */
   clientSecret: string
   /** How the client authenticates. Default `'client_secret_basic'` (which RFC 6749 requires servers to support). */
   authMethod?: 'client_secret_basic' | 'client_secret_post'

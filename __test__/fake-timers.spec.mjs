@@ -242,7 +242,7 @@ describe('under fake timers (vi.useFakeTimers, vi.setSystemTime)', () => {
     expect((await m.getValidToken('v', { ...token, expiresAt: Date.now() + MIN }, refreshFn)).shouldUpdate).toBe(true)
   })
 
-  it('a route test as an app writes it (README: Testing your code)', async () => {
+  it('a route test as an app writes it (docs/testing.md)', async () => {
     // The route: read the row, get a valid token, persist it when told to.
     const db = new Map()
     const manager = new TokenManager()

@@ -1,4 +1,4 @@
-// Observability (README: Observability): what every refresh did, through
+// Observability (docs/observability.md): what every refresh did, through
 // node:diagnostics_channel, OpenTelemetry (the SDK's in-memory exporters)
 // and Prometheus text (parsed by a real parser), and the logger every
 // warning goes through. No message, metric or span may hold a token, a
@@ -770,12 +770,10 @@ describe('nothing is loaded until it is needed, and @opentelemetry/api is option
   })
 })
 
-// --- README ------------------------------------------------------------------
+// --- docs/observability.md ------------------------------------------------------------------
 
-describe('README: Observability', () => {
-  const readme = readFileSync(new URL('../README.md', import.meta.url), 'utf8')
-  const start = readme.indexOf('\n## Observability\n')
-  const section = readme.slice(start, readme.indexOf('\n## ', start + 1))
+describe('docs/observability.md', () => {
+  const section = readFileSync(new URL('../docs/observability.md', import.meta.url), 'utf8')
   const blocks = [...section.matchAll(/```\w+\n([\s\S]*?)```/g)].map((m) => m[1])
 
   it('shows three snippets; the Next.js ones are the example files the e2e runs', () => {

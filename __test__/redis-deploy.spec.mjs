@@ -10,6 +10,7 @@ import {
   cli,
   freePort,
   makeCertificates,
+  makeServerCertificate,
   newKey,
   sleep,
   startCluster,
@@ -136,6 +137,82 @@ describe('TLS (rediss://)', () => {
     }
   })
 
+  it('a self-signed certificate made with openssl req -x509 (CA:TRUE) works given as tls.ca: pinned', async () => {
+    const own = await makeServerCertificate()
+    const server = await startRedis(undefined, { tls: own })
+    try {
+      expect(own.pem).toMatch(/BEGIN CERTIFICATE/)
+      for (const ca of [own.pem, Buffer.from(own.pem), `${certs.ca}\n${own.pem}`]) {
+        const m = manager({ url: server.url, tls: { ca }, onError: 'fail' })
+        const user = uid()
+        const refreshFn = refresher()
+        await expect(m.getValidToken(user, expired(user), refreshFn)).resolves.toMatchObject({ shouldUpdate: true })
+        expect(refreshFn).toHaveBeenCalledTimes(1)
+        expect(m.stats().redisFallbacks).toBe(0)
+      }
+      // The pinned connection comes back after a restart, subscription included.
+      const a = manager({ url: server.url, tls: { ca: own.pem } })
+      const b = manager({ url: server.url, tls: { ca: own.pem } })
+      // Client credentials: no refresh token, so no restart guard applies.
+      const plain = () => vi.fn(async () => ({ accessToken: `at-${Math.random()}`, expiresIn: 3600 }))
+      await a.getValidToken(uid(), { accessToken: 'cc', expiresAt: 0 }, plain())
+      await b.getValidToken(uid(), { accessToken: 'cc', expiresAt: 0 }, plain())
+      await server.stop()
+      const again = await startRedis(server.port, { tls: own })
+      try {
+        for (const m of [a, b]) {
+          await vi.waitFor(async () => {
+            const before = m.stats().redisFallbacks
+            const r = await m.getValidToken(uid(), { accessToken: 'cc', expiresAt: 0 }, plain())
+            expect(r.shouldUpdate).toBe(true)
+            expect(m.stats().redisFallbacks).toBe(before)
+          }, { timeout: 10_000, interval: 300 })
+        }
+        const user = uid()
+        const t = await a.getValidToken(user, { accessToken: 'cc', expiresAt: 0 }, plain())
+        b.invalidate(user, t.accessToken)
+        await vi.waitFor(async () => {
+          const refreshFn = plain()
+          await a.getValidToken(user, { accessToken: t.accessToken, expiresAt: t.expiresAt }, refreshFn)
+          expect(refreshFn).toHaveBeenCalled()
+        }, { timeout: 5_000, interval: 100 })
+      } finally {
+        await again.stop()
+      }
+    } finally {
+      await server.stop().catch(() => {})
+      own.remove()
+    }
+  })
+
+  it('a certificate that does not verify says why: self-signed but not the one given, expired, another host, a CA as the server’s own', async () => {
+    const own = await makeServerCertificate()
+    const other = await makeServerCertificate()
+    const old = await makeServerCertificate({ expired: true })
+    const elsewhere = await makeServerCertificate({ san: 'DNS:redis.internal' })
+    const caAsServer = await makeServerCertificate({ issuer: certs })
+    const servers = []
+    try {
+      for (const [cert, ca, message] of [
+        [own, other.pem, /did not verify \(self-signed, and not the certificate given in redis\.tls\.ca\)/],
+        [old, old.pem, /did not verify \(expired\)/],
+        [elsewhere, elsewhere.pem, /did not verify \(not issued for this host name: it names redis\.internal\)/],
+        [caAsServer, certs.ca, /did not verify \(a CA certificate \(CA:TRUE\) presented as the server's own: give the server one its CA issued \(CA:FALSE\), or give that very certificate as redis\.tls\.ca\)/],
+      ]) {
+        const server = await startRedis(undefined, { tls: cert })
+        servers.push(server)
+        const m = manager({ url: server.url, tls: { ca }, onError: 'fail' })
+        const user = uid()
+        const error = await m.getValidToken(user, expired(user), refresher()).catch((e) => e)
+        expect(error.code).toBe('COORDINATOR_UNAVAILABLE')
+        expect(error.message).toMatch(message)
+      }
+    } finally {
+      await Promise.all(servers.map((s) => s.stop()))
+      for (const c of [own, other, old, elsewhere, caAsServer]) c.remove()
+    }
+  })
+
   it('a plaintext URL to the TLS port, or rediss:// to a plaintext port, fails cleanly and fast', async () => {
     const plain = await startRedis()
     try {
@@ -181,7 +258,7 @@ describe('TLS (rediss://)', () => {
 })
 
 const password = 's3cret-pw!'
-// The least an ACL user needs: the README lists the same (plus cluster|slots on a cluster).
+// The least an ACL user needs: docs/redis.md lists the same (plus cluster|slots on a cluster).
 const acl = ['ttm', 'on', `>${password}`, 'resetchannels', '~ttm:*', '&ttm:*', '-@all', '+hello', '+ping', '+evalsha', '+script|load', '+subscribe', '+publish',
   '+hmget', '+hget', '+hset', '+pttl', '+pexpire', '+set', '+get', '+del', '+info', '+time']
 

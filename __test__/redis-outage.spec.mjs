@@ -90,6 +90,27 @@ describe("onError 'auto' (the default) while Redis is down", () => {
   })
 })
 
+describe('a fresh stack', () => {
+  it('a short refreshTimeoutMs waits out a just-started Redis (up to 1.5 s) instead of refusing', async () => {
+    const redis = await startRedis()
+    const started = Date.now()
+    const m = new TokenManager({ refreshTimeoutMs: 2_000, redis: { url: redis.url, encryptionKey: newKey() } })
+    const w = warnings('TTM_REDIS_UNAVAILABLE')
+    try {
+      const spend = refresher()
+      const expired = { accessToken: 'old', refreshToken: 'r-old', expiresAt: Date.now() - 1_000 }
+      await expect(m.getValidToken(uid(), expired, spend)).resolves.toMatchObject({ shouldUpdate: true })
+      expect(spend).toHaveBeenCalledTimes(1)
+      expect(Date.now() - started).toBeLessThan(2_000)
+      expect(w.seen).toEqual([])
+    } finally {
+      w.off()
+      await m.close()
+      await redis.stop()
+    }
+  })
+})
+
 describe('recovery', () => {
   it("a refresh that spends no refresh token coordinates again within a second of Redis answering, with 'auto' and 'fail'", async () => {
     let redis = await startRedis()

@@ -1,13 +1,14 @@
-// Cross-instance coordination on Redis (README: Several instances), with a real
+// Cross-instance coordination on Redis (docs/redis.md), with a real
 // redis-server on a random loopback port, started and stopped here.
 // "Instances" are worker processes (helpers/redis-worker.mjs) or, where a
 // process boundary adds nothing, separate TokenManagers in this process:
 // each has its own engine and its own Redis connection.
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest'
+import { randomBytes } from 'node:crypto'
 import { spawn } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
 
-import { TokenManager, TokenRefreshError } from '../index.mjs'
+import { TokenManager, TokenRefreshError, tarabutRefresher } from '../index.mjs'
 import { cli, monitor, newKey, sleep, startProvider, startRedis, startWorker } from './helpers/redis.mjs'
 
 const pkg = fileURLToPath(new URL('..', import.meta.url))
@@ -366,6 +367,32 @@ describe('options and lifetime', () => {
       expect(error.message).not.toContain(key)
     }
     expect(() => new TokenManager({ redis: 'redis://h' })).toThrow(TypeError)
+  })
+
+  it('names the usual mistakes: a hex key, a password that breaks the URL, a keyPrefix too long', () => {
+    const thrown = (redisOptions) => {
+      try {
+        new TokenManager({ redis: redisOptions })
+      } catch (e) {
+        return e
+      }
+      throw new Error('constructed')
+    }
+    const url = 'redis://127.0.0.1:1'
+    // openssl rand -hex 32: the right 32 bytes, in hex.
+    const hex = randomBytes(32).toString('hex')
+    const e1 = thrown({ url, encryptionKey: hex })
+    expect(e1).toMatchObject({ code: 'INVALID_ARGUMENT', message: expect.stringMatching(/encryptionKey looks like hex \(64 hex digits\), not base64: convert it with Buffer\.from\(key, 'hex'\)\.toString\('base64'\)/) })
+    expect(e1.message).not.toContain(hex)
+    // A password with @ and / not URL-encoded.
+    const e2 = thrown({ url: 'redis://:hunter@2/x@127.0.0.1:6379', encryptionKey: key })
+    expect(e2).toMatchObject({ code: 'INVALID_ARGUMENT', message: expect.stringMatching(/url is not a valid Redis URL .*must be URL-encoded \(encodeURIComponent\)/) })
+    expect(e2.message).not.toMatch(/hunter/)
+    // A string over its length limit is a TypeError, as a client id over 8192 bytes is.
+    for (const keyPrefix of ['p'.repeat(129), 'p'.repeat(9_000)]) {
+      expect(thrown({ url, encryptionKey: key, keyPrefix })).toMatchObject({ name: 'TypeError', code: 'INVALID_ARGUMENT', message: expect.stringMatching(/^options\.redis\.keyPrefix must be at most \d+ bytes long/) })
+    }
+    expect(() => tarabutRefresher({ clientId: 'c'.repeat(9_000), clientSecret: 's' })).toThrow(expect.objectContaining({ name: 'TypeError', code: 'INVALID_ARGUMENT' }))
   })
 
   it('after close(), refreshes reject with COORDINATOR_UNAVAILABLE and fresh tokens are still served', async () => {

@@ -5,13 +5,21 @@
 
 const { errorCodes } = require('../binding.js')
 
-/** Error for a refresh that did not produce a token; `code` is stable. */
+/**
+ * Error for a refresh that did not produce a token; `code` is stable.
+ * `new TokenRefreshError(code, message?, { userId?, cause?, status?, error? })`;
+ * the older `(code, userId, message, options?)` still works (a string third
+ * argument, or a fourth, says which).
+ */
 class TokenRefreshError extends Error {
-  constructor(code, userId, message, options) {
+  constructor(code, ...rest) {
+    const legacy = rest.length >= 3 || typeof rest[1] === 'string'
+    const options = (legacy ? rest[2] : rest[1]) ?? undefined
+    const message = legacy ? rest[1] : rest[0]
     super(message, options)
     this.name = 'TokenRefreshError'
     this.code = code
-    this.userId = userId
+    this.userId = legacy ? rest[0] : (options?.userId ?? '')
     if (options && options.status !== undefined) this.status = options.status
     if (options && options.error !== undefined) this.error = options.error
   }
@@ -52,10 +60,14 @@ function internalError(message) {
  */
 function fromNative(e, Kind = TypeError) {
   if (e && e.code === 'INVALID_ARGUMENT' && !(e instanceof TypeError || e instanceof RangeError)) {
-    return Object.assign(new Kind(e.message), { code: 'INVALID_ARGUMENT' })
+    // A string over its length limit is a TypeError wherever it is (README:
+    // Errors), as a user id or a client id is; the core says so in words.
+    const kind = TOO_LONG.test(e.message) ? TypeError : Kind
+    return Object.assign(new kind(e.message), { code: 'INVALID_ARGUMENT' })
   }
   return e
 }
+const TOO_LONG = /must be at most \d+ bytes long/
 
 // For bookkeeping calls that cannot fail in practice (they only throw on a
 // caught Rust panic) made where an exception would be uncaught.

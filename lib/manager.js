@@ -27,13 +27,37 @@ const { Lifecycle, checkLifecycleOptions } = require('./lifecycle.js')
 const SHORT_TOKEN = Math.floor(MAX_TOKEN_BYTES / 3)
 const SHORT_USER_ID = Math.floor(MAX_USER_ID_BYTES / 3)
 
+// Numbers from 1e9 to 1e11 are January 1970 to March 1973 in epoch ms, no
+// expiry or clock reading a live app has, and 2001 to 5138 in epoch seconds,
+// the usual mistake (a seconds column, `exp` from a JWT): refused, not taken
+// as a 1970 date that refreshes on every call.
+const SECONDS_FROM = 1e9
+const SECONDS_UNTIL = 1e11
+
+/** The TypeError for a number in epoch seconds where epoch ms belong. */
+function secondsError(name, value, verb = 'is') {
+  return argError(name, `${verb} ${value}, which looks like epoch seconds: epoch milliseconds are expected (multiply by 1000, or pass a Date)`)
+}
+
+/** What `value` is, for a message: its type, never its contents (it may be a token). */
+function kindOf(value) {
+  if (value === null || value === undefined) return String(value)
+  if (Array.isArray(value)) return 'an array'
+  const t = typeof value
+  return t === 'object' ? 'an object' : `a ${t}`
+}
+
 /**
  * `Date | number | string` to epoch ms, or a TypeError naming `name`. Only
- * the type is checked here: the range (a valid Date's) is the core's
- * (src/engine/time.rs), for every path in.
+ * the type (and a number that can only be seconds) is checked here: the
+ * range (a valid Date's) is the core's (src/engine/time.rs), for every path
+ * in.
  */
 function toEpochMs(value, name) {
-  if (typeof value === 'number') return value
+  if (typeof value === 'number') {
+    if (value >= SECONDS_FROM && value < SECONDS_UNTIL) throw secondsError(name, value)
+    return value
+  }
   if (value instanceof Date || (value !== null && typeof value === 'object' && typeof value.getTime === 'function')) {
     const ms = value.getTime()
     if (typeof ms === 'number') return ms
@@ -60,13 +84,16 @@ class RefreshContext {
   // Object.prototype never receives the refresh token.
   userId
   refreshToken
+  /** An own property, so `{ ...ctx }` keeps it (read, it makes the signal). */
+  signal
   #controller = null
   #abortedWith = undefined
   constructor(userId, refreshToken) {
     this.userId = userId
     this.refreshToken = refreshToken
+    Object.defineProperty(this, 'signal', { enumerable: true, get: () => this.#signal() })
   }
-  get signal() {
+  #signal() {
     if (this.#controller === null) {
       this.#controller = new AbortController()
       if (this.#abortedWith !== undefined) this.#controller.abort(this.#abortedWith)
@@ -303,9 +330,9 @@ class Flight {
     const { native } = this.#host
     const { userId } = this.#call
     const fields = refreshedFields(result)
-    if (fields === null) {
+    if (typeof fields === 'string') {
       if (!late) native.fail(userId, this.#id, false, now)
-      throw new TokenRefreshError('INVALID_REFRESH_RESULT', userId, 'refresh result is not an object with a string accessToken and a valid expiresAt or expiresIn')
+      throw new TokenRefreshError('INVALID_REFRESH_RESULT', `refresh result ${fields}`, { userId })
     }
     try {
       const shared = fields.shared
@@ -361,29 +388,40 @@ function invoke(refreshFn, ctx) {
 /**
  * Refresh results, type-checked here; the core checks what they mean. Each
  * field is read once (a getter may answer differently each time), and a
- * getter or Proxy that throws makes the result unusable.
+ * getter or Proxy that throws makes the result unusable. Returns the fields,
+ * or what is wrong (a message's end, naming fields, never their values).
  */
 function refreshedFields(result) {
   try {
     return readRefreshed(result)
   } catch {
-    return null
+    return 'could not be read: a getter or Proxy threw'
   }
 }
 
+// What most token endpoints send (RFC 6749), for the hint when a refresh
+// function returns the provider's body as is.
+const SNAKE_CASE_HINT =
+  'has access_token/expires_in (the provider\'s snake_case body?): return { accessToken: body.access_token, refreshToken: body.refresh_token, expiresIn: body.expires_in }'
+
 function readRefreshed(result) {
-  if (result === null || typeof result !== 'object') return null
+  if (result === null || typeof result !== 'object') return `must be an object { accessToken, expiresIn or expiresAt, refreshToken? }, not ${kindOf(result)}`
   const { accessToken, refreshToken, expiresAt, expiresIn } = result
-  if (typeof accessToken !== 'string') return null
-  if (refreshToken != null && typeof refreshToken !== 'string') return null
-  if (expiresIn != null && typeof expiresIn !== 'number') return null
+  if (typeof accessToken !== 'string') {
+    if (accessToken === undefined && ('access_token' in result || 'expires_in' in result)) return SNAKE_CASE_HINT
+    return accessToken === undefined ? 'has no accessToken' : `has an accessToken that is ${kindOf(accessToken)}, not a string`
+  }
+  if (refreshToken != null && typeof refreshToken !== 'string') return `has a refreshToken that is ${kindOf(refreshToken)}, not a string or null`
+  if (expiresIn != null && typeof expiresIn !== 'number') return `has an expiresIn that is ${kindOf(expiresIn)}, not a number of seconds`
   let expiresAtMs = null
   if (expiresAt != null) {
     try {
       expiresAtMs = toEpochMs(expiresAt, 'expiresAt')
-    } catch {
-      return null
+    } catch (e) {
+      return `has an expiresAt it cannot use: ${e.message}`
     }
+  } else if (expiresIn == null && 'expires_in' in result) {
+    return SNAKE_CASE_HINT
   }
   const shared = coordination.sharedToken(result)
   return { accessToken, refreshToken: refreshToken ?? null, expiresAtMs, expiresIn: expiresIn ?? null, shared }
@@ -548,6 +586,10 @@ class TokenManager {
       // own time value; any other form in toEpochMs.
       const isDate = expiresAt instanceof Date
       const exp = isDate ? dateGetTime.call(expiresAt) : toEpochMs(expiresAt, 'token.expiresAt')
+      // Checked on every call, due or not: a wrong column type shows at
+      // once, not at the token's first expiry.
+      const refreshToken = token.refreshToken
+      if (refreshToken != null && typeof refreshToken !== 'string') throw argError('token.refreshToken', `must be a string or null, not ${kindOf(refreshToken)}`)
       if (typeof refreshFn !== 'function') throw argError('refreshFn', 'must be a function')
       // The app's clock, looked up now: fake timers replace `Date.now`.
       const now = this.#read(this.#now ?? Date.now)
@@ -565,8 +607,6 @@ class TokenManager {
         this.#hits++
         return Promise.resolve({ accessToken, shouldUpdate: false, expiresAt: isDate ? expiresAt : new Date(exp) })
       }
-      const refreshToken = token.refreshToken
-      if (refreshToken != null && typeof refreshToken !== 'string') throw argError('token.refreshToken', 'must be a string or null')
       return this.#slow(new Call(userId, accessToken, refreshToken ?? null, exp, expiresAt, refreshFn, now), false)
     } catch (e) {
       // A getter or Proxy of the caller's that threw is a bad argument too.
@@ -642,7 +682,7 @@ class TokenManager {
   }
 
   /**
-   * The metrics (README: Observability) in the Prometheus text exposition
+   * The metrics (docs/observability.md) in the Prometheus text exposition
    * format, for a `/metrics` route.
    */
   metrics() {
@@ -679,6 +719,8 @@ class TokenManager {
       throw Object.assign(argError(this.#nowName, 'threw (see cause)'), { cause })
     }
     if (typeof now !== 'number') throw argError(this.#nowName, 'must return a number: epoch milliseconds, like Date.now()')
+    if (now >= SECONDS_UNTIL && now <= MAX_DATE_MS) return now
+    if (now >= SECONDS_FROM && now < SECONDS_UNTIL) throw secondsError(this.#nowName, now, 'returned')
     if (!(now >= -MAX_DATE_MS && now <= MAX_DATE_MS)) throw argError(this.#nowName, 'returned a number no Date can hold', RangeError)
     return now
   }

@@ -1,6 +1,6 @@
 'use strict'
 // What every refresh did, for the tools production teams already run
-// (README: Observability). lib/manager.js and lib/coordination.js call the
+// (docs/observability.md). lib/manager.js and lib/coordination.js call the
 // hooks of one Observer per manager; everything else lives here:
 // - node:diagnostics_channel: a tracing channel around each refresh this
 //   process runs, plain channels for stale serves, Redis fallbacks and

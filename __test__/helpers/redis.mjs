@@ -75,6 +75,38 @@ export async function makeCertificates() {
 }
 
 /**
+ * A server certificate made as a newcomer makes one: `openssl req -x509`
+ * (self-signed, and marked CA:TRUE by openssl's defaults), for `san`
+ * (default 127.0.0.1 and localhost). `expired`: valid in 2020 only (made
+ * with `openssl ca -selfsign`, the only way openssl 3.0 backdates).
+ * `issuer`: signed by that `makeCertificates()` CA instead, still CA:TRUE
+ * (a CA used as the server's own certificate). Returns the files for
+ * startRedis's `tls` and the PEM.
+ */
+export async function makeServerCertificate({ san = 'IP:127.0.0.1,DNS:localhost', expired = false, issuer } = {}) {
+  const dir = mkdtempSync(join(tmpdir(), 'ttm-cert-'))
+  const f = (name) => join(dir, name)
+  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', f('server.key')]
+  if (!expired && issuer === undefined) {
+    await run('openssl', ['req', '-x509', ...ec, '-out', f('server.crt'), '-days', '2', '-subj', '/CN=redis', '-addext', `subjectAltName=${san}`])
+  } else {
+    await run('openssl', ['req', '-new', ...ec, '-out', f('server.csr'), '-subj', '/CN=redis'])
+    writeFileSync(f('ext.cnf'), `basicConstraints=critical,CA:TRUE\nsubjectAltName=${san}\n`)
+    if (issuer !== undefined) {
+      await run('openssl', ['x509', '-req', '-in', f('server.csr'), '-CA', issuer.caFile, '-CAkey', join(issuer.dir, 'ca.key'), '-CAcreateserial', '-out', f('server.crt'), '-days', '2', '-extfile', f('ext.cnf')])
+    } else {
+      writeFileSync(f('index.txt'), '')
+      writeFileSync(f('serial'), '01\n')
+      writeFileSync(f('ca.cnf'), `[ca]\ndefault_ca=d\n[d]\ndatabase=${f('index.txt')}\nnew_certs_dir=${dir}\nserial=${f('serial')}\ndefault_md=sha256\npolicy=p\n[p]\ncommonName=supplied\n`)
+      await run('openssl', ['ca', '-batch', '-config', f('ca.cnf'), '-selfsign', '-keyfile', f('server.key'), '-in', f('server.csr'), '-out', f('server.crt'),
+        '-startdate', '20200101000000Z', '-enddate', '20200102000000Z', '-extfile', f('ext.cnf'), '-notext'])
+    }
+  }
+  const pem = readFileSync(f('server.crt'), 'utf8')
+  return { dir, certFile: f('server.crt'), keyFile: f('server.key'), caFile: f('server.crt'), pem, remove: () => rmSync(dir, { recursive: true, force: true }) }
+}
+
+/**
  * Starts redis-server on `port` (default: a free one). `stop()` kills it
  * (like a crash). Options: `tls` (from makeCertificates: the port speaks
  * TLS only), `args` (more redis-server arguments, e.g. ACL users),

@@ -16,9 +16,9 @@
 //! then (refresh locally or fail) is the caller's policy. A refresh that
 //! spends a refresh token is also held back by the restart guard
 //! (`health.rs`) on a server that may have lost the fleet's locks: if the
-//! guard ends while at least half its budget is left, it waits, holding the
-//! lock meanwhile (callers after it queue behind it), then asks again;
-//! else it is `Unavailable` (`NewServer`) too. A result that could not be
+//! guard ends in time ([`health::can_wait`]), it waits, holding the lock
+//! meanwhile (callers after it queue behind it), then asks again; else it
+//! is `Unavailable` (`NewServer`) too. A result that could not be
 //! written is written again in the background as soon as Redis answers,
 //! within the guard's grace.
 //!
@@ -269,10 +269,12 @@ impl Coordinator {
             let owner = held.clone().unwrap_or_else(lock::new_owner);
             let counter_ttl = self.counter_ttl_ms();
             let known = self.conn.epoch().known(&marker);
-            // Waiting out a restart guard must leave at least half the
-            // budget to the refresh itself: one cut short by its timeout may
-            // have spent its refresh token.
-            let can_wait = (deadline - started).saturating_sub(budget / 2);
+            // Waiting out a restart guard must leave the refresh itself time
+            // to run (one cut short by its timeout may have spent its refresh
+            // token): half the budget, or, for a guard no longer than a
+            // settle (a fresh stack's), `health::SETTLE_FLOOR_MS`. So a short
+            // `refreshTimeoutMs` still waits out a fresh stack's settle.
+            let can_wait = health::can_wait(deadline - started, budget);
             let guard = Guard {
                 marker: &marker,
                 known: &known,

@@ -95,6 +95,23 @@ pub const PROBE_MAX: Duration = Duration::from_millis(250);
 /// old server to reconnect (one probe pause) and touch it (one call).
 pub const SETTLE_MS: u64 = (PROBE_MAX.as_millis() + OP_TIMEOUT.as_millis() + 250) as u64;
 
+/// What a refresh must have left of its budget after waiting out a guard no
+/// longer than a settle (see [`can_wait`]).
+pub const SETTLE_FLOOR_MS: u64 = 250;
+
+/// How long a caller with `left` of its `budget` may wait for a guard to
+/// end. The rule (docs/redis.md, "When Redis fails"): it waits when the guard ends
+/// with at least half the budget left, or, for a guard of at most
+/// [`SETTLE_MS`] (a fresh stack's), with at least [`SETTLE_FLOOR_MS`] left;
+/// else its refresh is refused at once.
+pub fn can_wait(left: Duration, budget: Duration) -> Duration {
+    let half = left.saturating_sub(budget / 2);
+    let settle = left
+        .saturating_sub(Duration::from_millis(SETTLE_FLOOR_MS))
+        .min(Duration::from_millis(SETTLE_MS));
+    half.max(settle)
+}
+
 /// How long after a new server is seen no lock is granted to a refresh that
 /// would spend the caller's refresh token (see the module docs for why).
 pub fn grace_ms(refresh_timeout_ms: u64) -> u64 {
@@ -334,6 +351,18 @@ mod tests {
         let pauses: Vec<u128> = (0..6).map(|n| retry_pause(n).as_millis()).collect();
         assert_eq!(pauses, [50, 100, 200, 250, 250, 250]);
         assert_eq!(retry_pause(u32::MAX), PROBE_MAX);
+    }
+
+    #[test]
+    fn a_short_budget_waits_out_a_settle_but_not_a_grace() {
+        let ms = Duration::from_millis;
+        // refreshTimeoutMs 2000 on a fresh stack: the whole settle fits.
+        assert!(can_wait(ms(1_990), ms(2_000)) >= ms(SETTLE_MS));
+        // ...but never past the budget less the floor.
+        assert_eq!(can_wait(ms(1_000), ms(2_000)), ms(750));
+        // The default budget: half of it, as before (a grace is longer).
+        assert_eq!(can_wait(ms(30_000), ms(30_000)), ms(15_000));
+        assert_eq!(can_wait(ms(100), ms(30_000)), ms(0));
     }
 
     #[test]

@@ -25,6 +25,7 @@ use redis::{
     ProtocolVersion, PushInfo, RedisError, RedisFuture, RedisResult, TlsCertificates, Value,
 };
 
+use super::tls::{self, CaVerifier, Problem, TlsNode};
 use crate::engine::{EngineError, SecretString};
 
 /// Where Redis is, as the options say.
@@ -41,7 +42,12 @@ pub type PushHandler = Arc<dyn Fn(PushInfo) + Send + Sync>;
 
 /// A parsed endpoint, not yet connected. Holds the password: never printed.
 pub enum Target {
-    Node { client: Client, push: PushHandler },
+    Node {
+        client: Client,
+        push: PushHandler,
+    },
+    /// One node over TLS verified against `tls.ca` (`tls.rs`).
+    Tls(Arc<TlsNode>),
     Cluster(ClusterClient),
 }
 
@@ -49,6 +55,7 @@ impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Target::Node { .. } => "Target::Node(..)",
+            Target::Tls(_) => "Target::Tls(..)",
             Target::Cluster(_) => "Target::Cluster(..)",
         })
     }
@@ -58,6 +65,7 @@ impl std::fmt::Debug for Target {
 #[derive(Clone)]
 pub enum Link {
     Node(ConnectionManager),
+    Tls(Arc<TlsNode>),
     Cluster(ClusterConnection),
 }
 
@@ -95,14 +103,16 @@ impl Target {
             Endpoint::Node(url) => {
                 let name = "options.redis.url";
                 let info = parse(url, name, "")?;
-                let client = match certs {
-                    None => Client::open(info),
-                    Some(certs) => {
-                        need_tls(&info, name)?;
-                        Client::build_with_tls(info, certs)
-                    }
+                if let Some(pem) = ca {
+                    need_tls(&info, name)?;
+                    let verifier = tls::certificates(pem)
+                        .and_then(CaVerifier::new)
+                        .ok_or_else(bad_ca)?;
+                    return Ok(Target::Tls(Arc::new(TlsNode::new(
+                        info, verifier, timeout, push,
+                    ))));
                 }
-                .map_err(|_| bad_ca())?;
+                let client = Client::open(info).map_err(|_| bad_ca())?;
                 Ok(Target::Node { client, push })
             }
             Endpoint::Cluster(urls) => {
@@ -169,6 +179,7 @@ impl Target {
                 });
                 ConnectionManager::new_lazy_with_config(client.clone(), config).map(Link::Node)
             }
+            Target::Tls(node) => Ok(Link::Tls(node.clone())),
             Target::Cluster(client) => client.get_async_connection().await.map(Link::Cluster),
         }
     }
@@ -176,7 +187,18 @@ impl Target {
 
 fn parse(url: &SecretString, name: &'static str, at: &str) -> Result<ConnectionInfo, EngineError> {
     let info = url.expose().into_connection_info().map_err(|_| {
-        EngineError::invalid_argument(name, format!("{at}is not a valid Redis URL ({URL_FORMAT})"))
+        // The usual cause: a password holding a character the URL syntax
+        // uses. Said without repeating any of the URL.
+        let u = url.expose();
+        let hint = if (u.starts_with("redis://") || u.starts_with("rediss://")) && u.contains('@') {
+            "; a user name or password holding @ : / ? # or % must be URL-encoded (encodeURIComponent)"
+        } else {
+            ""
+        };
+        EngineError::invalid_argument(
+            name,
+            format!("{at}is not a valid Redis URL ({URL_FORMAT}){hint}"),
+        )
     })?;
     if let ConnectionAddr::TcpTls { insecure: true, .. } = info.addr() {
         return Err(EngineError::invalid_argument(
@@ -216,6 +238,7 @@ impl Link {
     pub async fn subscribe(&self, channel: &str) -> RedisResult<()> {
         match self {
             Link::Node(m) => m.clone().subscribe(channel).await,
+            Link::Tls(n) => n.subscribe(channel).await,
             Link::Cluster(c) => c.clone().subscribe(channel).await,
         }
     }
@@ -225,6 +248,7 @@ impl ConnectionLike for Link {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Link::Node(m) => m.req_packed_command(cmd),
+            Link::Tls(n) => n.req_packed_command(cmd),
             Link::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -237,6 +261,7 @@ impl ConnectionLike for Link {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Link::Node(m) => m.req_packed_commands(pipeline, offset, count),
+            Link::Tls(n) => n.req_packed_commands(pipeline, offset, count),
             Link::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
@@ -244,6 +269,7 @@ impl ConnectionLike for Link {
     fn get_db(&self) -> i64 {
         match self {
             Link::Node(m) => m.get_db(),
+            Link::Tls(n) => n.db(),
             Link::Cluster(c) => c.get_db(),
         }
     }
@@ -256,7 +282,7 @@ impl ConnectionLike for Link {
 pub fn describe(e: &RedisError) -> String {
     if let Some(tls) = rustls_error(e) {
         return match tls {
-            rustls::Error::InvalidCertificate(c) => certificate(certificate_problem(c)),
+            rustls::Error::InvalidCertificate(c) => certificate(&certificate_problem(c)),
             _ => "the TLS handshake with Redis failed (is that port TLS? a plaintext port needs redis://)".to_owned(),
         };
     }
@@ -283,17 +309,27 @@ pub fn describe(e: &RedisError) -> String {
 
 const CREDENTIALS: &str = "Redis refused the credentials (wrong user name or password)";
 const PERMISSION: &str =
-    "the Redis user lacks a permission the coordination needs (see the README for the ACL)";
+    "the Redis user lacks a permission the coordination needs (see docs/redis.md for the ACL)";
 
 fn certificate(problem: &str) -> String {
-    format!("the Redis server's TLS certificate did not verify ({problem}); a private CA goes in redis.tls.ca")
+    let advice = if problem == UNKNOWN_ISSUER {
+        "; a private CA, or the server's own self-signed certificate, goes in redis.tls.ca"
+    } else {
+        ""
+    };
+    format!("the Redis server's TLS certificate did not verify ({problem}){advice}")
 }
+
+const UNKNOWN_ISSUER: &str = "not issued by a trusted CA";
+const CA_AS_SERVER: &str =
+    "a CA certificate (CA:TRUE) presented as the server's own; give that very certificate as redis.tls.ca";
 
 /// [`describe`] from an error's text, for errors that kept nothing else.
 fn from_text(text: &str) -> Option<String> {
     if text.contains("invalid peer certificate") {
         let problem = [
-            ("UnknownIssuer", "not issued by a trusted CA"),
+            ("UnknownIssuer", UNKNOWN_ISSUER),
+            ("CaUsedAsEndEntity", CA_AS_SERVER),
             ("NotValidForName", "not issued for this host name"),
             ("Expired", "expired"),
             ("NotValidYet", "not valid yet"),
@@ -317,17 +353,51 @@ fn from_text(text: &str) -> Option<String> {
     None
 }
 
-fn certificate_problem(c: &rustls::CertificateError) -> &'static str {
+fn certificate_problem(c: &rustls::CertificateError) -> String {
     use rustls::CertificateError as C;
     match c {
-        C::UnknownIssuer => "not issued by a trusted CA",
-        C::NotValidForName | C::NotValidForNameContext { .. } => "not issued for this host name",
-        C::Expired | C::ExpiredContext { .. } => "expired",
-        C::NotValidYet | C::NotValidYetContext { .. } => "not valid yet",
-        C::Revoked => "revoked",
-        C::BadSignature => "bad signature",
-        _ => "rejected",
+        C::UnknownIssuer => UNKNOWN_ISSUER.to_owned(),
+        // The names a certificate holds are public (any client sees them).
+        C::NotValidForNameContext { presented, .. } if presented.is_empty() => {
+            "not issued for this host name: it names no host (subjectAltName), which TLS clients check".to_owned()
+        }
+        C::NotValidForNameContext { presented, .. } => format!(
+            "not issued for this host name: it names {}",
+            presented
+                .iter()
+                .map(|n| bare_name(n))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        C::NotValidForName => "not issued for this host name".to_owned(),
+        C::Expired | C::ExpiredContext { .. } => "expired".to_owned(),
+        C::NotValidYet | C::NotValidYetContext { .. } => "not valid yet".to_owned(),
+        C::Revoked => "revoked".to_owned(),
+        C::BadSignature => "bad signature".to_owned(),
+        C::Other(rustls::OtherError(inner)) => {
+            if let Some(p) = inner.downcast_ref::<Problem>() {
+                p.to_string()
+            } else if matches!(
+                inner.downcast_ref::<webpki::Error>(),
+                Some(webpki::Error::CaUsedAsEndEntity)
+            ) {
+                CA_AS_SERVER.to_owned()
+            } else {
+                "rejected".to_owned()
+            }
+        }
+        _ => "rejected".to_owned(),
     }
+}
+
+/// A name as WebPKI reports it (`DnsName("redis.internal")`) as written
+/// in the certificate (`redis.internal`).
+fn bare_name(n: &str) -> &str {
+    let inner = match (n.find('('), n.rfind(')')) {
+        (Some(a), Some(b)) if a < b => &n[a + 1..b],
+        _ => n,
+    };
+    inner.trim_matches('"')
 }
 
 /// The kind of the I/O error behind `e`, if any.
@@ -386,6 +456,55 @@ mod tests {
 
     fn io_error(kind: io::ErrorKind) -> RedisError {
         RedisError::from(io::Error::from(kind))
+    }
+
+    #[test]
+    fn a_password_that_breaks_the_url_is_named_without_being_repeated() {
+        let push: PushHandler = Arc::new(|_| {});
+        for url in [
+            "redis://:p@ss/w0rd@127.0.0.1:6379",
+            "redis://ttm:s3cr#t@host:6379",
+        ] {
+            let Err(e) = Target::new(
+                &Endpoint::Node(url.into()),
+                None,
+                Duration::from_secs(1),
+                push.clone(),
+            ) else {
+                panic!("{url} parsed")
+            };
+            let m = e.to_string();
+            assert!(
+                m.contains("must be URL-encoded (encodeURIComponent)"),
+                "{m}"
+            );
+            assert!(!m.contains("w0rd") && !m.contains("s3cr"), "{m}");
+        }
+    }
+
+    #[test]
+    fn certificate_problems_read_as_an_operator_would_say_them() {
+        let names = |presented: &[&str]| {
+            certificate_problem(&rustls::CertificateError::NotValidForNameContext {
+                expected: rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),
+                presented: presented.iter().map(|s| s.to_string()).collect(),
+            })
+        };
+        assert_eq!(
+            names(&["DnsName(\"redis.internal\")", "IpAddress(10.0.0.1)"]),
+            "not issued for this host name: it names redis.internal, 10.0.0.1"
+        );
+        assert!(names(&[]).contains("it names no host (subjectAltName)"));
+        let other = |p: Problem| {
+            certificate_problem(&rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(p),
+            )))
+        };
+        assert!(other(Problem::SelfSignedNotGiven).starts_with("self-signed"));
+        let ca = rustls::CertificateError::Other(rustls::OtherError(Arc::new(
+            webpki::Error::CaUsedAsEndEntity,
+        )));
+        assert!(certificate_problem(&ca).starts_with("a CA certificate (CA:TRUE)"));
     }
 
     #[test]

@@ -30,6 +30,7 @@ pub mod lock;
 pub mod pubsub;
 pub mod record;
 pub mod seal;
+pub mod tls;
 
 pub use connection::{Connection, Unavailable};
 pub use coordinator::{
@@ -95,7 +96,11 @@ pub fn coordinator(o: CoordinationOptions, policy: &Policy) -> Result<Coordinato
         } else {
             String::new()
         };
-        EngineError::invalid_argument(name, format!("{at}{e} (32 random bytes, base64)"))
+        let what = match e {
+            seal::KeyError::Hex => String::new(),
+            _ => " (32 random bytes, base64)".to_owned(),
+        };
+        EngineError::invalid_argument(name, format!("{at}{e}{what}"))
     })?;
     // A cluster script touches one hash slot: one restart marker per slot.
     let k =

@@ -49,6 +49,9 @@ pub enum KeyError {
     NotBase64,
     #[error("must decode to exactly 32 bytes")]
     WrongLength,
+    /// 64 hex digits (`openssl rand -hex 32`): 32 bytes, in the wrong encoding.
+    #[error("looks like hex (64 hex digits), not base64: convert it with Buffer.from(key, 'hex').toString('base64'), or make one with openssl rand -base64 32")]
+    Hex,
 }
 
 /// A value did not open: wrong key (rotated), tampered, truncated, or
@@ -69,12 +72,21 @@ pub struct SharedToken {
 /// 32 bytes, standard base64 (`openssl rand -base64 32`). Surrounding
 /// whitespace (a newline from an env file) is ignored.
 fn cipher(encoded: &str) -> Result<Aes256Gcm, KeyError> {
-    let bytes = Zeroizing::new(
-        base64::engine::general_purpose::STANDARD
-            .decode(encoded.trim())
-            .map_err(|_| KeyError::NotBase64)?,
-    );
-    Aes256Gcm::new_from_slice(&bytes).map_err(|_| KeyError::WrongLength)
+    let encoded = encoded.trim();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map(Zeroizing::new);
+    match bytes {
+        Ok(bytes) if bytes.len() == 32 => {
+            Aes256Gcm::new_from_slice(&bytes).map_err(|_| KeyError::WrongLength)
+        }
+        // 64 hex digits also decode as base64 (to 48 bytes): say what it is.
+        _ if encoded.len() == 64 && encoded.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Err(KeyError::Hex)
+        }
+        Ok(_) => Err(KeyError::WrongLength),
+        Err(_) => Err(KeyError::NotBase64),
+    }
 }
 
 impl SealKeys {
@@ -262,6 +274,10 @@ mod tests {
             SealKeys::from_base64("").unwrap_err(),
             KeyError::WrongLength
         );
+        // openssl rand -hex 32: the right bytes in the wrong encoding.
+        let hex = "0123456789abcdef".repeat(4);
+        assert_eq!(SealKeys::from_base64(&hex).unwrap_err(), KeyError::Hex);
+        assert!(!KeyError::Hex.to_string().contains(&hex));
         assert!(!format!("{:?}", SealKeys::from_base64(KEY_A).unwrap()).contains(KEY_A));
     }
 

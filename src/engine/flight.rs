@@ -394,9 +394,12 @@ pub(crate) fn validate_refreshed(
             "has an expiresAt that is not a valid Date",
         ))?,
         (None, Some(secs)) => time::from_expires_in("expiresIn", secs, now).map_err(|_| {
-            EngineError::InvalidRefreshResult(
-                "has an expiresIn that is not a positive number of seconds",
-            )
+            EngineError::InvalidRefreshResult(if secs > time::MAX_EXPIRES_IN_S {
+                // 1e12 is a date in epoch ms, not a lifetime.
+                "has an expiresIn too large (over 1e10 seconds): expiresIn is the token's lifetime in seconds (e.g. 3600); a date goes in expiresAt"
+            } else {
+                "has an expiresIn that is not a positive number of seconds"
+            })
         })?,
         (None, None) => {
             return Err(EngineError::InvalidRefreshResult(

@@ -129,13 +129,16 @@ pub fn parse_iso8601(name: &'static str, s: &str) -> Result<EpochMs, EngineError
     Ok((t.unix_timestamp_nanos() / 1_000_000) as i64)
 }
 
+/// Longest `expiresIn` taken, in seconds (about 317 years).
+pub const MAX_EXPIRES_IN_S: f64 = 1e10;
+
 /// `expiresIn` seconds from now, as the provider said.
 pub fn from_expires_in(
     name: &'static str,
     seconds: f64,
     now: EpochMs,
 ) -> Result<EpochMs, EngineError> {
-    if !seconds.is_finite() || seconds <= 0.0 || seconds > 1e10 {
+    if !seconds.is_finite() || seconds <= 0.0 || seconds > MAX_EXPIRES_IN_S {
         return Err(EngineError::invalid_argument(
             name,
             "must be a positive number of seconds",
