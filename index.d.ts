@@ -370,7 +370,7 @@ export interface TokenManagerStats {
    * with the other instances at once. Always 0 without `redis`.
    */
   redisFallbacks: number
-  /** Refreshes ahead of need started for active users (`store` and `refresher`). */
+  /** Refreshes ahead of need this process ran for active users (`store` and `refresher`); also counted in `refreshes`. */
   backgroundRefreshes: number
   /** Failed attempts to save a refreshed token to `store` (each retried). */
   saveFailures: number

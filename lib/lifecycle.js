@@ -118,11 +118,12 @@ function checkLifecycleOptions(o, idleTtlMs) {
 /**
  * The token lifecycle of one TokenManager. `hooks` are the manager's parts
  * it uses:
- * - `plan(userId, accessToken, refreshToken, expiresAtMs, now, aheadMs, persist)`:
+ * - `plan(userId, accessToken, refreshToken, expiresAtMs, now, aheadMs, persist, newest)`:
  *   the manager's slow path, answering a promise of the token to use
  *   (`{ accessToken, refreshToken, expiresAtMs, shouldUpdate }`) or of null
  *   (the presented token stands); a led refresh calls `persist(token, healing)`
- *   before anyone is answered;
+ *   before anyone is answered, and under the Redis lock `newest()` for the
+ *   store's refresh token when Redis had none newer;
  * - `now()`: the app's clock (throws a TypeError for a bad one);
  * - `isRevoked(userId, now)`: `invalidate` marked the user;
  * - `invalidate(userId, accessToken)`, `forget(userId)`: the manager's;
@@ -146,7 +147,6 @@ class Lifecycle {
   #running = new Set()
   #closed = false
   #hits = 0
-  #backgroundRefreshes = 0
   #saveFailures = 0
   #savesFailing = false
 
@@ -162,7 +162,7 @@ class Lifecycle {
   counts() {
     let unsaved = 0
     for (const e of this.#entries.values()) if (!e.saved) unsaved++
-    return { hits: this.#hits, backgroundRefreshes: this.#backgroundRefreshes, saveFailures: this.#saveFailures, unsavedTokens: unsaved }
+    return { hits: this.#hits, saveFailures: this.#saveFailures, unsavedTokens: unsaved }
   }
 
   /** Another instance invalidated these users: their rows are read again on next use. */
@@ -373,7 +373,10 @@ class Lifecycle {
    */
   #renew(userId, e, now, aheadMs) {
     const persist = (token, healing) => this.persist(userId, token, healing, e)
-    return this.#hooks.plan(userId, e.accessToken, e.refreshToken, e.expiresAtMs, now, aheadMs, persist).then((issued) => {
+    // Under the Redis lock with nothing newer in Redis (it lost its data):
+    // the row beats what this process knows if it is at least as new.
+    const newest = () => this.#read(userId).then((row) => (row !== null && row.expiresAtMs >= e.expiresAtMs ? row.refreshToken : null))
+    return this.#hooks.plan(userId, e.accessToken, e.refreshToken, e.expiresAtMs, now, aheadMs, persist, newest).then((issued) => {
       if (issued === null) return { accessToken: e.accessToken, expiresAt: new Date(e.expiresAtMs) }
       const current = this.#entries.get(userId)
       if (current !== undefined && !current.gone && issued.expiresAtMs > current.expiresAtMs) {
@@ -384,7 +387,9 @@ class Lifecycle {
         if (issued.refreshToken != null) current.refreshToken = issued.refreshToken
         current.expiresAtMs = issued.expiresAtMs
         current.lifetimeMs = 0
-        this.#scheduleAhead(userId, current, this.#hooks.now())
+        const at = this.#hooks.now()
+        current.since = at
+        this.#scheduleAhead(userId, current, at)
       }
       return answer(issued)
     })
@@ -441,6 +446,7 @@ class Lifecycle {
       e.refreshToken = row.refreshToken
       e.expiresAtMs = row.expiresAtMs
       e.lifetimeMs = 0
+      e.since = this.#hooks.now()
       e.saved = true
       e.attempts = 0
       return
@@ -510,7 +516,6 @@ class Lifecycle {
     }
     const bufferStart = e.expiresAtMs - this.#bufferOf(e)
     if (now >= bufferStart) return // a foreground call refreshes it now
-    this.#backgroundRefreshes++
     const before = e.expiresAtMs
     e.refreshingAhead = true
     const running = this.#renew(userId, e, now, bufferStart - now + 1).then(

@@ -129,6 +129,19 @@ class Call {
    * (`getValidToken`: its caller persists on `shouldUpdate`).
    */
   persist = undefined
+  /**
+   * A refresh ahead of need (lib/lifecycle.js): tokens are judged as of
+   * this many ms after `now`, in the core and in Redis; counted apart when
+   * it runs. 0: a call that needs its token now.
+   */
+  aheadMs = 0
+  /**
+   * `() => Promise<string | null>`: the newest refresh token the app's
+   * store holds, if newer than what this manager knows (lib/lifecycle.js),
+   * read under the Redis lock when Redis had none newer: after Redis lost
+   * its data, another instance's refresh may have spent the one held here.
+   */
+  newestRefreshToken = undefined
   constructor(userId, accessToken, refreshToken, expiresAtMs, expiresAt, refreshFn, now) {
     this.userId = userId
     this.accessToken = accessToken
@@ -202,6 +215,8 @@ class Flight {
   #call
   #id
   #ctx
+  /** The refresh token the core planned with (Redis may hand a newer one). */
+  #planned
   #timer = undefined
   #resolve
   #reject
@@ -219,6 +234,7 @@ class Flight {
     // Carries the refresh token, which Redis coordination may replace with
     // a newer one.
     this.#ctx = new RefreshContext(call.userId, refreshToken)
+    this.#planned = refreshToken
     this.promise = new Promise((resolve, reject) => {
       this.#resolve = resolve
       this.#reject = reject
@@ -257,7 +273,7 @@ class Flight {
         // which: 'redis' or 'redis-fallback'.
         this.state = WAITING
         const mayUseRefreshToken = !CLIENT_CREDENTIALS.has(call.refreshFn)
-        obtained = host.coordinator.obtain(this.#ctx, call.accessToken, call.expiresAtMs, (how) => this.#refresh(how), host.timeoutMs, call.now, mayUseRefreshToken)
+        obtained = host.coordinator.obtain(this.#ctx, call.accessToken, call.expiresAtMs, (how) => this.#refresh(how), host.timeoutMs, call.now + call.aheadMs, mayUseRefreshToken)
       }
     } catch (e) {
       obtained = Promise.reject(e)
@@ -271,9 +287,20 @@ class Flight {
   #refresh(how) {
     if (this.state !== SETTLED) this.state = REFRESHING
     const call = this.#call
+    if (call.aheadMs > 0) this.#host.backgroundRefreshes++
     const refresher = this.refresher
-    return this.#host.observer.run(this.trace, how, () =>
-      refresher === undefined ? invoke(call.refreshFn, this.#ctx) : nativeRefresh(refresher, call.userId, this.#ctx.refreshToken, this.#host.timeoutMs),
+    const run = () =>
+      this.#host.observer.run(this.trace, how, () =>
+        refresher === undefined ? invoke(call.refreshFn, this.#ctx) : nativeRefresh(refresher, call.userId, this.#ctx.refreshToken, this.#host.timeoutMs),
+      )
+    const newest = call.newestRefreshToken
+    if (how !== 'redis' || newest === undefined || this.#ctx.refreshToken !== this.#planned) return run()
+    return newest().then(
+      (refreshToken) => {
+        if (typeof refreshToken === 'string') this.#ctx.refreshToken = refreshToken
+        return run()
+      },
+      () => run(),
     )
   }
 
@@ -510,6 +537,8 @@ class TokenManager {
       flights: new Map(),
       timeoutMs: native.refreshTimeoutMs,
       clockOr: (fallback) => this.#clockOr(fallback),
+      /** Refreshes ahead of need that ran here (lib/lifecycle.js). */
+      backgroundRefreshes: 0,
     }
     let lifecycleOptions
     try {
@@ -518,9 +547,11 @@ class TokenManager {
       throw callerError(e, 'options')
     }
     this.#lifecycle = new Lifecycle(lifecycleOptions, {
-      plan: (userId, accessToken, refreshToken, expiresAtMs, now, aheadMs, persist) => {
+      plan: (userId, accessToken, refreshToken, expiresAtMs, now, aheadMs, persist, newestRefreshToken) => {
         const call = new Call(userId, accessToken, refreshToken, expiresAtMs, expiresAtMs, lifecycleOptions.refresher, now)
         call.persist = persist
+        call.newestRefreshToken = newestRefreshToken
+        call.aheadMs = aheadMs
         return this.#issue(call, aheadMs)
       },
       now: () => this.#clock(),
@@ -675,7 +706,7 @@ class TokenManager {
       ...s,
       hits: s.hits + this.#hits + l.hits,
       redisFallbacks: coordinator === null ? 0 : coordinator.fallbacks,
-      backgroundRefreshes: l.backgroundRefreshes,
+      backgroundRefreshes: this.#host.backgroundRefreshes,
       saveFailures: l.saveFailures,
       unsavedTokens: l.unsavedTokens,
     }

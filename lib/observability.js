@@ -50,7 +50,7 @@ const METRICS = [
   { name: 'coalesced', type: 'counter', unit: '{call}', help: "Calls that waited on another call's refresh", stat: 'coalesced' },
   { name: 'stale_served', type: 'counter', unit: '{call}', help: 'Calls served their own still-valid token after a refresh failed', stat: 'staleServed' },
   { name: 'redis.fallbacks', type: 'counter', unit: '{refresh}', help: 'Refreshes coordinated in-process only because Redis was unavailable', stat: 'redisFallbacks' },
-  { name: 'background_refreshes', type: 'counter', unit: '{refresh}', help: 'Refreshes ahead of need started for active users (options.store and options.refresher)', stat: 'backgroundRefreshes' },
+  { name: 'background_refreshes', type: 'counter', unit: '{refresh}', help: 'Refreshes ahead of need this process ran for active users (options.store and options.refresher)', stat: 'backgroundRefreshes' },
   { name: 'store.save_failures', type: 'counter', unit: '{save}', help: 'Failed attempts to save a refreshed token to options.store (each retried)', stat: 'saveFailures' },
   { name: 'store.unsaved_tokens', type: 'gauge', unit: '{token}', help: 'Refreshed tokens held until their save to options.store succeeds', stat: 'unsavedTokens' },
 ]
