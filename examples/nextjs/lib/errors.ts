@@ -1,4 +1,5 @@
-// What a route answers when the manager cannot give it a token.
+// What a route answers when `manager.fetch` rejects: the manager could not
+// give it a token, or the request itself failed.
 import { NextResponse } from 'next/server'
 
 const STATUS: Record<string, number> = {
@@ -8,9 +9,12 @@ const STATUS: Record<string, number> = {
   REAUTH_REQUIRED: 401,
 }
 
-export function tokenErrorResponse(e: unknown): NextResponse {
+export function errorResponse(e: unknown): NextResponse {
   const code = (e as { code?: string } | null)?.code ?? 'UNKNOWN'
-  const error = code === 'NOT_CONNECTED' ? 'no Tarabut connection for this user' : 'token refresh failed'
-  // Anything else is an outage (provider, store, Redis): worth retrying later.
+  // The manager's errors carry a code and no secret; anything else (the API
+  // unreachable, a bug) is logged so someone can tell which.
+  if (code === 'UNKNOWN') console.error(e)
+  const error = code === 'NOT_CONNECTED' ? 'no Tarabut connection for this user' : code === 'UNKNOWN' ? 'request failed' : 'token refresh failed'
+  // Anything else is an outage (provider, store, Redis, network): worth retrying later.
   return NextResponse.json({ error, code }, { status: STATUS[code] ?? 503 })
 }

@@ -4,7 +4,7 @@
 // (A real app takes userId from the session.)
 import { NextResponse } from 'next/server'
 
-import { tokenErrorResponse } from '@/lib/errors'
+import { errorResponse } from '@/lib/errors'
 import { tarabut } from '@/lib/tarabut'
 
 export const runtime = 'nodejs'
@@ -24,6 +24,6 @@ export async function GET(request: Request) {
     if (!res.ok) return NextResponse.json({ error: `accounts API answered ${res.status}` }, { status: 502 })
     return NextResponse.json(await res.json())
   } catch (e) {
-    return tokenErrorResponse(e)
+    return errorResponse(e)
   }
 }
