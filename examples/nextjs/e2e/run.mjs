@@ -8,14 +8,18 @@
 // directory outside the repo and checks that copy carries the files of both
 // packages. Then for each pass it starts a Tarabut-compatible API
 // (token endpoint + an accounts endpoint that answers 401 to any expired or
-// superseded token), seeds 50 users whose tokens fall due during the run,
-// starts `node server.js` in the copy, fires 2,000 requests with 100 in
-// flight, and checks: every response is 200, the provider saw exactly one
-// token request per user (one expiry each), and the database holds each
-// user's newest token.
+// superseded token), seeds 50 users' rows whose tokens fall due during the
+// run, starts `node server.js` in the copy (its manager keeps the tokens in
+// that table: options `store` and `refresher`, the route calls the API
+// through `manager.fetch`), fires 2,000 requests with 100 in flight, each
+// user's calls spread over every instance, and checks: every response is
+// 200, the provider saw exactly one token request per user (one expiry
+// each), and the database holds each user's newest token.
 // Pass 1: one server. Pass 2: two servers sharing a real Redis.
 // After each pass's run, `observabilityChecks` has the provider refuse one
-// user's refresh, then scrapes both metrics endpoints of every instance.
+// user's refresh, then scrapes both metrics endpoints of every instance;
+// `disconnectChecks` disconnects another user (`manager.forget`) and checks
+// every instance answers 409 NOT_CONNECTED for them and their row is gone.
 import { execFileSync, spawn } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { cpSync, existsSync, lstatSync, mkdtempSync, readdirSync, realpathSync, rmSync } from 'node:fs'
@@ -208,12 +212,7 @@ async function startRedis() {
 async function pass(label, { instances, redis, serverDir }) {
   console.log(`\n# ${label}`)
   const api = await startTarabutServer()
-  api.route('GET', '/accounts', (req, res) => {
-    const user = api.authorize(req)
-    const body = user === null ? { error: 'invalid_token' } : { accounts: [{ id: `acc-${user}`, currency: 'BHD' }] }
-    res.writeHead(user === null ? 401 : 200, { 'content-type': 'application/json' })
-    res.end(JSON.stringify(body))
-  })
+  api.route('GET', '/accounts', accountsRoute(api))
   const dir = mkdtempSync(path.join(tmpdir(), 'ttm-e2e-'))
   const dbPath = path.join(dir, 'tokens.db')
   const require = createRequire(path.join(app, 'package.json'))
@@ -255,10 +254,15 @@ async function pass(label, { instances, redis, serverDir }) {
         const i = next++
         const wait = t0 + (i * RUN_MS) / REQUESTS - Date.now()
         if (wait > 0) await new Promise((r) => setTimeout(r, wait))
-        const server = servers[i % servers.length]
+        // Round r of the users goes to instance r: every user is served by
+        // every instance, so with Redis they share each user's refresh.
+        const server = servers[Math.floor(i / USERS) % servers.length]
         const res = await fetch(`${server.base}/api/accounts?userId=${users[i % USERS]}`).catch((e) => ({ status: `error ${e.message}` }))
-        statuses.set(res.status, (statuses.get(res.status) ?? 0) + 1)
-        if (res.text) await res.text()
+        const text = res.text ? await res.text() : ''
+        // A failure is counted with its code (the route's JSON), so the detail says why.
+        let key = res.status
+        if (res.status !== 200) key = `${res.status} ${/"code":"(\w+)"/.exec(text)?.[1] ?? ''}`.trim()
+        statuses.set(key, (statuses.get(key) ?? 0) + 1)
       }
     }
     await Promise.all(Array.from({ length: IN_FLIGHT }, worker))
@@ -272,13 +276,24 @@ async function pass(label, { instances, redis, serverDir }) {
       perUser.every((n) => n === 1),
       `${api.tokenRequests} token requests for ${USERS} users; per user min ${Math.min(...perUser)} max ${Math.max(...perUser)}`,
     )
-    const stale = users.filter((u) => {
-      const row = db.prepare('SELECT access_token FROM tarabut_tokens WHERE user_id = ?').get(u)
-      return row?.access_token !== api.currentToken(u)?.accessToken
-    })
-    check('the database holds the newest token for every user', stale.length === 0, `${stale.length} stale rows`)
+    // The manager saved each refresh (store.save): the provider's current
+    // token, with its expiry (the manager dates `expiresIn` from when its
+    // refresh began, the provider from when it answered: on a loaded
+    // machine, seconds apart; the seeded tokens' expiry is an hour off) and
+    // no refresh token (Tarabut issues none).
+    const rowOf = (u) => db.prepare('SELECT access_token, refresh_token, expires_at FROM tarabut_tokens WHERE user_id = ?').get(u)
+    const stale = []
+    for (const u of users) {
+      const row = rowOf(u)
+      const current = api.currentToken(u)
+      if (row?.access_token !== current?.accessToken) stale.push(`${u}: ${row ? 'an older token' : 'no row'}`)
+      else if (Math.abs(row.expires_at - current.expiresAt) > 60_000) stale.push(`${u}: expiry ${row.expires_at - current.expiresAt} ms off`)
+      else if (row.refresh_token !== null) stale.push(`${u}: a refresh token`)
+    }
+    check('the database holds the newest token for every user', stale.length === 0, `${stale.length} stale rows${stale.length ? `: ${stale.slice(0, 3).join('; ')}` : ''}`)
     check('the provider saw only well-formed token requests', api.rejected === 0, `${api.rejected} refused`)
     await observabilityChecks(api, servers, users)
+    await disconnectChecks(api, servers, users[1], rowOf)
   } catch (e) {
     check(`${label} ran`, false, e.message)
     for (const s of servers) console.error(s.child.log().slice(-4000))
@@ -298,7 +313,10 @@ function accountsRoute(api, refuseOnce = new Set()) {
     let user = api.authorize(req)
     if (user !== null && refuseOnce.delete(user)) user = null
     const body = user === null ? { error: 'invalid_token' } : { accounts: [{ id: `acc-${user}`, currency: 'BHD' }] }
-    res.writeHead(user === null ? 401 : 200, { 'content-type': 'application/json' })
+    // No keep-alive: on a loaded machine a server stalled past the API's
+    // keep-alive timeout reuses a socket the API has closed meanwhile
+    // (undici: "other side closed"), a race of HTTP, not of the addon.
+    res.writeHead(user === null ? 401 : 200, { 'content-type': 'application/json', connection: 'close' })
     res.end(JSON.stringify(body))
   }
 }
@@ -347,6 +365,23 @@ async function observabilityChecks(api, servers, users) {
     const inFlight = sumBy(texts, 'tarabut_token_manager_in_flight').all
     check(`${what}: nothing left in flight`, inFlight === 0, `in_flight ${inFlight}`)
   }
+}
+
+// A user disconnects their bank on one instance (DELETE /api/connection:
+// `manager.forget`). Then every instance, including one that held their
+// token, answers 409 NOT_CONNECTED without asking the provider for a token,
+// and their row is gone.
+async function disconnectChecks(api, servers, user, rowOf) {
+  const before = api.requestsFor(user)
+  const del = await fetch(`${servers[0].base}/api/connection?userId=${user}`, { method: 'DELETE' })
+  check('disconnecting a user answers 204', del.status === 204, String(del.status))
+  check("the disconnected user's row is gone", rowOf(user) === undefined)
+  for (const s of servers) {
+    const res = await fetch(`${s.base}/api/accounts?userId=${user}`)
+    const body = await res.json().catch(() => null)
+    check(`${s.child.name}: a disconnected user gets 409 NOT_CONNECTED`, res.status === 409 && body?.code === 'NOT_CONNECTED', `${res.status} ${JSON.stringify(body)}`)
+  }
+  check('no token was requested for the disconnected user', api.requestsFor(user) === before, `${api.requestsFor(user) - before} requests`)
 }
 
 const skipBuild = process.argv.includes('--no-build')

@@ -1,12 +1,8 @@
-// The app's token table, in SQLite. Several `next start` processes may share
-// the file: WAL mode and a busy timeout let them write without SQLITE_BUSY.
+// The app's token table, in SQLite, as the token manager's `store`. Several
+// `next start` processes may share the file: WAL mode and a busy timeout let
+// them write without SQLITE_BUSY.
 import Database from 'better-sqlite3'
-
-export interface TokenRow {
-  accessToken: string
-  refreshToken: string | null
-  expiresAt: Date
-}
+import type { TokenStore } from 'tarabut-token-manager'
 
 const db = new Database(process.env.DATABASE_PATH ?? 'tokens.db')
 db.pragma('journal_mode = WAL')
@@ -21,20 +17,32 @@ db.exec(`CREATE TABLE IF NOT EXISTS tarabut_tokens (
 const select = db.prepare<[string], { access_token: string; refresh_token: string | null; expires_at: number }>(
   'SELECT access_token, refresh_token, expires_at FROM tarabut_tokens WHERE user_id = ?',
 )
-// Never let an older token overwrite a newer one (two instances, one row).
-const upsert = db.prepare(
-  `INSERT INTO tarabut_tokens (user_id, access_token, refresh_token, expires_at) VALUES (?, ?, ?, ?)
-   ON CONFLICT(user_id) DO UPDATE SET access_token = excluded.access_token,
-     refresh_token = COALESCE(excluded.refresh_token, tarabut_tokens.refresh_token), expires_at = excluded.expires_at
-   WHERE excluded.expires_at >= tarabut_tokens.expires_at`,
+// Compare-and-set: replace the row only if it still holds the token the
+// manager last saw. No change means another instance wrote it first; the
+// manager then reads it again and keeps whichever token expires later.
+const replace = db.prepare<[string, string | null, number, string, string]>(
+  'UPDATE tarabut_tokens SET access_token = ?, refresh_token = ?, expires_at = ? WHERE user_id = ? AND access_token = ?',
 )
+// No row known to the manager: write one, unless one appeared meanwhile.
+const insert = db.prepare<[string, string, string | null, number]>(
+  'INSERT INTO tarabut_tokens (user_id, access_token, refresh_token, expires_at) VALUES (?, ?, ?, ?) ON CONFLICT(user_id) DO NOTHING',
+)
+const remove = db.prepare<[string]>('DELETE FROM tarabut_tokens WHERE user_id = ?')
 
-export function readToken(userId: string): TokenRow | null {
-  const row = select.get(userId)
-  return row ? { accessToken: row.access_token, refreshToken: row.refresh_token, expiresAt: new Date(row.expires_at) } : null
+export const tokenStore: TokenStore = {
+  load(userId) {
+    const row = select.get(userId)
+    return row ? { accessToken: row.access_token, refreshToken: row.refresh_token, expiresAt: new Date(row.expires_at) } : null
+  },
+  save(userId, token, previous) {
+    const expiresAt = token.expiresAt.getTime()
+    const { changes } =
+      previous === null
+        ? insert.run(userId, token.accessToken, token.refreshToken, expiresAt)
+        : replace.run(token.accessToken, token.refreshToken, expiresAt, userId, previous.accessToken)
+    return changes === 1
+  },
+  delete(userId) {
+    remove.run(userId)
+  },
 }
-
-/** The `shouldUpdate` contract: persist, in a transaction. */
-export const saveToken = db.transaction((userId: string, t: { accessToken: string; expiresAt: Date; refreshToken?: string | null }) => {
-  upsert.run(userId, t.accessToken, t.refreshToken ?? null, t.expiresAt.getTime())
-})
