@@ -30,23 +30,29 @@
 
 const { BindingCoordinator } = require('../binding.js')
 const { TokenRefreshError, argError, fromNative } = require('./errors.js')
+const { ownOptions } = require('./options.js')
 
 const SHARED = Symbol('sharedToken')
 const FROM_COORDINATOR = Symbol('fromCoordinator')
 /** The native wait outlasts the manager's timer, so the timer decides timeouts. */
 const WAIT_SLACK_MS = 25
 
+/** What `options.redis` takes: any other key is a TypeError naming it. */
+const REDIS_OPTIONS = ['url', 'cluster', 'tls', 'keyPrefix', 'lockTtlMs', 'encryptionKey', 'onError']
+
 /**
  * `options.redis`: types and presence are checked here (TypeError); values
  * (URLs, keys, CA, prefix length, lock TTL) by the native side (RangeError).
- * Returns the options as read: each once (a getter may answer differently
- * each time), into plain objects and arrays.
+ * Returns the options as read: own properties only, each once (a getter may
+ * answer differently each time), into null-prototype objects and arrays
+ * (lib/options.js).
  */
 function checkOptions(options) {
   if (options === null || typeof options !== 'object') throw argError('options.redis', 'must be an object { url, encryptionKey, ... }')
-  const { url, cluster, tls, keyPrefix, lockTtlMs, encryptionKey, onError } = options
+  const o = ownOptions(options, REDIS_OPTIONS, 'options.redis', 'redis')
   const copy = (v) => (Array.isArray(v) ? [...v] : v)
-  const o = { url, cluster: copy(cluster), tls, keyPrefix, lockTtlMs, encryptionKey: copy(encryptionKey), onError }
+  o.cluster = copy(o.cluster)
+  o.encryptionKey = copy(o.encryptionKey)
   if (o.url !== undefined && o.cluster !== undefined) throw argError('options.redis', 'takes url (one node) or cluster (node URLs), not both')
   if (o.cluster !== undefined) {
     if (!Array.isArray(o.cluster) || o.cluster.length === 0 || !o.cluster.every((u) => typeof u === 'string' && u.length > 0)) {
@@ -67,11 +73,11 @@ function checkOptions(options) {
     // Anything else (a client certificate, turning verification off) is not done: say so.
     const unknown = Object.keys(o.tls).filter((k) => k !== 'ca')
     if (unknown.length > 0) throw argError('options.redis.tls', `takes only { ca } (got ${unknown.join(', ')})`)
-    const ca = o.tls.ca
+    const { ca } = ownOptions(o.tls, ['ca'], 'options.redis.tls', 'redis.tls')
     if (ca !== undefined && typeof ca !== 'string' && !(ca instanceof Uint8Array)) {
       throw argError('options.redis.tls.ca', 'must be PEM certificates, as a string or a Buffer')
     }
-    o.tls = { ca }
+    o.tls = { __proto__: null, ca }
   }
   if (o.keyPrefix !== undefined && typeof o.keyPrefix !== 'string') throw argError('options.redis.keyPrefix', 'must be a string')
   if (o.lockTtlMs !== undefined && typeof o.lockTtlMs !== 'number') throw argError('options.redis.lockTtlMs', 'must be a number')
@@ -118,6 +124,7 @@ class Coordinator {
     // The native side holds its callbacks for as long as it lives: held
     // weakly here, so a manager nobody uses can still be collected.
     const self = new WeakRef(this)
+    // Every field is defined here: the native side finds none on Object.prototype.
     this.#native = new BindingCoordinator(bindingManager, {
       url: options.url,
       cluster: options.cluster,

@@ -18,6 +18,7 @@ const { BindingManager, MAX_TOKEN_BYTES, MAX_USER_ID_BYTES, parseIsoTime } = req
 const coordination = require('./coordination.js')
 const { TokenRefreshError, argError, callerError, fromNative, internalError, quietly } = require('./errors.js')
 const observability = require('./observability.js')
+const { ownOptions } = require('./options.js')
 const { isFresh, MAX_DATE_MS } = require('./policy.js')
 const { CLIENT_CREDENTIALS, NATIVE_REFRESHER, nativeRefresh } = require('./refreshers.js')
 
@@ -359,7 +360,10 @@ function readRefreshed(result) {
   return { accessToken, refreshToken: refreshToken ?? null, expiresAtMs, expiresIn: expiresIn ?? null, shared }
 }
 
+/** The numeric options, which the core checks. */
 const OPTION_NAMES = ['bufferTimeMs', 'doubleCheckWindowMs', 'refreshTimeoutMs', 'idleTtlMs']
+/** Every option the constructor takes: any other key is a TypeError naming it. */
+const KNOWN_OPTIONS = [...OPTION_NAMES, 'now', 'logger', 'openTelemetry', 'redis', 'store', 'refresher', 'refreshAhead', 'fetch']
 
 class TokenManager {
   #native
@@ -665,20 +669,19 @@ function refreshError(userId, cause, native) {
 }
 
 /**
- * Options, each read once (types checked: TypeError; values are the
- * core's), into a plain object; and `redis` as `checkOptions` copied it.
+ * Options: own properties only, each read once (lib/options.js; an unknown
+ * key is a TypeError naming it), types checked (TypeError; values are the
+ * core's), into a null-prototype object; and `redis` as `checkOptions`
+ * copied it. Keys this file does not use yet pass through untouched.
  */
 function readOptions(options) {
   if (options != null && typeof options !== 'object') throw argError('options', 'must be an object')
-  const o = options ?? {}
-  const { logger, openTelemetry, now } = o
-  const picked = { logger, openTelemetry, now }
+  const picked = options == null ? Object.create(null) : ownOptions(options, KNOWN_OPTIONS, 'options', 'TokenManager')
   for (const name of OPTION_NAMES) {
-    const value = o[name]
+    const value = picked[name]
     if (value !== undefined && typeof value !== 'number') throw argError(`options.${name}`, 'must be a number')
-    picked[name] = value
   }
-  const redis = o.redis
+  const redis = picked.redis
   return [picked, redis === undefined || redis === null ? redis : coordination.checkOptions(redis)]
 }
 
