@@ -137,6 +137,14 @@ export interface RedisTlsOptions {
   ca?: string | Uint8Array
 }
 
+/**
+ * Every options object (the manager's, `redis`, `redis.tls`,
+ * `openTelemetry`, the refreshers') is read from its own properties only,
+ * each once: a property inherited from a prototype (a polluted
+ * `Object.prototype`) is not an option, and an unknown key is a
+ * `TypeError` (`code: 'INVALID_ARGUMENT'`) naming it, e.g.
+ * `options.bufferTme`.
+ */
 export interface TokenManagerOptions {
   /** Refresh when fewer than this many ms remain. Default 300000 (5 min). */
   bufferTimeMs?: number
@@ -186,6 +194,12 @@ export interface TokenManagerLogger {
 export interface OpenTelemetryProviders {
   meterProvider?: { getMeter(name: string, version?: string, options?: object): unknown }
   tracerProvider?: { getTracer(name: string, version?: string, options?: object): unknown }
+  /**
+   * Put the user id on each refresh span as `user.id`. Default false:
+   * spans are exported to other systems, so they carry no user id unless
+   * asked (the in-process tracing channel always has it).
+   */
+  recordUserId?: boolean
 }
 
 /** How a refresh was coordinated: in-process, under the user's Redis lock, or in-process because Redis was unavailable. */
