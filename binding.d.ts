@@ -23,6 +23,11 @@ export declare class BindingCoordinator {
    * once none is): keeps Node alive meanwhile, as pending promises would.
    */
   hold(due: boolean): void
+  /**
+   * Channel notices dropped so far: forged, signed with a key this
+   * instance does not hold, stale, replayed, oversized or garbled.
+   */
+  get noticesDropped(): number
   /** Whether Redis calls fail fast until the background probe reconnects. */
   get isDown(): boolean
   /**

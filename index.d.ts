@@ -275,6 +275,14 @@ export interface TokenManagerStats {
    * with the other instances at once. Always 0 without `redis`.
    */
   redisFallbacks: number
+  /**
+   * Messages on the Redis channel this manager dropped: not signed with any
+   * of its `encryptionKey`s (forged, or an instance on another key: one
+   * `TTM_REDIS_NOTICE_DROPPED` warning the first time this is read above
+   * zero), sent over a minute ago, replayed, oversized or garbled. Always 0
+   * without `redis`.
+   */
+  redisNoticesDropped: number
 }
 
 export declare class TokenManager {

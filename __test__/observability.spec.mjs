@@ -620,6 +620,7 @@ describe('metrics(): Prometheus text exposition format', () => {
           'tarabut_token_manager_hits_total',
           'tarabut_token_manager_in_flight',
           'tarabut_token_manager_redis_fallbacks_total',
+          'tarabut_token_manager_redis_notices_dropped_total',
           'tarabut_token_manager_refresh_duration_seconds',
           'tarabut_token_manager_refreshes_total',
           'tarabut_token_manager_stale_served_total',

@@ -34,6 +34,24 @@ describe('options: own properties only', () => {
     expect(() => oauth2Refresher({ tokenUrl: 'https://x', clientId: 'c', clientSecret: 's', scopes: 'a' })).toThrow(typeError('options.scopes'))
   })
 
+  it('encryptionKey: all-zero and repeated keys are refused, naming the entry, never echoing a key', () => {
+    const k = newKey()
+    for (const [encryptionKey, message] of [
+      [Buffer.alloc(32).toString('base64'), /^options\.redis\.encryptionKey is all zero bytes/],
+      [[k, newKey(), k], /^options\.redis\.encryptionKey entry 2 repeats an earlier key/],
+    ]) {
+      let error
+      try {
+        new TokenManager({ redis: { url: 'redis://127.0.0.1:1', encryptionKey } })
+      } catch (e) {
+        error = e
+      }
+      expect(error).toMatchObject({ name: 'RangeError', code: 'INVALID_ARGUMENT' })
+      expect(error.message).toMatch(message)
+      expect(error.message).not.toContain(k)
+    }
+  })
+
   it('options are own properties: inherited ones are not options, and each is read once', () => {
     // An options object whose prototype carries a bad value: ignored, not read.
     const inherited = Object.create({ bufferTimeMs: 'not a number', redis: { url: 'redis://127.0.0.1:1' } })

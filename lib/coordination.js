@@ -103,6 +103,7 @@ class Coordinator {
   #fallbacks = 0
   #warnedDown = false
   #warnedUndecryptable = false
+  #warnedDropped = false
   /** Commits and releases still running: `close()` waits for them. */
   #pending = new Set()
   /** userId -> its commit still running: an invalidate waits for it. */
@@ -147,6 +148,25 @@ class Coordinator {
   }
 
   /**
+   * Channel notices dropped (src/coordination/pubsub.rs): the count, read
+   * when stats or metrics are; the first time it is not zero, one warning.
+   */
+  get noticesDropped() {
+    let n = 0
+    try {
+      n = this.#native.noticesDropped
+    } catch {}
+    if (n > 0 && !this.#warnedDropped) {
+      this.#warnedDropped = true
+      this.#observer.warn(
+        'TTM_REDIS_NOTICE_DROPPED',
+        'tarabut-token-manager: a message on the Redis channel was dropped: not signed with any of options.redis.encryptionKey (an instance on another key, or someone publishing there), older than a minute or replayed, or oversized; counted in stats().redisNoticesDropped',
+      )
+    }
+    return n
+  }
+
+  /**
    * Resolves like the refresh function would (a refresh result), either by
    * running `refresh` while holding the user's lock, or with a token another
    * instance produced (marked; see `sharedToken`). Rejects with a coordinator
@@ -164,6 +184,7 @@ class Coordinator {
     const acquiring = this.#ask((t) => this.#native.acquire(t, userId, accessToken, expiresAtMs, waitMs + WAIT_SLACK_MS, nowMs, mayUseRefreshToken, presents))
     return acquiring.then((a) => {
       if (a.undecryptable) this.#warnUndecryptable()
+      if (!this.#warnedDropped) void this.noticesDropped
       if (a.kind !== 'fallback' && a.kind !== 'refused') this.#warnedDown = false
       switch (a.kind) {
         case 'shared': {

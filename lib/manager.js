@@ -544,7 +544,7 @@ class TokenManager {
   stats() {
     const coordinator = this.#host.coordinator
     const s = this.#native.stats(this.#clock())
-    return { ...s, hits: s.hits + this.#hits, redisFallbacks: coordinator === null ? 0 : coordinator.fallbacks }
+    return { ...s, hits: s.hits + this.#hits, redisFallbacks: coordinator === null ? 0 : coordinator.fallbacks, redisNoticesDropped: coordinator === null ? 0 : coordinator.noticesDropped }
   }
 
   /**

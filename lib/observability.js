@@ -50,6 +50,7 @@ const METRICS = [
   { name: 'coalesced', type: 'counter', unit: '{call}', help: "Calls that waited on another call's refresh", stat: 'coalesced' },
   { name: 'stale_served', type: 'counter', unit: '{call}', help: 'Calls served their own still-valid token after a refresh failed', stat: 'staleServed' },
   { name: 'redis.fallbacks', type: 'counter', unit: '{refresh}', help: 'Refreshes coordinated in-process only because Redis was unavailable', stat: 'redisFallbacks' },
+  { name: 'redis.notices_dropped', type: 'counter', unit: '{notice}', help: 'Redis channel messages dropped: unsigned or signed with another key, stale, replayed, oversized', stat: 'redisNoticesDropped' },
 ]
 const LABELS = ['outcome', 'refresher']
 const promName = (m) => `tarabut_token_manager_${m.name.replaceAll('.', '_')}${m.unit === 's' ? '_seconds' : ''}${m.type === 'counter' ? '_total' : ''}`

@@ -264,6 +264,13 @@ impl BindingCoordinator {
         })
     }
 
+    /// Channel notices dropped so far: forged, signed with a key this
+    /// instance does not hold, stale, replayed, oversized or garbled.
+    #[napi(getter)]
+    pub fn notices_dropped(&self) -> Result<f64, Code> {
+        guard(|| Ok(self.inner.notices_dropped() as f64))
+    }
+
     /// Whether Redis calls fail fast until the background probe reconnects.
     #[napi(getter)]
     pub fn is_down(&self) -> Result<bool, Code> {

@@ -14,7 +14,7 @@ use redis::{RedisResult, Script, Value};
 
 use super::health;
 use super::keys::UserKeys;
-use super::record::{self, Lease, Notice, Record};
+use super::record::{Lease, Record};
 use crate::engine::EpochMs;
 
 /// A random owner id: 128 bits, hex. Not a secret, only unguessable enough
@@ -31,8 +31,10 @@ pub enum Acquire {
     /// The lock is ours; `stale` is what the cache held (a token too old to
     /// hand out, whose refresh token may still be the newest one).
     Locked { lease: Lease, stale: Option<Record> },
-    /// Someone else holds the lock for this many more ms.
-    Busy { lock_ttl_ms: u64 },
+    /// Someone else holds the lock for this many more ms, with this fence
+    /// (the last one granted; 0 if unknown): a failure notice for an
+    /// older fence is not that holder's.
+    Busy { lock_ttl_ms: u64, fence: u64 },
     /// The restart guard (`health.rs`) holds refresh-token locks back on
     /// this server for [`Answer::guard_ms`] more, longer than the caller
     /// can wait.
@@ -123,7 +125,7 @@ if not mine then
     redis.call('PEXPIRE', KEYS[2], ARGV[2])
     held = tonumber(ARGV[2])
   end
-  if held >= 0 then return {3, '', 0, held} end
+  if held >= 0 then return {3, '', 0, held, n or 0} end
 end
 -- Only a grant needs the restart guard (and pays for its INFO).
 local server, left = epoch(KEYS[3], ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[6])
@@ -191,7 +193,8 @@ static RELEASE: Lazy<Script> = Lazy::new(|| Script::new(RELEASE_LUA));
 
 /// Returns a usable cached token, or takes the lock, or says who has it, or
 /// that the restart guard holds the lock back. `counter_ttl_ms` keeps the
-/// fence counter alive at least that long.
+/// fence counter alive at least that long. `released`: the signed
+/// `Notice::Released` published if a lock held through a guard is let go.
 #[allow(clippy::too_many_arguments)]
 pub async fn acquire(
     con: &mut impl ConnectionLike,
@@ -202,6 +205,7 @@ pub async fn acquire(
     counter_ttl_ms: u64,
     want: Want,
     guard: Guard<'_>,
+    released: &[u8],
 ) -> RedisResult<Answer> {
     let v: Vec<Value> = ACQUIRE
         .key(&keys.record)
@@ -222,7 +226,7 @@ pub async fn acquire(
         .arg(guard.can_wait_ms)
         .arg(if guard.reclaim { "1" } else { "0" })
         .arg(channel)
-        .arg(record::encode_notice(&keys.id, &Notice::Released))
+        .arg(released)
         .invoke_async(con)
         .await?;
     let bad = || {
@@ -261,6 +265,7 @@ pub async fn acquire(
         },
         3 => Acquire::Busy {
             lock_ttl_ms: int(3)?.max(0) as u64,
+            fence: int(4).unwrap_or(0).max(0) as u64,
         },
         4 => Acquire::Guarded,
         5 => Acquire::HeldThroughGuard,
@@ -322,6 +327,7 @@ pub async fn abandon(
     keys: &UserKeys,
     channel: &str,
     owner: &str,
+    released: &[u8],
 ) -> RedisResult<bool> {
     let (n,): (i64,) = redis::pipe()
         .cmd("SCRIPT")
@@ -334,30 +340,27 @@ pub async fn abandon(
         .arg(&keys.lock)
         .arg(owner)
         .arg(channel)
-        .arg(record::encode_notice(&keys.id, &Notice::Released))
+        .arg(released)
         .query_async(con)
         .await?;
     Ok(n == 1)
 }
 
 /// Gives the lock up if `lease` still holds it, and tells the waiters why
-/// (`Notice::Failed` or `Notice::Released`). Returns whether it was held.
+/// (`notice`: a signed `Notice::Failed` or `Notice::Released`). Returns
+/// whether it was held.
 pub async fn release(
     con: &mut impl ConnectionLike,
     keys: &UserKeys,
     channel: &str,
     lease: &Lease,
-    notice: &Notice,
+    notice: &[u8],
 ) -> RedisResult<bool> {
-    debug_assert!(
-        !matches!(notice, Notice::Committed(_)),
-        "a commit goes through cache::commit"
-    );
     let n: i64 = RELEASE
         .key(&keys.lock)
         .arg(&lease.owner)
         .arg(channel)
-        .arg(record::encode_notice(&keys.id, notice))
+        .arg(notice)
         .invoke_async(con)
         .await?;
     Ok(n == 1)

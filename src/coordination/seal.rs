@@ -8,10 +8,17 @@
 //! Several keys make a rotation possible: the first seals, each one opens
 //! (tried in order), so instances on `[new, old]` and on `[old, new]` read
 //! each other's values while a deploy rolls from one key to the other.
+//!
+//! Notices on the channel are authenticated with the same list: an
+//! HMAC-SHA256 under a key derived from each encryption key (the first
+//! signs, each verifies), over the whole notice, its send time and a
+//! random id (`sign_notice`, `verify_notice`). Anyone who can `PUBLISH`
+//! but holds no key is ignored.
 
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine as _;
+use ring::hmac;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
@@ -34,12 +41,16 @@ pub struct SealError;
 /// Most encryption keys accepted at once: a rotation needs two.
 pub const MAX_KEYS: usize = 8;
 
-/// The encryption keys: the first seals, each opens. Never printed.
-pub struct SealKeys(Vec<Aes256Gcm>);
+/// The encryption keys: the first seals, each opens; and the notice MAC
+/// keys derived from them, in the same order. Never printed.
+pub struct SealKeys {
+    ciphers: Vec<Aes256Gcm>,
+    macs: Vec<Zeroizing<[u8; 32]>>,
+}
 
 impl std::fmt::Debug for SealKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SealKeys(<{} redacted>)", self.0.len())
+        write!(f, "SealKeys(<{} redacted>)", self.ciphers.len())
     }
 }
 
@@ -49,6 +60,28 @@ pub enum KeyError {
     NotBase64,
     #[error("must decode to exactly 32 bytes")]
     WrongLength,
+    /// A placeholder, not a key.
+    #[error("is all zero bytes (a placeholder, not a key)")]
+    AllZero,
+    /// The same key twice in the list: a rotation that went wrong.
+    #[error("repeats an earlier key in the list")]
+    Repeated,
+}
+
+/// Bytes a signed notice carries after its body: when it was sent (ms since
+/// the epoch on the sender's system clock, `i64` BE), a random id (`u64`
+/// BE) and the MAC.
+pub const NOTICE_TRAILER_BYTES: usize = 8 + 8 + NOTICE_TAG_BYTES;
+const NOTICE_TAG_BYTES: usize = 32;
+/// What the notice MAC key is derived with: never the encryption key itself.
+const NOTICE_KEY_LABEL: &[u8] = b"tarabut-token-manager notice mac v1";
+
+/// A notice that verified: its body, send time and random id.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Verified<'a> {
+    pub body: &'a [u8],
+    pub sent_at: EpochMs,
+    pub id: u64,
 }
 
 /// A value did not open: wrong key (rotated), tampered, truncated, or
@@ -67,30 +100,83 @@ pub struct SharedToken {
 }
 
 /// 32 bytes, standard base64 (`openssl rand -base64 32`). Surrounding
-/// whitespace (a newline from an env file) is ignored.
-fn cipher(encoded: &str) -> Result<Aes256Gcm, KeyError> {
+/// whitespace (a newline from an env file) is ignored. All zero bytes is
+/// refused: a placeholder left in a config, not a key.
+fn key_bytes(encoded: &str) -> Result<Zeroizing<Vec<u8>>, KeyError> {
     let bytes = Zeroizing::new(
         base64::engine::general_purpose::STANDARD
             .decode(encoded.trim())
             .map_err(|_| KeyError::NotBase64)?,
     );
-    Aes256Gcm::new_from_slice(&bytes).map_err(|_| KeyError::WrongLength)
+    if bytes.len() != 32 {
+        return Err(KeyError::WrongLength);
+    }
+    if bytes.iter().all(|b| *b == 0) {
+        return Err(KeyError::AllZero);
+    }
+    Ok(bytes)
+}
+
+/// The notice MAC key for an encryption key: HMAC-SHA256 of a fixed label
+/// under it, so the AES key is never used for anything but AES.
+fn mac_key(key: &[u8]) -> Zeroizing<[u8; 32]> {
+    let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), NOTICE_KEY_LABEL);
+    let mut out = Zeroizing::new([0u8; 32]);
+    out.copy_from_slice(tag.as_ref());
+    out
 }
 
 impl SealKeys {
     /// One key (see [`SealKeys::from_base64_list`]).
     pub fn from_base64(encoded: &str) -> Result<Self, KeyError> {
-        Ok(Self(vec![cipher(encoded)?]))
+        Self::from_base64_list(&[encoded]).map_err(|(_, e)| e)
     }
 
-    /// The keys in order: the first seals. On error, the index of the bad one.
+    /// The keys in order: the first seals. On error, the index of the bad
+    /// one (a repeat: the later one).
     pub fn from_base64_list<S: AsRef<str>>(encoded: &[S]) -> Result<Self, (usize, KeyError)> {
-        let keys = encoded
+        let mut raw: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(encoded.len());
+        for (i, k) in encoded.iter().enumerate() {
+            let bytes = key_bytes(k.as_ref()).map_err(|e| (i, e))?;
+            if raw.iter().any(|r| r.as_slice() == bytes.as_slice()) {
+                return Err((i, KeyError::Repeated));
+            }
+            raw.push(bytes);
+        }
+        let ciphers = raw
             .iter()
-            .enumerate()
-            .map(|(i, k)| cipher(k.as_ref()).map_err(|e| (i, e)))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self(keys))
+            .map(|b| Aes256Gcm::new_from_slice(b).expect("32 bytes checked"))
+            .collect();
+        let macs = raw.iter().map(|b| mac_key(b)).collect();
+        Ok(Self { ciphers, macs })
+    }
+
+    /// `body` signed with the first key: `body | sent_at | id | tag`
+    /// ([`NOTICE_TRAILER_BYTES`] added).
+    pub fn sign_notice(&self, body: &[u8], sent_at: EpochMs, id: u64) -> Vec<u8> {
+        let mut m = Vec::with_capacity(body.len() + NOTICE_TRAILER_BYTES);
+        m.extend_from_slice(body);
+        m.extend_from_slice(&sent_at.to_be_bytes());
+        m.extend_from_slice(&id.to_be_bytes());
+        let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &self.macs[0][..]), &m);
+        m.extend_from_slice(tag.as_ref());
+        m
+    }
+
+    /// A notice whose MAC verifies under one of the keys (in constant time
+    /// for each), split into its parts; None otherwise.
+    pub fn verify_notice<'a>(&self, m: &'a [u8]) -> Option<Verified<'a>> {
+        let signed_len = m.len().checked_sub(NOTICE_TAG_BYTES)?;
+        let body_len = signed_len.checked_sub(16)?;
+        let (signed, tag) = m.split_at(signed_len);
+        self.macs
+            .iter()
+            .any(|k| hmac::verify(&hmac::Key::new(hmac::HMAC_SHA256, &k[..]), signed, tag).is_ok())
+            .then(|| Verified {
+                body: &m[..body_len],
+                sent_at: i64::from_be_bytes(m[body_len..body_len + 8].try_into().expect("8 bytes")),
+                id: u64::from_be_bytes(m[body_len + 8..signed_len].try_into().expect("8 bytes")),
+            })
     }
 
     pub fn seal(&self, aad: &[u8], token: &SharedToken) -> Result<Vec<u8>, SealError> {
@@ -104,7 +190,7 @@ impl SealKeys {
     /// Seals any plaintext with the first key (announcements use it too).
     pub fn seal_bytes(&self, aad: &[u8], plain: &[u8]) -> Vec<u8> {
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
-        let sealed = self.0[0]
+        let sealed = self.ciphers[0]
             .encrypt(&nonce, Payload { msg: plain, aad })
             .expect("AES-GCM encryption only fails past 64 GiB per message");
         let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
@@ -120,7 +206,7 @@ impl SealKeys {
             return Err(OpenError);
         }
         let (nonce, body) = sealed[1..].split_at(NONCE_LEN);
-        self.0
+        self.ciphers
             .iter()
             .find_map(|k| {
                 k.decrypt(Nonce::from_slice(nonce), Payload { msg: body, aad })
@@ -286,6 +372,56 @@ mod tests {
     }
 
     #[test]
+    fn all_zero_and_repeated_keys_are_refused() {
+        let zero = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        assert_eq!(SealKeys::from_base64(zero).unwrap_err(), KeyError::AllZero);
+        assert_eq!(
+            SealKeys::from_base64_list(&[KEY_A, KEY_B, KEY_A]).unwrap_err(),
+            (2, KeyError::Repeated)
+        );
+        // The same key written differently (surrounding whitespace) is the same key.
+        assert_eq!(
+            SealKeys::from_base64_list(&[KEY_A, &format!("{KEY_A}\n")]).unwrap_err(),
+            (1, KeyError::Repeated)
+        );
+    }
+
+    #[test]
+    fn notices_verify_under_every_key_and_nothing_else() {
+        let old = SealKeys::from_base64(KEY_A).unwrap();
+        let rolling = SealKeys::from_base64_list(&[KEY_B, KEY_A]).unwrap();
+        let m = old.sign_notice(b"id|F|3", 1_700_000_000_000, 42);
+        assert_eq!(m.len(), 6 + NOTICE_TRAILER_BYTES);
+        let expect = Verified {
+            body: b"id|F|3",
+            sent_at: 1_700_000_000_000,
+            id: 42,
+        };
+        assert_eq!(old.verify_notice(&m), Some(expect));
+        assert_eq!(rolling.verify_notice(&m).map(|v| v.id), Some(42));
+        // Signed with the new key: an instance with the old one alone drops it.
+        let by_new = rolling.sign_notice(b"id|R", 1, 7);
+        assert_eq!(old.verify_notice(&by_new), None);
+        // Any change to the body, time, id or tag, or a cut, is refused.
+        for i in 0..m.len() {
+            let mut bad = m.clone();
+            bad[i] ^= 1;
+            assert_eq!(old.verify_notice(&bad), None);
+            assert_eq!(old.verify_notice(&m[..i]), None);
+        }
+        // The MAC key is not the encryption key: a tag made with the AES key itself does not verify.
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(KEY_A)
+            .unwrap();
+        let mut forged = b"id|F|3".to_vec();
+        forged.extend_from_slice(&1i64.to_be_bytes());
+        forged.extend_from_slice(&1u64.to_be_bytes());
+        let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &raw), &forged);
+        forged.extend_from_slice(tag.as_ref());
+        assert_eq!(old.verify_notice(&forged), None);
+    }
+
+    #[test]
     fn fingerprints_tell_tokens_and_users_apart_without_the_token() {
         let a = fingerprint("id1", &"token-a".into());
         assert_eq!(a.len(), 32);
@@ -330,6 +466,22 @@ mod tests {
             fn what_is_encoded_decodes_to_itself(t in shared()) {
                 let plain = encode(&t).unwrap();
                 prop_assert_eq!(decode(&plain), Some(t));
+            }
+
+            /// Whatever arrives on the channel (random, or a signed notice
+            /// mutated), verifying answers and never panics; only the
+            /// untouched notice verifies.
+            #[test]
+            fn any_notice_bytes_verify_or_are_refused(
+                bytes in proptest::collection::vec(any::<u8>(), 0..160),
+                flip in any::<usize>(),
+            ) {
+                let k = SealKeys::from_base64(KEY_A).unwrap();
+                prop_assert_eq!(k.verify_notice(&bytes), None);
+                let mut m = k.sign_notice(&bytes, 1, 2);
+                let i = flip % m.len();
+                m[i] ^= 0x80;
+                prop_assert_eq!(k.verify_notice(&m), None);
             }
 
             #[test]

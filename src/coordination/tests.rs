@@ -189,7 +189,7 @@ async fn lock_is_exclusive_and_released_only_by_its_owner() {
         ..Guard::default()
     };
     let Acquire::Locked { lease, stale: None } =
-        lock::acquire(&mut con, &keys, "ch", "a", 5_000, 60_000, want, guard)
+        lock::acquire(&mut con, &keys, "ch", "a", 5_000, 60_000, want, guard, b"r")
             .await
             .unwrap()
             .found
@@ -197,8 +197,8 @@ async fn lock_is_exclusive_and_released_only_by_its_owner() {
         panic!("first caller locks")
     };
     assert_eq!(lease.fence, 1);
-    let Acquire::Busy { lock_ttl_ms } =
-        lock::acquire(&mut con, &keys, "ch", "b", 5_000, 60_000, want, guard)
+    let Acquire::Busy { lock_ttl_ms, fence } =
+        lock::acquire(&mut con, &keys, "ch", "b", 5_000, 60_000, want, guard, b"r")
             .await
             .unwrap()
             .found
@@ -206,15 +206,15 @@ async fn lock_is_exclusive_and_released_only_by_its_owner() {
         panic!("second caller waits")
     };
     assert!(lock_ttl_ms > 0 && lock_ttl_ms <= 5_000);
+    // The holder's fence: a waiter tells that holder's failure from an old one.
+    assert_eq!(fence, 1);
     let intruder = record::Lease {
         owner: "b".into(),
         fence: 9,
     };
-    assert!(
-        !lock::release(&mut con, &keys, "ch", &intruder, &record::Notice::Released)
-            .await
-            .unwrap()
-    );
+    assert!(!lock::release(&mut con, &keys, "ch", &intruder, b"r")
+        .await
+        .unwrap());
     assert_eq!(
         lock::extend(&mut con, &keys, &lease, 5_000, 60_000)
             .await
@@ -227,13 +227,11 @@ async fn lock_is_exclusive_and_released_only_by_its_owner() {
             .unwrap(),
         lock::Extended::Lost
     );
-    assert!(
-        lock::release(&mut con, &keys, "ch", &lease, &record::Notice::Released)
-            .await
-            .unwrap()
-    );
+    assert!(lock::release(&mut con, &keys, "ch", &lease, b"r")
+        .await
+        .unwrap());
     let Acquire::Locked { lease, .. } =
-        lock::acquire(&mut con, &keys, "ch", "b", 5_000, 60_000, want, guard)
+        lock::acquire(&mut con, &keys, "ch", "b", 5_000, 60_000, want, guard, b"r")
             .await
             .unwrap()
             .found
