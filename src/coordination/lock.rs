@@ -15,6 +15,7 @@ use redis::{RedisResult, Script, Value};
 use super::health;
 use super::keys::UserKeys;
 use super::record::{Lease, Record};
+use super::seal;
 use crate::engine::EpochMs;
 
 /// A random owner id: 128 bits, hex. Not a secret, only unguessable enough
@@ -111,7 +112,9 @@ end
 local r = redis.pcall('HMGET', KEYS[1], 'f', 'e', 'w', 't', 'n', 'x')
 if r.err then redis.call('DEL', KEYS[1]) r = {} end
 local f, e, w, t, n = tonumber(r[1]), tonumber(r[2]), tonumber(r[3]), r[4], tonumber(r[5])
-if type(t) ~= 'string' then t = nil end
+-- Longer than any sealed token: garbage (or an attack on the readers), a
+-- miss, and never sent back.
+if type(t) ~= 'string' or #t > tonumber(ARGV[17]) then t = nil end
 if t and f and e and f ~= tonumber(ARGV[7]) and f ~= tonumber(r[6]) and e > tonumber(ARGV[3])
   and (e > tonumber(ARGV[4]) or (w and w > tonumber(ARGV[5]) and e > tonumber(ARGV[6]))) then
   letgo()
@@ -227,6 +230,7 @@ pub async fn acquire(
         .arg(if guard.reclaim { "1" } else { "0" })
         .arg(channel)
         .arg(released)
+        .arg(seal::MAX_SEALED_BYTES)
         .invoke_async(con)
         .await?;
     let bad = || {

@@ -33,6 +33,13 @@ const NONCE_LEN: usize = 12;
 /// (A bound here also keeps a corrupt length from allocating gigabytes.)
 pub use crate::engine::MAX_TOKEN_BYTES;
 
+/// Longest sealed token: version, nonce and tag around the plaintext of
+/// two tokens of [`MAX_TOKEN_BYTES`] and their expiry. A stored value
+/// longer than this is refused before any decryption, and the acquire
+/// script does not even send it (`lock.rs`).
+pub const MAX_SEALED_BYTES: usize =
+    1 + NONCE_LEN + 16 + 8 + 4 + MAX_TOKEN_BYTES + 1 + 4 + MAX_TOKEN_BYTES;
+
 /// A token too long to seal (over [`MAX_TOKEN_BYTES`]): never written, so
 /// nothing is stored that the decoder would refuse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -202,7 +209,7 @@ impl SealKeys {
 
     /// Opens with the first key that fits.
     pub fn open_bytes(&self, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, OpenError> {
-        if sealed.len() < 1 + NONCE_LEN || sealed[0] != VERSION {
+        if sealed.len() < 1 + NONCE_LEN || sealed.len() > MAX_SEALED_BYTES || sealed[0] != VERSION {
             return Err(OpenError);
         }
         let (nonce, body) = sealed[1..].split_at(NONCE_LEN);
@@ -296,6 +303,7 @@ mod tests {
         };
         let fits = t(&at_limit, Some(&at_limit));
         assert_eq!(k.open(b"u", &k.seal(b"u", &fits).unwrap()).unwrap(), fits);
+        assert_eq!(k.seal(b"u", &fits).unwrap().len(), MAX_SEALED_BYTES);
         assert_eq!(k.seal(b"u", &t(&over, None)), Err(SealError));
         assert_eq!(k.seal(b"u", &t("a", Some(&over))), Err(SealError));
     }

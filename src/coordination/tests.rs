@@ -396,6 +396,50 @@ async fn nothing_waits_past_the_deadline() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+/// Bytes the server has sent to clients so far (`INFO stats`).
+async fn net_output(con: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(con)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_oversized_record_is_a_miss_that_never_crosses_the_network() {
+    let s = Server::start();
+    let mut con = s.con().await;
+    let c = coordinator_with(&s.url(), KEY_A, 5_000.0);
+    let keys = keys::Keys::new("t:").user("u");
+    let far = time::now_ms() + 3_600_000;
+    // 10 MB where the sealed token goes, with fields that make it look fresh.
+    let _: () = redis::cmd("HSET")
+        .arg(&keys.record)
+        .arg("t")
+        .arg(vec![b'x'; 10 << 20])
+        .arg("f")
+        .arg(5)
+        .arg("e")
+        .arg(far)
+        .arg("w")
+        .arg(far)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    c.connect().await.unwrap();
+    let before = net_output(&mut con).await;
+    let got = acquire(&c, "u", soon(5_000)).await;
+    let Outcome::Lead { refresh: None, .. } = got.outcome else {
+        panic!("a miss, then the lock")
+    };
+    assert!(!got.undecryptable, "never tried");
+    assert!(net_output(&mut con).await - before < 64 * 1024);
+}
+
 #[tokio::test]
 async fn a_value_sealed_with_another_key_is_a_miss() {
     let s = Server::start();
