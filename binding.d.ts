@@ -194,6 +194,8 @@ export interface BindingCoordinationOptions {
   encryptionKeys: Array<string>
   /** What a refresh Redis cannot coordinate does ([`OnError`]); default `'auto'`. */
   onError?: 'auto' | 'local' | 'fail'
+  /** Earlier releases share the Redis: write records they can open. */
+  upgrading?: boolean
 }
 
 /**

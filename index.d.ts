@@ -47,8 +47,13 @@ export interface ValidToken {
  * (`rediss://`).
  *
  * At rest and on pub/sub, keys hold a SHA-256 of the user id and values are
- * AES-256-GCM sealed with `encryptionKey`; no token or user id appears in
- * clear. A cached token expires with the token, plus `idleTtlMs` so a
+ * AES-256-GCM sealed with `encryptionKey`, bound to the record's user,
+ * fence, write time and expiry; no token or user id appears in clear. Every
+ * pub/sub notice is signed (an HMAC under a key derived from
+ * `encryptionKey`): one that is not, or is stale or replayed, is dropped
+ * (`stats().redisNoticesDropped`). A `redis://` URL (no TLS) to a host other
+ * than this one gets one `TTM_REDIS_PLAINTEXT` warning. What Redis sees and
+ * what someone with access to it can do: docs/trust-model.md. A cached token expires with the token, plus `idleTtlMs` so a
  * caller presenting an older token is still handed the newest one.
  *
  * `shouldUpdate` across instances: true for the caller whose call ran the
@@ -99,8 +104,9 @@ export interface RedisCommonOptions {
   lockTtlMs?: number
   /**
    * Required: 32 random bytes, base64 (`openssl rand -base64 32`), or a
-   * list of them for a rotation: the first seals, every one opens (at most
-   * 8). Missing or malformed: the constructor throws (`code:
+   * list of them for a rotation: the first seals and signs notices, every
+   * one opens and verifies (at most 8). Missing, malformed, all zero bytes
+   * or repeated in the list: the constructor throws (`code:
    * 'INVALID_ARGUMENT'`). A cached value that opens with none of them is a
    * cache miss, with one `TTM_REDIS_UNDECRYPTABLE` warning (`logger`; default: a process warning).
    */
@@ -130,6 +136,14 @@ export interface RedisCommonOptions {
    * `refreshTimeoutMs`.
    */
   onError?: 'auto' | 'local' | 'fail'
+  /**
+   * Set while instances of release 0.1 share this Redis (a rolling
+   * upgrade): records are written so that they can open them (bound to the
+   * user only, not to their fence, write time and expiry), and both kinds
+   * are read. Remove it once none is left (docs/trust-model.md: Upgrading).
+   * Default false.
+   */
+  upgrading?: boolean
 }
 
 export interface RedisTlsOptions {
@@ -170,6 +184,7 @@ export interface TokenManagerOptions {
   redis?: RedisOptions | null
   /**
    * Where warnings go (`TTM_REDIS_UNAVAILABLE`, `TTM_REDIS_UNDECRYPTABLE`,
+   * `TTM_REDIS_NOTICE_DROPPED`, `TTM_REDIS_PLAINTEXT`,
    * `TTM_OBSERVABILITY_FAILED`): called as `logger.warn({ code }, message)`,
    * so a pino logger or `console` fits. Default: process warnings
    * (`process.emitWarning(message, { code })`).

@@ -52,6 +52,20 @@ describe('options: own properties only', () => {
     }
   })
 
+  it('redis:// (no TLS) to another host: one TTM_REDIS_PLAINTEXT warning, never showing the URL', async () => {
+    const warned = []
+    const logger = { warn: (fields, message) => warned.push({ ...fields, message }), error: () => {} }
+    const redis = (url) => ({ url, encryptionKey: newKey() })
+    for (const url of ['redis://127.0.0.1:1', 'redis://localhost:1', 'redis://[::1]:1', 'rediss://:s3cret@192.0.2.1:6379']) {
+      await new TokenManager({ logger, redis: redis(url) }).close()
+    }
+    expect(warned).toEqual([])
+    await new TokenManager({ logger, redis: redis('redis://:s3cret@192.0.2.1:6379') }).close()
+    await new TokenManager({ logger, redis: { cluster: ['redis://127.0.0.1:1', 'redis://:s3cret@192.0.2.2:7000'], encryptionKey: newKey() } }).close()
+    expect(warned.map((w) => w.code)).toEqual(['TTM_REDIS_PLAINTEXT', 'TTM_REDIS_PLAINTEXT'])
+    expect(JSON.stringify(warned)).not.toMatch(/s3cret|192\.0\.2/)
+  })
+
   it('options are own properties: inherited ones are not options, and each is read once', () => {
     // An options object whose prototype carries a bad value: ignored, not read.
     const inherited = Object.create({ bufferTimeMs: 'not a number', redis: { url: 'redis://127.0.0.1:1' } })

@@ -38,7 +38,7 @@ const FROM_COORDINATOR = Symbol('fromCoordinator')
 const WAIT_SLACK_MS = 25
 
 /** What `options.redis` takes: any other key is a TypeError naming it. */
-const REDIS_OPTIONS = ['url', 'cluster', 'tls', 'keyPrefix', 'lockTtlMs', 'encryptionKey', 'onError']
+const REDIS_OPTIONS = ['url', 'cluster', 'tls', 'keyPrefix', 'lockTtlMs', 'encryptionKey', 'onError', 'upgrading']
 
 /**
  * `options.redis`: types and presence are checked here (TypeError); values
@@ -83,7 +83,21 @@ function checkOptions(options) {
   if (o.lockTtlMs !== undefined && typeof o.lockTtlMs !== 'number') throw argError('options.redis.lockTtlMs', 'must be a number')
   // Which strings are valid is the core's (OnError in src/coordination).
   if (o.onError !== undefined && typeof o.onError !== 'string') throw argError('options.redis.onError', "must be 'auto', 'local' or 'fail'")
+  if (o.upgrading !== undefined && typeof o.upgrading !== 'boolean') throw argError('options.redis.upgrading', 'must be a boolean')
   return o
+}
+
+/** Whether `url` is `redis://` (no TLS) to a host that is not loopback. The URL itself is never shown (it may hold a password). */
+function plaintextToAnotherHost(url) {
+  let u
+  try {
+    u = new URL(url)
+  } catch {
+    return false // the native side refuses it
+  }
+  if (u.protocol !== 'redis:') return false
+  const host = u.hostname.replace(/^\[|\]$/g, '')
+  return !(host === 'localhost' || host === '::1' || /^127\.\d+\.\d+\.\d+$/.test(host))
 }
 
 /** `tls.ca` as the Buffer the native side takes, or undefined. */
@@ -134,12 +148,19 @@ class Coordinator {
       lockTtlMs: options.lockTtlMs,
       encryptionKeys: Array.isArray(options.encryptionKey) ? options.encryptionKey : [options.encryptionKey],
       onError: options.onError,
+      upgrading: options.upgrading,
     }, (ticket, answer) => {
       const coordinator = self.deref()
       if (coordinator !== undefined) coordinator.#answered(ticket, answer)
     }, onRemoteMarks)
     this.#onError = options.onError ?? 'auto'
     this.#observer = observer
+    if ((options.cluster ?? [options.url]).some(plaintextToAnotherHost)) {
+      observer.warn(
+        'TTM_REDIS_PLAINTEXT',
+        'tarabut-token-manager: options.redis connects with redis:// (no TLS) to a host other than this one: the Redis password and the sealed tokens cross the network in clear; use rediss://',
+      )
+    }
   }
 
   /** Refreshes coordinated in-process only because Redis was unavailable. */

@@ -175,6 +175,9 @@ pub struct Coordinator {
     watchdogs: Arc<Mutex<HashMap<String, AbortHandle>>>,
     /// Names this instance in its `invalidate` announcements.
     origin: u128,
+    /// `redis.upgrading`: write records earlier releases can open (sealed
+    /// version 1, bound to the user only) while they share the Redis.
+    upgrading: bool,
 }
 
 /// `notice` about user `id`, signed with the first key, sent now (system
@@ -193,7 +196,13 @@ fn invalidation_aad(id: &str) -> Vec<u8> {
 }
 
 impl Coordinator {
-    pub fn new(conn: Connection, keys: Keys, seal: SealKeys, timing: Timing) -> Self {
+    pub fn new(
+        conn: Connection,
+        keys: Keys,
+        seal: SealKeys,
+        timing: Timing,
+        upgrading: bool,
+    ) -> Self {
         conn.epoch()
             .configure(health::memory_ms(timing.refresh_timeout_ms));
         let seal = Arc::new(seal);
@@ -207,6 +216,7 @@ impl Coordinator {
             timing,
             watchdogs: Arc::default(),
             origin: rand::random(),
+            upgrading,
         }
     }
 
@@ -439,7 +449,13 @@ impl Coordinator {
         now: EpochMs,
     ) -> Result<bool, Unavailable> {
         let keys = self.keys.user(user_id);
-        let Ok(sealed) = self.seal.seal(keys.id.as_bytes(), token) else {
+        let binding = seal::Binding {
+            id: &keys.id,
+            fence: lease.fence,
+            written_at: now,
+            expires_at: token.expires_at,
+        };
+        let Ok(sealed) = self.seal.seal_record(&binding, token, self.upgrading) else {
             // Too long to share (the engine refuses such tokens first).
             return self.release(user_id, lease, true).await.map(|_| false);
         };
@@ -447,6 +463,7 @@ impl Coordinator {
         let record = Record {
             fence: lease.fence,
             written_at: now,
+            expires_at: token.expires_at,
             sealed,
         };
         let ttl = (token.expires_at.saturating_sub(now)).max(0) as u64 + self.timing.retention_ms;
@@ -612,7 +629,13 @@ impl Coordinator {
         record: &Record,
         undecryptable: &mut bool,
     ) -> Option<SharedToken> {
-        match self.seal.open(keys.id.as_bytes(), &record.sealed) {
+        let binding = seal::Binding {
+            id: &keys.id,
+            fence: record.fence,
+            written_at: record.written_at,
+            expires_at: record.expires_at,
+        };
+        match self.seal.open_record(&binding, &record.sealed) {
             Ok(t) => Some(t),
             Err(_) => {
                 *undecryptable = true;

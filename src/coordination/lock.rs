@@ -118,7 +118,7 @@ if type(t) ~= 'string' or #t > tonumber(ARGV[17]) then t = nil end
 if t and f and e and f ~= tonumber(ARGV[7]) and f ~= tonumber(r[6]) and e > tonumber(ARGV[3])
   and (e > tonumber(ARGV[4]) or (w and w > tonumber(ARGV[5]) and e > tonumber(ARGV[6]))) then
   letgo()
-  return {1, '', 0, f, w or 0, t}
+  return {1, '', 0, f, w or 0, t, e}
 end
 if not mine then
   local held = redis.call('PTTL', KEYS[2])
@@ -153,7 +153,7 @@ n = n + 1
 redis.call('HSET', KEYS[1], 'n', n)
 -- The fence counter must outlive every holder still refreshing.
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[8]) then redis.call('PEXPIRE', KEYS[1], ARGV[8]) end
-if t then return {2, server, left, n, f or 0, w or 0, t} end
+if t then return {2, server, left, n, f or 0, w or 0, t, e or 0} end
 return {2, server, left, n}
 "
     ))
@@ -248,6 +248,7 @@ pub async fn acquire(
             Some(Value::BulkString(sealed)) => Ok(Record {
                 fence: int(at)?.max(0) as u64,
                 written_at: int(at + 1)?,
+                expires_at: int(at + 3)?,
                 sealed: sealed.clone(),
             }),
             _ => Err(bad()),

@@ -14,6 +14,8 @@ use crate::engine::{EpochMs, SecretString};
 pub struct Record {
     pub fence: u64,
     pub written_at: EpochMs,
+    /// The expiry the record shows in clear (the sealed token is bound to it).
+    pub expires_at: EpochMs,
     /// The token, sealed (`seal.rs`): opaque here.
     pub sealed: Vec<u8>,
 }
@@ -80,15 +82,17 @@ pub const MAX_NOTICE_BYTES: usize = 2 * crate::engine::MAX_TOKEN_BYTES + 4096;
 pub const NOTICE_LIFETIME_MS: i64 = 60_000;
 
 /// The body of a notice (signed by `SealKeys::sign_notice` before it is
-/// published): `id|C|fence|written_at|sealed`, `id|F|fence`, `id|R` or
-/// `id|I|sealed`.
+/// published): `id|C|fence|written_at|expires_at|sealed`, `id|F|fence`,
+/// `id|R` or `id|I|sealed`.
 pub fn encode_notice(id: &str, notice: &Notice) -> Vec<u8> {
     let mut m = Vec::with_capacity(id.len() + 3);
     m.extend_from_slice(id.as_bytes());
     m.push(SEP);
     match notice {
         Notice::Committed(r) => {
-            m.extend_from_slice(format!("C|{}|{}|", r.fence, r.written_at).as_bytes());
+            m.extend_from_slice(
+                format!("C|{}|{}|{}|", r.fence, r.written_at, r.expires_at).as_bytes(),
+            );
             m.extend_from_slice(&r.sealed);
         }
         Notice::Failed { fence } => m.extend_from_slice(format!("F|{fence}").as_bytes()),
@@ -102,15 +106,17 @@ pub fn encode_notice(id: &str, notice: &Notice) -> Vec<u8> {
 }
 
 pub fn decode_notice(m: &[u8]) -> Option<(&str, Notice)> {
-    let mut parts = m.splitn(5, |b| *b == SEP);
+    let mut parts = m.splitn(6, |b| *b == SEP);
     let id = std::str::from_utf8(parts.next()?).ok()?;
     let notice = match parts.next()? {
         b"C" => {
             let fence = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
             let written_at = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+            let expires_at = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
             Notice::Committed(Record {
                 fence,
                 written_at,
+                expires_at,
                 sealed: parts.next()?.to_vec(),
             })
         }
@@ -135,6 +141,7 @@ mod tests {
         let committed = Notice::Committed(Record {
             fence: 7,
             written_at: 1_700_000_000_000,
+            expires_at: 1_700_003_600_000,
             sealed: b"\x01|bin|\xff".to_vec(),
         });
         let invalidated = Notice::Invalidated(b"\x01|sealed|".to_vec());
@@ -149,7 +156,8 @@ mod tests {
         }
         assert_eq!(decode_notice(b"id|X"), None);
         assert_eq!(decode_notice(b"id|I"), None);
-        assert_eq!(decode_notice(b"id|C|x|1|"), None);
+        assert_eq!(decode_notice(b"id|C|x|1|2|"), None);
+        assert_eq!(decode_notice(b"id|C|1|1|x|"), None);
         assert_eq!(decode_notice(b"id|F"), None);
         assert_eq!(decode_notice(b"id|F|x"), None);
     }
@@ -212,9 +220,10 @@ mod tests {
                 id in "[0-9a-f]{1,64}",
                 fence in any::<u64>(),
                 written_at in any::<i64>(),
+                expires_at in any::<i64>(),
                 sealed in proptest::collection::vec(any::<u8>(), 0..64),
             ) {
-                let n = Notice::Committed(Record { fence, written_at, sealed });
+                let n = Notice::Committed(Record { fence, written_at, expires_at, sealed });
                 let m = encode_notice(&id, &n);
                 prop_assert_eq!(decode_notice(&m), Some((id.as_str(), n)));
             }

@@ -1,9 +1,15 @@
 //! Tokens at rest in Redis: AES-256-GCM with a random 96-bit nonce per value,
-//! bound to the user (the record's hashed id is the associated data, so a
-//! value copied under another user's key does not open).
+//! bound to the record it is in: the associated data holds the user's
+//! hashed id, the fence, the write time and the expiry the record shows in
+//! clear (`Binding`), so a value copied under another user's key, or put
+//! back with other clear fields (an old record replayed as recent), does
+//! not open.
 //!
-//! Sealed layout: `version (1) | nonce (12) | ciphertext + tag`. The plaintext
-//! is a small binary encoding of the token, wiped once sealed or parsed.
+//! Sealed layout: `version (1) | nonce (12) | ciphertext + tag`. Version 2
+//! is bound as above; version 1 (written by earlier releases, and by this
+//! one with `redis.upgrading`) is bound to the hashed id only, and still
+//! opens: such records expire with their tokens. The plaintext is a small
+//! binary encoding of the token, wiped once sealed or parsed.
 //!
 //! Several keys make a rotation possible: the first seals, each one opens
 //! (tried in order), so instances on `[new, old]` and on `[old, new]` read
@@ -26,7 +32,10 @@ use super::codec;
 use super::keys::hex;
 use crate::engine::{EpochMs, SecretString};
 
+/// Bound to the hashed user id only (earlier releases).
 const VERSION: u8 = 1;
+/// Bound to the record's clear fields too (`Binding`).
+const VERSION_BOUND: u8 = 2;
 const NONCE_LEN: usize = 12;
 /// Longest token sealed or opened, in bytes: the engine's limit on every
 /// token it accepts, so whatever one instance holds, the others can open.
@@ -96,6 +105,30 @@ pub struct Verified<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("sealed value does not open with this key")]
 pub struct OpenError;
+
+/// What a record's sealed token is bound to: the fields Redis shows in
+/// clear next to it (`cache.rs`) and the user it belongs to.
+#[derive(Debug, Clone, Copy)]
+pub struct Binding<'a> {
+    /// The hashed user id (`keys.rs`).
+    pub id: &'a str,
+    pub fence: u64,
+    pub written_at: EpochMs,
+    pub expires_at: EpochMs,
+}
+
+impl Binding<'_> {
+    fn aad(&self) -> Vec<u8> {
+        let mut a = Vec::with_capacity(16 + self.id.len() + 24);
+        a.extend_from_slice(b"ttm-record-v2\0");
+        a.extend_from_slice(self.id.as_bytes());
+        a.push(0);
+        a.extend_from_slice(&self.fence.to_be_bytes());
+        a.extend_from_slice(&self.written_at.to_be_bytes());
+        a.extend_from_slice(&self.expires_at.to_be_bytes());
+        a
+    }
+}
 
 /// A token as the shared cache holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,6 +219,7 @@ impl SealKeys {
             })
     }
 
+    /// Version 1: bound to `aad` (the hashed user id) only.
     pub fn seal(&self, aad: &[u8], token: &SharedToken) -> Result<Vec<u8>, SealError> {
         Ok(self.seal_bytes(aad, &encode(token).ok_or(SealError)?))
     }
@@ -194,14 +228,50 @@ impl SealKeys {
         decode(&self.open_bytes(aad, sealed)?).ok_or(OpenError)
     }
 
+    /// A record's token, bound to `b` (version 2); `unbound`: version 1, as
+    /// earlier releases write and read (`redis.upgrading`). `b.expires_at`
+    /// must be the token's.
+    pub fn seal_record(
+        &self,
+        b: &Binding,
+        token: &SharedToken,
+        unbound: bool,
+    ) -> Result<Vec<u8>, SealError> {
+        debug_assert_eq!(b.expires_at, token.expires_at);
+        if unbound {
+            return self.seal(b.id.as_bytes(), token);
+        }
+        let plain = encode(token).ok_or(SealError)?;
+        Ok(self.seal_version(VERSION_BOUND, &b.aad(), &plain))
+    }
+
+    /// Opens a record's token if it is bound to `b` (version 2) or to its
+    /// user (version 1), and its expiry is the one shown in clear.
+    pub fn open_record(&self, b: &Binding, sealed: &[u8]) -> Result<SharedToken, OpenError> {
+        let token = match sealed.first() {
+            Some(&VERSION_BOUND) => {
+                decode(&self.open_version(VERSION_BOUND, &b.aad(), sealed)?).ok_or(OpenError)?
+            }
+            _ => self.open(b.id.as_bytes(), sealed)?,
+        };
+        if token.expires_at != b.expires_at {
+            return Err(OpenError);
+        }
+        Ok(token)
+    }
+
     /// Seals any plaintext with the first key (announcements use it too).
     pub fn seal_bytes(&self, aad: &[u8], plain: &[u8]) -> Vec<u8> {
+        self.seal_version(VERSION, aad, plain)
+    }
+
+    fn seal_version(&self, version: u8, aad: &[u8], plain: &[u8]) -> Vec<u8> {
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
         let sealed = self.ciphers[0]
             .encrypt(&nonce, Payload { msg: plain, aad })
             .expect("AES-GCM encryption only fails past 64 GiB per message");
         let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
-        out.push(VERSION);
+        out.push(version);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
         out
@@ -209,7 +279,16 @@ impl SealKeys {
 
     /// Opens with the first key that fits.
     pub fn open_bytes(&self, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, OpenError> {
-        if sealed.len() < 1 + NONCE_LEN || sealed.len() > MAX_SEALED_BYTES || sealed[0] != VERSION {
+        self.open_version(VERSION, aad, sealed)
+    }
+
+    fn open_version(
+        &self,
+        version: u8,
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, OpenError> {
+        if sealed.len() < 1 + NONCE_LEN || sealed.len() > MAX_SEALED_BYTES || sealed[0] != version {
             return Err(OpenError);
         }
         let (nonce, body) = sealed[1..].split_at(NONCE_LEN);
@@ -377,6 +456,53 @@ mod tests {
             (1, KeyError::WrongLength)
         );
         assert!(!format!("{rolling:?}").contains(KEY_A) && !format!("{rolling:?}").contains(KEY_B));
+    }
+
+    #[test]
+    fn a_record_opens_only_with_the_clear_fields_it_was_sealed_with() {
+        let k = SealKeys::from_base64(KEY_A).unwrap();
+        let t = token(Some("r"));
+        let b = Binding {
+            id: "id",
+            fence: 7,
+            written_at: 1_700_000_000_000,
+            expires_at: t.expires_at,
+        };
+        let sealed = k.seal_record(&b, &t, false).unwrap();
+        assert_eq!(sealed[0], VERSION_BOUND);
+        assert_eq!(k.open_record(&b, &sealed).unwrap(), t);
+        for other in [
+            Binding { id: "id2", ..b },
+            Binding { fence: 8, ..b },
+            Binding {
+                written_at: b.written_at + 1,
+                ..b
+            },
+            Binding {
+                expires_at: b.expires_at + 1,
+                ..b
+            },
+        ] {
+            assert_eq!(k.open_record(&other, &sealed), Err(OpenError));
+        }
+        // Its version byte set back to 1: not an unbound record either.
+        let mut downgraded = sealed.clone();
+        downgraded[0] = VERSION;
+        assert_eq!(k.open_record(&b, &downgraded), Err(OpenError));
+        // An earlier release's record (bound to the user only) opens while
+        // its expiry is the one shown; `unbound` writes one.
+        let legacy = k.seal(b"id", &t).unwrap();
+        assert_eq!(
+            k.open_record(&Binding { fence: 99, ..b }, &legacy).unwrap(),
+            t
+        );
+        assert_eq!(
+            k.open_record(&Binding { expires_at: 1, ..b }, &legacy),
+            Err(OpenError)
+        );
+        let unbound = k.seal_record(&b, &t, true).unwrap();
+        assert_eq!(unbound[0], VERSION);
+        assert_eq!(k.open(b"id", &unbound).unwrap(), t);
     }
 
     #[test]

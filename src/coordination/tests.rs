@@ -123,6 +123,7 @@ fn coordinator_keys(url: &str, keys: &[&str], lock_ttl_ms: f64) -> Coordinator {
             key_prefix: Some("t:".into()),
             lock_ttl_ms: Some(lock_ttl_ms),
             encryption_keys: keys.iter().map(|k| (*k).into()).collect(),
+            upgrading: false,
         },
         &policy(),
     )
@@ -438,6 +439,46 @@ async fn an_oversized_record_is_a_miss_that_never_crosses_the_network() {
     };
     assert!(!got.undecryptable, "never tried");
     assert!(net_output(&mut con).await - before < 64 * 1024);
+}
+
+#[tokio::test]
+async fn a_record_whose_clear_fields_were_changed_does_not_open() {
+    let s = Server::start();
+    let mut con = s.con().await;
+    let c = coordinator_with(&s.url(), KEY_A, 5_000.0);
+    let Outcome::Lead { lease, .. } = acquire(&c, "u", soon(5_000)).await.outcome else {
+        panic!("lead")
+    };
+    let written = time::now_ms() - 60_000;
+    assert!(c
+        .commit("u", &lease, &token("bound", "r", 3_600_000), written)
+        .await
+        .unwrap());
+    let record = keys::Keys::new("t:").user("u").record;
+    // Put back as if written just now (or with another fence, or expiry).
+    for (field, value) in [
+        ("w", time::now_ms()),
+        ("f", 1_000),
+        ("e", time::now_ms() + 7_200_000),
+    ] {
+        let before: i64 = con.hget(&record, field).await.unwrap();
+        let _: () = con.hset(&record, field, value).await.unwrap();
+        let got = acquire(&c, "u", soon(5_000)).await;
+        assert!(got.undecryptable, "{field}");
+        let Outcome::Lead {
+            lease,
+            refresh: None,
+        } = got.outcome
+        else {
+            panic!("a miss, then the lock ({field})")
+        };
+        assert!(c.release("u", &lease, false).await.unwrap());
+        let _: () = con.hset(&record, field, before).await.unwrap();
+    }
+    let Outcome::Shared { token: t, .. } = acquire(&c, "u", soon(5_000)).await.outcome else {
+        panic!("opens again as written")
+    };
+    assert_eq!(t.access.expose(), "bound");
 }
 
 #[tokio::test]
@@ -764,6 +805,7 @@ fn options_are_validated_without_echoing_secrets() {
         key_prefix: None,
         lock_ttl_ms: None,
         encryption_keys: vec![KEY_A.into()],
+        upgrading: false,
     };
     let c = coordinator(ok(), &p).unwrap();
     assert_eq!(c.timing().lock_ttl_ms, DEFAULT_LOCK_TTL_MS);
