@@ -23,6 +23,11 @@ export declare class BindingCoordinator {
    * once none is): keeps Node alive meanwhile, as pending promises would.
    */
   hold(due: boolean): void
+  /**
+   * Channel notices dropped so far: forged, signed with a key this
+   * instance does not hold, stale, replayed, oversized or garbled.
+   */
+  get noticesDropped(): number
   /** Whether Redis calls fail fast until the background probe reconnects. */
   get isDown(): boolean
   /**
@@ -211,6 +216,8 @@ export interface BindingCoordinationOptions {
   encryptionKeys: Array<string>
   /** What a refresh Redis cannot coordinate does ([`OnError`]); default `'auto'`. */
   onError?: 'auto' | 'local' | 'fail'
+  /** Earlier releases share the Redis: write records they can open. */
+  upgrading?: boolean
 }
 
 /**

@@ -69,8 +69,13 @@ export interface ValidToken {
  * (`rediss://`).
  *
  * At rest and on pub/sub, keys hold a SHA-256 of the user id and values are
- * AES-256-GCM sealed with `encryptionKey`; no token or user id appears in
- * clear. A cached token expires with the token, plus `idleTtlMs` so a
+ * AES-256-GCM sealed with `encryptionKey`, bound to the record's user,
+ * fence, write time and expiry; no token or user id appears in clear. Every
+ * pub/sub notice is signed (an HMAC under a key derived from
+ * `encryptionKey`): one that is not, or is stale or replayed, is dropped
+ * (`stats().redisNoticesDropped`). A `redis://` URL (no TLS) to a host other
+ * than this one gets one `TTM_REDIS_PLAINTEXT` warning. What Redis sees and
+ * what someone with access to it can do: docs/trust-model.md. A cached token expires with the token, plus `idleTtlMs` so a
  * caller presenting an older token is still handed the newest one.
  *
  * `shouldUpdate` across instances: true for the caller whose call ran the
@@ -124,8 +129,9 @@ export interface RedisCommonOptions {
   lockTtlMs?: number
   /**
    * Required: 32 random bytes, base64 (`openssl rand -base64 32`), or a
-   * list of them for a rotation: the first seals, every one opens (at most
-   * 8). Missing or malformed: the constructor throws (`code:
+   * list of them for a rotation: the first seals and signs notices, every
+   * one opens and verifies (at most 8). Missing, malformed, all zero bytes
+   * or repeated in the list: the constructor throws (`code:
    * 'INVALID_ARGUMENT'`). A cached value that opens with none of them is a
    * cache miss, with one `TTM_REDIS_UNDECRYPTABLE` warning (`logger`; default: a process warning).
    */
@@ -155,6 +161,14 @@ export interface RedisCommonOptions {
    * `refreshTimeoutMs`.
    */
   onError?: 'auto' | 'local' | 'fail'
+  /**
+   * Set while instances of release 0.1 share this Redis (a rolling
+   * upgrade): records are written so that they can open them (bound to the
+   * user only, not to their fence, write time and expiry), and both kinds
+   * are read. Remove it once none is left (docs/trust-model.md: Upgrading).
+   * Default false.
+   */
+  upgrading?: boolean
 }
 
 /** TLS to Redis (`rediss://`): whom to trust. */
@@ -168,7 +182,15 @@ export interface RedisTlsOptions {
   ca?: string | Uint8Array
 }
 
-/** What `new TokenManager(options)` takes; every option has a default. */
+/**
+ * What `new TokenManager(options)` takes; every option has a default.
+ * Every options object (the manager's, `redis`, `redis.tls`,
+ * `openTelemetry`, the refreshers') is read from its own properties only,
+ * each once: a property inherited from a prototype (a polluted
+ * `Object.prototype`) is not an option, and an unknown key is a
+ * `TypeError` (`code: 'INVALID_ARGUMENT'`) naming it, e.g.
+ * `options.bufferTme`.
+ */
 export interface TokenManagerOptions {
   /** Refresh when fewer than this many ms remain. Default 300000 (5 min). */
   bufferTimeMs?: number
@@ -194,6 +216,7 @@ export interface TokenManagerOptions {
   redis?: RedisOptions | null
   /**
    * Where warnings go (`TTM_REDIS_UNAVAILABLE`, `TTM_REDIS_UNDECRYPTABLE`,
+   * `TTM_REDIS_NOTICE_DROPPED`, `TTM_REDIS_PLAINTEXT`,
    * `TTM_OBSERVABILITY_FAILED`): called as `logger.warn({ code }, message)`,
    * so a pino logger or `console` fits. Default: process warnings
    * (`process.emitWarning(message, { code })`).
@@ -285,6 +308,12 @@ export interface OpenTelemetryProviders {
     /** `TracerProvider.getTracer`. */
     getTracer(name: string, version?: string, options?: object): unknown
   }
+  /**
+   * Put the user id on each refresh span as `user.id`. Default false:
+   * spans are exported to other systems, so they carry no user id unless
+   * asked (the in-process tracing channel always has it).
+   */
+  recordUserId?: boolean
 }
 
 /** How a refresh was coordinated: in-process, under the user's Redis lock, or in-process because Redis was unavailable. */
@@ -376,6 +405,14 @@ export interface TokenManagerStats {
   saveFailures: number
   /** Refreshed tokens held until their save to `store` succeeds. */
   unsavedTokens: number
+  /**
+   * Messages on the Redis channel this manager dropped: not signed with any
+   * of its `encryptionKey`s (forged, or an instance on another key: one
+   * `TTM_REDIS_NOTICE_DROPPED` warning the first time this is read above
+   * zero), sent over a minute ago, replayed, oversized or garbled. Always 0
+   * without `redis`.
+   */
+  redisNoticesDropped: number
 }
 
 /**

@@ -375,10 +375,32 @@ function tracerProvider() {
 const point = (md, attrs) => md.dataPoints.find((p) => Object.entries(attrs).every(([k, v]) => p.attributes[k] === v))
 
 describe('OpenTelemetry, with explicit providers', () => {
+  it('spans carry no user id unless openTelemetry.recordUserId is true; the tracing channel keeps it (in-process)', async () => {
+    const tp = tracerProvider()
+    const m = new TokenManager({ openTelemetry: { tracerProvider: tp.provider } })
+    const user = `person-${uid()}@example.com`
+    const seen = []
+    const onStart = (message) => seen.push(message.userId)
+    dc.tracingChannel('tarabut-token-manager:refresh').start.subscribe(onStart)
+    try {
+      await m.getValidToken(user, expired(user), refresher())
+    } finally {
+      dc.tracingChannel('tarabut-token-manager:refresh').start.unsubscribe(onStart)
+    }
+    const spans = tp.spans()
+    expect(spans).toHaveLength(1)
+    expect(spans[0].attributes).toMatchObject({ reason: 'expired', refresher: 'custom', outcome: 'ok' })
+    expect(JSON.stringify(spans.map((s) => ({ attributes: s.attributes, events: s.events, name: s.name })))).not.toContain(user)
+    expect(seen).toEqual([user])
+    expect(() => new TokenManager({ openTelemetry: { recordUserId: 'yes' } })).toThrow(expect.objectContaining({ name: 'TypeError', code: 'INVALID_ARGUMENT' }))
+    await m.close()
+  })
+
   it('counts refreshes by outcome and refresher, times them in seconds, and reads the core’s counters', async () => {
     const mp = meterProvider()
     const tp = tracerProvider()
-    const m = new TokenManager({ openTelemetry: { meterProvider: mp.provider, tracerProvider: tp.provider } })
+    // recordUserId: spans name the user only when the app asks (spans leave the process).
+    const m = new TokenManager({ openTelemetry: { meterProvider: mp.provider, tracerProvider: tp.provider, recordUserId: true } })
     const users = [uid(), uid(), uid()]
     await Promise.all(users.map((u) => m.getValidToken(u, expired(u), refresher({ delayMs: 20 }))))
     const shared = uid()
@@ -601,6 +623,7 @@ describe('metrics(): Prometheus text exposition format', () => {
           'tarabut_token_manager_hits_total',
           'tarabut_token_manager_in_flight',
           'tarabut_token_manager_redis_fallbacks_total',
+          'tarabut_token_manager_redis_notices_dropped_total',
           'tarabut_token_manager_refresh_duration_seconds',
           'tarabut_token_manager_refreshes_total',
           'tarabut_token_manager_stale_served_total',

@@ -30,23 +30,29 @@
 
 const { BindingCoordinator } = require('../binding.js')
 const { TokenRefreshError, argError, fromNative } = require('./errors.js')
+const { ownOptions } = require('./options.js')
 
 const SHARED = Symbol('sharedToken')
 const FROM_COORDINATOR = Symbol('fromCoordinator')
 /** The native wait outlasts the manager's timer, so the timer decides timeouts. */
 const WAIT_SLACK_MS = 25
 
+/** What `options.redis` takes: any other key is a TypeError naming it. */
+const REDIS_OPTIONS = ['url', 'cluster', 'tls', 'keyPrefix', 'lockTtlMs', 'encryptionKey', 'onError', 'upgrading']
+
 /**
  * `options.redis`: types and presence are checked here (TypeError); values
  * (URLs, keys, CA, prefix length, lock TTL) by the native side (RangeError).
- * Returns the options as read: each once (a getter may answer differently
- * each time), into plain objects and arrays.
+ * Returns the options as read: own properties only, each once (a getter may
+ * answer differently each time), into null-prototype objects and arrays
+ * (lib/options.js).
  */
 function checkOptions(options) {
   if (options === null || typeof options !== 'object') throw argError('options.redis', 'must be an object { url, encryptionKey, ... }')
-  const { url, cluster, tls, keyPrefix, lockTtlMs, encryptionKey, onError } = options
+  const o = ownOptions(options, REDIS_OPTIONS, 'options.redis', 'redis')
   const copy = (v) => (Array.isArray(v) ? [...v] : v)
-  const o = { url, cluster: copy(cluster), tls, keyPrefix, lockTtlMs, encryptionKey: copy(encryptionKey), onError }
+  o.cluster = copy(o.cluster)
+  o.encryptionKey = copy(o.encryptionKey)
   if (o.url !== undefined && o.cluster !== undefined) throw argError('options.redis', 'takes url (one node) or cluster (node URLs), not both')
   if (o.cluster !== undefined) {
     if (!Array.isArray(o.cluster) || o.cluster.length === 0 || !o.cluster.every((u) => typeof u === 'string' && u.length > 0)) {
@@ -67,17 +73,31 @@ function checkOptions(options) {
     // Anything else (a client certificate, turning verification off) is not done: say so.
     const unknown = Object.keys(o.tls).filter((k) => k !== 'ca')
     if (unknown.length > 0) throw argError('options.redis.tls', `takes only { ca } (got ${unknown.join(', ')})`)
-    const ca = o.tls.ca
+    const { ca } = ownOptions(o.tls, ['ca'], 'options.redis.tls', 'redis.tls')
     if (ca !== undefined && typeof ca !== 'string' && !(ca instanceof Uint8Array)) {
       throw argError('options.redis.tls.ca', 'must be PEM certificates, as a string or a Buffer')
     }
-    o.tls = { ca }
+    o.tls = { __proto__: null, ca }
   }
   if (o.keyPrefix !== undefined && typeof o.keyPrefix !== 'string') throw argError('options.redis.keyPrefix', 'must be a string')
   if (o.lockTtlMs !== undefined && typeof o.lockTtlMs !== 'number') throw argError('options.redis.lockTtlMs', 'must be a number')
   // Which strings are valid is the core's (OnError in src/coordination).
   if (o.onError !== undefined && typeof o.onError !== 'string') throw argError('options.redis.onError', "must be 'auto', 'local' or 'fail'")
+  if (o.upgrading !== undefined && typeof o.upgrading !== 'boolean') throw argError('options.redis.upgrading', 'must be a boolean')
   return o
+}
+
+/** Whether `url` is `redis://` (no TLS) to a host that is not loopback. The URL itself is never shown (it may hold a password). */
+function plaintextToAnotherHost(url) {
+  let u
+  try {
+    u = new URL(url)
+  } catch {
+    return false // the native side refuses it
+  }
+  if (u.protocol !== 'redis:') return false
+  const host = u.hostname.replace(/^\[|\]$/g, '')
+  return !(host === 'localhost' || host === '::1' || /^127\.\d+\.\d+\.\d+$/.test(host))
 }
 
 /** `tls.ca` as the Buffer the native side takes, or undefined. */
@@ -97,6 +117,7 @@ class Coordinator {
   #fallbacks = 0
   #warnedDown = false
   #warnedUndecryptable = false
+  #warnedDropped = false
   /** Commits and releases still running: `close()` waits for them. */
   #pending = new Set()
   /** userId -> its commit still running: an invalidate waits for it. */
@@ -118,6 +139,7 @@ class Coordinator {
     // The native side holds its callbacks for as long as it lives: held
     // weakly here, so a manager nobody uses can still be collected.
     const self = new WeakRef(this)
+    // Every field is defined here: the native side finds none on Object.prototype.
     this.#native = new BindingCoordinator(bindingManager, {
       url: options.url,
       cluster: options.cluster,
@@ -126,17 +148,43 @@ class Coordinator {
       lockTtlMs: options.lockTtlMs,
       encryptionKeys: Array.isArray(options.encryptionKey) ? options.encryptionKey : [options.encryptionKey],
       onError: options.onError,
+      upgrading: options.upgrading,
     }, (ticket, answer) => {
       const coordinator = self.deref()
       if (coordinator !== undefined) coordinator.#answered(ticket, answer)
     }, onRemoteMarks)
     this.#onError = options.onError ?? 'auto'
     this.#observer = observer
+    if ((options.cluster ?? [options.url]).some(plaintextToAnotherHost)) {
+      observer.warn(
+        'TTM_REDIS_PLAINTEXT',
+        'tarabut-token-manager: options.redis connects with redis:// (no TLS) to a host other than this one: the Redis password and the sealed tokens cross the network in clear; use rediss://',
+      )
+    }
   }
 
   /** Refreshes coordinated in-process only because Redis was unavailable. */
   get fallbacks() {
     return this.#fallbacks
+  }
+
+  /**
+   * Channel notices dropped (src/coordination/pubsub.rs): the count, read
+   * when stats or metrics are; the first time it is not zero, one warning.
+   */
+  get noticesDropped() {
+    let n = 0
+    try {
+      n = this.#native.noticesDropped
+    } catch {}
+    if (n > 0 && !this.#warnedDropped) {
+      this.#warnedDropped = true
+      this.#observer.warn(
+        'TTM_REDIS_NOTICE_DROPPED',
+        'tarabut-token-manager: a message on the Redis channel was dropped: not signed with any of options.redis.encryptionKey (an instance on another key, or someone publishing there), older than a minute or replayed, or oversized; counted in stats().redisNoticesDropped',
+      )
+    }
+    return n
   }
 
   /**
@@ -157,6 +205,7 @@ class Coordinator {
     const acquiring = this.#ask((t) => this.#native.acquire(t, userId, accessToken, expiresAtMs, waitMs + WAIT_SLACK_MS, nowMs, mayUseRefreshToken, presents))
     return acquiring.then((a) => {
       if (a.undecryptable) this.#warnUndecryptable()
+      if (!this.#warnedDropped) void this.noticesDropped
       if (a.kind !== 'fallback' && a.kind !== 'refused') this.#warnedDown = false
       switch (a.kind) {
         case 'shared': {

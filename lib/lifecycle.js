@@ -19,6 +19,7 @@
 //   entries are dropped once saved.
 
 const { TokenRefreshError, argError, callerError, quietly } = require('./errors.js')
+const { ownMethod, ownOptions } = require('./options.js')
 const { isFresh } = require('./policy.js')
 
 /** Saves retry after 250 ms, doubling up to 30 s, each ±25% so a fleet spreads them. */
@@ -90,11 +91,16 @@ class Entry {
  */
 function checkLifecycleOptions(o, idleTtlMs) {
   const { store, refresher, refreshAhead, fetch } = o
+  let save = null
   if (store !== undefined && store !== null) {
     if (typeof store !== 'object' && typeof store !== 'function') throw argError('options.store', 'must be an object { load, save, delete? }')
-    if (typeof store.load !== 'function') throw argError('options.store.load', 'must be a function (userId) => StoredToken | null')
-    if (typeof store.save !== 'function') throw argError('options.store.save', 'must be a function (userId, token, previous) => boolean | void')
-    if (store.delete !== undefined && store.delete !== null && typeof store.delete !== 'function') throw argError('options.store.delete', 'must be a function (userId) => void')
+    // Methods of the store or its class, read once; never Object.prototype's.
+    const load = ownMethod(store, 'load')
+    const write = ownMethod(store, 'save')
+    const del = ownMethod(store, 'delete')
+    if (load === undefined) throw argError('options.store.load', 'must be a function (userId) => StoredToken | null')
+    if (write === undefined) throw argError('options.store.save', 'must be a function (userId, token, previous) => boolean | void')
+    save = { load, save: write, delete: del ?? null, self: store }
   }
   if (refresher !== undefined && refresher !== null && typeof refresher !== 'function') {
     throw argError('options.refresher', 'must be a refresh function or a native refresher (tarabutRefresher, oauth2Refresher)')
@@ -105,13 +111,12 @@ function checkLifecycleOptions(o, idleTtlMs) {
     activeWindowMs = idleTtlMs
   } else if (refreshAhead !== false) {
     if (typeof refreshAhead !== 'object') throw argError('options.refreshAhead', 'must be a boolean or { activeWindowMs }')
-    const w = refreshAhead.activeWindowMs
+    const w = ownOptions(refreshAhead, ['activeWindowMs'], 'options.refreshAhead', 'refreshAhead').activeWindowMs
     if (w === undefined) activeWindowMs = idleTtlMs
     else if (typeof w !== 'number') throw argError('options.refreshAhead.activeWindowMs', 'must be a number')
     else if (!(Number.isInteger(w) && w >= 1 && w <= MAX_TIMER_MS)) throw argError('options.refreshAhead.activeWindowMs', `must be a whole number of milliseconds from 1 to ${MAX_TIMER_MS}`, RangeError)
     else activeWindowMs = w
   }
-  const save = store == null ? null : { load: store.load, save: store.save, delete: store.delete ?? null, self: store }
   return { store: save, refresher: refresher ?? null, fetch: fetch ?? null, activeWindowMs }
 }
 

@@ -18,6 +18,7 @@ const { BindingManager, MAX_TOKEN_BYTES, MAX_USER_ID_BYTES, parseIsoTime } = req
 const coordination = require('./coordination.js')
 const { TokenRefreshError, argError, callerError, fromNative, internalError, quietly } = require('./errors.js')
 const observability = require('./observability.js')
+const { ownOptions } = require('./options.js')
 const { isFresh, MAX_DATE_MS } = require('./policy.js')
 const { CLIENT_CREDENTIALS, NATIVE_REFRESHER, canRevoke, nativeRefresh, nativeRevoke } = require('./refreshers.js')
 const { Lifecycle, checkLifecycleOptions } = require('./lifecycle.js')
@@ -454,8 +455,10 @@ function readRefreshed(result) {
   return { accessToken, refreshToken: refreshToken ?? null, expiresAtMs, expiresIn: expiresIn ?? null, shared }
 }
 
+/** The numeric options, which the core checks. */
 const OPTION_NAMES = ['bufferTimeMs', 'doubleCheckWindowMs', 'refreshTimeoutMs', 'idleTtlMs']
-const LIFECYCLE_OPTION_NAMES = ['store', 'refresher', 'refreshAhead', 'fetch']
+/** Every option the constructor takes: any other key is a TypeError naming it. */
+const KNOWN_OPTIONS = [...OPTION_NAMES, 'now', 'logger', 'openTelemetry', 'redis', 'store', 'refresher', 'refreshAhead', 'fetch']
 
 class TokenManager {
   #native
@@ -709,6 +712,7 @@ class TokenManager {
       backgroundRefreshes: this.#host.backgroundRefreshes,
       saveFailures: l.saveFailures,
       unsavedTokens: l.unsavedTokens,
+      redisNoticesDropped: coordinator === null ? 0 : coordinator.noticesDropped,
     }
   }
 
@@ -887,21 +891,19 @@ function refreshError(userId, cause, native) {
 }
 
 /**
- * Options, each read once (types checked: TypeError; values are the
- * core's), into a plain object; and `redis` as `checkOptions` copied it.
+ * Options: own properties only, each read once (lib/options.js; an unknown
+ * key is a TypeError naming it), types checked (TypeError; values are the
+ * core's), into a null-prototype object; and `redis` as `checkOptions`
+ * copied it. Keys this file does not use yet pass through untouched.
  */
 function readOptions(options) {
   if (options != null && typeof options !== 'object') throw argError('options', 'must be an object')
-  const o = options ?? {}
-  const { logger, openTelemetry, now } = o
-  const picked = { logger, openTelemetry, now }
-  for (const name of LIFECYCLE_OPTION_NAMES) picked[name] = o[name]
+  const picked = options == null ? Object.create(null) : ownOptions(options, KNOWN_OPTIONS, 'options', 'TokenManager')
   for (const name of OPTION_NAMES) {
-    const value = o[name]
+    const value = picked[name]
     if (value !== undefined && typeof value !== 'number') throw argError(`options.${name}`, 'must be a number')
-    picked[name] = value
   }
-  const redis = o.redis
+  const redis = picked.redis
   return [picked, redis === undefined || redis === null ? redis : coordination.checkOptions(redis)]
 }
 

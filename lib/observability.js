@@ -20,6 +20,7 @@
 const dc = require('node:diagnostics_channel')
 const { setImmediate } = require('node:timers')
 const { argError } = require('./errors.js')
+const { ownMethod, ownOptions } = require('./options.js')
 
 const NAME = 'tarabut-token-manager'
 const refreshChannel = dc.tracingChannel(`${NAME}:refresh`)
@@ -53,6 +54,7 @@ const METRICS = [
   { name: 'background_refreshes', type: 'counter', unit: '{refresh}', help: 'Refreshes ahead of need this process ran for active users (options.store and options.refresher)', stat: 'backgroundRefreshes' },
   { name: 'store.save_failures', type: 'counter', unit: '{save}', help: 'Failed attempts to save a refreshed token to options.store (each retried)', stat: 'saveFailures' },
   { name: 'store.unsaved_tokens', type: 'gauge', unit: '{token}', help: 'Refreshed tokens held until their save to options.store succeeds', stat: 'unsavedTokens' },
+  { name: 'redis.notices_dropped', type: 'counter', unit: '{notice}', help: 'Redis channel messages dropped: unsigned or signed with another key, stale, replayed, oversized', stat: 'redisNoticesDropped' },
 ]
 const LABELS = ['outcome', 'refresher']
 const promName = (m) => `tarabut_token_manager_${m.name.replaceAll('.', '_')}${m.unit === 's' ? '_seconds' : ''}${m.type === 'counter' ? '_total' : ''}`
@@ -64,7 +66,16 @@ const processWarnings = {
   error: (fields, message) => process.emitWarning(message, { code: fields.code }),
 }
 
-/** `options.logger` and `options.openTelemetry`: TypeError on a bad one. */
+/** What `options.openTelemetry` takes: any other key is a TypeError naming it. */
+const OTEL_OPTIONS = ['meterProvider', 'tracerProvider', 'recordUserId']
+
+/**
+ * `options.logger` and `options.openTelemetry`: TypeError on a bad one.
+ * Replaces `o.openTelemetry` with its own properties, read once (a
+ * null-prototype copy: lib/options.js). A logger's and a provider's methods
+ * count only where their own object or class has them, never on
+ * Object.prototype (`ownMethod`).
+ */
 function checkOptions(o) {
   const logger = o.logger
   if (logger !== undefined && logger !== null) {
@@ -72,18 +83,31 @@ function checkOptions(o) {
       throw argError('options.logger', 'must be an object with warn and error methods (console and pino loggers fit)')
     }
     for (const m of ['warn', 'error']) {
-      if (typeof logger[m] !== 'function') throw argError(`options.logger.${m}`, 'must be a function')
+      if (ownMethod(logger, m) === undefined) throw argError(`options.logger.${m}`, 'must be a function')
     }
   }
   const otel = o.openTelemetry
   if (otel === undefined || otel === null || otel === false) return
-  if (typeof otel !== 'object') throw argError('options.openTelemetry', 'must be false or an object { meterProvider?, tracerProvider? }')
-  if (otel.meterProvider != null && typeof otel.meterProvider.getMeter !== 'function') {
+  if (typeof otel !== 'object') throw argError('options.openTelemetry', 'must be false or an object { meterProvider?, tracerProvider?, recordUserId? }')
+  const own = ownOptions(otel, OTEL_OPTIONS, 'options.openTelemetry', 'openTelemetry')
+  if (own.meterProvider != null && ownMethod(own.meterProvider, 'getMeter') === undefined) {
     throw argError('options.openTelemetry.meterProvider', 'must be a MeterProvider (with getMeter)')
   }
-  if (otel.tracerProvider != null && typeof otel.tracerProvider.getTracer !== 'function') {
+  if (own.tracerProvider != null && ownMethod(own.tracerProvider, 'getTracer') === undefined) {
     throw argError('options.openTelemetry.tracerProvider', 'must be a TracerProvider (with getTracer)')
   }
+  if (own.recordUserId !== undefined && typeof own.recordUserId !== 'boolean') throw argError('options.openTelemetry.recordUserId', 'must be a boolean')
+  o.openTelemetry = own
+}
+
+/**
+ * A logger's `name` method, called with the logger as `this`: looked up at
+ * each call (pino swaps its level methods when its level changes), never
+ * from Object.prototype.
+ */
+function logWith(logger, name, fields, message) {
+  const fn = ownMethod(logger, name)
+  if (fn !== undefined) Reflect.apply(fn, logger, [fields, message])
 }
 
 /** Why the leader's call refreshed, from the token it presented and the caller's clock then. */
@@ -254,6 +278,8 @@ class Observer {
    * @type {false | null | { meterProvider: any, tracerProvider: any }}
    */
   #otelOption
+  /** `openTelemetry.recordUserId`: spans carry `user.id` only when asked (spans leave the process). */
+  #recordUserId = false
   #stats
   #bufferMs
   /** The flights a span or a subscriber sees, for `joined`. */
@@ -280,7 +306,9 @@ class Observer {
   constructor(options, stats, bufferMs) {
     this.#logger = options.logger ?? processWarnings
     const otel = options.openTelemetry
-    this.#otelOption = otel === false ? false : otel == null ? null : { meterProvider: otel.meterProvider ?? null, tracerProvider: otel.tracerProvider ?? null }
+    this.#otelOption =
+      otel === false ? false : otel == null || (otel.meterProvider == null && otel.tracerProvider == null) ? null : { meterProvider: otel.meterProvider ?? null, tracerProvider: otel.tracerProvider ?? null }
+    this.#recordUserId = otel?.recordUserId === true
     this.#stats = stats
     this.#bufferMs = bufferMs
     // Providers passed in are used at once; the global ones are looked for
@@ -291,7 +319,7 @@ class Observer {
   /** A warning with a stable code, through the logger (pino's argument order). */
   warn(code, message) {
     try {
-      this.#logger.warn({ code }, message)
+      logWith(this.#logger, 'warn', { code }, message)
     } catch {}
   }
 
@@ -422,10 +450,10 @@ class Observer {
       const reason = refreshReason(detail.noToken, detail.expiresAtMs, this.#bufferMs, detail.nowMs)
       if (this.#tracer !== null) {
         const { api } = otel
-        const span = this.#tracer.startSpan('tarabut_token_manager.refresh', {
-          kind: api.SpanKind.INTERNAL,
-          attributes: { 'user.id': detail.userId, reason, refresher: trace.refresher, coordination },
-        })
+        const attributes = this.#recordUserId
+          ? { 'user.id': detail.userId, reason, refresher: trace.refresher, coordination }
+          : { reason, refresher: trace.refresher, coordination }
+        const span = this.#tracer.startSpan('tarabut_token_manager.refresh', { kind: api.SpanKind.INTERNAL, attributes })
         detail.span = span
         call = () => api.context.with(api.trace.setSpan(api.context.active(), span), refresh)
       }
@@ -537,7 +565,7 @@ class Observer {
     if (this.#reportedFailure) return
     this.#reportedFailure = true
     try {
-      this.#logger.error({ code: 'TTM_OBSERVABILITY_FAILED' }, `tarabut-token-manager: recording metrics or traces failed (${e?.message ?? e}); refreshes are unaffected`)
+      logWith(this.#logger, 'error', { code: 'TTM_OBSERVABILITY_FAILED' }, `tarabut-token-manager: recording metrics or traces failed (${e?.message ?? e}); refreshes are unaffected`)
     } catch {}
   }
 }

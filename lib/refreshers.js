@@ -8,6 +8,7 @@
 const { BindingRefresher } = require('../binding.js')
 const { TokenRefreshError, argError, callerError, fromNative, quietly } = require('./errors.js')
 const { REFRESHER_KIND } = require('./observability.js')
+const { ownOptions } = require('./options.js')
 
 const NATIVE_REFRESHER = Symbol('tarabut-token-manager.nativeRefresher')
 /**
@@ -134,15 +135,18 @@ function makeRefresher(refresher, name, kind) {
   return refresh
 }
 
-/** Copies the known options, refusing unknown ones (a typo must not fall back to a default URL). */
+/**
+ * Copies the known options, refusing unknown ones (a typo must not fall back
+ * to a default URL): own properties only, into a null-prototype object
+ * (lib/options.js), so a `tokenUrl` put on Object.prototype is no option
+ * and a setter there never sees the client secret.
+ */
 function pickOptions(fn, options, types) {
   if (options === null || typeof options !== 'object') throw argError('options', `must be an object (${fn})`)
-  for (const key of Object.keys(options)) {
-    if (!Object.hasOwn(types, key)) throw argError(`options.${key}`, `is not a ${fn} option (${Object.keys(types).join(', ')})`)
-  }
-  const picked = {}
+  const own = ownOptions(options, Object.keys(types), 'options', fn)
+  const picked = Object.create(null)
   for (const [key, spec] of Object.entries(types)) {
-    const value = options[key]
+    const value = own[key]
     if (value === undefined || value === null) {
       if (spec.required) throw argError(`options.${key}`, `is required (${spec.type})`)
       continue

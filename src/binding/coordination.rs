@@ -55,6 +55,8 @@ pub struct BindingCoordinationOptions {
     /// What a refresh Redis cannot coordinate does ([`OnError`]); default `'auto'`.
     #[napi(ts_type = "'auto' | 'local' | 'fail'")]
     pub on_error: Option<OptionArg>,
+    /// Earlier releases share the Redis: write records they can open.
+    pub upgrading: Option<bool>,
 }
 
 /// A string option, refused over [`MAX_OPTION_BYTES`] before any copy.
@@ -197,6 +199,7 @@ impl BindingCoordinator {
                         .into_iter()
                         .map(|k| secret(k, "options.redis.encryptionKey"))
                         .collect::<Result<_, _>>()?,
+                    upgrading: options.upgrading.unwrap_or(false),
                 },
                 engine.policy(),
             )
@@ -262,6 +265,13 @@ impl BindingCoordinator {
             });
             Ok(())
         })
+    }
+
+    /// Channel notices dropped so far: forged, signed with a key this
+    /// instance does not hold, stale, replayed, oversized or garbled.
+    #[napi(getter)]
+    pub fn notices_dropped(&self) -> Result<f64, Code> {
+        guard(|| Ok(self.inner.notices_dropped() as f64))
     }
 
     /// Whether Redis calls fail fast until the background probe reconnects.

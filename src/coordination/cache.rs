@@ -23,7 +23,7 @@ use redis::aio::ConnectionLike;
 use redis::{RedisResult, Script};
 
 use super::keys::UserKeys;
-use super::record::{self, Lease, Notice, Record};
+use super::record::{Lease, Record};
 use crate::engine::EpochMs;
 
 /// A record that is not a hash (garbled) is replaced, not a script error;
@@ -76,9 +76,11 @@ return marked
 });
 
 /// Writes `record` (a token expiring at `expires_at`, whose access token
-/// has `fingerprint`) if `lease`'s fence is the newest, announces it, and
-/// releases the lock if `lease` still holds it; with `keep_lock`, only
-/// writes. The record lives `ttl_ms` (at least). Returns whether it was
+/// has `fingerprint`) if `lease`'s fence is the newest, announces it
+/// (`notices`: the signed `Notice::Committed` and, if the write lost to a
+/// newer one, `Notice::Released`), and releases the lock if `lease` still
+/// holds it; with `keep_lock`, only writes. The record lives `ttl_ms` (at
+/// least). Returns whether it was
 /// written.
 #[allow(clippy::too_many_arguments)]
 pub async fn commit(
@@ -90,6 +92,7 @@ pub async fn commit(
     record: &Record,
     fingerprint: &str,
     ttl_ms: u64,
+    notices: (&[u8], &[u8]),
     keep_lock: bool,
 ) -> RedisResult<bool> {
     debug_assert_eq!(record.fence, lease.fence);
@@ -103,12 +106,9 @@ pub async fn commit(
         .arg(&record.sealed)
         .arg(ttl_ms.max(1))
         .arg(channel)
-        .arg(record::encode_notice(
-            &keys.id,
-            &Notice::Committed(record.clone()),
-        ))
+        .arg(notices.0)
         .arg(fingerprint)
-        .arg(record::encode_notice(&keys.id, &Notice::Released))
+        .arg(notices.1)
         .arg(if keep_lock { "1" } else { "0" })
         .invoke_async(con)
         .await?;
@@ -117,20 +117,19 @@ pub async fn commit(
 
 /// Marks the stored token bad if its access token has `fingerprint` (any
 /// stored token: `None`), so no instance hands it out again, and announces
-/// `notice` (a `Notice::Invalidated`). Returns whether a token was marked.
+/// `notice` (a signed `Notice::Invalidated`). Returns whether a token was marked.
 pub async fn invalidate(
     con: &mut impl ConnectionLike,
     keys: &UserKeys,
     channel: &str,
     fingerprint: Option<&str>,
-    notice: &Notice,
+    notice: &[u8],
 ) -> RedisResult<bool> {
-    debug_assert!(matches!(notice, Notice::Invalidated(_)));
     let n: i64 = INVALIDATE
         .key(&keys.record)
         .arg(fingerprint.unwrap_or(""))
         .arg(channel)
-        .arg(record::encode_notice(&keys.id, notice))
+        .arg(notice)
         .invoke_async(con)
         .await?;
     Ok(n == 1)

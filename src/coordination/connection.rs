@@ -1,9 +1,15 @@
-//! One RESP3 link per coordinator (`link.rs`: a node's `ConnectionManager`
-//! or a cluster connection, both reconnecting by themselves), carrying both
-//! commands and the pub/sub channel, plus a breaker: after a connection-level
-//! failure, calls fail fast (no Redis round trip, no waiting) while a
-//! background probe reconnects. What counts as such a failure, and the
-//! restart guard, are `health.rs`'s.
+//! Two RESP3 links per coordinator (`link.rs`: a node's `ConnectionManager`
+//! or a cluster connection, both reconnecting by themselves): one for
+//! commands, one subscribed to the pub/sub channel. Kept apart so that no
+//! flood of channel messages (anyone who can reach Redis can publish) can
+//! fill the command link's output buffer on the server, which then closes
+//! it and fails the commands in flight; a flood that overruns the
+//! subscriber's buffer closes only the subscriber, which reconnects and
+//! resubscribes (its waiters ask again). Messages are verified as they are
+//! read (`pubsub.rs`), so nothing queues behind the socket. Plus a breaker:
+//! after a connection-level failure, calls fail fast (no Redis round trip,
+//! no waiting) while a background probe reconnects. What counts as such a
+//! failure, and the restart guard, are `health.rs`'s.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -57,6 +63,8 @@ pub struct Connection {
     channel: String,
     waiters: Arc<Waiters>,
     manager: Mutex<Option<Link>>,
+    /// The link subscribed to the channel (commands never use it).
+    subscriber: Mutex<Option<Link>>,
     /// Held while a link is being made, so concurrent calls make one.
     connecting: tokio::sync::Mutex<()>,
     /// What the last failure was, in words: what `Unavailable::Down` says.
@@ -99,6 +107,7 @@ impl Connection {
             // markers) rather than wait for a call to fail.
             if info.kind == PushKind::Disconnection {
                 if let Some(c) = conn.get().and_then(Weak::upgrade) {
+                    c.resubscribe();
                     c.check();
                 }
             }
@@ -112,6 +121,7 @@ impl Connection {
             channel,
             waiters,
             manager: Mutex::new(None),
+            subscriber: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             failure: Mutex::new("Redis is unreachable".to_owned()),
             subscribed: AtomicBool::new(false),
@@ -197,7 +207,7 @@ impl Connection {
         }
         let call = async {
             let manager = self.manager().await?;
-            self.subscribe(&manager).await?;
+            self.subscribe().await?;
             f(manager).await
         };
         tokio::pin!(call);
@@ -248,6 +258,7 @@ impl Connection {
             p.abort();
         }
         self.manager.lock().take();
+        self.subscriber.lock().take();
     }
 
     async fn manager(&self) -> RedisResult<Link> {
@@ -258,6 +269,12 @@ impl Connection {
         if let Some(m) = &*self.manager.lock() {
             return Ok(m.clone());
         }
+        let m = self.connect().await?;
+        *self.manager.lock() = Some(m.clone());
+        Ok(m)
+    }
+
+    async fn connect(&self) -> RedisResult<Link> {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(OP_TIMEOUT))
             // Every call has its own budget (`run`).
@@ -274,16 +291,32 @@ impl Connection {
                 "closed",
             )));
         }
-        *self.manager.lock() = Some(m.clone());
         Ok(m)
     }
 
-    /// Subscribes once; the link resubscribes after reconnecting.
-    async fn subscribe(&self, manager: &Link) -> RedisResult<()> {
-        if !self.subscribed.load(Relaxed) {
-            manager.subscribe(&self.channel).await?;
-            self.subscribed.store(true, Relaxed);
+    /// A link dropped: the subscriber is made anew by the next call (or
+    /// ping). A link that only listens sends nothing that would make it
+    /// reconnect by itself, and the server closes a subscriber it had to
+    /// drop messages for (a flood).
+    fn resubscribe(&self) {
+        self.subscribed.store(false, Relaxed);
+    }
+
+    /// Subscribes, on a link of its own, unless subscribed already; a
+    /// previous subscriber is dropped once the new one is in place.
+    async fn subscribe(&self) -> RedisResult<()> {
+        if self.subscribed.load(Relaxed) {
+            return Ok(());
         }
+        let _one = self.connecting.lock().await;
+        if self.subscribed.load(Relaxed) {
+            return Ok(());
+        }
+        let link = self.connect().await?;
+        link.subscribe(&self.channel).await?;
+        let old = self.subscriber.lock().replace(link);
+        self.subscribed.store(true, Relaxed);
+        drop(old);
         Ok(())
     }
 
@@ -324,7 +357,7 @@ impl Connection {
     async fn ping(self: &Arc<Self>) -> bool {
         let ping = async {
             let manager = self.manager().await?;
-            self.subscribe(&manager).await?;
+            self.subscribe().await?;
             redis::cmd("PING")
                 .query_async::<()>(&mut manager.clone())
                 .await?;

@@ -38,6 +38,7 @@ use super::connection::{Connection, Unavailable, OP_TIMEOUT};
 use super::health;
 use super::keys::{Keys, UserKeys};
 use super::lock::{self, Acquire, Answer, Extended, Guard, Want};
+use super::pubsub;
 use super::record::{self, Invalidation, Lease, Notice, Record};
 use super::seal::{self, SealKeys, SharedToken};
 use crate::engine::time::CallerNow;
@@ -174,6 +175,19 @@ pub struct Coordinator {
     watchdogs: Arc<Mutex<HashMap<String, AbortHandle>>>,
     /// Names this instance in its `invalidate` announcements.
     origin: u128,
+    /// `redis.upgrading`: write records earlier releases can open (sealed
+    /// version 1, bound to the user only) while they share the Redis.
+    upgrading: bool,
+}
+
+/// `notice` about user `id`, signed with the first key, sent now (system
+/// clock) with a fresh random id: what the scripts publish.
+fn signed(seal: &SealKeys, id: &str, notice: &Notice) -> Vec<u8> {
+    seal.sign_notice(
+        &record::encode_notice(id, notice),
+        pubsub::system_now(),
+        rand::random(),
+    )
 }
 
 /// Associated data of a sealed invalidation: not confusable with a token.
@@ -182,18 +196,27 @@ fn invalidation_aad(id: &str) -> Vec<u8> {
 }
 
 impl Coordinator {
-    pub fn new(conn: Connection, keys: Keys, seal: SealKeys, timing: Timing) -> Self {
+    pub fn new(
+        conn: Connection,
+        keys: Keys,
+        seal: SealKeys,
+        timing: Timing,
+        upgrading: bool,
+    ) -> Self {
         conn.epoch()
             .configure(health::memory_ms(timing.refresh_timeout_ms));
+        let seal = Arc::new(seal);
+        conn.waiters().authenticate_with(seal.clone());
         let conn = Arc::new(conn);
         conn.started();
         Self {
             conn,
             keys,
-            seal: Arc::new(seal),
+            seal,
             timing,
             watchdogs: Arc::default(),
             origin: rand::random(),
+            upgrading,
         }
     }
 
@@ -209,6 +232,12 @@ impl Coordinator {
                 redis::cmd("PING").query_async::<()>(&mut m).await
             })
             .await
+    }
+
+    /// Channel notices dropped so far (`pubsub.rs`): forged, signed with a
+    /// key this instance does not hold, stale, replayed, oversized or garbled.
+    pub fn notices_dropped(&self) -> u64 {
+        self.conn.waiters().dropped()
     }
 
     /// Whether Redis calls are failing fast until a background probe reconnects.
@@ -284,11 +313,12 @@ impl Coordinator {
                 can_wait_ms: can_wait.as_millis() as u64,
                 reclaim: held.is_some(),
             };
-            let (k, o, c) = (&keys, &owner, self.conn.channel());
+            let released = signed(&self.seal, &keys.id, &Notice::Released);
+            let (k, o, c, r) = (&keys, &owner, self.conn.channel(), released.as_slice());
             let answer = self
                 .conn
                 .run(deadline - started, |mut m| async move {
-                    lock::acquire(&mut m, k, c, o, t.lock_ttl_ms, counter_ttl, want, guard).await
+                    lock::acquire(&mut m, k, c, o, t.lock_ttl_ms, counter_ttl, want, guard, r).await
                 })
                 .await;
             // The lock held through a guard is ours only if this answer
@@ -378,7 +408,7 @@ impl Coordinator {
                         .and_then(|s| s.refresh);
                     break Outcome::Lead { lease, refresh };
                 }
-                Ok((Acquire::Busy { lock_ttl_ms }, _)) => {
+                Ok((Acquire::Busy { lock_ttl_ms, fence }, _)) => {
                     waited = true;
                     // A dead holder announces nothing: its lock's TTL bounds the wait.
                     let wait = Duration::from_millis(lock_ttl_ms.saturating_add(5))
@@ -397,7 +427,12 @@ impl Coordinator {
                                 None => skip_fence = record.fence,
                             }
                         }
-                        Ok(Ok(Notice::Failed)) => break Outcome::Failed,
+                        // Only the failure of the holder this call saw (or
+                        // a later one): an older one is a replay.
+                        Ok(Ok(Notice::Failed { fence: failed })) if failed >= fence => {
+                            break Outcome::Failed
+                        }
+                        Ok(Ok(Notice::Failed { .. })) => {}
                         // Released, or the lock's TTL ran out: ask again.
                         // (Invalidations go to the listener, never here.)
                         Ok(Ok(Notice::Released | Notice::Invalidated(_))) | Ok(Err(_)) | Err(_) => {
@@ -450,7 +485,13 @@ impl Coordinator {
         keep_lock: bool,
     ) -> Result<bool, Unavailable> {
         let keys = self.keys.user(user_id);
-        let Ok(sealed) = self.seal.seal(keys.id.as_bytes(), token) else {
+        let binding = seal::Binding {
+            id: &keys.id,
+            fence: lease.fence,
+            written_at: now,
+            expires_at: token.expires_at,
+        };
+        let Ok(sealed) = self.seal.seal_record(&binding, token, self.upgrading) else {
             // Too long to share (the engine refuses such tokens first).
             if keep_lock {
                 return Ok(false);
@@ -463,11 +504,13 @@ impl Coordinator {
         let record = Record {
             fence: lease.fence,
             written_at: now,
+            expires_at: token.expires_at,
             sealed,
         };
         let ttl = (token.expires_at.saturating_sub(now)).max(0) as u64 + self.timing.retention_ms;
         let fingerprint = seal::fingerprint(&keys.id, &token.access);
         let write = Write {
+            seal: self.seal.clone(),
             keys,
             lease: lease.clone(),
             expires_at: token.expires_at,
@@ -516,15 +559,16 @@ impl Coordinator {
     /// took it after all (`lock::abandon`).
     fn abandon(&self, keys: UserKeys, owner: String) {
         let conn = self.conn.clone();
+        let released = signed(&self.seal, &keys.id, &Notice::Released);
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
         rt.spawn(async move {
             let channel = conn.channel().to_owned();
-            let (k, o, c) = (&keys, &owner, &channel);
+            let (k, o, c, r) = (&keys, &owner, &channel, released.as_slice());
             let _ = conn
                 .run_anyway(OP_TIMEOUT, |mut m| async move {
-                    lock::abandon(&mut m, k, c, o).await
+                    lock::abandon(&mut m, k, c, o, r).await
                 })
                 .await;
         });
@@ -551,10 +595,13 @@ impl Coordinator {
             user_id: user_id.to_owned(),
             access: access.cloned(),
         });
-        let notice =
-            Notice::Invalidated(self.seal.seal_bytes(&invalidation_aad(&keys.id), &payload));
+        let notice = signed(
+            &self.seal,
+            &keys.id,
+            &Notice::Invalidated(self.seal.seal_bytes(&invalidation_aad(&keys.id), &payload)),
+        );
         let channel = self.conn.channel();
-        let (k, fp, n) = (&keys, fingerprint.as_deref(), &notice);
+        let (k, fp, n) = (&keys, fingerprint.as_deref(), notice.as_slice());
         self.conn
             .run(OP_TIMEOUT, |mut m| async move {
                 cache::invalidate(&mut m, k, channel, fp, n).await
@@ -598,10 +645,11 @@ impl Coordinator {
         self.unwatch(&lease.owner);
         let keys = self.keys.user(user_id);
         let notice = if failed {
-            Notice::Failed
+            Notice::Failed { fence: lease.fence }
         } else {
             Notice::Released
         };
+        let notice = signed(&self.seal, &keys.id, &notice);
         let channel = self.conn.channel();
         self.conn
             .run(OP_TIMEOUT, |mut m| async move {
@@ -624,7 +672,13 @@ impl Coordinator {
         record: &Record,
         undecryptable: &mut bool,
     ) -> Option<SharedToken> {
-        match self.seal.open(keys.id.as_bytes(), &record.sealed) {
+        let binding = seal::Binding {
+            id: &keys.id,
+            fence: record.fence,
+            written_at: record.written_at,
+            expires_at: record.expires_at,
+        };
+        match self.seal.open_record(&binding, &record.sealed) {
             Ok(t) => Some(t),
             Err(_) => {
                 *undecryptable = true;
@@ -726,6 +780,8 @@ impl Coordinator {
 
 /// A token write (`cache::commit`), kept for retries.
 struct Write {
+    /// Each attempt signs its notices anew: a retry may come late in their lifetime.
+    seal: Arc<SealKeys>,
     keys: UserKeys,
     lease: Lease,
     expires_at: i64,
@@ -738,6 +794,13 @@ struct Write {
 impl Write {
     async fn once(&self, conn: &Arc<Connection>) -> Result<bool, Unavailable> {
         let channel = conn.channel();
+        let committed = signed(
+            &self.seal,
+            &self.keys.id,
+            &Notice::Committed(self.record.clone()),
+        );
+        let released = signed(&self.seal, &self.keys.id, &Notice::Released);
+        let notices = (committed.as_slice(), released.as_slice());
         conn.run(OP_TIMEOUT, |mut m| async move {
             cache::commit(
                 &mut m,
@@ -748,6 +811,7 @@ impl Write {
                 &self.record,
                 &self.fingerprint,
                 self.ttl_ms,
+                notices,
                 self.keep_lock,
             )
             .await

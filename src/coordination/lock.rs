@@ -14,7 +14,8 @@ use redis::{RedisResult, Script, Value};
 
 use super::health;
 use super::keys::UserKeys;
-use super::record::{self, Lease, Notice, Record};
+use super::record::{Lease, Record};
+use super::seal;
 use crate::engine::EpochMs;
 
 /// A random owner id: 128 bits, hex. Not a secret, only unguessable enough
@@ -31,8 +32,10 @@ pub enum Acquire {
     /// The lock is ours; `stale` is what the cache held (a token too old to
     /// hand out, whose refresh token may still be the newest one).
     Locked { lease: Lease, stale: Option<Record> },
-    /// Someone else holds the lock for this many more ms.
-    Busy { lock_ttl_ms: u64 },
+    /// Someone else holds the lock for this many more ms, with this fence
+    /// (the last one granted; 0 if unknown): a failure notice for an
+    /// older fence is not that holder's.
+    Busy { lock_ttl_ms: u64, fence: u64 },
     /// The restart guard (`health.rs`) holds refresh-token locks back on
     /// this server for [`Answer::guard_ms`] more, longer than the caller
     /// can wait.
@@ -115,7 +118,9 @@ end
 local r = redis.pcall('HMGET', KEYS[1], 'f', 'e', 'w', 't', 'n', 'x', 'h')
 if r.err then redis.call('DEL', KEYS[1]) r = {} end
 local f, e, w, t, n = tonumber(r[1]), tonumber(r[2]), tonumber(r[3]), r[4], tonumber(r[5])
-if type(t) ~= 'string' then t = nil end
+-- Longer than any sealed token: garbage (or an attack on the readers), a
+-- miss, and never sent back.
+if type(t) ~= 'string' or #t > tonumber(ARGV[17]) then t = nil end
 -- Fresh: beyond the buffer, or beyond half its lifetime (expiry minus when
 -- it was written) when that is shorter (Policy::buffer_for).
 local now = tonumber(ARGV[6])
@@ -123,12 +128,12 @@ local function fresh()
   if e > tonumber(ARGV[4]) then return true end
   return w ~= nil and e - now > math.min(tonumber(ARGV[4]) - now, math.floor((e - w) / 2))
 end
-local same = ARGV[17] ~= '' and r[7] == ARGV[17]
+local same = ARGV[18] ~= '' and r[7] == ARGV[18]
 if t and f and e and f ~= tonumber(ARGV[7]) and f ~= tonumber(r[6])
   and ((e > tonumber(ARGV[3]) and (fresh() or (w and w > tonumber(ARGV[5]) and e > now)))
     or (same and fresh())) then
   letgo()
-  return {1, '', 0, f, w or 0, t}
+  return {1, '', 0, f, w or 0, t, e}
 end
 if not mine then
   local held = redis.call('PTTL', KEYS[2])
@@ -138,7 +143,7 @@ if not mine then
     redis.call('PEXPIRE', KEYS[2], ARGV[2])
     held = tonumber(ARGV[2])
   end
-  if held >= 0 then return {3, '', 0, held} end
+  if held >= 0 then return {3, '', 0, held, n or 0} end
 end
 -- Only a grant needs the restart guard (and pays for its INFO).
 local server, left = epoch(KEYS[3], ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[6])
@@ -163,7 +168,7 @@ n = n + 1
 redis.call('HSET', KEYS[1], 'n', n)
 -- The fence counter must outlive every holder still refreshing.
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[8]) then redis.call('PEXPIRE', KEYS[1], ARGV[8]) end
-if t then return {2, server, left, n, f or 0, w or 0, t} end
+if t then return {2, server, left, n, f or 0, w or 0, t, e or 0} end
 return {2, server, left, n}
 "
     ))
@@ -206,7 +211,8 @@ static RELEASE: Lazy<Script> = Lazy::new(|| Script::new(RELEASE_LUA));
 
 /// Returns a usable cached token, or takes the lock, or says who has it, or
 /// that the restart guard holds the lock back. `counter_ttl_ms` keeps the
-/// fence counter alive at least that long.
+/// fence counter alive at least that long. `released`: the signed
+/// `Notice::Released` published if a lock held through a guard is let go.
 #[allow(clippy::too_many_arguments)]
 pub async fn acquire(
     con: &mut impl ConnectionLike,
@@ -217,6 +223,7 @@ pub async fn acquire(
     counter_ttl_ms: u64,
     want: Want<'_>,
     guard: Guard<'_>,
+    released: &[u8],
 ) -> RedisResult<Answer> {
     let v: Vec<Value> = ACQUIRE
         .key(&keys.record)
@@ -237,7 +244,8 @@ pub async fn acquire(
         .arg(guard.can_wait_ms)
         .arg(if guard.reclaim { "1" } else { "0" })
         .arg(channel)
-        .arg(record::encode_notice(&keys.id, &Notice::Released))
+        .arg(released)
+        .arg(seal::MAX_SEALED_BYTES)
         .arg(want.presented)
         .invoke_async(con)
         .await?;
@@ -256,6 +264,7 @@ pub async fn acquire(
             Some(Value::BulkString(sealed)) => Ok(Record {
                 fence: int(at)?.max(0) as u64,
                 written_at: int(at + 1)?,
+                expires_at: int(at + 3)?,
                 sealed: sealed.clone(),
             }),
             _ => Err(bad()),
@@ -277,6 +286,7 @@ pub async fn acquire(
         },
         3 => Acquire::Busy {
             lock_ttl_ms: int(3)?.max(0) as u64,
+            fence: int(4).unwrap_or(0).max(0) as u64,
         },
         4 => Acquire::Guarded,
         5 => Acquire::HeldThroughGuard,
@@ -338,6 +348,7 @@ pub async fn abandon(
     keys: &UserKeys,
     channel: &str,
     owner: &str,
+    released: &[u8],
 ) -> RedisResult<bool> {
     let (n,): (i64,) = redis::pipe()
         .cmd("SCRIPT")
@@ -350,30 +361,27 @@ pub async fn abandon(
         .arg(&keys.lock)
         .arg(owner)
         .arg(channel)
-        .arg(record::encode_notice(&keys.id, &Notice::Released))
+        .arg(released)
         .query_async(con)
         .await?;
     Ok(n == 1)
 }
 
 /// Gives the lock up if `lease` still holds it, and tells the waiters why
-/// (`Notice::Failed` or `Notice::Released`). Returns whether it was held.
+/// (`notice`: a signed `Notice::Failed` or `Notice::Released`). Returns
+/// whether it was held.
 pub async fn release(
     con: &mut impl ConnectionLike,
     keys: &UserKeys,
     channel: &str,
     lease: &Lease,
-    notice: &Notice,
+    notice: &[u8],
 ) -> RedisResult<bool> {
-    debug_assert!(
-        !matches!(notice, Notice::Committed(_)),
-        "a commit goes through cache::commit"
-    );
     let n: i64 = RELEASE
         .key(&keys.lock)
         .arg(&lease.owner)
         .arg(channel)
-        .arg(record::encode_notice(&keys.id, notice))
+        .arg(notice)
         .invoke_async(con)
         .await?;
     Ok(n == 1)

@@ -58,6 +58,8 @@ pub struct CoordinationOptions {
     pub lock_ttl_ms: Option<f64>,
     /// `encryptionKey`, one or several: the first seals, each opens.
     pub encryption_keys: Vec<SecretString>,
+    /// `upgrading`: earlier releases share the Redis; write what they read.
+    pub upgrading: bool,
 }
 
 /// Validates the options and builds a coordinator. Connects lazily: a
@@ -113,7 +115,7 @@ pub fn coordinator(o: CoordinationOptions, policy: &Policy) -> Result<Coordinato
         retention_ms: policy.idle_ttl_ms,
         refresh_timeout_ms: policy.refresh_timeout_ms,
     };
-    Ok(Coordinator::new(conn, k, seal, timing))
+    Ok(Coordinator::new(conn, k, seal, timing, o.upgrading))
 }
 
 #[cfg(test)]

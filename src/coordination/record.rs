@@ -14,6 +14,8 @@ use crate::engine::{EpochMs, SecretString};
 pub struct Record {
     pub fence: u64,
     pub written_at: EpochMs,
+    /// The expiry the record shows in clear (the sealed token is bound to it).
+    pub expires_at: EpochMs,
     /// The token, sealed (`seal.rs`): opaque here.
     pub sealed: Vec<u8>,
 }
@@ -30,9 +32,10 @@ pub struct Lease {
 pub enum Notice {
     /// The holder wrote this record: take it.
     Committed(Record),
-    /// The holder's refresh failed: waiters fail too, as in-process joiners
-    /// do, rather than each retrying a refresh that just failed.
-    Failed,
+    /// The holder's refresh, under the lock fenced `fence`, failed: waiters
+    /// of that holder fail too, as in-process joiners do, rather than each
+    /// retrying a refresh that just failed.
+    Failed { fence: u64 },
     /// The holder gave the lock up without refreshing: try again now.
     Released,
     /// `invalidate` in some instance: the sealed user id, access token (if
@@ -68,17 +71,31 @@ pub fn decode_invalidation(b: &[u8]) -> Option<Invalidation> {
 
 const SEP: u8 = b'|';
 
-/// `id|C|fence|written_at|sealed`, `id|F`, `id|R` or `id|I|sealed`.
+/// Longest notice read from the channel, in bytes: a commit of the longest
+/// tokens (two of [`crate::engine::MAX_TOKEN_BYTES`], sealed) or an
+/// invalidation, with room for the id, fields and MAC. Anything longer is
+/// dropped before it is parsed or verified.
+pub const MAX_NOTICE_BYTES: usize = 2 * crate::engine::MAX_TOKEN_BYTES + 4096;
+/// How long a notice is taken after it was sent (by the sender's system
+/// clock; clocks of a fleet agree far better than this): an older one, or
+/// one from further in the future, is a replay or garbage and is dropped.
+pub const NOTICE_LIFETIME_MS: i64 = 60_000;
+
+/// The body of a notice (signed by `SealKeys::sign_notice` before it is
+/// published): `id|C|fence|written_at|expires_at|sealed`, `id|F|fence`,
+/// `id|R` or `id|I|sealed`.
 pub fn encode_notice(id: &str, notice: &Notice) -> Vec<u8> {
     let mut m = Vec::with_capacity(id.len() + 3);
     m.extend_from_slice(id.as_bytes());
     m.push(SEP);
     match notice {
         Notice::Committed(r) => {
-            m.extend_from_slice(format!("C|{}|{}|", r.fence, r.written_at).as_bytes());
+            m.extend_from_slice(
+                format!("C|{}|{}|{}|", r.fence, r.written_at, r.expires_at).as_bytes(),
+            );
             m.extend_from_slice(&r.sealed);
         }
-        Notice::Failed => m.push(b'F'),
+        Notice::Failed { fence } => m.extend_from_slice(format!("F|{fence}").as_bytes()),
         Notice::Released => m.push(b'R'),
         Notice::Invalidated(sealed) => {
             m.extend_from_slice(b"I|");
@@ -89,19 +106,23 @@ pub fn encode_notice(id: &str, notice: &Notice) -> Vec<u8> {
 }
 
 pub fn decode_notice(m: &[u8]) -> Option<(&str, Notice)> {
-    let mut parts = m.splitn(5, |b| *b == SEP);
+    let mut parts = m.splitn(6, |b| *b == SEP);
     let id = std::str::from_utf8(parts.next()?).ok()?;
     let notice = match parts.next()? {
         b"C" => {
             let fence = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
             let written_at = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+            let expires_at = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
             Notice::Committed(Record {
                 fence,
                 written_at,
+                expires_at,
                 sealed: parts.next()?.to_vec(),
             })
         }
-        b"F" => Notice::Failed,
+        b"F" => Notice::Failed {
+            fence: std::str::from_utf8(parts.next()?).ok()?.parse().ok()?,
+        },
         b"R" => Notice::Released,
         // The rest is one field: the sealed bytes may hold the separator.
         b"I" => Notice::Invalidated(m.get(id.len() + 3..)?.to_vec()),
@@ -120,16 +141,25 @@ mod tests {
         let committed = Notice::Committed(Record {
             fence: 7,
             written_at: 1_700_000_000_000,
+            expires_at: 1_700_003_600_000,
             sealed: b"\x01|bin|\xff".to_vec(),
         });
         let invalidated = Notice::Invalidated(b"\x01|sealed|".to_vec());
-        for n in [committed, Notice::Failed, Notice::Released, invalidated] {
+        for n in [
+            committed,
+            Notice::Failed { fence: 9 },
+            Notice::Released,
+            invalidated,
+        ] {
             let m = encode_notice(&id, &n);
             assert_eq!(decode_notice(&m), Some((id.as_str(), n)));
         }
         assert_eq!(decode_notice(b"id|X"), None);
         assert_eq!(decode_notice(b"id|I"), None);
-        assert_eq!(decode_notice(b"id|C|x|1|"), None);
+        assert_eq!(decode_notice(b"id|C|x|1|2|"), None);
+        assert_eq!(decode_notice(b"id|C|1|1|x|"), None);
+        assert_eq!(decode_notice(b"id|F"), None);
+        assert_eq!(decode_notice(b"id|F|x"), None);
     }
 
     #[test]
@@ -190,9 +220,10 @@ mod tests {
                 id in "[0-9a-f]{1,64}",
                 fence in any::<u64>(),
                 written_at in any::<i64>(),
+                expires_at in any::<i64>(),
                 sealed in proptest::collection::vec(any::<u8>(), 0..64),
             ) {
-                let n = Notice::Committed(Record { fence, written_at, sealed });
+                let n = Notice::Committed(Record { fence, written_at, expires_at, sealed });
                 let m = encode_notice(&id, &n);
                 prop_assert_eq!(decode_notice(&m), Some((id.as_str(), n)));
             }

@@ -1,17 +1,30 @@
 //! Tokens at rest in Redis: AES-256-GCM with a random 96-bit nonce per value,
-//! bound to the user (the record's hashed id is the associated data, so a
-//! value copied under another user's key does not open).
+//! bound to the record it is in: the associated data holds the user's
+//! hashed id, the fence, the write time and the expiry the record shows in
+//! clear (`Binding`), so a value copied under another user's key, or put
+//! back with other clear fields (an old record replayed as recent), does
+//! not open.
 //!
-//! Sealed layout: `version (1) | nonce (12) | ciphertext + tag`. The plaintext
-//! is a small binary encoding of the token, wiped once sealed or parsed.
+//! Sealed layout: `version (1) | nonce (12) | ciphertext + tag`. Version 2
+//! is bound as above; version 1 (written by earlier releases, and by this
+//! one with `redis.upgrading`) is bound to the hashed id only, and still
+//! opens: such records expire with their tokens. The plaintext is a small
+//! binary encoding of the token, wiped once sealed or parsed.
 //!
 //! Several keys make a rotation possible: the first seals, each one opens
 //! (tried in order), so instances on `[new, old]` and on `[old, new]` read
 //! each other's values while a deploy rolls from one key to the other.
+//!
+//! Notices on the channel are authenticated with the same list: an
+//! HMAC-SHA256 under a key derived from each encryption key (the first
+//! signs, each verifies), over the whole notice, its send time and a
+//! random id (`sign_notice`, `verify_notice`). Anyone who can `PUBLISH`
+//! but holds no key is ignored.
 
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine as _;
+use ring::hmac;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
@@ -19,12 +32,22 @@ use super::codec;
 use super::keys::hex;
 use crate::engine::{EpochMs, SecretString};
 
+/// Bound to the hashed user id only (earlier releases).
 const VERSION: u8 = 1;
+/// Bound to the record's clear fields too (`Binding`).
+const VERSION_BOUND: u8 = 2;
 const NONCE_LEN: usize = 12;
 /// Longest token sealed or opened, in bytes: the engine's limit on every
 /// token it accepts, so whatever one instance holds, the others can open.
 /// (A bound here also keeps a corrupt length from allocating gigabytes.)
 pub use crate::engine::MAX_TOKEN_BYTES;
+
+/// Longest sealed token: version, nonce and tag around the plaintext of
+/// two tokens of [`MAX_TOKEN_BYTES`] and their expiry. A stored value
+/// longer than this is refused before any decryption, and the acquire
+/// script does not even send it (`lock.rs`).
+pub const MAX_SEALED_BYTES: usize =
+    1 + NONCE_LEN + 16 + 8 + 4 + MAX_TOKEN_BYTES + 1 + 4 + MAX_TOKEN_BYTES;
 
 /// A token too long to seal (over [`MAX_TOKEN_BYTES`]): never written, so
 /// nothing is stored that the decoder would refuse.
@@ -34,12 +57,16 @@ pub struct SealError;
 /// Most encryption keys accepted at once: a rotation needs two.
 pub const MAX_KEYS: usize = 8;
 
-/// The encryption keys: the first seals, each opens. Never printed.
-pub struct SealKeys(Vec<Aes256Gcm>);
+/// The encryption keys: the first seals, each opens; and the notice MAC
+/// keys derived from them, in the same order. Never printed.
+pub struct SealKeys {
+    ciphers: Vec<Aes256Gcm>,
+    macs: Vec<Zeroizing<[u8; 32]>>,
+}
 
 impl std::fmt::Debug for SealKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SealKeys(<{} redacted>)", self.0.len())
+        write!(f, "SealKeys(<{} redacted>)", self.ciphers.len())
     }
 }
 
@@ -52,6 +79,28 @@ pub enum KeyError {
     /// 64 hex digits (`openssl rand -hex 32`): 32 bytes, in the wrong encoding.
     #[error("looks like hex (64 hex digits), not base64: convert it with Buffer.from(key, 'hex').toString('base64'), or make one with openssl rand -base64 32")]
     Hex,
+    /// A placeholder, not a key.
+    #[error("is all zero bytes (a placeholder, not a key)")]
+    AllZero,
+    /// The same key twice in the list: a rotation that went wrong.
+    #[error("repeats an earlier key in the list")]
+    Repeated,
+}
+
+/// Bytes a signed notice carries after its body: when it was sent (ms since
+/// the epoch on the sender's system clock, `i64` BE), a random id (`u64`
+/// BE) and the MAC.
+pub const NOTICE_TRAILER_BYTES: usize = 8 + 8 + NOTICE_TAG_BYTES;
+const NOTICE_TAG_BYTES: usize = 32;
+/// What the notice MAC key is derived with: never the encryption key itself.
+const NOTICE_KEY_LABEL: &[u8] = b"tarabut-token-manager notice mac v1";
+
+/// A notice that verified: its body, send time and random id.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Verified<'a> {
+    pub body: &'a [u8],
+    pub sent_at: EpochMs,
+    pub id: u64,
 }
 
 /// A value did not open: wrong key (rotated), tampered, truncated, or
@@ -59,6 +108,30 @@ pub enum KeyError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("sealed value does not open with this key")]
 pub struct OpenError;
+
+/// What a record's sealed token is bound to: the fields Redis shows in
+/// clear next to it (`cache.rs`) and the user it belongs to.
+#[derive(Debug, Clone, Copy)]
+pub struct Binding<'a> {
+    /// The hashed user id (`keys.rs`).
+    pub id: &'a str,
+    pub fence: u64,
+    pub written_at: EpochMs,
+    pub expires_at: EpochMs,
+}
+
+impl Binding<'_> {
+    fn aad(&self) -> Vec<u8> {
+        let mut a = Vec::with_capacity(16 + self.id.len() + 24);
+        a.extend_from_slice(b"ttm-record-v2\0");
+        a.extend_from_slice(self.id.as_bytes());
+        a.push(0);
+        a.extend_from_slice(&self.fence.to_be_bytes());
+        a.extend_from_slice(&self.written_at.to_be_bytes());
+        a.extend_from_slice(&self.expires_at.to_be_bytes());
+        a
+    }
+}
 
 /// A token as the shared cache holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,41 +143,91 @@ pub struct SharedToken {
 }
 
 /// 32 bytes, standard base64 (`openssl rand -base64 32`). Surrounding
-/// whitespace (a newline from an env file) is ignored.
-fn cipher(encoded: &str) -> Result<Aes256Gcm, KeyError> {
+/// whitespace (a newline from an env file) is ignored. All zero bytes is
+/// refused: a placeholder left in a config, not a key.
+fn key_bytes(encoded: &str) -> Result<Zeroizing<Vec<u8>>, KeyError> {
     let encoded = encoded.trim();
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(encoded)
         .map(Zeroizing::new);
-    match bytes {
-        Ok(bytes) if bytes.len() == 32 => {
-            Aes256Gcm::new_from_slice(&bytes).map_err(|_| KeyError::WrongLength)
-        }
+    let bytes = match bytes {
+        Ok(bytes) if bytes.len() == 32 => bytes,
         // 64 hex digits also decode as base64 (to 48 bytes): say what it is.
         _ if encoded.len() == 64 && encoded.bytes().all(|b| b.is_ascii_hexdigit()) => {
-            Err(KeyError::Hex)
+            return Err(KeyError::Hex)
         }
-        Ok(_) => Err(KeyError::WrongLength),
-        Err(_) => Err(KeyError::NotBase64),
+        Ok(_) => return Err(KeyError::WrongLength),
+        Err(_) => return Err(KeyError::NotBase64),
+    };
+    if bytes.iter().all(|b| *b == 0) {
+        return Err(KeyError::AllZero);
     }
+    Ok(bytes)
+}
+
+/// The notice MAC key for an encryption key: HMAC-SHA256 of a fixed label
+/// under it, so the AES key is never used for anything but AES.
+fn mac_key(key: &[u8]) -> Zeroizing<[u8; 32]> {
+    let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), NOTICE_KEY_LABEL);
+    let mut out = Zeroizing::new([0u8; 32]);
+    out.copy_from_slice(tag.as_ref());
+    out
 }
 
 impl SealKeys {
     /// One key (see [`SealKeys::from_base64_list`]).
     pub fn from_base64(encoded: &str) -> Result<Self, KeyError> {
-        Ok(Self(vec![cipher(encoded)?]))
+        Self::from_base64_list(&[encoded]).map_err(|(_, e)| e)
     }
 
-    /// The keys in order: the first seals. On error, the index of the bad one.
+    /// The keys in order: the first seals. On error, the index of the bad
+    /// one (a repeat: the later one).
     pub fn from_base64_list<S: AsRef<str>>(encoded: &[S]) -> Result<Self, (usize, KeyError)> {
-        let keys = encoded
+        let mut raw: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(encoded.len());
+        for (i, k) in encoded.iter().enumerate() {
+            let bytes = key_bytes(k.as_ref()).map_err(|e| (i, e))?;
+            if raw.iter().any(|r| r.as_slice() == bytes.as_slice()) {
+                return Err((i, KeyError::Repeated));
+            }
+            raw.push(bytes);
+        }
+        let ciphers = raw
             .iter()
-            .enumerate()
-            .map(|(i, k)| cipher(k.as_ref()).map_err(|e| (i, e)))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self(keys))
+            .map(|b| Aes256Gcm::new_from_slice(b).expect("32 bytes checked"))
+            .collect();
+        let macs = raw.iter().map(|b| mac_key(b)).collect();
+        Ok(Self { ciphers, macs })
     }
 
+    /// `body` signed with the first key: `body | sent_at | id | tag`
+    /// ([`NOTICE_TRAILER_BYTES`] added).
+    pub fn sign_notice(&self, body: &[u8], sent_at: EpochMs, id: u64) -> Vec<u8> {
+        let mut m = Vec::with_capacity(body.len() + NOTICE_TRAILER_BYTES);
+        m.extend_from_slice(body);
+        m.extend_from_slice(&sent_at.to_be_bytes());
+        m.extend_from_slice(&id.to_be_bytes());
+        let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &self.macs[0][..]), &m);
+        m.extend_from_slice(tag.as_ref());
+        m
+    }
+
+    /// A notice whose MAC verifies under one of the keys (in constant time
+    /// for each), split into its parts; None otherwise.
+    pub fn verify_notice<'a>(&self, m: &'a [u8]) -> Option<Verified<'a>> {
+        let signed_len = m.len().checked_sub(NOTICE_TAG_BYTES)?;
+        let body_len = signed_len.checked_sub(16)?;
+        let (signed, tag) = m.split_at(signed_len);
+        self.macs
+            .iter()
+            .any(|k| hmac::verify(&hmac::Key::new(hmac::HMAC_SHA256, &k[..]), signed, tag).is_ok())
+            .then(|| Verified {
+                body: &m[..body_len],
+                sent_at: i64::from_be_bytes(m[body_len..body_len + 8].try_into().expect("8 bytes")),
+                id: u64::from_be_bytes(m[body_len + 8..signed_len].try_into().expect("8 bytes")),
+            })
+    }
+
+    /// Version 1: bound to `aad` (the hashed user id) only.
     pub fn seal(&self, aad: &[u8], token: &SharedToken) -> Result<Vec<u8>, SealError> {
         Ok(self.seal_bytes(aad, &encode(token).ok_or(SealError)?))
     }
@@ -113,14 +236,50 @@ impl SealKeys {
         decode(&self.open_bytes(aad, sealed)?).ok_or(OpenError)
     }
 
+    /// A record's token, bound to `b` (version 2); `unbound`: version 1, as
+    /// earlier releases write and read (`redis.upgrading`). `b.expires_at`
+    /// must be the token's.
+    pub fn seal_record(
+        &self,
+        b: &Binding,
+        token: &SharedToken,
+        unbound: bool,
+    ) -> Result<Vec<u8>, SealError> {
+        debug_assert_eq!(b.expires_at, token.expires_at);
+        if unbound {
+            return self.seal(b.id.as_bytes(), token);
+        }
+        let plain = encode(token).ok_or(SealError)?;
+        Ok(self.seal_version(VERSION_BOUND, &b.aad(), &plain))
+    }
+
+    /// Opens a record's token if it is bound to `b` (version 2) or to its
+    /// user (version 1), and its expiry is the one shown in clear.
+    pub fn open_record(&self, b: &Binding, sealed: &[u8]) -> Result<SharedToken, OpenError> {
+        let token = match sealed.first() {
+            Some(&VERSION_BOUND) => {
+                decode(&self.open_version(VERSION_BOUND, &b.aad(), sealed)?).ok_or(OpenError)?
+            }
+            _ => self.open(b.id.as_bytes(), sealed)?,
+        };
+        if token.expires_at != b.expires_at {
+            return Err(OpenError);
+        }
+        Ok(token)
+    }
+
     /// Seals any plaintext with the first key (announcements use it too).
     pub fn seal_bytes(&self, aad: &[u8], plain: &[u8]) -> Vec<u8> {
+        self.seal_version(VERSION, aad, plain)
+    }
+
+    fn seal_version(&self, version: u8, aad: &[u8], plain: &[u8]) -> Vec<u8> {
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
-        let sealed = self.0[0]
+        let sealed = self.ciphers[0]
             .encrypt(&nonce, Payload { msg: plain, aad })
             .expect("AES-GCM encryption only fails past 64 GiB per message");
         let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
-        out.push(VERSION);
+        out.push(version);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&sealed);
         out
@@ -128,11 +287,20 @@ impl SealKeys {
 
     /// Opens with the first key that fits.
     pub fn open_bytes(&self, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, OpenError> {
-        if sealed.len() < 1 + NONCE_LEN || sealed[0] != VERSION {
+        self.open_version(VERSION, aad, sealed)
+    }
+
+    fn open_version(
+        &self,
+        version: u8,
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, OpenError> {
+        if sealed.len() < 1 + NONCE_LEN || sealed.len() > MAX_SEALED_BYTES || sealed[0] != version {
             return Err(OpenError);
         }
         let (nonce, body) = sealed[1..].split_at(NONCE_LEN);
-        self.0
+        self.ciphers
             .iter()
             .find_map(|k| {
                 k.decrypt(Nonce::from_slice(nonce), Payload { msg: body, aad })
@@ -222,6 +390,7 @@ mod tests {
         };
         let fits = t(&at_limit, Some(&at_limit));
         assert_eq!(k.open(b"u", &k.seal(b"u", &fits).unwrap()).unwrap(), fits);
+        assert_eq!(k.seal(b"u", &fits).unwrap().len(), MAX_SEALED_BYTES);
         assert_eq!(k.seal(b"u", &t(&over, None)), Err(SealError));
         assert_eq!(k.seal(b"u", &t("a", Some(&over))), Err(SealError));
     }
@@ -302,6 +471,103 @@ mod tests {
     }
 
     #[test]
+    fn a_record_opens_only_with_the_clear_fields_it_was_sealed_with() {
+        let k = SealKeys::from_base64(KEY_A).unwrap();
+        let t = token(Some("r"));
+        let b = Binding {
+            id: "id",
+            fence: 7,
+            written_at: 1_700_000_000_000,
+            expires_at: t.expires_at,
+        };
+        let sealed = k.seal_record(&b, &t, false).unwrap();
+        assert_eq!(sealed[0], VERSION_BOUND);
+        assert_eq!(k.open_record(&b, &sealed).unwrap(), t);
+        for other in [
+            Binding { id: "id2", ..b },
+            Binding { fence: 8, ..b },
+            Binding {
+                written_at: b.written_at + 1,
+                ..b
+            },
+            Binding {
+                expires_at: b.expires_at + 1,
+                ..b
+            },
+        ] {
+            assert_eq!(k.open_record(&other, &sealed), Err(OpenError));
+        }
+        // Its version byte set back to 1: not an unbound record either.
+        let mut downgraded = sealed.clone();
+        downgraded[0] = VERSION;
+        assert_eq!(k.open_record(&b, &downgraded), Err(OpenError));
+        // An earlier release's record (bound to the user only) opens while
+        // its expiry is the one shown; `unbound` writes one.
+        let legacy = k.seal(b"id", &t).unwrap();
+        assert_eq!(
+            k.open_record(&Binding { fence: 99, ..b }, &legacy).unwrap(),
+            t
+        );
+        assert_eq!(
+            k.open_record(&Binding { expires_at: 1, ..b }, &legacy),
+            Err(OpenError)
+        );
+        let unbound = k.seal_record(&b, &t, true).unwrap();
+        assert_eq!(unbound[0], VERSION);
+        assert_eq!(k.open(b"id", &unbound).unwrap(), t);
+    }
+
+    #[test]
+    fn all_zero_and_repeated_keys_are_refused() {
+        let zero = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        assert_eq!(SealKeys::from_base64(zero).unwrap_err(), KeyError::AllZero);
+        assert_eq!(
+            SealKeys::from_base64_list(&[KEY_A, KEY_B, KEY_A]).unwrap_err(),
+            (2, KeyError::Repeated)
+        );
+        // The same key written differently (surrounding whitespace) is the same key.
+        assert_eq!(
+            SealKeys::from_base64_list(&[KEY_A, &format!("{KEY_A}\n")]).unwrap_err(),
+            (1, KeyError::Repeated)
+        );
+    }
+
+    #[test]
+    fn notices_verify_under_every_key_and_nothing_else() {
+        let old = SealKeys::from_base64(KEY_A).unwrap();
+        let rolling = SealKeys::from_base64_list(&[KEY_B, KEY_A]).unwrap();
+        let m = old.sign_notice(b"id|F|3", 1_700_000_000_000, 42);
+        assert_eq!(m.len(), 6 + NOTICE_TRAILER_BYTES);
+        let expect = Verified {
+            body: b"id|F|3",
+            sent_at: 1_700_000_000_000,
+            id: 42,
+        };
+        assert_eq!(old.verify_notice(&m), Some(expect));
+        assert_eq!(rolling.verify_notice(&m).map(|v| v.id), Some(42));
+        // Signed with the new key: an instance with the old one alone drops it.
+        let by_new = rolling.sign_notice(b"id|R", 1, 7);
+        assert_eq!(old.verify_notice(&by_new), None);
+        // Any change to the body, time, id or tag, or a cut, is refused.
+        for i in 0..m.len() {
+            let mut bad = m.clone();
+            bad[i] ^= 1;
+            assert_eq!(old.verify_notice(&bad), None);
+            assert_eq!(old.verify_notice(&m[..i]), None);
+        }
+        // The MAC key is not the encryption key: a tag made with the AES key itself does not verify.
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(KEY_A)
+            .unwrap();
+        let mut forged = b"id|F|3".to_vec();
+        forged.extend_from_slice(&1i64.to_be_bytes());
+        forged.extend_from_slice(&1u64.to_be_bytes());
+        let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &raw), &forged);
+        forged.extend_from_slice(tag.as_ref());
+        assert_eq!(old.verify_notice(&forged), None);
+    }
+
+    #[test]
     fn fingerprints_tell_tokens_and_users_apart_without_the_token() {
         let a = fingerprint("id1", &"token-a".into());
         assert_eq!(a.len(), 32);
@@ -346,6 +612,22 @@ mod tests {
             fn what_is_encoded_decodes_to_itself(t in shared()) {
                 let plain = encode(&t).unwrap();
                 prop_assert_eq!(decode(&plain), Some(t));
+            }
+
+            /// Whatever arrives on the channel (random, or a signed notice
+            /// mutated), verifying answers and never panics; only the
+            /// untouched notice verifies.
+            #[test]
+            fn any_notice_bytes_verify_or_are_refused(
+                bytes in proptest::collection::vec(any::<u8>(), 0..160),
+                flip in any::<usize>(),
+            ) {
+                let k = SealKeys::from_base64(KEY_A).unwrap();
+                prop_assert_eq!(k.verify_notice(&bytes), None);
+                let mut m = k.sign_notice(&bytes, 1, 2);
+                let i = flip % m.len();
+                m[i] ^= 0x80;
+                prop_assert_eq!(k.verify_notice(&m), None);
             }
 
             #[test]

@@ -123,6 +123,7 @@ fn coordinator_keys(url: &str, keys: &[&str], lock_ttl_ms: f64) -> Coordinator {
             key_prefix: Some("t:".into()),
             lock_ttl_ms: Some(lock_ttl_ms),
             encryption_keys: keys.iter().map(|k| (*k).into()).collect(),
+            upgrading: false,
         },
         &policy(),
     )
@@ -190,7 +191,7 @@ async fn lock_is_exclusive_and_released_only_by_its_owner() {
         ..Guard::default()
     };
     let Acquire::Locked { lease, stale: None } =
-        lock::acquire(&mut con, &keys, "ch", "a", 5_000, 60_000, want, guard)
+        lock::acquire(&mut con, &keys, "ch", "a", 5_000, 60_000, want, guard, b"r")
             .await
             .unwrap()
             .found
@@ -198,8 +199,8 @@ async fn lock_is_exclusive_and_released_only_by_its_owner() {
         panic!("first caller locks")
     };
     assert_eq!(lease.fence, 1);
-    let Acquire::Busy { lock_ttl_ms } =
-        lock::acquire(&mut con, &keys, "ch", "b", 5_000, 60_000, want, guard)
+    let Acquire::Busy { lock_ttl_ms, fence } =
+        lock::acquire(&mut con, &keys, "ch", "b", 5_000, 60_000, want, guard, b"r")
             .await
             .unwrap()
             .found
@@ -207,15 +208,15 @@ async fn lock_is_exclusive_and_released_only_by_its_owner() {
         panic!("second caller waits")
     };
     assert!(lock_ttl_ms > 0 && lock_ttl_ms <= 5_000);
+    // The holder's fence: a waiter tells that holder's failure from an old one.
+    assert_eq!(fence, 1);
     let intruder = record::Lease {
         owner: "b".into(),
         fence: 9,
     };
-    assert!(
-        !lock::release(&mut con, &keys, "ch", &intruder, &record::Notice::Released)
-            .await
-            .unwrap()
-    );
+    assert!(!lock::release(&mut con, &keys, "ch", &intruder, b"r")
+        .await
+        .unwrap());
     assert_eq!(
         lock::extend(&mut con, &keys, &lease, 5_000, 60_000)
             .await
@@ -228,13 +229,11 @@ async fn lock_is_exclusive_and_released_only_by_its_owner() {
             .unwrap(),
         lock::Extended::Lost
     );
-    assert!(
-        lock::release(&mut con, &keys, "ch", &lease, &record::Notice::Released)
-            .await
-            .unwrap()
-    );
+    assert!(lock::release(&mut con, &keys, "ch", &lease, b"r")
+        .await
+        .unwrap());
     let Acquire::Locked { lease, .. } =
-        lock::acquire(&mut con, &keys, "ch", "b", 5_000, 60_000, want, guard)
+        lock::acquire(&mut con, &keys, "ch", "b", 5_000, 60_000, want, guard, b"r")
             .await
             .unwrap()
             .found
@@ -397,6 +396,90 @@ async fn nothing_waits_past_the_deadline() {
         panic!("timed out")
     };
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// Bytes the server has sent to clients so far (`INFO stats`).
+async fn net_output(con: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(con)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_oversized_record_is_a_miss_that_never_crosses_the_network() {
+    let s = Server::start();
+    let mut con = s.con().await;
+    let c = coordinator_with(&s.url(), KEY_A, 5_000.0);
+    let keys = keys::Keys::new("t:").user("u");
+    let far = time::now_ms() + 3_600_000;
+    // 10 MB where the sealed token goes, with fields that make it look fresh.
+    let _: () = redis::cmd("HSET")
+        .arg(&keys.record)
+        .arg("t")
+        .arg(vec![b'x'; 10 << 20])
+        .arg("f")
+        .arg(5)
+        .arg("e")
+        .arg(far)
+        .arg("w")
+        .arg(far)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    c.connect().await.unwrap();
+    let before = net_output(&mut con).await;
+    let got = acquire(&c, "u", soon(5_000)).await;
+    let Outcome::Lead { refresh: None, .. } = got.outcome else {
+        panic!("a miss, then the lock")
+    };
+    assert!(!got.undecryptable, "never tried");
+    assert!(net_output(&mut con).await - before < 64 * 1024);
+}
+
+#[tokio::test]
+async fn a_record_whose_clear_fields_were_changed_does_not_open() {
+    let s = Server::start();
+    let mut con = s.con().await;
+    let c = coordinator_with(&s.url(), KEY_A, 5_000.0);
+    let Outcome::Lead { lease, .. } = acquire(&c, "u", soon(5_000)).await.outcome else {
+        panic!("lead")
+    };
+    let written = time::now_ms() - 60_000;
+    assert!(c
+        .commit("u", &lease, &token("bound", "r", 3_600_000), written)
+        .await
+        .unwrap());
+    let record = keys::Keys::new("t:").user("u").record;
+    // Put back as if written just now (or with another fence, or expiry).
+    for (field, value) in [
+        ("w", time::now_ms()),
+        ("f", 1_000),
+        ("e", time::now_ms() + 7_200_000),
+    ] {
+        let before: i64 = con.hget(&record, field).await.unwrap();
+        let _: () = con.hset(&record, field, value).await.unwrap();
+        let got = acquire(&c, "u", soon(5_000)).await;
+        assert!(got.undecryptable, "{field}");
+        let Outcome::Lead {
+            lease,
+            refresh: None,
+        } = got.outcome
+        else {
+            panic!("a miss, then the lock ({field})")
+        };
+        assert!(c.release("u", &lease, false).await.unwrap());
+        let _: () = con.hset(&record, field, before).await.unwrap();
+    }
+    let Outcome::Shared { token: t, .. } = acquire(&c, "u", soon(5_000)).await.outcome else {
+        panic!("opens again as written")
+    };
+    assert_eq!(t.access.expose(), "bound");
 }
 
 #[tokio::test]
@@ -729,6 +812,7 @@ fn options_are_validated_without_echoing_secrets() {
         key_prefix: None,
         lock_ttl_ms: None,
         encryption_keys: vec![KEY_A.into()],
+        upgrading: false,
     };
     let c = coordinator(ok(), &p).unwrap();
     assert_eq!(c.timing().lock_ttl_ms, DEFAULT_LOCK_TTL_MS);
@@ -1004,6 +1088,7 @@ async fn a_short_lived_token_in_redis_is_fresh_for_half_its_lifetime() {
                 key_prefix: Some("t:".into()),
                 lock_ttl_ms: Some(5_000.0),
                 encryption_keys: vec![KEY_A.into()],
+                upgrading: false,
             },
             &Policy::default(),
         )
