@@ -119,7 +119,7 @@ export interface RedisCommonOptions {
    * verify fails like an outage (see `onError`), with a message saying so.
    */
   tls?: RedisTlsOptions | null
-  /** Prefix of every key and of the pub/sub channel. Default `'ttm:'`. */
+  /** Prefix of every key and of the pub/sub channel, at most 128 bytes. Default `'ttm:'`. */
   keyPrefix?: string
   /**
    * The per-user lock's TTL in ms. Default 15000. The holder extends it while

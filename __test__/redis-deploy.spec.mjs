@@ -339,6 +339,9 @@ describe('Redis Cluster (three masters)', () => {
     // lockTtlMs far above the wait: a waiter woken by the lock running out would fail the time bound.
     const a = manager({ cluster: aclNodes, lockTtlMs: 20_000, onError: 'fail' }, { refreshTimeoutMs: 30_000 })
     const b = manager({ cluster: aclNodes, lockTtlMs: 20_000, onError: 'fail' }, { refreshTimeoutMs: 30_000 })
+    // Both connected first: otherwise the leader's slot-map discovery can
+    // let the waiter reach the user's slot before it, and the roles swap.
+    await Promise.all([a, b].map((m) => m.getValidToken(uid('warm'), { accessToken: '', expiresAt: 0 }, async () => ({ accessToken: 'w', expiresIn: 3600 }))))
     const byNode = new Map()
     for (let i = 0; byNode.size < 3 && i < 200; i++) {
       const user = uid('node')

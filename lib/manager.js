@@ -40,6 +40,11 @@ function secondsError(name, value, verb = 'is') {
   return argError(name, `${verb} ${value}, which looks like epoch seconds: epoch milliseconds are expected (multiply by 1000, or pass a Date)`)
 }
 
+/** The TypeError for `name` holding `value`, which is not a string (kept out of the hot path's body). */
+function notAString(name, value) {
+  return argError(name, `must be a string or null, not ${kindOf(value)}`)
+}
+
 /** What `value` is, for a message: its type, never its contents (it may be a token). */
 function kindOf(value) {
   if (value === null || value === undefined) return String(value)
@@ -623,7 +628,7 @@ class TokenManager {
       // Checked on every call, due or not: a wrong column type shows at
       // once, not at the token's first expiry.
       const refreshToken = token.refreshToken
-      if (refreshToken != null && typeof refreshToken !== 'string') throw argError('token.refreshToken', `must be a string or null, not ${kindOf(refreshToken)}`)
+      if (refreshToken != null && typeof refreshToken !== 'string') throw notAString('token.refreshToken', refreshToken)
       if (typeof refreshFn !== 'function') throw argError('refreshFn', 'must be a function')
       // The app's clock, looked up now: fake timers replace `Date.now`.
       const now = this.#read(this.#now ?? Date.now)
