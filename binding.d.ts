@@ -248,6 +248,7 @@ export interface BindingOAuth2Options {
   timeoutMs?: number
   /** The RFC 7009 revocation endpoint. */
   revocationUrl?: string
+  tls?: BindingTlsOptions
 }
 
 /**
@@ -328,6 +329,16 @@ export interface BindingTarabutOptions {
   timeoutMs?: number
   /** Retries of connection failures, 429 and 5xx. Default 3. */
   maxRetries?: number
+  tls?: BindingTlsOptions
+}
+
+/** The `tls` option of both refreshers: PEM text. */
+export interface BindingTlsOptions {
+  /** Client certificate chain (mutual TLS), with `key`. */
+  cert?: string
+  key?: string
+  /** Roots to trust instead of the built-in ones. */
+  ca?: string
 }
 
 /**

@@ -361,6 +361,26 @@ export interface NativeRefreshFn {
   (ctx: RefresherContext): Promise<RefresherToken>
 }
 
+/**
+ * TLS to the token endpoint, as PEM text. Keys never leave Rust: parsed once
+ * when the refresher is made (a bad one throws a `TypeError` naming the
+ * option), redacted, wiped on drop, in no message.
+ */
+export interface RefresherTlsOptions {
+  /**
+   * The client certificate chain, leaf first, presented on the TLS
+   * handshake (mutual TLS, RFC 8705); needs `key`.
+   */
+  cert?: string
+  /** The private key of `cert`'s first certificate: PKCS#8, PKCS#1 (RSA) or SEC1 (EC) PEM. */
+  key?: string
+  /**
+   * The roots to trust instead of the built-in ones: one or more PEM
+   * certificates, for a bank or sandbox behind a private CA.
+   */
+  ca?: string
+}
+
 export interface TarabutRefresherOptions {
   clientId: string
   clientSecret: string
@@ -372,6 +392,8 @@ export interface TarabutRefresherOptions {
   timeoutMs?: number
   /** Retries of connection failures, 429 (after `Retry-After`) and 5xx, with jittered exponential backoff. 0 to 10, default 3. */
   maxRetries?: number
+  /** A private CA (`ca`) and a client certificate (`cert` + `key`, mutual TLS). The refresher then has its own connection pool. */
+  tls?: RefresherTlsOptions
 }
 
 /**
@@ -400,6 +422,8 @@ export interface OAuth2RefresherOptions {
    * the same client authentication. https only (http for loopback hosts).
    */
   revocationUrl?: string
+  /** A private CA (`ca`) and a client certificate (`cert` + `key`, mutual TLS), for the token and revocation endpoints. The refresher then has its own connection pool. */
+  tls?: RefresherTlsOptions
 }
 
 /**

@@ -135,20 +135,20 @@ function makeRefresher(refresher, name, kind) {
 }
 
 /** Copies the known options, refusing unknown ones (a typo must not fall back to a default URL). */
-function pickOptions(fn, options, types) {
-  if (options === null || typeof options !== 'object') throw argError('options', `must be an object (${fn})`)
+function pickOptions(fn, options, types, path = 'options') {
+  if (options === null || typeof options !== 'object') throw argError(path, `must be an object (${fn})`)
   for (const key of Object.keys(options)) {
-    if (!Object.hasOwn(types, key)) throw argError(`options.${key}`, `is not a ${fn} option (${Object.keys(types).join(', ')})`)
+    if (!Object.hasOwn(types, key)) throw argError(`${path}.${key}`, `is not a ${fn} option (${Object.keys(types).join(', ')})`)
   }
   const picked = {}
   for (const [key, spec] of Object.entries(types)) {
     const value = options[key]
     if (value === undefined || value === null) {
-      if (spec.required) throw argError(`options.${key}`, `is required (${spec.type})`)
+      if (spec.required) throw argError(`${path}.${key}`, `is required (${spec.type})`)
       continue
     }
-    if (typeof value !== spec.type) throw argError(`options.${key}`, `must be a ${spec.type}`)
-    picked[key] = value
+    if (typeof value !== spec.type || (spec.type === 'object' && Array.isArray(value))) throw argError(`${path}.${key}`, `must be ${spec.type === 'object' ? 'an' : 'a'} ${spec.type}`)
+    picked[key] = spec.fields ? pickOptions(fn, value, spec.fields, `${path}.${key}`) : value
   }
   return picked
 }
@@ -169,6 +169,13 @@ function buildRefresher(factory, fn, options, types, kind) {
   return makeRefresher(refresher, fn, kind)
 }
 
+/** The `tls` option of both refreshers: PEM strings. */
+const TLS_OPTIONS = {
+  cert: { type: 'string' },
+  key: { type: 'string' },
+  ca: { type: 'string' },
+}
+
 const TARABUT_OPTIONS = {
   clientId: { type: 'string', required: true },
   clientSecret: { type: 'string', required: true },
@@ -176,6 +183,7 @@ const TARABUT_OPTIONS = {
   scope: { type: 'string' },
   timeoutMs: { type: 'number' },
   maxRetries: { type: 'number' },
+  tls: { type: 'object', fields: TLS_OPTIONS },
 }
 
 /**
@@ -198,6 +206,7 @@ const OAUTH2_OPTIONS = {
   scope: { type: 'string' },
   timeoutMs: { type: 'number' },
   revocationUrl: { type: 'string' },
+  tls: { type: 'object', fields: TLS_OPTIONS },
 }
 
 /**

@@ -23,15 +23,31 @@ use tokio::sync::oneshot;
 
 use super::errors::{guard, Code, Result};
 use super::manager::{TokenArg, UserIdArg};
-use super::strings::{BoundedString, MAX_OPTION_BYTES};
+use super::strings::{BoundedString, MAX_OPTION_BYTES, MAX_PEM_BYTES};
 use crate::engine::{EngineError, ErrorCode, SecretString};
 
 /// A string option, refused over [`MAX_OPTION_BYTES`] before any copy.
 type OptionArg = BoundedString<MAX_OPTION_BYTES>;
+/// PEM text (keys, certificates), refused over [`MAX_PEM_BYTES`].
+type PemArg = BoundedString<MAX_PEM_BYTES>;
+use crate::refreshers::http::TlsConfig;
 use crate::refreshers::{
     http, AuthMethod, OAuth2Config, OAuth2Refresher, RefreshError, Refresher, TarabutConfig,
     TarabutRefresher, Token,
 };
+
+/// The `tls` option of both refreshers: PEM text.
+#[napi(object, object_to_js = false)]
+pub struct BindingTlsOptions {
+    /// Client certificate chain (mutual TLS), with `key`.
+    #[napi(ts_type = "string")]
+    pub cert: Option<PemArg>,
+    #[napi(ts_type = "string")]
+    pub key: Option<PemArg>,
+    /// Roots to trust instead of the built-in ones.
+    #[napi(ts_type = "string")]
+    pub ca: Option<PemArg>,
+}
 
 /// Options for `BindingRefresher.tarabut`.
 #[napi(object, object_to_js = false)]
@@ -49,6 +65,7 @@ pub struct BindingTarabutOptions {
     pub timeout_ms: Option<f64>,
     /// Retries of connection failures, 429 and 5xx. Default 3.
     pub max_retries: Option<f64>,
+    pub tls: Option<BindingTlsOptions>,
 }
 
 /// Options for `BindingRefresher.oauth2`.
@@ -70,6 +87,7 @@ pub struct BindingOAuth2Options {
     /// The RFC 7009 revocation endpoint.
     #[napi(ts_type = "string")]
     pub revocation_url: Option<OptionArg>,
+    pub tls: Option<BindingTlsOptions>,
 }
 
 /// What `refresh` resolves to: the token, or (with `code` set) why not.
@@ -122,7 +140,8 @@ impl BindingRefresher {
             timeout_ms: options.timeout_ms,
             max_retries: options.max_retries,
         };
-        let client = http::shared_client().map_err(to_js)?;
+        let tls = tls_config(options.tls)?;
+        let client = http::client_for(tls.as_ref()).map_err(to_js)?;
         Ok(Self::wrap(Refresher::Tarabut(
             TarabutRefresher::new(config, client).map_err(to_js)?,
         )))
@@ -150,7 +169,8 @@ impl BindingRefresher {
             timeout_ms: options.timeout_ms,
             revocation_url: optional(options.revocation_url, "revocationUrl")?,
         };
-        let client = http::shared_client().map_err(to_js)?;
+        let tls = tls_config(options.tls)?;
+        let client = http::client_for(tls.as_ref()).map_err(to_js)?;
         Ok(Self::wrap(Refresher::OAuth2(
             OAuth2Refresher::new(config, client).map_err(to_js)?,
         )))
@@ -323,6 +343,18 @@ fn failure(e: RefreshError) -> BindingRefreshOutcome {
         status: e.status.map(u32::from),
         error: e.provider_error,
     }
+}
+
+fn tls_config(
+    tls: Option<BindingTlsOptions>,
+) -> std::result::Result<Option<TlsConfig>, napi::Error<Code>> {
+    let Some(tls) = tls else { return Ok(None) };
+    Ok(Some(TlsConfig {
+        // Read first: a bad cert or ca leaves no key copy behind.
+        cert: optional(tls.cert, "tls.cert")?,
+        ca: optional(tls.ca, "tls.ca")?,
+        key: optional(tls.key, "tls.key")?.map(SecretString::new),
+    }))
 }
 
 fn to_js(e: RefreshError) -> napi::Error<Code> {
