@@ -240,9 +240,19 @@ export interface BindingMark {
 export interface BindingOAuth2Options {
   tokenUrl: string
   clientId: string
-  clientSecret: string
-  /** `'client_secret_basic'` (default) or `'client_secret_post'`. */
+  /** For `client_secret_basic` / `client_secret_post` only. */
+  clientSecret?: string
+  /**
+   * `'client_secret_basic'` (default), `'client_secret_post'`,
+   * `'private_key_jwt'`, `'tls_client_auth'` or
+   * `'self_signed_tls_client_auth'`.
+   */
   authMethod?: string
+  /** `private_key_jwt`: PKCS#8 PEM, or a private JWK as JSON. */
+  privateKey?: string
+  keyId?: string
+  algorithm?: string
+  audience?: string
   scope?: string
   /** Budget of one refresh. Default 30000. */
   timeoutMs?: number

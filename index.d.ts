@@ -405,13 +405,35 @@ export interface TarabutRefresherOptions {
  */
 export declare function tarabutRefresher(options: TarabutRefresherOptions): NativeRefreshFn
 
+/** A private key: PKCS#8 PEM text (`-----BEGIN PRIVATE KEY-----`) or a private JWK (with `d`). */
+export type PrivateKeyInput = string | JsonWebKey
+
 export interface OAuth2RefresherOptions {
   /** The token endpoint. https only (http for loopback hosts). */
   tokenUrl: string
   clientId: string
-  clientSecret: string
-  /** How the client authenticates. Default `'client_secret_basic'` (which RFC 6749 requires servers to support). */
-  authMethod?: 'client_secret_basic' | 'client_secret_post'
+  /** For `client_secret_basic` and `client_secret_post` only (required by them, refused by the others). */
+  clientSecret?: string
+  /**
+   * How the client authenticates. Default `'client_secret_basic'` (which
+   * RFC 6749 requires servers to support). Open banking (FAPI) takes
+   * `'private_key_jwt'` (RFC 7523: needs `privateKey`), `'tls_client_auth'`
+   * or `'self_signed_tls_client_auth'` (RFC 8705: need `tls.cert` + `tls.key`).
+   */
+  authMethod?: 'client_secret_basic' | 'client_secret_post' | 'private_key_jwt' | 'tls_client_auth' | 'self_signed_tls_client_auth'
+  /**
+   * `private_key_jwt`: the client's signing key, RSA (2048 bits or more),
+   * EC P-256 or Ed25519. Parsed once, here: a bad key, a public key or one
+   * that does not fit `algorithm` throws a `TypeError` naming `privateKey`.
+   * It never leaves Rust, is wiped on drop and appears in no message.
+   */
+  privateKey?: PrivateKeyInput
+  /** `private_key_jwt`: the assertion's `kid` header; default the JWK's `kid`, if any. */
+  keyId?: string
+  /** `private_key_jwt`: default by key type: RSA → PS256, P-256 → ES256, Ed25519 → EdDSA. RS256 on request. */
+  algorithm?: 'PS256' | 'ES256' | 'EdDSA' | 'RS256'
+  /** `private_key_jwt`: the assertion's `aud`; default `tokenUrl` (FAPI 2.0 servers want their issuer identifier). */
+  audience?: string
   /** Sent as `scope` with each refresh, to narrow it. */
   scope?: string
   /** Budget of one refresh (or revocation) in ms; the manager's `refreshTimeoutMs` caps it. Default 30000. */

@@ -147,10 +147,21 @@ function pickOptions(fn, options, types, path = 'options') {
       if (spec.required) throw argError(`${path}.${key}`, `is required (${spec.type})`)
       continue
     }
+    if (spec.type === 'key') {
+      picked[key] = keyText(`${path}.${key}`, value)
+      continue
+    }
     if (typeof value !== spec.type || (spec.type === 'object' && Array.isArray(value))) throw argError(`${path}.${key}`, `must be ${spec.type === 'object' ? 'an' : 'a'} ${spec.type}`)
     picked[key] = spec.fields ? pickOptions(fn, value, spec.fields, `${path}.${key}`) : value
   }
   return picked
+}
+
+/** A private key option: PEM text as is, a JWK object as its JSON (the core parses both). */
+function keyText(name, value) {
+  if (typeof value === 'string') return value
+  if (typeof value === 'object' && !Array.isArray(value)) return JSON.stringify(value)
+  throw argError(name, 'must be a PEM string or a JWK object')
 }
 
 function buildRefresher(factory, fn, options, types, kind) {
@@ -201,8 +212,13 @@ function tarabutRefresher(options) {
 const OAUTH2_OPTIONS = {
   tokenUrl: { type: 'string', required: true },
   clientId: { type: 'string', required: true },
-  clientSecret: { type: 'string', required: true },
+  // Required by the client_secret_* methods (the core checks per method).
+  clientSecret: { type: 'string' },
   authMethod: { type: 'string' },
+  privateKey: { type: 'key' },
+  keyId: { type: 'string' },
+  algorithm: { type: 'string' },
+  audience: { type: 'string' },
   scope: { type: 'string' },
   timeoutMs: { type: 'number' },
   revocationUrl: { type: 'string' },

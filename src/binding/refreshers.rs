@@ -75,11 +75,23 @@ pub struct BindingOAuth2Options {
     pub token_url: OptionArg,
     #[napi(ts_type = "string")]
     pub client_id: OptionArg,
+    /// For `client_secret_basic` / `client_secret_post` only.
     #[napi(ts_type = "string")]
-    pub client_secret: OptionArg,
-    /// `'client_secret_basic'` (default) or `'client_secret_post'`.
+    pub client_secret: Option<OptionArg>,
+    /// `'client_secret_basic'` (default), `'client_secret_post'`,
+    /// `'private_key_jwt'`, `'tls_client_auth'` or
+    /// `'self_signed_tls_client_auth'`.
     #[napi(ts_type = "string")]
     pub auth_method: Option<OptionArg>,
+    /// `private_key_jwt`: PKCS#8 PEM, or a private JWK as JSON.
+    #[napi(ts_type = "string")]
+    pub private_key: Option<PemArg>,
+    #[napi(ts_type = "string")]
+    pub key_id: Option<OptionArg>,
+    #[napi(ts_type = "string")]
+    pub algorithm: Option<OptionArg>,
+    #[napi(ts_type = "string")]
+    pub audience: Option<OptionArg>,
     #[napi(ts_type = "string")]
     pub scope: Option<OptionArg>,
     /// Budget of one refresh. Default 30000.
@@ -159,15 +171,20 @@ impl BindingRefresher {
             token_url: options.token_url.required("tokenUrl").map_err(arg)?,
             client_id: options.client_id.required("clientId").map_err(arg)?,
             client_secret: SecretString::new(
-                options
-                    .client_secret
-                    .required("clientSecret")
-                    .map_err(arg)?,
+                optional(options.client_secret, "clientSecret")?.unwrap_or_default(),
             ),
             auth_method: AuthMethod::parse(auth_method.as_deref()).map_err(to_js)?,
             scope: optional(options.scope, "scope")?,
             timeout_ms: options.timeout_ms,
             revocation_url: optional(options.revocation_url, "revocationUrl")?,
+            private_key: optional(options.private_key, "privateKey")?.map(SecretString::new),
+            key_id: optional(options.key_id, "keyId")?,
+            algorithm: optional(options.algorithm, "algorithm")?,
+            audience: optional(options.audience, "audience")?,
+            client_certificate: options
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.cert.is_some() && t.key.is_some()),
         };
         let tls = tls_config(options.tls)?;
         let client = http::client_for(tls.as_ref()).map_err(to_js)?;

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use super::http::{self, Attempt, Backoff, SecretBytes, Verdict};
+use super::jose::{self, Algorithm, SigningKey};
 use super::{required, RefreshError, Token};
 use crate::engine::{ErrorCode, SecretString};
 
@@ -29,11 +30,28 @@ pub const FALLBACK_EXPIRES_IN: f64 = 3600.0;
 /// Retries of a connection that could not be made (the request never left).
 const CONNECT_RETRIES: u32 = 2;
 
+/// A client assertion lives this long (FAPI 2.0: at most 60 s).
+const ASSERTION_LIFETIME_S: u64 = 60;
+/// What `private_key_jwt` may sign with (FAPI 2.0 allows PS256, ES256 and
+/// EdDSA; RS256 on request, for older servers).
+const ASSERTION_ALGORITHMS: &[Algorithm] = &[
+    Algorithm::Ps256,
+    Algorithm::Es256,
+    Algorithm::EdDsa,
+    Algorithm::Rs256,
+];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AuthMethod {
     #[default]
     ClientSecretBasic,
     ClientSecretPost,
+    /// RFC 7523: a JWT signed with the client's private key.
+    PrivateKeyJwt,
+    /// RFC 8705: the TLS client certificate, issued by a CA the server trusts.
+    TlsClientAuth,
+    /// RFC 8705: a self-signed TLS client certificate registered with the server.
+    SelfSignedTlsClientAuth,
 }
 
 impl AuthMethod {
@@ -41,10 +59,23 @@ impl AuthMethod {
         match value {
             None | Some("client_secret_basic") => Ok(AuthMethod::ClientSecretBasic),
             Some("client_secret_post") => Ok(AuthMethod::ClientSecretPost),
+            Some("private_key_jwt") => Ok(AuthMethod::PrivateKeyJwt),
+            Some("tls_client_auth") => Ok(AuthMethod::TlsClientAuth),
+            Some("self_signed_tls_client_auth") => Ok(AuthMethod::SelfSignedTlsClientAuth),
             Some(_) => Err(RefreshError::invalid_argument(
                 "authMethod",
-                "must be 'client_secret_basic' or 'client_secret_post'",
+                "must be 'client_secret_basic', 'client_secret_post', 'private_key_jwt', 'tls_client_auth' or 'self_signed_tls_client_auth'",
             )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::ClientSecretBasic => "client_secret_basic",
+            AuthMethod::ClientSecretPost => "client_secret_post",
+            AuthMethod::PrivateKeyJwt => "private_key_jwt",
+            AuthMethod::TlsClientAuth => "tls_client_auth",
+            AuthMethod::SelfSignedTlsClientAuth => "self_signed_tls_client_auth",
         }
     }
 }
@@ -59,12 +90,26 @@ pub struct OAuth2Config {
     pub timeout_ms: Option<f64>,
     /// The RFC 7009 revocation endpoint, if the provider has one.
     pub revocation_url: Option<String>,
+    /// `private_key_jwt`: PKCS#8 PEM or a private JWK.
+    pub private_key: Option<SecretString>,
+    pub key_id: Option<String>,
+    pub algorithm: Option<String>,
+    /// The assertion's `aud`; default the token URL.
+    pub audience: Option<String>,
+    /// Whether the client presents a TLS certificate (`tls.cert` +
+    /// `tls.key`), which the two `tls_*` methods need.
+    pub client_certificate: bool,
 }
 
 impl Default for OAuth2Config {
     fn default() -> Self {
         Self {
             revocation_url: None,
+            private_key: None,
+            key_id: None,
+            algorithm: None,
+            audience: None,
+            client_certificate: false,
             token_url: String::new(),
             client_id: String::new(),
             client_secret: SecretString::new(String::new()),
@@ -92,13 +137,26 @@ enum Auth {
         client_id: String,
         client_secret: SecretString,
     },
+    /// A fresh client assertion per request.
+    Jwt {
+        client_id: String,
+        key: Box<SigningKey>,
+        audience: String,
+    },
+    /// The TLS layer authenticates; the body names the client.
+    Tls {
+        client_id: String,
+        method: AuthMethod,
+    },
 }
 
 impl std::fmt::Debug for OAuth2Refresher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let method = match self.auth {
+        let method = match &self.auth {
             Auth::Basic(_) => "client_secret_basic",
             Auth::Post { .. } => "client_secret_post",
+            Auth::Jwt { .. } => "private_key_jwt",
+            Auth::Tls { method, .. } => method.as_str(),
         };
         f.debug_struct("OAuth2Refresher")
             .field("auth_method", &method)
@@ -126,11 +184,40 @@ impl OAuth2Refresher {
             .map(|u| http::token_url("revocationUrl", u))
             .transpose()?;
         required("clientId", &config.client_id)?;
-        required("clientSecret", config.client_secret.expose())?;
         let timeout = super::timeout_option("timeoutMs", config.timeout_ms)?;
-        let auth = match config.auth_method {
-            // RFC 6749 section 2.3.1: each part form-urlencoded, then Base64.
+        let method = config.auth_method;
+        let uses_secret = matches!(
+            method,
+            AuthMethod::ClientSecretBasic | AuthMethod::ClientSecretPost
+        );
+        let only_for = |name: &str, which: &str| {
+            RefreshError::invalid_argument(
+                name,
+                &format!("is only for {which} (authMethod is '{}')", method.as_str()),
+            )
+        };
+        if !uses_secret && !config.client_secret.is_empty() {
+            return Err(only_for(
+                "clientSecret",
+                "client_secret_basic and client_secret_post",
+            ));
+        }
+        if method != AuthMethod::PrivateKeyJwt {
+            for (name, set) in [
+                ("privateKey", config.private_key.is_some()),
+                ("keyId", config.key_id.is_some()),
+                ("algorithm", config.algorithm.is_some()),
+                ("audience", config.audience.is_some()),
+            ] {
+                if set {
+                    return Err(only_for(name, "private_key_jwt"));
+                }
+            }
+        }
+        let auth = match method {
             AuthMethod::ClientSecretBasic => {
+                required("clientSecret", config.client_secret.expose())?;
+                // RFC 6749 section 2.3.1: each part form-urlencoded, then Base64.
                 // Intermediate copies are SecretStrings too: wiped on drop.
                 let pair = SecretString::new(format!(
                     "{}:{}",
@@ -148,10 +235,55 @@ impl OAuth2Refresher {
                 value.set_sensitive(true);
                 Auth::Basic(value)
             }
-            AuthMethod::ClientSecretPost => Auth::Post {
-                client_id: config.client_id,
-                client_secret: config.client_secret,
-            },
+            AuthMethod::ClientSecretPost => {
+                required("clientSecret", config.client_secret.expose())?;
+                Auth::Post {
+                    client_id: config.client_id,
+                    client_secret: config.client_secret,
+                }
+            }
+            AuthMethod::PrivateKeyJwt => {
+                let key = config.private_key.as_ref().ok_or_else(|| {
+                    RefreshError::invalid_argument(
+                        "privateKey",
+                        "is required by authMethod 'private_key_jwt'",
+                    )
+                })?;
+                let algorithm = config
+                    .algorithm
+                    .as_deref()
+                    .map(|a| Algorithm::parse("algorithm", a, ASSERTION_ALGORITHMS))
+                    .transpose()?;
+                let key = SigningKey::parse(
+                    "privateKey",
+                    key.expose(),
+                    algorithm,
+                    config.key_id,
+                    ASSERTION_ALGORITHMS,
+                )?;
+                let audience = config.audience.unwrap_or_else(|| config.token_url.clone());
+                required("audience", &audience)?;
+                Auth::Jwt {
+                    client_id: config.client_id,
+                    key: Box::new(key),
+                    audience,
+                }
+            }
+            AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth => {
+                if !config.client_certificate {
+                    return Err(RefreshError::invalid_argument(
+                        "tls",
+                        &format!(
+                            "needs cert and key: authMethod '{}' authenticates with the client certificate",
+                            method.as_str()
+                        ),
+                    ));
+                }
+                Auth::Tls {
+                    client_id: config.client_id,
+                    method,
+                }
+            }
         };
         Ok(Self {
             client,
@@ -235,14 +367,46 @@ impl OAuth2Refresher {
     /// The form body with the client's credentials when they go in it
     /// (`client_secret_post`). It holds a refresh token (and maybe the
     /// secret): one buffer for every attempt, wiped once the last is gone.
-    fn body<'a>(&'a self, mut form: Vec<(&'a str, &'a str)>) -> Result<Bytes, RefreshError> {
-        if let Auth::Post {
-            client_id,
-            client_secret,
-        } = &self.auth
-        {
-            form.push(("client_id", client_id));
-            form.push(("client_secret", client_secret.expose()));
+    fn body(&self, fields: Vec<(&str, &str)>) -> Result<Bytes, RefreshError> {
+        let assertion;
+        let mut form = fields;
+        match &self.auth {
+            Auth::Basic(_) => {}
+            Auth::Post {
+                client_id,
+                client_secret,
+            } => {
+                form.push(("client_id", client_id));
+                form.push(("client_secret", client_secret.expose()));
+            }
+            Auth::Jwt {
+                client_id,
+                key,
+                audience,
+            } => {
+                // RFC 7523 section 3; a fresh one per request (its jti is
+                // single-use at the server).
+                let iat = jose::now_secs();
+                assertion = key.sign(
+                    "JWT",
+                    false,
+                    &serde_json::json!({
+                        "iss": client_id,
+                        "sub": client_id,
+                        "aud": audience,
+                        "jti": jose::random_id(),
+                        "iat": iat,
+                        "exp": iat + ASSERTION_LIFETIME_S,
+                    }),
+                )?;
+                form.push(("client_id", client_id));
+                form.push((
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                ));
+                form.push(("client_assertion", &assertion));
+            }
+            Auth::Tls { client_id, .. } => form.push(("client_id", client_id)),
         }
         let body = SecretString::new(serde_urlencoded::to_string(&form).map_err(|_| {
             RefreshError::new(ErrorCode::RefreshFailed, "could not encode the request")
@@ -693,6 +857,138 @@ mod tests {
         assert!(e.to_string().starts_with("revocationUrl "), "{e}");
     }
 
+    #[tokio::test]
+    async fn private_key_jwt_sends_a_fresh_assertion_and_no_secret() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({ "access_token": "at" })))
+            .expect(2)
+            .mount(&server)
+            .await;
+        let config = OAuth2Config {
+            token_url: server.uri(),
+            client_id: "bank-app".into(),
+            auth_method: AuthMethod::PrivateKeyJwt,
+            private_key: Some(SecretString::from(include_str!(
+                "../../__test__/fixtures/jose/ed25519.pem"
+            ))),
+            audience: Some("https://bank.example".into()),
+            ..Default::default()
+        };
+        let r = OAuth2Refresher::new(config, http::new_client().unwrap()).unwrap();
+        assert!(!format!("{r:?}").contains("PRIVATE"));
+        let r = Refresher::OAuth2(r);
+        r.refresh("u", Some(&rt()), BUDGET).await.unwrap();
+        r.refresh("u", Some(&rt()), BUDGET).await.unwrap();
+        let sent = requests(&server).await;
+        let assertions: Vec<serde_json::Value> = sent
+            .iter()
+            .map(|req| {
+                assert!(!req.headers.contains_key("authorization"));
+                let form: std::collections::HashMap<String, String> =
+                    serde_urlencoded::from_bytes(&req.body).unwrap();
+                assert_eq!(form["client_id"], "bank-app");
+                assert_eq!(
+                    form["client_assertion_type"],
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+                );
+                assert!(!form.contains_key("client_secret"));
+                let claims = form["client_assertion"].split('.').nth(1).unwrap();
+                serde_json::from_slice(
+                    &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                        .decode(claims)
+                        .unwrap(),
+                )
+                .unwrap()
+            })
+            .collect();
+        for c in &assertions {
+            assert_eq!(
+                (&c["iss"], &c["sub"]),
+                (&json!("bank-app"), &json!("bank-app"))
+            );
+            assert_eq!(c["aud"], "https://bank.example");
+            let (iat, exp) = (c["iat"].as_u64().unwrap(), c["exp"].as_u64().unwrap());
+            assert!(exp > iat && exp - iat <= 60);
+        }
+        assert_ne!(assertions[0]["jti"], assertions[1]["jti"]);
+    }
+
+    #[test]
+    fn each_method_takes_its_own_credentials_only() {
+        let client = http::new_client().unwrap();
+        let key = || {
+            Some(SecretString::from(include_str!(
+                "../../__test__/fixtures/jose/ec.pem"
+            )))
+        };
+        let base = || OAuth2Config {
+            token_url: "https://idp.example/token".into(),
+            client_id: "c".into(),
+            ..Default::default()
+        };
+        for (config, prefix) in [
+            (
+                OAuth2Config {
+                    auth_method: AuthMethod::PrivateKeyJwt,
+                    ..base()
+                },
+                "privateKey is required",
+            ),
+            (
+                OAuth2Config {
+                    auth_method: AuthMethod::PrivateKeyJwt,
+                    private_key: key(),
+                    client_secret: "s".into(),
+                    ..base()
+                },
+                "clientSecret is only for",
+            ),
+            (
+                OAuth2Config {
+                    client_secret: "s".into(),
+                    private_key: key(),
+                    ..base()
+                },
+                "privateKey is only for private_key_jwt",
+            ),
+            (
+                OAuth2Config {
+                    client_secret: "s".into(),
+                    audience: Some("x".into()),
+                    ..base()
+                },
+                "audience is only for private_key_jwt",
+            ),
+            (
+                OAuth2Config {
+                    auth_method: AuthMethod::TlsClientAuth,
+                    ..base()
+                },
+                "tls needs cert and key",
+            ),
+            (
+                OAuth2Config {
+                    auth_method: AuthMethod::SelfSignedTlsClientAuth,
+                    client_certificate: true,
+                    client_secret: "s".into(),
+                    ..base()
+                },
+                "clientSecret is only for",
+            ),
+        ] {
+            let e = OAuth2Refresher::new(config, client.clone()).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidArgument);
+            assert!(e.to_string().starts_with(prefix), "{e}");
+        }
+        let ok = OAuth2Config {
+            auth_method: AuthMethod::TlsClientAuth,
+            client_certificate: true,
+            ..base()
+        };
+        assert!(OAuth2Refresher::new(ok, client).is_ok());
+    }
+
     #[test]
     fn options_are_validated_and_secrets_redacted() {
         let client = http::new_client().unwrap();
@@ -710,7 +1006,9 @@ mod tests {
             AuthMethod::ClientSecretPost
         );
         assert_eq!(
-            AuthMethod::parse(Some("private_key_jwt")).unwrap_err().code,
+            AuthMethod::parse(Some("client_secret_jwt"))
+                .unwrap_err()
+                .code,
             ErrorCode::InvalidArgument
         );
         for (config, prefix) in [
