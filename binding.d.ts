@@ -200,6 +200,13 @@ export interface BindingCoordinationOptions {
   onError?: 'auto' | 'local' | 'fail'
 }
 
+/** The `dpop` option of `BindingRefresher.oauth2`. */
+export interface BindingDpopOptions {
+  /** PKCS#8 PEM, or a private JWK as JSON. */
+  privateKey: string
+  algorithm?: string
+}
+
 /**
  * A token as the core issued it. Every field is defined on the object
  * (`use_nullable`: an absent one is `null`), none assigned, so a setter on
@@ -259,6 +266,7 @@ export interface BindingOAuth2Options {
   /** The RFC 7009 revocation endpoint. */
   revocationUrl?: string
   tls?: BindingTlsOptions
+  dpop?: BindingDpopOptions
 }
 
 /**

@@ -446,6 +446,22 @@ export interface OAuth2RefresherOptions {
   revocationUrl?: string
   /** A private CA (`ca`) and a client certificate (`cert` + `key`, mutual TLS), for the token and revocation endpoints. The refresher then has its own connection pool. */
   tls?: RefresherTlsOptions
+  /**
+   * DPoP (RFC 9449): every token request carries a fresh proof signed with
+   * this key (`htm`, `htu`, `iat`, a random `jti`, the public JWK in its
+   * header), so the tokens are bound to it. A `use_dpop_nonce` answer is
+   * retried once with the server's nonce, which is kept for later requests
+   * to that server. An answer whose `token_type` is not `DPoP` is an error
+   * (`REFRESH_FAILED`), never a silent downgrade to Bearer.
+   */
+  dpop?: RefresherDpopOptions
+}
+
+export interface RefresherDpopOptions {
+  /** The proof key: PKCS#8 PEM or a private JWK. Parsed once (a `TypeError` naming `dpop.privateKey` if bad), wiped on drop, in no message. */
+  privateKey: PrivateKeyInput
+  /** Default by key type: EC P-256 → ES256 (the usual choice), RSA → PS256, Ed25519 → EdDSA. */
+  algorithm?: 'ES256' | 'PS256' | 'EdDSA'
 }
 
 /**

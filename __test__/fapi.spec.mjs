@@ -333,3 +333,84 @@ describe('oidc-provider as a FAPI 2.0 server, behind TLS that asks for client ce
     }
   })
 })
+
+describe('DPoP (RFC 9449) against oidc-provider with features.dPoP and nonces', () => {
+  let server
+  let provider
+  let tokenUrl
+  const grantErrors = []
+  const tokenRequests = { count: 0 }
+
+  beforeAll(async () => {
+    server = (await import('node:http')).createServer()
+    await new Promise((r) => server.listen(0, '127.0.0.1', r))
+    const issuer = `http://127.0.0.1:${server.address().port}`
+    provider = new Provider(issuer, {
+      clients: [
+        {
+          client_id: 'dpop-app',
+          client_secret: 'dpop-secret',
+          dpop_bound_access_tokens: true,
+          grant_types: ['authorization_code', 'refresh_token'],
+          redirect_uris: ['https://app.example/cb'],
+        },
+      ],
+      rotateRefreshToken: true,
+      ttl: { AccessToken: 60, RefreshToken: 300, Grant: 300 },
+      findAccount: (ctx, sub) => ({ accountId: sub, claims: async () => ({ sub }) }),
+      features: { devInteractions: { enabled: false }, dPoP: { enabled: true, nonceSecret: Buffer.alloc(32, 7), requireNonce: () => true } },
+    })
+    provider.on('grant.error', (ctx, err) => grantErrors.push(err.error))
+    const callback = provider.callback()
+    server.on('request', (req, res) => {
+      if (req.url === '/token') tokenRequests.count++
+      callback(req, res)
+    })
+    tokenUrl = `${issuer}/token`
+  })
+  afterAll(() => {
+    server.closeAllConnections()
+    return new Promise((r) => server.close(r))
+  })
+
+  async function connect(accountId) {
+    const client = await provider.Client.find('dpop-app')
+    const grant = new provider.Grant({ accountId, clientId: 'dpop-app' })
+    grant.addOIDCScope('offline_access')
+    const grantId = await grant.save()
+    return new provider.RefreshToken({ accountId, grantId, client, scope: 'offline_access', gty: 'authorization_code' }).save()
+  }
+
+  /** RFC 7638 thumbprint of a P-256 public JWK (the members it names, in order). */
+  const thumbprint = ({ crv, kty, x, y }) => createHash('sha256').update(JSON.stringify({ crv, kty, x, y })).digest('base64url')
+
+  it('binds every token to the key (cnf.jkt); the first use_dpop_nonce is retried once, then the nonce is kept', async () => {
+    const r = oauth2Refresher({ tokenUrl, clientId: 'dpop-app', clientSecret: 'dpop-secret', dpop: { privateKey: KEYS.ec } })
+    const users = Array.from({ length: 5 }, (_, i) => `dpop-user-${i}`)
+    const db = new Map()
+    for (const u of users) db.set(u, { accessToken: 'none', refreshToken: await connect(u), expiresAt: new Date(Date.now() - 1000) })
+    for (let round = 0; round < 2; round++) {
+      const before = tokenRequests.count
+      const manager = new TokenManager()
+      const results = await Promise.all(users.flatMap((u) => Array.from({ length: 20 }, () => manager.getValidToken(u, db.get(u), r).then((v) => [u, v]))))
+      for (const u of users) {
+        const [[, leader]] = results.filter(([user, v]) => user === u && v.shouldUpdate)
+        const at = await provider.AccessToken.find(leader.accessToken)
+        expect(at.jkt).toBe(thumbprint(KEYS.ec))
+        db.set(u, { accessToken: leader.accessToken, refreshToken: leader.refreshToken, expiresAt: new Date(Date.now() - 1000) })
+      }
+      // Round 1: the first requests learn the nonce (one retry each, at
+      // most); round 2 sends it from the start.
+      if (round === 0) expect(tokenRequests.count - before).toBeLessThanOrEqual(2 * users.length)
+      else expect(tokenRequests.count - before).toBe(users.length)
+    }
+    expect(grantErrors.filter((e) => e !== 'use_dpop_nonce')).toEqual([])
+  })
+
+  it('a bad DPoP key is a TypeError naming dpop.privateKey', () => {
+    const base = { tokenUrl, clientId: 'dpop-app', clientSecret: 'dpop-secret' }
+    expect(() => oauth2Refresher({ ...base, dpop: { privateKey: jose('ec.pub.pem') } })).toThrow(/^dpop\.privateKey is a public key/)
+    expect(() => oauth2Refresher({ ...base, dpop: { privateKey: KEYS.ec, algorithm: 'RS256' } })).toThrow(/^dpop\.algorithm must be 'ES256', 'PS256', 'EdDSA'/)
+    expect(() => oauth2Refresher({ ...base, dpop: {} })).toThrow(/^options\.dpop\.privateKey is required/)
+  })
+})

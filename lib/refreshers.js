@@ -187,6 +187,12 @@ const TLS_OPTIONS = {
   ca: { type: 'string' },
 }
 
+/** The `dpop` option of oauth2Refresher. */
+const DPOP_OPTIONS = {
+  privateKey: { type: 'key', required: true },
+  algorithm: { type: 'string' },
+}
+
 const TARABUT_OPTIONS = {
   clientId: { type: 'string', required: true },
   clientSecret: { type: 'string', required: true },
@@ -223,6 +229,7 @@ const OAUTH2_OPTIONS = {
   timeoutMs: { type: 'number' },
   revocationUrl: { type: 'string' },
   tls: { type: 'object', fields: TLS_OPTIONS },
+  dpop: { type: 'object', fields: DPOP_OPTIONS },
 }
 
 /**

@@ -48,6 +48,9 @@ oauth2Refresher({ tokenUrl: 'https://idp.example/token', clientId: 'id', authMet
 oauth2Refresher({ tokenUrl: 'https://idp.example/token', clientId: 'id', authMethod: 'private_key_jwt', privateKey: { kty: 'EC', crv: 'P-256', d: 'x', x: 'x', y: 'y' } })
 oauth2Refresher({ tokenUrl: 'https://idp.example/token', clientId: 'id', authMethod: 'tls_client_auth', tls: { cert: 'pem', key: 'pem', ca: 'pem' }, revocationUrl: 'https://idp.example/revoke' })
 tarabutRefresher({ clientId: 'id', clientSecret: 's', tls: { ca: 'pem' } })
+oauth2Refresher({ tokenUrl: 'https://idp.example/token', clientId: 'id', clientSecret: 's', dpop: { privateKey: 'pem', algorithm: 'ES256' } })
+// @ts-expect-error a DPoP key is required
+oauth2Refresher({ tokenUrl: 'https://idp.example/token', clientId: 'id', clientSecret: 's', dpop: {} })
 // @ts-expect-error HS256 is not an algorithm for private_key_jwt
 oauth2Refresher({ tokenUrl: 'https://idp.example/token', clientId: 'id', authMethod: 'private_key_jwt', privateKey: 'pem', algorithm: 'HS256' })
 // @ts-expect-error tokenUrl is required for OAuth2

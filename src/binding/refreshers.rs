@@ -31,6 +31,7 @@ type OptionArg = BoundedString<MAX_OPTION_BYTES>;
 /// PEM text (keys, certificates), refused over [`MAX_PEM_BYTES`].
 type PemArg = BoundedString<MAX_PEM_BYTES>;
 use crate::refreshers::http::TlsConfig;
+use crate::refreshers::oauth2::DpopConfig;
 use crate::refreshers::{
     http, AuthMethod, OAuth2Config, OAuth2Refresher, RefreshError, Refresher, TarabutConfig,
     TarabutRefresher, Token,
@@ -100,6 +101,17 @@ pub struct BindingOAuth2Options {
     #[napi(ts_type = "string")]
     pub revocation_url: Option<OptionArg>,
     pub tls: Option<BindingTlsOptions>,
+    pub dpop: Option<BindingDpopOptions>,
+}
+
+/// The `dpop` option of `BindingRefresher.oauth2`.
+#[napi(object, object_to_js = false)]
+pub struct BindingDpopOptions {
+    /// PKCS#8 PEM, or a private JWK as JSON.
+    #[napi(ts_type = "string")]
+    pub private_key: PemArg,
+    #[napi(ts_type = "string")]
+    pub algorithm: Option<OptionArg>,
 }
 
 /// What `refresh` resolves to: the token, or (with `code` set) why not.
@@ -181,6 +193,15 @@ impl BindingRefresher {
             key_id: optional(options.key_id, "keyId")?,
             algorithm: optional(options.algorithm, "algorithm")?,
             audience: optional(options.audience, "audience")?,
+            dpop: match options.dpop {
+                None => None,
+                Some(d) => Some(DpopConfig {
+                    private_key: SecretString::new(
+                        d.private_key.required("dpop.privateKey").map_err(arg)?,
+                    ),
+                    algorithm: optional(d.algorithm, "dpop.algorithm")?,
+                }),
+            },
             client_certificate: options
                 .tls
                 .as_ref()

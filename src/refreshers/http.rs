@@ -261,6 +261,8 @@ pub enum Attempt {
         status: u16,
         retry_after: Option<Duration>,
         body: SecretBytes,
+        /// A `DPoP-Nonce` header (RFC 9449 section 8), when short and printable.
+        dpop_nonce: Option<String>,
     },
     /// The server answered, but the body was too large or broke off.
     BrokenBody { status: u16 },
@@ -289,6 +291,12 @@ pub async fn send_to(request: RequestBuilder, endpoint: &'static str) -> Attempt
     };
     let status = response.status().as_u16();
     let retry_after = retry_after(response.headers(), SystemTime::now());
+    let dpop_nonce = response
+        .headers()
+        .get("dpop-nonce")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 512)
+        .map(String::from);
     let mut body = SecretBytes::default();
     loop {
         match response.chunk().await {
@@ -303,6 +311,7 @@ pub async fn send_to(request: RequestBuilder, endpoint: &'static str) -> Attempt
                     status,
                     retry_after,
                     body,
+                    dpop_nonce,
                 }
             }
             Err(_) => return Attempt::BrokenBody { status },
@@ -526,6 +535,7 @@ mod tests {
             status: 200,
             retry_after: None,
             body: b,
+            dpop_nonce: None,
         };
         let shown = format!("{attempt:?}");
         assert!(!shown.contains("s3cr3t"), "{shown}");

@@ -41,6 +41,57 @@ const ASSERTION_ALGORITHMS: &[Algorithm] = &[
     Algorithm::Rs256,
 ];
 
+/// What a DPoP key may sign with (FAPI 2.0's algorithms).
+const DPOP_ALGORITHMS: &[Algorithm] = &[Algorithm::Es256, Algorithm::Ps256, Algorithm::EdDsa];
+
+/// The `dpop` option.
+#[derive(Debug)]
+pub struct DpopConfig {
+    /// PKCS#8 PEM or a private JWK.
+    pub private_key: SecretString,
+    pub algorithm: Option<String>,
+}
+
+/// DPoP state: the key, and the last nonce each server gave.
+struct Dpop {
+    key: Box<SigningKey>,
+    /// By origin (RFC 9449 section 8: a nonce is the server's).
+    nonces: parking_lot::Mutex<std::collections::HashMap<String, String>>,
+}
+
+impl Dpop {
+    /// A proof for a POST to `url`, with the server's nonce if one is known.
+    fn proof(&self, url: &Url) -> Result<String, RefreshError> {
+        let mut htu = url.clone();
+        htu.set_query(None);
+        htu.set_fragment(None);
+        let mut claims = serde_json::json!({
+            "jti": jose::random_id(),
+            "htm": "POST",
+            "htu": htu.as_str(),
+            "iat": jose::now_secs(),
+        });
+        if let Some(nonce) = self.nonces.lock().get(&origin(url)) {
+            claims["nonce"] = nonce.as_str().into();
+        }
+        self.key.sign("dpop+jwt", true, &claims)
+    }
+
+    fn remember(&self, url: &Url, attempt: &Attempt) {
+        if let Attempt::Answered {
+            dpop_nonce: Some(nonce),
+            ..
+        } = attempt
+        {
+            self.nonces.lock().insert(origin(url), nonce.clone());
+        }
+    }
+}
+
+fn origin(url: &Url) -> String {
+    url.origin().ascii_serialization()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AuthMethod {
     #[default]
@@ -96,6 +147,8 @@ pub struct OAuth2Config {
     pub algorithm: Option<String>,
     /// The assertion's `aud`; default the token URL.
     pub audience: Option<String>,
+    /// DPoP (RFC 9449): bind the tokens to this key.
+    pub dpop: Option<DpopConfig>,
     /// Whether the client presents a TLS certificate (`tls.cert` +
     /// `tls.key`), which the two `tls_*` methods need.
     pub client_certificate: bool,
@@ -110,6 +163,7 @@ impl Default for OAuth2Config {
             algorithm: None,
             audience: None,
             client_certificate: false,
+            dpop: None,
             token_url: String::new(),
             client_id: String::new(),
             client_secret: SecretString::new(String::new()),
@@ -125,6 +179,7 @@ pub struct OAuth2Refresher {
     url: Url,
     revocation_url: Option<Url>,
     auth: Auth,
+    dpop: Option<Dpop>,
     scope: Option<String>,
     timeout: Duration,
 }
@@ -168,6 +223,7 @@ impl std::fmt::Debug for OAuth2Refresher {
 #[derive(Deserialize)]
 struct Answer {
     access_token: Option<serde_json::Value>,
+    token_type: Option<serde_json::Value>,
     expires_in: Option<serde_json::Value>,
     refresh_token: Option<serde_json::Value>,
 }
@@ -285,11 +341,33 @@ impl OAuth2Refresher {
                 }
             }
         };
+        let dpop = match config.dpop {
+            None => None,
+            Some(d) => {
+                let algorithm = d
+                    .algorithm
+                    .as_deref()
+                    .map(|a| Algorithm::parse("dpop.algorithm", a, DPOP_ALGORITHMS))
+                    .transpose()?;
+                let key = SigningKey::parse(
+                    "dpop.privateKey",
+                    d.private_key.expose(),
+                    algorithm,
+                    None,
+                    DPOP_ALGORITHMS,
+                )?;
+                Some(Dpop {
+                    key: Box::new(key),
+                    nonces: parking_lot::Mutex::new(std::collections::HashMap::new()),
+                })
+            }
+        };
         Ok(Self {
             client,
             url,
             revocation_url,
             auth,
+            dpop,
             scope: config.scope.filter(|s| !s.is_empty()),
             timeout,
         })
@@ -319,13 +397,43 @@ impl OAuth2Refresher {
         if let Some(scope) = &self.scope {
             form.push(("scope", scope));
         }
-        let body = self.body(form)?;
-        let backoff = Backoff::default();
-        http::with_retries(deadline, CONNECT_RETRIES, backoff, || {
-            let request = self.request(&self.url, body.clone());
-            async move { judge(http::send(request).await) }
-        })
-        .await
+        let dpop = self.dpop.as_ref();
+        let mut nonce_retried = false;
+        loop {
+            // Built per try: a client assertion's jti is single-use.
+            let body = self.body(form.clone())?;
+            let result = http::with_retries(deadline, CONNECT_RETRIES, Backoff::default(), || {
+                let request = self.request(&self.url, body.clone());
+                // A fresh proof per attempt (its jti is single-use too).
+                let proof = dpop.map(|d| d.proof(&self.url)).transpose();
+                async move {
+                    let request = match proof {
+                        Ok(Some(proof)) => request.header("dpop", proof),
+                        Ok(None) => request,
+                        Err(e) => return Verdict::Done(Err(e)),
+                    };
+                    let attempt = http::send(request).await;
+                    if let Some(d) = dpop {
+                        d.remember(&self.url, &attempt);
+                    }
+                    judge(attempt, dpop.is_some())
+                }
+            })
+            .await;
+            match result {
+                // RFC 9449 section 8: the server refused the proof for its
+                // missing or stale nonce, before looking at the grant; one
+                // more try with the nonce it just gave is what it asks for.
+                Err(e)
+                    if dpop.is_some()
+                        && !nonce_retried
+                        && e.provider_error.as_deref() == Some("use_dpop_nonce") =>
+                {
+                    nonce_retried = true;
+                }
+                other => return other,
+            }
+        }
     }
 
     pub fn can_revoke(&self) -> bool {
@@ -434,7 +542,7 @@ fn form(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-fn judge(attempt: Attempt) -> Verdict<Token> {
+fn judge(attempt: Attempt, dpop: bool) -> Verdict<Token> {
     match attempt {
         // The connection was never made: the refresh token never left.
         Attempt::Failed { sent: false, error } => Verdict::Retry { error, after: None },
@@ -447,7 +555,7 @@ fn judge(attempt: Attempt) -> Verdict<Token> {
             Verdict::Done(Err(RefreshError::from_status(status, None)))
         }
         Attempt::Answered { status, body, .. } if (200..300).contains(&status) => {
-            Verdict::Done(parse(status, body.as_ref()))
+            Verdict::Done(parse(status, body.as_ref(), dpop))
         }
         Attempt::Answered { status, body, .. } => Verdict::Done(Err(RefreshError::from_status(
             status,
@@ -478,9 +586,19 @@ fn judge_revocation(attempt: Attempt) -> Verdict<()> {
     }
 }
 
-fn parse(status: u16, body: &[u8]) -> Result<Token, RefreshError> {
+fn parse(status: u16, body: &[u8], dpop: bool) -> Result<Token, RefreshError> {
     let answer: Answer = serde_json::from_slice(body)
         .map_err(|_| RefreshError::malformed(status, "a body that is not a JSON object"))?;
+    // RFC 9449 section 5: a DPoP request gets a DPoP-bound token. A Bearer
+    // one would work for anyone who takes it: not a silent downgrade.
+    if dpop
+        && !matches!(&answer.token_type, Some(serde_json::Value::String(t)) if t.eq_ignore_ascii_case("DPoP"))
+    {
+        return Err(RefreshError::malformed(
+            status,
+            "a token_type other than DPoP to a DPoP request (a token not bound to the key)",
+        ));
+    }
     let access = match answer.access_token {
         Some(serde_json::Value::String(s)) if !s.is_empty() => SecretString::new(s),
         _ => return Err(RefreshError::malformed(status, "no access_token string")),
@@ -912,6 +1030,108 @@ mod tests {
             assert!(exp > iat && exp - iat <= 60);
         }
         assert_ne!(assertions[0]["jti"], assertions[1]["jti"]);
+    }
+
+    fn dpop_refresher(url: String) -> Refresher {
+        let config = OAuth2Config {
+            token_url: url,
+            client_id: "c".into(),
+            client_secret: "s".into(),
+            dpop: Some(DpopConfig {
+                private_key: SecretString::from(include_str!(
+                    "../../__test__/fixtures/jose/ec.pem"
+                )),
+                algorithm: None,
+            }),
+            ..Default::default()
+        };
+        Refresher::OAuth2(OAuth2Refresher::new(config, http::new_client().unwrap()).unwrap())
+    }
+
+    fn proof_claims(req: &Request) -> serde_json::Value {
+        let proof = req.headers.get("dpop").unwrap().to_str().unwrap();
+        let claims = proof.split('.').nth(1).unwrap();
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(claims)
+                .unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn dpop_retries_once_with_the_servers_nonce_and_keeps_it() {
+        let server = MockServer::start().await;
+        Mock::given(header_exists("dpop"))
+            .and(wiremock::matchers::body_string_contains("rt-"))
+            .respond_with(|req: &Request| {
+                if proof_claims(req).get("nonce") == Some(&json!("n-1")) {
+                    ResponseTemplate::new(200)
+                        .set_body_json(json!({ "access_token": "at", "token_type": "DPoP" }))
+                } else {
+                    ResponseTemplate::new(400)
+                        .insert_header("dpop-nonce", "n-1")
+                        .set_body_json(json!({ "error": "use_dpop_nonce" }))
+                }
+            })
+            .mount(&server)
+            .await;
+        let r = dpop_refresher(format!("{}/token?x=1", server.uri()));
+        r.refresh("u", Some(&rt()), BUDGET).await.unwrap();
+        r.refresh("u", Some(&rt()), BUDGET).await.unwrap();
+        let sent = requests(&server).await;
+        assert_eq!(
+            sent.len(),
+            3,
+            "one retry for the nonce, then the nonce is kept"
+        );
+        let claims: Vec<_> = sent.iter().map(proof_claims).collect();
+        assert_eq!(claims[0]["htm"], "POST");
+        assert_eq!(claims[0]["htu"], format!("{}/token", server.uri()));
+        assert!(claims[0].get("nonce").is_none());
+        assert_eq!(
+            (&claims[1]["nonce"], &claims[2]["nonce"]),
+            (&json!("n-1"), &json!("n-1"))
+        );
+        let jtis: std::collections::HashSet<_> =
+            claims.iter().map(|c| c["jti"].to_string()).collect();
+        assert_eq!(jtis.len(), 3);
+
+        // A server that keeps asking gets one retry, not a loop.
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(
+                ResponseTemplate::new(400)
+                    .insert_header("dpop-nonce", "always-new")
+                    .set_body_json(json!({ "error": "use_dpop_nonce" })),
+            )
+            .mount(&server)
+            .await;
+        let e = dpop_refresher(server.uri())
+            .refresh("u", Some(&rt()), BUDGET)
+            .await
+            .unwrap_err();
+        assert_eq!(e.provider_error.as_deref(), Some("use_dpop_nonce"));
+        assert_eq!(requests(&server).await.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_bearer_answer_to_a_dpop_request_is_an_error() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(json!({ "access_token": "at", "token_type": "Bearer" })),
+            )
+            .mount(&server)
+            .await;
+        let e = dpop_refresher(server.uri())
+            .refresh("u", Some(&rt()), BUDGET)
+            .await
+            .unwrap_err();
+        assert_eq!((e.code, e.status), (ErrorCode::RefreshFailed, Some(200)));
+        assert!(e.to_string().contains("other than DPoP"), "{e}");
+        assert_eq!(requests(&server).await.len(), 1);
     }
 
     #[test]
