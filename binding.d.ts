@@ -220,6 +220,13 @@ export interface BindingCoordinationOptions {
   upgrading?: boolean
 }
 
+/** The `dpop` option of `BindingRefresher.oauth2`. */
+export interface BindingDpopOptions {
+  /** PKCS#8 PEM, or a private JWK as JSON. */
+  privateKey: string
+  algorithm?: string
+}
+
 /**
  * A token as the core issued it. Every field is defined on the object
  * (`use_nullable`: an absent one is `null`), none assigned, so a setter on
@@ -260,14 +267,26 @@ export interface BindingMark {
 export interface BindingOAuth2Options {
   tokenUrl: string
   clientId: string
-  clientSecret: string
-  /** `'client_secret_basic'` (default) or `'client_secret_post'`. */
+  /** For `client_secret_basic` / `client_secret_post` only. */
+  clientSecret?: string
+  /**
+   * `'client_secret_basic'` (default), `'client_secret_post'`,
+   * `'private_key_jwt'`, `'tls_client_auth'` or
+   * `'self_signed_tls_client_auth'`.
+   */
   authMethod?: string
+  /** `private_key_jwt`: PKCS#8 PEM, or a private JWK as JSON. */
+  privateKey?: string
+  keyId?: string
+  algorithm?: string
+  audience?: string
   scope?: string
   /** Budget of one refresh. Default 30000. */
   timeoutMs?: number
   /** The RFC 7009 revocation endpoint. */
   revocationUrl?: string
+  tls?: BindingTlsOptions
+  dpop?: BindingDpopOptions
 }
 
 /**
@@ -348,6 +367,16 @@ export interface BindingTarabutOptions {
   timeoutMs?: number
   /** Retries of connection failures, 429 and 5xx. Default 3. */
   maxRetries?: number
+  tls?: BindingTlsOptions
+}
+
+/** The `tls` option of both refreshers: PEM text. */
+export interface BindingTlsOptions {
+  /** Client certificate chain (mutual TLS), with `key`. */
+  cert?: string
+  key?: string
+  /** Roots to trust instead of the built-in ones. */
+  ca?: string
 }
 
 /**

@@ -581,6 +581,26 @@ export interface NativeRefreshFn {
   (ctx: RefresherContext): Promise<RefresherToken>
 }
 
+/**
+ * TLS to the token endpoint, as PEM text. Keys never leave Rust: parsed once
+ * when the refresher is made (a bad one throws a `TypeError` naming the
+ * option), redacted, wiped on drop, in no message.
+ */
+export interface RefresherTlsOptions {
+  /**
+   * The client certificate chain, leaf first, presented on the TLS
+   * handshake (mutual TLS, RFC 8705); needs `key`.
+   */
+  cert?: string
+  /** The private key of `cert`'s first certificate: PKCS#8, PKCS#1 (RSA) or SEC1 (EC) PEM. */
+  key?: string
+  /**
+   * The roots to trust instead of the built-in ones: one or more PEM
+   * certificates, for a bank or sandbox behind a private CA.
+   */
+  ca?: string
+}
+
 /** What {@link tarabutRefresher} takes. Unknown keys are a `TypeError`. */
 export interface TarabutRefresherOptions {
   /** Your Tarabut client id. */
@@ -595,6 +615,8 @@ export interface TarabutRefresherOptions {
   timeoutMs?: number
   /** Retries of connection failures, 429 (after `Retry-After`) and 5xx, with jittered exponential backoff. 0 to 10, default 3. */
   maxRetries?: number
+  /** A private CA (`ca`) and a client certificate (`cert` + `key`, mutual TLS). The refresher then has its own connection pool. */
+  tls?: RefresherTlsOptions
 }
 
 /**
@@ -606,12 +628,37 @@ export interface TarabutRefresherOptions {
  */
 export declare function tarabutRefresher(options: TarabutRefresherOptions): NativeRefreshFn
 
+/** A private key: PKCS#8 PEM text (`-----BEGIN PRIVATE KEY-----`) or a private JWK (with `d`). */
+export type PrivateKeyInput = string | JsonWebKey
+
 /** What {@link oauth2Refresher} takes. Unknown keys are a `TypeError`. */
 export interface OAuth2RefresherOptions {
   /** The token endpoint. https only (http for loopback hosts). */
   tokenUrl: string
   /** Your client id at the provider. */
   clientId: string
+  /** For `client_secret_basic` and `client_secret_post` only (required by them, refused by the others). */
+  clientSecret?: string
+  /**
+   * How the client authenticates. Default `'client_secret_basic'` (which
+   * RFC 6749 requires servers to support). Open banking (FAPI) takes
+   * `'private_key_jwt'` (RFC 7523: needs `privateKey`), `'tls_client_auth'`
+   * or `'self_signed_tls_client_auth'` (RFC 8705: need `tls.cert` + `tls.key`).
+   */
+  authMethod?: 'client_secret_basic' | 'client_secret_post' | 'private_key_jwt' | 'tls_client_auth' | 'self_signed_tls_client_auth'
+  /**
+   * `private_key_jwt`: the client's signing key, RSA (2048 bits or more),
+   * EC P-256 or Ed25519. Parsed once, here: a bad key, a public key or one
+   * that does not fit `algorithm` throws a `TypeError` naming `privateKey`.
+   * It never leaves Rust, is wiped on drop and appears in no message.
+   */
+  privateKey?: PrivateKeyInput
+  /** `private_key_jwt`: the assertion's `kid` header; default the JWK's `kid`, if any. */
+  keyId?: string
+  /** `private_key_jwt`: default by key type: RSA → PS256, P-256 → ES256, Ed25519 → EdDSA. RS256 on request. */
+  algorithm?: 'PS256' | 'ES256' | 'EdDSA' | 'RS256'
+  /** `private_key_jwt`: the assertion's `aud`; default `tokenUrl` (FAPI 2.0 servers want their issuer identifier). */
+  audience?: string
   /** Your client secret: never in an error, a log or `Debug`. */
   clientSecret: string
   /** How the client authenticates. Default `'client_secret_basic'` (which RFC 6749 requires servers to support). */
@@ -626,6 +673,24 @@ export interface OAuth2RefresherOptions {
    * the same client authentication. https only (http for loopback hosts).
    */
   revocationUrl?: string
+  /** A private CA (`ca`) and a client certificate (`cert` + `key`, mutual TLS), for the token and revocation endpoints. The refresher then has its own connection pool. */
+  tls?: RefresherTlsOptions
+  /**
+   * DPoP (RFC 9449): every token request carries a fresh proof signed with
+   * this key (`htm`, `htu`, `iat`, a random `jti`, the public JWK in its
+   * header), so the tokens are bound to it. A `use_dpop_nonce` answer is
+   * retried once with the server's nonce, which is kept for later requests
+   * to that server. An answer whose `token_type` is not `DPoP` is an error
+   * (`REFRESH_FAILED`), never a silent downgrade to Bearer.
+   */
+  dpop?: RefresherDpopOptions
+}
+
+export interface RefresherDpopOptions {
+  /** The proof key: PKCS#8 PEM or a private JWK. Parsed once (a `TypeError` naming `dpop.privateKey` if bad), wiped on drop, in no message. */
+  privateKey: PrivateKeyInput
+  /** Default by key type: EC P-256 → ES256 (the usual choice), RSA → PS256, Ed25519 → EdDSA. */
+  algorithm?: 'ES256' | 'PS256' | 'EdDSA'
 }
 
 /**

@@ -234,7 +234,7 @@ describe('refresher options', () => {
     expect(oauth2Refresher(ok).name).toBe('oauth2Refresher')
     for (const [bad, message] of [
       [{ ...ok, tokenUrl: undefined }, /^options\.tokenUrl is required/],
-      [{ ...ok, authMethod: 'private_key_jwt' }, /^authMethod must be 'client_secret_basic' or 'client_secret_post'/],
+      [{ ...ok, authMethod: 'client_secret_jwt' }, /^authMethod must be 'client_secret_basic', 'client_secret_post'/],
       [{ ...ok, maxRetries: 2 }, /^options\.maxRetries is not a oauth2Refresher option/],
     ]) {
       expect(() => oauth2Refresher(bad)).toThrow(message)

@@ -139,22 +139,34 @@ function makeRefresher(refresher, name, kind) {
  * Copies the known options, refusing unknown ones (a typo must not fall back
  * to a default URL): own properties only, into a null-prototype object
  * (lib/options.js), so a `tokenUrl` put on Object.prototype is no option
- * and a setter there never sees the client secret.
+ * and a setter there never sees the client secret. `path`: the options'
+ * name in messages (nested ones: `options.tls`).
  */
-function pickOptions(fn, options, types) {
-  if (options === null || typeof options !== 'object') throw argError('options', `must be an object (${fn})`)
-  const own = ownOptions(options, Object.keys(types), 'options', fn)
+function pickOptions(fn, options, types, path = 'options') {
+  if (options === null || typeof options !== 'object') throw argError(path, `must be an object (${fn})`)
+  const own = ownOptions(options, Object.keys(types), path, fn)
   const picked = Object.create(null)
   for (const [key, spec] of Object.entries(types)) {
     const value = own[key]
     if (value === undefined || value === null) {
-      if (spec.required) throw argError(`options.${key}`, `is required (${spec.type})`)
+      if (spec.required) throw argError(`${path}.${key}`, `is required (${spec.type})`)
       continue
     }
-    if (typeof value !== spec.type) throw argError(`options.${key}`, `must be a ${spec.type}`)
-    picked[key] = value
+    if (spec.type === 'key') {
+      picked[key] = keyText(`${path}.${key}`, value)
+      continue
+    }
+    if (typeof value !== spec.type || (spec.type === 'object' && Array.isArray(value))) throw argError(`${path}.${key}`, `must be ${spec.type === 'object' ? 'an' : 'a'} ${spec.type}`)
+    picked[key] = spec.fields ? pickOptions(fn, value, spec.fields, `${path}.${key}`) : value
   }
   return picked
+}
+
+/** A private key option: PEM text as is, a JWK object as its JSON (the core parses both). */
+function keyText(name, value) {
+  if (typeof value === 'string') return value
+  if (typeof value === 'object' && !Array.isArray(value)) return JSON.stringify(value)
+  throw argError(name, 'must be a PEM string or a JWK object')
 }
 
 function buildRefresher(factory, fn, options, types, kind) {
@@ -173,6 +185,19 @@ function buildRefresher(factory, fn, options, types, kind) {
   return makeRefresher(refresher, fn, kind)
 }
 
+/** The `tls` option of both refreshers: PEM strings. */
+const TLS_OPTIONS = {
+  cert: { type: 'string' },
+  key: { type: 'string' },
+  ca: { type: 'string' },
+}
+
+/** The `dpop` option of oauth2Refresher. */
+const DPOP_OPTIONS = {
+  privateKey: { type: 'key', required: true },
+  algorithm: { type: 'string' },
+}
+
 const TARABUT_OPTIONS = {
   clientId: { type: 'string', required: true },
   clientSecret: { type: 'string', required: true },
@@ -180,6 +205,7 @@ const TARABUT_OPTIONS = {
   scope: { type: 'string' },
   timeoutMs: { type: 'number' },
   maxRetries: { type: 'number' },
+  tls: { type: 'object', fields: TLS_OPTIONS },
 }
 
 /**
@@ -197,11 +223,18 @@ function tarabutRefresher(options) {
 const OAUTH2_OPTIONS = {
   tokenUrl: { type: 'string', required: true },
   clientId: { type: 'string', required: true },
-  clientSecret: { type: 'string', required: true },
+  // Required by the client_secret_* methods (the core checks per method).
+  clientSecret: { type: 'string' },
   authMethod: { type: 'string' },
+  privateKey: { type: 'key' },
+  keyId: { type: 'string' },
+  algorithm: { type: 'string' },
+  audience: { type: 'string' },
   scope: { type: 'string' },
   timeoutMs: { type: 'number' },
   revocationUrl: { type: 'string' },
+  tls: { type: 'object', fields: TLS_OPTIONS },
+  dpop: { type: 'object', fields: DPOP_OPTIONS },
 }
 
 /**

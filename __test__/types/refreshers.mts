@@ -41,7 +41,17 @@ try {
 
 // @ts-expect-error clientSecret is required
 tarabutRefresher({ clientId: 'id' })
-// @ts-expect-error only the two client_secret methods
-oauth2Refresher({ tokenUrl: 'https://idp.example/token', clientId: 'id', clientSecret: 's', authMethod: 'private_key_jwt' })
+// @ts-expect-error not a method the refresher knows
+oauth2Refresher({ tokenUrl: 'https://idp.example/token', clientId: 'id', clientSecret: 's', authMethod: 'client_secret_jwt' })
+// Open banking: private_key_jwt with a PEM or a JWK, mutual TLS, revocation.
+oauth2Refresher({ tokenUrl: 'https://idp.example/token', clientId: 'id', authMethod: 'private_key_jwt', privateKey: '-----BEGIN PRIVATE KEY-----', keyId: 'k', algorithm: 'PS256', audience: 'https://idp.example' })
+oauth2Refresher({ tokenUrl: 'https://idp.example/token', clientId: 'id', authMethod: 'private_key_jwt', privateKey: { kty: 'EC', crv: 'P-256', d: 'x', x: 'x', y: 'y' } })
+oauth2Refresher({ tokenUrl: 'https://idp.example/token', clientId: 'id', authMethod: 'tls_client_auth', tls: { cert: 'pem', key: 'pem', ca: 'pem' }, revocationUrl: 'https://idp.example/revoke' })
+tarabutRefresher({ clientId: 'id', clientSecret: 's', tls: { ca: 'pem' } })
+oauth2Refresher({ tokenUrl: 'https://idp.example/token', clientId: 'id', clientSecret: 's', dpop: { privateKey: 'pem', algorithm: 'ES256' } })
+// @ts-expect-error a DPoP key is required
+oauth2Refresher({ tokenUrl: 'https://idp.example/token', clientId: 'id', clientSecret: 's', dpop: {} })
+// @ts-expect-error HS256 is not an algorithm for private_key_jwt
+oauth2Refresher({ tokenUrl: 'https://idp.example/token', clientId: 'id', authMethod: 'private_key_jwt', privateKey: 'pem', algorithm: 'HS256' })
 // @ts-expect-error tokenUrl is required for OAuth2
 oauth2Refresher({ clientId: 'id', clientSecret: 's' })

@@ -23,15 +23,32 @@ use tokio::sync::oneshot;
 
 use super::errors::{guard, Code, Result};
 use super::manager::{TokenArg, UserIdArg};
-use super::strings::{BoundedString, MAX_OPTION_BYTES};
+use super::strings::{BoundedString, MAX_OPTION_BYTES, MAX_PEM_BYTES};
 use crate::engine::{EngineError, ErrorCode, SecretString};
 
 /// A string option, refused over [`MAX_OPTION_BYTES`] before any copy.
 type OptionArg = BoundedString<MAX_OPTION_BYTES>;
+/// PEM text (keys, certificates), refused over [`MAX_PEM_BYTES`].
+type PemArg = BoundedString<MAX_PEM_BYTES>;
+use crate::refreshers::http::TlsConfig;
+use crate::refreshers::oauth2::DpopConfig;
 use crate::refreshers::{
     http, AuthMethod, OAuth2Config, OAuth2Refresher, RefreshError, Refresher, TarabutConfig,
     TarabutRefresher, Token,
 };
+
+/// The `tls` option of both refreshers: PEM text.
+#[napi(object, object_to_js = false)]
+pub struct BindingTlsOptions {
+    /// Client certificate chain (mutual TLS), with `key`.
+    #[napi(ts_type = "string")]
+    pub cert: Option<PemArg>,
+    #[napi(ts_type = "string")]
+    pub key: Option<PemArg>,
+    /// Roots to trust instead of the built-in ones.
+    #[napi(ts_type = "string")]
+    pub ca: Option<PemArg>,
+}
 
 /// Options for `BindingRefresher.tarabut`.
 #[napi(object, object_to_js = false)]
@@ -49,6 +66,7 @@ pub struct BindingTarabutOptions {
     pub timeout_ms: Option<f64>,
     /// Retries of connection failures, 429 and 5xx. Default 3.
     pub max_retries: Option<f64>,
+    pub tls: Option<BindingTlsOptions>,
 }
 
 /// Options for `BindingRefresher.oauth2`.
@@ -58,11 +76,23 @@ pub struct BindingOAuth2Options {
     pub token_url: OptionArg,
     #[napi(ts_type = "string")]
     pub client_id: OptionArg,
+    /// For `client_secret_basic` / `client_secret_post` only.
     #[napi(ts_type = "string")]
-    pub client_secret: OptionArg,
-    /// `'client_secret_basic'` (default) or `'client_secret_post'`.
+    pub client_secret: Option<OptionArg>,
+    /// `'client_secret_basic'` (default), `'client_secret_post'`,
+    /// `'private_key_jwt'`, `'tls_client_auth'` or
+    /// `'self_signed_tls_client_auth'`.
     #[napi(ts_type = "string")]
     pub auth_method: Option<OptionArg>,
+    /// `private_key_jwt`: PKCS#8 PEM, or a private JWK as JSON.
+    #[napi(ts_type = "string")]
+    pub private_key: Option<PemArg>,
+    #[napi(ts_type = "string")]
+    pub key_id: Option<OptionArg>,
+    #[napi(ts_type = "string")]
+    pub algorithm: Option<OptionArg>,
+    #[napi(ts_type = "string")]
+    pub audience: Option<OptionArg>,
     #[napi(ts_type = "string")]
     pub scope: Option<OptionArg>,
     /// Budget of one refresh. Default 30000.
@@ -70,6 +100,18 @@ pub struct BindingOAuth2Options {
     /// The RFC 7009 revocation endpoint.
     #[napi(ts_type = "string")]
     pub revocation_url: Option<OptionArg>,
+    pub tls: Option<BindingTlsOptions>,
+    pub dpop: Option<BindingDpopOptions>,
+}
+
+/// The `dpop` option of `BindingRefresher.oauth2`.
+#[napi(object, object_to_js = false)]
+pub struct BindingDpopOptions {
+    /// PKCS#8 PEM, or a private JWK as JSON.
+    #[napi(ts_type = "string")]
+    pub private_key: PemArg,
+    #[napi(ts_type = "string")]
+    pub algorithm: Option<OptionArg>,
 }
 
 /// What `refresh` resolves to: the token, or (with `code` set) why not.
@@ -122,7 +164,8 @@ impl BindingRefresher {
             timeout_ms: options.timeout_ms,
             max_retries: options.max_retries,
         };
-        let client = http::shared_client().map_err(to_js)?;
+        let tls = tls_config(options.tls)?;
+        let client = http::client_for(tls.as_ref()).map_err(to_js)?;
         Ok(Self::wrap(Refresher::Tarabut(
             TarabutRefresher::new(config, client).map_err(to_js)?,
         )))
@@ -140,17 +183,32 @@ impl BindingRefresher {
             token_url: options.token_url.required("tokenUrl").map_err(arg)?,
             client_id: options.client_id.required("clientId").map_err(arg)?,
             client_secret: SecretString::new(
-                options
-                    .client_secret
-                    .required("clientSecret")
-                    .map_err(arg)?,
+                optional(options.client_secret, "clientSecret")?.unwrap_or_default(),
             ),
             auth_method: AuthMethod::parse(auth_method.as_deref()).map_err(to_js)?,
             scope: optional(options.scope, "scope")?,
             timeout_ms: options.timeout_ms,
             revocation_url: optional(options.revocation_url, "revocationUrl")?,
+            private_key: optional(options.private_key, "privateKey")?.map(SecretString::new),
+            key_id: optional(options.key_id, "keyId")?,
+            algorithm: optional(options.algorithm, "algorithm")?,
+            audience: optional(options.audience, "audience")?,
+            dpop: match options.dpop {
+                None => None,
+                Some(d) => Some(DpopConfig {
+                    private_key: SecretString::new(
+                        d.private_key.required("dpop.privateKey").map_err(arg)?,
+                    ),
+                    algorithm: optional(d.algorithm, "dpop.algorithm")?,
+                }),
+            },
+            client_certificate: options
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.cert.is_some() && t.key.is_some()),
         };
-        let client = http::shared_client().map_err(to_js)?;
+        let tls = tls_config(options.tls)?;
+        let client = http::client_for(tls.as_ref()).map_err(to_js)?;
         Ok(Self::wrap(Refresher::OAuth2(
             OAuth2Refresher::new(config, client).map_err(to_js)?,
         )))
@@ -323,6 +381,18 @@ fn failure(e: RefreshError) -> BindingRefreshOutcome {
         status: e.status.map(u32::from),
         error: e.provider_error,
     }
+}
+
+fn tls_config(
+    tls: Option<BindingTlsOptions>,
+) -> std::result::Result<Option<TlsConfig>, napi::Error<Code>> {
+    let Some(tls) = tls else { return Ok(None) };
+    Ok(Some(TlsConfig {
+        // Read first: a bad cert or ca leaves no key copy behind.
+        cert: optional(tls.cert, "tls.cert")?,
+        ca: optional(tls.ca, "tls.ca")?,
+        key: optional(tls.key, "tls.key")?.map(SecretString::new),
+    }))
 }
 
 fn to_js(e: RefreshError) -> napi::Error<Code> {

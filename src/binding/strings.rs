@@ -21,6 +21,9 @@ use crate::engine::EngineError;
 /// UTF-8 bytes: far above any real one, low enough that a wrong value
 /// (a file's contents) is refused rather than copied around.
 pub const MAX_OPTION_BYTES: usize = 8 * 1024;
+/// Longest PEM (or JWK) option accepted: a certificate chain or a CA bundle
+/// of a few dozen certificates, or a large RSA key.
+pub const MAX_PEM_BYTES: usize = 64 * 1024;
 
 /// What reading a JS value as a bounded string found.
 pub(super) enum Text {

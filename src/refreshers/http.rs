@@ -9,12 +9,12 @@ use bytes::Bytes;
 use once_cell::sync::OnceCell;
 use rand::Rng;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
-use reqwest::{Client, RequestBuilder, Url};
+use reqwest::{Certificate, Client, ClientBuilder, Identity, RequestBuilder, Url};
 use tokio::time::Instant;
 use zeroize::Zeroize;
 
 use super::RefreshError;
-use crate::engine::ErrorCode;
+use crate::engine::{ErrorCode, SecretString};
 
 /// Token answers are a few hundred bytes; anything past this is not one.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -31,6 +31,12 @@ pub fn shared_client() -> Result<Client, RefreshError> {
 /// A client configured as the shared one. Tests build their own: pooled
 /// connections belong to the tokio runtime that opened them.
 pub fn new_client() -> Result<Client, RefreshError> {
+    builder()
+        .build()
+        .map_err(|_| RefreshError::new(ErrorCode::RefreshFailed, "could not build the HTTP client"))
+}
+
+fn builder() -> ClientBuilder {
     Client::builder()
         .use_rustls_tls()
         // A token endpoint that redirects is misconfigured; following it
@@ -41,8 +47,110 @@ pub fn new_client() -> Result<Client, RefreshError> {
         // a connection the server is closing fails a request that may have
         // been sent, which an OAuth2 refresh must not resend.
         .pool_idle_timeout(Duration::from_secs(4))
-        .build()
-        .map_err(|_| RefreshError::new(ErrorCode::RefreshFailed, "could not build the HTTP client"))
+}
+
+/// The `tls` option: PEM text. `cert` + `key` present a client certificate
+/// (mutual TLS); `ca` replaces the built-in roots.
+#[derive(Default)]
+pub struct TlsConfig {
+    /// The client certificate chain, leaf first.
+    pub cert: Option<String>,
+    pub key: Option<SecretString>,
+    /// The roots to trust instead of the built-in ones.
+    pub ca: Option<String>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("cert", &self.cert.is_some())
+            .field("key", &self.key.as_ref().map(|_| "<redacted>"))
+            .field("ca", &self.ca.is_some())
+            .finish()
+    }
+}
+
+impl TlsConfig {
+    /// Whether a client certificate is presented.
+    pub fn has_identity(&self) -> bool {
+        self.cert.is_some() && self.key.is_some()
+    }
+}
+
+/// The client for a refresher: the shared one, or with `tls` one of its own
+/// (its own pool: connections made with a client certificate or other roots
+/// must not serve another refresher). Every problem with the PEM text is an
+/// `INVALID_ARGUMENT` naming the option, found here, before any request.
+pub fn client_for(tls: Option<&TlsConfig>) -> Result<Client, RefreshError> {
+    let Some(tls) = tls else {
+        return shared_client();
+    };
+    let mut builder = builder();
+    if let Some(ca) = &tls.ca {
+        let roots = Certificate::from_pem_bundle(ca.as_bytes())
+            .ok()
+            .filter(|r| !r.is_empty())
+            .ok_or_else(|| {
+                RefreshError::invalid_argument("tls.ca", "must hold PEM certificates")
+            })?;
+        builder = builder.tls_built_in_root_certs(false);
+        for root in roots {
+            builder = builder.add_root_certificate(root);
+        }
+    }
+    match (&tls.cert, &tls.key) {
+        (None, None) => {}
+        (Some(_), None) => {
+            return Err(RefreshError::invalid_argument(
+                "tls.key",
+                "is required with tls.cert",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(RefreshError::invalid_argument(
+                "tls.cert",
+                "is required with tls.key",
+            ))
+        }
+        (Some(cert), Some(key)) => {
+            if !cert.contains("-----BEGIN CERTIFICATE-----") {
+                return Err(RefreshError::invalid_argument(
+                    "tls.cert",
+                    "must hold a PEM certificate chain",
+                ));
+            }
+            if cert.contains("PRIVATE KEY-----") {
+                return Err(RefreshError::invalid_argument(
+                    "tls.cert",
+                    "must hold certificates only (the key goes in tls.key)",
+                ));
+            }
+            if !key.expose().contains("PRIVATE KEY-----") {
+                return Err(RefreshError::invalid_argument(
+                    "tls.key",
+                    "must hold a PEM private key",
+                ));
+            }
+            // reqwest reads the key and the chain from one PEM buffer.
+            let mut pem = SecretBytes::default();
+            pem.extend(key.expose().as_bytes());
+            pem.extend(b"\n");
+            pem.extend(cert.as_bytes());
+            let identity = Identity::from_pem(pem.as_ref()).map_err(|_| {
+                RefreshError::invalid_argument("tls.key", "must hold a PEM private key")
+            })?;
+            builder = builder.identity(identity);
+        }
+    }
+    builder.build().map_err(|_| {
+        let name = if tls.has_identity() { "tls.key" } else { "tls.ca" };
+        let problem = if tls.has_identity() {
+            "could not be used: it must be the private key (PKCS#8, PKCS#1 or SEC1 PEM) of tls.cert's first certificate"
+        } else {
+            "could not be used as trusted roots"
+        };
+        RefreshError::invalid_argument(name, problem)
+    })
 }
 
 /// A token endpoint URL: absolute, https (plain http only to a loopback
@@ -153,6 +261,8 @@ pub enum Attempt {
         status: u16,
         retry_after: Option<Duration>,
         body: SecretBytes,
+        /// A `DPoP-Nonce` header (RFC 9449 section 8), when short and printable.
+        dpop_nonce: Option<String>,
     },
     /// The server answered, but the body was too large or broke off.
     BrokenBody { status: u16 },
@@ -181,6 +291,12 @@ pub async fn send_to(request: RequestBuilder, endpoint: &'static str) -> Attempt
     };
     let status = response.status().as_u16();
     let retry_after = retry_after(response.headers(), SystemTime::now());
+    let dpop_nonce = response
+        .headers()
+        .get("dpop-nonce")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 512)
+        .map(String::from);
     let mut body = SecretBytes::default();
     loop {
         match response.chunk().await {
@@ -195,6 +311,7 @@ pub async fn send_to(request: RequestBuilder, endpoint: &'static str) -> Attempt
                     status,
                     retry_after,
                     body,
+                    dpop_nonce,
                 }
             }
             Err(_) => return Attempt::BrokenBody { status },
@@ -418,6 +535,7 @@ mod tests {
             status: 200,
             retry_after: None,
             body: b,
+            dpop_nonce: None,
         };
         let shown = format!("{attempt:?}");
         assert!(!shown.contains("s3cr3t"), "{shown}");
@@ -450,6 +568,51 @@ mod tests {
             );
             assert!(b.delay(0, Some(Duration::from_secs(2))) == Duration::from_secs(2));
         }
+    }
+
+    const CA: &str = include_str!("../../__test__/fixtures/tls/ca.pem");
+    const CERT: &str = include_str!("../../__test__/fixtures/tls/client.pem");
+    const KEY: &str = include_str!("../../__test__/fixtures/tls/client.key");
+    const OTHER_KEY: &str = include_str!("../../__test__/fixtures/tls/self-signed.key");
+
+    fn tls(cert: Option<&str>, key: Option<&str>, ca: Option<&str>) -> TlsConfig {
+        TlsConfig {
+            cert: cert.map(String::from),
+            key: key.map(SecretString::from),
+            ca: ca.map(String::from),
+        }
+    }
+
+    #[test]
+    fn tls_options_are_checked_at_construction_and_never_shown() {
+        assert!(client_for(Some(&tls(Some(CERT), Some(KEY), Some(CA)))).is_ok());
+        assert!(client_for(Some(&tls(None, None, Some(CA)))).is_ok());
+        assert!(client_for(Some(&tls(Some(CERT), Some(KEY), None))).is_ok());
+        for (config, name) in [
+            (tls(Some(CERT), None, None), "tls.key "),
+            (tls(None, Some(KEY), None), "tls.cert "),
+            (tls(None, None, Some("not pem")), "tls.ca "),
+            (tls(None, None, Some(KEY)), "tls.ca "),
+            (tls(Some("not pem"), Some(KEY), None), "tls.cert "),
+            (tls(Some(KEY), Some(KEY), None), "tls.cert "),
+            (tls(Some(CERT), Some(CERT), None), "tls.key "),
+            (tls(Some(CERT), Some(OTHER_KEY), None), "tls.key "),
+            (
+                tls(
+                    Some(CERT),
+                    Some("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"),
+                    None,
+                ),
+                "tls.key ",
+            ),
+        ] {
+            let e = client_for(Some(&config)).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidArgument, "{e}");
+            assert!(e.to_string().starts_with(name), "{e}");
+            assert!(!e.to_string().contains("BEGIN"), "{e}");
+        }
+        let shown = format!("{:?}", tls(Some(CERT), Some(KEY), Some(CA)));
+        assert!(!shown.contains("PRIVATE"), "{shown}");
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! secret, a URL or a response body.
 
 pub mod http;
+pub mod jose;
 pub mod oauth2;
 pub mod tarabut;
 

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use super::http::{self, Attempt, Backoff, SecretBytes, Verdict};
+use super::jose::{self, Algorithm, SigningKey};
 use super::{required, RefreshError, Token};
 use crate::engine::{ErrorCode, SecretString};
 
@@ -29,11 +30,79 @@ pub const FALLBACK_EXPIRES_IN: f64 = 3600.0;
 /// Retries of a connection that could not be made (the request never left).
 const CONNECT_RETRIES: u32 = 2;
 
+/// A client assertion lives this long (FAPI 2.0: at most 60 s).
+const ASSERTION_LIFETIME_S: u64 = 60;
+/// What `private_key_jwt` may sign with (FAPI 2.0 allows PS256, ES256 and
+/// EdDSA; RS256 on request, for older servers).
+const ASSERTION_ALGORITHMS: &[Algorithm] = &[
+    Algorithm::Ps256,
+    Algorithm::Es256,
+    Algorithm::EdDsa,
+    Algorithm::Rs256,
+];
+
+/// What a DPoP key may sign with (FAPI 2.0's algorithms).
+const DPOP_ALGORITHMS: &[Algorithm] = &[Algorithm::Es256, Algorithm::Ps256, Algorithm::EdDsa];
+
+/// The `dpop` option.
+#[derive(Debug)]
+pub struct DpopConfig {
+    /// PKCS#8 PEM or a private JWK.
+    pub private_key: SecretString,
+    pub algorithm: Option<String>,
+}
+
+/// DPoP state: the key, and the last nonce each server gave.
+struct Dpop {
+    key: Box<SigningKey>,
+    /// By origin (RFC 9449 section 8: a nonce is the server's).
+    nonces: parking_lot::Mutex<std::collections::HashMap<String, String>>,
+}
+
+impl Dpop {
+    /// A proof for a POST to `url`, with the server's nonce if one is known.
+    fn proof(&self, url: &Url) -> Result<String, RefreshError> {
+        let mut htu = url.clone();
+        htu.set_query(None);
+        htu.set_fragment(None);
+        let mut claims = serde_json::json!({
+            "jti": jose::random_id(),
+            "htm": "POST",
+            "htu": htu.as_str(),
+            "iat": jose::now_secs(),
+        });
+        if let Some(nonce) = self.nonces.lock().get(&origin(url)) {
+            claims["nonce"] = nonce.as_str().into();
+        }
+        self.key.sign("dpop+jwt", true, &claims)
+    }
+
+    fn remember(&self, url: &Url, attempt: &Attempt) {
+        if let Attempt::Answered {
+            dpop_nonce: Some(nonce),
+            ..
+        } = attempt
+        {
+            self.nonces.lock().insert(origin(url), nonce.clone());
+        }
+    }
+}
+
+fn origin(url: &Url) -> String {
+    url.origin().ascii_serialization()
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AuthMethod {
     #[default]
     ClientSecretBasic,
     ClientSecretPost,
+    /// RFC 7523: a JWT signed with the client's private key.
+    PrivateKeyJwt,
+    /// RFC 8705: the TLS client certificate, issued by a CA the server trusts.
+    TlsClientAuth,
+    /// RFC 8705: a self-signed TLS client certificate registered with the server.
+    SelfSignedTlsClientAuth,
 }
 
 impl AuthMethod {
@@ -41,10 +110,23 @@ impl AuthMethod {
         match value {
             None | Some("client_secret_basic") => Ok(AuthMethod::ClientSecretBasic),
             Some("client_secret_post") => Ok(AuthMethod::ClientSecretPost),
+            Some("private_key_jwt") => Ok(AuthMethod::PrivateKeyJwt),
+            Some("tls_client_auth") => Ok(AuthMethod::TlsClientAuth),
+            Some("self_signed_tls_client_auth") => Ok(AuthMethod::SelfSignedTlsClientAuth),
             Some(_) => Err(RefreshError::invalid_argument(
                 "authMethod",
-                "must be 'client_secret_basic' or 'client_secret_post'",
+                "must be 'client_secret_basic', 'client_secret_post', 'private_key_jwt', 'tls_client_auth' or 'self_signed_tls_client_auth'",
             )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::ClientSecretBasic => "client_secret_basic",
+            AuthMethod::ClientSecretPost => "client_secret_post",
+            AuthMethod::PrivateKeyJwt => "private_key_jwt",
+            AuthMethod::TlsClientAuth => "tls_client_auth",
+            AuthMethod::SelfSignedTlsClientAuth => "self_signed_tls_client_auth",
         }
     }
 }
@@ -59,12 +141,29 @@ pub struct OAuth2Config {
     pub timeout_ms: Option<f64>,
     /// The RFC 7009 revocation endpoint, if the provider has one.
     pub revocation_url: Option<String>,
+    /// `private_key_jwt`: PKCS#8 PEM or a private JWK.
+    pub private_key: Option<SecretString>,
+    pub key_id: Option<String>,
+    pub algorithm: Option<String>,
+    /// The assertion's `aud`; default the token URL.
+    pub audience: Option<String>,
+    /// DPoP (RFC 9449): bind the tokens to this key.
+    pub dpop: Option<DpopConfig>,
+    /// Whether the client presents a TLS certificate (`tls.cert` +
+    /// `tls.key`), which the two `tls_*` methods need.
+    pub client_certificate: bool,
 }
 
 impl Default for OAuth2Config {
     fn default() -> Self {
         Self {
             revocation_url: None,
+            private_key: None,
+            key_id: None,
+            algorithm: None,
+            audience: None,
+            client_certificate: false,
+            dpop: None,
             token_url: String::new(),
             client_id: String::new(),
             client_secret: SecretString::new(String::new()),
@@ -80,6 +179,7 @@ pub struct OAuth2Refresher {
     url: Url,
     revocation_url: Option<Url>,
     auth: Auth,
+    dpop: Option<Dpop>,
     scope: Option<String>,
     timeout: Duration,
 }
@@ -92,13 +192,26 @@ enum Auth {
         client_id: String,
         client_secret: SecretString,
     },
+    /// A fresh client assertion per request.
+    Jwt {
+        client_id: String,
+        key: Box<SigningKey>,
+        audience: String,
+    },
+    /// The TLS layer authenticates; the body names the client.
+    Tls {
+        client_id: String,
+        method: AuthMethod,
+    },
 }
 
 impl std::fmt::Debug for OAuth2Refresher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let method = match self.auth {
+        let method = match &self.auth {
             Auth::Basic(_) => "client_secret_basic",
             Auth::Post { .. } => "client_secret_post",
+            Auth::Jwt { .. } => "private_key_jwt",
+            Auth::Tls { method, .. } => method.as_str(),
         };
         f.debug_struct("OAuth2Refresher")
             .field("auth_method", &method)
@@ -110,6 +223,7 @@ impl std::fmt::Debug for OAuth2Refresher {
 #[derive(Deserialize)]
 struct Answer {
     access_token: Option<serde_json::Value>,
+    token_type: Option<serde_json::Value>,
     expires_in: Option<serde_json::Value>,
     refresh_token: Option<serde_json::Value>,
 }
@@ -126,11 +240,40 @@ impl OAuth2Refresher {
             .map(|u| http::token_url("revocationUrl", u))
             .transpose()?;
         required("clientId", &config.client_id)?;
-        required("clientSecret", config.client_secret.expose())?;
         let timeout = super::timeout_option("timeoutMs", config.timeout_ms)?;
-        let auth = match config.auth_method {
-            // RFC 6749 section 2.3.1: each part form-urlencoded, then Base64.
+        let method = config.auth_method;
+        let uses_secret = matches!(
+            method,
+            AuthMethod::ClientSecretBasic | AuthMethod::ClientSecretPost
+        );
+        let only_for = |name: &str, which: &str| {
+            RefreshError::invalid_argument(
+                name,
+                &format!("is only for {which} (authMethod is '{}')", method.as_str()),
+            )
+        };
+        if !uses_secret && !config.client_secret.is_empty() {
+            return Err(only_for(
+                "clientSecret",
+                "client_secret_basic and client_secret_post",
+            ));
+        }
+        if method != AuthMethod::PrivateKeyJwt {
+            for (name, set) in [
+                ("privateKey", config.private_key.is_some()),
+                ("keyId", config.key_id.is_some()),
+                ("algorithm", config.algorithm.is_some()),
+                ("audience", config.audience.is_some()),
+            ] {
+                if set {
+                    return Err(only_for(name, "private_key_jwt"));
+                }
+            }
+        }
+        let auth = match method {
             AuthMethod::ClientSecretBasic => {
+                required("clientSecret", config.client_secret.expose())?;
+                // RFC 6749 section 2.3.1: each part form-urlencoded, then Base64.
                 // Intermediate copies are SecretStrings too: wiped on drop.
                 let pair = SecretString::new(format!(
                     "{}:{}",
@@ -148,16 +291,83 @@ impl OAuth2Refresher {
                 value.set_sensitive(true);
                 Auth::Basic(value)
             }
-            AuthMethod::ClientSecretPost => Auth::Post {
-                client_id: config.client_id,
-                client_secret: config.client_secret,
-            },
+            AuthMethod::ClientSecretPost => {
+                required("clientSecret", config.client_secret.expose())?;
+                Auth::Post {
+                    client_id: config.client_id,
+                    client_secret: config.client_secret,
+                }
+            }
+            AuthMethod::PrivateKeyJwt => {
+                let key = config.private_key.as_ref().ok_or_else(|| {
+                    RefreshError::invalid_argument(
+                        "privateKey",
+                        "is required by authMethod 'private_key_jwt'",
+                    )
+                })?;
+                let algorithm = config
+                    .algorithm
+                    .as_deref()
+                    .map(|a| Algorithm::parse("algorithm", a, ASSERTION_ALGORITHMS))
+                    .transpose()?;
+                let key = SigningKey::parse(
+                    "privateKey",
+                    key.expose(),
+                    algorithm,
+                    config.key_id,
+                    ASSERTION_ALGORITHMS,
+                )?;
+                let audience = config.audience.unwrap_or_else(|| config.token_url.clone());
+                required("audience", &audience)?;
+                Auth::Jwt {
+                    client_id: config.client_id,
+                    key: Box::new(key),
+                    audience,
+                }
+            }
+            AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth => {
+                if !config.client_certificate {
+                    return Err(RefreshError::invalid_argument(
+                        "tls",
+                        &format!(
+                            "needs cert and key: authMethod '{}' authenticates with the client certificate",
+                            method.as_str()
+                        ),
+                    ));
+                }
+                Auth::Tls {
+                    client_id: config.client_id,
+                    method,
+                }
+            }
+        };
+        let dpop = match config.dpop {
+            None => None,
+            Some(d) => {
+                let algorithm = d
+                    .algorithm
+                    .as_deref()
+                    .map(|a| Algorithm::parse("dpop.algorithm", a, DPOP_ALGORITHMS))
+                    .transpose()?;
+                let key = SigningKey::parse(
+                    "dpop.privateKey",
+                    d.private_key.expose(),
+                    algorithm,
+                    None,
+                    DPOP_ALGORITHMS,
+                )?;
+                Some(Dpop {
+                    key: Box::new(key),
+                    nonces: parking_lot::Mutex::new(std::collections::HashMap::new()),
+                })
+            }
         };
         Ok(Self {
             client,
             url,
             revocation_url,
             auth,
+            dpop,
             scope: config.scope.filter(|s| !s.is_empty()),
             timeout,
         })
@@ -187,13 +397,43 @@ impl OAuth2Refresher {
         if let Some(scope) = &self.scope {
             form.push(("scope", scope));
         }
-        let body = self.body(form)?;
-        let backoff = Backoff::default();
-        http::with_retries(deadline, CONNECT_RETRIES, backoff, || {
-            let request = self.request(&self.url, body.clone());
-            async move { judge(http::send(request).await) }
-        })
-        .await
+        let dpop = self.dpop.as_ref();
+        let mut nonce_retried = false;
+        loop {
+            // Built per try: a client assertion's jti is single-use.
+            let body = self.body(form.clone())?;
+            let result = http::with_retries(deadline, CONNECT_RETRIES, Backoff::default(), || {
+                let request = self.request(&self.url, body.clone());
+                // A fresh proof per attempt (its jti is single-use too).
+                let proof = dpop.map(|d| d.proof(&self.url)).transpose();
+                async move {
+                    let request = match proof {
+                        Ok(Some(proof)) => request.header("dpop", proof),
+                        Ok(None) => request,
+                        Err(e) => return Verdict::Done(Err(e)),
+                    };
+                    let attempt = http::send(request).await;
+                    if let Some(d) = dpop {
+                        d.remember(&self.url, &attempt);
+                    }
+                    judge(attempt, dpop.is_some())
+                }
+            })
+            .await;
+            match result {
+                // RFC 9449 section 8: the server refused the proof for its
+                // missing or stale nonce, before looking at the grant; one
+                // more try with the nonce it just gave is what it asks for.
+                Err(e)
+                    if dpop.is_some()
+                        && !nonce_retried
+                        && e.provider_error.as_deref() == Some("use_dpop_nonce") =>
+                {
+                    nonce_retried = true;
+                }
+                other => return other,
+            }
+        }
     }
 
     pub fn can_revoke(&self) -> bool {
@@ -235,14 +475,46 @@ impl OAuth2Refresher {
     /// The form body with the client's credentials when they go in it
     /// (`client_secret_post`). It holds a refresh token (and maybe the
     /// secret): one buffer for every attempt, wiped once the last is gone.
-    fn body<'a>(&'a self, mut form: Vec<(&'a str, &'a str)>) -> Result<Bytes, RefreshError> {
-        if let Auth::Post {
-            client_id,
-            client_secret,
-        } = &self.auth
-        {
-            form.push(("client_id", client_id));
-            form.push(("client_secret", client_secret.expose()));
+    fn body(&self, fields: Vec<(&str, &str)>) -> Result<Bytes, RefreshError> {
+        let assertion;
+        let mut form = fields;
+        match &self.auth {
+            Auth::Basic(_) => {}
+            Auth::Post {
+                client_id,
+                client_secret,
+            } => {
+                form.push(("client_id", client_id));
+                form.push(("client_secret", client_secret.expose()));
+            }
+            Auth::Jwt {
+                client_id,
+                key,
+                audience,
+            } => {
+                // RFC 7523 section 3; a fresh one per request (its jti is
+                // single-use at the server).
+                let iat = jose::now_secs();
+                assertion = key.sign(
+                    "JWT",
+                    false,
+                    &serde_json::json!({
+                        "iss": client_id,
+                        "sub": client_id,
+                        "aud": audience,
+                        "jti": jose::random_id(),
+                        "iat": iat,
+                        "exp": iat + ASSERTION_LIFETIME_S,
+                    }),
+                )?;
+                form.push(("client_id", client_id));
+                form.push((
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                ));
+                form.push(("client_assertion", &assertion));
+            }
+            Auth::Tls { client_id, .. } => form.push(("client_id", client_id)),
         }
         let body = SecretString::new(serde_urlencoded::to_string(&form).map_err(|_| {
             RefreshError::new(ErrorCode::RefreshFailed, "could not encode the request")
@@ -270,7 +542,7 @@ fn form(s: &str) -> String {
     form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-fn judge(attempt: Attempt) -> Verdict<Token> {
+fn judge(attempt: Attempt, dpop: bool) -> Verdict<Token> {
     match attempt {
         // The connection was never made: the refresh token never left.
         Attempt::Failed { sent: false, error } => Verdict::Retry { error, after: None },
@@ -283,7 +555,7 @@ fn judge(attempt: Attempt) -> Verdict<Token> {
             Verdict::Done(Err(RefreshError::from_status(status, None)))
         }
         Attempt::Answered { status, body, .. } if (200..300).contains(&status) => {
-            Verdict::Done(parse(status, body.as_ref()))
+            Verdict::Done(parse(status, body.as_ref(), dpop))
         }
         Attempt::Answered { status, body, .. } => Verdict::Done(Err(RefreshError::from_status(
             status,
@@ -314,9 +586,19 @@ fn judge_revocation(attempt: Attempt) -> Verdict<()> {
     }
 }
 
-fn parse(status: u16, body: &[u8]) -> Result<Token, RefreshError> {
+fn parse(status: u16, body: &[u8], dpop: bool) -> Result<Token, RefreshError> {
     let answer: Answer = serde_json::from_slice(body)
         .map_err(|_| RefreshError::malformed(status, "a body that is not a JSON object"))?;
+    // RFC 9449 section 5: a DPoP request gets a DPoP-bound token. A Bearer
+    // one would work for anyone who takes it: not a silent downgrade.
+    if dpop
+        && !matches!(&answer.token_type, Some(serde_json::Value::String(t)) if t.eq_ignore_ascii_case("DPoP"))
+    {
+        return Err(RefreshError::malformed(
+            status,
+            "a token_type other than DPoP to a DPoP request (a token not bound to the key)",
+        ));
+    }
     let access = match answer.access_token {
         Some(serde_json::Value::String(s)) if !s.is_empty() => SecretString::new(s),
         _ => return Err(RefreshError::malformed(status, "no access_token string")),
@@ -693,6 +975,240 @@ mod tests {
         assert!(e.to_string().starts_with("revocationUrl "), "{e}");
     }
 
+    #[tokio::test]
+    async fn private_key_jwt_sends_a_fresh_assertion_and_no_secret() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({ "access_token": "at" })))
+            .expect(2)
+            .mount(&server)
+            .await;
+        let config = OAuth2Config {
+            token_url: server.uri(),
+            client_id: "bank-app".into(),
+            auth_method: AuthMethod::PrivateKeyJwt,
+            private_key: Some(SecretString::from(include_str!(
+                "../../__test__/fixtures/jose/ed25519.pem"
+            ))),
+            audience: Some("https://bank.example".into()),
+            ..Default::default()
+        };
+        let r = OAuth2Refresher::new(config, http::new_client().unwrap()).unwrap();
+        assert!(!format!("{r:?}").contains("PRIVATE"));
+        let r = Refresher::OAuth2(r);
+        r.refresh("u", Some(&rt()), BUDGET).await.unwrap();
+        r.refresh("u", Some(&rt()), BUDGET).await.unwrap();
+        let sent = requests(&server).await;
+        let assertions: Vec<serde_json::Value> = sent
+            .iter()
+            .map(|req| {
+                assert!(!req.headers.contains_key("authorization"));
+                let form: std::collections::HashMap<String, String> =
+                    serde_urlencoded::from_bytes(&req.body).unwrap();
+                assert_eq!(form["client_id"], "bank-app");
+                assert_eq!(
+                    form["client_assertion_type"],
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+                );
+                assert!(!form.contains_key("client_secret"));
+                let claims = form["client_assertion"].split('.').nth(1).unwrap();
+                serde_json::from_slice(
+                    &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                        .decode(claims)
+                        .unwrap(),
+                )
+                .unwrap()
+            })
+            .collect();
+        for c in &assertions {
+            assert_eq!(
+                (&c["iss"], &c["sub"]),
+                (&json!("bank-app"), &json!("bank-app"))
+            );
+            assert_eq!(c["aud"], "https://bank.example");
+            let (iat, exp) = (c["iat"].as_u64().unwrap(), c["exp"].as_u64().unwrap());
+            assert!(exp > iat && exp - iat <= 60);
+        }
+        assert_ne!(assertions[0]["jti"], assertions[1]["jti"]);
+    }
+
+    fn dpop_refresher(url: String) -> Refresher {
+        let config = OAuth2Config {
+            token_url: url,
+            client_id: "c".into(),
+            client_secret: "s".into(),
+            dpop: Some(DpopConfig {
+                private_key: SecretString::from(include_str!(
+                    "../../__test__/fixtures/jose/ec.pem"
+                )),
+                algorithm: None,
+            }),
+            ..Default::default()
+        };
+        Refresher::OAuth2(OAuth2Refresher::new(config, http::new_client().unwrap()).unwrap())
+    }
+
+    fn proof_claims(req: &Request) -> serde_json::Value {
+        let proof = req.headers.get("dpop").unwrap().to_str().unwrap();
+        let claims = proof.split('.').nth(1).unwrap();
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(claims)
+                .unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn dpop_retries_once_with_the_servers_nonce_and_keeps_it() {
+        let server = MockServer::start().await;
+        Mock::given(header_exists("dpop"))
+            .and(wiremock::matchers::body_string_contains("rt-"))
+            .respond_with(|req: &Request| {
+                if proof_claims(req).get("nonce") == Some(&json!("n-1")) {
+                    ResponseTemplate::new(200)
+                        .set_body_json(json!({ "access_token": "at", "token_type": "DPoP" }))
+                } else {
+                    ResponseTemplate::new(400)
+                        .insert_header("dpop-nonce", "n-1")
+                        .set_body_json(json!({ "error": "use_dpop_nonce" }))
+                }
+            })
+            .mount(&server)
+            .await;
+        let r = dpop_refresher(format!("{}/token?x=1", server.uri()));
+        r.refresh("u", Some(&rt()), BUDGET).await.unwrap();
+        r.refresh("u", Some(&rt()), BUDGET).await.unwrap();
+        let sent = requests(&server).await;
+        assert_eq!(
+            sent.len(),
+            3,
+            "one retry for the nonce, then the nonce is kept"
+        );
+        let claims: Vec<_> = sent.iter().map(proof_claims).collect();
+        assert_eq!(claims[0]["htm"], "POST");
+        assert_eq!(claims[0]["htu"], format!("{}/token", server.uri()));
+        assert!(claims[0].get("nonce").is_none());
+        assert_eq!(
+            (&claims[1]["nonce"], &claims[2]["nonce"]),
+            (&json!("n-1"), &json!("n-1"))
+        );
+        let jtis: std::collections::HashSet<_> =
+            claims.iter().map(|c| c["jti"].to_string()).collect();
+        assert_eq!(jtis.len(), 3);
+
+        // A server that keeps asking gets one retry, not a loop.
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(
+                ResponseTemplate::new(400)
+                    .insert_header("dpop-nonce", "always-new")
+                    .set_body_json(json!({ "error": "use_dpop_nonce" })),
+            )
+            .mount(&server)
+            .await;
+        let e = dpop_refresher(server.uri())
+            .refresh("u", Some(&rt()), BUDGET)
+            .await
+            .unwrap_err();
+        assert_eq!(e.provider_error.as_deref(), Some("use_dpop_nonce"));
+        assert_eq!(requests(&server).await.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_bearer_answer_to_a_dpop_request_is_an_error() {
+        let server = MockServer::start().await;
+        Mock::given(method("POST"))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(json!({ "access_token": "at", "token_type": "Bearer" })),
+            )
+            .mount(&server)
+            .await;
+        let e = dpop_refresher(server.uri())
+            .refresh("u", Some(&rt()), BUDGET)
+            .await
+            .unwrap_err();
+        assert_eq!((e.code, e.status), (ErrorCode::RefreshFailed, Some(200)));
+        assert!(e.to_string().contains("other than DPoP"), "{e}");
+        assert_eq!(requests(&server).await.len(), 1);
+    }
+
+    #[test]
+    fn each_method_takes_its_own_credentials_only() {
+        let client = http::new_client().unwrap();
+        let key = || {
+            Some(SecretString::from(include_str!(
+                "../../__test__/fixtures/jose/ec.pem"
+            )))
+        };
+        let base = || OAuth2Config {
+            token_url: "https://idp.example/token".into(),
+            client_id: "c".into(),
+            ..Default::default()
+        };
+        for (config, prefix) in [
+            (
+                OAuth2Config {
+                    auth_method: AuthMethod::PrivateKeyJwt,
+                    ..base()
+                },
+                "privateKey is required",
+            ),
+            (
+                OAuth2Config {
+                    auth_method: AuthMethod::PrivateKeyJwt,
+                    private_key: key(),
+                    client_secret: "s".into(),
+                    ..base()
+                },
+                "clientSecret is only for",
+            ),
+            (
+                OAuth2Config {
+                    client_secret: "s".into(),
+                    private_key: key(),
+                    ..base()
+                },
+                "privateKey is only for private_key_jwt",
+            ),
+            (
+                OAuth2Config {
+                    client_secret: "s".into(),
+                    audience: Some("x".into()),
+                    ..base()
+                },
+                "audience is only for private_key_jwt",
+            ),
+            (
+                OAuth2Config {
+                    auth_method: AuthMethod::TlsClientAuth,
+                    ..base()
+                },
+                "tls needs cert and key",
+            ),
+            (
+                OAuth2Config {
+                    auth_method: AuthMethod::SelfSignedTlsClientAuth,
+                    client_certificate: true,
+                    client_secret: "s".into(),
+                    ..base()
+                },
+                "clientSecret is only for",
+            ),
+        ] {
+            let e = OAuth2Refresher::new(config, client.clone()).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidArgument);
+            assert!(e.to_string().starts_with(prefix), "{e}");
+        }
+        let ok = OAuth2Config {
+            auth_method: AuthMethod::TlsClientAuth,
+            client_certificate: true,
+            ..base()
+        };
+        assert!(OAuth2Refresher::new(ok, client).is_ok());
+    }
+
     #[test]
     fn options_are_validated_and_secrets_redacted() {
         let client = http::new_client().unwrap();
@@ -710,7 +1226,9 @@ mod tests {
             AuthMethod::ClientSecretPost
         );
         assert_eq!(
-            AuthMethod::parse(Some("private_key_jwt")).unwrap_err().code,
+            AuthMethod::parse(Some("client_secret_jwt"))
+                .unwrap_err()
+                .code,
             ErrorCode::InvalidArgument
         );
         for (config, prefix) in [

@@ -198,6 +198,7 @@ fn judge(attempt: Attempt) -> Verdict<Token> {
             status,
             retry_after,
             body,
+            ..
         } => {
             if (200..300).contains(&status) {
                 return Verdict::Done(parse(status, body.as_ref()));
