@@ -5,7 +5,7 @@
 // JSON line: the counts over the measured period (after the first token
 // lifetime) and a series of time buckets for the picture.
 // Usage: node --expose-gc steady-state-child.mjs '<json: { refreshAhead, users, lifetimeS, durationS, bucketMs, delayMinMs, delayMaxMs, tokenBytes }>'
-import { monitorEventLoopDelay, performance } from 'node:perf_hooks'
+import { PerformanceObserver, monitorEventLoopDelay, performance } from 'node:perf_hooks'
 import { setTimeout as sleep } from 'node:timers/promises'
 
 import { TokenManager } from '../index.mjs'
@@ -112,6 +112,20 @@ function send(i) {
 }
 
 const loop = monitorEventLoopDelay({ resolution: 1 })
+// Garbage collections in the measured period: what a loop delay may be made of.
+const gc = { count: 0, totalMs: 0, maxMs: 0, maxKind: 0 }
+const gcObserver = new PerformanceObserver((list) => {
+  for (const e of list.getEntries()) {
+    if (e.startTime - t0 < lifetimeMs) continue
+    gc.count++
+    gc.totalMs += e.duration
+    if (e.duration > gc.maxMs) {
+      gc.maxMs = e.duration
+      gc.maxKind = e.detail?.kind ?? 0
+    }
+  }
+})
+gcObserver.observe({ entryTypes: ['gc'] })
 const own = ownDelay()
 let measuredOwnMaxMs = NaN
 t0 = performance.now()
@@ -135,6 +149,7 @@ await Promise.race([done, new Promise((resolve) => setTimeout(resolve, 30_000).u
 loop.disable()
 measuredOwnMaxMs = own.take()
 own.stop()
+gcObserver.disconnect()
 const stats = manager.stats()
 await manager.close()
 
@@ -224,6 +239,11 @@ console.log(
     loopMaxMs: loop.max / 1e6,
     loopP99Ms: loop.percentile(99) / 1e6,
     ownMaxMs: measuredOwnMaxMs,
+    gcCount: gc.count,
+    gcTotalMs: gc.totalMs,
+    gcMaxMs: gc.maxMs,
+    // perf_hooks.constants.NODE_PERFORMANCE_GC_*: 1 minor (scavenge), 2 major (mark-compact), 4 incremental, 8 weak callbacks.
+    gcMaxKind: gc.maxKind,
     points,
   }),
 )

@@ -100,7 +100,7 @@ export async function steadyStateRows({ users = 10_000, lifetimeS = 60, duration
       unit: 'ms, wall / own (on vs off)',
       target: '≤ 20 ms own',
       met: on.ownMaxMs <= 20,
-      note: `monitorEventLoopDelay (1 ms resolution), p99 ${vs(ms, 'loopP99Ms')} ms; own: the JS thread's run and run-queue time between two turns of a 1 ms timer (own-time.mjs), the eviction rows' measure and target`,
+      note: `monitorEventLoopDelay (1 ms resolution), p99 ${vs(ms, 'loopP99Ms')} ms; longest GC pause ${vs(ms, 'gcMaxMs')} ms (kind ${on.gcMaxKind} vs ${off.gcMaxKind}: 1 scavenge, 2 mark-compact), GC ${vs(ms, 'gcTotalMs')} ms in all; own: the JS thread's run and run-queue time between two turns of a 1 ms timer (own-time.mjs), the eviction rows' measure and target`,
     },
   ]
 }
