@@ -82,9 +82,6 @@ export function steadyStateSvg(runs, { bucketMs, delayMinMs, delayMaxMs, title }
     out.push(`<rect x="${x(0)}" y="${y0}" width="${num(x(lifetimeS) - x(0))}" height="${PANEL_H}" fill="${COLORS.warm}"/>`)
     out.push(`<text x="${x(0) + 4}" y="${y0 + 14}" fill="#777">first lifetime: not counted</text>`)
     out.push(`<rect x="${M.left}" y="${num(y(delayMaxMs))}" width="${PLOT_W}" height="${num(y(delayMinMs) - y(delayMaxMs))}" fill="${COLORS.band}" opacity="0.7"/>`)
-    out.push(
-      `<text x="${W - M.right - 4}" y="${num(y(delayMaxMs) + 14)}" text-anchor="end" fill="#a33">refresh takes ${delayMinMs}–${delayMaxMs} ms: a call waiting on one lands here</text>`,
-    )
     // Latency axis (log).
     for (let d = lo; d <= hi * 1.0001; d *= 10) {
       out.push(`<line x1="${M.left}" y1="${num(y(d))}" x2="${W - M.right}" y2="${num(y(d))}" stroke="#e0e0e0"/>`)
@@ -100,6 +97,10 @@ export function steadyStateSvg(runs, { bucketMs, delayMinMs, delayMaxMs, title }
     for (const p of r.points) {
       if (p.waited > 0) out.push(`<circle cx="${num(x(mid(p)))}" cy="${num(y(p.waitedMax))}" r="3" fill="${COLORS.waited}"><title>${p.waited} calls waited</title></circle>`)
     }
+    // Over the lines, with a white halo so it stays readable.
+    out.push(
+      `<text x="${W - M.right - 4}" y="${num(y(delayMaxMs) + 14)}" text-anchor="end" fill="#a33" stroke="#ffffff" stroke-width="3" paint-order="stroke">refresh takes ${delayMinMs}–${delayMaxMs} ms: a call waiting on one lands here</text>`,
+    )
     out.push(`<rect x="${M.left}" y="${y0}" width="${PLOT_W}" height="${PANEL_H}" fill="none" stroke="#444"/>`)
     // Refreshes started per bucket, beneath.
     const by = y0 + PANEL_H + 6
