@@ -2,12 +2,12 @@
 // once, then left idle while an active set keeps calling (slow path: each
 // presents a due token) past `idleTtlMs`. Prints one JSON line.
 // Usage: node --expose-gc --import tsx eviction-child.mjs <seed|addon|floor> <users> <idleTtlMs> <tokenBytes>
-import { openSync, readSync } from 'node:fs'
 import { PerformanceObserver, constants as perfConstants, monitorEventLoopDelay, performance } from 'node:perf_hooks'
 import { setImmediate as tick, setTimeout as sleep } from 'node:timers/promises'
 
 import { TokenManager } from '../index.mjs'
 import { fakeToken, floorRefresh } from './competitors.mjs'
+import { ownDelay, ownParts } from './own-time.mjs'
 import { SeedTokenManager } from './seed-token-manager.ts'
 
 const [name, usersArg, ttlArg, bytesArg] = process.argv.slice(2)
@@ -63,61 +63,6 @@ async function settle() {
 
 const rss = () => process.memoryUsage().rss
 
-// The process's own part of a stall. Wall-clock delays on a VM also hold the
-// time the hypervisor ran something else on our vCPU ("steal"), which the
-// process neither causes nor can avoid. The kernel leaves steal out of a
-// thread's run time, so the JS thread's own part of a stretch of wall time
-// is the time it ran plus the time it waited for a CPU (both from its
-// schedstat, Linux): work, GC, and waiting behind the process's other
-// threads count; the host's pauses do not. The kernel brings a running
-// thread's run time up to date only at a scheduler tick or switch, and on
-// getrusage: process.resourceUsage() is called first for that (and its
-// page faults, process-wide, go into a slow call's anatomy). Without the
-// file the figures are NaN.
-const schedstat = (() => {
-  try {
-    return openSync('/proc/thread-self/schedstat', 'r')
-  } catch {
-    return null
-  }
-})()
-const statBuf = Buffer.alloc(64)
-/** [ran, waited for a CPU] in ms, and the process's page faults, so far (see above). */
-function ownParts() {
-  const { minorPageFault, majorPageFault } = process.resourceUsage()
-  if (schedstat === null) return [NaN, NaN, minorPageFault, majorPageFault]
-  const n = readSync(schedstat, statBuf, 0, statBuf.length, 0)
-  const [runNs, waitNs] = statBuf.toString('latin1', 0, n).split(' ')
-  return [Number(runNs) / 1e6, Number(waitNs) / 1e6, minorPageFault, majorPageFault]
-}
-function ownMs() {
-  const [run, wait] = ownParts()
-  return run + wait
-}
-
-/** The most own time (see ownMs) between two turns of a 1 ms timer: the
- *  longest the process itself can have held the event loop. */
-function ownDelay() {
-  let wall = performance.now()
-  let own = ownMs()
-  let max = 0
-  const timer = setInterval(() => {
-    const w = performance.now()
-    const o = ownMs()
-    max = Math.max(max, Math.min(w - wall, o - own))
-    wall = w
-    own = o
-  }, 1)
-  return {
-    take() {
-      const m = max
-      max = 0
-      return m
-    },
-    stop: () => clearInterval(timer),
-  }
-}
-
 // Warm-up on a throwaway instance: JIT code and heap headroom belong in the baseline.
 await fill(make(), 'warm', 0, 20_000)
 await settle()
@@ -163,7 +108,7 @@ const dueAt = fillStart + idleTtlMs
 const stopAt = idleAt + SLACK_MS
 const evicting = monitorEventLoopDelay({ resolution: 1 })
 // The two parts of the idle phase: the slowest call (wall and own time,
-// see ownMs) and the slowest stats() in each. The slowest call by own time
+// see own-time.mjs) and the slowest stats() in each. The slowest call by own time
 // also keeps what its own time was made of: running, waiting for a CPU,
 // and the GC that overlapped it (matched after the phase, from the gc
 // entries the observer below kept).

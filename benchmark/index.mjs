@@ -2,7 +2,7 @@
 // / floor side by side in one process, rounds interleaved; prints a Markdown
 // table of medians and addon/seed ratios to stdout, progress to stderr.
 //
-// Options: --quick, --rounds N, --only 1,3,5,7, --token-bytes N (access token
+// Options: --quick, --rounds N, --only 1,3,5,7,steady, --token-bytes N (access token
 // length, default 1000: a JWT).
 //
 // Rows from other modules: each entry in HOOKS names a file and how to get
@@ -17,6 +17,7 @@ import { parseArgs } from 'node:util'
 import { awaitedNsPerCall, concurrentCallsPerSec, runRows, spreadTable, table } from './harness.mjs'
 import { addon, fakeToken, floorHot, floorRefresh, FloorShared, seed } from './competitors.mjs'
 import { coldStartRow } from './cold-start.mjs'
+import { lifecycleRows } from './lifecycle.mjs'
 
 // Modules with rows of their own, printed in a second table when present.
 // One line each: [id for --only, file, (module, ctx) => rows], rows being
@@ -25,6 +26,7 @@ import { coldStartRow } from './cold-start.mjs'
 const HOOKS = [
   ['native', './native-refresher.mjs', async (m, c) => ratioRow(await m.benchNativeRefresher(c.quick ? { rounds: 2, refreshes: 200, concurrency: 16, log: c.log } : { log: c.log }))],
   ['redis', './redis.mjs', (m, c) => m.redisRows(c.quick ? { users: 200, rounds: 2, processes: 2, fleetUsers: 100, log: c.log } : { log: c.log })],
+  ['steady', './steady-state.mjs', (m, c) => m.steadyStateRows(c.quick ? { users: 1000, lifetimeS: 4, durationS: 12, bucketMs: 250, tokenBytes: c.tokenBytes, svgPath: m.QUICK_SVG_PATH, log: c.log } : { tokenBytes: c.tokenBytes, log: c.log })],
   ['evict', './eviction.mjs', (m, c) => m.evictionRows(c.quick ? { users: 20_000, idleTtlMs: 2_000, rounds: 1, tokenBytes: c.tokenBytes, log: c.log } : { tokenBytes: c.tokenBytes, log: c.log })],
 ]
 
@@ -362,6 +364,7 @@ const rows = [
   memoryRow('5b', 40),
   failureRow(),
   coldStartRow('7', { rounds: ctx.coldRounds }),
+  ...lifecycleRows(ctx),
 ]
 
 const only = args.only ? new Set(args.only.split(',')) : null
@@ -390,7 +393,7 @@ const cpu = os.cpus()
 console.log(`# tarabut-token-manager benchmarks${quick ? ' (quick: smoke run, numbers not meaningful)' : ''}\n`)
 console.log(
   `${cpu.length} × ${cpu[0]?.model ?? 'unknown CPU'}, Node ${process.version}, ${new Date(started).toISOString().slice(0, 10)}; ` +
-    `medians of interleaved rounds (${ctx.microRounds} for rows 1-3s, ${2 * ctx.microRounds} for row 2b, ${ctx.coldRounds} for row 7, ${ctx.rounds} for the rest), access tokens ${tokenBytes} B; ` +
+    `medians of interleaved rounds (${ctx.microRounds} for rows 1-3s and 8-9, ${2 * ctx.microRounds} for row 2b, ${ctx.coldRounds} for row 7, ${ctx.rounds} for the rest), access tokens ${tokenBytes} B; ` +
     `load average ${load0.toFixed(2)} → ${load1.toFixed(2)}; ${((Date.now() - started) / 1000).toFixed(0)} s\n`,
 )
 console.log(table(results))
