@@ -369,6 +369,16 @@ mod tests {
     ];
 
     #[test]
+    fn every_held_key_wipes_itself_on_drop() {
+        fn wiped<T: zeroize::ZeroizeOnDrop>() {}
+        wiped::<rsa::pss::SigningKey<sha256::Sha256>>();
+        wiped::<rsa::pkcs1v15::SigningKey<sha256::Sha256>>();
+        wiped::<p256::ecdsa::SigningKey>();
+        wiped::<p256::SecretKey>();
+        wiped::<ed25519_dalek::SigningKey>();
+    }
+
+    #[test]
     fn algorithms_parse_by_name() {
         assert_eq!(
             Algorithm::parse("algorithm", "PS256", ALL).unwrap(),
