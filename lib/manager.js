@@ -361,7 +361,7 @@ function readRefreshed(result) {
 }
 
 /** The numeric options, which the core checks. */
-const OPTION_NAMES = ['bufferTimeMs', 'doubleCheckWindowMs', 'refreshTimeoutMs', 'idleTtlMs']
+const OPTION_NAMES = ['bufferTimeMs', 'doubleCheckWindowMs', 'refreshTimeoutMs', 'idleTtlMs', 'maxTokenLifetimeMs']
 /** Every option the constructor takes: any other key is a TypeError naming it. */
 const KNOWN_OPTIONS = [...OPTION_NAMES, 'now', 'logger', 'openTelemetry', 'redis', 'store', 'refresher', 'refreshAhead', 'fetch']
 
@@ -371,6 +371,8 @@ class TokenManager {
   #begin
   /** The effective buffer, for the hot path's rule. */
   #bufferMs
+  /** The effective `maxTokenLifetimeMs`, for the hot path's rule. */
+  #maxLifetimeMs
   /** `options.now`, or null: `Date.now` as it is at each call. */
   #now
   /** The clock's name in errors. */
@@ -412,6 +414,7 @@ class TokenManager {
         doubleCheckWindowMs: o.doubleCheckWindowMs,
         refreshTimeoutMs: o.refreshTimeoutMs,
         idleTtlMs: o.idleTtlMs,
+        maxTokenLifetimeMs: o.maxTokenLifetimeMs,
       })
     } catch (e) {
       throw fromNative(e, RangeError)
@@ -420,6 +423,7 @@ class TokenManager {
     const protocol = native.bindProtocol()
     this.#begin = protocol.begin
     this.#bufferMs = native.bufferTimeMs
+    this.#maxLifetimeMs = native.maxTokenLifetimeMs
     this.#observer = new observability.Observer(o, () => this.stats(), this.#bufferMs)
     let coordinator = null
     if (redis !== undefined && redis !== null) {
@@ -477,7 +481,7 @@ class TokenManager {
         (length <= SHORT_TOKEN || fitsUtf8(accessToken, MAX_TOKEN_BYTES)) &&
         (userId.length <= SHORT_USER_ID || fitsUtf8(userId, MAX_USER_ID_BYTES)) &&
         (this.#revoked.size === 0 || !this.#isRevoked(userId, now)) &&
-        isFresh(exp, now, this.#bufferMs)
+        isFresh(exp, now, this.#bufferMs, this.#maxLifetimeMs)
       ) {
         this.#hits++
         return Promise.resolve({ accessToken, shouldUpdate: false, expiresAt: isDate ? expiresAt : new Date(exp) })

@@ -404,6 +404,7 @@ impl BindingCoordinator {
         now_ms: f64,
     ) -> Result<(), Code> {
         let inner = self.inner.clone();
+        let policy = *self.engine.policy();
         let work = async move {
             let lease = core_lease(lease);
             let Ok(user_id) = user_id.required("userId") else {
@@ -419,7 +420,7 @@ impl BindingCoordinator {
                 expires_in,
             };
             let checked = time::now_from_js(now_ms)
-                .and_then(|now| Ok((validate_refreshed(refreshed, now)?, now)));
+                .and_then(|now| Ok((validate_refreshed(refreshed, now, &policy)?, now)));
             let result = match checked {
                 Ok(((access, refresh, expires_at), now)) => {
                     let token = SharedToken {
