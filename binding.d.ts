@@ -85,6 +85,8 @@ export declare class BindingManager {
    * and refreshes ahead those active within it (by default).
    */
   get idleTtlMs(): number
+  /** The effective `maxTokenLifetimeMs`, for the hot path's rule. */
+  get maxTokenLifetimeMs(): number
   /**
    * The core's buffer rule ([`Policy::is_fresh`]) on `expiresAtMs` at
    * `nowMs`; a value no `Date` can hold is not fresh. The hot path runs
@@ -255,6 +257,8 @@ export interface BindingManagerOptions {
   refreshTimeoutMs?: number
   /** Per-user state unused for this long is dropped. Default 600000. */
   idleTtlMs?: number
+  /** No token is taken to live longer. Default 2592000000 (30 days). */
+  maxTokenLifetimeMs?: number
 }
 
 /** A user marked by another instance's `invalidate`, until `untilMs`. */

@@ -205,6 +205,14 @@ export interface TokenManagerOptions {
    */
   idleTtlMs?: number
   /**
+   * No token is taken to live longer than this many ms: a refresh result
+   * whose expiry is later is capped to it (`expiresAt` says so, and a Redis
+   * record expires by it), and a presented token expiring later than this
+   * from now is refreshed. Guards against a provider answering
+   * `expires_in: 1e10`. Must exceed `bufferTimeMs`. Default 2592000000 (30 days).
+   */
+  maxTokenLifetimeMs?: number
+  /**
    * The clock every decision is made on, in epoch ms. Default `Date.now`,
    * looked up at each call, so fake timers (vitest, jest, sinon) move it.
    * Called with no arguments; one that throws or returns no epoch ms makes

@@ -402,7 +402,8 @@ describe('on real timers again (vi.useRealTimers)', () => {
   })
 
   it('a token that expired at 2029-12-31T23:00Z is what the real date says it is', async () => {
-    const m = new TokenManager()
+    // Years ahead of the real date: longer than maxTokenLifetimeMs's default allows.
+    const m = new TokenManager({ maxTokenLifetimeMs: 3_650 * 86_400_000 })
     const refreshFn = refresher()
     const r = await m.getValidToken('u', { accessToken: 'a0', expiresAt: at('2029-12-31T23:00:00Z') }, refreshFn)
     const expired = Date.now() >= at('2029-12-31T22:55:00Z').getTime()

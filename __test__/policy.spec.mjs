@@ -65,6 +65,51 @@ describe('the hot path’s buffer rule is the core’s', () => {
   })
 })
 
+describe('maxTokenLifetimeMs: no token is taken to live longer', () => {
+  const LIFETIMES = [300_001, 86_400_000, 30 * 86_400_000]
+  const limited = new Map(LIFETIMES.map((l) => [l, new BindingManager({ bufferTimeMs: 300_000, maxTokenLifetimeMs: l })]))
+
+  it('the hot path’s rule is the core’s, at the far edge too, for any lifetime', () => {
+    const farEdge = fc.record({
+      now: fc.integer({ min: -4_000_000_000_000, max: 4_000_000_000_000 }),
+      lifetime: fc.constantFrom(...LIFETIMES),
+      offset: fc.oneof(fc.integer({ min: -3, max: 3 }), fc.double({ min: -3, max: 3, noNaN: true })),
+    })
+    fc.assert(
+      fc.property(farEdge, ({ now, lifetime, offset }) => {
+        const expiresAt = now + lifetime + offset
+        expect(isFresh(expiresAt, now, 300_000, lifetime)).toBe(limited.get(lifetime).isFresh(expiresAt, now))
+      }),
+      { numRuns: 20_000 },
+    )
+    // The default (30 days) is the core's default.
+    const now = 1_700_000_000_000
+    for (const left of [30 * 86_400_000, 30 * 86_400_000 + 1]) expect(isFresh(now + left, now, 300_000)).toBe(cores.get(300_000).isFresh(now + left, now))
+    expect(cores.get(300_000).isFresh(now + 30 * 86_400_000 + 1, now)).toBe(false)
+  })
+
+  it('a refresh result is capped to it, and a presented token claiming longer is refreshed', async () => {
+    const now = 1_700_000_000_000
+    const manager = new TokenManager({ now: () => now, maxTokenLifetimeMs: 86_400_000 })
+    let refreshes = 0
+    const refreshFn = () => {
+      refreshes++
+      return { accessToken: `t${refreshes}`, expiresIn: 1e10 }
+    }
+    const first = await manager.getValidToken('u', { accessToken: 'old', expiresAt: now + 365 * 86_400_000 }, refreshFn)
+    expect(refreshes).toBe(1)
+    expect(first).toMatchObject({ accessToken: 't1', shouldUpdate: true })
+    expect(first.expiresAt.getTime()).toBe(now + 86_400_000)
+    // As capped, it is fresh.
+    const again = await manager.getValidToken('u', { accessToken: 't1', expiresAt: first.expiresAt }, refreshFn)
+    expect(again.accessToken).toBe('t1')
+    expect(refreshes).toBe(1)
+    expect(() => new TokenManager({ bufferTimeMs: 600_000, maxTokenLifetimeMs: 600_000 })).toThrow(expect.objectContaining({ name: 'RangeError', code: 'INVALID_ARGUMENT' }))
+    expect(() => new TokenManager({ maxTokenLifetimeMs: '1d' })).toThrow(expect.objectContaining({ name: 'TypeError', code: 'INVALID_ARGUMENT' }))
+    await manager.close()
+  })
+})
+
 describe('getValidToken refreshes exactly when the core’s rule says the token is due', () => {
   it('on the app’s clock (options.now), every buffer', async () => {
     await fc.assert(

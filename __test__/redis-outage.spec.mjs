@@ -156,11 +156,12 @@ describe('recovery', () => {
 const USERS = 20
 const CALLERS = 10
 const WORKERS = 3
-const ROUND_MS = 2_500
-const ACCESS_TTL_S = 6
-// A token is due 1 s after it was issued (so every round refreshes it, even
-// one that waited on a restart) and still valid 2 rounds later (so a caller
-// in and after a fault round keeps it).
+const ROUND_MS = 3_000
+const ACCESS_TTL_S = 4
+// A token is due 2 s after it was issued (half its lifetime: the buffer of
+// a token whose lifetime the manager knows), so every round refreshes it,
+// and still valid as the next round starts (so a caller in a fault round
+// keeps it).
 const BUFFER_MS = 5_000
 const REFRESH_TIMEOUT_MS = 2_500
 const LOCK_TTL_MS = 3_000

@@ -133,7 +133,7 @@ function checkLifecycleOptions(o, idleTtlMs) {
  * - `isRevoked(userId, now)`: `invalidate` marked the user;
  * - `invalidate(userId, accessToken)`, `forget(userId)`: the manager's;
  * - `coordinatorForget(userId)`: a promise, Redis told (or undefined);
- * - `bufferMs`, `timeoutMs`, `observer`.
+ * - `bufferMs`, `maxLifetimeMs`, `timeoutMs`, `idleTtlMs`, `observer`.
  */
 class Lifecycle {
   #hooks
@@ -188,7 +188,7 @@ class Lifecycle {
         e.usedAt = now
         // While a refresh ahead runs, the token is served into its buffer.
         const buffer = e.refreshingAhead ? Math.floor(this.#bufferOf(e) / 2) : this.#bufferOf(e)
-        if (isFresh(e.expiresAtMs, now, buffer) && !this.#hooks.isRevoked(userId, now)) {
+        if (isFresh(e.expiresAtMs, now, buffer, this.#hooks.maxLifetimeMs) && !this.#hooks.isRevoked(userId, now)) {
           this.#hits++
           return Promise.resolve({ accessToken: e.accessToken, expiresAt: new Date(e.expiresAtMs) })
         }
@@ -197,7 +197,7 @@ class Lifecycle {
       return this.#load(userId).then((loaded) => {
         const at = this.#hooks.now()
         loaded.usedAt = at
-        if (isFresh(loaded.expiresAtMs, at, this.#bufferOf(loaded)) && !this.#hooks.isRevoked(userId, at)) {
+        if (isFresh(loaded.expiresAtMs, at, this.#bufferOf(loaded), this.#hooks.maxLifetimeMs) && !this.#hooks.isRevoked(userId, at)) {
           this.#scheduleAhead(userId, loaded, at)
           return { accessToken: loaded.accessToken, expiresAt: new Date(loaded.expiresAtMs) }
         }

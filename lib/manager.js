@@ -461,7 +461,7 @@ function readRefreshed(result) {
 }
 
 /** The numeric options, which the core checks. */
-const OPTION_NAMES = ['bufferTimeMs', 'doubleCheckWindowMs', 'refreshTimeoutMs', 'idleTtlMs']
+const OPTION_NAMES = ['bufferTimeMs', 'doubleCheckWindowMs', 'refreshTimeoutMs', 'idleTtlMs', 'maxTokenLifetimeMs']
 /** Every option the constructor takes: any other key is a TypeError naming it. */
 const KNOWN_OPTIONS = [...OPTION_NAMES, 'now', 'logger', 'openTelemetry', 'redis', 'store', 'refresher', 'refreshAhead', 'fetch']
 
@@ -471,6 +471,8 @@ class TokenManager {
   #begin
   /** The effective buffer, for the hot path's rule. */
   #bufferMs
+  /** The effective `maxTokenLifetimeMs`, for the hot path's rule. */
+  #maxLifetimeMs
   /** `options.now`, or null: `Date.now` as it is at each call. */
   #now
   /** The clock's name in errors. */
@@ -514,6 +516,7 @@ class TokenManager {
         doubleCheckWindowMs: o.doubleCheckWindowMs,
         refreshTimeoutMs: o.refreshTimeoutMs,
         idleTtlMs: o.idleTtlMs,
+        maxTokenLifetimeMs: o.maxTokenLifetimeMs,
       })
     } catch (e) {
       throw fromNative(e, RangeError)
@@ -522,6 +525,7 @@ class TokenManager {
     const protocol = native.bindProtocol()
     this.#begin = protocol.begin
     this.#bufferMs = native.bufferTimeMs
+    this.#maxLifetimeMs = native.maxTokenLifetimeMs
     this.#observer = new observability.Observer(o, () => this.stats(), this.#bufferMs)
     let coordinator = null
     if (redis !== undefined && redis !== null) {
@@ -572,6 +576,7 @@ class TokenManager {
       },
       coordinatorForget: (userId) => coordinator?.invalidate(userId, null),
       bufferMs: this.#bufferMs,
+      maxLifetimeMs: this.#maxLifetimeMs,
       timeoutMs: native.refreshTimeoutMs,
       idleTtlMs: native.idleTtlMs,
       observer: this.#observer,
@@ -641,7 +646,7 @@ class TokenManager {
         (length <= SHORT_TOKEN || fitsUtf8(accessToken, MAX_TOKEN_BYTES)) &&
         (userId.length <= SHORT_USER_ID || fitsUtf8(userId, MAX_USER_ID_BYTES)) &&
         (this.#revoked.size === 0 || !this.#isRevoked(userId, now)) &&
-        isFresh(exp, now, this.#bufferMs)
+        isFresh(exp, now, this.#bufferMs, this.#maxLifetimeMs)
       ) {
         this.#hits++
         return Promise.resolve({ accessToken, shouldUpdate: false, expiresAt: isDate ? expiresAt : new Date(exp) })

@@ -7,15 +7,19 @@
 
 /** JavaScript's Date range: ±8.64e15 ms around the epoch. */
 const MAX_DATE_MS = 8.64e15
+/** `maxTokenLifetimeMs`'s default: 30 days (`DEFAULT_MAX_TOKEN_LIFETIME_MS`). */
+const DEFAULT_MAX_TOKEN_LIFETIME_MS = 30 * 24 * 3_600_000
 
 /**
  * Whether a token expiring at `expiresAtMs` outlives a buffer of `bufferMs`
- * at `nowMs` (epoch ms; fractions are floored, as the core reads them). A
- * time no Date can hold (NaN, ±Infinity, out of range) is never fresh: the
- * slow path then refuses it with a clear error.
+ * at `nowMs` (epoch ms; fractions are floored, as the core reads them) and
+ * claims no longer a life than `maxLifetimeMs`. A time no Date can hold
+ * (NaN, ±Infinity, out of range) is never fresh: the slow path then
+ * refuses it with a clear error.
  */
-function isFresh(expiresAtMs, nowMs, bufferMs) {
-  return Math.floor(expiresAtMs) - Math.floor(nowMs) > bufferMs && expiresAtMs <= MAX_DATE_MS && nowMs >= -MAX_DATE_MS
+function isFresh(expiresAtMs, nowMs, bufferMs, maxLifetimeMs = DEFAULT_MAX_TOKEN_LIFETIME_MS) {
+  const left = Math.floor(expiresAtMs) - Math.floor(nowMs)
+  return left > bufferMs && left <= maxLifetimeMs && expiresAtMs <= MAX_DATE_MS && nowMs >= -MAX_DATE_MS
 }
 
-module.exports = { isFresh, MAX_DATE_MS }
+module.exports = { isFresh, MAX_DATE_MS, DEFAULT_MAX_TOKEN_LIFETIME_MS }

@@ -356,7 +356,8 @@ export const INSTANCE = fileURLToPath(new URL('./redis-instance.mjs', import.met
  * An app instance in its own process (helpers/redis-instance.mjs), driven
  * call by call: `call('get', user, token)`, `call('invalidate', user,
  * accessToken)`, `call('stats')`. Tokens cross as { accessToken,
- * refreshToken, expiresAt: epoch ms }. `stop()` closes it and waits for exit.
+ * refreshToken, expiresAt: epoch ms }. `stop()` closes it and waits for exit;
+ * `child` is its process (to stop and continue it).
  */
 export async function startInstance(config) {
   const child = fork(INSTANCE, [JSON.stringify(config)], { execArgv: [], stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
@@ -374,6 +375,7 @@ export async function startInstance(config) {
   })
   await ready
   return {
+    child,
     call(op, ...args) {
       const id = ++next
       return new Promise((resolve, reject) => {

@@ -408,6 +408,7 @@ impl BindingCoordinator {
     ) -> Result<(), Code> {
         let keep_lock = keep_lock.unwrap_or(false);
         let inner = self.inner.clone();
+        let policy = *self.engine.policy();
         let work = async move {
             let lease = core_lease(lease);
             let Ok(user_id) = user_id.required("userId") else {
@@ -423,7 +424,7 @@ impl BindingCoordinator {
                 expires_in,
             };
             let checked = time::now_from_js(now_ms)
-                .and_then(|now| Ok((validate_refreshed(refreshed, now)?, now)));
+                .and_then(|now| Ok((validate_refreshed(refreshed, now, &policy)?, now)));
             let result = match checked {
                 Ok(((access, refresh, expires_at), now)) => {
                     let token = SharedToken {

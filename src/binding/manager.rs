@@ -50,6 +50,8 @@ pub struct BindingManagerOptions {
     pub refresh_timeout_ms: Option<f64>,
     /// Per-user state unused for this long is dropped. Default 600000.
     pub idle_ttl_ms: Option<f64>,
+    /// No token is taken to live longer. Default 2592000000 (30 days).
+    pub max_token_lifetime_ms: Option<f64>,
 }
 
 /// A token as the core issued it. Every field is defined on the object
@@ -117,6 +119,7 @@ impl BindingManager {
                 double_check_window_ms: o.double_check_window_ms,
                 refresh_timeout_ms: o.refresh_timeout_ms,
                 idle_ttl_ms: o.idle_ttl_ms,
+                max_token_lifetime_ms: o.max_token_lifetime_ms,
             })
             .map_err(to_js)?;
             let engine = Arc::new(Engine::new(policy));
@@ -143,6 +146,12 @@ impl BindingManager {
     #[napi(getter)]
     pub fn idle_ttl_ms(&self) -> Result<f64, Code> {
         guard(|| Ok(self.engine.policy().idle_ttl_ms as f64))
+    }
+
+    /// The effective `maxTokenLifetimeMs`, for the hot path's rule.
+    #[napi(getter)]
+    pub fn max_token_lifetime_ms(&self) -> Result<f64, Code> {
+        guard(|| Ok(self.engine.policy().max_token_lifetime_ms as f64))
     }
 
     /// The core's buffer rule ([`Policy::is_fresh`]) on `expiresAtMs` at

@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use super::error::{EngineError, ErrorCode};
-use super::policy::EpochMs;
+use super::policy::{EpochMs, Policy};
 use super::secret::{Fingerprint, SecretString};
 use super::table::Flight;
 use super::token::{Held, HeldTokens, Issued, IssuedBrief, Presented, Refreshed};
@@ -222,7 +222,7 @@ impl Engine {
         issue: impl FnOnce(&Held, bool) -> T,
     ) -> Result<T, EngineError> {
         validate_user(user)?;
-        let checked = validate_refreshed(refreshed, now);
+        let checked = validate_refreshed(refreshed, now, self.policy());
         let mut t = self.table(user, now);
         let result = t.with_entry(user, now, |e, in_flight| {
             let ours = e.flight().is_some_and(|f| f.id == id);
@@ -380,6 +380,7 @@ const _: () = assert!(MAX_TOKEN_BYTES == 65_536);
 pub(crate) fn validate_refreshed(
     r: Refreshed,
     now: EpochMs,
+    policy: &Policy,
 ) -> Result<(SecretString, Option<SecretString>, EpochMs), EngineError> {
     let access = match r.access {
         Some(a) if !a.is_empty() => a,
@@ -410,6 +411,7 @@ pub(crate) fn validate_refreshed(
     if expires_at <= now {
         return Err(EngineError::InvalidRefreshResult("expires in the past"));
     }
+    let expires_at = policy.capped(expires_at, now);
     let refresh = r.refresh.filter(|s| !s.is_empty());
     let too_long = |t: &SecretString| t.expose().len() > MAX_TOKEN_BYTES;
     if too_long(&access) || refresh.as_ref().is_some_and(too_long) {

@@ -16,6 +16,13 @@ pub const DEFAULT_REFRESH_TIMEOUT_MS: u64 = 30_000;
 /// enough that 200k idle users do not pin memory for an hour.
 pub const DEFAULT_IDLE_TTL_MS: u64 = 600_000;
 
+/// 30 days: no token is taken to live longer (`maxTokenLifetimeMs`), so a
+/// provider that answers `expires_in: 1e10` cannot make a token that is
+/// never refreshed, nor a Redis record that never expires.
+pub const DEFAULT_MAX_TOKEN_LIFETIME_MS: u64 = 30 * 24 * 3_600_000;
+/// Longest `maxTokenLifetimeMs` accepted: ten years (not a timer's delay).
+const MAX_LIFETIME_OPTION_MS: u64 = 3_650 * 24 * 3_600_000;
+
 /// How long past the refresh timeout a flight may stay open before the
 /// engine closes it itself. The binding's own timer closes it at the
 /// timeout; this only catches a flight its caller lost (a bug, or a throw
@@ -37,6 +44,9 @@ pub struct Policy {
     pub refresh_timeout_ms: u64,
     /// Per-user state with nothing in flight is dropped after this long unused.
     pub idle_ttl_ms: u64,
+    /// No token is taken to outlive this: a refresh result's expiry is
+    /// capped to it, and a presented token expiring later is due.
+    pub max_token_lifetime_ms: u64,
 }
 
 impl Default for Policy {
@@ -46,6 +56,7 @@ impl Default for Policy {
             double_check_window_ms: DEFAULT_DOUBLE_CHECK_WINDOW_MS,
             refresh_timeout_ms: DEFAULT_REFRESH_TIMEOUT_MS,
             idle_ttl_ms: DEFAULT_IDLE_TTL_MS,
+            max_token_lifetime_ms: DEFAULT_MAX_TOKEN_LIFETIME_MS,
         }
     }
 }
@@ -57,6 +68,7 @@ pub struct PolicyOptions {
     pub double_check_window_ms: Option<f64>,
     pub refresh_timeout_ms: Option<f64>,
     pub idle_ttl_ms: Option<f64>,
+    pub max_token_lifetime_ms: Option<f64>,
 }
 
 impl Policy {
@@ -77,13 +89,36 @@ impl Policy {
                 1,
             )?,
             idle_ttl_ms: duration("idleTtlMs", o.idle_ttl_ms, d.idle_ttl_ms, 1)?,
+            max_token_lifetime_ms: o
+                .max_token_lifetime_ms
+                .map_or(Ok(d.max_token_lifetime_ms), |v| {
+                    whole_ms("maxTokenLifetimeMs", v, 1, MAX_LIFETIME_OPTION_MS)
+                })?,
+        })
+        .and_then(|p: Self| {
+            if p.max_token_lifetime_ms <= p.buffer_ms {
+                return Err(EngineError::invalid_argument(
+                    "maxTokenLifetimeMs",
+                    "must be longer than bufferTimeMs",
+                ));
+            }
+            Ok(p)
         })
     }
 
-    /// The token may be handed out without a refresh: it outlives the buffer.
+    /// `expires_at` capped to [`Policy::max_token_lifetime_ms`] from `now`:
+    /// what a refresh result's expiry is taken to be.
+    #[inline]
+    pub fn capped(&self, expires_at: EpochMs, now: EpochMs) -> EpochMs {
+        expires_at.min(now.saturating_add(self.max_token_lifetime_ms as i64))
+    }
+
+    /// The token may be handed out without a refresh: it outlives the
+    /// buffer, and claims no longer a life than `max_token_lifetime_ms`.
     #[inline]
     pub fn is_fresh(&self, expires_at: EpochMs, now: EpochMs) -> bool {
-        expires_at.saturating_sub(now) > self.buffer_ms as i64
+        let left = expires_at.saturating_sub(now);
+        left > self.buffer_ms as i64 && left <= self.max_token_lifetime_ms as i64
     }
 
     /// The buffer for a token whose lifetime (expiry minus when it was
@@ -192,7 +227,16 @@ mod tests {
     fn extreme_expiries_do_not_overflow() {
         let p = Policy::default();
         assert!(!p.is_fresh(i64::MIN, i64::MAX));
-        assert!(p.is_fresh(i64::MAX, i64::MIN));
+        // Past the longest lifetime: due.
+        assert!(!p.is_fresh(i64::MAX, i64::MIN));
+        let now = 1_700_000_000_000;
+        assert!(p.is_fresh(now + DEFAULT_MAX_TOKEN_LIFETIME_MS as i64, now));
+        assert!(!p.is_fresh(now + DEFAULT_MAX_TOKEN_LIFETIME_MS as i64 + 1, now));
+        assert_eq!(
+            p.capped(i64::MAX, now),
+            now + DEFAULT_MAX_TOKEN_LIFETIME_MS as i64
+        );
+        assert_eq!(p.capped(now + 5, now), now + 5);
     }
 
     #[test]

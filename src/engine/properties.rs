@@ -32,13 +32,15 @@ fn policy() -> impl Strategy<Value = Policy> {
         0u64..=2_147_483_647,
         1u64..=2_147_483_647,
         1u64..=2_147_483_647,
+        1u64..=315_360_000_000,
     )
         .prop_map(
-            |(buffer_ms, double_check_window_ms, refresh_timeout_ms, idle_ttl_ms)| Policy {
+            |(buffer_ms, double_check_window_ms, refresh_timeout_ms, idle_ttl_ms, longer)| Policy {
                 buffer_ms,
                 double_check_window_ms,
                 refresh_timeout_ms,
                 idle_ttl_ms,
+                max_token_lifetime_ms: buffer_ms + longer,
             },
         )
 }
@@ -100,6 +102,7 @@ proptest! {
             double_check_window_ms: window,
             refresh_timeout_ms: timeout,
             idle_ttl_ms: idle,
+            max_token_lifetime_ms: None,
         };
         let ok = |v: Option<f64>, min: f64| {
             v.is_none_or(|v| v.is_finite() && v.fract() == 0.0 && v >= min && v <= 2_147_483_647.0)
@@ -123,7 +126,10 @@ proptest! {
     fn the_rules_hold_for_any_times(p in policy(), expires_at in any::<i64>(), now in any::<i64>(), at in any::<i64>()) {
         let left = i128::from(expires_at) - i128::from(now);
         let clamp = |v: i128| v.clamp(i128::from(i64::MIN), i128::from(i64::MAX));
-        prop_assert_eq!(p.is_fresh(expires_at, now), clamp(left) > i128::from(p.buffer_ms));
+        prop_assert_eq!(
+            p.is_fresh(expires_at, now),
+            clamp(left) > i128::from(p.buffer_ms) && clamp(left) <= i128::from(p.max_token_lifetime_ms)
+        );
         prop_assert_eq!(p.is_unexpired(expires_at, now), expires_at > now);
         let since = clamp(i128::from(now) - i128::from(at));
         prop_assert_eq!(p.within_double_check(at, now), since < i128::from(p.double_check_window_ms));
