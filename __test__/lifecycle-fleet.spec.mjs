@@ -2,9 +2,12 @@
 // redis-server, one token table (the app's database, over HTTP here) whose
 // saves fail at random, oidc-provider rotating refresh tokens and revoking
 // the grant on reuse. Mid-run a process is killed while it saves a token it
-// just refreshed (its only copy outside Redis), and Redis is restarted
-// empty. With `store` and refresh ahead: no caller fails, no grant is lost,
-// and every user's newest token ends up in the table.
+// just refreshed (its only copy outside Redis), and later Redis is
+// restarted empty. With `store` and refresh ahead: no caller fails, no grant
+// is lost, and every user's newest token ends up in the table. (Saves fail
+// only in the first part of the run: a token whose save is still failing
+// when Redis also loses its data is held by one process alone, the limit
+// docs/lifecycle.md states.)
 import { fork } from 'node:child_process'
 import http from 'node:http'
 import { fileURLToPath } from 'node:url'
@@ -128,6 +131,7 @@ describe('a fleet with a store, refresh ahead and rotating refresh tokens', () =
     const key = newKey()
     const workers = []
     let killAfter = Infinity
+    let failSavesUntil = Infinity
     let killed = null
     const proxy = await startTokenProxy(oidc.tokenUrl)
     const table = await startTable((user, worker, res) => {
@@ -139,7 +143,7 @@ describe('a fleet with a store, refresh ahead and rotating refresh tokens', () =
         res.destroy()
         return false
       }
-      if (Math.random() < SAVE_FAILURE_RATE) {
+      if (Date.now() < failSavesUntil && Math.random() < SAVE_FAILURE_RATE) {
         res.writeHead(500).end()
         return false
       }
@@ -179,6 +183,7 @@ describe('a fleet with a store, refresh ahead and rotating refresh tokens', () =
       const started = Date.now()
       let restarted = null
       killAfter = started + 7_000
+      failSavesUntil = started + 8_000
       for (let round = 0; Date.now() - started < RUN_MS; round++) {
         const t0 = Date.now()
         if (restarted === null && t0 - started > 13_000) {

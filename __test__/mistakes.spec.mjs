@@ -62,7 +62,7 @@ describe('epoch seconds where epoch milliseconds belong', () => {
   it('numbers outside that window are epoch ms as before: 0 (expired), small fake clocks, real dates', async () => {
     const m = new TokenManager()
     await expect(m.getValidToken(uid(), { accessToken: 'a', expiresAt: 0 }, good())).resolves.toMatchObject({ shouldUpdate: true })
-    await expect(m.getValidToken(uid(), { accessToken: 'a', expiresAt: 1e11 + Date.now() }, good())).resolves.toMatchObject({ shouldUpdate: false })
+    await expect(m.getValidToken(uid(), { accessToken: 'a', expiresAt: Date.now() + HOUR }, good())).resolves.toMatchObject({ shouldUpdate: false })
     const early = new TokenManager({ now: () => 5_000 })
     await expect(early.getValidToken(uid(), { accessToken: 'a', expiresAt: 5_000 + HOUR }, good())).resolves.toMatchObject({ shouldUpdate: false })
   })

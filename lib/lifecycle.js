@@ -180,8 +180,10 @@ class Lifecycle {
     try {
       this.#ready('getToken')
       checkUserId(userId)
-      const forgetting = this.#forgetting.get(userId)
-      if (forgetting !== undefined) return forgetting.then(() => this.getToken(userId))
+      if (this.#forgetting.size !== 0) {
+        const forgetting = this.#forgetting.get(userId)
+        if (forgetting !== undefined) return forgetting.then(() => this.getToken(userId))
+      }
       const now = this.#hooks.now()
       const e = this.#entries.get(userId)
       if (e !== undefined && !e.stale) {
