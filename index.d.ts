@@ -645,7 +645,7 @@ export interface OAuth2RefresherOptions {
   tokenUrl: string
   /** Your client id at the provider. */
   clientId: string
-  /** For `client_secret_basic` and `client_secret_post` only (required by them, refused by the others). */
+  /** Your client secret, for `client_secret_basic` and `client_secret_post` only (required by them, refused by the others); never in an error, a log or `Debug`. */
   clientSecret?: string
   /**
    * How the client authenticates. Default `'client_secret_basic'` (which
@@ -667,10 +667,6 @@ export interface OAuth2RefresherOptions {
   algorithm?: 'PS256' | 'ES256' | 'EdDSA' | 'RS256'
   /** `private_key_jwt`: the assertion's `aud`; default `tokenUrl` (FAPI 2.0 servers want their issuer identifier). */
   audience?: string
-  /** Your client secret: never in an error, a log or `Debug`. */
-  clientSecret: string
-  /** How the client authenticates. Default `'client_secret_basic'` (which RFC 6749 requires servers to support). */
-  authMethod?: 'client_secret_basic' | 'client_secret_post'
   /** Sent as `scope` with each refresh, to narrow it. */
   scope?: string
   /** Budget of one refresh (or revocation) in ms; the manager's `refreshTimeoutMs` caps it. Default 30000. */
