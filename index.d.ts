@@ -252,22 +252,32 @@ export interface TokenManagerOptions {
    * buffer), so no request waits on a refresh. Default: on when `store` and
    * `refresher` are set. Idle users are not refreshed.
    */
-  refreshAhead?: boolean | { activeWindowMs?: number } | null
+  refreshAhead?:
+    | boolean
+    | {
+        /** Users who called within this many ms are refreshed ahead. Default `idleTtlMs`. */
+        activeWindowMs?: number
+      }
+    | null
   /** The `fetch` that `manager.fetch` sends with. Default: the global `fetch`, looked up at each call. */
   fetch?: ((input: string | URL | Request, init?: RequestInit) => Promise<Response>) | null
 }
 
 /** A token as `store.save` receives it. */
 export interface TokenToSave {
+  /** The access token. */
   accessToken: string
   /** The refresh token to use next: the rotated one, or the one it was refreshed with. */
   refreshToken: string | null
+  /** When the access token expires. */
   expiresAt: Date
 }
 
 /** The row as the manager last loaded or saved it: what `save` replaces. */
 export interface PreviousToken {
+  /** Its access token: a compare-and-set save matches the row on it. */
   accessToken: string
+  /** Its expiry. */
   expiresAt: Date
 }
 
@@ -292,7 +302,9 @@ export interface TokenStore {
 
 /** What `getToken` resolves with. */
 export interface ManagedToken {
+  /** Valid beyond the buffer: send it as `Authorization: Bearer`. */
   accessToken: string
+  /** When it expires. */
   expiresAt: Date
 }
 
@@ -690,6 +702,7 @@ export interface OAuth2RefresherOptions {
   dpop?: RefresherDpopOptions
 }
 
+/** `oauth2Refresher`'s `dpop`: the key every DPoP proof is signed with. */
 export interface RefresherDpopOptions {
   /** The proof key: PKCS#8 PEM or a private JWK. Parsed once (a `TypeError` naming `dpop.privateKey` if bad), wiped on drop, in no message. */
   privateKey: PrivateKeyInput
