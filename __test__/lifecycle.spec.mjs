@@ -52,6 +52,9 @@ describe('getToken', () => {
     expect(row.expiresAt).toBeInstanceOf(Date)
     expect(answered[0].expiresAt.getTime()).toBe(row.expiresAt.getTime())
     expect(Object.keys(answered[0]).sort()).toEqual(['accessToken', 'expiresAt'])
+    // A caller that changes the Date it was handed changes no later answer.
+    answered[0].expiresAt.setTime(0)
+    expect((await manager.getToken('storm')).expiresAt.getTime()).toBe(row.expiresAt.getTime())
     // A later round (the token expired) refreshes with the saved refresh token.
     await sleep(2100)
     await manager.getToken('storm')

@@ -66,6 +66,13 @@ class Entry {
   stale = false
   /** A refresh ahead runs for this token. */
   refreshingAhead = false
+  /**
+   * `expiresAtMs` as the Date answers hand out, made once per token: a
+   * `new Date` per answer was most of what `getToken` cost beyond
+   * `getValidToken` (which hands back the caller's own Date). Made anew if
+   * it no longer says `expiresAtMs` (a new token, or a caller's setTime).
+   */
+  date = null
   /** The save running now (a promise), if any. */
   saving = null
   /** Failed or conflicting save attempts in a row. */
@@ -192,7 +199,9 @@ class Lifecycle {
         const buffer = e.refreshingAhead ? Math.floor(this.#bufferOf(e) / 2) : this.#bufferOf(e)
         if (isFresh(e.expiresAtMs, now, buffer, this.#hooks.maxLifetimeMs) && !this.#hooks.isRevoked(userId, now)) {
           this.#hits++
-          return Promise.resolve({ accessToken: e.accessToken, expiresAt: new Date(e.expiresAtMs) })
+          let date = e.date
+          if (date === null || date.getTime() !== e.expiresAtMs) date = e.date = new Date(e.expiresAtMs)
+          return Promise.resolve({ accessToken: e.accessToken, expiresAt: date })
         }
         return this.#renew(userId, e, now, 0)
       }
