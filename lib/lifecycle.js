@@ -233,7 +233,7 @@ class Lifecycle {
     // The caller's own Authorization is theirs: sent as is, never retried.
     if (own !== undefined && new Headers(own).has('authorization')) return send(input, init)
     const token = await this.getToken(userId)
-    const again = resendable(input, init)
+    const again = resendable(init)
     const spare = again && input instanceof Request && input.body !== null ? input.clone() : input
     const first = await send(input, withBearer(input, init, token.accessToken))
     if (first.status !== 401 || !again) return first
@@ -380,7 +380,7 @@ class Lifecycle {
       throw new TokenRefreshError('STORE_FAILED', userId, 'store.load failed (see cause)', { cause })
     }
     if (row === null || row === undefined) return null
-    return checkRow(userId, row)
+    return checkRow(row)
   }
 
   /**
@@ -605,7 +605,7 @@ function checkUserId(userId) {
 }
 
 /** A row from `store.load`, its fields read once and checked (TypeError naming the field). */
-function checkRow(userId, row) {
+function checkRow(row) {
   if (typeof row !== 'object') throw argError('store.load()', `answered a ${typeof row} for a user, not { accessToken, refreshToken, expiresAt } or null`)
   const { accessToken, refreshToken, expiresAt } = row
   if (typeof accessToken !== 'string') throw argError('store.load().accessToken', 'must be a string')
@@ -617,12 +617,11 @@ function checkRow(userId, row) {
   if (typeof expiresAtMs !== 'number' || !Number.isFinite(expiresAtMs)) {
     throw argError('store.load().expiresAt', 'must be a valid Date, epoch milliseconds or an ISO 8601 string')
   }
-  void userId
   return { accessToken, refreshToken: refreshToken ?? null, expiresAtMs }
 }
 
 /** Whether a request can be sent a second time (its body is not a one-shot stream). */
-function resendable(input, init) {
+function resendable(init) {
   const body = init?.body
   if (body !== undefined && body !== null) {
     if (typeof body === 'string' || body instanceof ArrayBuffer || ArrayBuffer.isView(body)) return true
