@@ -163,6 +163,19 @@ export declare class BindingRefresher {
    * success is an outcome with every field null.
    */
   revoke(refreshToken: string, timeoutMs?: number | undefined | null): Promise<BindingRefreshOutcome>
+  /** Whether tokens are DPoP-bound (an OAuth2 refresher with `dpop`). */
+  usesDpop(): boolean
+  /**
+   * A DPoP proof (a compact JWS) for `method` to `url` carrying
+   * `accessToken`'s hash (`ath`) and the nonce that server last gave.
+   * Signed here: the key never leaves Rust.
+   */
+  dpopProof(method: string, url: string, accessToken: string): string
+  /**
+   * Keeps `nonce` (a resource server's `DPoP-Nonce`) for later proofs
+   * to `url`'s origin.
+   */
+  keepDpopNonce(url: string, nonce: string): void
   /**
    * Aborts the call started with `abortId` (drops its HTTP request). A
    * call already settled is left alone.

@@ -259,7 +259,13 @@ export interface TokenManagerOptions {
         activeWindowMs?: number
       }
     | null
-  /** The `fetch` that `manager.fetch` sends with. Default: the global `fetch`, looked up at each call. */
+  /**
+   * The `fetch` that `manager.fetch` sends with. Default: the global
+   * `fetch`, looked up at each call; with a refresher that has a client
+   * certificate (`tls.cert` and `tls.key`), undici's `fetch` over an undici
+   * `Agent` presenting it. Given here with such a refresher, it receives
+   * that Agent as `init.dispatcher` (undici 7).
+   */
   fetch?: ((input: string | URL | Request, init?: RequestInit) => Promise<Response>) | null
 }
 
@@ -473,6 +479,13 @@ export declare class TokenManager {
    * every instance, and the request sent once more with a fresh token,
    * unless its body is a stream that cannot be sent again (then the 401 is
    * returned). Any other status is returned as is.
+   *
+   * Sender-constrained tokens follow the refresher (docs/fapi.md): with
+   * `dpop`, `Authorization: DPoP <token>` and a fresh proof per request
+   * (`htm`, `htu`, `ath`, the server's nonce; a `use_dpop_nonce` answer is
+   * sent once more with the nonce it gave); with `tls.cert` and `tls.key`,
+   * the connection presents that certificate (`ca`, if set, is trusted
+   * instead of the built-in roots), and the answer is undici's `Response`.
    */
   fetch(userId: string, input: string | URL | Request, init?: RequestInit): Promise<Response>
   /**

@@ -8,8 +8,10 @@ import { X509Certificate, createHash, createPublicKey, generateKeyPairSync } fro
 import { readFileSync } from 'node:fs'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import Provider from 'oidc-provider'
+import { EmbeddedJWK, calculateJwkThumbprint, decodeProtectedHeader, jwtVerify } from 'jose'
 
 import { TokenManager, TokenRefreshError, oauth2Refresher, tarabutRefresher } from '../index.mjs'
+import { memoryStore } from './helpers/oidc.mjs'
 
 const pem = (name) => readFileSync(new URL(`./fixtures/tls/${name}`, import.meta.url), 'utf8')
 const CA = pem('ca.pem')
@@ -327,6 +329,47 @@ describe('oidc-provider as a FAPI 2.0 server, behind TLS that asks for client ce
     expect(await wrong({ userId: 'self-wrong', refreshToken }).catch((err) => err)).toMatchObject({ code: 'INVALID_CLIENT' })
   })
 
+  it('manager.fetch presents the client certificate a token is bound to; the resource server checks cnf x5t#S256', async () => {
+    // A bank API: the token must be live and bound to the certificate on this connection.
+    const api = await httpsServer(async (req, res) => {
+      const token = /^Bearer (.+)$/.exec(req.headers.authorization ?? '')?.[1]
+      const at = token === undefined ? undefined : await provider.AccessToken.find(token)
+      const peer = req.socket.getPeerCertificate()
+      const x5t = peer?.raw ? createHash('sha256').update(peer.raw).digest('base64url') : null
+      const ok = at !== undefined && x5t !== null && at['x5t#S256'] === x5t
+      res.statusCode = ok ? 200 : 401
+      if (!ok) res.setHeader('www-authenticate', 'Bearer error="invalid_token"')
+      res.end(ok ? JSON.stringify({ sub: at.accountId, method: req.method }) : '')
+    })
+    try {
+      const store = memoryStore()
+      const refresher = oauth2Refresher({ tokenUrl: `${issuer}/token`, clientId: 'fapi-mtls', authMethod: 'tls_client_auth', tls: { ca: CA, ...CLIENT } })
+      const manager = new TokenManager({ store, refresher, refreshAhead: false })
+      const users = Array.from({ length: 5 }, (_, i) => `mtls-fetch-${i}`)
+      for (const u of users) store.rows.set(u, { accessToken: 'none', refreshToken: (await connect(u, 'fapi-mtls')).refreshToken, expiresAt: new Date(Date.now() - 1000) })
+      const errorsBefore = grantErrors.length
+      const before = refreshGrants.count
+      const fd = new FormData()
+      fd.append('amount', '10')
+      const answers = await Promise.all(
+        users.flatMap((u) => Array.from({ length: 20 }, (_, i) => manager.fetch(u, `${api.url}/accounts`, i % 2 ? { method: 'POST', body: fd } : undefined).then(async (r) => [u, r.status, await r.json()]))),
+      )
+      for (const [u, status, body] of answers) expect([status, body.sub]).toEqual([200, u])
+      expect(refreshGrants.count - before).toBe(users.length)
+      expect(grantErrors.slice(errorsBefore)).toEqual([])
+
+      // The same token without the certificate is refused: the binding is real.
+      const { accessToken } = await manager.getToken(users[0])
+      const bare = await new Promise((resolve, reject) => {
+        https.get(`${api.url}/accounts`, { ca: CA, headers: { authorization: `Bearer ${accessToken}` } }, (r) => resolve(r.statusCode)).on('error', reject)
+      })
+      expect(bare).toBe(401)
+      await manager.close()
+    } finally {
+      await api.close()
+    }
+  })
+
   it('the tls_* methods need tls.cert and tls.key', () => {
     for (const authMethod of ['tls_client_auth', 'self_signed_tls_client_auth']) {
       expect(() => oauth2Refresher({ tokenUrl: `${issuer}/token`, clientId: 'fapi-mtls', authMethod, tls: { ca: CA } })).toThrow(/^tls needs cert and key/)
@@ -405,6 +448,125 @@ describe('DPoP (RFC 9449) against oidc-provider with features.dPoP and nonces', 
       else expect(tokenRequests.count - before).toBe(users.length)
     }
     expect(grantErrors.filter((e) => e !== 'use_dpop_nonce')).toEqual([])
+  })
+
+  /**
+   * A bank API that checks what RFC 9449 section 7 asks of a resource
+   * server: the proof's signature, typ, htm, htu, iat, a jti never seen
+   * before, ath, its own nonce, and the token's cnf.jkt against the
+   * proof's key. `nonce` is what it currently wants.
+   */
+  async function dpopApi() {
+    const api = { nonce: 'rs-nonce-1', jtis: new Set(), refused: [], challenges: 0 }
+    api.server = (await import('node:http')).createServer(async (req, res) => {
+      const refuse = (status, error) => {
+        api.refused.push(error)
+        res.statusCode = status
+        res.setHeader('www-authenticate', `DPoP error="${error}", algs="ES256 PS256 EdDSA"`)
+        if (error === 'use_dpop_nonce') {
+          api.challenges++
+          res.setHeader('dpop-nonce', api.nonce)
+        }
+        res.end()
+      }
+      for await (const _ of req);
+      const token = /^DPoP (.+)$/.exec(req.headers.authorization ?? '')?.[1]
+      const proof = req.headers.dpop
+      if (token === undefined || typeof proof !== 'string') return refuse(401, 'invalid_token')
+      let claims
+      try {
+        ;({ payload: claims } = await jwtVerify(proof, EmbeddedJWK, { typ: 'dpop+jwt', algorithms: ['ES256', 'PS256', 'EdDSA'] }))
+      } catch {
+        return refuse(401, 'invalid_dpop_proof')
+      }
+      const htu = `${api.url}${req.url.split('?')[0]}`
+      const ath = createHash('sha256').update(token).digest('base64url')
+      if (claims.htm !== req.method || claims.htu !== htu || claims.ath !== ath || Math.abs(Date.now() / 1000 - claims.iat) > 60) return refuse(401, 'invalid_dpop_proof')
+      if (api.jtis.has(claims.jti)) return refuse(401, 'invalid_dpop_proof')
+      api.jtis.add(claims.jti)
+      if (claims.nonce !== api.nonce) return refuse(401, 'use_dpop_nonce')
+      const at = await provider.AccessToken.find(token)
+      if (at === undefined || at.jkt !== (await calculateJwkThumbprint(decodeProtectedHeader(proof).jwk))) return refuse(401, 'invalid_token')
+      res.end(JSON.stringify({ sub: at.accountId, method: req.method }))
+    })
+    await new Promise((r) => api.server.listen(0, '127.0.0.1', r))
+    api.url = `http://127.0.0.1:${api.server.address().port}`
+    api.close = () => {
+      api.server.closeAllConnections()
+      return new Promise((r) => api.server.close(r))
+    }
+    return api
+  }
+
+  it('manager.fetch sends Authorization: DPoP with a fresh proof per request (ath, htm, htu), answers the API\'s use_dpop_nonce once, and keeps its nonce', async () => {
+    const api = await dpopApi()
+    try {
+      const store = memoryStore()
+      const refresher = oauth2Refresher({ tokenUrl, clientId: 'dpop-app', clientSecret: 'dpop-secret', dpop: { privateKey: KEYS.ec } })
+      const manager = new TokenManager({ store, refresher, refreshAhead: false })
+      const users = Array.from({ length: 5 }, (_, i) => `dpop-fetch-${i}`)
+      for (const u of users) store.rows.set(u, { accessToken: 'none', refreshToken: await connect(u), expiresAt: new Date(Date.now() - 1000) })
+      const errorsBefore = grantErrors.length
+      const before = tokenRequests.count
+      // Lower-case methods are sent upper-case by fetch: the proof says what is sent.
+      const init = (i) => [undefined, { method: 'post', body: 'x=1' }, { method: 'PATCH', body: new Blob(['y']) }][i % 3]
+      const answers = await Promise.all(users.flatMap((u) => Array.from({ length: 20 }, (_, i) => manager.fetch(u, `${api.url}/accounts?page=${i}`, init(i)).then(async (r) => [u, r.status, r.status === 200 ? await r.json() : null]))))
+      for (const [u, status, body] of answers) expect([status, body?.sub]).toEqual([200, u])
+      // One refresh per user (each at most one nonce retry at the token endpoint).
+      expect(tokenRequests.count - before).toBeLessThanOrEqual(2 * users.length)
+      expect(grantErrors.slice(errorsBefore).filter((e) => e !== 'use_dpop_nonce')).toEqual([])
+      expect(new Set(store.saves.map((s) => s.userId)).size).toBe(users.length)
+      expect(api.refused.filter((e) => e !== 'use_dpop_nonce')).toEqual([])
+      // The nonce is learnt once (the first requests race for it), then sent from the start.
+      const learnt = api.challenges
+      expect(learnt).toBeGreaterThan(0)
+      expect(learnt).toBeLessThanOrEqual(answers.length)
+      const again = await manager.fetch(users[0], `${api.url}/accounts`)
+      expect(again.status).toBe(200)
+      expect(api.challenges).toBe(learnt)
+
+      // The API moves to a new nonce: one challenge, one retry, answered.
+      api.nonce = 'rs-nonce-2'
+      const moved = await manager.fetch(users[1], `${api.url}/accounts`, { method: 'DELETE' })
+      expect([moved.status, (await moved.json()).method]).toEqual([200, 'DELETE'])
+      expect(api.challenges).toBe(learnt + 1)
+      // Every proof the manager made was new: none refused as replayed.
+      expect(api.refused.filter((e) => e === 'invalid_dpop_proof')).toEqual([])
+
+      // A proof replayed by someone who captured a request is refused.
+      let captured
+      const spy = new TokenManager({ store, refresher, refreshAhead: false, fetch: (input, i) => ((captured = new Headers(i.headers)), fetch(input, i)) })
+      expect((await spy.fetch(users[2], `${api.url}/accounts`)).status).toBe(200)
+      const replay = await fetch(`${api.url}/accounts`, { headers: { authorization: captured.get('authorization'), dpop: captured.get('dpop') } })
+      expect(replay.status).toBe(401)
+      expect(api.refused.at(-1)).toBe('invalid_dpop_proof')
+
+      // A token the provider no longer honours: refreshed once, the request sent again.
+      const { accessToken } = await manager.getToken(users[3])
+      await (await provider.AccessToken.find(accessToken)).destroy()
+      const beforeRevoked = tokenRequests.count
+      const healed = await manager.fetch(users[3], `${api.url}/accounts`)
+      expect(healed.status).toBe(200)
+      expect(tokenRequests.count - beforeRevoked).toBe(1)
+      await manager.close()
+      await spy.close()
+    } finally {
+      await api.close()
+    }
+  })
+
+  it('manager.fetch with a bad URL for a DPoP proof rejects with a TypeError, sending nothing', async () => {
+    const store = memoryStore()
+    const refresher = oauth2Refresher({ tokenUrl, clientId: 'dpop-app', clientSecret: 'dpop-secret', dpop: { privateKey: KEYS.ec } })
+    let sent = 0
+    const manager = new TokenManager({ store, refresher, refreshAhead: false, fetch: () => (sent++, new Response('')) })
+    store.rows.set('dpop-bad-url', { accessToken: 'at', refreshToken: 'rt', expiresAt: new Date(Date.now() + 3_600_000) })
+    const e = await manager.fetch('dpop-bad-url', '/relative/path').catch((err) => err)
+    expect(e).toBeInstanceOf(TypeError)
+    expect(e).toMatchObject({ code: 'INVALID_ARGUMENT' })
+    expect(e.message).toMatch(/^url must be an absolute http\(s\) URL/)
+    expect(sent).toBe(0)
+    await manager.close()
   })
 
   it('a bad DPoP key is a TypeError naming dpop.privateKey', () => {

@@ -2,13 +2,17 @@
 // (and with DPoP) against client_secret_basic, on the same local https token
 // server: it asks for client certificates and answers every refresh at once
 // without checking (a bank's own cost is not what is measured here: the
-// client's signing, TLS and HTTP are). The server runs in a worker thread so
-// it does not share the event loop with the refresher under test.
+// client's signing, TLS and HTTP are). And what a DPoP proof adds to each
+// `manager.fetch`: the same requests to a local API that answers at once,
+// with a Bearer token and with a DPoP-bound one (ES256), one at a time. The
+// servers run in a worker thread so they do not share the event loop with
+// the code under test.
 //
 // Rounds are interleaved (each method once per round, order rotated) and the
-// result per method is the median of its rounds.
+// result per method is the median of its rounds. `npm run bench` prints
+// fapiRows(); alone:
 //
-//   node benchmark/fapi-refresh.mjs [--rounds 5] [--refreshes 2000] [--concurrency 32]
+//   node benchmark/fapi-refresh.mjs [--rounds 5] [--refreshes 2000] [--concurrency 32] [--fetches 2000]
 import { Worker, isMainThread, parentPort } from 'node:worker_threads'
 import { readFileSync } from 'node:fs'
 import { fileURLToPath } from 'node:url'
@@ -32,66 +36,139 @@ if (!isMainThread) {
   )
   server.keepAliveTimeout = 5000
   await new Promise((r) => server.listen(0, '127.0.0.1', r))
+  const http = await import('node:http')
+  const api = http.createServer((req, res) => {
+    req.resume()
+    req.on('end', () => res.end('{"ok":true}'))
+  })
+  api.keepAliveTimeout = 5000
+  await new Promise((r) => api.listen(0, '127.0.0.1', r))
   parentPort.on('message', () => {
     server.closeAllConnections()
+    api.closeAllConnections()
+    api.close()
     server.close(() => parentPort.close())
   })
-  parentPort.postMessage(`https://127.0.0.1:${server.address().port}/token`)
+  parentPort.postMessage({ tokenUrl: `https://127.0.0.1:${server.address().port}/token`, apiUrl: `http://127.0.0.1:${api.address().port}/accounts` })
+}
+
+const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]
+
+/**
+ * `{ refresh: { [method]: refreshes/s }, fetch: { bearerUs, dpopUs, proofUs } }`,
+ * medians of interleaved rounds.
+ */
+export async function benchFapi({ rounds = 5, refreshes = 2000, concurrency = 32, fetches = 2000, log = () => {} } = {}) {
+  const { TokenManager, oauth2Refresher } = await import('../index.mjs')
+  const binding = (await import('../binding.js')).default
+
+  const worker = new Worker(fileURLToPath(import.meta.url))
+  const { tokenUrl, apiUrl } = await new Promise((resolve) => worker.once('message', resolve))
+  try {
+    const tls = { ca: fixture('tls/ca.pem') }
+    const mtls = { ...tls, cert: fixture('tls/client.pem'), key: fixture('tls/client.key') }
+    const base = { tokenUrl, clientId: 'bench-app', tls }
+    const jwt = (privateKey) => ({ ...base, authMethod: 'private_key_jwt', privateKey, audience: 'https://127.0.0.1' })
+    const dpop = { privateKey: fixture('jose/ec.pem') }
+    const methods = {
+      client_secret_basic: { ...base, clientSecret: 'bench-secret' },
+      'private_key_jwt PS256': jwt(fixture('jose/rsa.pem')),
+      'private_key_jwt RS256': { ...jwt(fixture('jose/rsa.pem')), algorithm: 'RS256' },
+      'private_key_jwt ES256': jwt(fixture('jose/ec.pem')),
+      'private_key_jwt EdDSA': jwt(fixture('jose/ed25519.pem')),
+      tls_client_auth: { ...base, authMethod: 'tls_client_auth', tls: mtls },
+      'client_secret_basic + DPoP ES256': { ...base, clientSecret: 'bench-secret', dpop },
+    }
+    const refreshers = Object.fromEntries(Object.entries(methods).map(([name, options]) => [name, oauth2Refresher(options)]))
+
+    async function run(refresh) {
+      let next = 0
+      const started = performance.now()
+      await Promise.all(
+        Array.from({ length: concurrency }, async () => {
+          while (next < refreshes) {
+            const i = next++
+            await refresh({ userId: `u${i}`, refreshToken: `rt-${i}` })
+          }
+        }),
+      )
+      return refreshes / ((performance.now() - started) / 1000)
+    }
+
+    const names = Object.keys(refreshers)
+    for (const name of names) await run(refreshers[name]) // warm: connections, pools
+    const results = Object.fromEntries(names.map((n) => [n, []]))
+    for (let round = 0; round < rounds; round++) {
+      const order = names.map((_, i) => names[(i + round) % names.length])
+      for (const name of order) results[name].push(await run(refreshers[name]))
+      log(`refresh round ${round + 1}/${rounds}`)
+    }
+
+    // manager.fetch, Bearer against DPoP: a held token (no refresh), one request at a time.
+    const row = { accessToken: 'a'.repeat(1000), refreshToken: 'rt', expiresAt: new Date(Date.now() + 3_600_000) }
+    const store = { load: () => ({ ...row }), save: () => true, delete: () => {} }
+    const managers = {
+      bearer: new TokenManager({ store, refresher: refreshers.client_secret_basic, refreshAhead: false }),
+      dpop: new TokenManager({ store, refresher: refreshers['client_secret_basic + DPoP ES256'], refreshAhead: false }),
+    }
+    async function fetchUs(manager) {
+      const started = performance.now()
+      for (let i = 0; i < fetches; i++) await (await manager.fetch('bench-user', apiUrl)).arrayBuffer()
+      return ((performance.now() - started) * 1000) / fetches
+    }
+    const signer = binding.BindingRefresher.oauth2({ ...base, clientSecret: 'bench-secret', dpop: { privateKey: dpop.privateKey } })
+    function proofUs() {
+      const started = performance.now()
+      for (let i = 0; i < fetches; i++) signer.dpopProof('GET', apiUrl, row.accessToken)
+      return ((performance.now() - started) * 1000) / fetches
+    }
+    for (const m of Object.values(managers)) await fetchUs(m) // warm
+    const fetchResults = { bearer: [], dpop: [], proof: [] }
+    for (let round = 0; round < rounds; round++) {
+      const order = round % 2 === 0 ? ['bearer', 'dpop'] : ['dpop', 'bearer']
+      for (const name of order) fetchResults[name].push(await fetchUs(managers[name]))
+      fetchResults.proof.push(proofUs())
+      log(`fetch round ${round + 1}/${rounds}`)
+    }
+    for (const m of Object.values(managers)) await m.close()
+    return {
+      refresh: Object.fromEntries(names.map((n) => [n, median(results[n])])),
+      fetch: { bearerUs: median(fetchResults.bearer), dpopUs: median(fetchResults.dpop), proofUs: median(fetchResults.proof) },
+      rounds,
+    }
+  } finally {
+    worker.postMessage('close')
+  }
+}
+
+/** benchFapi's results as `npm run bench` rows. */
+export async function fapiRows(options) {
+  const r = await benchFapi(options)
+  const basic = r.refresh.client_secret_basic
+  const rows = Object.entries(r.refresh).map(([name, perSec]) => ({
+    name: `refresh: ${name}`,
+    value: Math.round(perSec).toLocaleString('en-US'),
+    unit: 'refreshes/s',
+    note: `${(perSec / basic).toFixed(2)}× client_secret_basic, median of ${r.rounds} interleaved rounds`,
+  }))
+  const added = r.fetch.dpopUs - r.fetch.bearerUs
+  rows.push({
+    name: 'manager.fetch: a DPoP proof added (ES256)',
+    value: added.toFixed(0),
+    unit: 'µs per fetch',
+    target: '< 100 µs',
+    met: added < 100,
+    note: `${r.fetch.dpopUs.toFixed(0)} µs DPoP vs ${r.fetch.bearerUs.toFixed(0)} µs Bearer per fetch to a local API; signing alone ${r.fetch.proofUs.toFixed(0)} µs`,
+  })
+  return rows
 }
 
 async function main() {
-  const { values } = parseArgs({ options: { rounds: { type: 'string', default: '5' }, refreshes: { type: 'string', default: '2000' }, concurrency: { type: 'string', default: '32' } } })
-  const rounds = Number(values.rounds)
-  const refreshes = Number(values.refreshes)
-  const concurrency = Number(values.concurrency)
-  const { oauth2Refresher } = await import('../index.mjs')
-
-  const worker = new Worker(fileURLToPath(import.meta.url))
-  const tokenUrl = await new Promise((resolve) => worker.once('message', resolve))
-  const tls = { ca: fixture('tls/ca.pem') }
-  const mtls = { ...tls, cert: fixture('tls/client.pem'), key: fixture('tls/client.key') }
-  const base = { tokenUrl, clientId: 'bench-app', tls }
-  const jwt = (privateKey) => ({ ...base, authMethod: 'private_key_jwt', privateKey, audience: 'https://127.0.0.1' })
-  const methods = {
-    client_secret_basic: { ...base, clientSecret: 'bench-secret' },
-    'private_key_jwt PS256': jwt(fixture('jose/rsa.pem')),
-    'private_key_jwt RS256': { ...jwt(fixture('jose/rsa.pem')), algorithm: 'RS256' },
-    'private_key_jwt ES256': jwt(fixture('jose/ec.pem')),
-    'private_key_jwt EdDSA': jwt(fixture('jose/ed25519.pem')),
-    tls_client_auth: { ...base, authMethod: 'tls_client_auth', tls: mtls },
-    'client_secret_basic + DPoP ES256': { ...base, clientSecret: 'bench-secret', dpop: { privateKey: fixture('jose/ec.pem') } },
-  }
-  const refreshers = Object.fromEntries(Object.entries(methods).map(([name, options]) => [name, oauth2Refresher(options)]))
-
-  async function run(refresh) {
-    let next = 0
-    const started = performance.now()
-    await Promise.all(
-      Array.from({ length: concurrency }, async () => {
-        while (next < refreshes) {
-          const i = next++
-          await refresh({ userId: `u${i}`, refreshToken: `rt-${i}` })
-        }
-      }),
-    )
-    return refreshes / ((performance.now() - started) / 1000)
-  }
-
-  const names = Object.keys(refreshers)
-  for (const name of names) await run(refreshers[name]) // warm: connections, pools
-  const results = Object.fromEntries(names.map((n) => [n, []]))
-  for (let round = 0; round < rounds; round++) {
-    const order = names.map((_, i) => names[(i + round) % names.length])
-    for (const name of order) results[name].push(await run(refreshers[name]))
-  }
-  const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]
-  const baseline = median(results.client_secret_basic)
-  console.log(`${refreshes} refreshes x ${rounds} rounds, concurrency ${concurrency} (median refreshes/s; ratio to client_secret_basic)`)
-  for (const name of names) {
-    const m = median(results[name])
-    console.log(`${name.padEnd(34)} ${m.toFixed(0).padStart(7)}/s  ${(m / baseline).toFixed(2)}x`)
-  }
-  worker.postMessage('close')
+  const { values } = parseArgs({
+    options: { rounds: { type: 'string', default: '5' }, refreshes: { type: 'string', default: '2000' }, concurrency: { type: 'string', default: '32' }, fetches: { type: 'string', default: '2000' } },
+  })
+  const rows = await fapiRows({ rounds: Number(values.rounds), refreshes: Number(values.refreshes), concurrency: Number(values.concurrency), fetches: Number(values.fetches), log: (l) => process.stderr.write(`${l}\n`) })
+  for (const r of rows) console.log(`${r.name.padEnd(46)} ${String(r.value).padStart(7)} ${r.unit}  ${r.note}`)
 }
 
-if (isMainThread) await main()
+if (isMainThread && process.argv[1] === fileURLToPath(import.meta.url)) await main()

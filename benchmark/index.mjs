@@ -25,6 +25,7 @@ import { lifecycleRows } from './lifecycle.mjs'
 // competitor rows measured here, Row[] from harness.mjs under `rows`.
 const HOOKS = [
   ['native', './native-refresher.mjs', async (m, c) => ratioRow(await m.benchNativeRefresher(c.quick ? { rounds: 2, refreshes: 200, concurrency: 16, log: c.log } : { log: c.log }))],
+  ['fapi', './fapi-refresh.mjs', (m, c) => m.fapiRows(c.quick ? { rounds: 1, refreshes: 100, concurrency: 8, fetches: 200, log: c.log } : { log: c.log })],
   ['redis', './redis.mjs', (m, c) => m.redisRows(c.quick ? { users: 200, rounds: 2, processes: 2, fleetUsers: 100, log: c.log } : { log: c.log })],
   ['steady', './steady-state.mjs', (m, c) => m.steadyStateRows(c.quick ? { users: 1000, lifetimeS: 4, durationS: 12, bucketMs: 250, tokenBytes: c.tokenBytes, svgPath: m.QUICK_SVG_PATH, log: c.log } : { tokenBytes: c.tokenBytes, log: c.log })],
   ['evict', './eviction.mjs', (m, c) => m.evictionRows(c.quick ? { users: 20_000, idleTtlMs: 2_000, rounds: 1, tokenBytes: c.tokenBytes, log: c.log } : { tokenBytes: c.tokenBytes, log: c.log })],

@@ -18,7 +18,8 @@
 //   buffer, at a jittered moment (`aheadAt`); idle users are not, and their
 //   entries are dropped once saved.
 
-const { TokenRefreshError, argError, callerError, quietly } = require('./errors.js')
+const { TokenRefreshError, argError, callerError, fromNative, quietly } = require('./errors.js')
+const { senderConstraint } = require('./refreshers.js')
 const { ownMethod, ownOptions } = require('./options.js')
 const { isFresh } = require('./policy.js')
 
@@ -147,6 +148,12 @@ class Lifecycle {
   #store
   #refresher
   #fetch
+  /** How requests prove they hold the token (DPoP, a client certificate): lib/refreshers.js. */
+  #constraint
+  /** With a client certificate: the fetch `fetch` sends with, made on first use. */
+  #send = null
+  /** The undici Agent presenting the client certificate, if any. */
+  #dispatcher = null
   /** null: no refresh ahead. */
   #activeWindowMs
   /** userId -> Entry */
@@ -167,6 +174,7 @@ class Lifecycle {
     this.#store = options.store
     this.#refresher = options.refresher
     this.#fetch = options.fetch
+    this.#constraint = senderConstraint(options.refresher)
     this.#activeWindowMs = options.store !== null && options.refresher !== null ? options.activeWindowMs : null
   }
 
@@ -222,26 +230,69 @@ class Lifecycle {
   /**
    * `fetch` with the user's token; on a 401 the token is invalidated (in
    * every instance) and the request sent once more with a fresh one, if
-   * its body can be sent again.
+   * its body can be sent again. With a DPoP refresher each request carries
+   * `Authorization: DPoP` and a fresh proof (a resource server's
+   * `use_dpop_nonce` is answered once with its nonce); with a client
+   * certificate, the connection presents it.
    */
   async fetch(userId, input, init) {
     this.#ready('fetch')
-    const send = this.#fetch ?? globalThis.fetch
-    if (typeof send !== 'function') throw argError('options.fetch', 'is needed: this runtime has no global fetch')
+    const send = this.#sender()
     if (init !== undefined && init !== null && typeof init !== 'object') throw argError('init', 'must be a RequestInit object')
     const own = init?.headers ?? (input instanceof Request ? input.headers : undefined)
     // The caller's own Authorization is theirs: sent as is, never retried.
     if (own !== undefined && new Headers(own).has('authorization')) return send(input, init)
-    const token = await this.getToken(userId)
     const again = resendable(init)
-    const spare = again && input instanceof Request && input.body !== null ? input.clone() : input
-    const first = await send(input, withBearer(input, init, token.accessToken))
+    let next = input
+    // The input for one send, keeping a copy of a Request's body for the next.
+    const take = () => {
+      const now = next
+      if (again && now instanceof Request && now.body !== null) next = now.clone()
+      return now
+    }
+    const token = await this.getToken(userId)
+    const first = await this.#sendWith(send, take, again, init, token.accessToken)
     if (first.status !== 401 || !again) return first
     // The API refused the token: no instance serves it again.
     this.#hooks.invalidate(userId, token.accessToken)
-    quietly(() => first.body?.cancel().catch(() => {}))
+    discard(first)
     const fresh = await this.getToken(userId)
-    return send(spare, withBearer(spare, init, fresh.accessToken))
+    return this.#sendWith(send, take, again, init, fresh.accessToken)
+  }
+
+  /** One request with `accessToken`, and with DPoP one more if the server asks for its nonce. */
+  async #sendWith(send, take, again, init, accessToken) {
+    const dpop = this.#constraint.dpop
+    let input = take()
+    let res = await send(input, withToken(input, init, accessToken, dpop))
+    if (dpop === null) return res
+    keepNonce(dpop, input, res)
+    if (!again || !asksForNonce(res)) return res
+    discard(res)
+    input = take()
+    res = await send(input, withToken(input, init, accessToken, dpop))
+    keepNonce(dpop, input, res)
+    return res
+  }
+
+  /** The fetch to send with: the app's or the global one; over a client certificate when the token is bound to one. */
+  #sender() {
+    if (this.#send !== null) return this.#send
+    const own = this.#fetch
+    const tls = this.#constraint.tls
+    if (tls === null) {
+      // The global fetch is looked up at each call (an app may replace it).
+      const send = own ?? globalThis.fetch
+      if (typeof send !== 'function') throw argError('options.fetch', 'is needed: this runtime has no global fetch')
+      return send
+    }
+    // undici's own fetch with its own Agent: a dispatcher from another
+    // undici than the runtime's global fetch may be refused.
+    const undici = require('undici')
+    this.#dispatcher = new undici.Agent({ connect: { cert: tls.cert, key: tls.key, ca: tls.ca } })
+    const dispatcher = this.#dispatcher
+    this.#send = own !== null ? (input, init) => own(input, { ...init, dispatcher }) : (input, init) => viaUndici(undici.fetch, dispatcher, input, init)
+    return this.#send
   }
 
   async forget(userId) {
@@ -285,7 +336,10 @@ class Lifecycle {
         e.retryTimer = undefined
         pending.push(e.saving ?? this.#save(userId, e))
       }
-      return Promise.allSettled(pending).then(() => undefined)
+      return Promise.allSettled(pending).then(() => {
+        // Connections to resource servers end with the manager.
+        if (this.#dispatcher !== null) return this.#dispatcher.close().catch(() => {})
+      })
     })
   }
 
@@ -631,11 +685,74 @@ function resendable(init) {
   return true
 }
 
-/** `init` with `Authorization: Bearer <token>` added to the caller's headers (the Request's, when init has none). */
-function withBearer(input, init, accessToken) {
+/**
+ * `init` with the token added to the caller's headers (the Request's, when
+ * init has none): `Authorization: Bearer <token>`, or with `dpop`
+ * `Authorization: DPoP <token>` and a proof for this method and URL.
+ */
+function withToken(input, init, accessToken, dpop) {
   const headers = new Headers(init?.headers ?? (input instanceof Request ? input.headers : undefined))
-  headers.set('authorization', `Bearer ${accessToken}`)
+  if (dpop === null) {
+    headers.set('authorization', `Bearer ${accessToken}`)
+  } else {
+    const { method, url } = target(input, init)
+    let proof
+    try {
+      proof = dpop.dpopProof(method, url, accessToken)
+    } catch (e) {
+      throw fromNative(e)
+    }
+    headers.set('authorization', `DPoP ${accessToken}`)
+    headers.set('dpop', proof)
+  }
   return { ...init, headers }
+}
+
+/** The methods fetch sends upper-cased whatever their case (the Fetch standard's "normalize"). */
+const NORMALIZED_METHODS = new Set(['DELETE', 'GET', 'HEAD', 'OPTIONS', 'POST', 'PUT'])
+
+/** The method and absolute URL a request goes to, as fetch will send them (a proof's `htm` and `htu`). */
+function target(input, init) {
+  let method = init?.method ?? (input instanceof Request ? input.method : 'GET')
+  if (typeof method !== 'string') method = String(method)
+  const upper = method.toUpperCase()
+  if (NORMALIZED_METHODS.has(upper)) method = upper
+  const url = input instanceof Request ? input.url : input instanceof URL ? input.href : String(input)
+  return { method, url }
+}
+
+/** RFC 9449 section 9: the resource server wants its nonce in the proof. */
+function asksForNonce(res) {
+  return res.status === 401 && res.headers.has('dpop-nonce') && /\bDPoP\b[^]*use_dpop_nonce/i.test(res.headers.get('www-authenticate') ?? '')
+}
+
+/** A server may send a new nonce on any answer: kept for its origin. */
+function keepNonce(dpop, input, res) {
+  const nonce = res.headers.get('dpop-nonce')
+  if (nonce !== null) quietly(() => dpop.keepDpopNonce(target(input, undefined).url, nonce))
+}
+
+/** An answer not handed to the caller: its body is let go. */
+function discard(res) {
+  quietly(() => res.body?.cancel().catch(() => {}))
+}
+
+/**
+ * undici's fetch for a request as the global fetch takes it: the global
+ * Request class does the reading (a Request, a FormData body, headers of
+ * any form), undici sends what it read.
+ */
+function viaUndici(fetch, dispatcher, input, init) {
+  const req = new Request(input, init)
+  return fetch(req.url, {
+    method: req.method,
+    headers: req.headers,
+    body: req.body ?? undefined,
+    duplex: req.body === null ? undefined : 'half',
+    signal: req.signal,
+    redirect: req.redirect,
+    dispatcher,
+  })
 }
 
 module.exports = { Lifecycle, checkLifecycleOptions }

@@ -11,6 +11,8 @@ const { REFRESHER_KIND } = require('./observability.js')
 const { ownOptions } = require('./options.js')
 
 const NATIVE_REFRESHER = Symbol('tarabut-token-manager.nativeRefresher')
+/** The `tls` a refresher presents a client certificate with (cert + key, maybe ca). */
+const CLIENT_TLS = Symbol('tarabut-token-manager.clientTls')
 /**
  * Refresh functions that never send a refresh token (client credentials):
  * with Redis, they may still refresh in-process while Redis is unavailable,
@@ -182,7 +184,28 @@ function buildRefresher(factory, fn, options, types, kind) {
   } catch (e) {
     throw fromNative(e)
   }
-  return makeRefresher(refresher, fn, kind)
+  const refresh = makeRefresher(refresher, fn, kind)
+  // Certificate-bound tokens (RFC 8705) work only over a connection that
+  // presents the same certificate: manager.fetch takes it from here.
+  const tls = picked.tls
+  if (tls !== undefined && tls.cert !== undefined && tls.key !== undefined) {
+    Object.defineProperty(refresh, CLIENT_TLS, { value: Object.freeze({ cert: tls.cert, key: tls.key, ca: tls.ca }) })
+  }
+  return refresh
+}
+
+/**
+ * How a request to a resource server proves it holds the token, for
+ * `manager.fetch`: `dpop`, the native refresher that signs DPoP proofs
+ * (RFC 9449) with its key, or null (Bearer); `tls`, the client
+ * certificate the token is bound to (RFC 8705), or null.
+ */
+function senderConstraint(refreshFn) {
+  const native = nativeOf(refreshFn)
+  return {
+    dpop: native !== null && native.usesDpop() ? native : null,
+    tls: (typeof refreshFn === 'function' && refreshFn[CLIENT_TLS]) || null,
+  }
 }
 
 /** The `tls` option of both refreshers: PEM strings. */
@@ -247,4 +270,4 @@ function oauth2Refresher(options) {
   return buildRefresher((o) => BindingRefresher.oauth2(o), 'oauth2Refresher', options, OAUTH2_OPTIONS, 'oauth2')
 }
 
-module.exports = { NATIVE_REFRESHER, CLIENT_CREDENTIALS, nativeRefresh, canRevoke, nativeRevoke, tarabutRefresher, oauth2Refresher }
+module.exports = { NATIVE_REFRESHER, CLIENT_CREDENTIALS, nativeRefresh, canRevoke, nativeRevoke, senderConstraint, tarabutRefresher, oauth2Refresher }

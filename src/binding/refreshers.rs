@@ -323,6 +323,45 @@ impl BindingRefresher {
         })
     }
 
+    /// Whether tokens are DPoP-bound (an OAuth2 refresher with `dpop`).
+    #[napi]
+    pub fn uses_dpop(&self) -> Result<bool, Code> {
+        guard(|| Ok(self.inner.uses_dpop()))
+    }
+
+    /// A DPoP proof (a compact JWS) for `method` to `url` carrying
+    /// `accessToken`'s hash (`ath`) and the nonce that server last gave.
+    /// Signed here: the key never leaves Rust.
+    #[napi]
+    pub fn dpop_proof(
+        &self,
+        #[napi(ts_arg_type = "string")] method: OptionArg,
+        #[napi(ts_arg_type = "string")] url: OptionArg,
+        #[napi(ts_arg_type = "string")] access_token: TokenArg,
+    ) -> Result<String, Code> {
+        guard(|| {
+            let method = method.required("method").map_err(arg)?;
+            let url = url.required("url").map_err(arg)?;
+            let token = SecretString::new(access_token.required("accessToken").map_err(arg)?);
+            self.inner.dpop_proof(&method, &url, &token).map_err(to_js)
+        })
+    }
+
+    /// Keeps `nonce` (a resource server's `DPoP-Nonce`) for later proofs
+    /// to `url`'s origin.
+    #[napi]
+    pub fn keep_dpop_nonce(
+        &self,
+        #[napi(ts_arg_type = "string")] url: OptionArg,
+        #[napi(ts_arg_type = "string")] nonce: OptionArg,
+    ) -> Result<(), Code> {
+        guard(|| {
+            let url = url.required("url").map_err(arg)?;
+            let nonce = nonce.required("nonce").map_err(arg)?;
+            self.inner.keep_dpop_nonce(&url, &nonce).map_err(to_js)
+        })
+    }
+
     /// Aborts the call started with `abortId` (drops its HTTP request). A
     /// call already settled is left alone.
     #[napi]

@@ -180,6 +180,33 @@ impl Refresher {
         }
     }
 
+    /// Whether tokens are DPoP-bound: an OAuth2 refresher with `dpop`.
+    pub fn uses_dpop(&self) -> bool {
+        matches!(self, Refresher::OAuth2(o) if o.uses_dpop())
+    }
+
+    /// See [`OAuth2Refresher::resource_proof`]; `INVALID_ARGUMENT` without
+    /// a DPoP key.
+    pub fn dpop_proof(
+        &self,
+        method: &str,
+        url: &str,
+        access_token: &SecretString,
+    ) -> Result<String, RefreshError> {
+        match self {
+            Refresher::OAuth2(o) => o.resource_proof(method, url, access_token),
+            Refresher::Tarabut(_) => Err(no_dpop("dpopProof")),
+        }
+    }
+
+    /// See [`OAuth2Refresher::keep_dpop_nonce`].
+    pub fn keep_dpop_nonce(&self, url: &str, nonce: &str) -> Result<(), RefreshError> {
+        match self {
+            Refresher::OAuth2(o) => o.keep_dpop_nonce(url, nonce),
+            Refresher::Tarabut(_) => Err(no_dpop("keepDpopNonce")),
+        }
+    }
+
     /// Whether [`Refresher::revoke`] can run: an OAuth2 refresher with a
     /// `revocationUrl`.
     pub fn can_revoke(&self) -> bool {
@@ -211,6 +238,10 @@ impl Refresher {
             )),
         }
     }
+}
+
+fn no_dpop(what: &str) -> RefreshError {
+    RefreshError::invalid_argument(what, "needs a refresher made with the dpop option")
 }
 
 /// `timeoutMs` as it arrives from JavaScript.

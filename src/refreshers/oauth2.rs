@@ -55,24 +55,45 @@ pub struct DpopConfig {
 /// DPoP state: the key, and the last nonce each server gave.
 struct Dpop {
     key: Box<SigningKey>,
-    /// By origin (RFC 9449 section 8: a nonce is the server's).
+    /// By origin (RFC 9449 section 8: a nonce is the server's): the token
+    /// endpoint's, and each resource server's `manager.fetch` called.
     nonces: parking_lot::Mutex<std::collections::HashMap<String, String>>,
 }
 
+/// Origins whose nonce is kept; past it the map starts over (a server
+/// whose nonce was dropped answers `use_dpop_nonce` once more).
+const MAX_NONCE_ORIGINS: usize = 256;
+/// Longest nonce kept: a server's nonce is an opaque short string.
+const MAX_NONCE_BYTES: usize = 1024;
+
 impl Dpop {
-    /// A proof for a POST to `url`, with the server's nonce if one is known.
-    fn proof(&self, url: &Url) -> Result<String, RefreshError> {
+    /// A proof for `htm` to `url` (RFC 9449 section 4.2), with the
+    /// server's nonce if one is known and, for a resource request, `ath`:
+    /// the access token's SHA-256.
+    fn proof(
+        &self,
+        htm: &str,
+        url: &Url,
+        access_token: Option<&SecretString>,
+    ) -> Result<String, RefreshError> {
         let mut htu = url.clone();
         htu.set_query(None);
         htu.set_fragment(None);
         let mut claims = serde_json::json!({
             "jti": jose::random_id(),
-            "htm": "POST",
+            "htm": htm,
             "htu": htu.as_str(),
             "iat": jose::now_secs(),
         });
         if let Some(nonce) = self.nonces.lock().get(&origin(url)) {
             claims["nonce"] = nonce.as_str().into();
+        }
+        if let Some(token) = access_token {
+            use sha2::Digest as _;
+            let digest = sha2::Sha256::digest(token.expose().as_bytes());
+            claims["ath"] = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(digest)
+                .into();
         }
         self.key.sign("dpop+jwt", true, &claims)
     }
@@ -83,13 +104,41 @@ impl Dpop {
             ..
         } = attempt
         {
-            self.nonces.lock().insert(origin(url), nonce.clone());
+            self.keep_nonce(url, nonce);
         }
+    }
+
+    fn keep_nonce(&self, url: &Url, nonce: &str) {
+        if nonce.is_empty() || nonce.len() > MAX_NONCE_BYTES {
+            return;
+        }
+        let mut nonces = self.nonces.lock();
+        if nonces.len() >= MAX_NONCE_ORIGINS && !nonces.contains_key(&origin(url)) {
+            nonces.clear();
+        }
+        nonces.insert(origin(url), nonce.to_owned());
     }
 }
 
 fn origin(url: &Url) -> String {
     url.origin().ascii_serialization()
+}
+
+/// A resource server's URL: absolute http(s). Plain http is allowed here
+/// (unlike token endpoints) as the app chose where to send its request.
+fn resource_url(url: &str) -> Result<Url, RefreshError> {
+    match Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "https" | "http") && u.host().is_some() => Ok(u),
+        _ => Err(RefreshError::invalid_argument(
+            "url",
+            "must be an absolute http(s) URL",
+        )),
+    }
+}
+
+/// RFC 9110 `tchar`: what an HTTP method is made of.
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -405,7 +454,7 @@ impl OAuth2Refresher {
             let result = http::with_retries(deadline, CONNECT_RETRIES, Backoff::default(), || {
                 let request = self.request(&self.url, body.clone());
                 // A fresh proof per attempt (its jti is single-use too).
-                let proof = dpop.map(|d| d.proof(&self.url)).transpose();
+                let proof = dpop.map(|d| d.proof("POST", &self.url, None)).transpose();
                 async move {
                     let request = match proof {
                         Ok(Some(proof)) => request.header("dpop", proof),
@@ -434,6 +483,47 @@ impl OAuth2Refresher {
                 other => return other,
             }
         }
+    }
+
+    /// Whether tokens are DPoP-bound (the `dpop` option).
+    pub fn uses_dpop(&self) -> bool {
+        self.dpop.is_some()
+    }
+
+    /// A DPoP proof for a request to a resource server with
+    /// `access_token` (RFC 9449 section 7): `method` as sent, `url` with
+    /// its query and fragment left out of `htu`, `ath`, and the nonce this
+    /// server last gave.
+    pub fn resource_proof(
+        &self,
+        method: &str,
+        url: &str,
+        access_token: &SecretString,
+    ) -> Result<String, RefreshError> {
+        let dpop = self.dpop_for("dpopProof")?;
+        let url = resource_url(url)?;
+        if method.is_empty() || !method.bytes().all(is_token_char) {
+            return Err(RefreshError::invalid_argument(
+                "method",
+                "must be an HTTP method",
+            ));
+        }
+        dpop.proof(method, &url, Some(access_token))
+    }
+
+    /// Keeps the nonce a resource server sent (its `DPoP-Nonce` header)
+    /// for the next proofs to its origin.
+    pub fn keep_dpop_nonce(&self, url: &str, nonce: &str) -> Result<(), RefreshError> {
+        let dpop = self.dpop_for("keepDpopNonce")?;
+        // RFC 9449 section 8.1: a nonce is printable ASCII without spaces.
+        if nonce.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+            dpop.keep_nonce(&resource_url(url)?, nonce);
+        }
+        Ok(())
+    }
+
+    fn dpop_for(&self, what: &str) -> Result<&Dpop, RefreshError> {
+        self.dpop.as_ref().ok_or_else(|| super::no_dpop(what))
     }
 
     pub fn can_revoke(&self) -> bool {
@@ -1132,6 +1222,90 @@ mod tests {
         assert_eq!((e.code, e.status), (ErrorCode::RefreshFailed, Some(200)));
         assert!(e.to_string().contains("other than DPoP"), "{e}");
         assert_eq!(requests(&server).await.len(), 1);
+    }
+
+    fn jws_part(jws: &str, i: usize) -> serde_json::Value {
+        let part = jws.split('.').nth(i).unwrap();
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(part)
+                .unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn resource_proofs_carry_ath_htm_htu_and_the_servers_nonce() {
+        use sha2::Digest as _;
+        let r = dpop_refresher("https://as.example/token".into());
+        assert!(r.uses_dpop());
+        let token = SecretString::from("at-123");
+        let url = "https://api.bank.example/accounts?page=2#top";
+        let first = r.dpop_proof("GET", url, &token).unwrap();
+        let claims = jws_part(&first, 1);
+        assert_eq!(claims["htm"], "GET");
+        assert_eq!(claims["htu"], "https://api.bank.example/accounts");
+        let ath = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(sha2::Sha256::digest(b"at-123"));
+        assert_eq!(claims["ath"], ath.as_str());
+        assert!(claims.get("nonce").is_none());
+        let header = jws_part(&first, 0);
+        assert_eq!(
+            (&header["typ"], &header["alg"]),
+            (&json!("dpop+jwt"), &json!("ES256"))
+        );
+        assert!(header["jwk"].get("d").is_none(), "the public key only");
+        assert!(!first.contains("at-123"));
+
+        // The nonce is the server's: kept by origin, not sent elsewhere.
+        r.keep_dpop_nonce("https://api.bank.example/other", "n-7")
+            .unwrap();
+        let second = jws_part(&r.dpop_proof("POST", url, &token).unwrap(), 1);
+        assert_eq!(
+            (&second["nonce"], &second["htm"]),
+            (&json!("n-7"), &json!("POST"))
+        );
+        assert_ne!(second["jti"], claims["jti"]);
+        let elsewhere = jws_part(
+            &r.dpop_proof("GET", "https://other.example/", &token)
+                .unwrap(),
+            1,
+        );
+        assert!(elsewhere.get("nonce").is_none());
+        // A nonce with spaces or controls is not a nonce: ignored.
+        r.keep_dpop_nonce("https://other.example/", "a b").unwrap();
+        let still = jws_part(
+            &r.dpop_proof("GET", "https://other.example/", &token)
+                .unwrap(),
+            1,
+        );
+        assert!(still.get("nonce").is_none());
+
+        for (m, u, name) in [
+            ("GET", "/relative", "url"),
+            ("GET", "ftp://x.example/", "url"),
+            ("G ET", url, "method"),
+            ("", url, "method"),
+        ] {
+            let e = r.dpop_proof(m, u, &token).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidArgument);
+            assert!(e.to_string().starts_with(name), "{e}");
+        }
+        let plain = Refresher::OAuth2(
+            OAuth2Refresher::new(
+                OAuth2Config {
+                    token_url: "https://as.example/token".into(),
+                    client_id: "c".into(),
+                    client_secret: "s".into(),
+                    ..Default::default()
+                },
+                http::new_client().unwrap(),
+            )
+            .unwrap(),
+        );
+        assert!(!plain.uses_dpop());
+        let e = plain.dpop_proof("GET", url, &token).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
     }
 
     #[test]
