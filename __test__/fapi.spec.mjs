@@ -4,11 +4,11 @@
 // (mutual TLS), and oidc-provider as a FAPI 2.0 server (private_key_jwt,
 // tls_client_auth, self_signed_tls_client_auth).
 import https from 'node:https'
-import { X509Certificate, createHash, createPublicKey, generateKeyPairSync } from 'node:crypto'
+import { X509Certificate, createHash, createPrivateKey, createPublicKey, generateKeyPairSync } from 'node:crypto'
 import { readFileSync } from 'node:fs'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import Provider from 'oidc-provider'
-import { EmbeddedJWK, calculateJwkThumbprint, decodeProtectedHeader, jwtVerify } from 'jose'
+import { EmbeddedJWK, SignJWT, calculateJwkThumbprint, decodeProtectedHeader, jwtVerify } from 'jose'
 
 import { TokenManager, TokenRefreshError, oauth2Refresher, tarabutRefresher } from '../index.mjs'
 import { memoryStore } from './helpers/oidc.mjs'
@@ -230,6 +230,8 @@ describe('oidc-provider as a FAPI 2.0 server, behind TLS that asks for client ce
       features: {
         devInteractions: { enabled: false },
         fapi: { enabled: true, profile: '2.0' },
+        revocation: { enabled: true },
+        introspection: { enabled: true },
         mTLS: {
           enabled: true,
           certificateBoundAccessTokens: true,
@@ -307,6 +309,42 @@ describe('oidc-provider as a FAPI 2.0 server, behind TLS that asks for client ce
     // The refused calls spent nothing: RS256 on request still refreshes.
     const rs = oauth2Refresher({ ...base, privateKey: KEYS.rsa, keyId: 'rsa-key', algorithm: 'RS256', audience: issuer })
     expect((await rs({ userId: 'jwt-wrong', refreshToken })).refreshToken).toEqual(expect.any(String))
+  })
+
+  it('revocation and introspection with private_key_jwt: manager.revoke ends the grant at the bank', async () => {
+    const store = memoryStore()
+    const refresher = oauth2Refresher({ tokenUrl: `${issuer}/token`, revocationUrl: `${issuer}/token/revocation`, clientId: 'fapi-jwt', authMethod: 'private_key_jwt', privateKey: KEYS.ec, audience: issuer, tls: { ca: CA } })
+    const manager = new TokenManager({ store, refresher, refreshAhead: false })
+    const { refreshToken, grantId } = await connect('jwt-revoke', 'fapi-jwt')
+    store.rows.set('jwt-revoke', { accessToken: 'none', refreshToken, expiresAt: new Date(Date.now() - 1000) })
+    const { accessToken } = await manager.getToken('jwt-revoke')
+    const introspect = async (token) => {
+      const assertion = await new SignJWT({ jti: String(Math.random()) })
+        .setProtectedHeader({ alg: 'ES256', kid: 'ec-key' })
+        .setIssuer('fapi-jwt')
+        .setSubject('fapi-jwt')
+        .setAudience(issuer)
+        .setIssuedAt()
+        .setExpirationTime('60s')
+        .sign(createPrivateKey({ key: KEYS.ec, format: 'jwk' }))
+      const body = new URLSearchParams({ token, client_id: 'fapi-jwt', client_assertion_type: 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer', client_assertion: assertion })
+      return new Promise((resolve, reject) => {
+        const req = https.request(`${issuer}/token/introspection`, { method: 'POST', ca: CA, headers: { 'content-type': 'application/x-www-form-urlencoded' } }, (res) => {
+          let text = ''
+          res.on('data', (c) => (text += c))
+          res.on('end', () => resolve(JSON.parse(text)))
+        })
+        req.on('error', reject)
+        req.end(body.toString())
+      })
+    }
+    expect(await introspect(accessToken)).toMatchObject({ active: true, client_id: 'fapi-jwt' })
+    await manager.revoke('jwt-revoke')
+    expect(store.rows.has('jwt-revoke')).toBe(false)
+    // The provider dropped the whole grant: its tokens are no longer active.
+    expect(await introspect(accessToken)).toEqual({ active: false })
+    expect(await provider.Grant.find(grantId)).toBeUndefined()
+    await manager.close()
   })
 
   it('tls_client_auth: the CA-issued certificate authenticates and binds the access token to it (cnf x5t#S256)', async () => {
