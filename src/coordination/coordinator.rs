@@ -414,7 +414,11 @@ impl Coordinator {
                     let wait = Duration::from_millis(lock_ttl_ms.saturating_add(5))
                         .min(deadline - Instant::now().min(deadline));
                     match tokio::time::timeout(wait, &mut waiting.rx).await {
-                        Ok(Ok(Notice::Committed(record))) => {
+                        // Only the write of the holder this call saw (or a
+                        // later one): an older one is a replay, and the
+                        // token it carries may have been superseded (its
+                        // refresh token spent). Asking again finds the newest.
+                        Ok(Ok(Notice::Committed(record))) if record.fence >= fence => {
                             match self.accept(
                                 &keys,
                                 &record,
@@ -432,7 +436,7 @@ impl Coordinator {
                         Ok(Ok(Notice::Failed { fence: failed })) if failed >= fence => {
                             break Outcome::Failed
                         }
-                        Ok(Ok(Notice::Failed { .. })) => {}
+                        Ok(Ok(Notice::Committed(_) | Notice::Failed { .. })) => {}
                         // Released, or the lock's TTL ran out: ask again.
                         // (Invalidations go to the listener, never here.)
                         Ok(Ok(Notice::Released | Notice::Invalidated(_))) | Ok(Err(_)) | Err(_) => {
