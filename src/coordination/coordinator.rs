@@ -180,10 +180,11 @@ pub struct Coordinator {
     upgrading: bool,
 }
 
-/// `notice` about user `id`, signed with the first key, sent now (system
+/// `notice` about user `id`, for `channel`, signed with the first key, sent now (system
 /// clock) with a fresh random id: what the scripts publish.
-fn signed(seal: &SealKeys, id: &str, notice: &Notice) -> Vec<u8> {
+fn signed(seal: &SealKeys, channel: &str, id: &str, notice: &Notice) -> Vec<u8> {
     seal.sign_notice(
+        channel,
         &record::encode_notice(id, notice),
         pubsub::system_now(),
         rand::random(),
@@ -206,7 +207,8 @@ impl Coordinator {
         conn.epoch()
             .configure(health::memory_ms(timing.refresh_timeout_ms));
         let seal = Arc::new(seal);
-        conn.waiters().authenticate_with(seal.clone());
+        conn.waiters()
+            .authenticate_with(seal.clone(), conn.channel());
         let conn = Arc::new(conn);
         conn.started();
         Self {
@@ -313,7 +315,7 @@ impl Coordinator {
                 can_wait_ms: can_wait.as_millis() as u64,
                 reclaim: held.is_some(),
             };
-            let released = signed(&self.seal, &keys.id, &Notice::Released);
+            let released = signed(&self.seal, self.conn.channel(), &keys.id, &Notice::Released);
             let (k, o, c, r) = (&keys, &owner, self.conn.channel(), released.as_slice());
             let answer = self
                 .conn
@@ -563,7 +565,7 @@ impl Coordinator {
     /// took it after all (`lock::abandon`).
     fn abandon(&self, keys: UserKeys, owner: String) {
         let conn = self.conn.clone();
-        let released = signed(&self.seal, &keys.id, &Notice::Released);
+        let released = signed(&self.seal, self.conn.channel(), &keys.id, &Notice::Released);
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -601,6 +603,7 @@ impl Coordinator {
         });
         let notice = signed(
             &self.seal,
+            self.conn.channel(),
             &keys.id,
             &Notice::Invalidated(self.seal.seal_bytes(&invalidation_aad(&keys.id), &payload)),
         );
@@ -653,7 +656,7 @@ impl Coordinator {
         } else {
             Notice::Released
         };
-        let notice = signed(&self.seal, &keys.id, &notice);
+        let notice = signed(&self.seal, self.conn.channel(), &keys.id, &notice);
         let channel = self.conn.channel();
         self.conn
             .run(OP_TIMEOUT, |mut m| async move {
@@ -800,10 +803,11 @@ impl Write {
         let channel = conn.channel();
         let committed = signed(
             &self.seal,
+            channel,
             &self.keys.id,
             &Notice::Committed(self.record.clone()),
         );
-        let released = signed(&self.seal, &self.keys.id, &Notice::Released);
+        let released = signed(&self.seal, channel, &self.keys.id, &Notice::Released);
         let notices = (committed.as_slice(), released.as_slice());
         conn.run(OP_TIMEOUT, |mut m| async move {
             cache::commit(
