@@ -111,6 +111,20 @@ describe('getToken', () => {
     expect(e.message).toMatch(/store\.load\(\)\.accessToken/)
   })
 
+  it('a row with expiresAt in epoch seconds is the same TypeError as a presented token in seconds, and nothing is refreshed', async () => {
+    let refreshed = 0
+    const seconds = Math.floor(Date.now() / 1000) + 3600
+    const manager = new TokenManager({ store: { load: () => ({ accessToken: 'a', refreshToken: 'r', expiresAt: seconds }), save() {} }, refresher: async () => (refreshed++, { accessToken: 'b', expiresIn: 3600 }) })
+    const e = await manager.getToken('u').catch((x) => x)
+    expect(e).toBeInstanceOf(TypeError)
+    expect(e.code).toBe('INVALID_ARGUMENT')
+    expect(e.message).toBe(`store.load().expiresAt is ${seconds}, which looks like epoch seconds: epoch milliseconds are expected (multiply by 1000, or pass a Date)`)
+    const presented = await manager.getValidToken('v', { accessToken: 'a', expiresAt: seconds }, async () => ({ accessToken: 'b', expiresIn: 3600 })).catch((x) => x)
+    expect(presented.message.replace('token.expiresAt', 'store.load().expiresAt')).toBe(e.message)
+    expect(refreshed).toBe(0)
+    await manager.close()
+  })
+
   it('a failed save loses nothing: the token is served, kept, retried, and reported once', async () => {
     const store = memoryStore()
     const warnings = []

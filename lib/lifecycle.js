@@ -22,6 +22,7 @@ const { TokenRefreshError, argError, callerError, fromNative, quietly } = requir
 const { senderConstraint } = require('./refreshers.js')
 const { ownMethod, ownOptions } = require('./options.js')
 const { isFresh } = require('./policy.js')
+const { toEpochMs } = require('./time.js')
 
 /** Saves retry after 250 ms, doubling up to 30 s, each ±25% so a fleet spreads them. */
 const SAVE_RETRY_MIN_MS = 250
@@ -664,11 +665,9 @@ function checkRow(row) {
   const { accessToken, refreshToken, expiresAt } = row
   if (typeof accessToken !== 'string') throw argError('store.load().accessToken', 'must be a string')
   if (refreshToken != null && typeof refreshToken !== 'string') throw argError('store.load().refreshToken', 'must be a string or null')
-  let expiresAtMs
-  if (expiresAt instanceof Date) expiresAtMs = expiresAt.getTime()
-  else if (typeof expiresAt === 'number') expiresAtMs = expiresAt
-  else if (typeof expiresAt === 'string') expiresAtMs = Date.parse(expiresAt)
-  if (typeof expiresAtMs !== 'number' || !Number.isFinite(expiresAtMs)) {
+  // As a presented token's: epoch seconds are refused, not taken for 1970.
+  const expiresAtMs = toEpochMs(expiresAt, 'store.load().expiresAt')
+  if (!Number.isFinite(expiresAtMs)) {
     throw argError('store.load().expiresAt', 'must be a valid Date, epoch milliseconds or an ISO 8601 string')
   }
   return { accessToken, refreshToken: refreshToken ?? null, expiresAtMs }

@@ -14,7 +14,7 @@
 // and passed with every call that decides something (src/engine/time.rs,
 // "Clocks").
 
-const { BindingManager, MAX_TOKEN_BYTES, MAX_USER_ID_BYTES, parseIsoTime } = require('../binding.js')
+const { BindingManager, MAX_TOKEN_BYTES, MAX_USER_ID_BYTES } = require('../binding.js')
 const coordination = require('./coordination.js')
 const { TokenRefreshError, argError, callerError, fromNative, internalError, quietly } = require('./errors.js')
 const observability = require('./observability.js')
@@ -22,23 +22,12 @@ const { ownOptions } = require('./options.js')
 const { isFresh, MAX_DATE_MS } = require('./policy.js')
 const { CLIENT_CREDENTIALS, NATIVE_REFRESHER, canRevoke, nativeRefresh, nativeRevoke } = require('./refreshers.js')
 const { Lifecycle, checkLifecycleOptions } = require('./lifecycle.js')
+const { SECONDS_FROM, SECONDS_UNTIL, secondsError, toEpochMs } = require('./time.js')
 
 // A UTF-16 unit is at most 3 UTF-8 bytes, so strings this short (in units)
 // are within their limit without measuring.
 const SHORT_TOKEN = Math.floor(MAX_TOKEN_BYTES / 3)
 const SHORT_USER_ID = Math.floor(MAX_USER_ID_BYTES / 3)
-
-// Numbers from 1e9 to 1e11 are January 1970 to March 1973 in epoch ms, no
-// expiry or clock reading a live app has, and 2001 to 5138 in epoch seconds,
-// the usual mistake (a seconds column, `exp` from a JWT): refused, not taken
-// as a 1970 date that refreshes on every call.
-const SECONDS_FROM = 1e9
-const SECONDS_UNTIL = 1e11
-
-/** The TypeError for a number in epoch seconds where epoch ms belong. */
-function secondsError(name, value, verb = 'is') {
-  return argError(name, `${verb} ${value}, which looks like epoch seconds: epoch milliseconds are expected (multiply by 1000, or pass a Date)`)
-}
 
 /** The TypeError for `name` holding `value`, which is not a string (kept out of the hot path's body). */
 function notAString(name, value) {
@@ -51,30 +40,6 @@ function kindOf(value) {
   if (Array.isArray(value)) return 'an array'
   const t = typeof value
   return t === 'object' ? 'an object' : `a ${t}`
-}
-
-/**
- * `Date | number | string` to epoch ms, or a TypeError naming `name`. Only
- * the type (and a number that can only be seconds) is checked here: the
- * range (a valid Date's) is the core's (src/engine/time.rs), for every path
- * in.
- */
-function toEpochMs(value, name) {
-  if (typeof value === 'number') {
-    if (value >= SECONDS_FROM && value < SECONDS_UNTIL) throw secondsError(name, value)
-    return value
-  }
-  if (value instanceof Date || (value !== null && typeof value === 'object' && typeof value.getTime === 'function')) {
-    const ms = value.getTime()
-    if (typeof ms === 'number') return ms
-  } else if (typeof value === 'string') {
-    try {
-      return parseIsoTime(value)
-    } catch {
-      throw argError(name, 'is not an ISO 8601 date-time with a time zone (e.g. 2026-01-25T21:14:28Z)')
-    }
-  }
-  throw argError(name, 'must be a valid Date, epoch milliseconds or an ISO 8601 string')
 }
 
 // Date.prototype.getTime as it was when this module loaded: it reads the

@@ -86,3 +86,36 @@ export async function publish(port, channel, payloads) {
   socket.destroy()
   return result
 }
+
+/**
+ * A connection sending any command with binary arguments (Buffers or
+ * strings), one reply per command in order: `send(...args)` resolves with
+ * the reply (bulk strings as Buffers), or rejects with an error reply.
+ */
+export async function rawClient(port) {
+  const socket = net.connect(port, '127.0.0.1')
+  await new Promise((resolve, reject) => socket.once('connect', resolve).once('error', reject))
+  const waiting = []
+  let buf = Buffer.alloc(0)
+  socket.on('data', (d) => {
+    buf = Buffer.concat([buf, d])
+    for (;;) {
+      const head = buf[0]
+      const r = parse(buf, 0)
+      if (r === null) break
+      buf = buf.subarray(r[1])
+      const w = waiting.shift()
+      if (head === 0x2d) w.reject(new Error(r[0]))
+      else w.resolve(r[0])
+    }
+  })
+  socket.on('error', (e) => waiting.splice(0).forEach((w) => w.reject(e)))
+  return {
+    send: (...args) =>
+      new Promise((resolve, reject) => {
+        waiting.push({ resolve, reject })
+        socket.write(command(...args))
+      }),
+    close: () => socket.destroy(),
+  }
+}

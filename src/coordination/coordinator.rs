@@ -180,10 +180,11 @@ pub struct Coordinator {
     upgrading: bool,
 }
 
-/// `notice` about user `id`, signed with the first key, sent now (system
+/// `notice` about user `id`, for `channel`, signed with the first key, sent now (system
 /// clock) with a fresh random id: what the scripts publish.
-fn signed(seal: &SealKeys, id: &str, notice: &Notice) -> Vec<u8> {
+fn signed(seal: &SealKeys, channel: &str, id: &str, notice: &Notice) -> Vec<u8> {
     seal.sign_notice(
+        channel,
         &record::encode_notice(id, notice),
         pubsub::system_now(),
         rand::random(),
@@ -206,7 +207,8 @@ impl Coordinator {
         conn.epoch()
             .configure(health::memory_ms(timing.refresh_timeout_ms));
         let seal = Arc::new(seal);
-        conn.waiters().authenticate_with(seal.clone());
+        conn.waiters()
+            .authenticate_with(seal.clone(), conn.channel());
         let conn = Arc::new(conn);
         conn.started();
         Self {
@@ -313,7 +315,7 @@ impl Coordinator {
                 can_wait_ms: can_wait.as_millis() as u64,
                 reclaim: held.is_some(),
             };
-            let released = signed(&self.seal, &keys.id, &Notice::Released);
+            let released = signed(&self.seal, self.conn.channel(), &keys.id, &Notice::Released);
             let (k, o, c, r) = (&keys, &owner, self.conn.channel(), released.as_slice());
             let answer = self
                 .conn
@@ -414,7 +416,11 @@ impl Coordinator {
                     let wait = Duration::from_millis(lock_ttl_ms.saturating_add(5))
                         .min(deadline - Instant::now().min(deadline));
                     match tokio::time::timeout(wait, &mut waiting.rx).await {
-                        Ok(Ok(Notice::Committed(record))) => {
+                        // Only the write of the holder this call saw (or a
+                        // later one): an older one is a replay, and the
+                        // token it carries may have been superseded (its
+                        // refresh token spent). Asking again finds the newest.
+                        Ok(Ok(Notice::Committed(record))) if record.fence >= fence => {
                             match self.accept(
                                 &keys,
                                 &record,
@@ -432,7 +438,7 @@ impl Coordinator {
                         Ok(Ok(Notice::Failed { fence: failed })) if failed >= fence => {
                             break Outcome::Failed
                         }
-                        Ok(Ok(Notice::Failed { .. })) => {}
+                        Ok(Ok(Notice::Committed(_) | Notice::Failed { .. })) => {}
                         // Released, or the lock's TTL ran out: ask again.
                         // (Invalidations go to the listener, never here.)
                         Ok(Ok(Notice::Released | Notice::Invalidated(_))) | Ok(Err(_)) | Err(_) => {
@@ -559,7 +565,7 @@ impl Coordinator {
     /// took it after all (`lock::abandon`).
     fn abandon(&self, keys: UserKeys, owner: String) {
         let conn = self.conn.clone();
-        let released = signed(&self.seal, &keys.id, &Notice::Released);
+        let released = signed(&self.seal, self.conn.channel(), &keys.id, &Notice::Released);
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -597,6 +603,7 @@ impl Coordinator {
         });
         let notice = signed(
             &self.seal,
+            self.conn.channel(),
             &keys.id,
             &Notice::Invalidated(self.seal.seal_bytes(&invalidation_aad(&keys.id), &payload)),
         );
@@ -649,7 +656,7 @@ impl Coordinator {
         } else {
             Notice::Released
         };
-        let notice = signed(&self.seal, &keys.id, &notice);
+        let notice = signed(&self.seal, self.conn.channel(), &keys.id, &notice);
         let channel = self.conn.channel();
         self.conn
             .run(OP_TIMEOUT, |mut m| async move {
@@ -796,10 +803,11 @@ impl Write {
         let channel = conn.channel();
         let committed = signed(
             &self.seal,
+            channel,
             &self.keys.id,
             &Notice::Committed(self.record.clone()),
         );
-        let released = signed(&self.seal, &self.keys.id, &Notice::Released);
+        let released = signed(&self.seal, channel, &self.keys.id, &Notice::Released);
         let notices = (committed.as_slice(), released.as_slice());
         conn.run(OP_TIMEOUT, |mut m| async move {
             cache::commit(

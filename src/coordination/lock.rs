@@ -118,6 +118,10 @@ end
 local r = redis.pcall('HMGET', KEYS[1], 'f', 'e', 'w', 't', 'n', 'x', 'h')
 if r.err then redis.call('DEL', KEYS[1]) r = {} end
 local f, e, w, t, n = tonumber(r[1]), tonumber(r[2]), tonumber(r[3]), r[4], tonumber(r[5])
+-- A fence is a whole number an integer reply carries as it is; any other
+-- (negative, fractional, NaN, past 2^53) is garbage, so no cached token:
+-- it would come back changed, and skipping it would skip another fence.
+if f and not (f >= 0 and f < 2^53 and f == math.floor(f)) then f = nil end
 -- Longer than any sealed token: garbage (or an attack on the readers), a
 -- miss, and never sent back.
 if type(t) ~= 'string' or #t > tonumber(ARGV[17]) then t = nil end
@@ -162,7 +166,7 @@ elseif not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 -- The next fence: above the counter and above the record's own fence (a
 -- counter lost with a restart, or garbled, must not hand out an old one).
-if not n or n < 0 or n ~= math.floor(n) then n = 0 end
+if not n or not (n >= 0 and n < 2^53 and n == math.floor(n)) then n = 0 end
 if f and f > n then n = math.floor(f) end
 n = n + 1
 redis.call('HSET', KEYS[1], 'n', n)

@@ -40,8 +40,9 @@ pub struct Waiters {
     map: Mutex<HashMap<String, Vec<Slot>>>,
     next: AtomicU64,
     invalidated: OnceLock<Listener>,
-    /// What notices are verified with; none taken until it is set.
-    keys: OnceLock<Arc<SealKeys>>,
+    /// What notices are verified with, and the channel they must have been
+    /// signed for; none taken until it is set.
+    keys: OnceLock<(Arc<SealKeys>, String)>,
     seen: Mutex<Seen>,
     dropped: AtomicU64,
 }
@@ -142,9 +143,10 @@ impl Waiters {
         }
     }
 
-    /// Sets the keys notices are verified with (once; later calls are ignored).
-    pub fn authenticate_with(&self, keys: Arc<SealKeys>) {
-        let _ = self.keys.set(keys);
+    /// Sets the keys notices are verified with, and the channel they come
+    /// on (once; later calls are ignored).
+    pub fn authenticate_with(&self, keys: Arc<SealKeys>, channel: &str) {
+        let _ = self.keys.set((keys, channel.to_owned()));
     }
 
     /// Notices dropped so far: oversized, not verified by any key (forged,
@@ -198,7 +200,11 @@ impl Waiters {
         if m.len() > MAX_NOTICE_BYTES {
             return false;
         }
-        let Some(v) = self.keys.get().and_then(|k| k.verify_notice(m)) else {
+        let Some(v) = self
+            .keys
+            .get()
+            .and_then(|(k, channel)| k.verify_notice(channel, m))
+        else {
             return false;
         };
         if v.sent_at.saturating_sub(now).unsigned_abs() > NOTICE_LIFETIME_MS as u64 {
@@ -241,11 +247,12 @@ mod tests {
     }
 
     const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    const CH: &str = "ttm:refreshed";
 
     fn authenticated() -> (Arc<Waiters>, Arc<SealKeys>) {
         let w = Arc::new(Waiters::default());
         let keys = Arc::new(SealKeys::from_base64(KEY).unwrap());
-        w.authenticate_with(keys.clone());
+        w.authenticate_with(keys.clone(), CH);
         (w, keys)
     }
 
@@ -259,20 +266,22 @@ mod tests {
         // Unsigned, signed by another key, stale, from the future, oversized: dropped.
         let other = SealKeys::from_base64("HxwdHhsaGRgXFhUUExIREA8ODQwLCgkIBwYFBAMCAQA=").unwrap();
         assert!(!w.take(&failed, now));
-        assert!(!w.take(&other.sign_notice(&failed, now, 1), now));
+        assert!(!w.take(&other.sign_notice(CH, &failed, now, 1), now));
         assert!(!w.take(
-            &keys.sign_notice(&failed, now - NOTICE_LIFETIME_MS - 1, 2),
+            &keys.sign_notice(CH, &failed, now - NOTICE_LIFETIME_MS - 1, 2),
             now
         ));
         assert!(!w.take(
-            &keys.sign_notice(&failed, now + NOTICE_LIFETIME_MS + 1, 3),
+            &keys.sign_notice(CH, &failed, now + NOTICE_LIFETIME_MS + 1, 3),
             now
         ));
         assert!(!w.take(&vec![b'u'; MAX_NOTICE_BYTES + 1], now));
-        assert!(!w.take(&keys.sign_notice(b"u|X", now, 4), now));
+        assert!(!w.take(&keys.sign_notice(CH, b"u|X", now, 4), now));
+        // Signed for another prefix's channel (same key): dropped.
+        assert!(!w.take(&keys.sign_notice("other:refreshed", &failed, now, 6), now));
         assert!(a.rx.try_recv().is_err());
         // Signed and fresh: taken.
-        assert!(w.take(&keys.sign_notice(&failed, now - 1_000, 5), now));
+        assert!(w.take(&keys.sign_notice(CH, &failed, now - 1_000, 5), now));
         assert_eq!((&mut a.rx).await.unwrap(), Notice::Failed { fence: 1 });
     }
 
@@ -287,6 +296,7 @@ mod tests {
         }));
         let now = 1_700_000_000_000;
         let m = keys.sign_notice(
+            CH,
             &encode_notice("u", &Notice::Invalidated(b"s".to_vec())),
             now,
             9,
@@ -296,6 +306,7 @@ mod tests {
         assert!(!w.take(&m, now + NOTICE_LIFETIME_MS));
         // Another id is another invalidation.
         let other = keys.sign_notice(
+            CH,
             &encode_notice("u", &Notice::Invalidated(b"s".to_vec())),
             now,
             10,

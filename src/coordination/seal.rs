@@ -17,8 +17,8 @@
 //!
 //! Notices on the channel are authenticated with the same list: an
 //! HMAC-SHA256 under a key derived from each encryption key (the first
-//! signs, each verifies), over the whole notice, its send time and a
-//! random id (`sign_notice`, `verify_notice`). Anyone who can `PUBLISH`
+//! signs, each verifies), over the channel it is published on, the whole
+//! notice, its send time and a random id (`sign_notice`, `verify_notice`). Anyone who can `PUBLISH`
 //! but holds no key is ignored.
 
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
@@ -92,6 +92,17 @@ pub enum KeyError {
 /// BE) and the MAC.
 pub const NOTICE_TRAILER_BYTES: usize = 8 + 8 + NOTICE_TAG_BYTES;
 const NOTICE_TAG_BYTES: usize = 32;
+
+/// What a notice's tag covers before the notice itself: the channel it is
+/// published on (its length first, so no channel is a prefix of another's
+/// context), with room for `more` bytes.
+fn notice_context(channel: &str, more: usize) -> Vec<u8> {
+    let mut c = Vec::with_capacity(12 + channel.len() + more);
+    c.extend_from_slice(b"ttm-notice");
+    c.extend_from_slice(&(channel.len() as u16).to_be_bytes());
+    c.extend_from_slice(channel.as_bytes());
+    c
+}
 /// What the notice MAC key is derived with: never the encryption key itself.
 const NOTICE_KEY_LABEL: &[u8] = b"tarabut-token-manager notice mac v1";
 
@@ -199,27 +210,33 @@ impl SealKeys {
         Ok(Self { ciphers, macs })
     }
 
-    /// `body` signed with the first key: `body | sent_at | id | tag`
-    /// ([`NOTICE_TRAILER_BYTES`] added).
-    pub fn sign_notice(&self, body: &[u8], sent_at: EpochMs, id: u64) -> Vec<u8> {
-        let mut m = Vec::with_capacity(body.len() + NOTICE_TRAILER_BYTES);
+    /// `body`, for `channel`, signed with the first key: `body | sent_at |
+    /// id | tag` ([`NOTICE_TRAILER_BYTES`] added). The tag covers the
+    /// channel too (not sent: the receiver knows it), so a notice copied to
+    /// another prefix's channel under the same key does not verify there.
+    pub fn sign_notice(&self, channel: &str, body: &[u8], sent_at: EpochMs, id: u64) -> Vec<u8> {
+        let mut m = notice_context(channel, body.len() + NOTICE_TRAILER_BYTES);
+        let start = m.len();
         m.extend_from_slice(body);
         m.extend_from_slice(&sent_at.to_be_bytes());
         m.extend_from_slice(&id.to_be_bytes());
         let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &self.macs[0][..]), &m);
         m.extend_from_slice(tag.as_ref());
+        m.drain(..start);
         m
     }
 
     /// A notice whose MAC verifies under one of the keys (in constant time
     /// for each), split into its parts; None otherwise.
-    pub fn verify_notice<'a>(&self, m: &'a [u8]) -> Option<Verified<'a>> {
+    pub fn verify_notice<'a>(&self, channel: &str, m: &'a [u8]) -> Option<Verified<'a>> {
         let signed_len = m.len().checked_sub(NOTICE_TAG_BYTES)?;
         let body_len = signed_len.checked_sub(16)?;
         let (signed, tag) = m.split_at(signed_len);
+        let mut data = notice_context(channel, signed_len);
+        data.extend_from_slice(signed);
         self.macs
             .iter()
-            .any(|k| hmac::verify(&hmac::Key::new(hmac::HMAC_SHA256, &k[..]), signed, tag).is_ok())
+            .any(|k| hmac::verify(&hmac::Key::new(hmac::HMAC_SHA256, &k[..]), &data, tag).is_ok())
             .then(|| Verified {
                 body: &m[..body_len],
                 sent_at: i64::from_be_bytes(m[body_len..body_len + 8].try_into().expect("8 bytes")),
@@ -352,6 +369,7 @@ mod tests {
 
     const KEY_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
     const KEY_B: &str = "HxwdHhsaGRgXFhUUExIREA8ODQwLCgkIBwYFBAMCAQA=";
+    const CH: &str = "ttm:refreshed";
 
     fn token(refresh: Option<&str>) -> SharedToken {
         SharedToken {
@@ -536,24 +554,27 @@ mod tests {
     fn notices_verify_under_every_key_and_nothing_else() {
         let old = SealKeys::from_base64(KEY_A).unwrap();
         let rolling = SealKeys::from_base64_list(&[KEY_B, KEY_A]).unwrap();
-        let m = old.sign_notice(b"id|F|3", 1_700_000_000_000, 42);
+        let m = old.sign_notice(CH, b"id|F|3", 1_700_000_000_000, 42);
         assert_eq!(m.len(), 6 + NOTICE_TRAILER_BYTES);
         let expect = Verified {
             body: b"id|F|3",
             sent_at: 1_700_000_000_000,
             id: 42,
         };
-        assert_eq!(old.verify_notice(&m), Some(expect));
-        assert_eq!(rolling.verify_notice(&m).map(|v| v.id), Some(42));
+        assert_eq!(old.verify_notice(CH, &m), Some(expect));
+        assert_eq!(rolling.verify_notice(CH, &m).map(|v| v.id), Some(42));
+        // Copied to another prefix's channel: not verified there.
+        assert_eq!(old.verify_notice("ttm2:refreshed", &m), None);
+        assert_eq!(old.verify_notice("ttm:refreshe", &m), None);
         // Signed with the new key: an instance with the old one alone drops it.
-        let by_new = rolling.sign_notice(b"id|R", 1, 7);
-        assert_eq!(old.verify_notice(&by_new), None);
+        let by_new = rolling.sign_notice(CH, b"id|R", 1, 7);
+        assert_eq!(old.verify_notice(CH, &by_new), None);
         // Any change to the body, time, id or tag, or a cut, is refused.
         for i in 0..m.len() {
             let mut bad = m.clone();
             bad[i] ^= 1;
-            assert_eq!(old.verify_notice(&bad), None);
-            assert_eq!(old.verify_notice(&m[..i]), None);
+            assert_eq!(old.verify_notice(CH, &bad), None);
+            assert_eq!(old.verify_notice(CH, &m[..i]), None);
         }
         // The MAC key is not the encryption key: a tag made with the AES key itself does not verify.
         let raw = base64::engine::general_purpose::STANDARD
@@ -564,7 +585,7 @@ mod tests {
         forged.extend_from_slice(&1u64.to_be_bytes());
         let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &raw), &forged);
         forged.extend_from_slice(tag.as_ref());
-        assert_eq!(old.verify_notice(&forged), None);
+        assert_eq!(old.verify_notice(CH, &forged), None);
     }
 
     #[test]
@@ -623,11 +644,11 @@ mod tests {
                 flip in any::<usize>(),
             ) {
                 let k = SealKeys::from_base64(KEY_A).unwrap();
-                prop_assert_eq!(k.verify_notice(&bytes), None);
-                let mut m = k.sign_notice(&bytes, 1, 2);
+                prop_assert_eq!(k.verify_notice(CH, &bytes), None);
+                let mut m = k.sign_notice(CH, &bytes, 1, 2);
                 let i = flip % m.len();
                 m[i] ^= 0x80;
-                prop_assert_eq!(k.verify_notice(&m), None);
+                prop_assert_eq!(k.verify_notice(CH, &m), None);
             }
 
             #[test]

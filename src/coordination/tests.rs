@@ -482,6 +482,47 @@ async fn a_record_whose_clear_fields_were_changed_does_not_open() {
     assert_eq!(t.access.expose(), "bound");
 }
 
+/// A fence Redis cannot hand back as it is (negative, fractional, beyond
+/// an integer reply, infinite) is garbage: a miss at once. Taken for a
+/// cached token, it came back clamped or truncated, so skipping it skipped
+/// another fence and the call asked again and again until its deadline.
+#[tokio::test]
+async fn a_record_with_a_fence_no_reply_can_carry_is_a_miss_at_once() {
+    let s = Server::start();
+    let mut con = s.con().await;
+    let c = coordinator_with(&s.url(), KEY_A, 5_000.0);
+    let Outcome::Lead { lease, .. } = acquire(&c, "u", soon(5_000)).await.outcome else {
+        panic!("lead")
+    };
+    assert!(c
+        .commit("u", &lease, &token("t", "r", 3_600_000), time::now_ms())
+        .await
+        .unwrap());
+    let record = keys::Keys::new("t:").user("u").record;
+    for fence in ["-3", "1.5", "1e20", "1e999", "-1e999"] {
+        let _: () = con.hset(&record, "f", fence).await.unwrap();
+        let started = Instant::now();
+        let Outcome::Lead { lease, .. } = acquire(&c, "u", soon(3_000)).await.outcome else {
+            panic!("a miss, then the lock ({fence})")
+        };
+        assert!(started.elapsed() < Duration::from_millis(500), "{fence}");
+        assert!(c.release("u", &lease, false).await.unwrap());
+    }
+    // So is a fence counter: the next grant draws a fence a reply carries.
+    for counter in ["1e20", "-1e999", "2.5"] {
+        let _: () = con.hset(&record, "n", counter).await.unwrap();
+        let Outcome::Lead { lease, .. } = acquire(&c, "u", soon(3_000)).await.outcome else {
+            panic!("the lock ({counter})")
+        };
+        assert!(
+            (1..1 << 53).contains(&lease.fence),
+            "{counter}: {}",
+            lease.fence
+        );
+        assert!(c.release("u", &lease, false).await.unwrap());
+    }
+}
+
 #[tokio::test]
 async fn a_value_sealed_with_another_key_is_a_miss() {
     let s = Server::start();
