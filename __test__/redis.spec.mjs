@@ -9,7 +9,7 @@ import { spawn } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
 
 import { TokenManager, TokenRefreshError, tarabutRefresher } from '../index.mjs'
-import { cli, monitor, newKey, sleep, startProvider, startRedis, startWorker } from './helpers/redis.mjs'
+import { USER_ID_KEY, cli, monitor, newKey, sleep, startProvider, startRedis, startWorker } from './helpers/redis.mjs'
 
 const pkg = fileURLToPath(new URL('..', import.meta.url))
 const MIN = 60_000
@@ -30,7 +30,7 @@ let key
 const managers = []
 /** A manager ("instance") on the shared Redis; closed after each test. */
 function instance(redisOptions = {}, options = {}) {
-  const m = new TokenManager({ bufferTimeMs: MIN, ...options, redis: { url: redis.url, encryptionKey: key, ...redisOptions } })
+  const m = new TokenManager({ bufferTimeMs: MIN, ...options, redis: { url: redis.url, encryptionKey: key, userIdKey: USER_ID_KEY, ...redisOptions } })
   managers.push(m)
   return m
 }

@@ -123,6 +123,7 @@ fn coordinator_keys(url: &str, keys: &[&str], lock_ttl_ms: f64) -> Coordinator {
             key_prefix: Some("t:".into()),
             lock_ttl_ms: Some(lock_ttl_ms),
             encryption_keys: keys.iter().map(|k| (*k).into()).collect(),
+            user_id_key: None,
             upgrading: false,
         },
         &policy(),
@@ -213,6 +214,7 @@ async fn lock_is_exclusive_and_released_only_by_its_owner() {
     let intruder = record::Lease {
         owner: "b".into(),
         fence: 9,
+        unkeyed_fence: None,
     };
     assert!(!lock::release(&mut con, &keys, "ch", &intruder, b"r")
         .await
@@ -812,6 +814,7 @@ fn options_are_validated_without_echoing_secrets() {
         key_prefix: None,
         lock_ttl_ms: None,
         encryption_keys: vec![KEY_A.into()],
+        user_id_key: None,
         upgrading: false,
     };
     let c = coordinator(ok(), &p).unwrap();
@@ -1088,6 +1091,7 @@ async fn a_short_lived_token_in_redis_is_fresh_for_half_its_lifetime() {
                 key_prefix: Some("t:".into()),
                 lock_ttl_ms: Some(5_000.0),
                 encryption_keys: vec![KEY_A.into()],
+                user_id_key: None,
                 upgrading: false,
             },
             &Policy::default(),
