@@ -438,8 +438,8 @@ describe('Redis restarted mid-run', () => {
 
   it("onError 'local' keeps refreshing in-process and counts it; 'fail' rejects with COORDINATOR_UNAVAILABLE; both recover", async () => {
     const w = warnings('TTM_REDIS_UNAVAILABLE')
-    const local = new TokenManager({ bufferTimeMs: MIN, refreshTimeoutMs: 5_000, redis: { url: own.url, encryptionKey: key, onError: 'local' } })
-    const strict = new TokenManager({ bufferTimeMs: MIN, refreshTimeoutMs: 5_000, redis: { url: own.url, encryptionKey: key, onError: 'fail' } })
+    const local = new TokenManager({ bufferTimeMs: MIN, refreshTimeoutMs: 5_000, redis: { url: own.url, encryptionKey: key, userIdKey: USER_ID_KEY, onError: 'local' } })
+    const strict = new TokenManager({ bufferTimeMs: MIN, refreshTimeoutMs: 5_000, redis: { url: own.url, encryptionKey: key, userIdKey: USER_ID_KEY, onError: 'fail' } })
     managers.push(local, strict)
     try {
       const before = uid()
