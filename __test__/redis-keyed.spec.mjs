@@ -8,7 +8,7 @@ import { createHash } from 'node:crypto'
 
 import { TokenManager } from '../index.mjs'
 import { captureChannel } from './helpers/raw-redis.mjs'
-import { USER_ID_KEY, cli, newKey, sleep, startProvider, startRedis, startWorker, userName } from './helpers/redis.mjs'
+import { USER_ID_KEY, cli, newKey, sleep, startCluster, startProvider, startRedis, startWorker, userName } from './helpers/redis.mjs'
 
 const sha256 = (s) => createHash('sha256').update(s).digest('hex')
 const key = newKey()
@@ -121,12 +121,12 @@ describe('redis.userIdKey', () => {
  * refresh tokens and revokes the grant on reuse. Returns the provider's
  * counts and every caller's result.
  */
-async function round(fleet, { users = 12, callsPerUser = 3 } = {}) {
+async function round(fleet, { users = 12, callsPerUser = 3, where = { redisUrl: redis.url } } = {}) {
   const provider = await startProvider({ delayMs: 500, revokeOnReuse: true })
   try {
     const userPrefix = `round${++seq}-`
     const workers = fleet.map((config) =>
-      startWorker({ redisUrl: redis.url, key, providerUrl: provider.url, userPrefix, userCount: users, callsPerUser, ...config }),
+      startWorker({ ...where, key, providerUrl: provider.url, userPrefix, userCount: users, callsPerUser, ...config, redis: { ...where.redis, ...config.redis } }),
     )
     await Promise.all(workers.map((w) => w.ready))
     workers.forEach((w) => w.go())
@@ -167,6 +167,17 @@ describe('upgrading to userIdKey in a running fleet', () => {
   it('step 2: instances still upgrading beside instances without it: one refresh per user, no grant lost', async () => {
     for (let i = 0; i < 3; i++) oneRefreshPerUser(await round([migrating, keyed, migrating, keyed]))
   }, 60_000)
+
+  it('on a Redis Cluster (the two names of a user in different slots, each with its restart marker): both steps hold', async () => {
+    const cluster = await startCluster()
+    try {
+      const where = { redis: { cluster: cluster.urls } }
+      oneRefreshPerUser(await round([old, migrating, old, migrating], { where }))
+      oneRefreshPerUser(await round([migrating, keyed, migrating, keyed], { where }))
+    } finally {
+      await cluster.stop()
+    }
+  }, 90_000)
 
   it('a token an unkeyed instance refreshed is shared by an upgrading one, and the other way round', async () => {
     const provider = await startProvider({ revokeOnReuse: true })

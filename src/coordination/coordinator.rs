@@ -198,6 +198,8 @@ enum Keyed {
         lock_ttl_ms: u64,
         fence: u64,
     },
+    /// Its restart guard holds locks back for this many more ms.
+    Guarded(u64),
     TimedOut,
     Unavailable(Unavailable),
 }
@@ -523,6 +525,25 @@ impl Coordinator {
                                 self.let_go(&keys, &lease).await;
                                 break Outcome::Unavailable(e);
                             }
+                            Keyed::Guarded(left_ms) => {
+                                // The keyed name's slot restarted: wait it
+                                // out holding nothing if it ends in time
+                                // (as for the first lock), then start over.
+                                self.let_go(&keys, &lease).await;
+                                let now = Instant::now();
+                                let can_wait =
+                                    health::can_wait(deadline - now.min(deadline), budget);
+                                if Duration::from_millis(left_ms) > can_wait {
+                                    break Outcome::Unavailable(Unavailable::NewServer {
+                                        resumes_in_ms: left_ms,
+                                    });
+                                }
+                                tokio::time::sleep(Duration::from_millis(
+                                    left_ms.saturating_add(5),
+                                ))
+                                .await;
+                                continue;
+                            }
                             Keyed::Busy {
                                 mut waiting,
                                 lock_ttl_ms,
@@ -601,10 +622,10 @@ impl Coordinator {
     /// Under the unkeyed lock (`owner`'s), the keyed one, by the same
     /// script and rules as the first (its own record, fence counter and, on
     /// a cluster, restart marker: another slot). Its restart guard is never
-    /// waited out holding the lock: after a restart on a single node the
-    /// first lock already waited (one marker); on a cluster this answers
-    /// `NewServer` for a moment. An error gives back whatever the script
-    /// may have granted.
+    /// waited out holding the lock (`Keyed::Guarded`: the caller lets the
+    /// unkeyed lock go too, and waits or gives up as for the first); on a
+    /// single node the first lock already waited it out (one marker). An
+    /// error gives back whatever the script may have granted.
     #[allow(clippy::too_many_arguments)]
     async fn lock_keyed(
         &self,
@@ -708,9 +729,7 @@ impl Coordinator {
                     }
                 }
                 Acquire::Guarded | Acquire::HeldThroughGuard => {
-                    return Keyed::Unavailable(Unavailable::NewServer {
-                        resumes_in_ms: answer.guard_ms,
-                    })
+                    return Keyed::Guarded(answer.guard_ms)
                 }
             }
         }
