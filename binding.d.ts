@@ -231,7 +231,12 @@ export interface BindingCoordinationOptions {
   encryptionKeys: Array<string>
   /** What a refresh Redis cannot coordinate does ([`OnError`]); default `'auto'`. */
   onError?: 'auto' | 'local' | 'fail'
-  /** Earlier releases share the Redis: write records they can open. */
+  /** The secret users are named by in Redis (32 bytes, base64). */
+  userIdKey?: string
+  /**
+   * Earlier releases share the Redis: write records they can open (and,
+   * with `userIdKey`, lock and write under the unkeyed names too).
+   */
   upgrading?: boolean
 }
 
@@ -258,6 +263,11 @@ export interface BindingIssuedToken {
 export interface BindingLease {
   owner: string
   fence: number
+  /**
+   * The fence of the same owner's lock under the user's unkeyed name
+   * (`upgrading` with `userIdKey`).
+   */
+  unkeyedFence?: number
 }
 
 /** Options for a token manager. All in milliseconds. */

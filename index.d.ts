@@ -68,7 +68,9 @@ export interface ValidToken {
  * One node (`url`) or a Redis Cluster (`cluster`), each over TCP or TLS
  * (`rediss://`).
  *
- * At rest and on pub/sub, keys hold a SHA-256 of the user id and values are
+ * At rest and on pub/sub, keys name a user by an HMAC of the user id under
+ * `userIdKey` (without it, a plain SHA-256, with one
+ * `TTM_REDIS_UNKEYED_USER_IDS` warning) and values are
  * AES-256-GCM sealed with `encryptionKey`, bound to the record's user,
  * fence, write time and expiry; no token or user id appears in clear. Every
  * pub/sub notice is signed (an HMAC under a key derived from
@@ -137,6 +139,21 @@ export interface RedisCommonOptions {
    */
   encryptionKey: string | readonly [string, ...string[]]
   /**
+   * 32 random bytes, base64 (`openssl rand -base64 32`), the same on every
+   * instance: Redis key names and channel messages name each user by an
+   * HMAC-SHA256 of the user id under it, so someone reading Redis cannot
+   * check a guessed id (an email, a phone number) against them. A separate
+   * secret from `encryptionKey` (one of those is refused), kept as it is
+   * across key rotations: instances naming a user differently would lock
+   * different keys and both refresh. Malformed or all zero bytes: the
+   * constructor throws (`code: 'INVALID_ARGUMENT'`). Without it users are
+   * named by a plain SHA-256 (as earlier releases do), with one
+   * `TTM_REDIS_UNKEYED_USER_IDS` warning per process. Adding it to a
+   * running fleet takes two rolling deploys, the first with `upgrading`
+   * (docs/redis.md: Adding userIdKey to a running fleet).
+   */
+  userIdKey?: string
+  /**
    * What happens to a refresh Redis cannot coordinate (Redis down, a call
    * unanswered for 1 s, or a restarted server whose locks may be lost):
    *
@@ -162,11 +179,15 @@ export interface RedisCommonOptions {
    */
   onError?: 'auto' | 'local' | 'fail'
   /**
-   * Set while instances of release 0.1 share this Redis (a rolling
-   * upgrade): records are written so that they can open them (bound to the
-   * user only, not to their fence, write time and expiry), and both kinds
-   * are read. Remove it once none is left (docs/trust-model.md: Upgrading).
-   * Default false.
+   * Set while instances of an earlier setup share this Redis (a rolling
+   * upgrade): release 0.1, or (with `userIdKey`) instances without
+   * `userIdKey`. Records are written so that 0.1 can open them (bound to
+   * the user only, not to their fence, write time and expiry), and both
+   * kinds are read. With `userIdKey`, each refresh also takes the user's
+   * lock under the unkeyed name first (the one those instances take), reads
+   * and writes the record under both names and announces under both, so
+   * no two instances ever refresh one user. Remove it once none is left
+   * (docs/redis.md, docs/trust-model.md: Upgrading). Default false.
    */
   upgrading?: boolean
 }
@@ -225,7 +246,7 @@ export interface TokenManagerOptions {
   /**
    * Where warnings go (`TTM_REDIS_UNAVAILABLE`, `TTM_REDIS_UNDECRYPTABLE`,
    * `TTM_REDIS_NOTICE_DROPPED`, `TTM_REDIS_PLAINTEXT`,
-   * `TTM_OBSERVABILITY_FAILED`): called as `logger.warn({ code }, message)`,
+   * `TTM_REDIS_UNKEYED_USER_IDS`, `TTM_OBSERVABILITY_FAILED`): called as `logger.warn({ code }, message)`,
    * so a pino logger or `console` fits. Default: process warnings
    * (`process.emitWarning(message, { code })`).
    */

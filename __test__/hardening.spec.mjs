@@ -7,7 +7,7 @@ import { createRequire } from 'node:module'
 
 import { TokenManager, TokenRefreshError, tarabutRefresher } from '../index.mjs'
 import { PKG, runNode } from './helpers/node.mjs'
-import { newKey, sleep, startRedis } from './helpers/redis.mjs'
+import { USER_ID_KEY, newKey, sleep, startRedis } from './helpers/redis.mjs'
 import { startTarabutServer } from './helpers/tarabut-server.mjs'
 
 const require = createRequire(import.meta.url)
@@ -363,7 +363,7 @@ describe('with Redis', () => {
   let key
   const managers = []
   const instance = (options = {}) => {
-    const m = new TokenManager({ refreshTimeoutMs: 5_000, ...options, redis: { url: redis.url, encryptionKey: key, lockTtlMs: 60_000 } })
+    const m = new TokenManager({ refreshTimeoutMs: 5_000, ...options, redis: { url: redis.url, encryptionKey: key, userIdKey: USER_ID_KEY, lockTtlMs: 60_000 } })
     managers.push(m)
     return m
   }

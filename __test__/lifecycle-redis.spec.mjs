@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 
 import { TokenManager, oauth2Refresher } from '../index.mjs'
 import { memoryStore, startOidc } from './helpers/oidc.mjs'
-import { newKey, sleep, startRedis } from './helpers/redis.mjs'
+import { USER_ID_KEY, newKey, sleep, startRedis } from './helpers/redis.mjs'
 
 let oidc
 let redis
@@ -16,7 +16,7 @@ beforeAll(async () => {
   redis = await startRedis()
   refresher = oauth2Refresher({ tokenUrl: oidc.tokenUrl, clientId: 'app', clientSecret: 'app-secret' })
   // A fresh Redis holds refresh-token locks for its first 1.5 s.
-  const warm = new TokenManager({ redis: { url: redis.url, encryptionKey: key } })
+  const warm = new TokenManager({ redis: { url: redis.url, encryptionKey: key, userIdKey: USER_ID_KEY } })
   await warm.getValidToken('warm-up', { accessToken: 'a', expiresAt: 0 }, async () => ({ accessToken: 'b', expiresIn: 60 }))
   await warm.close()
 })
@@ -26,7 +26,7 @@ afterAll(async () => {
   await oidc.close()
 })
 
-const instance = (store, options = {}) => new TokenManager({ store, refresher, refreshAhead: false, redis: { url: redis.url, encryptionKey: key }, ...options })
+const instance = (store, options = {}) => new TokenManager({ store, refresher, refreshAhead: false, redis: { url: redis.url, encryptionKey: key, userIdKey: USER_ID_KEY }, ...options })
 
 async function connected(store, userId) {
   const { grantId, refreshToken } = await oidc.connect(userId)

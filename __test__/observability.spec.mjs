@@ -21,7 +21,7 @@ import parsePrometheusTextFormat from 'parse-prometheus-text-format'
 import pino from 'pino'
 
 import { TokenManager, oauth2Refresher, tarabutRefresher } from '../index.mjs'
-import { freePort, newKey, sleep, startRedis } from './helpers/redis.mjs'
+import { USER_ID_KEY, freePort, newKey, sleep, startRedis } from './helpers/redis.mjs'
 import { startTarabutServer } from './helpers/tarabut-server.mjs'
 
 const pkg = fileURLToPath(new URL('..', import.meta.url))
@@ -261,8 +261,8 @@ describe('with Redis', () => {
 
   it("coordination 'redis' under the lock; a token another instance refreshed runs no refresh here", async () => {
     events = subscribeAll()
-    const a = new TokenManager({ redis: { url: redis.url, encryptionKey: key } })
-    const b = new TokenManager({ redis: { url: redis.url, encryptionKey: key } })
+    const a = new TokenManager({ redis: { url: redis.url, encryptionKey: key, userIdKey: USER_ID_KEY } })
+    const b = new TokenManager({ redis: { url: redis.url, encryptionKey: key, userIdKey: USER_ID_KEY } })
     managers.push(a, b)
     const user = uid()
     const token = expired(user)
@@ -284,7 +284,7 @@ describe('with Redis', () => {
     process.on('warning', processWarnings)
     try {
       // 'local': a refresh that spends a refresh token falls back too ('auto' would refuse it).
-      const m = new TokenManager({ refreshTimeoutMs: 5_000, logger, redis: { url, encryptionKey: secret(key), onError: 'local' } })
+      const m = new TokenManager({ refreshTimeoutMs: 5_000, logger, redis: { url, encryptionKey: secret(key), userIdKey: USER_ID_KEY, onError: 'local' } })
       managers.push(m)
       const user = uid()
       await m.getValidToken(user, expired(user), refresher())
@@ -319,7 +319,7 @@ describe('logger', () => {
       },
     })
     const logger = pino({ level: 'warn' }, stream)
-    const m = new TokenManager({ logger, refreshTimeoutMs: 5_000, redis: { url: `redis://127.0.0.1:${await freePort()}`, encryptionKey: newKey(), onError: 'local' } })
+    const m = new TokenManager({ logger, refreshTimeoutMs: 5_000, redis: { url: `redis://127.0.0.1:${await freePort()}`, encryptionKey: newKey(), userIdKey: USER_ID_KEY, onError: 'local' } })
     try {
       const user = uid()
       await m.getValidToken(user, expired(user), refresher())

@@ -7,6 +7,7 @@ import { inspect } from 'node:util'
 
 import { TokenManager } from '../index.mjs'
 import {
+  USER_ID_KEY,
   cli,
   freePort,
   makeCertificates,
@@ -36,7 +37,7 @@ function warnings(code) {
 
 const managers = []
 function manager(redis, options = {}) {
-  const m = new TokenManager({ bufferTimeMs: MIN, refreshTimeoutMs: 5_000, ...options, redis: { encryptionKey: key, ...redis } })
+  const m = new TokenManager({ bufferTimeMs: MIN, refreshTimeoutMs: 5_000, ...options, redis: { encryptionKey: key, userIdKey: USER_ID_KEY, ...redis } })
   managers.push(m)
   return m
 }

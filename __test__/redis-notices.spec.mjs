@@ -6,7 +6,7 @@ import fc from 'fast-check'
 
 import { TokenManager } from '../index.mjs'
 import { captureChannel, publish } from './helpers/raw-redis.mjs'
-import { cli, newKey, sleep, startInstance, startRedis } from './helpers/redis.mjs'
+import { USER_ID_KEY, cli, newKey, sleep, startInstance, startRedis } from './helpers/redis.mjs'
 
 const MIN = 60_000
 let seq = 0
@@ -17,7 +17,7 @@ let redis
 let key
 const managers = []
 function instance(prefix) {
-  const m = new TokenManager({ bufferTimeMs: MIN, redis: { url: redis.url, encryptionKey: key, keyPrefix: prefix } })
+  const m = new TokenManager({ bufferTimeMs: MIN, redis: { url: redis.url, encryptionKey: key, userIdKey: USER_ID_KEY, keyPrefix: prefix } })
   managers.push(m)
   return m
 }

@@ -14,7 +14,7 @@ import Provider from 'oidc-provider'
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest'
 
 import { TokenManager, oauth2Refresher, tarabutRefresher } from '../index.mjs'
-import { cli, newKey, sleep, startRedis } from './helpers/redis.mjs'
+import { USER_ID_KEY, cli, newKey, sleep, startRedis } from './helpers/redis.mjs'
 import { startTarabutServer } from './helpers/tarabut-server.mjs'
 
 const FLEET_WORKER = fileURLToPath(new URL('./helpers/fleet-worker.mjs', import.meta.url))
@@ -49,7 +49,7 @@ describe("onError 'auto' (the default) while Redis is down", () => {
     const endpoint = await countingServer()
     const tarabut = await startTarabutServer()
     const w = warnings('TTM_REDIS_UNAVAILABLE')
-    const m = new TokenManager({ bufferTimeMs: MIN, refreshTimeoutMs: 5_000, redis: { url: redis.url, encryptionKey: key } })
+    const m = new TokenManager({ bufferTimeMs: MIN, refreshTimeoutMs: 5_000, redis: { url: redis.url, encryptionKey: key, userIdKey: USER_ID_KEY } })
     try {
       await m.getValidToken(uid(), { accessToken: 'a', expiresAt: 0 }, refresher()) // connected
       await redis.stop()
@@ -94,7 +94,7 @@ describe('a fresh stack', () => {
   it('a short refreshTimeoutMs waits out a just-started Redis (up to 1.5 s) instead of refusing', async () => {
     const redis = await startRedis()
     const started = Date.now()
-    const m = new TokenManager({ refreshTimeoutMs: 2_000, redis: { url: redis.url, encryptionKey: newKey() } })
+    const m = new TokenManager({ refreshTimeoutMs: 2_000, redis: { url: redis.url, encryptionKey: newKey(), userIdKey: USER_ID_KEY } })
     const w = warnings('TTM_REDIS_UNAVAILABLE')
     try {
       const spend = refresher()
@@ -115,7 +115,7 @@ describe('recovery', () => {
   it("a refresh that spends no refresh token coordinates again within a second of Redis answering, with 'auto' and 'fail'", async () => {
     let redis = await startRedis()
     const key = newKey()
-    const options = (onError) => ({ bufferTimeMs: MIN, refreshTimeoutMs: 5_000, redis: { url: redis.url, encryptionKey: key, onError } })
+    const options = (onError) => ({ bufferTimeMs: MIN, refreshTimeoutMs: 5_000, redis: { url: redis.url, encryptionKey: key, userIdKey: USER_ID_KEY, onError } })
     const managers = [new TokenManager(options(undefined)), new TokenManager(options('fail'))]
     const cc = () => ({ accessToken: 'cc', expiresAt: 0 })
     try {
@@ -258,7 +258,7 @@ describe('a fleet on oidc-provider with rotating refresh tokens', () => {
       bufferTimeMs: BUFFER_MS,
       doubleCheckWindowMs: 500,
       refreshTimeoutMs: REFRESH_TIMEOUT_MS,
-      redis: { url: redis.url, encryptionKey: key, lockTtlMs: LOCK_TTL_MS },
+      redis: { url: redis.url, encryptionKey: key, userIdKey: USER_ID_KEY, lockTtlMs: LOCK_TTL_MS },
     })
     const refresh = oauth2Refresher({ tokenUrl, clientId: 'fleet-app', clientSecret: 'fleet-secret' })
     try {

@@ -9,7 +9,7 @@ import { spawn } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
 
 import { TokenManager, TokenRefreshError, tarabutRefresher } from '../index.mjs'
-import { cli, monitor, newKey, sleep, startProvider, startRedis, startWorker } from './helpers/redis.mjs'
+import { USER_ID_KEY, cli, monitor, newKey, sleep, startProvider, startRedis, startWorker } from './helpers/redis.mjs'
 
 const pkg = fileURLToPath(new URL('..', import.meta.url))
 const MIN = 60_000
@@ -30,7 +30,7 @@ let key
 const managers = []
 /** A manager ("instance") on the shared Redis; closed after each test. */
 function instance(redisOptions = {}, options = {}) {
-  const m = new TokenManager({ bufferTimeMs: MIN, ...options, redis: { url: redis.url, encryptionKey: key, ...redisOptions } })
+  const m = new TokenManager({ bufferTimeMs: MIN, ...options, redis: { url: redis.url, encryptionKey: key, userIdKey: USER_ID_KEY, ...redisOptions } })
   managers.push(m)
   return m
 }
@@ -438,8 +438,8 @@ describe('Redis restarted mid-run', () => {
 
   it("onError 'local' keeps refreshing in-process and counts it; 'fail' rejects with COORDINATOR_UNAVAILABLE; both recover", async () => {
     const w = warnings('TTM_REDIS_UNAVAILABLE')
-    const local = new TokenManager({ bufferTimeMs: MIN, refreshTimeoutMs: 5_000, redis: { url: own.url, encryptionKey: key, onError: 'local' } })
-    const strict = new TokenManager({ bufferTimeMs: MIN, refreshTimeoutMs: 5_000, redis: { url: own.url, encryptionKey: key, onError: 'fail' } })
+    const local = new TokenManager({ bufferTimeMs: MIN, refreshTimeoutMs: 5_000, redis: { url: own.url, encryptionKey: key, userIdKey: USER_ID_KEY, onError: 'local' } })
+    const strict = new TokenManager({ bufferTimeMs: MIN, refreshTimeoutMs: 5_000, redis: { url: own.url, encryptionKey: key, userIdKey: USER_ID_KEY, onError: 'fail' } })
     managers.push(local, strict)
     try {
       const before = uid()

@@ -55,13 +55,13 @@ describe('options: own properties only', () => {
   it('redis:// (no TLS) to another host: one TTM_REDIS_PLAINTEXT warning, never showing the URL', async () => {
     const warned = []
     const logger = { warn: (fields, message) => warned.push({ ...fields, message }), error: () => {} }
-    const redis = (url) => ({ url, encryptionKey: newKey() })
+    const redis = (url) => ({ url, encryptionKey: newKey(), userIdKey: newKey() })
     for (const url of ['redis://127.0.0.1:1', 'redis://localhost:1', 'redis://[::1]:1', 'rediss://:s3cret@192.0.2.1:6379']) {
       await new TokenManager({ logger, redis: redis(url) }).close()
     }
     expect(warned).toEqual([])
     await new TokenManager({ logger, redis: redis('redis://:s3cret@192.0.2.1:6379') }).close()
-    await new TokenManager({ logger, redis: { cluster: ['redis://127.0.0.1:1', 'redis://:s3cret@192.0.2.2:7000'], encryptionKey: newKey() } }).close()
+    await new TokenManager({ logger, redis: { cluster: ['redis://127.0.0.1:1', 'redis://:s3cret@192.0.2.2:7000'], encryptionKey: newKey(), userIdKey: newKey() } }).close()
     expect(warned.map((w) => w.code)).toEqual(['TTM_REDIS_PLAINTEXT', 'TTM_REDIS_PLAINTEXT'])
     expect(JSON.stringify(warned)).not.toMatch(/s3cret|192\.0\.2/)
   })

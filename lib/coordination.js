@@ -38,7 +38,10 @@ const FROM_COORDINATOR = Symbol('fromCoordinator')
 const WAIT_SLACK_MS = 25
 
 /** What `options.redis` takes: any other key is a TypeError naming it. */
-const REDIS_OPTIONS = ['url', 'cluster', 'tls', 'keyPrefix', 'lockTtlMs', 'encryptionKey', 'onError', 'upgrading']
+const REDIS_OPTIONS = ['url', 'cluster', 'tls', 'keyPrefix', 'lockTtlMs', 'encryptionKey', 'userIdKey', 'onError', 'upgrading']
+
+/** TTM_REDIS_UNKEYED_USER_IDS is said once per process, whatever the managers. */
+let warnedUnkeyed = false
 
 /**
  * `options.redis`: types and presence are checked here (TypeError); values
@@ -67,6 +70,9 @@ function checkOptions(options) {
   const keys = Array.isArray(o.encryptionKey) ? o.encryptionKey : [o.encryptionKey]
   if (keys.length === 0 || !keys.every((k) => typeof k === 'string')) {
     throw argError('options.redis.encryptionKey', 'must be a base64 string, or a non-empty array of them (the first seals)')
+  }
+  if (o.userIdKey !== undefined && typeof o.userIdKey !== 'string') {
+    throw argError('options.redis.userIdKey', 'must be a base64 string: 32 random bytes (e.g. `openssl rand -base64 32`), not one of encryptionKey')
   }
   if (o.tls !== undefined && o.tls !== null) {
     if (typeof o.tls !== 'object') throw argError('options.redis.tls', 'must be an object { ca }')
@@ -147,6 +153,7 @@ class Coordinator {
       keyPrefix: options.keyPrefix,
       lockTtlMs: options.lockTtlMs,
       encryptionKeys: Array.isArray(options.encryptionKey) ? options.encryptionKey : [options.encryptionKey],
+      userIdKey: options.userIdKey,
       onError: options.onError,
       upgrading: options.upgrading,
     }, (ticket, answer) => {
@@ -159,6 +166,13 @@ class Coordinator {
       observer.warn(
         'TTM_REDIS_PLAINTEXT',
         'tarabut-token-manager: options.redis connects with redis:// (no TLS) to a host other than this one: the Redis password and the sealed tokens cross the network in clear; use rediss://',
+      )
+    }
+    if (options.userIdKey === undefined && !warnedUnkeyed) {
+      warnedUnkeyed = true
+      observer.warn(
+        'TTM_REDIS_UNKEYED_USER_IDS',
+        'tarabut-token-manager: Redis key names and channel messages name each user by an unkeyed SHA-256 of the user id, which anyone reading Redis can check a guessed id (an email, a phone number) against; set options.redis.userIdKey (openssl rand -base64 32, the same on every instance; see docs/redis.md for the upgrade of a running fleet)',
       )
     }
   }

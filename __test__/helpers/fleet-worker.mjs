@@ -4,13 +4,14 @@
 // { round, rows } -> { round, results }: `callers` concurrent calls per
 // user, each presenting the row the parent's table holds; { close } ends it.
 import { TokenManager, oauth2Refresher } from '../../index.mjs'
+import { USER_ID_KEY } from './redis.mjs'
 
 const c = JSON.parse(process.argv[2])
 const manager = new TokenManager({
   bufferTimeMs: c.bufferTimeMs,
   doubleCheckWindowMs: c.doubleCheckWindowMs,
   refreshTimeoutMs: c.refreshTimeoutMs,
-  redis: { url: c.redisUrl, encryptionKey: c.key, lockTtlMs: c.lockTtlMs },
+  redis: { url: c.redisUrl, encryptionKey: c.key, userIdKey: USER_ID_KEY, lockTtlMs: c.lockTtlMs },
 })
 const refresh = oauth2Refresher({ tokenUrl: c.tokenUrl, clientId: c.clientId, clientSecret: c.clientSecret })
 

@@ -4,6 +4,7 @@
 // Config: argv[2] JSON. Over IPC: { round, users } -> { round, results }
 // (`callers` concurrent getToken calls per user); { close } flushes and ends.
 import { TokenManager, oauth2Refresher } from '../../index.mjs'
+import { USER_ID_KEY } from './redis.mjs'
 
 const c = JSON.parse(process.argv[2])
 const table = `${c.storeUrl}/rows/`
@@ -35,7 +36,7 @@ const manager = new TokenManager({
   store,
   refresher: oauth2Refresher({ tokenUrl: c.tokenUrl, clientId: c.clientId, clientSecret: c.clientSecret }),
   refreshAhead: { activeWindowMs: c.activeWindowMs },
-  redis: { url: c.redisUrl, encryptionKey: c.key, lockTtlMs: c.lockTtlMs },
+  redis: { url: c.redisUrl, encryptionKey: c.key, userIdKey: USER_ID_KEY, lockTtlMs: c.lockTtlMs },
   logger: { warn() {}, error() {} },
 })
 

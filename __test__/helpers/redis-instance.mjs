@@ -1,11 +1,13 @@
 // One app instance with its own TokenManager on a shared Redis, driven over
 // IPC call by call (see startInstance in redis.mjs). Its refresh function
 // answers at once with tokens naming the instance, and counts its runs.
-// Config: argv[2] JSON { name, redis, bufferTimeMs? }.
+// Config: argv[2] JSON { name, redis, bufferTimeMs?, unkeyed? } (`unkeyed`:
+// no userIdKey, as an instance of an earlier setup).
 import { TokenManager } from '../../index.mjs'
+import { USER_ID_KEY } from './redis.mjs'
 
 const c = JSON.parse(process.argv[2])
-const manager = new TokenManager({ bufferTimeMs: c.bufferTimeMs ?? 60_000, redis: c.redis })
+const manager = new TokenManager({ bufferTimeMs: c.bufferTimeMs ?? 60_000, redis: { ...(c.unkeyed ? {} : { userIdKey: USER_ID_KEY }), ...c.redis } })
 let refreshes = 0
 const refresh = async (ctx) => {
   refreshes++

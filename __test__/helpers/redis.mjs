@@ -5,7 +5,7 @@
 // token, like a real OAuth server), and worker processes that each run
 // their own TokenManager.
 import { execFile, fork, spawn } from 'node:child_process'
-import { createHash, randomBytes } from 'node:crypto'
+import { createHmac, randomBytes } from 'node:crypto'
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:http'
 import { createServer as createNetServer, connect } from 'node:net'
@@ -15,6 +15,13 @@ import { fileURLToPath } from 'node:url'
 
 export const WORKER = fileURLToPath(new URL('./redis-worker.mjs', import.meta.url))
 export const newKey = () => randomBytes(32).toString('base64')
+/**
+ * The `redis.userIdKey` the helpers' workers and instances name users by
+ * (unless started with `unkeyed: true`, as an instance of an earlier setup).
+ */
+export const USER_ID_KEY = '58kI/sBYkzfm+Y/73pATLZ5pmQlb8kX+50Oa8fq9pSg='
+/** A user's hash in Redis names under USER_ID_KEY (HMAC-SHA256, hex). */
+export const userName = (user) => createHmac('sha256', Buffer.from(USER_ID_KEY, 'base64')).update(user).digest('hex')
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
 
 export function freePort() {
@@ -155,8 +162,8 @@ export function keySlot(key) {
   return crc % 16384
 }
 
-/** The slot holding a user's keys (their tag is the hex SHA-256 of the user id). */
-export const userSlot = (user) => keySlot(`{${createHash('sha256').update(user).digest('hex')}}`)
+/** The slot holding a user's keys, named under USER_ID_KEY (their tag is the hex HMAC of the user id). */
+export const userSlot = (user) => keySlot(`{${userName(user)}}`)
 
 /**
  * A Redis Cluster of `masters` nodes (no replicas) on free loopback ports,
@@ -275,8 +282,11 @@ export async function monitor(port, cliArgs = []) {
  * access token and a rotated refresh token; an old refresh token gets 400
  * invalid_grant. Every user starts with refresh token `r0-<user>`.
  * `hold(user)` makes the next request for that user hang until `close()`.
+ * `revokeOnReuse`: an old refresh token also revokes the user's grant (as
+ * OAuth 2.1 servers do on refresh token reuse): every later request for
+ * that user gets invalid_grant too.
  */
-export async function startProvider({ delayMs = 0, expiresIn = 3600 } = {}) {
+export async function startProvider({ delayMs = 0, expiresIn = 3600, revokeOnReuse = false } = {}) {
   const users = new Map()
   const held = new Set()
   const hanging = []
@@ -300,7 +310,8 @@ export async function startProvider({ delayMs = 0, expiresIn = 3600 } = {}) {
         return
       }
       if (delayMs) await sleep(delayMs)
-      if (refreshToken !== s.current) {
+      if (refreshToken !== s.current || s.revoked) {
+        if (revokeOnReuse) s.revoked = true
         stats.rejected++
         res.writeHead(400, { 'content-type': 'application/json' }).end(JSON.stringify({ error: 'invalid_grant' }))
         return

@@ -55,7 +55,11 @@ pub struct BindingCoordinationOptions {
     /// What a refresh Redis cannot coordinate does ([`OnError`]); default `'auto'`.
     #[napi(ts_type = "'auto' | 'local' | 'fail'")]
     pub on_error: Option<OptionArg>,
-    /// Earlier releases share the Redis: write records they can open.
+    /// The secret users are named by in Redis (32 bytes, base64).
+    #[napi(ts_type = "string")]
+    pub user_id_key: Option<OptionArg>,
+    /// Earlier releases share the Redis: write records they can open (and,
+    /// with `userIdKey`, lock and write under the unkeyed names too).
     pub upgrading: Option<bool>,
 }
 
@@ -67,6 +71,9 @@ type OptionArg = BoundedString<MAX_OPTION_BYTES>;
 pub struct BindingLease {
     pub owner: String,
     pub fence: f64,
+    /// The fence of the same owner's lock under the user's unkeyed name
+    /// (`upgrading` with `userIdKey`).
+    pub unkeyed_fence: Option<f64>,
 }
 
 /// What `acquire` found. Fields are defined, never assigned (absent ones
@@ -199,6 +206,10 @@ impl BindingCoordinator {
                         .into_iter()
                         .map(|k| secret(k, "options.redis.encryptionKey"))
                         .collect::<Result<_, _>>()?,
+                    user_id_key: options
+                        .user_id_key
+                        .map(|k| secret(k, "options.redis.userIdKey"))
+                        .transpose()?,
                     upgrading: options.upgrading.unwrap_or(false),
                 },
                 engine.policy(),
@@ -352,6 +363,7 @@ impl BindingCoordinator {
                     a.lease = Some(BindingLease {
                         owner: lease.owner,
                         fence: lease.fence as f64,
+                        unkeyed_fence: lease.unkeyed_fence.map(|f| f as f64),
                     });
                     "lead"
                 }
@@ -514,6 +526,7 @@ fn core_lease(l: BindingLease) -> coordination::record::Lease {
     coordination::record::Lease {
         owner: l.owner,
         fence: l.fence.max(0.0) as u64,
+        unkeyed_fence: l.unkeyed_fence.map(|f| f.max(0.0) as u64),
     }
 }
 

@@ -178,6 +178,38 @@ pub struct Coordinator {
     /// `redis.upgrading`: write records earlier releases can open (sealed
     /// version 1, bound to the user only) while they share the Redis.
     upgrading: bool,
+    /// `redis.upgrading` with `userIdKey`: instances naming users by the
+    /// unkeyed hash share the Redis, so every refresh takes the unkeyed lock
+    /// (theirs) first, then the keyed one, and every write and notice goes
+    /// under both names (see [`Coordinator::acquire`]).
+    unkeyed_too: bool,
+}
+
+/// What asking for the keyed lock under the unkeyed one found.
+enum Keyed {
+    Locked {
+        fence: u64,
+        stale: Option<Record>,
+        guard_ms: u64,
+    },
+    Shared(SharedToken),
+    Busy {
+        waiting: pubsub::Waiting,
+        lock_ttl_ms: u64,
+        fence: u64,
+    },
+    /// Its restart guard holds locks back for this many more ms.
+    Guarded(u64),
+    TimedOut,
+    Unavailable(Unavailable),
+}
+
+/// What a wait on another holder's announcement ended with.
+enum Woken {
+    Shared(SharedToken),
+    Failed,
+    /// Ask again (skipping this fence's record, if one: found unusable).
+    Again(Option<u64>),
 }
 
 /// `notice` about user `id`, for `channel`, signed with the first key, sent now (system
@@ -189,6 +221,17 @@ fn signed(seal: &SealKeys, channel: &str, id: &str, notice: &Notice) -> Vec<u8> 
         pubsub::system_now(),
         rand::random(),
     )
+}
+
+/// The first error of two steps, else the later step's answer.
+fn either_failed(
+    before: Result<bool, Unavailable>,
+    now: Result<bool, Unavailable>,
+) -> Result<bool, Unavailable> {
+    match before {
+        Err(e) => Err(e),
+        Ok(_) => now,
+    }
 }
 
 /// Associated data of a sealed invalidation: not confusable with a token.
@@ -211,6 +254,7 @@ impl Coordinator {
             .authenticate_with(seal.clone(), conn.channel());
         let conn = Arc::new(conn);
         conn.started();
+        let unkeyed_too = upgrading && keys.keyed();
         Self {
             conn,
             keys,
@@ -219,7 +263,39 @@ impl Coordinator {
             watchdogs: Arc::default(),
             origin: rand::random(),
             upgrading,
+            unkeyed_too,
         }
+    }
+
+    /// `user_id`'s locks for `lease`, each with its own fence: the unkeyed
+    /// one first (while unkeyed instances share the Redis), then the keyed
+    /// one. Without `userIdKey`, the one.
+    fn locks(&self, user_id: &str, lease: &Lease) -> Vec<(UserKeys, Lease)> {
+        let fences = lease.unkeyed_fence.filter(|_| self.unkeyed_too);
+        let one = |keys, fence| {
+            let lease = Lease {
+                owner: lease.owner.clone(),
+                fence,
+                unkeyed_fence: None,
+            };
+            (keys, lease)
+        };
+        let mut locks = Vec::with_capacity(2);
+        if let Some(fence) = fences {
+            locks.push(one(self.keys.unkeyed_user(user_id), fence));
+        }
+        locks.push(one(self.keys.user(user_id), lease.fence));
+        locks
+    }
+
+    /// The names `user_id` goes by in Redis, in the order of `locks`.
+    fn names(&self, user_id: &str) -> Vec<UserKeys> {
+        let mut names = Vec::with_capacity(2);
+        if self.unkeyed_too {
+            names.push(self.keys.unkeyed_user(user_id));
+        }
+        names.push(self.keys.user(user_id));
+        names
     }
 
     pub fn timing(&self) -> &Timing {
@@ -261,7 +337,14 @@ impl Coordinator {
         clock: CallerNow,
         refresh_token: RefreshTokenUse,
     ) -> Acquired {
-        let keys = self.keys.user(user_id);
+        // While unkeyed instances share the Redis, the lock they all take
+        // (the unkeyed name) decides; the keyed one is taken under it.
+        let keyed = self.keys.user(user_id);
+        let keys = if self.unkeyed_too {
+            self.keys.unkeyed_user(user_id)
+        } else {
+            keyed.clone()
+        };
         let marker = self.keys.epoch_marker(&keys);
         let t = self.timing;
         let (grace_ms, settle_ms) = match refresh_token {
@@ -378,8 +461,9 @@ impl Coordinator {
                         let lease = Lease {
                             owner: owner.clone(),
                             fence: 0,
+                            unkeyed_fence: None,
                         };
-                        self.watch(keys.clone(), lease, deadline);
+                        self.watch(vec![(keys.clone(), lease)], deadline);
                         held = Some(owner);
                     }
                     // The script grants this only for a guard that ends in
@@ -400,49 +484,133 @@ impl Coordinator {
                     if held.take().is_some() {
                         self.unwatch(&lease.owner);
                     }
-                    self.watch(keys.clone(), lease.clone(), deadline);
+                    let mut guard_ms = guard_ms;
+                    let mut stale: Vec<_> = stale.map(|r| (&keys, r)).into_iter().collect();
+                    let mut lease = lease;
+                    if self.unkeyed_too {
+                        // The unkeyed lock is ours: now the keyed one.
+                        let asked = self
+                            .lock_keyed(
+                                &keyed,
+                                &lease.owner,
+                                presented,
+                                &usable,
+                                deadline,
+                                clock,
+                                refresh_token,
+                                &mut undecryptable,
+                            )
+                            .await;
+                        match asked {
+                            Keyed::Locked {
+                                fence,
+                                stale: keyed_stale,
+                                guard_ms: g,
+                            } => {
+                                guard_ms = guard_ms.max(g);
+                                stale.extend(keyed_stale.map(|r| (&keyed, r)));
+                                lease = Lease {
+                                    owner: lease.owner,
+                                    fence,
+                                    unkeyed_fence: Some(lease.fence),
+                                };
+                            }
+                            Keyed::Shared(token) => {
+                                self.let_go(&keys, &lease).await;
+                                break Outcome::Shared { token, waited };
+                            }
+                            Keyed::TimedOut => {
+                                self.let_go(&keys, &lease).await;
+                                break Outcome::TimedOut;
+                            }
+                            Keyed::Unavailable(e) => {
+                                self.let_go(&keys, &lease).await;
+                                break Outcome::Unavailable(e);
+                            }
+                            Keyed::Guarded(left_ms) => {
+                                // The keyed name's slot restarted: wait it
+                                // out holding nothing if it ends in time
+                                // (as for the first lock), then start over.
+                                self.let_go(&keys, &lease).await;
+                                let now = Instant::now();
+                                let can_wait =
+                                    health::can_wait(deadline - now.min(deadline), budget);
+                                if Duration::from_millis(left_ms) > can_wait {
+                                    break Outcome::Unavailable(Unavailable::NewServer {
+                                        resumes_in_ms: left_ms,
+                                    });
+                                }
+                                tokio::time::sleep(Duration::from_millis(
+                                    left_ms.saturating_add(5),
+                                ))
+                                .await;
+                                continue;
+                            }
+                            Keyed::Busy {
+                                mut waiting,
+                                lock_ttl_ms,
+                                fence,
+                            } => {
+                                // Held by an instance naming users by the
+                                // keyed hash alone: wait for it holding
+                                // nothing, then start over.
+                                self.let_go(&keys, &lease).await;
+                                waited = true;
+                                let woken = self
+                                    .await_holder(
+                                        &keyed,
+                                        &mut waiting,
+                                        lock_ttl_ms,
+                                        fence,
+                                        deadline,
+                                        presented,
+                                        &usable,
+                                        clock,
+                                        &mut undecryptable,
+                                    )
+                                    .await;
+                                match woken {
+                                    Woken::Shared(token) => {
+                                        break Outcome::Shared { token, waited }
+                                    }
+                                    Woken::Failed => break Outcome::Failed,
+                                    Woken::Again(_) => continue,
+                                }
+                            }
+                        }
+                    }
+                    self.watch(self.locks(user_id, &lease), deadline);
                     // While guarded, no cached refresh token is handed over:
                     // the refresh that last spent it may still be running.
+                    // Of two records (an upgrade), the newer token's.
                     let refresh = stale
+                        .into_iter()
                         .filter(|_| guard_ms == 0)
-                        .and_then(|r| self.open(&keys, &r, &mut undecryptable))
+                        .filter_map(|(k, r)| self.open(k, &r, &mut undecryptable))
                         .filter(|s| s.expires_at > presented.expires_at)
+                        .max_by_key(|s| s.expires_at)
                         .and_then(|s| s.refresh);
                     break Outcome::Lead { lease, refresh };
                 }
                 Ok((Acquire::Busy { lock_ttl_ms, fence }, _)) => {
                     waited = true;
-                    // A dead holder announces nothing: its lock's TTL bounds the wait.
-                    let wait = Duration::from_millis(lock_ttl_ms.saturating_add(5))
-                        .min(deadline - Instant::now().min(deadline));
-                    match tokio::time::timeout(wait, &mut waiting.rx).await {
-                        // Only the write of the holder this call saw (or a
-                        // later one): an older one is a replay, and the
-                        // token it carries may have been superseded (its
-                        // refresh token spent). Asking again finds the newest.
-                        Ok(Ok(Notice::Committed(record))) if record.fence >= fence => {
-                            match self.accept(
-                                &keys,
-                                &record,
-                                presented,
-                                &usable,
-                                clock.now(),
-                                &mut undecryptable,
-                            ) {
-                                Some(token) => break Outcome::Shared { token, waited },
-                                None => skip_fence = record.fence,
-                            }
-                        }
-                        // Only the failure of the holder this call saw (or
-                        // a later one): an older one is a replay.
-                        Ok(Ok(Notice::Failed { fence: failed })) if failed >= fence => {
-                            break Outcome::Failed
-                        }
-                        Ok(Ok(Notice::Committed(_) | Notice::Failed { .. })) => {}
-                        // Released, or the lock's TTL ran out: ask again.
-                        // (Invalidations go to the listener, never here.)
-                        Ok(Ok(Notice::Released | Notice::Invalidated(_))) | Ok(Err(_)) | Err(_) => {
-                        }
+                    let woken = self
+                        .await_holder(
+                            &keys,
+                            &mut waiting,
+                            lock_ttl_ms,
+                            fence,
+                            deadline,
+                            presented,
+                            &usable,
+                            clock,
+                            &mut undecryptable,
+                        )
+                        .await;
+                    match woken {
+                        Woken::Shared(token) => break Outcome::Shared { token, waited },
+                        Woken::Failed => break Outcome::Failed,
+                        Woken::Again(skip) => skip_fence = skip.unwrap_or(skip_fence),
                     }
                 }
             }
@@ -450,6 +618,178 @@ impl Coordinator {
         Acquired {
             outcome,
             undecryptable,
+        }
+    }
+
+    /// Under the unkeyed lock (`owner`'s), the keyed one, by the same
+    /// script and rules as the first (its own record, fence counter and, on
+    /// a cluster, restart marker: another slot). Its restart guard is never
+    /// waited out holding the lock (`Keyed::Guarded`: the caller lets the
+    /// unkeyed lock go too, and waits or gives up as for the first); on a
+    /// single node the first lock already waited it out (one marker). An
+    /// error gives back whatever the script may have granted.
+    #[allow(clippy::too_many_arguments)]
+    async fn lock_keyed(
+        &self,
+        keys: &UserKeys,
+        owner: &str,
+        presented: &Presented,
+        usable: &impl Fn(&SharedToken, EpochMs) -> bool,
+        deadline: Instant,
+        clock: CallerNow,
+        refresh_token: RefreshTokenUse,
+        undecryptable: &mut bool,
+    ) -> Keyed {
+        let t = self.timing;
+        let marker = self.keys.epoch_marker(keys);
+        let (grace_ms, settle_ms) = match refresh_token {
+            RefreshTokenUse::Never => (0, 0),
+            _ => (health::grace_ms(t.refresh_timeout_ms), health::SETTLE_MS),
+        };
+        let presented_fp = if presented.access.is_empty() {
+            String::new()
+        } else {
+            seal::fingerprint(&keys.id, &presented.access)
+        };
+        let mut skip_fence = 0;
+        loop {
+            let started = Instant::now();
+            if started >= deadline {
+                return Keyed::TimedOut;
+            }
+            let waiting = self.conn.waiters().register(&keys.id);
+            let now = clock.now();
+            let want = Want {
+                presented: &presented_fp,
+                min_expires_at: presented.expires_at,
+                fresh_after: now.saturating_add(t.buffer_ms as i64),
+                recent_after: now.saturating_sub(t.double_check_window_ms as i64),
+                now,
+                skip_fence,
+            };
+            let counter_ttl = self.counter_ttl_ms();
+            let known = self.conn.epoch().known(&marker);
+            let guard = Guard {
+                marker: &marker,
+                known: &known,
+                grace_ms,
+                settle_ms,
+                sends_refresh_token: refresh_token == RefreshTokenUse::Sends,
+                can_wait_ms: 0,
+                reclaim: false,
+            };
+            let released = signed(&self.seal, self.conn.channel(), &keys.id, &Notice::Released);
+            let (k, c, r) = (keys, self.conn.channel(), released.as_slice());
+            let answer = self
+                .conn
+                .run(deadline - started, |mut m| async move {
+                    lock::acquire(
+                        &mut m,
+                        k,
+                        c,
+                        owner,
+                        t.lock_ttl_ms,
+                        counter_ttl,
+                        want,
+                        guard,
+                        r,
+                    )
+                    .await
+                })
+                .await;
+            let answer = match answer {
+                Ok(a) => a,
+                Err(e) => {
+                    if !matches!(e, Unavailable::Closed | Unavailable::Down(_)) {
+                        self.abandon(keys.clone(), owner.to_owned());
+                    }
+                    return Keyed::Unavailable(e);
+                }
+            };
+            if !answer.server.is_empty() {
+                self.conn.epoch().saw(&marker, &answer.server);
+            }
+            match answer.found {
+                Acquire::Locked { lease, stale } => {
+                    return Keyed::Locked {
+                        fence: lease.fence,
+                        stale,
+                        guard_ms: answer.guard_ms,
+                    }
+                }
+                Acquire::Cached(record) => {
+                    match self.accept(keys, &record, presented, usable, now, undecryptable) {
+                        Some(token) => return Keyed::Shared(token),
+                        None => skip_fence = record.fence,
+                    }
+                }
+                Acquire::Busy { lock_ttl_ms, fence } => {
+                    return Keyed::Busy {
+                        waiting,
+                        lock_ttl_ms,
+                        fence,
+                    }
+                }
+                Acquire::Guarded | Acquire::HeldThroughGuard => {
+                    return Keyed::Guarded(answer.guard_ms)
+                }
+            }
+        }
+    }
+
+    /// Gives back the lock `keys` names, taken by `lease` (a plain one)
+    /// when the next step found it need not refresh, so its waiters ask
+    /// again at once. Best effort: else it lapses with its TTL.
+    async fn let_go(&self, keys: &UserKeys, lease: &Lease) {
+        let channel = self.conn.channel();
+        let notice = signed(&self.seal, channel, &keys.id, &Notice::Released);
+        let (k, l, n) = (keys, lease, notice.as_slice());
+        let let_go = self
+            .conn
+            .run(OP_TIMEOUT, |mut m| async move {
+                lock::release(&mut m, k, channel, l, n).await
+            })
+            .await;
+        if matches!(let_go, Err(ref e) if !matches!(e, Unavailable::Closed)) {
+            self.abandon(keys.clone(), lease.owner.clone());
+        }
+    }
+
+    /// Waits for the holder of the lock `keys` names (`fence`, for at most
+    /// its remaining `lock_ttl_ms`: a dead holder announces nothing) to
+    /// announce its outcome on `waiting`.
+    #[allow(clippy::too_many_arguments)]
+    async fn await_holder(
+        &self,
+        keys: &UserKeys,
+        waiting: &mut pubsub::Waiting,
+        lock_ttl_ms: u64,
+        fence: u64,
+        deadline: Instant,
+        presented: &Presented,
+        usable: &impl Fn(&SharedToken, EpochMs) -> bool,
+        clock: CallerNow,
+        undecryptable: &mut bool,
+    ) -> Woken {
+        let wait = Duration::from_millis(lock_ttl_ms.saturating_add(5))
+            .min(deadline - Instant::now().min(deadline));
+        match tokio::time::timeout(wait, &mut waiting.rx).await {
+            // Only the write of the holder this call saw (or a later one):
+            // an older one is a replay, and the token it carries may have
+            // been superseded (its refresh token spent). Asking again finds
+            // the newest.
+            Ok(Ok(Notice::Committed(record))) if record.fence >= fence => {
+                match self.accept(keys, &record, presented, usable, clock.now(), undecryptable) {
+                    Some(token) => Woken::Shared(token),
+                    None => Woken::Again(Some(record.fence)),
+                }
+            }
+            // Only the failure of the holder this call saw (or a later
+            // one): an older one is a replay.
+            Ok(Ok(Notice::Failed { fence: failed })) if failed >= fence => Woken::Failed,
+            // Released, or the lock's TTL ran out: ask again.
+            // (Invalidations go to the listener, never here.)
+            _ => Woken::Again(None),
         }
     }
 
@@ -490,49 +830,60 @@ impl Coordinator {
         now: EpochMs,
         keep_lock: bool,
     ) -> Result<bool, Unavailable> {
-        let keys = self.keys.user(user_id);
-        let binding = seal::Binding {
-            id: &keys.id,
-            fence: lease.fence,
-            written_at: now,
-            expires_at: token.expires_at,
-        };
-        let Ok(sealed) = self.seal.seal_record(&binding, token, self.upgrading) else {
+        let ttl = (token.expires_at.saturating_sub(now)).max(0) as u64 + self.timing.retention_ms;
+        let mut writes = Vec::with_capacity(2);
+        for (keys, lease) in self.locks(user_id, lease) {
+            let binding = seal::Binding {
+                id: &keys.id,
+                fence: lease.fence,
+                written_at: now,
+                expires_at: token.expires_at,
+            };
+            let Ok(sealed) = self.seal.seal_record(&binding, token, self.upgrading) else {
+                break;
+            };
+            let record = Record {
+                fence: lease.fence,
+                written_at: now,
+                expires_at: token.expires_at,
+                sealed,
+            };
+            let fingerprint = seal::fingerprint(&keys.id, &token.access);
+            writes.push(Write {
+                seal: self.seal.clone(),
+                keys,
+                lease,
+                expires_at: token.expires_at,
+                record,
+                fingerprint,
+                ttl_ms: ttl,
+                keep_lock,
+            });
+        }
+        if writes.is_empty() {
             // Too long to share (the engine refuses such tokens first).
             if keep_lock {
                 return Ok(false);
             }
             return self.release(user_id, lease, true).await.map(|_| false);
-        };
+        }
         if !keep_lock {
             self.unwatch(&lease.owner);
         }
-        let record = Record {
-            fence: lease.fence,
-            written_at: now,
-            expires_at: token.expires_at,
-            sealed,
-        };
-        let ttl = (token.expires_at.saturating_sub(now)).max(0) as u64 + self.timing.retention_ms;
-        let fingerprint = seal::fingerprint(&keys.id, &token.access);
-        let write = Write {
-            seal: self.seal.clone(),
-            keys,
-            lease: lease.clone(),
-            expires_at: token.expires_at,
-            record,
-            fingerprint,
-            ttl_ms: ttl,
-            keep_lock,
-        };
-        let first = write.once(&self.conn).await;
-        if let Err(e) = &first {
-            // The commit after a kept lock writes it again.
-            if e.is_transient() && !keep_lock {
-                self.rewrite(write);
+        // In the order of `locks`: the unkeyed record, which every instance
+        // of a mixed fleet reads, first.
+        let mut written = Ok(false);
+        for write in writes {
+            let once = write.once(&self.conn).await;
+            if let Err(e) = &once {
+                // The commit after a kept lock writes it again.
+                if e.is_transient() && !keep_lock {
+                    self.rewrite(write);
+                }
             }
+            written = either_failed(written, once);
         }
-        first
+        written
     }
 
     /// Writes again, in the background, until Redis takes it or the
@@ -594,26 +945,32 @@ impl Coordinator {
         user_id: &str,
         access: Option<&SecretString>,
     ) -> Result<bool, Unavailable> {
-        let keys = self.keys.user(user_id);
-        let fingerprint = access.map(|a| seal::fingerprint(&keys.id, a));
         let payload = record::encode_invalidation(&Invalidation {
             origin: self.origin,
             user_id: user_id.to_owned(),
             access: access.cloned(),
         });
-        let notice = signed(
-            &self.seal,
-            self.conn.channel(),
-            &keys.id,
-            &Notice::Invalidated(self.seal.seal_bytes(&invalidation_aad(&keys.id), &payload)),
-        );
         let channel = self.conn.channel();
-        let (k, fp, n) = (&keys, fingerprint.as_deref(), notice.as_slice());
-        self.conn
-            .run(OP_TIMEOUT, |mut m| async move {
-                cache::invalidate(&mut m, k, channel, fp, n).await
-            })
-            .await
+        // Under each name a user goes by (an upgrade: both), so every
+        // instance hears it under the one it knows.
+        let mut marked = Ok(false);
+        for keys in self.names(user_id) {
+            let fingerprint = access.map(|a| seal::fingerprint(&keys.id, a));
+            let sealed = self.seal.seal_bytes(&invalidation_aad(&keys.id), &payload);
+            let notice = signed(&self.seal, channel, &keys.id, &Notice::Invalidated(sealed));
+            let (k, fp, n) = (&keys, fingerprint.as_deref(), notice.as_slice());
+            let once = self
+                .conn
+                .run(OP_TIMEOUT, |mut m| async move {
+                    cache::invalidate(&mut m, k, channel, fp, n).await
+                })
+                .await;
+            marked = match (marked, once) {
+                (Ok(a), Ok(b)) => Ok(a || b),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
+        }
+        marked
     }
 
     /// Hands `listener` the user id and access token (if one was named) of
@@ -626,6 +983,7 @@ impl Coordinator {
         let seal = self.seal.clone();
         let keys = self.keys.clone();
         let me = self.origin;
+        let unkeyed_too = self.unkeyed_too;
         self.conn
             .waiters()
             .on_invalidated(Box::new(move |id, sealed| {
@@ -635,7 +993,10 @@ impl Coordinator {
                 let Some(i) = record::decode_invalidation(&plain) else {
                     return;
                 };
-                if i.origin != me && keys.user(&i.user_id).id == id {
+                // An upgrade: instances naming users either way announce.
+                let named = keys.user(&i.user_id).id == id
+                    || (unkeyed_too && keys.unkeyed_user(&i.user_id).id == id);
+                if i.origin != me && named {
                     listener(&i.user_id, i.access.as_ref());
                 }
             }));
@@ -650,19 +1011,24 @@ impl Coordinator {
         failed: bool,
     ) -> Result<bool, Unavailable> {
         self.unwatch(&lease.owner);
-        let keys = self.keys.user(user_id);
-        let notice = if failed {
-            Notice::Failed { fence: lease.fence }
-        } else {
-            Notice::Released
-        };
-        let notice = signed(&self.seal, self.conn.channel(), &keys.id, &notice);
         let channel = self.conn.channel();
-        self.conn
-            .run(OP_TIMEOUT, |mut m| async move {
-                lock::release(&mut m, &keys, channel, lease, &notice).await
-            })
-            .await
+        let mut released = Ok(false);
+        for (keys, lease) in self.locks(user_id, lease) {
+            let notice = if failed {
+                Notice::Failed { fence: lease.fence }
+            } else {
+                Notice::Released
+            };
+            let notice = signed(&self.seal, channel, &keys.id, &notice);
+            let once = self
+                .conn
+                .run(OP_TIMEOUT, |mut m| async move {
+                    lock::release(&mut m, &keys, channel, &lease, &notice).await
+                })
+                .await;
+            released = either_failed(released, once);
+        }
+        released
     }
 
     /// Stops watchdogs and drops the connection; later calls are `Closed`.
@@ -733,42 +1099,57 @@ impl Coordinator {
     /// the same user's refresh. Only another holder having the lock stops
     /// it. A holder that dies stops extending, so the others wait at most
     /// one TTL.
-    fn watch(&self, keys: UserKeys, lease: Lease, deadline: Instant) {
+    fn watch(&self, locks: Vec<(UserKeys, Lease)>, deadline: Instant) {
         let conn = self.conn.clone();
         let ttl = self.timing.lock_ttl_ms;
         let counter_ttl = self.counter_ttl_ms();
         let dogs = self.watchdogs.clone();
         let mut map = self.watchdogs.lock();
-        let owner = lease.owner.clone();
+        let Some(owner) = locks.first().map(|(_, l)| l.owner.clone()) else {
+            return;
+        };
+        let mine = owner.clone();
         let task = tokio::spawn(async move {
             let period = Duration::from_millis((ttl / 3).max(1));
-            let (k, l) = (&keys, &lease);
             let mut pause = period;
             let mut failed = 0;
-            loop {
+            // Each lock (an upgrade holds two) until another holder has it.
+            let mut held = vec![true; locks.len()];
+            'watch: loop {
                 tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now())))
                     .await;
                 if Instant::now() >= deadline {
                     break;
                 }
-                let extended = conn
-                    .run(period, |mut m| async move {
-                        lock::extend(&mut m, k, l, ttl, counter_ttl).await
-                    })
-                    .await;
-                match extended {
-                    Ok(Extended::Held | Extended::Retaken) => {
-                        failed = 0;
-                        pause = period;
+                let mut trouble = false;
+                for ((k, l), held) in locks.iter().zip(held.iter_mut()) {
+                    if !*held {
+                        continue;
                     }
-                    Ok(Extended::Lost) | Err(Unavailable::Closed) => break,
-                    Err(_) => {
-                        pause = health::retry_pause(failed).min(period);
-                        failed += 1;
+                    let extended = conn
+                        .run(period, |mut m| async move {
+                            lock::extend(&mut m, k, l, ttl, counter_ttl).await
+                        })
+                        .await;
+                    match extended {
+                        Ok(Extended::Held | Extended::Retaken) => {}
+                        Ok(Extended::Lost) => *held = false,
+                        Err(Unavailable::Closed) => break 'watch,
+                        Err(_) => trouble = true,
                     }
                 }
+                if !held.contains(&true) {
+                    break;
+                }
+                if trouble {
+                    pause = health::retry_pause(failed).min(period);
+                    failed += 1;
+                } else {
+                    failed = 0;
+                    pause = period;
+                }
             }
-            dogs.lock().remove(&lease.owner);
+            dogs.lock().remove(&mine);
         });
         map.insert(owner, task.abort_handle());
     }

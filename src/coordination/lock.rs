@@ -285,6 +285,7 @@ pub async fn acquire(
             lease: Lease {
                 owner: owner.to_owned(),
                 fence: int(3)?.max(0) as u64,
+                unkeyed_fence: None,
             },
             stale: if v.len() > 4 { Some(record(4)?) } else { None },
         },

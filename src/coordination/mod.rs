@@ -58,7 +58,10 @@ pub struct CoordinationOptions {
     pub lock_ttl_ms: Option<f64>,
     /// `encryptionKey`, one or several: the first seals, each opens.
     pub encryption_keys: Vec<SecretString>,
-    /// `upgrading`: earlier releases share the Redis; write what they read.
+    /// `userIdKey`: the secret users are named by in Redis (`keys.rs`).
+    pub user_id_key: Option<SecretString>,
+    /// `upgrading`: earlier releases share the Redis; write what they read
+    /// (and, with `userIdKey`, lock and write under the unkeyed names too).
     pub upgrading: bool,
 }
 
@@ -104,9 +107,15 @@ pub fn coordinator(o: CoordinationOptions, policy: &Policy) -> Result<Coordinato
         };
         EngineError::invalid_argument(name, format!("{at}{e}{what}"))
     })?;
+    let user_id_key = o
+        .user_id_key
+        .as_ref()
+        .map(|k| user_id_key(k, &encoded))
+        .transpose()?;
     // A cluster script touches one hash slot: one restart marker per slot.
-    let k =
-        keys::Keys::new(prefix).with_marker_per_slot(matches!(o.endpoint, Endpoint::Cluster(_)));
+    let k = keys::Keys::new(prefix)
+        .with_marker_per_slot(matches!(o.endpoint, Endpoint::Cluster(_)))
+        .with_user_id_key(user_id_key);
     let conn = Connection::open(&o.endpoint, o.tls_ca.as_deref(), k.channel())?;
     let timing = Timing {
         lock_ttl_ms,
@@ -116,6 +125,31 @@ pub fn coordinator(o: CoordinationOptions, policy: &Policy) -> Result<Coordinato
         refresh_timeout_ms: policy.refresh_timeout_ms,
     };
     Ok(Coordinator::new(conn, k, seal, timing, o.upgrading))
+}
+
+/// `userIdKey`: 32 bytes as one `encryptionKey` entry is written, and not
+/// one of them (a secret used for two things, and one a rotation retires).
+fn user_id_key(key: &SecretString, encryption: &[&str]) -> Result<keys::UserIdKey, EngineError> {
+    let name = "options.redis.userIdKey";
+    let bytes = seal::key_bytes(key.expose()).map_err(|e| {
+        let what = match e {
+            seal::KeyError::Hex => "",
+            _ => " (32 random bytes, base64)",
+        };
+        EngineError::invalid_argument(name, format!("{e}{what}"))
+    })?;
+    if encryption
+        .iter()
+        .any(|k| seal::key_bytes(k).is_ok_and(|b| b.as_slice() == bytes.as_slice()))
+    {
+        return Err(EngineError::invalid_argument(
+            name,
+            "must not be one of encryptionKey (a separate secret, kept across key rotations)",
+        ));
+    }
+    let mut raw = zeroize::Zeroizing::new([0u8; 32]);
+    raw.copy_from_slice(&bytes);
+    Ok(keys::UserIdKey::new(&raw))
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ fn coordinator_timed(url: &str, lock_ttl_ms: f64, refresh_timeout_ms: u64) -> Co
             key_prefix: Some("t:".into()),
             lock_ttl_ms: Some(lock_ttl_ms),
             encryption_keys: vec![KEY_A.into()],
+            user_id_key: None,
             upgrading: false,
         },
         &Policy {

@@ -25,6 +25,10 @@ pub struct Record {
 pub struct Lease {
     pub owner: String,
     pub fence: u64,
+    /// While instances without `userIdKey` share the Redis (`upgrading`
+    /// with `userIdKey`): the same owner also holds the user's lock under
+    /// its unkeyed name, with this fence.
+    pub unkeyed_fence: Option<u64>,
 }
 
 /// An announcement about one user's refresh.

@@ -156,7 +156,7 @@ pub struct SharedToken {
 /// 32 bytes, standard base64 (`openssl rand -base64 32`). Surrounding
 /// whitespace (a newline from an env file) is ignored. All zero bytes is
 /// refused: a placeholder left in a config, not a key.
-fn key_bytes(encoded: &str) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+pub(crate) fn key_bytes(encoded: &str) -> Result<Zeroizing<Vec<u8>>, KeyError> {
     let encoded = encoded.trim();
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(encoded)

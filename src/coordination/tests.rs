@@ -123,6 +123,7 @@ fn coordinator_keys(url: &str, keys: &[&str], lock_ttl_ms: f64) -> Coordinator {
             key_prefix: Some("t:".into()),
             lock_ttl_ms: Some(lock_ttl_ms),
             encryption_keys: keys.iter().map(|k| (*k).into()).collect(),
+            user_id_key: None,
             upgrading: false,
         },
         &policy(),
@@ -213,6 +214,7 @@ async fn lock_is_exclusive_and_released_only_by_its_owner() {
     let intruder = record::Lease {
         owner: "b".into(),
         fence: 9,
+        unkeyed_fence: None,
     };
     assert!(!lock::release(&mut con, &keys, "ch", &intruder, b"r")
         .await
@@ -853,6 +855,7 @@ fn options_are_validated_without_echoing_secrets() {
         key_prefix: None,
         lock_ttl_ms: None,
         encryption_keys: vec![KEY_A.into()],
+        user_id_key: None,
         upgrading: false,
     };
     let c = coordinator(ok(), &p).unwrap();
@@ -1129,6 +1132,7 @@ async fn a_short_lived_token_in_redis_is_fresh_for_half_its_lifetime() {
                 key_prefix: Some("t:".into()),
                 lock_ttl_ms: Some(5_000.0),
                 encryption_keys: vec![KEY_A.into()],
+                user_id_key: None,
                 upgrading: false,
             },
             &Policy::default(),
@@ -1186,4 +1190,85 @@ async fn a_short_lived_token_in_redis_is_fresh_for_half_its_lifetime() {
         acquire(&b, "v", soon(10_000)).await.outcome,
         Outcome::Lead { .. }
     ));
+}
+
+/// A coordinator naming users by `user_id_key` (None: unkeyed), `upgrading` or not.
+fn coordinator_named(url: &str, user_id_key: Option<&str>, upgrading: bool) -> Coordinator {
+    coordinator(
+        CoordinationOptions {
+            endpoint: Endpoint::Node(url.into()),
+            tls_ca: None,
+            key_prefix: Some("t:".into()),
+            lock_ttl_ms: Some(10_000.0),
+            encryption_keys: vec![KEY_A.into()],
+            user_id_key: user_id_key.map(Into::into),
+            upgrading,
+        },
+        &policy(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_upgrading_instance_holds_and_writes_under_both_names() {
+    let s = Server::start();
+    let mut con = s.con().await;
+    let upgrading = coordinator_named(&s.url(), Some(KEY_B), true);
+    let unkeyed = coordinator_named(&s.url(), None, false);
+    let keyed = coordinator_named(&s.url(), Some(KEY_B), false);
+    let names = keys::Keys::new("t:").with_user_id_key(Some(keys::UserIdKey::new(&{
+        let mut b = [0u8; 32];
+        b.copy_from_slice(&seal::key_bytes(KEY_B).unwrap());
+        b
+    })));
+    let (plain, hashed) = (names.unkeyed_user("u"), names.user("u"));
+    let Outcome::Lead { lease, .. } = acquire(&upgrading, "u", soon(5_000)).await.outcome else {
+        panic!("lead")
+    };
+    assert!(lease.unkeyed_fence.is_some());
+    // Both locks held, by one owner: neither kind of instance gets in.
+    for lock in [&plain.lock, &hashed.lock] {
+        let owner: Option<String> = redis::cmd("GET")
+            .arg(lock)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(owner.as_deref(), Some(lease.owner.as_str()));
+    }
+    for other in [&unkeyed, &keyed] {
+        let Outcome::TimedOut = acquire(other, "u", soon(200)).await.outcome else {
+            panic!("the lock is held")
+        };
+    }
+    assert!(upgrading
+        .commit("u", &lease, &token("at-1", "rt-1", 60_000), time::now_ms())
+        .await
+        .unwrap());
+    // Both records written, both locks free: each kind of instance shares it.
+    for other in [&unkeyed, &keyed] {
+        let Outcome::Shared { token, .. } = acquire(other, "u", soon(2_000)).await.outcome else {
+            panic!("shared")
+        };
+        assert_eq!(token.access.expose(), "at-1");
+    }
+    for lock in [&plain.lock, &hashed.lock] {
+        let owner: Option<String> = redis::cmd("GET")
+            .arg(lock)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(owner, None);
+    }
+    // A failed refresh frees both locks too.
+    let Outcome::Lead { lease, .. } = acquire(&upgrading, "v", soon(5_000)).await.outcome else {
+        panic!("lead")
+    };
+    assert!(upgrading.release("v", &lease, true).await.unwrap());
+    assert_eq!(upgrading.watchdogs(), 0);
+    for other in [&unkeyed, &keyed] {
+        let Outcome::Lead { lease, .. } = acquire(other, "v", soon(2_000)).await.outcome else {
+            panic!("free")
+        };
+        other.release("v", &lease, false).await.unwrap();
+    }
 }

@@ -243,6 +243,7 @@ async function pass(label, { instances, redis, serverDir }) {
       redisServer = await startRedis()
       env.REDIS_URL = redisServer.url
       env.TOKEN_CACHE_KEY = randomBytes(32).toString('base64')
+      env.TOKEN_USER_ID_KEY = randomBytes(32).toString('base64')
     }
     for (let i = 0; i < instances; i++) servers.push(await startStandalone(serverDir, env))
 

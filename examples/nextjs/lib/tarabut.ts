@@ -26,7 +26,9 @@ export function tarabut() {
         clientSecret: env('TARABUT_CLIENT_SECRET'),
         tokenUrl: env('TARABUT_TOKEN_URL'),
       }),
-      redis: process.env.REDIS_URL ? { url: process.env.REDIS_URL, encryptionKey: env('TOKEN_CACHE_KEY') } : undefined,
+      redis: process.env.REDIS_URL
+        ? { url: process.env.REDIS_URL, encryptionKey: env('TOKEN_CACHE_KEY'), userIdKey: env('TOKEN_USER_ID_KEY') }
+        : undefined,
     }),
   }
   return state
