@@ -10,7 +10,7 @@ import { createRequire } from 'node:module'
 import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
 
-import { cli, newKey, sleep, startRedis } from '../__test__/helpers/redis.mjs'
+import { cli, newKey, sleep, startRedis, USER_ID_KEY } from '../__test__/helpers/redis.mjs'
 
 const require = createRequire(import.meta.url)
 const binding = require('../binding.js')
@@ -123,7 +123,7 @@ export async function redisStages({ users = 2_000, rounds = 4, inFlightUsers = 1
   const f = (v) => Number(v.toFixed(1))
   try {
     const local = new TokenManager()
-    const remote = new TokenManager({ redis: { url: redis.url, encryptionKey: key } })
+    const remote = new TokenManager({ redis: { url: redis.url, encryptionKey: key, userIdKey: USER_ID_KEY } })
     await oneAtATime(local, 'warm-l-', 300, [])
     await oneAtATime(remote, 'warm-r-', 300, [])
     await cli(redis.port, 'CONFIG', 'SET', 'slowlog-log-slower-than', '0')

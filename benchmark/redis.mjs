@@ -17,7 +17,7 @@ import net from 'node:net'
 import { fileURLToPath } from 'node:url'
 
 import { TokenManager } from '../index.mjs'
-import { makeCertificates, monitor, newKey, sleep, startCluster, startProvider, startRedis, startWorker } from '../__test__/helpers/redis.mjs'
+import { makeCertificates, monitor, newKey, sleep, startCluster, startProvider, startRedis, startWorker, USER_ID_KEY } from '../__test__/helpers/redis.mjs'
 
 const expired = (u) => ({ accessToken: `old-${u}`, refreshToken: `r0-${u}`, expiresAt: Date.now() - 1_000 })
 const instant = async (ctx) => ({ accessToken: `at-${ctx.userId}-${Math.random()}`, refreshToken: `rt-${Math.random()}`, expiresIn: 3600 })
@@ -97,7 +97,7 @@ export async function redisRows({ users = 2_000, rounds = 4, inFlight = 1_000, p
       { name: 'Cluster, 3 masters', redis: { cluster: cluster.urls }, nodes: cluster.ports.map((p) => [p, []]) },
     ]
     const local = new TokenManager()
-    for (const m of modes) m.manager = new TokenManager({ redis: { ...m.redis, encryptionKey: key } })
+    for (const m of modes) m.manager = new TokenManager({ redis: { ...m.redis, encryptionKey: key, userIdKey: USER_ID_KEY } })
     // 1. Latency. Warm each first (JIT; Redis: connect, subscribe, load scripts),
     // then measure in interleaved rounds so load from elsewhere lands on all alike.
     await refreshLatency(local, 'warm-l-', 200)
@@ -156,7 +156,7 @@ export async function redisRows({ users = 2_000, rounds = 4, inFlight = 1_000, p
       row(`Redis commands sent on the hot path (10,000 calls), ${m.name}`, hot.sent.length, 'commands', '0')
     }
     // 3. invalidate in one instance until another stops serving the token.
-    const peer = new TokenManager({ redis: { url: redis.url, encryptionKey: key } })
+    const peer = new TokenManager({ redis: { url: redis.url, encryptionKey: key, userIdKey: USER_ID_KEY } })
     const first = modes[0].manager
     await peer.getValidToken('inv-warm', expired('inv-warm'), instant)
     const reach = []
