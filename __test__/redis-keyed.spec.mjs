@@ -122,7 +122,10 @@ describe('redis.userIdKey', () => {
  * counts and every caller's result.
  */
 async function round(fleet, { users = 12, callsPerUser = 3, where = { redisUrl: redis.url } } = {}) {
-  const provider = await startProvider({ delayMs: 500, revokeOnReuse: true })
+  // A refresh long enough that every caller, on a loaded machine too,
+  // arrives while it runs (a later one is handed the token with
+  // shouldUpdate, as the contract says, and the count below would be off).
+  const provider = await startProvider({ delayMs: 1_500, revokeOnReuse: true })
   try {
     const userPrefix = `round${++seq}-`
     const workers = fleet.map((config) =>
